@@ -1,0 +1,649 @@
+//! A channel as its connection's reader task drives it: method handlers for the exchange,
+//! queue, basic, tx and confirm classes, with RabbitMQ's checks, reply codes and texts.
+//! Publishing (content assembly, routing, confirms, transactions) lives in `publish.rs`.
+
+use super::delivery::{ChannelConsumer, ChannelShared, UnknownTag};
+use super::publish::{Confirms, ContentState, Transaction};
+use super::writer::ConnectionOutput;
+use crate::broker::Broker;
+use crate::broker::exchange::{ExchangeKind, ExchangeSpec};
+use crate::broker::queue::{ConsumeRefused, Consumer, Delivered, Queue, QueueSpec};
+use crate::broker::vhost::{DestinationKind, REPLY_TO, Vhost, describe};
+use crate::error::{
+    AmqpError, AmqpResult, COMMAND_INVALID, NOT_ALLOWED, NOT_IMPLEMENTED, access_refused, not_found,
+    precondition_failed,
+};
+use amq_protocol::protocol::{AMQPClass, basic, channel, confirm, exchange, queue, tx};
+use amq_protocol::types::{AMQPValue, FieldTable};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use std::sync::Arc;
+
+/// What channels need to know about their connection.
+#[derive(Debug)]
+pub struct Session {
+    pub connection_id: u64,
+    pub broker: Arc<Broker>,
+    pub vhost: Arc<Vhost>,
+    pub user: String,
+    pub out: Arc<ConnectionOutput>,
+    /// The client's `consumer_cancel_notify` capability.
+    pub cancel_notify: bool,
+    /// Exclusive queues declared on this connection, deleted when it closes.
+    pub exclusive_queues: Vec<Arc<Queue>>,
+}
+
+/// RabbitMQ's server-generated names: a prefix and 16 random bytes in URL-safe base64.
+pub fn generated_name(prefix: &str) -> String {
+    let bytes: [u8; 16] = rand::random();
+    format!("{prefix}-{}", URL_SAFE_NO_PAD.encode(bytes))
+}
+
+/// How a settled delivery ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    Ack,
+    Reject { requeue: bool },
+}
+
+pub struct Channel {
+    pub shared: Arc<ChannelShared>,
+    /// The broker sent `channel.close` and waits for `close-ok`; frames are ignored meanwhile.
+    pub closing: bool,
+    pub(super) content: ContentState,
+    pub(super) confirms: Option<Confirms>,
+    pub(super) tx: Option<Transaction>,
+    /// `basic.qos` with global=false: the prefetch given to consumers created afterwards.
+    consumer_prefetch: u32,
+    /// The spec's "most recently declared queue", used when a queue name is left empty.
+    last_queue: Option<String>,
+    /// Direct reply-to: the key of this channel's reply consumer, and its hidden queue.
+    pub(super) reply_to: Option<(String, Arc<Queue>)>,
+    pub(super) route_buf: Vec<Arc<Queue>>,
+}
+
+impl std::fmt::Debug for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Channel").field("id", &self.shared.id).finish()
+    }
+}
+
+fn int_arg(args: &FieldTable, key: &str) -> Option<i64> {
+    Some(match args.inner().get(key)? {
+        AMQPValue::ShortShortInt(x) => (*x).into(),
+        AMQPValue::ShortShortUInt(x) => (*x).into(),
+        AMQPValue::ShortInt(x) => (*x).into(),
+        AMQPValue::ShortUInt(x) => (*x).into(),
+        AMQPValue::LongInt(x) => (*x).into(),
+        AMQPValue::LongUInt(x) => (*x).into(),
+        AMQPValue::LongLongInt(x) => *x,
+        _ => return None,
+    })
+}
+
+impl Channel {
+    pub fn new(id: u16, session: &Session) -> Self {
+        Self {
+            shared: ChannelShared::new(id, session.out.clone(), session.cancel_notify),
+            closing: false,
+            content: ContentState::Idle,
+            confirms: None,
+            tx: None,
+            consumer_prefetch: 0,
+            last_queue: None,
+            reply_to: None,
+            route_buf: Vec::new(),
+        }
+    }
+
+    pub fn id(&self) -> u16 {
+        self.shared.id
+    }
+
+    fn reply(&self, method: AMQPClass) {
+        self.shared.out().method(self.id(), method);
+    }
+
+    /// Handles a method other than `basic.publish` (see `publish.rs`) and `channel.open`/
+    /// `channel.close`, which the connection handles.
+    pub fn handle_method(&mut self, s: &mut Session, method: AMQPClass) -> AmqpResult<()> {
+        let ids = (method.get_amqp_class_id(), method.get_amqp_method_id());
+        self.dispatch(s, method).map_err(|e| e.on(ids.0, ids.1))
+    }
+
+    fn dispatch(&mut self, s: &mut Session, method: AMQPClass) -> AmqpResult<()> {
+        match method {
+            AMQPClass::Channel(channel::AMQPMethod::Flow(m)) => {
+                self.shared.set_flow(m.active);
+                self.reply(AMQPClass::Channel(channel::AMQPMethod::FlowOk(channel::FlowOk {
+                    active: m.active,
+                })));
+                if m.active {
+                    self.wake_consumed_queues();
+                }
+                Ok(())
+            }
+            AMQPClass::Channel(channel::AMQPMethod::FlowOk(_)) => Ok(()),
+            AMQPClass::Exchange(m) => self.exchange_method(s, m),
+            AMQPClass::Queue(m) => self.queue_method(s, m),
+            AMQPClass::Basic(m) => self.basic_method(s, m),
+            AMQPClass::Tx(m) => self.tx_method(s, m),
+            AMQPClass::Confirm(confirm::AMQPMethod::Select(m)) => {
+                if self.tx.is_some() {
+                    return Err(precondition_failed("cannot switch from tx to confirm mode"));
+                }
+                if self.confirms.is_none() {
+                    self.confirms = Some(Confirms::default());
+                }
+                if !m.nowait {
+                    self.reply(AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(
+                        confirm::SelectOk {},
+                    )));
+                }
+                Ok(())
+            }
+            AMQPClass::Access(_) => {
+                // access.request is obsolete; RabbitMQ answers it with an empty ticket.
+                self.reply(AMQPClass::Access(
+                    amq_protocol::protocol::access::AMQPMethod::RequestOk(
+                        amq_protocol::protocol::access::RequestOk {},
+                    ),
+                ));
+                Ok(())
+            }
+            other => Err(AmqpError::new(
+                COMMAND_INVALID,
+                format!(
+                    "unexpected method {}.{} on a channel",
+                    other.get_amqp_class_id(),
+                    other.get_amqp_method_id()
+                ),
+            )),
+        }
+    }
+
+    /// A queue name from a method, with the empty name meaning the last declared queue.
+    fn queue_name(&self, name: &str) -> AmqpResult<String> {
+        if !name.is_empty() {
+            return Ok(name.to_owned());
+        }
+        self.last_queue
+            .clone()
+            .ok_or_else(|| not_found("no previously declared queue"))
+    }
+
+    fn exchange_method(&mut self, s: &mut Session, m: exchange::AMQPMethod) -> AmqpResult<()> {
+        use exchange::AMQPMethod as M;
+        let vhost = s.vhost.clone();
+        match m {
+            M::Declare(d) => {
+                let name = d.exchange.as_str();
+                if d.passive {
+                    if name.is_empty() {
+                        return Err(access_refused("operation not permitted on the default exchange"));
+                    }
+                    vhost.existing_exchange(name)?;
+                } else {
+                    let kind = ExchangeKind::parse(d.kind.as_str()).ok_or_else(|| {
+                        AmqpError::new(
+                            COMMAND_INVALID,
+                            format!("unknown exchange type '{}'", d.kind.as_str()),
+                        )
+                    })?;
+                    if name.is_empty() {
+                        return Err(access_refused("operation not permitted on the default exchange"));
+                    }
+                    if let Some(v) = d.arguments.inner().get("alternate-exchange")
+                        && !matches!(v, AMQPValue::LongString(_))
+                    {
+                        return Err(precondition_failed(format!(
+                            "invalid type '{}' for arg 'alternate-exchange' in {}",
+                            crate::broker::headers::type_name(v),
+                            describe("exchange", name, &vhost.name)
+                        )));
+                    }
+                    vhost.declare_exchange(ExchangeSpec {
+                        name: name.to_owned(),
+                        kind,
+                        durable: d.durable,
+                        auto_delete: d.auto_delete,
+                        internal: d.internal,
+                        arguments: d.arguments,
+                    })?;
+                }
+                if !d.nowait {
+                    self.reply(AMQPClass::Exchange(M::DeclareOk(exchange::DeclareOk {})));
+                }
+            }
+            M::Delete(d) => {
+                vhost.delete_exchange(d.exchange.as_str(), d.if_unused)?;
+                if !d.nowait {
+                    self.reply(AMQPClass::Exchange(M::DeleteOk(exchange::DeleteOk {})));
+                }
+            }
+            M::Bind(b) => {
+                vhost.bind(
+                    b.source.as_str(),
+                    b.destination.as_str(),
+                    DestinationKind::Exchange,
+                    b.routing_key.as_str(),
+                    &b.arguments,
+                    s.connection_id,
+                )?;
+                if !b.nowait {
+                    self.reply(AMQPClass::Exchange(M::BindOk(exchange::BindOk {})));
+                }
+            }
+            M::Unbind(b) => {
+                vhost.unbind(
+                    b.source.as_str(),
+                    b.destination.as_str(),
+                    DestinationKind::Exchange,
+                    b.routing_key.as_str(),
+                    &b.arguments,
+                    s.connection_id,
+                )?;
+                if !b.nowait {
+                    self.reply(AMQPClass::Exchange(M::UnbindOk(exchange::UnbindOk {})));
+                }
+            }
+            other => return Err(unexpected_reply_method(AMQPClass::Exchange(other))),
+        }
+        Ok(())
+    }
+
+    fn queue_method(&mut self, s: &mut Session, m: queue::AMQPMethod) -> AmqpResult<()> {
+        use queue::AMQPMethod as M;
+        let vhost = s.vhost.clone();
+        match m {
+            M::Declare(d) => {
+                let (q, messages, consumers) = if d.passive {
+                    let name = self.queue_name(d.queue.as_str())?;
+                    if name == REPLY_TO {
+                        self.reply_declare_ok(&name, 0, 0, d.nowait);
+                        return Ok(());
+                    }
+                    let q = vhost.existing_queue(&name, s.connection_id)?;
+                    let (m, c) = (q.message_count(), q.consumer_count());
+                    (q, m, c)
+                } else {
+                    let name = if d.queue.as_str().is_empty() {
+                        generated_name("amq.gen")
+                    } else {
+                        d.queue.as_str().to_owned()
+                    };
+                    if name.starts_with("amq.") && !d.queue.as_str().is_empty() {
+                        return Err(access_refused(format!(
+                            "queue name '{name}' contains reserved prefix 'amq.*'"
+                        )));
+                    }
+                    let (q, created) = vhost.declare_queue(
+                        QueueSpec {
+                            name,
+                            // RabbitMQ never makes an exclusive queue durable.
+                            durable: d.durable && !d.exclusive,
+                            exclusive: d.exclusive,
+                            auto_delete: d.auto_delete,
+                            arguments: d.arguments,
+                        },
+                        s.connection_id,
+                    )?;
+                    if created && q.owner.is_some() {
+                        s.exclusive_queues.push(q.clone());
+                    }
+                    let (m, c) = (q.message_count(), q.consumer_count());
+                    (q, m, c)
+                };
+                self.last_queue = Some(q.name().to_owned());
+                self.reply_declare_ok(q.name(), messages, consumers, d.nowait);
+            }
+            M::Bind(b) => {
+                let queue = self.queue_name(b.queue.as_str())?;
+                // The spec's shortcut: an empty key with an empty queue name means the
+                // last declared queue's name.
+                let key = if b.routing_key.as_str().is_empty() && b.queue.as_str().is_empty() {
+                    queue.clone()
+                } else {
+                    b.routing_key.as_str().to_owned()
+                };
+                vhost.bind(
+                    b.exchange.as_str(),
+                    &queue,
+                    DestinationKind::Queue,
+                    &key,
+                    &b.arguments,
+                    s.connection_id,
+                )?;
+                if !b.nowait {
+                    self.reply(AMQPClass::Queue(M::BindOk(queue::BindOk {})));
+                }
+            }
+            M::Unbind(b) => {
+                let queue = self.queue_name(b.queue.as_str())?;
+                vhost.unbind(
+                    b.exchange.as_str(),
+                    &queue,
+                    DestinationKind::Queue,
+                    b.routing_key.as_str(),
+                    &b.arguments,
+                    s.connection_id,
+                )?;
+                self.reply(AMQPClass::Queue(M::UnbindOk(queue::UnbindOk {})));
+            }
+            M::Purge(p) => {
+                let name = self.queue_name(p.queue.as_str())?;
+                let q = vhost.existing_queue(&name, s.connection_id)?;
+                let count = q.purge();
+                if !p.nowait {
+                    self.reply(AMQPClass::Queue(M::PurgeOk(queue::PurgeOk {
+                        message_count: count,
+                    })));
+                }
+            }
+            M::Delete(d) => {
+                let name = self.queue_name(d.queue.as_str())?;
+                let count = vhost.delete_queue(&name, d.if_unused, d.if_empty, s.connection_id)?;
+                s.exclusive_queues.retain(|q| !q.is_deleted());
+                if !d.nowait {
+                    self.reply(AMQPClass::Queue(M::DeleteOk(queue::DeleteOk {
+                        message_count: count,
+                    })));
+                }
+            }
+            other => return Err(unexpected_reply_method(AMQPClass::Queue(other))),
+        }
+        Ok(())
+    }
+
+    fn reply_declare_ok(&self, name: &str, messages: u32, consumers: u32, nowait: bool) {
+        if !nowait {
+            self.reply(AMQPClass::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
+                queue: name.into(),
+                message_count: messages,
+                consumer_count: consumers,
+            })));
+        }
+    }
+
+    fn basic_method(&mut self, s: &mut Session, m: basic::AMQPMethod) -> AmqpResult<()> {
+        use basic::AMQPMethod as M;
+        match m {
+            M::Qos(q) => {
+                // amq-protocol drops prefetch_size; the connection refuses a non-zero one
+                // (540, as RabbitMQ) from the raw frame before it gets here.
+                if q.global {
+                    let before = self.shared.prefetch_global();
+                    self.shared.set_prefetch_global(q.prefetch_count.into());
+                    if before != 0 && (q.prefetch_count == 0 || u32::from(q.prefetch_count) > before) {
+                        self.wake_consumed_queues();
+                    }
+                } else {
+                    self.consumer_prefetch = q.prefetch_count.into();
+                }
+                self.reply(AMQPClass::Basic(M::QosOk(basic::QosOk {})));
+            }
+            M::Consume(c) => self.consume(s, c)?,
+            M::Cancel(c) => {
+                let tag = c.consumer_tag.as_str();
+                if let Some(entry) = self.shared.remove_consumer(tag) {
+                    self.drop_consumer(s, entry);
+                }
+                if !c.nowait {
+                    self.reply(AMQPClass::Basic(M::CancelOk(basic::CancelOk {
+                        consumer_tag: c.consumer_tag,
+                    })));
+                }
+            }
+            M::Get(g) => {
+                let name = self.queue_name(g.queue.as_str())?;
+                let q = s.vhost.existing_queue(&name, s.connection_id)?;
+                match q.get(g.no_ack) {
+                    Some((msg, remaining)) => self.shared.deliver_get(&q, msg, remaining, g.no_ack),
+                    None => self.reply(AMQPClass::Basic(M::GetEmpty(basic::GetEmpty {}))),
+                }
+            }
+            M::Ack(a) => self.settle(a.delivery_tag, a.multiple, Settle::Ack)?,
+            M::Reject(r) => self.settle(r.delivery_tag, false, Settle::Reject { requeue: r.requeue })?,
+            M::Nack(n) => {
+                self.settle(n.delivery_tag, n.multiple, Settle::Reject { requeue: n.requeue })?
+            }
+            M::Recover(r) => {
+                self.recover(r.requeue)?;
+                self.reply(AMQPClass::Basic(M::RecoverOk(basic::RecoverOk {})));
+            }
+            M::RecoverAsync(r) => self.recover(r.requeue)?,
+            other => return Err(unexpected_reply_method(AMQPClass::Basic(other))),
+        }
+        Ok(())
+    }
+
+    fn consume(&mut self, s: &mut Session, c: basic::Consume) -> AmqpResult<()> {
+        let tag: Arc<str> = if c.consumer_tag.as_str().is_empty() {
+            generated_name("amq.ctag").into()
+        } else {
+            c.consumer_tag.as_str().into()
+        };
+        if self.shared.has_consumer(&tag) {
+            return Err(AmqpError::new(
+                NOT_ALLOWED,
+                format!("attempt to reuse consumer tag '{tag}'"),
+            ));
+        }
+        let queue = if c.queue.as_str() == REPLY_TO {
+            if !c.no_ack {
+                return Err(precondition_failed("reply consumer cannot acknowledge"));
+            }
+            if self.reply_to.is_some() {
+                return Err(precondition_failed("reply consumer already set"));
+            }
+            let key = URL_SAFE_NO_PAD.encode(rand::random::<[u8; 18]>());
+            let q = Queue::new(
+                QueueSpec {
+                    name: format!("{REPLY_TO}.{key}"),
+                    durable: false,
+                    exclusive: true,
+                    auto_delete: false,
+                    arguments: FieldTable::default(),
+                },
+                s.vhost.name.clone(),
+                Some(s.connection_id),
+            );
+            s.vhost.add_reply_queue(&key, q.clone());
+            self.reply_to = Some((key, q.clone()));
+            q
+        } else {
+            let name = self.queue_name(c.queue.as_str())?;
+            s.vhost.existing_queue(&name, s.connection_id)?
+        };
+        let priority = match c.arguments.inner().get("x-priority") {
+            None => 0,
+            Some(_) => match int_arg(&c.arguments, "x-priority") {
+                Some(p) if i32::try_from(p).is_ok() => p as i32,
+                _ => {
+                    return Err(precondition_failed(format!(
+                        "invalid arg 'x-priority' for {}",
+                        describe("queue", queue.name(), &s.vhost.name)
+                    )));
+                }
+            },
+        };
+        let consumer = Arc::new(Consumer::new(
+            tag.clone(),
+            c.no_ack,
+            c.exclusive,
+            priority,
+            if c.no_ack { 0 } else { self.consumer_prefetch },
+            self.shared.clone(),
+            c.arguments,
+        ));
+        self.shared.add_consumer(ChannelConsumer {
+            queue: queue.clone(),
+            consumer: consumer.clone(),
+        });
+        let out = self.shared.out().clone();
+        let id = self.id();
+        let nowait = c.nowait;
+        let added = queue.add_consumer(consumer, || {
+            if !nowait {
+                out.method(
+                    id,
+                    AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
+                        consumer_tag: tag.as_ref().into(),
+                    })),
+                );
+            }
+        });
+        if let Err(why) = added {
+            self.shared.remove_consumer(&tag);
+            return Err(match why {
+                ConsumeRefused::ExclusiveInUse => access_refused(format!(
+                    "{} in exclusive use",
+                    describe("queue", queue.name(), &s.vhost.name)
+                )),
+                ConsumeRefused::Deleted => not_found(format!(
+                    "no {}",
+                    describe("queue", queue.name(), &s.vhost.name)
+                )),
+            });
+        }
+        Ok(())
+    }
+
+    /// Forgets a consumer removed from this channel: takes it off its queue, deletes an
+    /// auto-delete queue it leaves empty, and ends direct reply-to if it was the reply consumer.
+    fn drop_consumer(&mut self, s: &Session, entry: ChannelConsumer) {
+        if entry.queue.remove_consumer(&entry.consumer) {
+            s.vhost.remove_queue(&entry.queue);
+        }
+        if let Some((key, q)) = &self.reply_to
+            && Arc::ptr_eq(q, &entry.queue)
+        {
+            s.vhost.remove_reply_queue(key);
+            q.delete(false, false).ok();
+            self.reply_to = None;
+        }
+    }
+
+    /// Settles deliveries named by an ack, nack or reject.
+    pub(super) fn settle(&mut self, tag: u64, multiple: bool, how: Settle) -> AmqpResult<()> {
+        let taken = self
+            .shared
+            .take_unacked(tag, multiple)
+            .map_err(|UnknownTag(t)| precondition_failed(format!("unknown delivery tag {t}")))?;
+        if let Some(tx) = &mut self.tx {
+            tx.settles.push((how, taken));
+            return Ok(());
+        }
+        self.apply_settle(how, taken);
+        Ok(())
+    }
+
+    pub(super) fn apply_settle(&mut self, how: Settle, taken: Vec<(u64, Delivered)>) {
+        for run in runs_by_queue(taken) {
+            let q = run[0].queue.clone();
+            match how {
+                Settle::Ack | Settle::Reject { requeue: false } => q.settle(&run),
+                Settle::Reject { requeue: true } => q.requeue(run),
+            }
+        }
+        if self.shared.prefetch_global() != 0 {
+            self.wake_consumed_queues();
+        }
+    }
+
+    fn recover(&mut self, requeue: bool) -> AmqpResult<()> {
+        if !requeue {
+            return Err(AmqpError::new(NOT_IMPLEMENTED, "requeue=false"));
+        }
+        let taken = self.shared.take_unacked(0, true).unwrap_or_default();
+        self.apply_settle(Settle::Reject { requeue: true }, taken);
+        Ok(())
+    }
+
+    fn wake_consumed_queues(&self) {
+        for q in self.shared.consumed_queues() {
+            q.dispatch();
+        }
+    }
+
+    fn tx_method(&mut self, s: &mut Session, m: tx::AMQPMethod) -> AmqpResult<()> {
+        use tx::AMQPMethod as M;
+        match m {
+            M::Select(_) => {
+                if self.confirms.is_some() {
+                    return Err(precondition_failed("cannot switch from confirm to tx mode"));
+                }
+                if self.tx.is_none() {
+                    self.tx = Some(Transaction::default());
+                }
+                self.reply(AMQPClass::Tx(M::SelectOk(tx::SelectOk {})));
+            }
+            M::Commit(_) => {
+                let tx = self
+                    .tx
+                    .replace(Transaction::default())
+                    .ok_or_else(|| precondition_failed("channel is not transactional"))?;
+                self.commit(s, tx);
+                self.reply(AMQPClass::Tx(M::CommitOk(tx::CommitOk {})));
+            }
+            M::Rollback(_) => {
+                let tx = self
+                    .tx
+                    .replace(Transaction::default())
+                    .ok_or_else(|| precondition_failed("channel is not transactional"))?;
+                let restored = tx.settles.into_iter().flat_map(|(_, taken)| taken).collect();
+                self.shared.restore_unacked(restored);
+                self.reply(AMQPClass::Tx(M::RollbackOk(tx::RollbackOk {})));
+            }
+            other => return Err(unexpected_reply_method(AMQPClass::Tx(other))),
+        }
+        Ok(())
+    }
+
+    /// Ends the channel: cancels its consumers (deleting auto-delete queues they leave empty)
+    /// and requeues every delivery it had not settled, in the original order.
+    pub fn close(&mut self, s: &Session) {
+        let (consumers, unacked) = self.shared.shut();
+        for entry in consumers {
+            self.drop_consumer(s, entry);
+        }
+        if let Some((key, q)) = self.reply_to.take() {
+            s.vhost.remove_reply_queue(&key);
+            q.delete(false, false).ok();
+        }
+        let mut pending = unacked;
+        if let Some(tx) = self.tx.take() {
+            pending.extend(tx.settles.into_iter().flat_map(|(_, taken)| taken));
+        }
+        pending.sort_by_key(|(tag, _)| *tag);
+        for run in runs_by_queue(pending) {
+            let q = run[0].queue.clone();
+            q.requeue(run);
+        }
+        self.content = ContentState::Idle;
+    }
+}
+
+/// Splits settled deliveries into runs per queue, keeping each queue's order.
+fn runs_by_queue(taken: Vec<(u64, Delivered)>) -> Vec<Vec<Delivered>> {
+    let mut runs: Vec<Vec<Delivered>> = Vec::new();
+    for (_, d) in taken {
+        match runs.iter_mut().find(|r| Arc::ptr_eq(&r[0].queue, &d.queue)) {
+            Some(run) => run.push(d),
+            None => runs.push(vec![d]),
+        }
+    }
+    runs
+}
+
+/// A client sent a method only the server may send (e.g. `basic.deliver`).
+fn unexpected_reply_method(method: AMQPClass) -> AmqpError {
+    AmqpError::new(
+        COMMAND_INVALID,
+        format!(
+            "method {}.{} is not valid from a client",
+            method.get_amqp_class_id(),
+            method.get_amqp_method_id()
+        ),
+    )
+}

@@ -1,0 +1,579 @@
+//! Frames on the wire.
+//!
+//! Decoding happens in two steps, as in mini-redis: [`next_frame`] looks only at the 7-byte
+//! header to decide whether a whole frame is buffered (and refuses one larger than `frame_max`
+//! before any of its payload is buffered), then hands out the payload as a zero-copy `Bytes`.
+//! Method payloads are parsed by `amq-protocol`, the codec generated from the spec.
+//!
+//! Encoding of the frames on the delivery path (`basic.deliver`, `basic.get-ok`,
+//! `basic.return`, `basic.ack`/`nack`, content header and body) is written by hand: they are sent
+//! once per message, the message's properties are passed through as the raw bytes the publisher
+//! sent, and bodies are never re-encoded. Their output is checked against `amq-protocol`'s parser
+//! in the tests below. Every other method goes through `amq-protocol`'s generator.
+
+use amq_protocol::frame::{AMQPFrame, WriteContext, gen_frame};
+use amq_protocol::protocol::{AMQPClass, BasicProperties, basic::parse_properties, parse_class};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+pub const FRAME_METHOD: u8 = 1;
+pub const FRAME_HEADER: u8 = 2;
+pub const FRAME_BODY: u8 = 3;
+pub const FRAME_HEARTBEAT: u8 = 8;
+pub const FRAME_END: u8 = 0xCE;
+/// Type, channel and size before the payload, the end octet after it.
+pub const FRAME_OVERHEAD: usize = 8;
+/// The smallest frame_max a peer may negotiate (spec: frame-min-size).
+pub const FRAME_MIN_SIZE: u32 = 4096;
+
+/// The 8 bytes a client opens with, and the only version we speak.
+pub const PROTOCOL_HEADER: &[u8; 8] = b"AMQP\x00\x00\x09\x01";
+
+const CLASS_BASIC: u16 = 60;
+
+/// One frame cut out of the read buffer; the payload shares the buffer's memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawFrame {
+    pub kind: u8,
+    pub channel: u16,
+    pub payload: Bytes,
+}
+
+/// Why the byte stream is not a valid frame sequence. All of these are connection errors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FrameError {
+    /// The payload announced in the header exceeds the negotiated maximum (`max` is the
+    /// largest payload the negotiated frame_max allows, as RabbitMQ reports it).
+    TooLarge { kind: u8, channel: u16, size: u64, max: u32 },
+    /// The octet after the payload is not 0xCE.
+    BadFrameEnd { kind: u8, channel: u16, payload: Bytes, end: u8 },
+}
+
+/// Cuts the next whole frame from `buf`, or returns `Ok(None)` if more bytes are needed.
+/// The size check uses only the header, so an oversized frame is refused before it is read.
+pub fn next_frame(buf: &mut BytesMut, frame_max: u32) -> Result<Option<RawFrame>, FrameError> {
+    if buf.len() < 7 {
+        return Ok(None);
+    }
+    let kind = buf[0];
+    let channel = u16::from_be_bytes([buf[1], buf[2]]);
+    let size = u32::from_be_bytes([buf[3], buf[4], buf[5], buf[6]]) as usize;
+    // Like RabbitMQ, allow the payload itself to reach frame_max (8 bytes of slack for clients
+    // that forget the frame overhead); anything larger is refused from the header alone.
+    if frame_max != 0 && size as u64 > u64::from(frame_max) {
+        return Err(FrameError::TooLarge {
+            kind,
+            channel,
+            size: size as u64,
+            max: frame_max.saturating_sub(FRAME_OVERHEAD as u32),
+        });
+    }
+    let total = size + FRAME_OVERHEAD;
+    if buf.len() < total {
+        buf.reserve(total - buf.len());
+        return Ok(None);
+    }
+    let end = buf[total - 1];
+    let mut frame = buf.split_to(total);
+    if end != FRAME_END {
+        return Err(FrameError::BadFrameEnd {
+            kind,
+            channel,
+            payload: frame.freeze().slice(7..7 + size),
+            end,
+        });
+    }
+    frame.advance(7);
+    frame.truncate(size);
+    Ok(Some(RawFrame {
+        kind,
+        channel,
+        payload: frame.freeze(),
+    }))
+}
+
+/// Why a method payload could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MethodError {
+    /// Fewer than four bytes: not even a class and method id.
+    Truncated,
+    /// A class or method id that AMQP 0-9-1 does not define.
+    Unknown { class_id: u16, method_id: u16 },
+    /// The ids are known but the arguments do not parse.
+    Syntax { class_id: u16, method_id: u16 },
+}
+
+/// Decodes a method frame's payload.
+pub fn decode_method(payload: &[u8]) -> Result<AMQPClass, MethodError> {
+    if payload.len() < 4 {
+        return Err(MethodError::Truncated);
+    }
+    let class_id = u16::from_be_bytes([payload[0], payload[1]]);
+    let method_id = u16::from_be_bytes([payload[2], payload[3]]);
+    if !is_known_method(class_id, method_id) {
+        return Err(MethodError::Unknown {
+            class_id,
+            method_id,
+        });
+    }
+    match parse_class(payload) {
+        Ok((_, class)) => Ok(class),
+        Err(_) => Err(MethodError::Syntax {
+            class_id,
+            method_id,
+        }),
+    }
+}
+
+fn is_known_method(class_id: u16, method_id: u16) -> bool {
+    let methods: &[u16] = match class_id {
+        10 => &[10, 11, 20, 21, 30, 31, 40, 41, 50, 51, 60, 61, 70, 71],
+        20 => &[10, 11, 20, 21, 40, 41],
+        30 => &[10, 11],
+        40 => &[10, 11, 20, 21, 30, 31, 40, 51],
+        50 => &[10, 11, 20, 21, 30, 31, 40, 41, 50, 51],
+        60 => &[
+            10, 11, 20, 21, 30, 31, 40, 50, 60, 70, 71, 72, 80, 90, 100, 110, 111, 120,
+        ],
+        85 => &[10, 11],
+        90 => &[10, 11, 20, 21, 30, 31],
+        _ => return false,
+    };
+    methods.contains(&method_id)
+}
+
+/// The arguments of `basic.publish`, cut from the frame without copying.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishArgs {
+    pub exchange: Bytes,
+    pub routing_key: Bytes,
+    pub mandatory: bool,
+    pub immediate: bool,
+}
+
+/// Whether a method payload is `basic.publish`, the one method decoded by hand.
+pub fn is_publish(payload: &[u8]) -> bool {
+    payload.len() >= 4 && payload[..4] == [0, 60, 0, 40]
+}
+
+/// Decodes `basic.publish` (ticket, exchange, routing key, flags) without allocating.
+pub fn decode_publish(payload: &Bytes) -> Option<PublishArgs> {
+    let mut at = 6; // class, method, reserved ticket
+    let short_str = |at: &mut usize| {
+        let len = *payload.get(*at)? as usize;
+        let s = payload.get(*at + 1..*at + 1 + len)?;
+        let s = payload.slice_ref(s);
+        *at += 1 + len;
+        Some(s)
+    };
+    let exchange = short_str(&mut at)?;
+    let routing_key = short_str(&mut at)?;
+    let bits = *payload.get(at)?;
+    if payload.len() != at + 1 {
+        return None;
+    }
+    Some(PublishArgs {
+        exchange,
+        routing_key,
+        mandatory: bits & 1 != 0,
+        immediate: bits & 2 != 0,
+    })
+}
+
+/// A content header frame, decoded. `raw_properties` (the property flags and list exactly as the
+/// publisher sent them) is what deliveries carry, so every header round-trips byte for byte.
+#[derive(Debug, Clone)]
+pub struct ContentHeader {
+    pub class_id: u16,
+    pub body_size: u64,
+    pub raw_properties: Bytes,
+    pub properties: BasicProperties,
+}
+
+/// Decodes a content header payload; `None` when it is malformed.
+pub fn decode_content_header(payload: &Bytes) -> Option<ContentHeader> {
+    if payload.len() < 14 {
+        return None;
+    }
+    let class_id = u16::from_be_bytes([payload[0], payload[1]]);
+    let body_size = u64::from_be_bytes(payload[4..12].try_into().ok()?);
+    let raw_properties = payload.slice(12..);
+    let (rest, properties) = parse_properties(&raw_properties[..]).ok()?;
+    if !rest.is_empty() {
+        return None;
+    }
+    Some(ContentHeader {
+        class_id,
+        body_size,
+        raw_properties,
+        properties,
+    })
+}
+
+/// Encodes `properties` as a content header's property flags and list.
+pub fn encode_properties(properties: &BasicProperties) -> Bytes {
+    let ctx = WriteContext::from(Vec::with_capacity(64));
+    let generate = amq_protocol::protocol::basic::gen_properties(properties);
+    match generate(ctx) {
+        Ok(ctx) => Bytes::from(ctx.write),
+        // Writing into a Vec cannot run out of space.
+        Err(_) => Bytes::from_static(&[0, 0]),
+    }
+}
+
+/// Appends a method frame encoded by `amq-protocol`.
+pub fn encode_method(out: &mut BytesMut, channel: u16, method: AMQPClass) {
+    let frame = AMQPFrame::Method(channel, method);
+    let ctx = WriteContext::from(Vec::with_capacity(64));
+    if let Ok(ctx) = gen_frame(&frame)(ctx) {
+        out.extend_from_slice(&ctx.write);
+    }
+}
+
+pub fn encode_heartbeat(out: &mut BytesMut) {
+    out.extend_from_slice(&[FRAME_HEARTBEAT, 0, 0, 0, 0, 0, 0, FRAME_END]);
+}
+
+/// Starts a frame and returns the offset of its size field, to be filled by [`end_frame`].
+fn begin_frame(out: &mut BytesMut, kind: u8, channel: u16) -> usize {
+    out.put_u8(kind);
+    out.put_u16(channel);
+    let at = out.len();
+    out.put_u32(0);
+    at
+}
+
+fn end_frame(out: &mut BytesMut, size_at: usize) {
+    let size = (out.len() - size_at - 4) as u32;
+    out[size_at..size_at + 4].copy_from_slice(&size.to_be_bytes());
+    out.put_u8(FRAME_END);
+}
+
+fn put_short_str(out: &mut BytesMut, s: &[u8]) {
+    // Short strings come from short strings on the wire; truncate defensively.
+    let bytes = &s[..s.len().min(255)];
+    out.put_u8(bytes.len() as u8);
+    out.put_slice(bytes);
+}
+
+/// `basic.deliver` method frame.
+pub fn encode_deliver(
+    out: &mut BytesMut,
+    channel: u16,
+    consumer_tag: &[u8],
+    delivery_tag: u64,
+    redelivered: bool,
+    exchange: &[u8],
+    routing_key: &[u8],
+) {
+    let at = begin_frame(out, FRAME_METHOD, channel);
+    out.put_u16(CLASS_BASIC);
+    out.put_u16(60);
+    put_short_str(out, consumer_tag);
+    out.put_u64(delivery_tag);
+    out.put_u8(u8::from(redelivered));
+    put_short_str(out, exchange);
+    put_short_str(out, routing_key);
+    end_frame(out, at);
+}
+
+/// `basic.get-ok` method frame.
+pub fn encode_get_ok(
+    out: &mut BytesMut,
+    channel: u16,
+    delivery_tag: u64,
+    redelivered: bool,
+    exchange: &[u8],
+    routing_key: &[u8],
+    message_count: u32,
+) {
+    let at = begin_frame(out, FRAME_METHOD, channel);
+    out.put_u16(CLASS_BASIC);
+    out.put_u16(71);
+    out.put_u64(delivery_tag);
+    out.put_u8(u8::from(redelivered));
+    put_short_str(out, exchange);
+    put_short_str(out, routing_key);
+    out.put_u32(message_count);
+    end_frame(out, at);
+}
+
+/// `basic.return` method frame.
+pub fn encode_return(
+    out: &mut BytesMut,
+    channel: u16,
+    reply_code: u16,
+    reply_text: &[u8],
+    exchange: &[u8],
+    routing_key: &[u8],
+) {
+    let at = begin_frame(out, FRAME_METHOD, channel);
+    out.put_u16(CLASS_BASIC);
+    out.put_u16(50);
+    out.put_u16(reply_code);
+    put_short_str(out, reply_text);
+    put_short_str(out, exchange);
+    put_short_str(out, routing_key);
+    end_frame(out, at);
+}
+
+/// `basic.ack` (a publisher confirm).
+pub fn encode_ack(out: &mut BytesMut, channel: u16, delivery_tag: u64, multiple: bool) {
+    let at = begin_frame(out, FRAME_METHOD, channel);
+    out.put_u16(CLASS_BASIC);
+    out.put_u16(80);
+    out.put_u64(delivery_tag);
+    out.put_u8(u8::from(multiple));
+    end_frame(out, at);
+}
+
+/// `basic.nack` (a negative publisher confirm).
+pub fn encode_nack(out: &mut BytesMut, channel: u16, delivery_tag: u64, multiple: bool) {
+    let at = begin_frame(out, FRAME_METHOD, channel);
+    out.put_u16(CLASS_BASIC);
+    out.put_u16(120);
+    out.put_u64(delivery_tag);
+    out.put_u8(u8::from(multiple));
+    end_frame(out, at);
+}
+
+/// Content header and body frames for a message; bodies are split so that no frame exceeds
+/// `frame_max`, and an empty body sends no body frame at all.
+pub fn encode_content(
+    out: &mut BytesMut,
+    channel: u16,
+    raw_properties: &[u8],
+    body: &[u8],
+    frame_max: u32,
+) {
+    let at = begin_frame(out, FRAME_HEADER, channel);
+    out.put_u16(CLASS_BASIC);
+    out.put_u16(0);
+    out.put_u64(body.len() as u64);
+    out.put_slice(raw_properties);
+    end_frame(out, at);
+    let chunk = (frame_max as usize).saturating_sub(FRAME_OVERHEAD).max(1);
+    out.reserve(body.len() + body.len().div_ceil(chunk) * FRAME_OVERHEAD);
+    for piece in body.chunks(chunk) {
+        out.put_u8(FRAME_BODY);
+        out.put_u16(channel);
+        out.put_u32(piece.len() as u32);
+        out.put_slice(piece);
+        out.put_u8(FRAME_END);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use amq_protocol::frame::parse_frame;
+    use amq_protocol::protocol::basic;
+    use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
+
+    fn parse_all(mut bytes: &[u8]) -> Vec<AMQPFrame> {
+        let mut frames = Vec::new();
+        while !bytes.is_empty() {
+            let (rest, frame) = parse_frame(bytes).expect("amq-protocol parses our frame");
+            frames.push(frame);
+            bytes = rest;
+        }
+        frames
+    }
+
+    #[test]
+    fn deliver_matches_the_generated_codec() {
+        let mut out = BytesMut::new();
+        encode_deliver(&mut out, 7, b"ctag", 42, true, b"amq.topic", b"a.b");
+        let frames = parse_all(&out);
+        let expected = AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
+            consumer_tag: "ctag".into(),
+            delivery_tag: 42,
+            redelivered: true,
+            exchange: "amq.topic".into(),
+            routing_key: "a.b".into(),
+        }));
+        assert_eq!(frames, vec![AMQPFrame::Method(7, expected)]);
+    }
+
+    #[test]
+    fn get_ok_return_ack_nack_match_the_generated_codec() {
+        let mut out = BytesMut::new();
+        encode_get_ok(&mut out, 1, 9, false, b"", b"q", 5);
+        encode_return(&mut out, 1, 312, b"NO_ROUTE", b"x", b"rk");
+        encode_ack(&mut out, 2, 77, true);
+        encode_nack(&mut out, 2, 78, false);
+        let frames = parse_all(&out);
+        assert_eq!(
+            frames,
+            vec![
+                AMQPFrame::Method(
+                    1,
+                    AMQPClass::Basic(basic::AMQPMethod::GetOk(basic::GetOk {
+                        delivery_tag: 9,
+                        redelivered: false,
+                        exchange: "".into(),
+                        routing_key: "q".into(),
+                        message_count: 5,
+                    }))
+                ),
+                AMQPFrame::Method(
+                    1,
+                    AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
+                        reply_code: 312,
+                        reply_text: "NO_ROUTE".into(),
+                        exchange: "x".into(),
+                        routing_key: "rk".into(),
+                    }))
+                ),
+                AMQPFrame::Method(
+                    2,
+                    AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack {
+                        delivery_tag: 77,
+                        multiple: true,
+                    }))
+                ),
+                AMQPFrame::Method(
+                    2,
+                    AMQPClass::Basic(basic::AMQPMethod::Nack(basic::Nack {
+                        delivery_tag: 78,
+                        multiple: false,
+                        requeue: false,
+                    }))
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn publish_decodes_like_the_generated_codec() {
+        let method = AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+            exchange: "amq.direct".into(),
+            routing_key: "key".into(),
+            mandatory: true,
+            immediate: false,
+        }));
+        let mut out = BytesMut::new();
+        encode_method(&mut out, 1, method);
+        let frame = next_frame(&mut out, 131072).unwrap().unwrap();
+        assert!(is_publish(&frame.payload));
+        let args = decode_publish(&frame.payload).unwrap();
+        assert_eq!(&args.exchange[..], b"amq.direct");
+        assert_eq!(&args.routing_key[..], b"key");
+        assert!(args.mandatory && !args.immediate);
+        assert_eq!(decode_publish(&frame.payload.slice(..frame.payload.len() - 1)), None);
+    }
+
+    #[test]
+    fn content_is_split_at_frame_max_and_properties_pass_through() {
+        let mut headers = FieldTable::default();
+        headers.insert(ShortString::from("k"), AMQPValue::LongInt(-5));
+        let props = BasicProperties::default()
+            .with_content_type("text/plain".into())
+            .with_headers(headers)
+            .with_delivery_mode(2);
+        let raw = encode_properties(&props);
+        let body: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        let mut out = BytesMut::new();
+        encode_content(&mut out, 3, &raw, &body, 4096);
+        let frames = parse_all(&out);
+        assert_eq!(frames.len(), 1 + 3);
+        match &frames[0] {
+            AMQPFrame::Header(3, h) => {
+                assert_eq!(h.body_size, 10_000);
+                assert_eq!(h.properties, props);
+            }
+            other => panic!("expected a header, got {other:?}"),
+        }
+        let mut joined = Vec::new();
+        for f in &frames[1..] {
+            match f {
+                AMQPFrame::Body(3, b) => {
+                    assert!(b.len() + FRAME_OVERHEAD <= 4096);
+                    joined.extend_from_slice(b);
+                }
+                other => panic!("expected a body, got {other:?}"),
+            }
+        }
+        assert_eq!(joined, body);
+    }
+
+    #[test]
+    fn empty_body_sends_only_a_header() {
+        let mut out = BytesMut::new();
+        encode_content(&mut out, 1, &[0, 0], &[], 131072);
+        assert_eq!(parse_all(&out).len(), 1);
+    }
+
+    #[test]
+    fn next_frame_waits_for_a_whole_frame_then_cuts_it() {
+        let mut out = BytesMut::new();
+        encode_ack(&mut out, 1, 1, false);
+        let whole = out.clone();
+        let mut buf = BytesMut::from(&whole[..5]);
+        assert_eq!(next_frame(&mut buf, 131072), Ok(None));
+        buf.extend_from_slice(&whole[5..]);
+        buf.extend_from_slice(&whole[..3]);
+        let frame = next_frame(&mut buf, 131072).unwrap().unwrap();
+        assert_eq!(frame.kind, FRAME_METHOD);
+        assert_eq!(frame.channel, 1);
+        assert_eq!(frame.payload.len(), whole.len() - FRAME_OVERHEAD);
+        assert_eq!(buf.len(), 3);
+    }
+
+    #[test]
+    fn oversized_frame_is_refused_from_its_header() {
+        let mut buf = BytesMut::from(&[FRAME_BODY, 0, 1, 0, 0x0F, 0x42, 0x40][..]);
+        assert_eq!(
+            next_frame(&mut buf, 131072),
+            Err(FrameError::TooLarge {
+                kind: FRAME_BODY,
+                channel: 1,
+                size: 1_000_000,
+                max: 131064
+            })
+        );
+    }
+
+    #[test]
+    fn bad_frame_end_is_an_error_and_unknown_types_are_cut_like_any_frame() {
+        let mut buf = BytesMut::from(&[FRAME_HEARTBEAT, 0, 0, 0, 0, 0, 0, 0xAB][..]);
+        assert_eq!(
+            next_frame(&mut buf, 131072),
+            Err(FrameError::BadFrameEnd {
+                kind: FRAME_HEARTBEAT,
+                channel: 0,
+                payload: Bytes::new(),
+                end: 0xAB
+            })
+        );
+        let mut buf = BytesMut::from(&[9u8, 0, 0, 0, 0, 0, 0, FRAME_END][..]);
+        let frame = next_frame(&mut buf, 131072).unwrap().unwrap();
+        assert_eq!(frame.kind, 9);
+    }
+
+    #[test]
+    fn unknown_methods_are_told_apart_from_syntax_errors() {
+        assert_eq!(
+            decode_method(&[0, 99, 0, 10]),
+            Err(MethodError::Unknown {
+                class_id: 99,
+                method_id: 10
+            })
+        );
+        assert_eq!(
+            decode_method(&[0, 60, 0, 99]),
+            Err(MethodError::Unknown {
+                class_id: 60,
+                method_id: 99
+            })
+        );
+        // basic.qos needs 7 bytes of arguments.
+        assert_eq!(
+            decode_method(&[0, 60, 0, 10, 0]),
+            Err(MethodError::Syntax {
+                class_id: 60,
+                method_id: 10
+            })
+        );
+        assert_eq!(decode_method(&[0]), Err(MethodError::Truncated));
+    }
+}

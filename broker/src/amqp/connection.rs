@@ -1,0 +1,685 @@
+//! One AMQP connection: the protocol header, the handshake (start, tune, open), then frames
+//! read in batches and dispatched to channels; heartbeats; closing both ways. Errors are data
+//! (`AmqpError`): a channel error closes that channel, anything else the connection.
+
+use super::channel::{Channel, Session};
+use super::codec::{self, FRAME_BODY, FRAME_HEADER, FRAME_HEARTBEAT, FRAME_METHOD, FrameError, RawFrame};
+use super::writer::{ConnectionOutput, Outbound, run_writer};
+use crate::auth;
+use crate::broker::Broker;
+use crate::error::{
+    AmqpError, AmqpResult, CHANNEL_ERROR, COMMAND_INVALID, CONNECTION_FORCED, FRAME_ERROR,
+    NOT_ALLOWED, NOT_IMPLEMENTED, REPLY_SUCCESS, Scope, SYNTAX_ERROR, UNEXPECTED_FRAME,
+};
+use amq_protocol::protocol::{AMQPClass, channel, connection};
+use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
+use bytes::{Bytes, BytesMut};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::time::{Instant, timeout, timeout_at};
+
+/// How long the broker waits for `connection.close-ok` after sending `connection.close`.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Frame size limit before tuning (connection.start-ok may carry large client properties).
+const HANDSHAKE_FRAME_MAX: u32 = 131_072;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    AwaitStartOk,
+    AwaitTuneOk,
+    AwaitOpen,
+    Open,
+    /// We sent `connection.close`; waiting for `close-ok` until the deadline.
+    Closing(Instant),
+    Closed,
+}
+
+impl Phase {
+    fn name(self) -> &'static str {
+        match self {
+            Phase::AwaitStartOk => "starting",
+            Phase::AwaitTuneOk => "tuning",
+            Phase::AwaitOpen => "opening",
+            Phase::Open => "running",
+            Phase::Closing(_) => "closing",
+            Phase::Closed => "closed",
+        }
+    }
+}
+
+/// What the client said about itself in `connection.start-ok`.
+#[derive(Debug, Default, Clone)]
+struct ClientCapabilities {
+    cancel_notify: bool,
+    auth_failure_close: bool,
+}
+
+struct Connection {
+    broker: Arc<Broker>,
+    peer: SocketAddr,
+    id: u64,
+    out: Arc<ConnectionOutput>,
+    heartbeat: Arc<AtomicU32>,
+    phase: Phase,
+    frame_max: u32,
+    channel_max: u16,
+    capabilities: ClientCapabilities,
+    user: Option<String>,
+    session: Option<Session>,
+    channels: HashMap<u16, Channel>,
+    /// Channels that published since confirms were last flushed.
+    dirty: Vec<u16>,
+}
+
+/// Serves one client socket until it closes. Returns when the connection is over and every
+/// resource it held (channels, consumers, exclusive queues) is released.
+pub async fn serve<S>(stream: S, peer: SocketAddr, broker: Arc<Broker>, shutdown: watch::Receiver<bool>)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let mut header = [0u8; 8];
+    let handshake = Duration::from_secs(broker.config.handshake_timeout);
+    match timeout(handshake, reader.read_exact(&mut header)).await {
+        Ok(Ok(_)) if &header == codec::PROTOCOL_HEADER => {}
+        Ok(Ok(_)) => {
+            tracing::info!(%peer, header = ?Bytes::copy_from_slice(&header), "unsupported protocol header, closing");
+            let _ = writer.write_all(codec::PROTOCOL_HEADER).await;
+            let _ = writer.shutdown().await;
+            return;
+        }
+        _ => {
+            tracing::debug!(%peer, "no protocol header before timeout or close");
+            return;
+        }
+    }
+    let (out, rx) = ConnectionOutput::new(HANDSHAKE_FRAME_MAX);
+    let heartbeat = Arc::new(AtomicU32::new(0));
+    let writer_task = tokio::spawn(run_writer(writer, out.clone(), rx, heartbeat.clone()));
+    let mut conn = Connection {
+        id: broker.next_connection_id(),
+        broker,
+        peer,
+        out,
+        heartbeat,
+        phase: Phase::AwaitStartOk,
+        frame_max: HANDSHAKE_FRAME_MAX,
+        channel_max: 0,
+        capabilities: ClientCapabilities::default(),
+        user: None,
+        session: None,
+        channels: HashMap::new(),
+        dirty: Vec::new(),
+    };
+    conn.send_start();
+    conn.run(&mut reader, shutdown, handshake).await;
+    conn.cleanup();
+    conn.out.send(Outbound::Close);
+    let _ = writer_task.await;
+}
+
+impl Connection {
+    fn send_start(&self) {
+        let mut caps = FieldTable::default();
+        for cap in [
+            "publisher_confirms",
+            "exchange_exchange_bindings",
+            "basic.nack",
+            "consumer_cancel_notify",
+            "connection.blocked",
+            "consumer_priorities",
+            "authentication_failure_close",
+            "per_consumer_qos",
+            "direct_reply_to",
+        ] {
+            caps.insert(cap.into(), AMQPValue::Boolean(true));
+        }
+        let mut props = FieldTable::default();
+        let text = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()));
+        props.insert("capabilities".into(), AMQPValue::FieldTable(caps));
+        props.insert("cluster_name".into(), text(&self.broker.config.node_name));
+        props.insert("copyright".into(), text("Copyright (c) the Warren authors"));
+        props.insert(
+            "information".into(),
+            text("Licensed under the Apache License 2.0"),
+        );
+        props.insert("platform".into(), text("Rust"));
+        props.insert("product".into(), text("Warren"));
+        props.insert("version".into(), text(env!("CARGO_PKG_VERSION")));
+        self.out.method(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::Start(connection::Start {
+                version_major: 0,
+                version_minor: 9,
+                server_properties: props,
+                mechanisms: "PLAIN AMQPLAIN".into(),
+                locales: "en_US".into(),
+            })),
+        );
+    }
+
+    async fn run<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut R,
+        mut shutdown: watch::Receiver<bool>,
+        handshake: Duration,
+    ) {
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        let handshake_deadline = Instant::now() + handshake;
+        loop {
+            // Everything already buffered is handled before reading more.
+            loop {
+                match codec::next_frame(&mut buf, self.frame_max) {
+                    Ok(Some(frame)) => {
+                        if let Err(e) = self.handle_frame(frame) {
+                            self.fail(e);
+                        }
+                        if self.phase == Phase::Closed {
+                            return;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.frame_error(e);
+                        return;
+                    }
+                }
+            }
+            self.flush_confirms();
+            if self.out.is_backed_up() {
+                // The client is not reading what we send: stop reading what it sends.
+                tokio::select! {
+                    () = self.out.wait_drained() => {}
+                    _ = shutdown.changed() => { self.force_close(); }
+                }
+                continue;
+            }
+            let deadline = match self.phase {
+                Phase::Open => match self.heartbeat.load(Ordering::Relaxed) {
+                    0 => None,
+                    hb => Some(Instant::now() + Duration::from_secs(2 * u64::from(hb))),
+                },
+                Phase::Closing(deadline) => Some(deadline),
+                _ => Some(handshake_deadline),
+            };
+            buf.reserve(16 * 1024);
+            let read = async {
+                match deadline {
+                    Some(d) => timeout_at(d, reader.read_buf(&mut buf)).await,
+                    None => Ok(reader.read_buf(&mut buf).await),
+                }
+            };
+            tokio::select! {
+                r = read => match r {
+                    Ok(Ok(0)) | Ok(Err(_)) => {
+                        if !matches!(self.phase, Phase::Closing(_)) {
+                            tracing::debug!(peer = %self.peer, "client closed the socket");
+                        }
+                        return;
+                    }
+                    Ok(Ok(_)) => {}
+                    Err(_) => {
+                        match self.phase {
+                            Phase::Open => tracing::warn!(peer = %self.peer, "missed heartbeats from client, closing"),
+                            Phase::Closing(_) => {}
+                            _ => tracing::info!(peer = %self.peer, "handshake timed out"),
+                        }
+                        return;
+                    }
+                },
+                _ = shutdown.changed(), if !matches!(self.phase, Phase::Closing(_)) => self.force_close(),
+            }
+        }
+    }
+
+    /// Broker shutdown: tell the client why, then wait a little for its close-ok.
+    fn force_close(&mut self) {
+        if self.phase == Phase::Open {
+            self.fail(
+                AmqpError::new(CONNECTION_FORCED, "broker forced connection closure with reason 'shutdown'"),
+            );
+        } else {
+            self.phase = Phase::Closed;
+        }
+    }
+
+    fn handle_frame(&mut self, frame: RawFrame) -> AmqpResult<()> {
+        if let Phase::Closing(_) = self.phase {
+            // Only the close handshake matters now.
+            if frame.kind == FRAME_METHOD && frame.channel == 0 {
+                match codec::decode_method(&frame.payload) {
+                    Ok(AMQPClass::Connection(connection::AMQPMethod::CloseOk(_))) => {
+                        self.phase = Phase::Closed;
+                    }
+                    Ok(AMQPClass::Connection(connection::AMQPMethod::Close(_))) => {
+                        self.send_close_ok();
+                        self.phase = Phase::Closed;
+                    }
+                    _ => {}
+                }
+            }
+            return Ok(());
+        }
+        match frame.kind {
+            FRAME_METHOD => self.handle_method_frame(frame),
+            FRAME_HEADER | FRAME_BODY => self.handle_content_frame(frame),
+            FRAME_HEARTBEAT if frame.channel == 0 => Ok(()),
+            FRAME_HEARTBEAT => Err(AmqpError::new(
+                UNEXPECTED_FRAME,
+                format!("type 8, {}", snippet(&frame.payload)),
+            )),
+            kind => Err(AmqpError::new(
+                FRAME_ERROR,
+                format!("type {kind}, {}: unknown_frame", snippet(&frame.payload)),
+            )),
+        }
+    }
+
+    fn handle_method_frame(&mut self, frame: RawFrame) -> AmqpResult<()> {
+        let ch = frame.channel;
+        if ch != 0 && self.phase == Phase::Open && codec::is_publish(&frame.payload) {
+            let channel = self.open_channel(ch)?;
+            if channel.closing {
+                return Ok(());
+            }
+            let args = codec::decode_publish(&frame.payload).ok_or_else(|| {
+                AmqpError::new(SYNTAX_ERROR, "malformed basic.publish").on(60, 40)
+            })?;
+            return channel.on_publish(args).map_err(|e| with_channel(e, ch));
+        }
+        // basic.qos carries a prefetch_size that the generated codec does not keep.
+        if frame.payload.len() >= 8 && frame.payload[..4] == [0, 60, 0, 10] {
+            let size = u32::from_be_bytes(frame.payload[4..8].try_into().unwrap_or([0; 4]));
+            if size != 0 {
+                return Err(AmqpError::new(NOT_IMPLEMENTED, format!("prefetch_size!=0 ({size})")).on(60, 10));
+            }
+        }
+        let method = codec::decode_method(&frame.payload).map_err(|e| match e {
+            codec::MethodError::Unknown { class_id, method_id } => AmqpError::new(
+                COMMAND_INVALID,
+                format!("unknown method id {method_id} for class {class_id}"),
+            )
+            .on(class_id, method_id),
+            codec::MethodError::Syntax { class_id, method_id } => AmqpError::new(
+                SYNTAX_ERROR,
+                format!("malformed arguments for method {class_id}.{method_id}"),
+            )
+            .on(class_id, method_id),
+            codec::MethodError::Truncated => {
+                AmqpError::new(FRAME_ERROR, format!("method frame too short: {}", snippet(&frame.payload)))
+            }
+        })?;
+        if ch == 0 {
+            return self.handle_connection_method(method);
+        }
+        if self.phase != Phase::Open {
+            return Err(unexpected_in(self.phase).on(method.get_amqp_class_id(), method.get_amqp_method_id()));
+        }
+        self.handle_channel_method(ch, method)
+            .map_err(|e| with_channel(e, ch))
+    }
+
+    fn open_channel(&mut self, ch: u16) -> AmqpResult<&mut Channel> {
+        self.channels
+            .get_mut(&ch)
+            .ok_or_else(|| AmqpError::new(CHANNEL_ERROR, "expected 'channel.open'"))
+    }
+
+    fn handle_channel_method(&mut self, ch: u16, method: AMQPClass) -> AmqpResult<()> {
+        let ids = (method.get_amqp_class_id(), method.get_amqp_method_id());
+        if !self.channels.contains_key(&ch) {
+            return match method {
+                AMQPClass::Channel(channel::AMQPMethod::Open(_)) => {
+                    if self.channels.len() >= usize::from(self.channel_max) {
+                        return Err(AmqpError::new(
+                            NOT_ALLOWED,
+                            format!(
+                                "number of channels opened ({}) has reached the negotiated channel_max ({})",
+                                self.channels.len(),
+                                self.channel_max
+                            ),
+                        )
+                        .on(ids.0, ids.1));
+                    }
+                    let session = self.session.as_ref().expect("open connections have a session");
+                    self.channels.insert(ch, Channel::new(ch, session));
+                    self.out.method(
+                        ch,
+                        AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})),
+                    );
+                    Ok(())
+                }
+                _ => Err(AmqpError::new(CHANNEL_ERROR, "expected 'channel.open'").on(ids.0, ids.1)),
+            };
+        }
+        let session = self.session.as_mut().expect("open connections have a session");
+        let channel = self.channels.get_mut(&ch).expect("checked above");
+        if channel.closing {
+            match method {
+                AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)) => {
+                    self.channels.remove(&ch);
+                }
+                AMQPClass::Channel(channel::AMQPMethod::Close(_)) => {
+                    self.out.method(
+                        ch,
+                        AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+                    );
+                    self.channels.remove(&ch);
+                }
+                _ => {}
+            }
+            return Ok(());
+        }
+        channel.expect_method()?;
+        match method {
+            AMQPClass::Channel(channel::AMQPMethod::Open(_)) => {
+                Err(AmqpError::new(CHANNEL_ERROR, "second 'channel.open' seen").on(ids.0, ids.1))
+            }
+            AMQPClass::Channel(channel::AMQPMethod::Close(_)) => {
+                channel.close(session);
+                self.channels.remove(&ch);
+                self.out.method(
+                    ch,
+                    AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+                );
+                Ok(())
+            }
+            AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)) => Ok(()),
+            method => {
+                let publishes = channel.confirms.is_some();
+                channel.handle_method(session, method)?;
+                if publishes && !self.dirty.contains(&ch) {
+                    self.dirty.push(ch);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn handle_content_frame(&mut self, frame: RawFrame) -> AmqpResult<()> {
+        let ch = frame.channel;
+        if ch == 0 || self.phase != Phase::Open {
+            return Err(AmqpError::new(
+                UNEXPECTED_FRAME,
+                format!("type {}, {}", frame.kind, snippet(&frame.payload)),
+            ));
+        }
+        let Some(channel) = self.channels.get_mut(&ch) else {
+            return Err(AmqpError::new(
+                UNEXPECTED_FRAME,
+                "expected method frame, got non method frame instead",
+            ));
+        };
+        if channel.closing {
+            return Ok(());
+        }
+        let session = self.session.as_mut().expect("open connections have a session");
+        let result = if frame.kind == FRAME_HEADER {
+            channel.on_header(session, frame.payload)
+        } else {
+            channel.on_body(session, frame.payload)
+        };
+        if channel.confirms.is_some() && !self.dirty.contains(&ch) {
+            self.dirty.push(ch);
+        }
+        result.map_err(|e| with_channel(e, ch))
+    }
+
+    fn flush_confirms(&mut self) {
+        let Some(session) = &self.session else { return };
+        for ch in self.dirty.drain(..) {
+            if let Some(channel) = self.channels.get_mut(&ch) {
+                channel.flush_confirms(session);
+            }
+        }
+    }
+
+    fn handle_connection_method(&mut self, method: AMQPClass) -> AmqpResult<()> {
+        use connection::AMQPMethod as M;
+        let ids = (method.get_amqp_class_id(), method.get_amqp_method_id());
+        let AMQPClass::Connection(m) = method else {
+            return Err(unexpected_in(self.phase).on(ids.0, ids.1));
+        };
+        match (self.phase, m) {
+            (Phase::AwaitStartOk, M::StartOk(start_ok)) => self.start_ok(start_ok),
+            (Phase::AwaitTuneOk, M::TuneOk(tune)) => self.tune_ok(tune),
+            (Phase::AwaitOpen, M::Open(open)) => self.open(open),
+            (_, M::Close(_)) => {
+                self.send_close_ok();
+                self.phase = Phase::Closed;
+                Ok(())
+            }
+            (Phase::Open, M::CloseOk(_)) => Ok(()),
+            (Phase::Open, M::Blocked(_) | M::Unblocked(_)) => Ok(()),
+            (Phase::Open, M::UpdateSecret(_)) => {
+                self.out.method(
+                    0,
+                    AMQPClass::Connection(M::UpdateSecretOk(connection::UpdateSecretOk {})),
+                );
+                Ok(())
+            }
+            (phase, _) => Err(unexpected_in(phase).on(ids.0, ids.1)),
+        }
+    }
+
+    fn start_ok(&mut self, m: connection::StartOk) -> AmqpResult<()> {
+        let caps = match m.client_properties.inner().get("capabilities") {
+            Some(AMQPValue::FieldTable(t)) => t.clone(),
+            _ => FieldTable::default(),
+        };
+        let has = |k: &str| matches!(caps.inner().get(k), Some(AMQPValue::Boolean(true)));
+        self.capabilities = ClientCapabilities {
+            cancel_notify: has("consumer_cancel_notify"),
+            auth_failure_close: has("authentication_failure_close"),
+        };
+        let mechanism = m.mechanism.as_str();
+        if !matches!(mechanism, "PLAIN" | "AMQPLAIN") {
+            return Err(AmqpError::new(
+                COMMAND_INVALID,
+                format!("unknown authentication mechanism '{mechanism}'"),
+            )
+            .on(10, 11));
+        }
+        let login = auth::decode_response(mechanism, m.response.as_bytes()).and_then(|(user, pass)| {
+            self.broker.users.authenticate(&user, &pass, self.peer.ip())
+        });
+        match login {
+            Ok(user) => {
+                self.user = Some(user.name);
+                self.phase = Phase::AwaitTuneOk;
+                let config = &self.broker.config;
+                self.out.method(
+                    0,
+                    AMQPClass::Connection(connection::AMQPMethod::Tune(connection::Tune {
+                        channel_max: config.channel_max,
+                        frame_max: config.frame_max,
+                        heartbeat: config.heartbeat,
+                    })),
+                );
+                Ok(())
+            }
+            Err(why) => {
+                tracing::warn!(peer = %self.peer, reason = %why, "login refused");
+                if self.capabilities.auth_failure_close {
+                    Err(AmqpError::new(
+                        crate::error::ACCESS_REFUSED,
+                        format!(
+                            "Login was refused using authentication mechanism {mechanism}. For details see the broker logfile."
+                        ),
+                    )
+                    .connection_level())
+                } else {
+                    // Clients that did not ask for a close frame get the socket closed.
+                    self.phase = Phase::Closed;
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    fn tune_ok(&mut self, m: connection::TuneOk) -> AmqpResult<()> {
+        let config = &self.broker.config;
+        if m.frame_max != 0 && m.frame_max < codec::FRAME_MIN_SIZE {
+            return Err(AmqpError::new(
+                NOT_ALLOWED,
+                format!("frame_max={} < {} min size", m.frame_max, codec::FRAME_MIN_SIZE),
+            )
+            .on(10, 31));
+        }
+        if m.frame_max > config.frame_max {
+            return Err(AmqpError::new(
+                NOT_ALLOWED,
+                format!("frame_max={} > {} max size", m.frame_max, config.frame_max),
+            )
+            .on(10, 31));
+        }
+        if m.channel_max > config.channel_max {
+            return Err(AmqpError::new(
+                NOT_ALLOWED,
+                format!(
+                    "negotiated channel_max = {} is higher than the maximum allowed value ({})",
+                    m.channel_max, config.channel_max
+                ),
+            )
+            .on(10, 31));
+        }
+        // Zero means "no limit" from the client: the server's limit applies.
+        self.frame_max = if m.frame_max == 0 { config.frame_max } else { m.frame_max };
+        self.channel_max = if m.channel_max == 0 { config.channel_max } else { m.channel_max };
+        self.out.set_frame_max(self.frame_max);
+        self.heartbeat.store(u32::from(m.heartbeat), Ordering::Relaxed);
+        self.phase = Phase::AwaitOpen;
+        Ok(())
+    }
+
+    fn open(&mut self, m: connection::Open) -> AmqpResult<()> {
+        let name = m.virtual_host.as_str();
+        let Some(vhost) = self.broker.vhost(name) else {
+            return Err(AmqpError::new(NOT_ALLOWED, format!("vhost {name} not found")).on(10, 40));
+        };
+        self.session = Some(Session {
+            connection_id: self.id,
+            broker: self.broker.clone(),
+            vhost,
+            user: self.user.clone().unwrap_or_default(),
+            out: self.out.clone(),
+            cancel_notify: self.capabilities.cancel_notify,
+            exclusive_queues: Vec::new(),
+        });
+        self.phase = Phase::Open;
+        self.out.method(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {})),
+        );
+        tracing::debug!(peer = %self.peer, vhost = name, "connection open");
+        Ok(())
+    }
+
+    fn send_close_ok(&self) {
+        self.out.method(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})),
+        );
+    }
+
+    /// Turns an error into the close frame its scope asks for.
+    fn fail(&mut self, e: AmqpError) {
+        let channel_id = e.channel;
+        if e.scope == Scope::Channel && channel_id != 0 && self.phase == Phase::Open {
+            tracing::debug!(peer = %self.peer, channel = channel_id, error = %e, "closing channel");
+            if let (Some(channel), Some(session)) =
+                (self.channels.get_mut(&channel_id), self.session.as_ref())
+            {
+                channel.close(session);
+                channel.closing = true;
+            }
+            self.out.method(
+                channel_id,
+                AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
+                    reply_code: e.code,
+                    reply_text: ShortString::from(e.reply_text()),
+                    class_id: e.class_id,
+                    method_id: e.method_id,
+                })),
+            );
+            return;
+        }
+        if e.code != CONNECTION_FORCED && e.code != REPLY_SUCCESS {
+            tracing::warn!(peer = %self.peer, error = %e, "closing connection");
+        }
+        self.cleanup();
+        self.out.method(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+                reply_code: e.code,
+                reply_text: ShortString::from(e.reply_text()),
+                class_id: e.class_id,
+                method_id: e.method_id,
+            })),
+        );
+        self.phase = Phase::Closing(Instant::now() + CLOSE_TIMEOUT);
+    }
+
+    /// A framing error: the stream can no longer be trusted, so close without waiting.
+    fn frame_error(&mut self, e: FrameError) {
+        let text = match e {
+            FrameError::TooLarge { kind, size, max, .. } => {
+                format!("type {kind}, all octets = <<>>: {{frame_too_large,{size},{max}}}")
+            }
+            FrameError::BadFrameEnd { kind, payload, end, .. } => {
+                format!("type {kind}, {}: {{invalid_frame_end_marker,{end}}}", snippet(&payload))
+            }
+        };
+        tracing::warn!(peer = %self.peer, error = %text, "frame error, closing connection");
+        self.fail(AmqpError::new(FRAME_ERROR, text));
+        self.phase = Phase::Closed;
+    }
+
+    /// Releases everything the connection holds: channels (requeueing their unacknowledged
+    /// deliveries) and exclusive queues.
+    fn cleanup(&mut self) {
+        let Some(session) = self.session.as_mut() else {
+            return;
+        };
+        for (_, mut channel) in self.channels.drain() {
+            if !channel.closing {
+                channel.close(session);
+            }
+        }
+        for q in std::mem::take(&mut session.exclusive_queues) {
+            session.vhost.remove_queue(&q);
+        }
+    }
+}
+
+fn with_channel(e: AmqpError, ch: u16) -> AmqpError {
+    e.in_channel(ch)
+}
+
+fn unexpected_in(phase: Phase) -> AmqpError {
+    AmqpError::new(
+        CHANNEL_ERROR,
+        format!("unexpected method in connection state {}", phase.name()),
+    )
+}
+
+/// RabbitMQ's description of a frame payload in its frame errors.
+fn snippet(payload: &[u8]) -> String {
+    let (which, bytes) = if payload.len() <= 16 {
+        ("all", payload)
+    } else {
+        ("first 16", &payload[..16])
+    };
+    let printable = !bytes.is_empty() && bytes.iter().all(|b| (0x20..0x7f).contains(b));
+    let body = if printable {
+        format!("\"{}\"", String::from_utf8_lossy(bytes))
+    } else {
+        bytes.iter().map(u8::to_string).collect::<Vec<_>>().join(",")
+    };
+    format!("{which} octets = <<{body}>>")
+}

@@ -1,0 +1,234 @@
+//! The part of a channel that other tasks touch: queues hand it messages for its consumers
+//! (assigning delivery tags and remembering unacknowledged deliveries under one short lock, so
+//! tags go out in order), and acknowledgements take them back out.
+
+use super::writer::{ConnectionOutput, Outbound};
+use crate::broker::queue::{Consumer, Delivered, DeliverySink, Queue, QueuedMessage};
+use amq_protocol::protocol::{AMQPClass, basic};
+use parking_lot::Mutex;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+/// A consumer on this channel and the queue it consumes from.
+#[derive(Debug, Clone)]
+pub struct ChannelConsumer {
+    pub queue: Arc<Queue>,
+    pub consumer: Arc<Consumer>,
+}
+
+#[derive(Debug)]
+struct State {
+    open: bool,
+    /// `channel.flow`: false stops deliveries.
+    flow: bool,
+    next_tag: u64,
+    /// In delivery-tag order.
+    unacked: VecDeque<(u64, Delivered)>,
+    /// `basic.qos` with global=true: a limit on unacked deliveries across the channel.
+    prefetch_global: u32,
+    consumers: HashMap<Arc<str>, ChannelConsumer>,
+}
+
+#[derive(Debug)]
+pub struct ChannelShared {
+    pub id: u16,
+    out: Arc<ConnectionOutput>,
+    /// Whether the client asked to be told of server-side cancels (`consumer_cancel_notify`).
+    cancel_notify: bool,
+    state: Mutex<State>,
+}
+
+/// An unknown delivery tag in an ack, nack or reject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnknownTag(pub u64);
+
+impl ChannelShared {
+    pub fn new(id: u16, out: Arc<ConnectionOutput>, cancel_notify: bool) -> Arc<Self> {
+        Arc::new(Self {
+            id,
+            out,
+            cancel_notify,
+            state: Mutex::new(State {
+                open: true,
+                flow: true,
+                next_tag: 1,
+                unacked: VecDeque::new(),
+                prefetch_global: 0,
+                consumers: HashMap::new(),
+            }),
+        })
+    }
+
+    pub fn out(&self) -> &Arc<ConnectionOutput> {
+        &self.out
+    }
+
+    pub fn has_consumer(&self, tag: &str) -> bool {
+        self.state.lock().consumers.contains_key(tag)
+    }
+
+    pub fn add_consumer(&self, entry: ChannelConsumer) {
+        let tag = entry.consumer.tag.clone();
+        self.state.lock().consumers.insert(tag, entry);
+    }
+
+    pub fn remove_consumer(&self, tag: &str) -> Option<ChannelConsumer> {
+        self.state.lock().consumers.remove(tag)
+    }
+
+    pub fn consumer_count(&self) -> usize {
+        self.state.lock().consumers.len()
+    }
+
+    /// The queues this channel consumes from, each once.
+    pub fn consumed_queues(&self) -> Vec<Arc<Queue>> {
+        let st = self.state.lock();
+        let mut queues: Vec<Arc<Queue>> = Vec::new();
+        for c in st.consumers.values() {
+            if !queues.iter().any(|q| Arc::ptr_eq(q, &c.queue)) {
+                queues.push(c.queue.clone());
+            }
+        }
+        queues
+    }
+
+    pub fn set_flow(&self, active: bool) {
+        self.state.lock().flow = active;
+    }
+
+    pub fn set_prefetch_global(&self, count: u32) {
+        self.state.lock().prefetch_global = count;
+    }
+
+    pub fn prefetch_global(&self) -> u32 {
+        self.state.lock().prefetch_global
+    }
+
+    pub fn unacked_count(&self) -> usize {
+        self.state.lock().unacked.len()
+    }
+
+    /// Sends a `basic.get-ok` for `msg`, taken from `queue`, with the next delivery tag.
+    pub fn deliver_get(&self, queue: &Arc<Queue>, msg: QueuedMessage, remaining: u32, no_ack: bool) {
+        let mut st = self.state.lock();
+        let tag = st.next_tag;
+        st.next_tag += 1;
+        self.out.send(Outbound::GetOk {
+            channel: self.id,
+            delivery_tag: tag,
+            redelivered: msg.redelivered,
+            message_count: remaining,
+            message: msg.message.clone(),
+        });
+        if !no_ack {
+            st.unacked.push_back((
+                tag,
+                Delivered {
+                    queue: queue.clone(),
+                    consumer: None,
+                    msg,
+                },
+            ));
+        }
+    }
+
+    /// Takes the deliveries an ack, nack or reject names: `tag` alone, or with `multiple`
+    /// every delivery up to it (and with tag 0, all of them), as RabbitMQ does.
+    pub fn take_unacked(&self, tag: u64, multiple: bool) -> Result<Vec<(u64, Delivered)>, UnknownTag> {
+        let mut st = self.state.lock();
+        if multiple && tag == 0 {
+            return Ok(st.unacked.drain(..).collect());
+        }
+        let at = st
+            .unacked
+            .binary_search_by_key(&tag, |(t, _)| *t)
+            .map_err(|_| UnknownTag(tag))?;
+        if multiple {
+            Ok(st.unacked.drain(..=at).collect())
+        } else {
+            Ok(st.unacked.remove(at).into_iter().collect())
+        }
+    }
+
+    /// Puts deliveries back among the unacknowledged ones (a rolled-back transaction).
+    pub fn restore_unacked(&self, entries: Vec<(u64, Delivered)>) {
+        let mut st = self.state.lock();
+        for entry in entries {
+            let at = st.unacked.partition_point(|(t, _)| *t < entry.0);
+            st.unacked.insert(at, entry);
+        }
+    }
+
+    /// Closes the channel to deliveries and hands back its consumers and unacked deliveries.
+    pub fn shut(&self) -> (Vec<ChannelConsumer>, Vec<(u64, Delivered)>) {
+        let mut st = self.state.lock();
+        st.open = false;
+        let consumers = st.consumers.drain().map(|(_, c)| c).collect();
+        let unacked = st.unacked.drain(..).collect();
+        (consumers, unacked)
+    }
+}
+
+impl DeliverySink for ChannelShared {
+    fn offer(
+        &self,
+        queue: &Arc<Queue>,
+        consumer: &Arc<Consumer>,
+        msg: QueuedMessage,
+    ) -> Result<(), QueuedMessage> {
+        let mut st = self.state.lock();
+        if !st.open || !st.flow {
+            return Err(msg);
+        }
+        if !consumer.no_ack
+            && st.prefetch_global != 0
+            && st.unacked.len() >= st.prefetch_global as usize
+        {
+            return Err(msg);
+        }
+        if self.out.defer_delivery(queue) {
+            return Err(msg);
+        }
+        let tag = st.next_tag;
+        st.next_tag += 1;
+        self.out.send(Outbound::Deliver {
+            channel: self.id,
+            consumer_tag: consumer.tag.clone(),
+            delivery_tag: tag,
+            redelivered: msg.redelivered,
+            message: msg.message.clone(),
+        });
+        if !consumer.no_ack {
+            st.unacked.push_back((
+                tag,
+                Delivered {
+                    queue: queue.clone(),
+                    consumer: Some(consumer.clone()),
+                    msg,
+                },
+            ));
+        }
+        Ok(())
+    }
+
+    fn cancelled(&self, consumer: &Arc<Consumer>) {
+        let mut st = self.state.lock();
+        let ours = st
+            .consumers
+            .get(&consumer.tag)
+            .is_some_and(|c| Arc::ptr_eq(&c.consumer, consumer));
+        if !ours {
+            return;
+        }
+        st.consumers.remove(&consumer.tag);
+        if st.open && self.cancel_notify {
+            self.out.method(
+                self.id,
+                AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
+                    consumer_tag: consumer.tag.as_ref().into(),
+                    nowait: true,
+                })),
+            );
+        }
+    }
+}

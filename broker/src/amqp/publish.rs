@@ -1,0 +1,361 @@
+//! Publishing on a channel: content assembly (method, header, body frames), the checks RabbitMQ
+//! makes on a message, routing, mandatory returns, publisher confirms and transactions.
+//!
+//! The body of a message that arrives in one frame is that frame's buffer, not a copy; a body
+//! split over several frames is joined once. The message's properties are passed on as the
+//! publisher encoded them, and re-encoded only when the broker must change them (BCC removed,
+//! direct reply-to address filled in).
+
+use super::channel::{Channel, Session, Settle};
+use super::codec::{self, ContentHeader, PublishArgs};
+use super::writer::Outbound;
+use crate::broker::exchange::Exchange;
+use crate::broker::message::{Message, ShortStr};
+use crate::broker::queue::Delivered;
+use crate::broker::vhost::{REPLY_TO, describe};
+use crate::error::{
+    AmqpError, AmqpResult, FRAME_ERROR, NOT_IMPLEMENTED, NO_ROUTE, UNEXPECTED_FRAME, access_refused,
+    not_found, precondition_failed,
+};
+use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
+use bytes::{Bytes, BytesMut};
+use std::sync::Arc;
+
+const PUBLISH: (u16, u16) = (60, 40);
+
+/// Where the channel is in receiving a message's frames.
+#[derive(Debug, Default)]
+pub enum ContentState {
+    #[default]
+    Idle,
+    /// `basic.publish` seen; the content header comes next.
+    Header(PublishArgs),
+    /// Header seen; body frames until `remaining` is zero.
+    Body {
+        args: PublishArgs,
+        header: ContentHeader,
+        /// Body frames joined, once there is more than one.
+        joined: Option<BytesMut>,
+        remaining: u64,
+    },
+}
+
+/// Publisher confirm bookkeeping. Every message is settled as soon as it is routed (no
+/// message is persisted yet), so confirms complete in order and are sent as one
+/// `basic.ack` with `multiple` per batch of frames read.
+#[derive(Debug, Default)]
+pub struct Confirms {
+    /// Sequence number of the last message published in confirm mode.
+    last_seq: u64,
+    /// Every message up to this one is settled.
+    settled_upto: u64,
+    /// Every message up to this one has been acked or nacked to the client.
+    sent_upto: u64,
+}
+
+/// A message published inside a transaction, routed at commit.
+#[derive(Debug)]
+pub struct TxPublish {
+    exchange: Arc<Exchange>,
+    keys: Vec<Bytes>,
+    headers: Option<FieldTable>,
+    mandatory: bool,
+    message: Arc<Message>,
+}
+
+/// What a transaction holds until commit.
+#[derive(Debug, Default)]
+pub struct Transaction {
+    publishes: Vec<TxPublish>,
+    pub settles: Vec<(Settle, Vec<(u64, Delivered)>)>,
+}
+
+fn unexpected(text: impl Into<String>) -> AmqpError {
+    AmqpError::new(UNEXPECTED_FRAME, text)
+}
+
+impl Channel {
+    /// Whether a method frame may arrive now (not in the middle of a message's content).
+    pub fn expect_method(&self) -> AmqpResult<()> {
+        match &self.content {
+            ContentState::Idle => Ok(()),
+            ContentState::Header(_) => Err(unexpected(
+                "expected content header for class 60, got non content header frame instead",
+            )
+            .on(PUBLISH.0, PUBLISH.1)),
+            ContentState::Body { .. } => Err(unexpected(
+                "expected content body, got non content body frame instead",
+            )
+            .on(PUBLISH.0, PUBLISH.1)),
+        }
+    }
+
+    pub fn on_publish(&mut self, args: PublishArgs) -> AmqpResult<()> {
+        self.expect_method()?;
+        if args.immediate {
+            return Err(AmqpError::new(NOT_IMPLEMENTED, "immediate=true").on(PUBLISH.0, PUBLISH.1));
+        }
+        self.content = ContentState::Header(args);
+        Ok(())
+    }
+
+    pub fn on_header(&mut self, s: &mut Session, payload: Bytes) -> AmqpResult<()> {
+        let args = match std::mem::take(&mut self.content) {
+            ContentState::Header(args) => args,
+            ContentState::Idle => {
+                return Err(unexpected("expected method frame, got non method frame instead"));
+            }
+            ContentState::Body { .. } => {
+                return Err(unexpected(
+                    "expected content body, got non content body frame instead",
+                )
+                .on(PUBLISH.0, PUBLISH.1));
+            }
+        };
+        let header = codec::decode_content_header(&payload).ok_or_else(|| {
+            AmqpError::new(FRAME_ERROR, "malformed content header frame").on(PUBLISH.0, PUBLISH.1)
+        })?;
+        if header.class_id != PUBLISH.0 {
+            return Err(unexpected(format!(
+                "expected content header for class 60, got one for class {} instead",
+                header.class_id
+            ))
+            .on(PUBLISH.0, PUBLISH.1));
+        }
+        let max = s.broker.config.max_message_size;
+        if header.body_size > max {
+            // Refused from the header, before any of the body is buffered. The body frames
+            // that follow are skipped by the closing channel.
+            return Err(precondition_failed(format!(
+                "message size {} is larger than configured max size {}",
+                header.body_size, max
+            ))
+            .on(PUBLISH.0, PUBLISH.1));
+        }
+        if header.body_size == 0 {
+            return self.publish(s, args, header, Bytes::new());
+        }
+        self.content = ContentState::Body {
+            args,
+            remaining: header.body_size,
+            header,
+            joined: None,
+        };
+        Ok(())
+    }
+
+    pub fn on_body(&mut self, s: &mut Session, payload: Bytes) -> AmqpResult<()> {
+        let ContentState::Body {
+            remaining,
+            joined,
+            header,
+            ..
+        } = &mut self.content
+        else {
+            return Err(match self.content {
+                ContentState::Header(_) => unexpected(
+                    "expected content header for class 60, got non content header frame instead",
+                )
+                .on(PUBLISH.0, PUBLISH.1),
+                _ => unexpected("expected method frame, got non method frame instead"),
+            });
+        };
+        let len = payload.len() as u64;
+        if len > *remaining {
+            return Err(AmqpError::new(
+                FRAME_ERROR,
+                format!(
+                    "content body frame of {len} bytes exceeds the {} bytes left of the declared body size",
+                    *remaining
+                ),
+            )
+            .on(PUBLISH.0, PUBLISH.1));
+        }
+        *remaining -= len;
+        let body = if *remaining == 0 && joined.is_none() {
+            // The whole body in one frame: keep the frame's buffer.
+            payload
+        } else {
+            let buf = joined.get_or_insert_with(|| {
+                BytesMut::with_capacity(header.body_size.min(1 << 20) as usize)
+            });
+            buf.extend_from_slice(&payload);
+            if *remaining > 0 {
+                return Ok(());
+            }
+            buf.split().freeze()
+        };
+        let ContentState::Body { args, header, .. } = std::mem::take(&mut self.content) else {
+            unreachable!("matched above")
+        };
+        self.publish(s, args, header, body)
+    }
+
+    /// A whole message has arrived: check it, route it, and settle its confirm.
+    fn publish(
+        &mut self,
+        s: &mut Session,
+        args: PublishArgs,
+        header: ContentHeader,
+        body: Bytes,
+    ) -> AmqpResult<()> {
+        let seq = self.confirms.as_mut().map(|c| {
+            c.last_seq += 1;
+            c.last_seq
+        });
+        self.publish_checked(s, args, header, body, seq)
+            .map_err(|e| e.on(PUBLISH.0, PUBLISH.1))
+    }
+
+    fn publish_checked(
+        &mut self,
+        s: &mut Session,
+        args: PublishArgs,
+        header: ContentHeader,
+        body: Bytes,
+        seq: Option<u64>,
+    ) -> AmqpResult<()> {
+        let exchange_name = std::str::from_utf8(&args.exchange).map_err(|_| {
+            not_found(format!(
+                "no {}",
+                describe("exchange", &String::from_utf8_lossy(&args.exchange), &s.vhost.name)
+            ))
+        })?;
+        let exchange = s.vhost.existing_exchange(exchange_name)?;
+        if exchange.spec.internal {
+            return Err(access_refused(format!(
+                "cannot publish to internal {}",
+                describe("exchange", exchange_name, &s.vhost.name)
+            )));
+        }
+        let mut props = header.properties;
+        let mut raw = header.raw_properties;
+        let mut rewrite = false;
+        if let Some(user_id) = props.user_id()
+            && user_id.as_str() != s.user
+        {
+            return Err(precondition_failed(format!(
+                "user_id property set to '{}' but authenticated user was '{}'",
+                user_id.as_str(),
+                s.user
+            )));
+        }
+        if props.reply_to().as_ref().map(ShortString::as_str) == Some(REPLY_TO) {
+            let Some((key, _)) = &self.reply_to else {
+                return Err(precondition_failed("fast reply consumer does not exist"));
+            };
+            props = props.with_reply_to(format!("{REPLY_TO}.{key}").into());
+            rewrite = true;
+        }
+        let mut keys: Vec<Bytes> = vec![args.routing_key.clone()];
+        if let Some(headers) = props.headers().as_ref()
+            && (headers.inner().contains_key("CC") || headers.inner().contains_key("BCC"))
+        {
+            let mut headers = headers.clone();
+            for name in ["CC", "BCC"] {
+                match headers.inner().get(name) {
+                    None => {}
+                    Some(AMQPValue::FieldArray(routes)) => {
+                        for r in routes.as_slice() {
+                            if let AMQPValue::LongString(k) = r {
+                                keys.push(Bytes::copy_from_slice(k.as_bytes()));
+                            }
+                        }
+                    }
+                    Some(other) => {
+                        return Err(precondition_failed(format!(
+                            "invalid message: {{unacceptable_type_in_header,\"{name}\",{}}}",
+                            crate::broker::headers::type_name(other)
+                        )));
+                    }
+                }
+            }
+            if headers.inner().contains_key("BCC") {
+                let mut kept = FieldTable::default();
+                for (k, v) in headers.inner() {
+                    if k.as_str() != "BCC" {
+                        kept.insert(k.clone(), v.clone());
+                    }
+                }
+                headers = kept;
+                props = props.with_headers(headers);
+                rewrite = true;
+            }
+        }
+        if rewrite {
+            raw = codec::encode_properties(&props);
+        }
+        let message = Arc::new(Message {
+            exchange: ShortStr::from_bytes(args.exchange),
+            routing_key: ShortStr::from_bytes(args.routing_key),
+            properties: raw,
+            body,
+            persistent: props.delivery_mode() == &Some(2),
+        });
+        let headers = props.headers().clone();
+        if let Some(tx) = &mut self.tx {
+            tx.publishes.push(TxPublish {
+                exchange,
+                keys,
+                headers,
+                mandatory: args.mandatory,
+                message,
+            });
+            return Ok(());
+        }
+        self.route(s, &exchange, &keys, headers.as_ref(), args.mandatory, message);
+        if let (Some(c), Some(seq)) = (&mut self.confirms, seq) {
+            c.settled_upto = seq;
+        }
+        Ok(())
+    }
+
+    fn route(
+        &mut self,
+        s: &Session,
+        exchange: &Arc<Exchange>,
+        keys: &[Bytes],
+        headers: Option<&FieldTable>,
+        mandatory: bool,
+        message: Arc<Message>,
+    ) {
+        let key_refs: Vec<&[u8]> = keys.iter().map(|k| &k[..]).collect();
+        let mut queues = std::mem::take(&mut self.route_buf);
+        queues.clear();
+        s.vhost.route(exchange, &key_refs, headers, &mut queues);
+        let taken = s.vhost.enqueue(&queues, &message);
+        queues.clear();
+        self.route_buf = queues;
+        if taken == 0 && mandatory {
+            s.out.send(Outbound::Return {
+                channel: self.id(),
+                reply_code: NO_ROUTE,
+                reply_text: "NO_ROUTE",
+                message,
+            });
+        }
+    }
+
+    /// Sends the confirms settled since the last call, as one ack.
+    pub fn flush_confirms(&mut self, s: &Session) {
+        let channel = self.id();
+        let Some(c) = &mut self.confirms else { return };
+        if c.settled_upto > c.sent_upto {
+            s.out.send(Outbound::Ack {
+                channel,
+                delivery_tag: c.settled_upto,
+                multiple: c.settled_upto - c.sent_upto > 1,
+            });
+            c.sent_upto = c.settled_upto;
+        }
+    }
+
+    pub(super) fn commit(&mut self, s: &mut Session, tx: Transaction) {
+        for p in tx.publishes {
+            self.route(s, &p.exchange, &p.keys, p.headers.as_ref(), p.mandatory, p.message);
+        }
+        for (how, taken) in tx.settles {
+            self.apply_settle(how, taken);
+        }
+    }
+}

@@ -1,0 +1,623 @@
+//! A queue: its ready messages, the count of its unacknowledged ones, and its consumers.
+//!
+//! The state sits behind one short-held mutex rather than in a task of its own. Publishing
+//! connections enqueue and hand messages to consumers' channels in the same critical section,
+//! so a message crosses one task boundary (to the consumer connection's writer) instead of two,
+//! and counts (`declare-ok`, `purge-ok`, `delete-ok`, `get-ok`) are exact without a round trip.
+//! No lock is ever held across an `.await`. Lock order: queue, then channel; never the reverse.
+
+use super::message::Message;
+use amq_protocol::types::FieldTable;
+use parking_lot::Mutex;
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+/// A message in a queue, with its place in the queue's order.
+#[derive(Debug, Clone)]
+pub struct QueuedMessage {
+    /// Position in the queue's publish order; requeued messages go back to their place.
+    pub seq: u64,
+    pub message: Arc<Message>,
+    pub redelivered: bool,
+}
+
+/// Where a queue hands messages for a consumer: implemented by the AMQP channel.
+pub trait DeliverySink: Send + Sync {
+    /// Offers one message to `consumer`. The sink takes it (assigning a delivery tag and, unless
+    /// the consumer is no-ack, remembering it as unacknowledged) or gives it back when the
+    /// channel cannot take more now (flow stopped, channel prefetch full, socket backed up).
+    fn offer(
+        &self,
+        queue: &Arc<Queue>,
+        consumer: &Arc<Consumer>,
+        msg: QueuedMessage,
+    ) -> Result<(), QueuedMessage>;
+
+    /// The queue cancelled the consumer (the queue was deleted).
+    fn cancelled(&self, consumer: &Arc<Consumer>);
+}
+
+/// A consumer as the queue sees it.
+pub struct Consumer {
+    pub tag: Arc<str>,
+    pub no_ack: bool,
+    pub exclusive: bool,
+    pub priority: i32,
+    /// Per-consumer prefetch (`basic.qos` with global=false); 0 is unlimited.
+    pub prefetch: u32,
+    pub sink: Arc<dyn DeliverySink>,
+    pub arguments: FieldTable,
+    /// Deliveries not yet acknowledged; only changed under the queue's lock.
+    unacked: AtomicU32,
+    /// The dispatch pass in which this consumer last declined a message.
+    skipped_in: AtomicU64,
+}
+
+impl Consumer {
+    pub fn new(
+        tag: Arc<str>,
+        no_ack: bool,
+        exclusive: bool,
+        priority: i32,
+        prefetch: u32,
+        sink: Arc<dyn DeliverySink>,
+        arguments: FieldTable,
+    ) -> Self {
+        Self {
+            tag,
+            no_ack,
+            exclusive,
+            priority,
+            prefetch,
+            sink,
+            arguments,
+            unacked: AtomicU32::new(0),
+            skipped_in: AtomicU64::new(0),
+        }
+    }
+
+    pub fn unacked(&self) -> u32 {
+        self.unacked.load(Ordering::Relaxed)
+    }
+
+    fn has_credit(&self) -> bool {
+        self.no_ack || self.prefetch == 0 || self.unacked() < self.prefetch
+    }
+}
+
+impl fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Consumer")
+            .field("tag", &self.tag)
+            .field("no_ack", &self.no_ack)
+            .field("priority", &self.priority)
+            .field("prefetch", &self.prefetch)
+            .field("unacked", &self.unacked())
+            .finish()
+    }
+}
+
+/// What a channel remembers of a delivery until it is acknowledged or rejected.
+#[derive(Debug, Clone)]
+pub struct Delivered {
+    pub queue: Arc<Queue>,
+    /// `None` for `basic.get`.
+    pub consumer: Option<Arc<Consumer>>,
+    pub msg: QueuedMessage,
+}
+
+/// Why a consumer could not be added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsumeRefused {
+    /// An exclusive consumer exists, or one was asked for while others exist.
+    ExclusiveInUse,
+    Deleted,
+}
+
+/// Why `queue.delete` refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteRefused {
+    InUse,
+    NotEmpty,
+}
+
+/// The messages ready for delivery, in queue order. Kept behind this small interface so that
+/// a later version can hold most of them on disk.
+#[derive(Debug, Default)]
+struct ReadyList {
+    messages: VecDeque<QueuedMessage>,
+}
+
+impl ReadyList {
+    fn len(&self) -> usize {
+        self.messages.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+    }
+
+    fn push_back(&mut self, msg: QueuedMessage) {
+        self.messages.push_back(msg);
+    }
+
+    fn pop_front(&mut self) -> Option<QueuedMessage> {
+        self.messages.pop_front()
+    }
+
+    /// Puts a message back where it was, keeping the queue ordered by publish order.
+    fn requeue(&mut self, msg: QueuedMessage) {
+        match self.messages.front() {
+            Some(front) if front.seq < msg.seq => {
+                let at = self.messages.partition_point(|m| m.seq < msg.seq);
+                self.messages.insert(at, msg);
+            }
+            _ => self.messages.push_front(msg),
+        }
+    }
+
+    fn clear(&mut self) -> usize {
+        let n = self.messages.len();
+        self.messages.clear();
+        n
+    }
+}
+
+#[derive(Debug, Default)]
+struct QueueState {
+    ready: ReadyList,
+    next_seq: u64,
+    unacked: u64,
+    /// Sorted by priority, highest first; round-robin within a priority.
+    consumers: Vec<Arc<Consumer>>,
+    dispatch_pass: u64,
+    had_consumer: bool,
+}
+
+/// The declared attributes of a queue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueSpec {
+    pub name: String,
+    pub durable: bool,
+    pub exclusive: bool,
+    pub auto_delete: bool,
+    pub arguments: FieldTable,
+}
+
+pub struct Queue {
+    pub spec: QueueSpec,
+    pub vhost: Arc<str>,
+    /// The connection that owns an exclusive queue.
+    pub owner: Option<u64>,
+    state: Mutex<QueueState>,
+    deleted: AtomicBool,
+}
+
+impl fmt::Debug for Queue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Queue")
+            .field("vhost", &self.vhost)
+            .field("name", &self.spec.name)
+            .finish()
+    }
+}
+
+impl Queue {
+    pub fn new(spec: QueueSpec, vhost: Arc<str>, owner: Option<u64>) -> Arc<Self> {
+        Arc::new(Self {
+            spec,
+            vhost,
+            owner,
+            state: Mutex::new(QueueState::default()),
+            deleted: AtomicBool::new(false),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    pub fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::Acquire)
+    }
+
+    /// Ready messages.
+    pub fn message_count(&self) -> u32 {
+        self.state.lock().ready.len() as u32
+    }
+
+    pub fn consumer_count(&self) -> u32 {
+        self.state.lock().consumers.len() as u32
+    }
+
+    pub fn unacked_count(&self) -> u64 {
+        self.state.lock().unacked
+    }
+
+    /// Appends a message and hands out what consumers can take. Returns false if the queue
+    /// has been deleted meanwhile.
+    pub fn publish(self: &Arc<Self>, message: Arc<Message>) -> bool {
+        let mut st = self.state.lock();
+        if self.is_deleted() {
+            return false;
+        }
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        st.ready.push_back(QueuedMessage {
+            seq,
+            message,
+            redelivered: false,
+        });
+        self.dispatch_locked(&mut st);
+        true
+    }
+
+    /// Hands out ready messages to consumers with credit: call after anything that may have
+    /// given a consumer or channel room.
+    pub fn dispatch(self: &Arc<Self>) {
+        let mut st = self.state.lock();
+        self.dispatch_locked(&mut st);
+    }
+
+    fn dispatch_locked(self: &Arc<Self>, st: &mut QueueState) {
+        if st.consumers.is_empty() || st.ready.is_empty() {
+            return;
+        }
+        st.dispatch_pass += 1;
+        let pass = st.dispatch_pass;
+        let mut declined = 0;
+        while declined < st.consumers.len() && !st.ready.is_empty() {
+            let mut chosen = None;
+            for (i, c) in st.consumers.iter().enumerate() {
+                if c.skipped_in.load(Ordering::Relaxed) == pass {
+                    continue;
+                }
+                if !c.has_credit() {
+                    c.skipped_in.store(pass, Ordering::Relaxed);
+                    declined += 1;
+                    continue;
+                }
+                chosen = Some(i);
+                break;
+            }
+            let Some(i) = chosen else { break };
+            let consumer = st.consumers[i].clone();
+            let Some(msg) = st.ready.pop_front() else {
+                break;
+            };
+            match consumer.sink.offer(self, &consumer, msg) {
+                Ok(()) => {
+                    if !consumer.no_ack {
+                        st.unacked += 1;
+                        consumer.unacked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    rotate_within_priority(&mut st.consumers, i);
+                }
+                Err(msg) => {
+                    st.ready.requeue(msg);
+                    consumer.skipped_in.store(pass, Ordering::Relaxed);
+                    declined += 1;
+                }
+            }
+        }
+    }
+
+    /// `basic.get`: the next ready message and how many remain after it.
+    pub fn get(&self, no_ack: bool) -> Option<(QueuedMessage, u32)> {
+        let mut st = self.state.lock();
+        let msg = st.ready.pop_front()?;
+        if !no_ack {
+            st.unacked += 1;
+        }
+        Some((msg, st.ready.len() as u32))
+    }
+
+    /// Acknowledged (or rejected without requeue) deliveries of this queue.
+    pub fn settle(self: &Arc<Self>, delivered: &[Delivered]) {
+        let mut st = self.state.lock();
+        for d in delivered {
+            st.unacked = st.unacked.saturating_sub(1);
+            if let Some(c) = &d.consumer {
+                c.unacked.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        self.dispatch_locked(&mut st);
+    }
+
+    /// Puts deliveries back in their original places, marked redelivered.
+    pub fn requeue(self: &Arc<Self>, delivered: Vec<Delivered>) {
+        let mut st = self.state.lock();
+        for d in delivered {
+            st.unacked = st.unacked.saturating_sub(1);
+            if let Some(c) = &d.consumer {
+                c.unacked.fetch_sub(1, Ordering::Relaxed);
+            }
+            if !self.is_deleted() {
+                let mut msg = d.msg;
+                msg.redelivered = true;
+                st.ready.requeue(msg);
+            }
+        }
+        self.dispatch_locked(&mut st);
+    }
+
+    /// Adds a consumer. `on_added` runs once the consumer is accepted and before any message
+    /// is handed to it (the channel sends `basic.consume-ok` there).
+    pub fn add_consumer(
+        self: &Arc<Self>,
+        consumer: Arc<Consumer>,
+        on_added: impl FnOnce(),
+    ) -> Result<(), ConsumeRefused> {
+        let mut st = self.state.lock();
+        if self.is_deleted() {
+            return Err(ConsumeRefused::Deleted);
+        }
+        if st.consumers.iter().any(|c| c.exclusive)
+            || (consumer.exclusive && !st.consumers.is_empty())
+        {
+            return Err(ConsumeRefused::ExclusiveInUse);
+        }
+        let at = st
+            .consumers
+            .partition_point(|c| c.priority >= consumer.priority);
+        st.consumers.insert(at, consumer);
+        st.had_consumer = true;
+        on_added();
+        self.dispatch_locked(&mut st);
+        Ok(())
+    }
+
+    /// Removes a consumer; returns true when this leaves an auto-delete queue with no
+    /// consumers, so that the caller deletes the queue.
+    pub fn remove_consumer(&self, consumer: &Arc<Consumer>) -> bool {
+        let mut st = self.state.lock();
+        st.consumers.retain(|c| !Arc::ptr_eq(c, consumer));
+        self.spec.auto_delete && st.had_consumer && st.consumers.is_empty() && !self.is_deleted()
+    }
+
+    pub fn consumers(&self) -> Vec<Arc<Consumer>> {
+        self.state.lock().consumers.clone()
+    }
+
+    /// Drops all ready messages; returns how many.
+    pub fn purge(&self) -> u32 {
+        self.state.lock().ready.clear() as u32
+    }
+
+    /// Marks the queue deleted, cancels its consumers and drops its ready messages, returning
+    /// how many there were. Unacknowledged deliveries are dropped when settled.
+    pub fn delete(&self, if_unused: bool, if_empty: bool) -> Result<u32, DeleteRefused> {
+        let consumers;
+        let count;
+        {
+            let mut st = self.state.lock();
+            if if_unused && !st.consumers.is_empty() {
+                return Err(DeleteRefused::InUse);
+            }
+            if if_empty && !st.ready.is_empty() {
+                return Err(DeleteRefused::NotEmpty);
+            }
+            if self.deleted.swap(true, Ordering::AcqRel) {
+                return Ok(0);
+            }
+            consumers = std::mem::take(&mut st.consumers);
+            count = st.ready.clear() as u32;
+        }
+        // Outside the queue lock: the channel takes its own lock to forget the consumer.
+        for c in consumers {
+            c.sink.cancelled(&c);
+        }
+        Ok(count)
+    }
+}
+
+/// Moves the consumer at `i` behind the others of its priority, for round-robin.
+fn rotate_within_priority(consumers: &mut [Arc<Consumer>], i: usize) {
+    let priority = consumers[i].priority;
+    let mut end = i;
+    while end + 1 < consumers.len() && consumers[end + 1].priority == priority {
+        end += 1;
+    }
+    if end > i {
+        consumers[i..=end].rotate_left(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    /// A sink that takes up to `room` messages and records them.
+    struct Recorder {
+        room: Mutex<usize>,
+        got: Mutex<Vec<(Arc<str>, u64, bool)>>,
+        cancelled: Mutex<Vec<Arc<str>>>,
+    }
+
+    impl Recorder {
+        fn new(room: usize) -> Arc<Self> {
+            Arc::new(Self {
+                room: Mutex::new(room),
+                got: Mutex::new(Vec::new()),
+                cancelled: Mutex::new(Vec::new()),
+            })
+        }
+    }
+
+    impl DeliverySink for Recorder {
+        fn offer(
+            &self,
+            _queue: &Arc<Queue>,
+            consumer: &Arc<Consumer>,
+            msg: QueuedMessage,
+        ) -> Result<(), QueuedMessage> {
+            let mut room = self.room.lock();
+            if *room == 0 {
+                return Err(msg);
+            }
+            *room -= 1;
+            self.got
+                .lock()
+                .push((consumer.tag.clone(), msg.seq, msg.redelivered));
+            Ok(())
+        }
+
+        fn cancelled(&self, consumer: &Arc<Consumer>) {
+            self.cancelled.lock().push(consumer.tag.clone());
+        }
+    }
+
+    fn queue() -> Arc<Queue> {
+        Queue::new(
+            QueueSpec {
+                name: "q".into(),
+                durable: false,
+                exclusive: false,
+                auto_delete: false,
+                arguments: FieldTable::default(),
+            },
+            "/".into(),
+            None,
+        )
+    }
+
+    fn msg() -> Arc<Message> {
+        Arc::new(Message {
+            exchange: "".into(),
+            routing_key: "q".into(),
+            properties: Bytes::from_static(&[0, 0]),
+            body: Bytes::from_static(b"x"),
+            persistent: false,
+        })
+    }
+
+    fn consumer(tag: &str, priority: i32, prefetch: u32, sink: &Arc<Recorder>) -> Arc<Consumer> {
+        Arc::new(Consumer::new(
+            tag.into(),
+            false,
+            false,
+            priority,
+            prefetch,
+            sink.clone(),
+            FieldTable::default(),
+        ))
+    }
+
+    #[test]
+    fn round_robin_between_equal_consumers() {
+        let q = queue();
+        let sink = Recorder::new(100);
+        q.add_consumer(consumer("a", 0, 0, &sink), || ()).unwrap();
+        q.add_consumer(consumer("b", 0, 0, &sink), || ()).unwrap();
+        for _ in 0..4 {
+            q.publish(msg());
+        }
+        let tags: Vec<_> = sink.got.lock().iter().map(|g| g.0.to_string()).collect();
+        assert_eq!(tags, ["a", "b", "a", "b"]);
+    }
+
+    #[test]
+    fn higher_priority_consumers_go_first_until_they_are_full() {
+        let q = queue();
+        let sink = Recorder::new(100);
+        q.add_consumer(consumer("low", 0, 0, &sink), || ()).unwrap();
+        q.add_consumer(consumer("high", 5, 2, &sink), || ()).unwrap();
+        for _ in 0..3 {
+            q.publish(msg());
+        }
+        let tags: Vec<_> = sink.got.lock().iter().map(|g| g.0.to_string()).collect();
+        assert_eq!(tags, ["high", "high", "low"]);
+    }
+
+    #[test]
+    fn prefetch_limits_unacked_and_settle_releases_more() {
+        let q = queue();
+        let sink = Recorder::new(100);
+        let c = consumer("a", 0, 1, &sink);
+        q.add_consumer(c.clone(), || ()).unwrap();
+        q.publish(msg());
+        q.publish(msg());
+        assert_eq!(sink.got.lock().len(), 1);
+        assert_eq!(q.message_count(), 1);
+        let first = QueuedMessage {
+            seq: 0,
+            message: msg(),
+            redelivered: false,
+        };
+        q.settle(&[Delivered {
+            queue: q.clone(),
+            consumer: Some(c),
+            msg: first,
+        }]);
+        assert_eq!(sink.got.lock().len(), 2);
+        assert_eq!(q.message_count(), 0);
+    }
+
+    #[test]
+    fn requeued_messages_return_to_their_place_marked_redelivered() {
+        let q = queue();
+        for _ in 0..3 {
+            q.publish(msg());
+        }
+        let (m0, _) = q.get(false).unwrap();
+        let (m1, left) = q.get(false).unwrap();
+        assert_eq!(left, 1);
+        let d = |m: QueuedMessage| Delivered {
+            queue: q.clone(),
+            consumer: None,
+            msg: m,
+        };
+        q.requeue(vec![d(m1), d(m0)]);
+        let order: Vec<_> = (0..3)
+            .map(|_| {
+                let (m, _) = q.get(true).unwrap();
+                (m.seq, m.redelivered)
+            })
+            .collect();
+        assert_eq!(order, [(0, true), (1, true), (2, false)]);
+        assert_eq!(q.unacked_count(), 0);
+    }
+
+    #[test]
+    fn a_full_channel_gives_the_message_back() {
+        let q = queue();
+        let full = Recorder::new(0);
+        let open = Recorder::new(10);
+        q.add_consumer(consumer("full", 0, 0, &full), || ()).unwrap();
+        q.add_consumer(consumer("open", 0, 0, &open), || ()).unwrap();
+        q.publish(msg());
+        q.publish(msg());
+        assert_eq!(open.got.lock().len(), 2);
+        assert_eq!(q.message_count(), 0);
+    }
+
+    #[test]
+    fn exclusive_consumers_exclude_others() {
+        let q = queue();
+        let sink = Recorder::new(10);
+        let mut ex = Consumer::new("x".into(), false, true, 0, 0, sink.clone(), FieldTable::default());
+        ex.exclusive = true;
+        q.add_consumer(Arc::new(ex), || ()).unwrap();
+        assert_eq!(
+            q.add_consumer(consumer("b", 0, 0, &sink), || ()),
+            Err(ConsumeRefused::ExclusiveInUse)
+        );
+    }
+
+    #[test]
+    fn delete_cancels_consumers_and_counts_ready_messages() {
+        let q = queue();
+        let sink = Recorder::new(0);
+        q.add_consumer(consumer("a", 0, 0, &sink), || ()).unwrap();
+        q.publish(msg());
+        q.publish(msg());
+        assert_eq!(q.delete(true, false), Err(DeleteRefused::InUse));
+        assert_eq!(q.delete(false, true), Err(DeleteRefused::NotEmpty));
+        assert_eq!(q.delete(false, false), Ok(2));
+        assert_eq!(sink.cancelled.lock().len(), 1);
+        assert!(!q.publish(msg()));
+    }
+}

@@ -1,0 +1,759 @@
+//! A virtual host: its exchanges, queues and bindings, the rules for changing them (with
+//! RabbitMQ's reply codes and texts), and routing across exchange-to-exchange bindings and
+//! alternate exchanges.
+
+use super::exchange::{Binding, Destination, Exchange, ExchangeKind, ExchangeSpec};
+use super::headers::{type_name, value_text, values_equal};
+use super::message::Message;
+use super::queue::{DeleteRefused, Queue, QueueSpec};
+use crate::error::{AmqpError, AmqpResult, access_refused, not_found, precondition_failed, resource_locked};
+use crate::store::DefinitionStore;
+use crate::store::definitions::{BindingDefinition, ExchangeDefinition, QueueDefinition, VhostDefinitions};
+use amq_protocol::types::{AMQPValue, FieldTable};
+use parking_lot::{Mutex, RwLock};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Queue arguments whose values must match when a queue is declared again (RabbitMQ's
+/// `declare_args`); other arguments are kept but not compared.
+const EQUIVALENT_QUEUE_ARGS: &[&str] = &[
+    "x-expires",
+    "x-message-ttl",
+    "x-dead-letter-exchange",
+    "x-dead-letter-routing-key",
+    "x-max-length",
+    "x-max-length-bytes",
+    "x-max-in-memory-length",
+    "x-max-in-memory-bytes",
+    "x-max-priority",
+    "x-overflow",
+    "x-queue-mode",
+    "x-queue-version",
+    "x-single-active-consumer",
+    "x-queue-type",
+    "x-quorum-initial-group-size",
+    "x-max-age",
+    "x-stream-max-segment-size-bytes",
+    "x-initial-cluster-size",
+    "x-queue-leader-locator",
+];
+
+/// The exchanges every vhost starts with.
+const SYSTEM_EXCHANGES: &[(&str, ExchangeKind, bool)] = &[
+    ("", ExchangeKind::Direct, false),
+    ("amq.direct", ExchangeKind::Direct, false),
+    ("amq.fanout", ExchangeKind::Fanout, false),
+    ("amq.topic", ExchangeKind::Topic, false),
+    ("amq.headers", ExchangeKind::Headers, false),
+    ("amq.match", ExchangeKind::Headers, false),
+    ("amq.rabbitmq.trace", ExchangeKind::Topic, true),
+];
+
+/// The pseudo-queue of direct reply-to.
+pub const REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+/// A binding's destination, by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DestinationKind {
+    Queue,
+    Exchange,
+}
+
+pub struct Vhost {
+    pub name: Arc<str>,
+    exchanges: RwLock<HashMap<String, Arc<Exchange>>>,
+    queues: RwLock<HashMap<String, Arc<Queue>>>,
+    /// Direct reply-to: the hidden queue behind each `amq.rabbitmq.reply-to.<key>` name.
+    reply_queues: RwLock<HashMap<String, Arc<Queue>>>,
+    /// Serialises changes to the topology so that checks and changes are atomic.
+    topology: Mutex<()>,
+    store: Arc<DefinitionStore>,
+}
+
+impl std::fmt::Debug for Vhost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vhost").field("name", &self.name).finish()
+    }
+}
+
+/// `queue 'q' in vhost '/'`: how RabbitMQ names a resource in its texts.
+pub fn describe(kind: &str, name: &str, vhost: &str) -> String {
+    format!("{kind} '{name}' in vhost '{vhost}'")
+}
+
+fn bool_text(b: bool) -> &'static str {
+    if b { "true" } else { "false" }
+}
+
+fn inequivalent(what: &str, key: &str, received: &str, current: &str) -> AmqpError {
+    precondition_failed(format!(
+        "inequivalent arg '{key}' for {what}: received {received} but current is {current}"
+    ))
+}
+
+/// RabbitMQ's `assert_args_equivalence` for the listed keys.
+fn check_args_equivalent(
+    what: &str,
+    current: &FieldTable,
+    requested: &FieldTable,
+    keys: &[&str],
+) -> AmqpResult<()> {
+    for key in keys {
+        let have = current.inner().get(*key);
+        let want = requested.inner().get(*key);
+        match (have, want) {
+            (None, None) => {}
+            (Some(h), Some(w)) if type_name(h) == type_name(w) && values_equal(h, w) => {}
+            (Some(h), Some(w)) if values_equal(h, w) && is_same_class(h, w) => {}
+            (Some(h), Some(w)) => {
+                return Err(inequivalent(
+                    what,
+                    key,
+                    &format!("'{}'", value_text(w)),
+                    &format!("'{}'", value_text(h)),
+                ));
+            }
+            (h, w) => {
+                let show = |v: Option<&AMQPValue>| match v {
+                    None => "none".to_owned(),
+                    Some(v) => format!("the value '{}' of type '{}'", value_text(v), type_name(v)),
+                };
+                return Err(inequivalent(what, key, &show(w), &show(h)));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn is_same_class(a: &AMQPValue, b: &AMQPValue) -> bool {
+    let class = |v: &AMQPValue| match v {
+        AMQPValue::ShortShortInt(_)
+        | AMQPValue::ShortShortUInt(_)
+        | AMQPValue::ShortInt(_)
+        | AMQPValue::ShortUInt(_)
+        | AMQPValue::LongInt(_)
+        | AMQPValue::LongUInt(_)
+        | AMQPValue::LongLongInt(_) => "int",
+        AMQPValue::Float(_) | AMQPValue::Double(_) => "float",
+        other => type_name(other),
+    };
+    class(a) == class(b)
+}
+
+impl Vhost {
+    pub fn new(name: &str, store: Arc<DefinitionStore>) -> Arc<Self> {
+        let vhost = Self {
+            name: name.into(),
+            exchanges: RwLock::new(HashMap::new()),
+            queues: RwLock::new(HashMap::new()),
+            reply_queues: RwLock::new(HashMap::new()),
+            topology: Mutex::new(()),
+            store,
+        };
+        {
+            let mut exchanges = vhost.exchanges.write();
+            for (name, kind, internal) in SYSTEM_EXCHANGES {
+                exchanges.insert(
+                    (*name).to_owned(),
+                    Exchange::new(ExchangeSpec {
+                        name: (*name).to_owned(),
+                        kind: *kind,
+                        durable: true,
+                        auto_delete: false,
+                        internal: *internal,
+                        arguments: FieldTable::default(),
+                    }),
+                );
+            }
+        }
+        Arc::new(vhost)
+    }
+
+    /// Recreates durable exchanges, queues and bindings from stored definitions.
+    pub fn restore(&self, defs: &VhostDefinitions) {
+        let _t = self.topology.lock();
+        for (name, x) in &defs.exchanges {
+            let Some(kind) = ExchangeKind::parse(&x.kind) else {
+                tracing::warn!(vhost = %self.name, exchange = %name, kind = %x.kind, "skipping stored exchange of unknown type");
+                continue;
+            };
+            self.exchanges.write().entry(name.clone()).or_insert_with(|| {
+                Exchange::new(ExchangeSpec {
+                    name: name.clone(),
+                    kind,
+                    durable: true,
+                    auto_delete: x.auto_delete,
+                    internal: x.internal,
+                    arguments: x.arguments.clone(),
+                })
+            });
+        }
+        for (name, q) in &defs.queues {
+            self.queues.write().entry(name.clone()).or_insert_with(|| {
+                Queue::new(
+                    QueueSpec {
+                        name: name.clone(),
+                        durable: true,
+                        exclusive: false,
+                        auto_delete: q.auto_delete,
+                        arguments: q.arguments.clone(),
+                    },
+                    self.name.clone(),
+                    None,
+                )
+            });
+        }
+        for b in &defs.bindings {
+            let Some(source) = self.exchange(&b.source) else {
+                continue;
+            };
+            let destination = if b.destination_type == "exchange" {
+                self.exchange(&b.destination).map(Destination::Exchange)
+            } else {
+                self.queue(&b.destination).map(Destination::Queue)
+            };
+            if let Some(destination) = destination {
+                source.bind(Binding {
+                    destination,
+                    routing_key: b.routing_key.clone(),
+                    arguments: b.arguments.clone(),
+                });
+            }
+        }
+    }
+
+    fn describe(&self, kind: &str, name: &str) -> String {
+        describe(kind, name, &self.name)
+    }
+
+    fn persist(&self, change: impl FnOnce(&mut VhostDefinitions)) -> AmqpResult<()> {
+        let vhost = self.name.to_string();
+        self.store
+            .update(|d| change(d.vhosts.entry(vhost).or_default()))
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot write definitions");
+                AmqpError::new(crate::error::INTERNAL_ERROR, "cannot write definitions")
+            })
+    }
+
+    pub fn exchange(&self, name: &str) -> Option<Arc<Exchange>> {
+        self.exchanges.read().get(name).cloned()
+    }
+
+    pub fn exchanges(&self) -> Vec<Arc<Exchange>> {
+        self.exchanges.read().values().cloned().collect()
+    }
+
+    pub fn queue(&self, name: &str) -> Option<Arc<Queue>> {
+        self.queues.read().get(name).cloned()
+    }
+
+    pub fn queues(&self) -> Vec<Arc<Queue>> {
+        self.queues.read().values().cloned().collect()
+    }
+
+    /// An exchange that must exist: 404 otherwise.
+    pub fn existing_exchange(&self, name: &str) -> AmqpResult<Arc<Exchange>> {
+        self.exchange(name)
+            .ok_or_else(|| not_found(format!("no {}", self.describe("exchange", name))))
+    }
+
+    /// A queue that must exist and that `connection` may use (an exclusive queue belongs to
+    /// the connection that declared it): 404 or 405 otherwise.
+    pub fn existing_queue(&self, name: &str, connection: u64) -> AmqpResult<Arc<Queue>> {
+        let q = self
+            .queue(name)
+            .ok_or_else(|| not_found(format!("no {}", self.describe("queue", name))))?;
+        self.check_exclusive_access(&q, connection)?;
+        Ok(q)
+    }
+
+    fn check_exclusive_access(&self, q: &Queue, connection: u64) -> AmqpResult<()> {
+        match q.owner {
+            Some(owner) if owner != connection => Err(self.locked(q.name())),
+            _ => Ok(()),
+        }
+    }
+
+    fn locked(&self, name: &str) -> AmqpError {
+        resource_locked(format!(
+            "cannot obtain exclusive access to locked {}. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
+            self.describe("queue", name)
+        ))
+    }
+
+    pub fn declare_exchange(&self, spec: ExchangeSpec) -> AmqpResult<Arc<Exchange>> {
+        let _t = self.topology.lock();
+        if let Some(x) = self.exchange(&spec.name) {
+            let what = self.describe("exchange", &spec.name);
+            let cur = &x.spec;
+            if cur.kind != spec.kind {
+                return Err(inequivalent(
+                    &what,
+                    "type",
+                    &format!("'{}'", spec.kind.as_str()),
+                    &format!("'{}'", cur.kind.as_str()),
+                ));
+            }
+            for (key, have, want) in [
+                ("durable", cur.durable, spec.durable),
+                ("auto_delete", cur.auto_delete, spec.auto_delete),
+                ("internal", cur.internal, spec.internal),
+            ] {
+                if have != want {
+                    return Err(inequivalent(
+                        &what,
+                        key,
+                        &format!("'{}'", bool_text(want)),
+                        &format!("'{}'", bool_text(have)),
+                    ));
+                }
+            }
+            check_args_equivalent(&what, &cur.arguments, &spec.arguments, &["alternate-exchange"])?;
+            return Ok(x);
+        }
+        if spec.name.starts_with("amq.") {
+            return Err(access_refused(format!(
+                "exchange name '{}' contains reserved prefix 'amq.*'",
+                spec.name
+            )));
+        }
+        if spec.durable {
+            let def = ExchangeDefinition {
+                kind: spec.kind.as_str().to_owned(),
+                auto_delete: spec.auto_delete,
+                internal: spec.internal,
+                arguments: spec.arguments.clone(),
+            };
+            let name = spec.name.clone();
+            self.persist(|v| {
+                v.exchanges.insert(name, def);
+            })?;
+        }
+        let x = Exchange::new(spec);
+        self.exchanges.write().insert(x.spec.name.clone(), x.clone());
+        Ok(x)
+    }
+
+    /// `exchange.delete`. A missing exchange is not an error (as in RabbitMQ).
+    pub fn delete_exchange(&self, name: &str, if_unused: bool) -> AmqpResult<()> {
+        if name.is_empty() {
+            return Err(access_refused("operation not permitted on the default exchange"));
+        }
+        if name.starts_with("amq.") {
+            return Err(access_refused(format!(
+                "deletion of system {} not allowed",
+                self.describe("exchange", name)
+            )));
+        }
+        let _t = self.topology.lock();
+        let Some(x) = self.exchange(name) else {
+            return Ok(());
+        };
+        if if_unused && x.has_bindings() {
+            return Err(precondition_failed(format!(
+                "{} in use",
+                self.describe("exchange", name)
+            )));
+        }
+        self.remove_exchange_locked(&x)
+    }
+
+    fn remove_exchange_locked(&self, x: &Arc<Exchange>) -> AmqpResult<()> {
+        x.mark_deleted();
+        self.exchanges.write().remove(x.name());
+        let dest = Destination::Exchange(x.clone());
+        let mut emptied = Vec::new();
+        for other in self.exchanges() {
+            if other.unbind_destination(&dest) > 0 && other.spec.auto_delete && !other.has_bindings() {
+                emptied.push(other);
+            }
+        }
+        for b in x.bindings() {
+            x.unbind(&b);
+        }
+        let name = x.name().to_owned();
+        self.persist(|v| {
+            v.exchanges.remove(&name);
+            v.bindings.retain(|b| {
+                b.source != name && !(b.destination_type == "exchange" && b.destination == name)
+            });
+        })?;
+        for e in emptied {
+            self.remove_exchange_locked(&e)?;
+        }
+        Ok(())
+    }
+
+    /// `queue.declare` (not passive). Returns the queue and whether it was created.
+    pub fn declare_queue(
+        &self,
+        spec: QueueSpec,
+        connection: u64,
+    ) -> AmqpResult<(Arc<Queue>, bool)> {
+        let _t = self.topology.lock();
+        let owner = spec.exclusive.then_some(connection);
+        if let Some(q) = self.queue(&spec.name) {
+            if q.owner != owner {
+                return Err(self.locked(&spec.name));
+            }
+            let what = self.describe("queue", &spec.name);
+            for (key, have, want) in [
+                ("durable", q.spec.durable, spec.durable),
+                ("auto_delete", q.spec.auto_delete, spec.auto_delete),
+            ] {
+                if have != want {
+                    return Err(inequivalent(
+                        &what,
+                        key,
+                        &format!("'{}'", bool_text(want)),
+                        &format!("'{}'", bool_text(have)),
+                    ));
+                }
+            }
+            check_args_equivalent(&what, &q.spec.arguments, &spec.arguments, EQUIVALENT_QUEUE_ARGS)?;
+            return Ok((q, false));
+        }
+        validate_queue_arguments(&self.describe("queue", &spec.name), &spec.arguments)?;
+        if spec.durable && owner.is_none() {
+            let def = QueueDefinition {
+                auto_delete: spec.auto_delete,
+                arguments: spec.arguments.clone(),
+            };
+            let name = spec.name.clone();
+            self.persist(|v| {
+                v.queues.insert(name, def);
+            })?;
+        }
+        let q = Queue::new(spec, self.name.clone(), owner);
+        self.queues.write().insert(q.name().to_owned(), q.clone());
+        Ok((q, true))
+    }
+
+    /// `queue.delete`: returns the number of ready messages deleted. A missing queue is not
+    /// an error (RabbitMQ answers delete-ok with 0).
+    pub fn delete_queue(
+        &self,
+        name: &str,
+        if_unused: bool,
+        if_empty: bool,
+        connection: u64,
+    ) -> AmqpResult<u32> {
+        let _t = self.topology.lock();
+        let Some(q) = self.queue(name) else {
+            return Ok(0);
+        };
+        self.check_exclusive_access(&q, connection)?;
+        let count = q.delete(if_unused, if_empty).map_err(|why| {
+            let what = self.describe("queue", name);
+            match why {
+                DeleteRefused::InUse => precondition_failed(format!("{what} in use")),
+                DeleteRefused::NotEmpty => precondition_failed(format!("{what} not empty")),
+            }
+        })?;
+        self.forget_queue_locked(&q)?;
+        Ok(count)
+    }
+
+    /// Deletes a queue whatever its state: auto-delete after the last consumer, exclusive
+    /// queues when their connection closes.
+    pub fn remove_queue(&self, q: &Arc<Queue>) {
+        let _t = self.topology.lock();
+        if q.delete(false, false).is_ok()
+            && let Err(e) = self.forget_queue_locked(q)
+        {
+            tracing::error!(queue = q.name(), error = %e, "cannot remove queue");
+        }
+    }
+
+    fn forget_queue_locked(&self, q: &Arc<Queue>) -> AmqpResult<()> {
+        {
+            let mut queues = self.queues.write();
+            if queues.get(q.name()).is_some_and(|cur| Arc::ptr_eq(cur, q)) {
+                queues.remove(q.name());
+            }
+        }
+        let dest = Destination::Queue(q.clone());
+        let mut emptied = Vec::new();
+        for x in self.exchanges() {
+            if x.unbind_destination(&dest) > 0 && x.spec.auto_delete && !x.has_bindings() {
+                emptied.push(x);
+            }
+        }
+        if q.spec.durable && q.owner.is_none() {
+            let name = q.name().to_owned();
+            self.persist(|v| {
+                v.queues.remove(&name);
+                v.bindings
+                    .retain(|b| !(b.destination_type == "queue" && b.destination == name));
+            })?;
+        }
+        for x in emptied {
+            self.remove_exchange_locked(&x)?;
+        }
+        Ok(())
+    }
+
+    fn resolve_binding(
+        &self,
+        source: &str,
+        destination: &str,
+        kind: DestinationKind,
+        connection: u64,
+    ) -> AmqpResult<(Arc<Exchange>, Destination)> {
+        if source.is_empty() || (kind == DestinationKind::Exchange && destination.is_empty()) {
+            return Err(access_refused("operation not permitted on the default exchange"));
+        }
+        let src = self.exchange(source);
+        let dst = match kind {
+            DestinationKind::Queue => self.queue(destination).map(Destination::Queue),
+            DestinationKind::Exchange => self.exchange(destination).map(Destination::Exchange),
+        };
+        let (Some(src), Some(dst)) = (src, dst) else {
+            return Err(match self.exchange(source) {
+                None => not_found(format!("no {}", self.describe("exchange", source))),
+                Some(_) => {
+                    let k = match kind {
+                        DestinationKind::Queue => "queue",
+                        DestinationKind::Exchange => "exchange",
+                    };
+                    not_found(format!("no {}", self.describe(k, destination)))
+                }
+            });
+        };
+        if let Destination::Queue(q) = &dst {
+            self.check_exclusive_access(q, connection)?;
+        }
+        Ok((src, dst))
+    }
+
+    pub fn bind(
+        &self,
+        source: &str,
+        destination: &str,
+        kind: DestinationKind,
+        routing_key: &str,
+        arguments: &FieldTable,
+        connection: u64,
+    ) -> AmqpResult<()> {
+        let _t = self.topology.lock();
+        let (src, dst) = self.resolve_binding(source, destination, kind, connection)?;
+        src.validate_binding(arguments).map_err(precondition_failed)?;
+        let durable = src.spec.durable
+            && match &dst {
+                Destination::Queue(q) => q.spec.durable && q.owner.is_none(),
+                Destination::Exchange(x) => x.spec.durable,
+            };
+        let binding = Binding {
+            destination: dst,
+            routing_key: routing_key.to_owned(),
+            arguments: arguments.clone(),
+        };
+        if src.bind(binding) && durable {
+            let def = binding_definition(source, destination, kind, routing_key, arguments);
+            self.persist(|v| {
+                if !v.bindings.contains(&def) {
+                    v.bindings.push(def);
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    pub fn unbind(
+        &self,
+        source: &str,
+        destination: &str,
+        kind: DestinationKind,
+        routing_key: &str,
+        arguments: &FieldTable,
+        connection: u64,
+    ) -> AmqpResult<()> {
+        let _t = self.topology.lock();
+        let (src, dst) = self.resolve_binding(source, destination, kind, connection)?;
+        let binding = Binding {
+            destination: dst,
+            routing_key: routing_key.to_owned(),
+            arguments: arguments.clone(),
+        };
+        if src.unbind(&binding) {
+            let def = binding_definition(source, destination, kind, routing_key, arguments);
+            self.persist(|v| v.bindings.retain(|b| b != &def))?;
+            if src.spec.auto_delete && !src.has_bindings() {
+                self.remove_exchange_locked(&src)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Registers the hidden queue of a direct reply-to consumer under `key`.
+    pub fn add_reply_queue(&self, key: &str, q: Arc<Queue>) {
+        self.reply_queues.write().insert(key.to_owned(), q);
+    }
+
+    pub fn remove_reply_queue(&self, key: &str) {
+        self.reply_queues.write().remove(key);
+    }
+
+    /// Finds the queues a message published to `exchange` goes to, following
+    /// exchange-to-exchange bindings and alternate exchanges, each queue once.
+    /// `keys` is the routing key followed by any CC and BCC keys.
+    pub fn route(
+        &self,
+        exchange: &Arc<Exchange>,
+        keys: &[&[u8]],
+        headers: Option<&FieldTable>,
+        out: &mut Vec<Arc<Queue>>,
+    ) {
+        let mut seen: Vec<*const Exchange> = Vec::new();
+        let mut work = vec![exchange.clone()];
+        let mut dests = Vec::new();
+        while let Some(x) = work.pop() {
+            let ptr = Arc::as_ptr(&x);
+            if seen.contains(&ptr) {
+                continue;
+            }
+            seen.push(ptr);
+            dests.clear();
+            if x.name().is_empty() {
+                self.route_default(keys, out);
+                continue;
+            }
+            for key in keys {
+                x.route(key, headers, &mut dests);
+            }
+            if dests.is_empty() {
+                if let Some(ae) = x.alternate.as_deref().and_then(|n| self.exchange(n)) {
+                    work.push(ae);
+                }
+                continue;
+            }
+            for d in dests.drain(..) {
+                match d {
+                    Destination::Queue(q) => {
+                        if !out.iter().any(|o| Arc::ptr_eq(o, &q)) {
+                            out.push(q);
+                        }
+                    }
+                    Destination::Exchange(e) => work.push(e),
+                }
+            }
+        }
+    }
+
+    /// The default exchange: every queue is bound under its own name.
+    fn route_default(&self, keys: &[&[u8]], out: &mut Vec<Arc<Queue>>) {
+        for key in keys {
+            let Ok(name) = std::str::from_utf8(key) else {
+                continue;
+            };
+            let q = if name.starts_with(REPLY_TO) {
+                name.strip_prefix(REPLY_TO)
+                    .and_then(|rest| rest.strip_prefix('.'))
+                    .and_then(|k| self.reply_queues.read().get(k).cloned())
+            } else {
+                self.queue(name)
+            };
+            if let Some(q) = q
+                && !out.iter().any(|o| Arc::ptr_eq(o, &q))
+            {
+                out.push(q);
+            }
+        }
+    }
+
+    /// Delivers a routed message to its queues; returns how many took it.
+    pub fn enqueue(&self, queues: &[Arc<Queue>], message: &Arc<Message>) -> usize {
+        queues.iter().filter(|q| q.publish(message.clone())).count()
+    }
+}
+
+fn binding_definition(
+    source: &str,
+    destination: &str,
+    kind: DestinationKind,
+    routing_key: &str,
+    arguments: &FieldTable,
+) -> BindingDefinition {
+    BindingDefinition {
+        source: source.to_owned(),
+        destination: destination.to_owned(),
+        destination_type: match kind {
+            DestinationKind::Queue => "queue",
+            DestinationKind::Exchange => "exchange",
+        }
+        .to_owned(),
+        routing_key: routing_key.to_owned(),
+        arguments: arguments.clone(),
+    }
+}
+
+fn as_integer(v: &AMQPValue) -> Option<i64> {
+    Some(match *v {
+        AMQPValue::ShortShortInt(x) => x.into(),
+        AMQPValue::ShortShortUInt(x) => x.into(),
+        AMQPValue::ShortInt(x) => x.into(),
+        AMQPValue::ShortUInt(x) => x.into(),
+        AMQPValue::LongInt(x) => x.into(),
+        AMQPValue::LongUInt(x) => x.into(),
+        AMQPValue::LongLongInt(x) => x,
+        _ => return None,
+    })
+}
+
+/// Checks the queue arguments RabbitMQ checks at declaration, with its texts.
+fn validate_queue_arguments(what: &str, args: &FieldTable) -> AmqpResult<()> {
+    let invalid = |key: &str, detail: String| {
+        precondition_failed(format!("invalid arg '{key}' for {what}: {detail}"))
+    };
+    for (key, value) in args.inner() {
+        let key = key.as_str();
+        match key {
+            "x-max-length" | "x-max-length-bytes" | "x-max-in-memory-length"
+            | "x-max-in-memory-bytes" | "x-delivery-limit" => match as_integer(value) {
+                Some(n) if n >= 0 => {}
+                Some(n) => return Err(invalid(key, format!("{{value_negative,{n}}}"))),
+                None => {
+                    return Err(invalid(key, format!("{{unacceptable_type,{}}}", type_name(value))));
+                }
+            },
+            "x-message-ttl" => match as_integer(value) {
+                Some(n) if n >= 0 => {}
+                Some(n) => return Err(invalid(key, format!("{{value_negative,{n}}}"))),
+                None => {
+                    return Err(invalid(key, format!("{{unacceptable_type,{}}}", type_name(value))));
+                }
+            },
+            "x-expires" => match as_integer(value) {
+                Some(n) if n > 0 => {}
+                Some(n) => return Err(invalid(key, format!("{{value_zero_or_less,{n}}}"))),
+                None => {
+                    return Err(invalid(key, format!("{{unacceptable_type,{}}}", type_name(value))));
+                }
+            },
+            "x-max-priority" => match as_integer(value) {
+                Some(n) if (0..=255).contains(&n) => {}
+                Some(n) if n < 0 => return Err(invalid(key, format!("{{value_negative,{n}}}"))),
+                Some(n) => return Err(invalid(key, format!("{{value_too_big,{n}}}"))),
+                None => {
+                    return Err(invalid(key, format!("{{unacceptable_type,{}}}", type_name(value))));
+                }
+            },
+            "x-queue-type" => match value {
+                AMQPValue::LongString(s)
+                    if matches!(s.as_bytes(), b"classic" | b"quorum") => {}
+                AMQPValue::LongString(s) => {
+                    return Err(invalid(
+                        key,
+                        format!("{{unsupported_queue_type,{}}}", String::from_utf8_lossy(s.as_bytes())),
+                    ));
+                }
+                other => {
+                    return Err(invalid(key, format!("{{unacceptable_type,{}}}", type_name(other))));
+                }
+            },
+            _ => {}
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,201 @@
+//! Configuration: defaults < `warren.toml` < `WARREN_*` environment < command-line flags.
+//! Unknown keys in the file refuse to start, so a typo never silently falls back to a default.
+
+use clap::Parser;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// The broker's settings, after every layer has been applied.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where definitions and messages live.
+    pub data_dir: PathBuf,
+    /// AMQP 0-9-1 listener.
+    pub amqp_listen: SocketAddr,
+    /// This node's name, as reported to clients and tools.
+    pub node_name: String,
+    /// Largest frame the broker accepts or sends, bytes (clients may negotiate lower).
+    pub frame_max: u32,
+    /// Most channels per connection (clients may negotiate lower).
+    pub channel_max: u16,
+    /// Heartbeat interval the broker proposes, seconds (0 disables).
+    pub heartbeat: u16,
+    /// Largest message body accepted, bytes (RabbitMQ's `max_message_size`).
+    pub max_message_size: u64,
+    /// Seconds a client has to complete the AMQP handshake.
+    pub handshake_timeout: u64,
+    /// The user created on first start, as RabbitMQ's `default_user`.
+    pub default_user: String,
+    pub default_pass: String,
+    /// Users that may only connect from loopback addresses (RabbitMQ's `loopback_users`).
+    pub loopback_users: Vec<String>,
+    /// `text` or `json`.
+    pub log_format: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./warren-data"),
+            amqp_listen: "0.0.0.0:5672".parse().expect("valid default address"),
+            node_name: "warren@localhost".into(),
+            frame_max: 131_072,
+            channel_max: 2047,
+            heartbeat: 60,
+            max_message_size: 128 * 1024 * 1024,
+            handshake_timeout: 10,
+            default_user: "guest".into(),
+            default_pass: "guest".into(),
+            loopback_users: vec!["guest".into()],
+            log_format: "text".into(),
+        }
+    }
+}
+
+/// Command-line flags; each can also come from `WARREN_<FLAG>` in the environment.
+#[derive(Debug, Default, Parser)]
+#[command(name = "warren-broker", version, about = "A RabbitMQ-compatible AMQP 0-9-1 broker")]
+pub struct Flags {
+    /// TOML file with settings (see warren.example.toml).
+    #[arg(long, env = "WARREN_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[arg(long, env = "WARREN_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    #[arg(long, env = "WARREN_AMQP_LISTEN")]
+    pub amqp_listen: Option<SocketAddr>,
+    #[arg(long, env = "WARREN_NODE_NAME")]
+    pub node_name: Option<String>,
+    #[arg(long, env = "WARREN_FRAME_MAX")]
+    pub frame_max: Option<u32>,
+    #[arg(long, env = "WARREN_CHANNEL_MAX")]
+    pub channel_max: Option<u16>,
+    #[arg(long, env = "WARREN_HEARTBEAT")]
+    pub heartbeat: Option<u16>,
+    #[arg(long, env = "WARREN_MAX_MESSAGE_SIZE")]
+    pub max_message_size: Option<u64>,
+    #[arg(long, env = "WARREN_LOG_FORMAT")]
+    pub log_format: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration in {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Parses a TOML document on top of the defaults.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// Builds the configuration from the flags (and environment, which clap has merged into
+    /// them), reading the file they name first.
+    pub fn load(flags: Flags) -> Result<Self, ConfigError> {
+        let mut config = match &flags.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                Self::from_toml(&text, path)?
+            }
+            None => Self::default(),
+        };
+        let Flags {
+            config: _,
+            data_dir,
+            amqp_listen,
+            node_name,
+            frame_max,
+            channel_max,
+            heartbeat,
+            max_message_size,
+            log_format,
+        } = flags;
+        macro_rules! apply {
+            ($($field:ident),*) => { $(if let Some(v) = $field { config.$field = v; })* };
+        }
+        apply!(data_dir, amqp_listen, node_name, frame_max, channel_max, heartbeat, max_message_size, log_format);
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.frame_max != 0 && self.frame_max < crate::amqp::codec::FRAME_MIN_SIZE {
+            return Err(ConfigError::Invalid(format!(
+                "frame_max {} is below the AMQP minimum of 4096",
+                self.frame_max
+            )));
+        }
+        if self.channel_max == 0 {
+            return Err(ConfigError::Invalid("channel_max must be at least 1".into()));
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return Err(ConfigError::Invalid(format!(
+                "log_format must be \"text\" or \"json\", not {:?}",
+                self.log_format
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_values_override_defaults_and_flags_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("warren.toml");
+        std::fs::write(&path, "heartbeat = 30\nframe_max = 8192\n").unwrap();
+        let config = Config::load(Flags {
+            config: Some(path),
+            heartbeat: Some(5),
+            ..Flags::default()
+        })
+        .unwrap();
+        assert_eq!(config.heartbeat, 5);
+        assert_eq!(config.frame_max, 8192);
+        assert_eq!(config.channel_max, 2047);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = Config::from_toml("hearbeat = 30\n", Path::new("w.toml")).unwrap_err();
+        assert!(err.to_string().contains("hearbeat"), "{err}");
+    }
+
+    #[test]
+    fn a_frame_max_below_the_minimum_is_refused() {
+        let err = Config::load(Flags {
+            frame_max: Some(1000),
+            ..Flags::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("4096"));
+    }
+
+    #[test]
+    fn the_example_file_is_the_defaults() {
+        let text = include_str!("../../warren.example.toml");
+        let config = Config::from_toml(text, Path::new("warren.example.toml")).unwrap();
+        assert_eq!(config, Config::default());
+    }
+}

@@ -1,0 +1,172 @@
+//! Errors as data: a reply code, its text, the method that caused it, and whether it
+//! closes the channel or the whole connection. The connection turns one into a close frame.
+
+use std::fmt;
+
+pub const REPLY_SUCCESS: u16 = 200;
+pub const CONTENT_TOO_LARGE: u16 = 311;
+pub const NO_ROUTE: u16 = 312;
+pub const NO_CONSUMERS: u16 = 313;
+pub const CONNECTION_FORCED: u16 = 320;
+pub const INVALID_PATH: u16 = 402;
+pub const ACCESS_REFUSED: u16 = 403;
+pub const NOT_FOUND: u16 = 404;
+pub const RESOURCE_LOCKED: u16 = 405;
+pub const PRECONDITION_FAILED: u16 = 406;
+pub const FRAME_ERROR: u16 = 501;
+pub const SYNTAX_ERROR: u16 = 502;
+pub const COMMAND_INVALID: u16 = 503;
+pub const CHANNEL_ERROR: u16 = 504;
+pub const UNEXPECTED_FRAME: u16 = 505;
+pub const RESOURCE_ERROR: u16 = 506;
+pub const NOT_ALLOWED: u16 = 530;
+pub const NOT_IMPLEMENTED: u16 = 540;
+pub const INTERNAL_ERROR: u16 = 541;
+
+/// The spec's name for a reply code, which RabbitMQ puts in front of every reply text.
+pub fn reply_name(code: u16) -> &'static str {
+    match code {
+        REPLY_SUCCESS => "REPLY_SUCCESS",
+        CONTENT_TOO_LARGE => "CONTENT_TOO_LARGE",
+        NO_ROUTE => "NO_ROUTE",
+        NO_CONSUMERS => "NO_CONSUMERS",
+        CONNECTION_FORCED => "CONNECTION_FORCED",
+        INVALID_PATH => "INVALID_PATH",
+        ACCESS_REFUSED => "ACCESS_REFUSED",
+        NOT_FOUND => "NOT_FOUND",
+        RESOURCE_LOCKED => "RESOURCE_LOCKED",
+        PRECONDITION_FAILED => "PRECONDITION_FAILED",
+        FRAME_ERROR => "FRAME_ERROR",
+        SYNTAX_ERROR => "SYNTAX_ERROR",
+        COMMAND_INVALID => "COMMAND_INVALID",
+        CHANNEL_ERROR => "CHANNEL_ERROR",
+        UNEXPECTED_FRAME => "UNEXPECTED_FRAME",
+        RESOURCE_ERROR => "RESOURCE_ERROR",
+        NOT_ALLOWED => "NOT_ALLOWED",
+        NOT_IMPLEMENTED => "NOT_IMPLEMENTED",
+        INTERNAL_ERROR => "INTERNAL_ERROR",
+        _ => "UNKNOWN",
+    }
+}
+
+/// Whether an error ends a channel or the whole connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Channel,
+    Connection,
+}
+
+/// A protocol error, ready to become a `channel.close` or `connection.close`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AmqpError {
+    pub code: u16,
+    /// The explanation, without the `NAME - ` prefix that [`AmqpError::reply_text`] adds.
+    pub text: String,
+    pub class_id: u16,
+    pub method_id: u16,
+    pub scope: Scope,
+    /// The channel the error happened on (0 for the connection itself).
+    pub channel: u16,
+}
+
+impl AmqpError {
+    /// An error whose scope follows from its code: the spec's "soft" codes (3xx and 403-406)
+    /// close the channel, the "hard" ones close the connection.
+    pub fn new(code: u16, text: impl Into<String>) -> Self {
+        let scope = match code {
+            CONTENT_TOO_LARGE | NO_ROUTE | NO_CONSUMERS | ACCESS_REFUSED | NOT_FOUND
+            | RESOURCE_LOCKED | PRECONDITION_FAILED => Scope::Channel,
+            _ => Scope::Connection,
+        };
+        Self {
+            code,
+            text: text.into(),
+            class_id: 0,
+            method_id: 0,
+            scope,
+            channel: 0,
+        }
+    }
+
+    /// Records the channel the error happened on.
+    pub fn in_channel(mut self, channel: u16) -> Self {
+        self.channel = channel;
+        self
+    }
+
+    /// Records which method the error answers (the close frame's class and method ids).
+    pub fn on(mut self, class_id: u16, method_id: u16) -> Self {
+        if self.class_id == 0 && self.method_id == 0 {
+            self.class_id = class_id;
+            self.method_id = method_id;
+        }
+        self
+    }
+
+    /// Forces the error to close the connection, whatever its code.
+    pub fn connection_level(mut self) -> Self {
+        self.scope = Scope::Connection;
+        self
+    }
+
+    /// The text as RabbitMQ sends it: `NOT_FOUND - no queue 'q' in vhost '/'`, cut to the
+    /// 255 bytes a short string can hold.
+    pub fn reply_text(&self) -> String {
+        let mut text = format!("{} - {}", reply_name(self.code), self.text);
+        if text.len() > 255 {
+            let mut cut = 255;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+        }
+        text
+    }
+}
+
+impl fmt::Display for AmqpError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.code, self.reply_text())
+    }
+}
+
+impl std::error::Error for AmqpError {}
+
+pub type AmqpResult<T> = Result<T, AmqpError>;
+
+pub fn not_found(text: impl Into<String>) -> AmqpError {
+    AmqpError::new(NOT_FOUND, text)
+}
+
+pub fn precondition_failed(text: impl Into<String>) -> AmqpError {
+    AmqpError::new(PRECONDITION_FAILED, text)
+}
+
+pub fn access_refused(text: impl Into<String>) -> AmqpError {
+    AmqpError::new(ACCESS_REFUSED, text)
+}
+
+pub fn resource_locked(text: impl Into<String>) -> AmqpError {
+    AmqpError::new(RESOURCE_LOCKED, text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn soft_codes_close_the_channel_and_hard_codes_the_connection() {
+        assert_eq!(AmqpError::new(NOT_FOUND, "x").scope, Scope::Channel);
+        assert_eq!(AmqpError::new(PRECONDITION_FAILED, "x").scope, Scope::Channel);
+        assert_eq!(AmqpError::new(FRAME_ERROR, "x").scope, Scope::Connection);
+        assert_eq!(AmqpError::new(NOT_IMPLEMENTED, "x").scope, Scope::Connection);
+    }
+
+    #[test]
+    fn reply_text_is_prefixed_and_fits_a_short_string() {
+        let e = AmqpError::new(NOT_FOUND, "no queue 'q' in vhost '/'");
+        assert_eq!(e.reply_text(), "NOT_FOUND - no queue 'q' in vhost '/'");
+        let long = AmqpError::new(NOT_FOUND, "é".repeat(300));
+        assert!(long.reply_text().len() <= 255);
+    }
+}

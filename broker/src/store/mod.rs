@@ -1,0 +1,5 @@
+//! Everything that touches disk. Only this module reads or writes files.
+
+pub mod definitions;
+
+pub use definitions::{DefinitionStore, Definitions, DefinitionsError};
