@@ -40,7 +40,7 @@ pub struct Args {
     #[arg(long, short = 'y')]
     pub consumers: Option<usize>,
 
-    /// Single queue to use.
+    /// Single queue to use (default: warren-perf).
     #[arg(long, short = 'u', conflicts_with = "queue_pattern")]
     pub queue: Option<String>,
 
@@ -258,7 +258,9 @@ impl Config {
 
         let queues = match (&a.queue, &a.queue_pattern, a.fanout_queues) {
             (Some(_), _, Some(_)) => {
-                return Err("--fanout-queues needs several queues: use --queue-pattern, not --queue".into());
+                return Err(
+                    "--fanout-queues needs several queues: use --queue-pattern, not --queue".into(),
+                );
             }
             (Some(q), _, None) => vec![q.clone()],
             (None, Some(p), _) => {
@@ -303,7 +305,8 @@ impl Config {
         if exchange.is_empty() && exchange_type != ExchangeType::Direct {
             return Err("the default exchange (\"\") is direct; pick another --exchange".into());
         }
-        let declare_exchange = !a.predeclared && !exchange.is_empty() && !exchange.starts_with("amq.");
+        let declare_exchange =
+            !a.predeclared && !exchange.is_empty() && !exchange.starts_with("amq.");
 
         if !a.autoack && a.qos > 0 && a.multi_ack_every > u32::from(a.qos) {
             return Err(format!(
@@ -621,11 +624,17 @@ mod tests {
         );
         assert_eq!(
             parse_queue_arg("x-single-active-consumer=true").unwrap(),
-            ("x-single-active-consumer".to_string(), AMQPValue::Boolean(true))
+            (
+                "x-single-active-consumer".to_string(),
+                AMQPValue::Boolean(true)
+            )
         );
         assert_eq!(
             parse_queue_arg("x-queue-type = quorum").unwrap(),
-            ("x-queue-type".to_string(), AMQPValue::LongString("quorum".into()))
+            (
+                "x-queue-type".to_string(),
+                AMQPValue::LongString("quorum".into())
+            )
         );
         assert!(parse_queue_arg("novalue").is_err());
         assert!(parse_queue_arg("=1").is_err());

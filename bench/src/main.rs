@@ -56,11 +56,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let (json, id) = (cfg.json, cfg.id.clone());
     let code = match rt.block_on(run(cfg)) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("warren-perf: error: {e}");
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "type": "error", "id": id, "message": e })
+                );
+            }
             ExitCode::FAILURE
         }
     };
@@ -251,7 +258,9 @@ async fn run(cfg: Config) -> Result<bool, String> {
             tokio::time::Instant::now() + Duration::from_secs(1),
             Duration::from_secs(1),
         );
-        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // Burst (not Delay): a late tick does not push the later ones back,
+        // so the line due at the --time deadline still comes before it.
+        tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
         let mut check = tokio::time::interval(CHECK_EVERY);
         check.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let deadline = cfg
@@ -365,6 +374,10 @@ async fn run(cfg: Config) -> Result<bool, String> {
         }
     }
     let end = Instant::now();
+    if !aborted {
+        // The last, partial interval (a run that completed between ticks).
+        reporter.tick_if_at_least(&registry, Duration::from_millis(100));
+    }
 
     // Stop everything and wait for the tasks to close their connections.
     stop.set();
@@ -419,7 +432,9 @@ async fn run(cfg: Config) -> Result<bool, String> {
     } else {
         end
     };
-    let consume_s = consume_end.saturating_duration_since(consume_start).as_secs_f64();
+    let consume_s = consume_end
+        .saturating_duration_since(consume_start)
+        .as_secs_f64();
 
     let cpu_s = match (cpu_at_start, stats::process_cpu_seconds()) {
         (Some(a), Some(b)) => Some(b - a),
@@ -454,4 +469,29 @@ async fn run(cfg: Config) -> Result<bool, String> {
     }
     let _ = setup_conn.close(200, "warren-perf done".into()).await;
     Ok(ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drained_means_empty_and_quiet_for_several_checks() {
+        let mut w = DrainWatch::default();
+        assert!(!w.observe(0, 10)); // first look: no history
+        assert!(!w.observe(0, 10));
+        assert!(!w.observe(0, 10));
+        assert!(w.observe(0, 10));
+        // Deliveries still arriving, or messages still queued, reset it.
+        let mut w = DrainWatch::default();
+        for received in [1, 2, 3, 4] {
+            assert!(!w.observe(0, received));
+        }
+        for _ in 0..5 {
+            assert!(!w.observe(7, 4));
+        }
+        assert!(!w.observe(0, 4));
+        assert!(!w.observe(0, 4));
+        assert!(w.observe(0, 4));
+    }
 }

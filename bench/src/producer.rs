@@ -292,9 +292,6 @@ async fn publish(
         while let Some(outcome) = confirms.next().await {
             tally.confirmation(outcome)?;
         }
-        if spec.mandatory && !confirming {
-            count_returns(&channel, &ctx.counters).await?;
-        }
         // Close the channel before the connection: RabbitMQ handles
         // channel.close after every publish before it, while a bare
         // connection.close can drop the last unconfirmed messages still in
@@ -302,7 +299,12 @@ async fn publish(
         channel
             .close(200, "warren-perf done".into())
             .await
-            .map_err(|e| format!("closing the channel failed: {e}"))
+            .map_err(|e| format!("closing the channel failed: {e}"))?;
+        // Every basic.return came before the close-ok.
+        if spec.mandatory && !confirming {
+            count_returns(&channel, &ctx.counters).await?;
+        }
+        Ok(())
     };
     tokio::pin!(finish);
     let outcome = tokio::select! {
@@ -403,7 +405,10 @@ mod tests {
             let err = (sent as f64 - expected).abs() / expected;
             assert!(err < 0.002, "rate {rate}: sent {sent}, expected {expected}");
             // Far fewer sleeps than messages at high rates, never more.
-            assert!(sleeps <= sent, "rate {rate}: {sleeps} sleeps for {sent} msgs");
+            assert!(
+                sleeps <= sent,
+                "rate {rate}: {sleeps} sleeps for {sent} msgs"
+            );
             // Bursts stay within ~3 ms worth of messages.
             assert!(
                 (max_burst as f64) <= (rate * 0.003).max(1.0) + 1.0,

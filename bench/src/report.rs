@@ -128,6 +128,13 @@ impl Reporter {
         }
     }
 
+    /// Prints a line for the current interval if it is at least `min` long.
+    pub fn tick_if_at_least(&mut self, registry: &Registry, min: std::time::Duration) {
+        if self.last_at.elapsed() >= min {
+            self.tick(registry);
+        }
+    }
+
     /// Drains what the tasks recorded since the last tick into the totals
     /// (without printing a line).
     pub fn flush(&mut self, registry: &Registry) {
@@ -196,7 +203,9 @@ pub fn format_summary(s: &Summary) -> String {
         s.id, s.ended_by, s.duration_s, s.publish_duration_s, s.consume_duration_s
     );
     let mut row = |name: &str, total: u64, rate: f64| {
-        out.push_str(&format!("  {name:<10} {total:>12} msgs {rate:>14.1} msg/s\n"));
+        out.push_str(&format!(
+            "  {name:<10} {total:>12} msgs {rate:>14.1} msg/s\n"
+        ));
     };
     row("sent", s.sent_total, s.sent_rate);
     row("confirmed", s.confirmed_total, s.confirmed_rate);

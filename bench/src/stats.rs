@@ -168,11 +168,7 @@ impl LatencyStats {
 
 /// msgs/s, 0 when the duration is 0.
 pub fn rate(count: u64, secs: f64) -> f64 {
-    if secs > 0.0 {
-        count as f64 / secs
-    } else {
-        0.0
-    }
+    if secs > 0.0 { count as f64 / secs } else { 0.0 }
 }
 
 /// Rounds to 3 decimals for output.
@@ -517,7 +513,8 @@ mod tests {
 
     #[test]
     fn proc_stat_parsing() {
-        let line = "1234 (warren perf) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 100 0 0";
+        let line =
+            "1234 (warren perf) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 100 0 0";
         assert_eq!(parse_proc_stat_cpu(line, 100.0), Some(3.0));
         assert_eq!(parse_proc_stat_cpu("garbage", 100.0), None);
     }

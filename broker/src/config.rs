@@ -56,7 +56,11 @@ impl Default for Config {
 
 /// Command-line flags; each can also come from `WARREN_<FLAG>` in the environment.
 #[derive(Debug, Default, Parser)]
-#[command(name = "warren-broker", version, about = "A RabbitMQ-compatible AMQP 0-9-1 broker")]
+#[command(
+    name = "warren-broker",
+    version,
+    about = "A RabbitMQ-compatible AMQP 0-9-1 broker"
+)]
 pub struct Flags {
     /// TOML file with settings (see warren.example.toml).
     #[arg(long, env = "WARREN_CONFIG")]
@@ -131,7 +135,16 @@ impl Config {
         macro_rules! apply {
             ($($field:ident),*) => { $(if let Some(v) = $field { config.$field = v; })* };
         }
-        apply!(data_dir, amqp_listen, node_name, frame_max, channel_max, heartbeat, max_message_size, log_format);
+        apply!(
+            data_dir,
+            amqp_listen,
+            node_name,
+            frame_max,
+            channel_max,
+            heartbeat,
+            max_message_size,
+            log_format
+        );
         config.validate()?;
         Ok(config)
     }
@@ -144,7 +157,9 @@ impl Config {
             )));
         }
         if self.channel_max == 0 {
-            return Err(ConfigError::Invalid("channel_max must be at least 1".into()));
+            return Err(ConfigError::Invalid(
+                "channel_max must be at least 1".into(),
+            ));
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(ConfigError::Invalid(format!(

@@ -109,16 +109,17 @@ impl AmqpError {
         self
     }
 
-    /// The text as RabbitMQ sends it: `NOT_FOUND - no queue 'q' in vhost '/'`, cut to the
-    /// 255 bytes a short string can hold.
+    /// The text as RabbitMQ sends it: `NOT_FOUND - no queue 'q' in vhost '/'`; a text longer
+    /// than a short string can hold is cut to 252 bytes followed by `...`, as RabbitMQ does.
     pub fn reply_text(&self) -> String {
         let mut text = format!("{} - {}", reply_name(self.code), self.text);
         if text.len() > 255 {
-            let mut cut = 255;
+            let mut cut = 252;
             while !text.is_char_boundary(cut) {
                 cut -= 1;
             }
             text.truncate(cut);
+            text.push_str("...");
         }
         text
     }
@@ -157,16 +158,25 @@ mod tests {
     #[test]
     fn soft_codes_close_the_channel_and_hard_codes_the_connection() {
         assert_eq!(AmqpError::new(NOT_FOUND, "x").scope, Scope::Channel);
-        assert_eq!(AmqpError::new(PRECONDITION_FAILED, "x").scope, Scope::Channel);
+        assert_eq!(
+            AmqpError::new(PRECONDITION_FAILED, "x").scope,
+            Scope::Channel
+        );
         assert_eq!(AmqpError::new(FRAME_ERROR, "x").scope, Scope::Connection);
-        assert_eq!(AmqpError::new(NOT_IMPLEMENTED, "x").scope, Scope::Connection);
+        assert_eq!(
+            AmqpError::new(NOT_IMPLEMENTED, "x").scope,
+            Scope::Connection
+        );
     }
 
     #[test]
     fn reply_text_is_prefixed_and_fits_a_short_string() {
         let e = AmqpError::new(NOT_FOUND, "no queue 'q' in vhost '/'");
         assert_eq!(e.reply_text(), "NOT_FOUND - no queue 'q' in vhost '/'");
-        let long = AmqpError::new(NOT_FOUND, "é".repeat(300));
-        assert!(long.reply_text().len() <= 255);
+        let long = AmqpError::new(NOT_FOUND, "y".repeat(300));
+        assert_eq!(long.reply_text().len(), 255);
+        assert!(long.reply_text().ends_with("yyy..."));
+        let multibyte = AmqpError::new(NOT_FOUND, "é".repeat(300));
+        assert!(multibyte.reply_text().len() <= 255);
     }
 }

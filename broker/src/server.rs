@@ -55,7 +55,9 @@ pub async fn start_with(broker: Arc<Broker>) -> Result<RunningBroker, StartError
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Listen { addr, source })?;
-    let amqp_addr = listener.local_addr().map_err(|source| StartError::Listen { addr, source })?;
+    let amqp_addr = listener
+        .local_addr()
+        .map_err(|source| StartError::Listen { addr, source })?;
     tracing::info!(%amqp_addr, "AMQP listener started");
     let (shutdown, watcher) = watch::channel(false);
     let acceptor = tokio::spawn(accept_loop(listener, broker.clone(), watcher));
@@ -67,7 +69,11 @@ pub async fn start_with(broker: Arc<Broker>) -> Result<RunningBroker, StartError
     })
 }
 
-async fn accept_loop(listener: TcpListener, broker: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
+async fn accept_loop(
+    listener: TcpListener,
+    broker: Arc<Broker>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
@@ -92,7 +98,10 @@ async fn accept_loop(listener: TcpListener, broker: Arc<Broker>, mut shutdown: w
     })
     .await;
     if drained.is_err() {
-        tracing::warn!(left = connections.len(), "connections still open after the grace period, aborting them");
+        tracing::warn!(
+            left = connections.len(),
+            "connections still open after the grace period, aborting them"
+        );
         connections.shutdown().await;
     }
     tracing::info!("AMQP listener stopped");

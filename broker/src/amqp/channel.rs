@@ -10,8 +10,8 @@ use crate::broker::exchange::{ExchangeKind, ExchangeSpec};
 use crate::broker::queue::{ConsumeRefused, Consumer, Delivered, Queue, QueueSpec};
 use crate::broker::vhost::{DestinationKind, REPLY_TO, Vhost, describe};
 use crate::error::{
-    AmqpError, AmqpResult, COMMAND_INVALID, NOT_ALLOWED, NOT_IMPLEMENTED, access_refused, not_found,
-    precondition_failed,
+    AmqpError, AmqpResult, COMMAND_INVALID, NOT_ALLOWED, NOT_IMPLEMENTED, access_refused,
+    not_found, precondition_failed,
 };
 use amq_protocol::protocol::{AMQPClass, basic, channel, confirm, exchange, queue, tx};
 use amq_protocol::types::{AMQPValue, FieldTable};
@@ -64,7 +64,9 @@ pub struct Channel {
 
 impl std::fmt::Debug for Channel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Channel").field("id", &self.shared.id).finish()
+        f.debug_struct("Channel")
+            .field("id", &self.shared.id)
+            .finish()
     }
 }
 
@@ -115,15 +117,14 @@ impl Channel {
         match method {
             AMQPClass::Channel(channel::AMQPMethod::Flow(m)) => {
                 self.shared.set_flow(m.active);
-                self.reply(AMQPClass::Channel(channel::AMQPMethod::FlowOk(channel::FlowOk {
-                    active: m.active,
-                })));
+                self.reply(AMQPClass::Channel(channel::AMQPMethod::FlowOk(
+                    channel::FlowOk { active: m.active },
+                )));
                 if m.active {
                     self.wake_consumed_queues();
                 }
                 Ok(())
             }
-            AMQPClass::Channel(channel::AMQPMethod::FlowOk(_)) => Ok(()),
             AMQPClass::Exchange(m) => self.exchange_method(s, m),
             AMQPClass::Queue(m) => self.queue_method(s, m),
             AMQPClass::Basic(m) => self.basic_method(s, m),
@@ -151,14 +152,7 @@ impl Channel {
                 ));
                 Ok(())
             }
-            other => Err(AmqpError::new(
-                COMMAND_INVALID,
-                format!(
-                    "unexpected method {}.{} on a channel",
-                    other.get_amqp_class_id(),
-                    other.get_amqp_method_id()
-                ),
-            )),
+            other => Err(unexpected_reply_method(other)),
         }
     }
 
@@ -180,7 +174,9 @@ impl Channel {
                 let name = d.exchange.as_str();
                 if d.passive {
                     if name.is_empty() {
-                        return Err(access_refused("operation not permitted on the default exchange"));
+                        return Err(access_refused(
+                            "operation not permitted on the default exchange",
+                        ));
                     }
                     vhost.existing_exchange(name)?;
                 } else {
@@ -191,7 +187,9 @@ impl Channel {
                         )
                     })?;
                     if name.is_empty() {
-                        return Err(access_refused("operation not permitted on the default exchange"));
+                        return Err(access_refused(
+                            "operation not permitted on the default exchange",
+                        ));
                     }
                     if let Some(v) = d.arguments.inner().get("alternate-exchange")
                         && !matches!(v, AMQPValue::LongString(_))
@@ -257,13 +255,15 @@ impl Channel {
         let vhost = s.vhost.clone();
         match m {
             M::Declare(d) => {
+                if d.queue.as_str() == REPLY_TO {
+                    // The pseudo-queue of direct reply-to always "exists", with one consumer.
+                    self.reply_declare_ok(REPLY_TO, 0, 1, d.nowait);
+                    return Ok(());
+                }
                 let (q, messages, consumers) = if d.passive {
-                    let name = self.queue_name(d.queue.as_str())?;
-                    if name == REPLY_TO {
-                        self.reply_declare_ok(&name, 0, 0, d.nowait);
-                        return Ok(());
-                    }
-                    let q = vhost.existing_queue(&name, s.connection_id)?;
+                    // Unlike the other methods, a passive declare does not use the
+                    // "last declared queue" shortcut for an empty name.
+                    let q = vhost.existing_queue(d.queue.as_str(), s.connection_id)?;
                     let (m, c) = (q.message_count(), q.consumer_count());
                     (q, m, c)
                 } else {
@@ -357,11 +357,13 @@ impl Channel {
 
     fn reply_declare_ok(&self, name: &str, messages: u32, consumers: u32, nowait: bool) {
         if !nowait {
-            self.reply(AMQPClass::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
-                queue: name.into(),
-                message_count: messages,
-                consumer_count: consumers,
-            })));
+            self.reply(AMQPClass::Queue(queue::AMQPMethod::DeclareOk(
+                queue::DeclareOk {
+                    queue: name.into(),
+                    message_count: messages,
+                    consumer_count: consumers,
+                },
+            )));
         }
     }
 
@@ -374,11 +376,19 @@ impl Channel {
                 if q.global {
                     let before = self.shared.prefetch_global();
                     self.shared.set_prefetch_global(q.prefetch_count.into());
-                    if before != 0 && (q.prefetch_count == 0 || u32::from(q.prefetch_count) > before) {
+                    if before != 0
+                        && (q.prefetch_count == 0 || u32::from(q.prefetch_count) > before)
+                    {
                         self.wake_consumed_queues();
                     }
                 } else {
                     self.consumer_prefetch = q.prefetch_count.into();
+                    // RabbitMQ 3.10 also lifts the channel-wide limit here (its limiter's
+                    // `unlimit_prefetch`); clients see that behaviour, so Warren keeps it.
+                    if self.shared.prefetch_global() != 0 {
+                        self.shared.set_prefetch_global(0);
+                        self.wake_consumed_queues();
+                    }
                 }
                 self.reply(AMQPClass::Basic(M::QosOk(basic::QosOk {})));
             }
@@ -403,10 +413,14 @@ impl Channel {
                 }
             }
             M::Ack(a) => self.settle(a.delivery_tag, a.multiple, Settle::Ack)?,
-            M::Reject(r) => self.settle(r.delivery_tag, false, Settle::Reject { requeue: r.requeue })?,
-            M::Nack(n) => {
-                self.settle(n.delivery_tag, n.multiple, Settle::Reject { requeue: n.requeue })?
+            M::Reject(r) => {
+                self.settle(r.delivery_tag, false, Settle::Reject { requeue: r.requeue })?
             }
+            M::Nack(n) => self.settle(
+                n.delivery_tag,
+                n.multiple,
+                Settle::Reject { requeue: n.requeue },
+            )?,
             M::Recover(r) => {
                 self.recover(r.requeue)?;
                 self.reply(AMQPClass::Basic(M::RecoverOk(basic::RecoverOk {})));
@@ -460,8 +474,13 @@ impl Channel {
             Some(_) => match int_arg(&c.arguments, "x-priority") {
                 Some(p) if i32::try_from(p).is_ok() => p as i32,
                 _ => {
+                    let got = c
+                        .arguments
+                        .inner()
+                        .get("x-priority")
+                        .map_or("void", crate::broker::headers::type_name);
                     return Err(precondition_failed(format!(
-                        "invalid arg 'x-priority' for {}",
+                        "invalid arg 'x-priority' for {}: \"expected integer, got {got}\"",
                         describe("queue", queue.name(), &s.vhost.name)
                     )));
                 }
@@ -591,7 +610,11 @@ impl Channel {
                     .tx
                     .replace(Transaction::default())
                     .ok_or_else(|| precondition_failed("channel is not transactional"))?;
-                let restored = tx.settles.into_iter().flat_map(|(_, taken)| taken).collect();
+                let restored = tx
+                    .settles
+                    .into_iter()
+                    .flat_map(|(_, taken)| taken)
+                    .collect();
                 self.shared.restore_unacked(restored);
                 self.reply(AMQPClass::Tx(M::RollbackOk(tx::RollbackOk {})));
             }
@@ -636,14 +659,8 @@ fn runs_by_queue(taken: Vec<(u64, Delivered)>) -> Vec<Vec<Delivered>> {
     runs
 }
 
-/// A client sent a method only the server may send (e.g. `basic.deliver`).
-fn unexpected_reply_method(method: AMQPClass) -> AmqpError {
-    AmqpError::new(
-        COMMAND_INVALID,
-        format!(
-            "method {}.{} is not valid from a client",
-            method.get_amqp_class_id(),
-            method.get_amqp_method_id()
-        ),
-    )
+/// A method a client may not send on a channel (one only the server sends, or a connection
+/// method): RabbitMQ's 503.
+fn unexpected_reply_method(_method: AMQPClass) -> AmqpError {
+    AmqpError::new(COMMAND_INVALID, "unimplemented method")
 }

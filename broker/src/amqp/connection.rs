@@ -3,13 +3,15 @@
 //! (`AmqpError`): a channel error closes that channel, anything else the connection.
 
 use super::channel::{Channel, Session};
-use super::codec::{self, FRAME_BODY, FRAME_HEADER, FRAME_HEARTBEAT, FRAME_METHOD, FrameError, RawFrame};
+use super::codec::{
+    self, FRAME_BODY, FRAME_HEADER, FRAME_HEARTBEAT, FRAME_METHOD, FrameError, RawFrame,
+};
 use super::writer::{ConnectionOutput, Outbound, run_writer};
 use crate::auth;
 use crate::broker::Broker;
 use crate::error::{
     AmqpError, AmqpResult, CHANNEL_ERROR, COMMAND_INVALID, CONNECTION_FORCED, FRAME_ERROR,
-    NOT_ALLOWED, NOT_IMPLEMENTED, REPLY_SUCCESS, Scope, SYNTAX_ERROR, UNEXPECTED_FRAME,
+    NOT_ALLOWED, NOT_IMPLEMENTED, REPLY_SUCCESS, Scope, UNEXPECTED_FRAME,
 };
 use amq_protocol::protocol::{AMQPClass, channel, connection};
 use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -78,8 +80,12 @@ struct Connection {
 
 /// Serves one client socket until it closes. Returns when the connection is over and every
 /// resource it held (channels, consumers, exclusive queues) is released.
-pub async fn serve<S>(stream: S, peer: SocketAddr, broker: Arc<Broker>, shutdown: watch::Receiver<bool>)
-where
+pub async fn serve<S>(
+    stream: S,
+    peer: SocketAddr,
+    broker: Arc<Broker>,
+    shutdown: watch::Receiver<bool>,
+) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
@@ -157,7 +163,7 @@ impl Connection {
                 version_major: 0,
                 version_minor: 9,
                 server_properties: props,
-                mechanisms: "PLAIN AMQPLAIN".into(),
+                mechanisms: "AMQPLAIN PLAIN".into(),
                 locales: "en_US".into(),
             })),
         );
@@ -240,9 +246,10 @@ impl Connection {
     /// Broker shutdown: tell the client why, then wait a little for its close-ok.
     fn force_close(&mut self) {
         if self.phase == Phase::Open {
-            self.fail(
-                AmqpError::new(CONNECTION_FORCED, "broker forced connection closure with reason 'shutdown'"),
-            );
+            self.fail(AmqpError::new(
+                CONNECTION_FORCED,
+                "broker forced connection closure with reason 'shutdown'",
+            ));
         } else {
             self.phase = Phase::Closed;
         }
@@ -268,7 +275,11 @@ impl Connection {
         match frame.kind {
             FRAME_METHOD => self.handle_method_frame(frame),
             FRAME_HEADER | FRAME_BODY => self.handle_content_frame(frame),
-            FRAME_HEARTBEAT if frame.channel == 0 => Ok(()),
+            FRAME_HEARTBEAT if frame.channel == 0 && frame.payload.is_empty() => Ok(()),
+            FRAME_HEARTBEAT if frame.channel == 0 => Err(AmqpError::new(
+                FRAME_ERROR,
+                format!("type 8, {}: unknown_frame", snippet(&frame.payload)),
+            )),
             FRAME_HEARTBEAT => Err(AmqpError::new(
                 UNEXPECTED_FRAME,
                 format!("type 8, {}", snippet(&frame.payload)),
@@ -283,12 +294,16 @@ impl Connection {
     fn handle_method_frame(&mut self, frame: RawFrame) -> AmqpResult<()> {
         let ch = frame.channel;
         if ch != 0 && self.phase == Phase::Open && codec::is_publish(&frame.payload) {
-            let channel = self.open_channel(ch)?;
+            let channel = self.open_channel(ch).map_err(|e| e.on(60, 40))?;
             if channel.closing {
                 return Ok(());
             }
             let args = codec::decode_publish(&frame.payload).ok_or_else(|| {
-                AmqpError::new(SYNTAX_ERROR, "malformed basic.publish").on(60, 40)
+                AmqpError::new(
+                    FRAME_ERROR,
+                    format!("cannot decode {}", erlang_binary(&frame.payload[4..])),
+                )
+                .on(60, 40)
             })?;
             return channel.on_publish(args).map_err(|e| with_channel(e, ch));
         }
@@ -296,29 +311,41 @@ impl Connection {
         if frame.payload.len() >= 8 && frame.payload[..4] == [0, 60, 0, 10] {
             let size = u32::from_be_bytes(frame.payload[4..8].try_into().unwrap_or([0; 4]));
             if size != 0 {
-                return Err(AmqpError::new(NOT_IMPLEMENTED, format!("prefetch_size!=0 ({size})")).on(60, 10));
+                return Err(
+                    AmqpError::new(NOT_IMPLEMENTED, format!("prefetch_size!=0 ({size})"))
+                        .on(60, 10),
+                );
             }
         }
         let method = codec::decode_method(&frame.payload).map_err(|e| match e {
-            codec::MethodError::Unknown { class_id, method_id } => AmqpError::new(
-                COMMAND_INVALID,
-                format!("unknown method id {method_id} for class {class_id}"),
+            // RabbitMQ drops the connection without a word here; Warren says why.
+            codec::MethodError::Unknown {
+                class_id,
+                method_id,
+            } => AmqpError::new(
+                NOT_IMPLEMENTED,
+                format!("unknown method {{{class_id},{method_id}}}"),
             )
             .on(class_id, method_id),
-            codec::MethodError::Syntax { class_id, method_id } => AmqpError::new(
-                SYNTAX_ERROR,
-                format!("malformed arguments for method {class_id}.{method_id}"),
+            codec::MethodError::Syntax {
+                class_id,
+                method_id,
+            } => AmqpError::new(
+                FRAME_ERROR,
+                format!("cannot decode {}", erlang_binary(&frame.payload[4..])),
             )
             .on(class_id, method_id),
-            codec::MethodError::Truncated => {
-                AmqpError::new(FRAME_ERROR, format!("method frame too short: {}", snippet(&frame.payload)))
-            }
+            codec::MethodError::Truncated => AmqpError::new(
+                FRAME_ERROR,
+                format!("type 1, {}: unknown_frame", snippet(&frame.payload)),
+            ),
         })?;
         if ch == 0 {
             return self.handle_connection_method(method);
         }
         if self.phase != Phase::Open {
-            return Err(unexpected_in(self.phase).on(method.get_amqp_class_id(), method.get_amqp_method_id()));
+            return Err(unexpected_in(self.phase)
+                .on(method.get_amqp_class_id(), method.get_amqp_method_id()));
         }
         self.handle_channel_method(ch, method)
             .map_err(|e| with_channel(e, ch))
@@ -343,10 +370,12 @@ impl Connection {
                                 self.channels.len(),
                                 self.channel_max
                             ),
-                        )
-                        .on(ids.0, ids.1));
+                        ));
                     }
-                    let session = self.session.as_ref().expect("open connections have a session");
+                    let session = self
+                        .session
+                        .as_ref()
+                        .expect("open connections have a session");
                     self.channels.insert(ch, Channel::new(ch, session));
                     self.out.method(
                         ch,
@@ -357,7 +386,10 @@ impl Connection {
                 _ => Err(AmqpError::new(CHANNEL_ERROR, "expected 'channel.open'").on(ids.0, ids.1)),
             };
         }
-        let session = self.session.as_mut().expect("open connections have a session");
+        let session = self
+            .session
+            .as_mut()
+            .expect("open connections have a session");
         let channel = self.channels.get_mut(&ch).expect("checked above");
         if channel.closing {
             match method {
@@ -389,7 +421,6 @@ impl Connection {
                 );
                 Ok(())
             }
-            AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)) => Ok(()),
             method => {
                 let publishes = channel.confirms.is_some();
                 channel.handle_method(session, method)?;
@@ -418,7 +449,10 @@ impl Connection {
         if channel.closing {
             return Ok(());
         }
-        let session = self.session.as_mut().expect("open connections have a session");
+        let session = self
+            .session
+            .as_mut()
+            .expect("open connections have a session");
         let result = if frame.kind == FRAME_HEADER {
             channel.on_header(session, frame.payload)
         } else {
@@ -454,7 +488,6 @@ impl Connection {
                 self.phase = Phase::Closed;
                 Ok(())
             }
-            (Phase::Open, M::CloseOk(_)) => Ok(()),
             (Phase::Open, M::Blocked(_) | M::Unblocked(_)) => Ok(()),
             (Phase::Open, M::UpdateSecret(_)) => {
                 self.out.method(
@@ -485,9 +518,8 @@ impl Connection {
             )
             .on(10, 11));
         }
-        let login = auth::decode_response(mechanism, m.response.as_bytes()).and_then(|(user, pass)| {
-            self.broker.users.authenticate(&user, &pass, self.peer.ip())
-        });
+        let login = auth::decode_response(mechanism, m.response.as_bytes())
+            .and_then(|(user, pass)| self.broker.users.authenticate(&user, &pass, self.peer.ip()));
         match login {
             Ok(user) => {
                 self.user = Some(user.name);
@@ -524,35 +556,38 @@ impl Connection {
 
     fn tune_ok(&mut self, m: connection::TuneOk) -> AmqpResult<()> {
         let config = &self.broker.config;
+        // RabbitMQ's rules: zero means "no limit", which a server with a limit refuses.
+        // (RabbitMQ drops the socket silently here; Warren says why in a close frame.)
+        let refuse = |text: String| Err(AmqpError::new(NOT_ALLOWED, text).on(10, 31));
         if m.frame_max != 0 && m.frame_max < codec::FRAME_MIN_SIZE {
-            return Err(AmqpError::new(
-                NOT_ALLOWED,
-                format!("frame_max={} < {} min size", m.frame_max, codec::FRAME_MIN_SIZE),
-            )
-            .on(10, 31));
+            return refuse(format!(
+                "negotiated frame_max = {} is lower than the minimum allowed value ({})",
+                m.frame_max,
+                codec::FRAME_MIN_SIZE
+            ));
         }
-        if m.frame_max > config.frame_max {
-            return Err(AmqpError::new(
-                NOT_ALLOWED,
-                format!("frame_max={} > {} max size", m.frame_max, config.frame_max),
-            )
-            .on(10, 31));
+        if m.frame_max == 0 || m.frame_max > config.frame_max {
+            return refuse(format!(
+                "negotiated frame_max = {} is higher than the maximum allowed value ({})",
+                m.frame_max, config.frame_max
+            ));
         }
-        if m.channel_max > config.channel_max {
-            return Err(AmqpError::new(
-                NOT_ALLOWED,
-                format!(
-                    "negotiated channel_max = {} is higher than the maximum allowed value ({})",
-                    m.channel_max, config.channel_max
-                ),
-            )
-            .on(10, 31));
+        if m.channel_max == 0 || m.channel_max > config.channel_max {
+            let no_limit = if m.channel_max == 0 {
+                " (no limit)"
+            } else {
+                ""
+            };
+            return refuse(format!(
+                "negotiated channel_max = {}{no_limit} is higher than the maximum allowed value ({})",
+                m.channel_max, config.channel_max
+            ));
         }
-        // Zero means "no limit" from the client: the server's limit applies.
-        self.frame_max = if m.frame_max == 0 { config.frame_max } else { m.frame_max };
-        self.channel_max = if m.channel_max == 0 { config.channel_max } else { m.channel_max };
+        self.frame_max = m.frame_max;
+        self.channel_max = m.channel_max;
         self.out.set_frame_max(self.frame_max);
-        self.heartbeat.store(u32::from(m.heartbeat), Ordering::Relaxed);
+        self.heartbeat
+            .store(u32::from(m.heartbeat), Ordering::Relaxed);
         self.phase = Phase::AwaitOpen;
         Ok(())
     }
@@ -628,11 +663,18 @@ impl Connection {
     /// A framing error: the stream can no longer be trusted, so close without waiting.
     fn frame_error(&mut self, e: FrameError) {
         let text = match e {
-            FrameError::TooLarge { kind, size, max, .. } => {
+            FrameError::TooLarge {
+                kind, size, max, ..
+            } => {
                 format!("type {kind}, all octets = <<>>: {{frame_too_large,{size},{max}}}")
             }
-            FrameError::BadFrameEnd { kind, payload, end, .. } => {
-                format!("type {kind}, {}: {{invalid_frame_end_marker,{end}}}", snippet(&payload))
+            FrameError::BadFrameEnd {
+                kind, payload, end, ..
+            } => {
+                format!(
+                    "type {kind}, {}: {{invalid_frame_end_marker,{end}}}",
+                    snippet(&payload)
+                )
             }
         };
         tracing::warn!(peer = %self.peer, error = %text, "frame error, closing connection");
@@ -675,11 +717,20 @@ fn snippet(payload: &[u8]) -> String {
     } else {
         ("first 16", &payload[..16])
     };
+    format!("{which} octets = {}", erlang_binary(bytes))
+}
+
+/// Bytes as Erlang prints a binary: `<<"text">>` when printable, else `<<0,20,0,10>>`.
+fn erlang_binary(bytes: &[u8]) -> String {
     let printable = !bytes.is_empty() && bytes.iter().all(|b| (0x20..0x7f).contains(b));
     let body = if printable {
         format!("\"{}\"", String::from_utf8_lossy(bytes))
     } else {
-        bytes.iter().map(u8::to_string).collect::<Vec<_>>().join(",")
+        bytes
+            .iter()
+            .map(u8::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
     };
-    format!("{which} octets = <<{body}>>")
+    format!("<<{body}>>")
 }

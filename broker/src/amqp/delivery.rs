@@ -109,7 +109,13 @@ impl ChannelShared {
     }
 
     /// Sends a `basic.get-ok` for `msg`, taken from `queue`, with the next delivery tag.
-    pub fn deliver_get(&self, queue: &Arc<Queue>, msg: QueuedMessage, remaining: u32, no_ack: bool) {
+    pub fn deliver_get(
+        &self,
+        queue: &Arc<Queue>,
+        msg: QueuedMessage,
+        remaining: u32,
+        no_ack: bool,
+    ) {
         let mut st = self.state.lock();
         let tag = st.next_tag;
         st.next_tag += 1;
@@ -134,7 +140,11 @@ impl ChannelShared {
 
     /// Takes the deliveries an ack, nack or reject names: `tag` alone, or with `multiple`
     /// every delivery up to it (and with tag 0, all of them), as RabbitMQ does.
-    pub fn take_unacked(&self, tag: u64, multiple: bool) -> Result<Vec<(u64, Delivered)>, UnknownTag> {
+    pub fn take_unacked(
+        &self,
+        tag: u64,
+        multiple: bool,
+    ) -> Result<Vec<(u64, Delivered)>, UnknownTag> {
         let mut st = self.state.lock();
         if multiple && tag == 0 {
             return Ok(st.unacked.drain(..).collect());

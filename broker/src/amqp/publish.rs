@@ -14,8 +14,8 @@ use crate::broker::message::{Message, ShortStr};
 use crate::broker::queue::Delivered;
 use crate::broker::vhost::{REPLY_TO, describe};
 use crate::error::{
-    AmqpError, AmqpResult, FRAME_ERROR, NOT_IMPLEMENTED, NO_ROUTE, UNEXPECTED_FRAME, access_refused,
-    not_found, precondition_failed,
+    AmqpError, AmqpResult, FRAME_ERROR, NO_ROUTE, NOT_IMPLEMENTED, UNEXPECTED_FRAME,
+    access_refused, not_found, precondition_failed,
 };
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 use bytes::{Bytes, BytesMut};
@@ -70,6 +70,19 @@ pub struct Transaction {
     pub settles: Vec<(Settle, Vec<(u64, Delivered)>)>,
 }
 
+/// RabbitMQ's check of the `expiration` property: a non-negative integer of milliseconds.
+fn check_expiration(text: &str) -> AmqpResult<()> {
+    let reason = match text.parse::<i64>() {
+        Err(_) => "no_integer".to_owned(),
+        Ok(n) if n < 0 => format!("{{value_negative,{n}}}"),
+        Ok(n) if n > i64::from(u32::MAX) => format!("{{value_too_large,{n},{}}}", u32::MAX),
+        Ok(_) => return Ok(()),
+    };
+    Err(precondition_failed(format!(
+        "invalid expiration '{text}': {reason}"
+    )))
+}
+
 fn unexpected(text: impl Into<String>) -> AmqpError {
     AmqpError::new(UNEXPECTED_FRAME, text)
 }
@@ -103,7 +116,9 @@ impl Channel {
         let args = match std::mem::take(&mut self.content) {
             ContentState::Header(args) => args,
             ContentState::Idle => {
-                return Err(unexpected("expected method frame, got non method frame instead"));
+                return Err(unexpected(
+                    "expected method frame, got non method frame instead",
+                ));
             }
             ContentState::Body { .. } => {
                 return Err(unexpected(
@@ -115,6 +130,13 @@ impl Channel {
         let header = codec::decode_content_header(&payload).ok_or_else(|| {
             AmqpError::new(FRAME_ERROR, "malformed content header frame").on(PUBLISH.0, PUBLISH.1)
         })?;
+        if payload.len() >= 4 && payload[2..4] != [0, 0] {
+            // A non-zero weight: RabbitMQ does not see a content header at all.
+            return Err(unexpected(
+                "expected content header for class 60, got non content header frame instead",
+            )
+            .on(PUBLISH.0, PUBLISH.1));
+        }
         if header.class_id != PUBLISH.0 {
             return Err(unexpected(format!(
                 "expected content header for class 60, got one for class {} instead",
@@ -218,7 +240,11 @@ impl Channel {
         let exchange_name = std::str::from_utf8(&args.exchange).map_err(|_| {
             not_found(format!(
                 "no {}",
-                describe("exchange", &String::from_utf8_lossy(&args.exchange), &s.vhost.name)
+                describe(
+                    "exchange",
+                    &String::from_utf8_lossy(&args.exchange),
+                    &s.vhost.name
+                )
             ))
         })?;
         let exchange = s.vhost.existing_exchange(exchange_name)?;
@@ -231,6 +257,13 @@ impl Channel {
         let mut props = header.properties;
         let mut raw = header.raw_properties;
         let mut rewrite = false;
+        if props.reply_to().as_ref().map(ShortString::as_str) == Some(REPLY_TO) {
+            let Some((key, _)) = &self.reply_to else {
+                return Err(precondition_failed("fast reply consumer does not exist"));
+            };
+            props = props.with_reply_to(format!("{REPLY_TO}.{key}").into());
+            rewrite = true;
+        }
         if let Some(user_id) = props.user_id()
             && user_id.as_str() != s.user
         {
@@ -240,12 +273,8 @@ impl Channel {
                 s.user
             )));
         }
-        if props.reply_to().as_ref().map(ShortString::as_str) == Some(REPLY_TO) {
-            let Some((key, _)) = &self.reply_to else {
-                return Err(precondition_failed("fast reply consumer does not exist"));
-            };
-            props = props.with_reply_to(format!("{REPLY_TO}.{key}").into());
-            rewrite = true;
+        if let Some(expiration) = props.expiration() {
+            check_expiration(expiration.as_str())?;
         }
         let mut keys: Vec<Bytes> = vec![args.routing_key.clone()];
         if let Some(headers) = props.headers().as_ref()
@@ -282,6 +311,13 @@ impl Channel {
                 rewrite = true;
             }
         }
+        if let Some(mode) = props.delivery_mode()
+            && !matches!(mode, 1 | 2)
+        {
+            return Err(precondition_failed(format!(
+                "invalid message: {{delivery_mode_unknown,{mode}}}"
+            )));
+        }
         if rewrite {
             raw = codec::encode_properties(&props);
         }
@@ -303,7 +339,14 @@ impl Channel {
             });
             return Ok(());
         }
-        self.route(s, &exchange, &keys, headers.as_ref(), args.mandatory, message);
+        self.route(
+            s,
+            &exchange,
+            &keys,
+            headers.as_ref(),
+            args.mandatory,
+            message,
+        );
         if let (Some(c), Some(seq)) = (&mut self.confirms, seq) {
             c.settled_upto = seq;
         }
@@ -352,7 +395,14 @@ impl Channel {
 
     pub(super) fn commit(&mut self, s: &mut Session, tx: Transaction) {
         for p in tx.publishes {
-            self.route(s, &p.exchange, &p.keys, p.headers.as_ref(), p.mandatory, p.message);
+            self.route(
+                s,
+                &p.exchange,
+                &p.keys,
+                p.headers.as_ref(),
+                p.mandatory,
+                p.message,
+            );
         }
         for (how, taken) in tx.settles {
             self.apply_settle(how, taken);

@@ -262,9 +262,11 @@ pub async fn run_writer<W: AsyncWrite + Unpin>(
                 None => break,
             },
             () = &mut idle_check => {
+                // Like RabbitMQ, send a heartbeat after half an interval without output.
                 let interval = heartbeat.load(Ordering::Relaxed);
                 let now = Instant::now();
-                if interval > 0 && now.duration_since(last_write) >= Duration::from_secs(interval.into()) {
+                let half = Duration::from_millis(u64::from(interval) * 500);
+                if interval > 0 && now.duration_since(last_write) >= half {
                     codec::encode_heartbeat(&mut buf);
                     if socket.write_all(&buf).await.is_err() {
                         break;
@@ -272,7 +274,8 @@ pub async fn run_writer<W: AsyncWrite + Unpin>(
                     buf.clear();
                     last_write = now;
                 }
-                idle_check.as_mut().reset(now + Duration::from_secs(1));
+                let step = if interval > 0 { half.min(Duration::from_secs(1)) } else { Duration::from_secs(1) };
+                idle_check.as_mut().reset(now + step.max(Duration::from_millis(100)));
                 continue;
             }
         };

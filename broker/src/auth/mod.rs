@@ -134,7 +134,12 @@ impl Users {
         self.users.read().get(name).cloned()
     }
 
-    pub fn authenticate(&self, name: &str, password: &str, peer: IpAddr) -> Result<User, AuthError> {
+    pub fn authenticate(
+        &self,
+        name: &str,
+        password: &str,
+        peer: IpAddr,
+    ) -> Result<User, AuthError> {
         let user = self
             .get(name)
             .filter(|u| check_password(&u.password_hash, password))
@@ -149,7 +154,9 @@ impl Users {
 fn is_loopback(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => v4.is_loopback(),
-        IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
     }
 }
 
@@ -201,12 +208,24 @@ mod tests {
             password_hash: hash_password("guest"),
             tags: vec![],
         });
-        assert!(users.authenticate("guest", "guest", "127.0.0.1".parse().unwrap()).is_ok());
-        assert!(users.authenticate("guest", "guest", "::1".parse().unwrap()).is_ok());
+        assert!(
+            users
+                .authenticate("guest", "guest", "127.0.0.1".parse().unwrap())
+                .is_ok()
+        );
+        assert!(
+            users
+                .authenticate("guest", "guest", "::1".parse().unwrap())
+                .is_ok()
+        );
         assert_eq!(
             users.authenticate("guest", "guest", "10.1.2.3".parse().unwrap()),
             Err(AuthError::LoopbackOnly("guest".into()))
         );
-        assert!(users.authenticate("guest", "nope", "127.0.0.1".parse().unwrap()).is_err());
+        assert!(
+            users
+                .authenticate("guest", "nope", "127.0.0.1".parse().unwrap())
+                .is_err()
+        );
     }
 }

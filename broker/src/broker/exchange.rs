@@ -272,7 +272,12 @@ impl Exchange {
 
     /// Appends the destinations matching `routing_key` (and `headers`, for the headers type).
     /// May repeat a destination; the caller de-duplicates.
-    pub fn route(&self, routing_key: &[u8], headers: Option<&FieldTable>, out: &mut Vec<Destination>) {
+    pub fn route(
+        &self,
+        routing_key: &[u8],
+        headers: Option<&FieldTable>,
+        out: &mut Vec<Destination>,
+    ) {
         let routes = self.routes.read();
         match &routes.table {
             Table::Direct(map) => {

@@ -49,10 +49,13 @@ impl HeadersMatch {
     pub fn matches(&self, headers: Option<&FieldTable>) -> bool {
         let empty = FieldTable::default();
         let headers = headers.unwrap_or(&empty).inner();
-        let mut hits = self.pattern.iter().map(|(key, want)| match headers.get(key.as_str()) {
-            None => false,
-            Some(have) => matches!(want, AMQPValue::Void) || values_equal(want, have),
-        });
+        let mut hits = self
+            .pattern
+            .iter()
+            .map(|(key, want)| match headers.get(key.as_str()) {
+                None => false,
+                Some(have) => matches!(want, AMQPValue::Void) || values_equal(want, have),
+            });
         if self.any {
             hits.any(|hit| hit)
         } else {
@@ -182,7 +185,10 @@ mod tests {
     #[test]
     fn x_arguments_count_only_with_x() {
         let plain = HeadersMatch::from_arguments(&table(&[("x-k", s("v"))])).unwrap();
-        assert!(plain.matches(None), "an all-match with no real keys matches everything");
+        assert!(
+            plain.matches(None),
+            "an all-match with no real keys matches everything"
+        );
         let with_x =
             HeadersMatch::from_arguments(&table(&[("x-match", s("all-with-x")), ("x-k", s("v"))]))
                 .unwrap();
@@ -208,6 +214,8 @@ mod tests {
     #[test]
     fn bad_x_match_is_refused() {
         assert!(HeadersMatch::from_arguments(&table(&[("x-match", s("some"))])).is_err());
-        assert!(HeadersMatch::from_arguments(&table(&[("x-match", AMQPValue::LongInt(1))])).is_err());
+        assert!(
+            HeadersMatch::from_arguments(&table(&[("x-match", AMQPValue::LongInt(1))])).is_err()
+        );
     }
 }

@@ -393,11 +393,11 @@ impl Queue {
         let count;
         {
             let mut st = self.state.lock();
-            if if_unused && !st.consumers.is_empty() {
-                return Err(DeleteRefused::InUse);
-            }
             if if_empty && !st.ready.is_empty() {
                 return Err(DeleteRefused::NotEmpty);
+            }
+            if if_unused && !st.consumers.is_empty() {
+                return Err(DeleteRefused::InUse);
             }
             if self.deleted.swap(true, Ordering::AcqRel) {
                 return Ok(0);
@@ -524,7 +524,8 @@ mod tests {
         let q = queue();
         let sink = Recorder::new(100);
         q.add_consumer(consumer("low", 0, 0, &sink), || ()).unwrap();
-        q.add_consumer(consumer("high", 5, 2, &sink), || ()).unwrap();
+        q.add_consumer(consumer("high", 5, 2, &sink), || ())
+            .unwrap();
         for _ in 0..3 {
             q.publish(msg());
         }
@@ -586,8 +587,10 @@ mod tests {
         let q = queue();
         let full = Recorder::new(0);
         let open = Recorder::new(10);
-        q.add_consumer(consumer("full", 0, 0, &full), || ()).unwrap();
-        q.add_consumer(consumer("open", 0, 0, &open), || ()).unwrap();
+        q.add_consumer(consumer("full", 0, 0, &full), || ())
+            .unwrap();
+        q.add_consumer(consumer("open", 0, 0, &open), || ())
+            .unwrap();
         q.publish(msg());
         q.publish(msg());
         assert_eq!(open.got.lock().len(), 2);
@@ -598,7 +601,15 @@ mod tests {
     fn exclusive_consumers_exclude_others() {
         let q = queue();
         let sink = Recorder::new(10);
-        let mut ex = Consumer::new("x".into(), false, true, 0, 0, sink.clone(), FieldTable::default());
+        let mut ex = Consumer::new(
+            "x".into(),
+            false,
+            true,
+            0,
+            0,
+            sink.clone(),
+            FieldTable::default(),
+        );
         ex.exclusive = true;
         q.add_consumer(Arc::new(ex), || ()).unwrap();
         assert_eq!(
@@ -615,7 +626,7 @@ mod tests {
         q.publish(msg());
         q.publish(msg());
         assert_eq!(q.delete(true, false), Err(DeleteRefused::InUse));
-        assert_eq!(q.delete(false, true), Err(DeleteRefused::NotEmpty));
+        assert_eq!(q.delete(true, true), Err(DeleteRefused::NotEmpty));
         assert_eq!(q.delete(false, false), Ok(2));
         assert_eq!(sink.cancelled.lock().len(), 1);
         assert!(!q.publish(msg()));

@@ -6,9 +6,13 @@ use super::exchange::{Binding, Destination, Exchange, ExchangeKind, ExchangeSpec
 use super::headers::{type_name, value_text, values_equal};
 use super::message::Message;
 use super::queue::{DeleteRefused, Queue, QueueSpec};
-use crate::error::{AmqpError, AmqpResult, access_refused, not_found, precondition_failed, resource_locked};
+use crate::error::{
+    AmqpError, AmqpResult, access_refused, not_found, precondition_failed, resource_locked,
+};
 use crate::store::DefinitionStore;
-use crate::store::definitions::{BindingDefinition, ExchangeDefinition, QueueDefinition, VhostDefinitions};
+use crate::store::definitions::{
+    BindingDefinition, ExchangeDefinition, QueueDefinition, VhostDefinitions,
+};
 use amq_protocol::types::{AMQPValue, FieldTable};
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
@@ -98,9 +102,19 @@ fn check_args_equivalent(
     requested: &FieldTable,
     keys: &[&str],
 ) -> AmqpResult<()> {
+    let classic = AMQPValue::LongString("classic".into());
     for key in keys {
-        let have = current.inner().get(*key);
-        let want = requested.inner().get(*key);
+        let mut have = current.inner().get(*key);
+        let mut want = requested.inner().get(*key);
+        if *key == "x-queue-type" {
+            // An absent queue type means classic.
+            if have.is_none() && want.is_some_and(|w| values_equal(w, &classic)) {
+                have = want;
+            }
+            if want.is_none() && have.is_some_and(|h| values_equal(h, &classic)) {
+                want = have;
+            }
+        }
         match (have, want) {
             (None, None) => {}
             (Some(h), Some(w)) if type_name(h) == type_name(w) && values_equal(h, w) => {}
@@ -177,16 +191,19 @@ impl Vhost {
                 tracing::warn!(vhost = %self.name, exchange = %name, kind = %x.kind, "skipping stored exchange of unknown type");
                 continue;
             };
-            self.exchanges.write().entry(name.clone()).or_insert_with(|| {
-                Exchange::new(ExchangeSpec {
-                    name: name.clone(),
-                    kind,
-                    durable: true,
-                    auto_delete: x.auto_delete,
-                    internal: x.internal,
-                    arguments: x.arguments.clone(),
-                })
-            });
+            self.exchanges
+                .write()
+                .entry(name.clone())
+                .or_insert_with(|| {
+                    Exchange::new(ExchangeSpec {
+                        name: name.clone(),
+                        kind,
+                        durable: true,
+                        auto_delete: x.auto_delete,
+                        internal: x.internal,
+                        arguments: x.arguments.clone(),
+                    })
+                });
         }
         for (name, q) in &defs.queues {
             self.queues.write().entry(name.clone()).or_insert_with(|| {
@@ -309,7 +326,12 @@ impl Vhost {
                     ));
                 }
             }
-            check_args_equivalent(&what, &cur.arguments, &spec.arguments, &["alternate-exchange"])?;
+            check_args_equivalent(
+                &what,
+                &cur.arguments,
+                &spec.arguments,
+                &["alternate-exchange"],
+            )?;
             return Ok(x);
         }
         if spec.name.starts_with("amq.") {
@@ -331,14 +353,18 @@ impl Vhost {
             })?;
         }
         let x = Exchange::new(spec);
-        self.exchanges.write().insert(x.spec.name.clone(), x.clone());
+        self.exchanges
+            .write()
+            .insert(x.spec.name.clone(), x.clone());
         Ok(x)
     }
 
     /// `exchange.delete`. A missing exchange is not an error (as in RabbitMQ).
     pub fn delete_exchange(&self, name: &str, if_unused: bool) -> AmqpResult<()> {
         if name.is_empty() {
-            return Err(access_refused("operation not permitted on the default exchange"));
+            return Err(access_refused(
+                "operation not permitted on the default exchange",
+            ));
         }
         if name.starts_with("amq.") {
             return Err(access_refused(format!(
@@ -365,7 +391,10 @@ impl Vhost {
         let dest = Destination::Exchange(x.clone());
         let mut emptied = Vec::new();
         for other in self.exchanges() {
-            if other.unbind_destination(&dest) > 0 && other.spec.auto_delete && !other.has_bindings() {
+            if other.unbind_destination(&dest) > 0
+                && other.spec.auto_delete
+                && !other.has_bindings()
+            {
                 emptied.push(other);
             }
         }
@@ -411,10 +440,15 @@ impl Vhost {
                     ));
                 }
             }
-            check_args_equivalent(&what, &q.spec.arguments, &spec.arguments, EQUIVALENT_QUEUE_ARGS)?;
+            check_args_equivalent(
+                &what,
+                &q.spec.arguments,
+                &spec.arguments,
+                EQUIVALENT_QUEUE_ARGS,
+            )?;
             return Ok((q, false));
         }
-        validate_queue_arguments(&self.describe("queue", &spec.name), &spec.arguments)?;
+        validate_queue_arguments(&spec, &self.name)?;
         if spec.durable && owner.is_none() {
             let def = QueueDefinition {
                 auto_delete: spec.auto_delete,
@@ -502,7 +536,9 @@ impl Vhost {
         connection: u64,
     ) -> AmqpResult<(Arc<Exchange>, Destination)> {
         if source.is_empty() || (kind == DestinationKind::Exchange && destination.is_empty()) {
-            return Err(access_refused("operation not permitted on the default exchange"));
+            return Err(access_refused(
+                "operation not permitted on the default exchange",
+            ));
         }
         let src = self.exchange(source);
         let dst = match kind {
@@ -538,7 +574,8 @@ impl Vhost {
     ) -> AmqpResult<()> {
         let _t = self.topology.lock();
         let (src, dst) = self.resolve_binding(source, destination, kind, connection)?;
-        src.validate_binding(arguments).map_err(precondition_failed)?;
+        src.validate_binding(arguments)
+            .map_err(precondition_failed)?;
         let durable = src.spec.durable
             && match &dst {
                 Destination::Queue(q) => q.spec.durable && q.owner.is_none(),
@@ -570,7 +607,12 @@ impl Vhost {
         connection: u64,
     ) -> AmqpResult<()> {
         let _t = self.topology.lock();
-        let (src, dst) = self.resolve_binding(source, destination, kind, connection)?;
+        let (src, dst) = match self.resolve_binding(source, destination, kind, connection) {
+            Ok(found) => found,
+            // Unbinding from or to something that does not exist succeeds, as in RabbitMQ.
+            Err(e) if e.code == crate::error::NOT_FOUND => return Ok(()),
+            Err(e) => return Err(e),
+        };
         let binding = Binding {
             destination: dst,
             routing_key: routing_key.to_owned(),
@@ -701,58 +743,148 @@ fn as_integer(v: &AMQPValue) -> Option<i64> {
     })
 }
 
-/// Checks the queue arguments RabbitMQ checks at declaration, with its texts.
-fn validate_queue_arguments(what: &str, args: &FieldTable) -> AmqpResult<()> {
+fn as_text(v: &AMQPValue) -> Option<String> {
+    match v {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+/// The largest TTL or expiry RabbitMQ accepts, in milliseconds.
+const MAX_EXPIRY: i64 = u32::MAX as i64;
+
+/// Checks the queue arguments RabbitMQ checks when a queue is created, with its texts
+/// (`invalid arg 'x-max-length' for queue 'q' in vhost '/': {value_negative,-1}`).
+fn validate_queue_arguments(spec: &QueueSpec, vhost: &str) -> AmqpResult<()> {
+    let what = describe("queue", &spec.name, vhost);
     let invalid = |key: &str, detail: String| {
         precondition_failed(format!("invalid arg '{key}' for {what}: {detail}"))
     };
-    for (key, value) in args.inner() {
+    let integer = |key: &str, v: &AMQPValue| {
+        as_integer(v)
+            .ok_or_else(|| invalid(key, format!("\"expected integer, got {}\"", type_name(v))))
+    };
+    let args = spec.arguments.inner();
+    let queue_type = match args.get("x-queue-type") {
+        None => "classic".to_owned(),
+        Some(v) => match as_text(v) {
+            Some(t) if matches!(t.as_str(), "classic" | "quorum") => t,
+            Some(t) => {
+                return Err(invalid(
+                    "x-queue-type",
+                    format!("\"unsupported queue type '{t}'\""),
+                ));
+            }
+            None => {
+                return Err(invalid(
+                    "x-queue-type",
+                    format!("{{unacceptable_type,{}}}", type_name(v)),
+                ));
+            }
+        },
+    };
+    for (key, value) in args {
         let key = key.as_str();
         match key {
-            "x-max-length" | "x-max-length-bytes" | "x-max-in-memory-length"
-            | "x-max-in-memory-bytes" | "x-delivery-limit" => match as_integer(value) {
-                Some(n) if n >= 0 => {}
-                Some(n) => return Err(invalid(key, format!("{{value_negative,{n}}}"))),
-                None => {
-                    return Err(invalid(key, format!("{{unacceptable_type,{}}}", type_name(value))));
+            "x-max-length" | "x-max-length-bytes" | "x-delivery-limit" => {
+                let n = integer(key, value)?;
+                if n < 0 {
+                    return Err(invalid(key, format!("{{value_negative,{n}}}")));
                 }
-            },
-            "x-message-ttl" => match as_integer(value) {
-                Some(n) if n >= 0 => {}
-                Some(n) => return Err(invalid(key, format!("{{value_negative,{n}}}"))),
-                None => {
-                    return Err(invalid(key, format!("{{unacceptable_type,{}}}", type_name(value))));
+            }
+            "x-max-in-memory-length" | "x-max-in-memory-bytes" if queue_type == "classic" => {
+                return Err(precondition_failed(format!(
+                    "invalid arg '{key}' for {what} of queue type rabbit_classic_queue"
+                )));
+            }
+            "x-message-ttl" => {
+                let n = integer(key, value)?;
+                if n < 0 {
+                    return Err(invalid(key, format!("{{value_negative,{n}}}")));
                 }
-            },
-            "x-expires" => match as_integer(value) {
-                Some(n) if n > 0 => {}
-                Some(n) => return Err(invalid(key, format!("{{value_zero_or_less,{n}}}"))),
-                None => {
-                    return Err(invalid(key, format!("{{unacceptable_type,{}}}", type_name(value))));
-                }
-            },
-            "x-max-priority" => match as_integer(value) {
-                Some(n) if (0..=255).contains(&n) => {}
-                Some(n) if n < 0 => return Err(invalid(key, format!("{{value_negative,{n}}}"))),
-                Some(n) => return Err(invalid(key, format!("{{value_too_big,{n}}}"))),
-                None => {
-                    return Err(invalid(key, format!("{{unacceptable_type,{}}}", type_name(value))));
-                }
-            },
-            "x-queue-type" => match value {
-                AMQPValue::LongString(s)
-                    if matches!(s.as_bytes(), b"classic" | b"quorum") => {}
-                AMQPValue::LongString(s) => {
+                if n > MAX_EXPIRY {
                     return Err(invalid(
                         key,
-                        format!("{{unsupported_queue_type,{}}}", String::from_utf8_lossy(s.as_bytes())),
+                        format!("{{value_too_large,{n},{MAX_EXPIRY}}}"),
                     ));
                 }
-                other => {
-                    return Err(invalid(key, format!("{{unacceptable_type,{}}}", type_name(other))));
+            }
+            "x-expires" => {
+                let n = integer(key, value)?;
+                if n == 0 {
+                    return Err(invalid(key, "{value_zero,0}".into()));
+                }
+                if n < 0 {
+                    return Err(invalid(key, format!("{{value_negative,{n}}}")));
+                }
+                if n > MAX_EXPIRY {
+                    return Err(invalid(
+                        key,
+                        format!("{{value_too_large,{n},{MAX_EXPIRY}}}"),
+                    ));
+                }
+            }
+            "x-max-priority" => {
+                let n = integer(key, value)?;
+                if n < 0 {
+                    return Err(invalid(key, format!("{{value_negative,{n}}}")));
+                }
+                if n > 255 {
+                    return Err(invalid(key, format!("{{max_value_exceeded,{n}}}")));
+                }
+            }
+            "x-dead-letter-exchange" | "x-dead-letter-routing-key" if as_text(value).is_none() => {
+                return Err(precondition_failed(format!(
+                    "invalid type '{}' for arg '{key}' in {what}",
+                    type_name(value)
+                )));
+            }
+            "x-dead-letter-routing-key" if !args.contains_key("x-dead-letter-exchange") => {
+                return Err(invalid(key, "routing_key_but_no_dlx_defined".into()));
+            }
+            "x-overflow" => match as_text(value).as_deref() {
+                Some("drop-head" | "reject-publish" | "reject-publish-dlx") => {}
+                _ => return Err(invalid(key, "invalid_overflow".into())),
+            },
+            "x-queue-mode" => match as_text(value).as_deref() {
+                Some("default" | "lazy") => {}
+                Some(other) => {
+                    return Err(invalid(
+                        key,
+                        format!("\"unsupported queue mode '{other}'\""),
+                    ));
+                }
+                None => {
+                    return Err(invalid(
+                        key,
+                        format!("{{unacceptable_type,{}}}", type_name(value)),
+                    ));
                 }
             },
+            "x-single-active-consumer" if !matches!(value, AMQPValue::Boolean(_)) => {
+                return Err(invalid(
+                    key,
+                    format!("{{unacceptable_type,{}}}", type_name(value)),
+                ));
+            }
             _ => {}
+        }
+    }
+    if queue_type == "quorum" {
+        let property = if !spec.durable {
+            Some("non-durable")
+        } else if spec.exclusive {
+            Some("exclusive-owner")
+        } else if spec.auto_delete {
+            Some("auto-delete")
+        } else {
+            None
+        };
+        if let Some(p) = property {
+            return Err(precondition_failed(format!(
+                "invalid property '{p}' for {what}"
+            )));
         }
     }
     Ok(())

@@ -10,8 +10,8 @@ const amqp = require('amqplib');
 const AMQP_URL = process.env.AMQP_URL || 'amqp://guest:guest@127.0.0.1:5672/%2f';
 const WAIT_MS = 5000; // for any single expected event
 const TEST_TIMEOUT_MS = 10000; // hard limit per test
-// After this many tests in a row hit the hard timeout the broker is taken to
-// be unresponsive and the remaining tests in the file fail at once.
+// After this many tests in a row fail by timing out, the broker is taken to be
+// unresponsive and the remaining tests in the file fail at once.
 const MAX_CONSECUTIVE_TIMEOUTS = 3;
 const VHOST = (() => {
   const p = new URL(AMQP_URL).pathname.replace(/^\//, '');
@@ -31,19 +31,18 @@ function brokerTest(name, fn) {
     if (consecutiveTimeouts >= MAX_CONSECUTIVE_TIMEOUTS) {
       throw new Error(`not run: broker stopped responding (${consecutiveTimeouts} tests in a row timed out)`);
     }
-    let timedOut = false;
     let timer;
     const limit = new Promise((_, reject) => {
-      timer = setTimeout(() => {
-        timedOut = true;
-        reject(new Error(`test exceeded ${TEST_TIMEOUT_MS}ms hard timeout`));
-      }, TEST_TIMEOUT_MS);
+      timer = setTimeout(() => reject(timeoutError(`test exceeded ${TEST_TIMEOUT_MS}ms hard timeout`)), TEST_TIMEOUT_MS);
     });
     try {
       await Promise.race([fn(t), limit]);
+      consecutiveTimeouts = 0;
+    } catch (err) {
+      consecutiveTimeouts = err && err.isTimeout ? consecutiveTimeouts + 1 : 0;
+      throw err;
     } finally {
       clearTimeout(timer);
-      consecutiveTimeouts = timedOut ? consecutiveTimeouts + 1 : 0;
     }
   });
 }
@@ -56,10 +55,16 @@ function sleep(ms) {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
+function timeoutError(message) {
+  const err = new Error(message);
+  err.isTimeout = true;
+  return err;
+}
+
 function withTimeout(promise, ms, what) {
   let timer;
   const timeout = new Promise((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${ms}ms waiting for ${what}`)), ms);
+    timer = setTimeout(() => reject(timeoutError(`timed out after ${ms}ms waiting for ${what}`)), ms);
   });
   return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
 }
@@ -67,7 +72,7 @@ function withTimeout(promise, ms, what) {
 async function waitFor(predicate, what, ms = WAIT_MS) {
   const deadline = Date.now() + ms;
   while (!predicate()) {
-    if (Date.now() > deadline) throw new Error(`timed out after ${ms}ms waiting for ${what}`);
+    if (Date.now() > deadline) throw timeoutError(`timed out after ${ms}ms waiting for ${what}`);
     await sleep(10);
   }
 }
@@ -144,7 +149,7 @@ async function setup(t) {
   };
   t.after(async () => {
     try {
-      await withTimeout(conn.close(), WAIT_MS, 'connection.close');
+      await withTimeout(conn.close(), 2000, 'connection.close');
     } catch (_) {
       // already closed (or broker unresponsive)
       conn.connection.stream.destroy();

@@ -1,0 +1,701 @@
+//! Byte-level tests of the handshake and of malformed input, over a raw socket, against the
+//! reply codes and texts RabbitMQ 3.10 sends (see docs/rabbitmq-3.10-reference.md).
+
+mod common;
+
+use amq_protocol::frame::{AMQPFrame, WriteContext, gen_frame, parse_frame};
+use amq_protocol::protocol::{AMQPClass, basic, channel, connection, queue};
+use amq_protocol::types::{AMQPValue, FieldTable, LongString};
+use bytes::BytesMut;
+use common::TestBroker;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const HEADER: &[u8] = b"AMQP\x00\x00\x09\x01";
+
+/// A bare AMQP client: frames in, frames out, nothing hidden.
+struct Raw {
+    socket: TcpStream,
+    buf: BytesMut,
+}
+
+#[derive(Debug, PartialEq)]
+struct Close {
+    code: u16,
+    text: String,
+    class_id: u16,
+    method_id: u16,
+}
+
+fn encode(frame: &AMQPFrame) -> Vec<u8> {
+    let ctx = WriteContext::from(Vec::new());
+    gen_frame(frame)(ctx).expect("encodes").write
+}
+
+impl Raw {
+    async fn connect(broker: &TestBroker) -> Self {
+        let socket = TcpStream::connect(broker.addr).await.expect("connects");
+        Self {
+            socket,
+            buf: BytesMut::new(),
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.socket.write_all(bytes).await.expect("writes");
+    }
+
+    async fn send_method(&mut self, channel: u16, method: AMQPClass) {
+        let bytes = encode(&AMQPFrame::Method(channel, method));
+        self.send(&bytes).await;
+    }
+
+    /// The next frame, or None when the server closed the socket.
+    async fn frame(&mut self) -> Option<AMQPFrame> {
+        loop {
+            if !self.buf.is_empty() {
+                let parsed = parse_frame(&self.buf[..]).map(|(rest, f)| (rest.len(), f));
+                if let Ok((rest, frame)) = parsed {
+                    let used = self.buf.len() - rest;
+                    let _ = self.buf.split_to(used);
+                    return Some(frame);
+                }
+            }
+            let n =
+                tokio::time::timeout(Duration::from_secs(10), self.socket.read_buf(&mut self.buf))
+                    .await
+                    .expect("server answers in time")
+                    .unwrap_or(0);
+            if n == 0 && !self.buf.is_empty() {
+                // Bytes that are not a whole frame (the 8-byte protocol header reply).
+                return None;
+            }
+            if n == 0 {
+                return None;
+            }
+        }
+    }
+
+    /// Reads frames until a method arrives (skipping heartbeats).
+    async fn method(&mut self) -> Option<(u16, AMQPClass)> {
+        loop {
+            match self.frame().await? {
+                AMQPFrame::Method(ch, m) => return Some((ch, m)),
+                AMQPFrame::Heartbeat => continue,
+                other => panic!("expected a method, got {other:?}"),
+            }
+        }
+    }
+
+    /// Whether the server closes the socket within a few seconds (answering a
+    /// `connection.close` on the way, as a client would).
+    async fn closed(&mut self) -> bool {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), self.frame()).await {
+                Ok(None) => return true,
+                Ok(Some(AMQPFrame::Method(
+                    0,
+                    AMQPClass::Connection(connection::AMQPMethod::Close(_)),
+                ))) => {
+                    let close_ok = encode(&AMQPFrame::Method(
+                        0,
+                        AMQPClass::Connection(connection::AMQPMethod::CloseOk(
+                            connection::CloseOk {},
+                        )),
+                    ));
+                    // The server may already be gone; that is fine.
+                    let _ = self.socket.write_all(&close_ok).await;
+                }
+                Ok(Some(_)) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    async fn start_ok(&mut self, user: &str, pass: &str, auth_failure_close: bool) {
+        let mut caps = FieldTable::default();
+        caps.insert(
+            "authentication_failure_close".into(),
+            AMQPValue::Boolean(auth_failure_close),
+        );
+        caps.insert("consumer_cancel_notify".into(), AMQPValue::Boolean(true));
+        let mut props = FieldTable::default();
+        props.insert("capabilities".into(), AMQPValue::FieldTable(caps));
+        let response = format!("\0{user}\0{pass}");
+        self.send_method(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {
+                client_properties: props,
+                mechanism: "PLAIN".into(),
+                response: LongString::from(response.into_bytes()),
+                locale: "en_US".into(),
+            })),
+        )
+        .await;
+    }
+
+    /// Runs the handshake up to `connection.open-ok` and opens channel 1.
+    async fn open(broker: &TestBroker) -> Self {
+        let mut raw = Self::connect(broker).await;
+        raw.send(HEADER).await;
+        let (_, start) = raw.method().await.expect("connection.start");
+        assert!(matches!(
+            start,
+            AMQPClass::Connection(connection::AMQPMethod::Start(_))
+        ));
+        raw.start_ok("guest", "guest", true).await;
+        let (_, tune) = raw.method().await.expect("connection.tune");
+        let AMQPClass::Connection(connection::AMQPMethod::Tune(tune)) = tune else {
+            panic!("expected tune, got {tune:?}");
+        };
+        raw.send_method(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::TuneOk(connection::TuneOk {
+                channel_max: tune.channel_max,
+                frame_max: tune.frame_max,
+                heartbeat: 0,
+            })),
+        )
+        .await;
+        raw.send_method(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::Open(connection::Open {
+                virtual_host: "/".into(),
+            })),
+        )
+        .await;
+        let (_, open_ok) = raw.method().await.expect("connection.open-ok");
+        assert!(matches!(
+            open_ok,
+            AMQPClass::Connection(connection::AMQPMethod::OpenOk(_))
+        ));
+        raw.open_channel(1).await;
+        raw
+    }
+
+    async fn open_channel(&mut self, ch: u16) {
+        self.send_method(
+            ch,
+            AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+        )
+        .await;
+        let (got_ch, ok) = self.method().await.expect("channel.open-ok");
+        assert_eq!(got_ch, ch);
+        assert!(matches!(
+            ok,
+            AMQPClass::Channel(channel::AMQPMethod::OpenOk(_))
+        ));
+    }
+
+    /// Expects `connection.close` and answers close-ok.
+    async fn expect_connection_close(&mut self) -> Close {
+        let (ch, m) = self.method().await.expect("connection.close");
+        assert_eq!(ch, 0, "connection.close comes on channel 0, got {m:?}");
+        let AMQPClass::Connection(connection::AMQPMethod::Close(c)) = m else {
+            panic!("expected connection.close, got {m:?}");
+        };
+        self.send_method(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})),
+        )
+        .await;
+        Close {
+            code: c.reply_code,
+            text: c.reply_text.as_str().to_owned(),
+            class_id: c.class_id,
+            method_id: c.method_id,
+        }
+    }
+}
+
+fn close(code: u16, text: &str, class_id: u16, method_id: u16) -> Close {
+    Close {
+        code,
+        text: text.to_owned(),
+        class_id,
+        method_id,
+    }
+}
+
+fn declare(name: &str) -> AMQPClass {
+    AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+        queue: name.into(),
+        passive: false,
+        durable: false,
+        exclusive: false,
+        auto_delete: true,
+        nowait: false,
+        arguments: FieldTable::default(),
+    }))
+}
+
+#[tokio::test]
+async fn bad_protocol_header_is_answered_with_ours_and_closed() {
+    let broker = TestBroker::start().await;
+    for bad in [
+        &b"AMQP\x00\x00\x08\x00"[..],
+        b"HTTP/1.1",
+        b"AMQP\x00\x01\x00\x00",
+    ] {
+        let mut raw = Raw::connect(&broker).await;
+        raw.send(bad).await;
+        let mut reply = [0u8; 8];
+        raw.socket
+            .read_exact(&mut reply)
+            .await
+            .expect("8 bytes back");
+        assert_eq!(&reply, HEADER, "for {bad:?}");
+        assert!(raw.closed().await, "socket closed after {bad:?}");
+    }
+}
+
+#[tokio::test]
+async fn handshake_offers_rabbitmq_capabilities_and_limits() {
+    let broker = TestBroker::start().await;
+    let mut raw = Raw::connect(&broker).await;
+    raw.send(HEADER).await;
+    let (ch, start) = raw.method().await.expect("connection.start");
+    assert_eq!(ch, 0);
+    let AMQPClass::Connection(connection::AMQPMethod::Start(start)) = start else {
+        panic!("expected start");
+    };
+    assert_eq!((start.version_major, start.version_minor), (0, 9));
+    assert_eq!(start.mechanisms.as_bytes(), b"AMQPLAIN PLAIN");
+    assert_eq!(start.locales.as_bytes(), b"en_US");
+    for key in ["product", "version", "platform"] {
+        assert!(
+            start.server_properties.inner().contains_key(key),
+            "server property {key}"
+        );
+    }
+    let Some(AMQPValue::FieldTable(caps)) = start.server_properties.inner().get("capabilities")
+    else {
+        panic!("capabilities table");
+    };
+    for cap in [
+        "publisher_confirms",
+        "exchange_exchange_bindings",
+        "basic.nack",
+        "consumer_cancel_notify",
+        "connection.blocked",
+        "consumer_priorities",
+        "authentication_failure_close",
+        "per_consumer_qos",
+        "direct_reply_to",
+    ] {
+        assert_eq!(
+            caps.inner().get(cap),
+            Some(&AMQPValue::Boolean(true)),
+            "capability {cap}"
+        );
+    }
+    raw.start_ok("guest", "guest", true).await;
+    let (_, tune) = raw.method().await.expect("tune");
+    let AMQPClass::Connection(connection::AMQPMethod::Tune(tune)) = tune else {
+        panic!("expected tune");
+    };
+    assert_eq!(
+        (tune.channel_max, tune.frame_max, tune.heartbeat),
+        (2047, 131072, 60)
+    );
+}
+
+#[tokio::test]
+async fn bad_credentials_close_with_403_when_the_client_asks_for_it() {
+    let broker = TestBroker::start().await;
+    let mut raw = Raw::connect(&broker).await;
+    raw.send(HEADER).await;
+    raw.method().await.expect("start");
+    raw.start_ok("guest", "wrong", true).await;
+    assert_eq!(
+        raw.expect_connection_close().await,
+        close(
+            403,
+            "ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN. For details see the broker logfile.",
+            0,
+            0
+        )
+    );
+    assert!(raw.closed().await);
+}
+
+#[tokio::test]
+async fn bad_credentials_without_the_capability_just_close_the_socket() {
+    let broker = TestBroker::start().await;
+    let mut raw = Raw::connect(&broker).await;
+    raw.send(HEADER).await;
+    raw.method().await.expect("start");
+    raw.start_ok("nobody", "x", false).await;
+    assert_eq!(raw.frame().await, None, "no frame, just a closed socket");
+}
+
+#[tokio::test]
+async fn tune_ok_above_the_servers_frame_max_is_refused() {
+    let broker = TestBroker::start().await;
+    let mut raw = Raw::connect(&broker).await;
+    raw.send(HEADER).await;
+    raw.method().await.expect("start");
+    raw.start_ok("guest", "guest", true).await;
+    raw.method().await.expect("tune");
+    raw.send_method(
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::TuneOk(connection::TuneOk {
+            channel_max: 2047,
+            frame_max: 131073,
+            heartbeat: 0,
+        })),
+    )
+    .await;
+    let c = raw.expect_connection_close().await;
+    assert_eq!(c.code, 530);
+    assert_eq!(
+        c.text,
+        "NOT_ALLOWED - negotiated frame_max = 131073 is higher than the maximum allowed value (131072)"
+    );
+}
+
+#[tokio::test]
+async fn connection_open_to_a_missing_vhost_is_refused_with_530() {
+    let broker = TestBroker::start().await;
+    let mut raw = Raw::connect(&broker).await;
+    raw.send(HEADER).await;
+    raw.method().await.expect("start");
+    raw.start_ok("guest", "guest", true).await;
+    raw.method().await.expect("tune");
+    raw.send_method(
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::TuneOk(connection::TuneOk {
+            channel_max: 2047,
+            frame_max: 131072,
+            heartbeat: 0,
+        })),
+    )
+    .await;
+    raw.send_method(
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::Open(connection::Open {
+            virtual_host: "no-such-vhost".into(),
+        })),
+    )
+    .await;
+    assert_eq!(
+        raw.expect_connection_close().await,
+        close(530, "NOT_ALLOWED - vhost no-such-vhost not found", 10, 40)
+    );
+}
+
+#[tokio::test]
+async fn oversized_frame_is_refused_from_its_header_alone() {
+    let broker = TestBroker::start().await;
+    let mut raw = Raw::open(&broker).await;
+    // A method frame header announcing 1,000,000 bytes; the payload is never sent.
+    raw.send(&[1, 0, 1, 0, 0x0F, 0x42, 0x40]).await;
+    assert_eq!(
+        raw.expect_connection_close().await,
+        close(
+            501,
+            "FRAME_ERROR - type 1, all octets = <<>>: {frame_too_large,1000000,131064}",
+            0,
+            0
+        )
+    );
+    assert!(raw.closed().await);
+}
+
+#[tokio::test]
+async fn bad_frame_end_octet_is_a_frame_error() {
+    let broker = TestBroker::start().await;
+    let mut raw = Raw::open(&broker).await;
+    // channel.open for channel 2 with 0x00 where 0xCE belongs.
+    raw.send(&[1, 0, 2, 0, 0, 0, 5, 0, 20, 0, 10, 0, 0]).await;
+    assert_eq!(
+        raw.expect_connection_close().await,
+        close(
+            501,
+            "FRAME_ERROR - type 1, all octets = <<0,20,0,10,0>>: {invalid_frame_end_marker,0}",
+            0,
+            0
+        )
+    );
+    assert!(raw.closed().await);
+}
+
+#[tokio::test]
+async fn unknown_frame_type_is_a_frame_error() {
+    let broker = TestBroker::start().await;
+    let mut raw = Raw::open(&broker).await;
+    raw.send(b"\x09\x00\x01\x00\x00\x00\x05hello\xce").await;
+    assert_eq!(
+        raw.expect_connection_close().await,
+        close(
+            501,
+            "FRAME_ERROR - type 9, all octets = <<\"hello\">>: unknown_frame",
+            0,
+            0
+        )
+    );
+}
+
+#[tokio::test]
+async fn content_header_without_a_publish_is_an_unexpected_frame() {
+    let broker = TestBroker::start().await;
+    let mut raw = Raw::open(&broker).await;
+    raw.send(&[
+        2, 0, 1, 0, 0, 0, 14, 0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0xCE,
+    ])
+    .await;
+    assert_eq!(
+        raw.expect_connection_close().await,
+        close(
+            505,
+            "UNEXPECTED_FRAME - expected method frame, got non method frame instead",
+            0,
+            0
+        )
+    );
+}
+
+#[tokio::test]
+async fn publish_followed_by_a_method_is_an_unexpected_frame() {
+    let broker = TestBroker::start().await;
+    let mut raw = Raw::open(&broker).await;
+    raw.send_method(
+        1,
+        AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+            exchange: "".into(),
+            routing_key: "q".into(),
+            mandatory: false,
+            immediate: false,
+        })),
+    )
+    .await;
+    raw.send_method(1, declare("x")).await;
+    assert_eq!(
+        raw.expect_connection_close().await,
+        close(
+            505,
+            "UNEXPECTED_FRAME - expected content header for class 60, got non content header frame instead",
+            60,
+            40
+        )
+    );
+}
+
+#[tokio::test]
+async fn method_on_an_unopened_channel_is_a_channel_error() {
+    let broker = TestBroker::start().await;
+    let mut raw = Raw::open(&broker).await;
+    raw.send_method(7, declare("x")).await;
+    assert_eq!(
+        raw.expect_connection_close().await,
+        close(504, "CHANNEL_ERROR - expected 'channel.open'", 50, 10)
+    );
+}
+
+#[tokio::test]
+async fn second_channel_open_is_a_channel_error() {
+    let broker = TestBroker::start().await;
+    let mut raw = Raw::open(&broker).await;
+    raw.send_method(
+        1,
+        AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+    )
+    .await;
+    assert_eq!(
+        raw.expect_connection_close().await,
+        close(504, "CHANNEL_ERROR - second 'channel.open' seen", 20, 10)
+    );
+}
+
+#[tokio::test]
+async fn channel_method_on_channel_zero_is_refused() {
+    let broker = TestBroker::start().await;
+    let mut raw = Raw::open(&broker).await;
+    raw.send_method(0, declare("x")).await;
+    assert_eq!(
+        raw.expect_connection_close().await,
+        close(
+            504,
+            "CHANNEL_ERROR - unexpected method in connection state running",
+            50,
+            10
+        )
+    );
+}
+
+#[tokio::test]
+async fn heartbeat_on_a_channel_other_than_zero_is_an_unexpected_frame() {
+    let broker = TestBroker::start().await;
+    let mut raw = Raw::open(&broker).await;
+    raw.send(&[8, 0, 1, 0, 0, 0, 0, 0xCE]).await;
+    assert_eq!(
+        raw.expect_connection_close().await,
+        close(505, "UNEXPECTED_FRAME - type 8, all octets = <<>>", 0, 0)
+    );
+}
+
+#[tokio::test]
+async fn unknown_class_or_method_closes_the_connection_with_a_reason() {
+    let broker = TestBroker::start().await;
+    for (class, method) in [(99u16, 10u16), (60, 99)] {
+        let mut raw = Raw::open(&broker).await;
+        let mut payload = Vec::new();
+        payload.extend_from_slice(&class.to_be_bytes());
+        payload.extend_from_slice(&method.to_be_bytes());
+        let mut frame = vec![1, 0, 1];
+        frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        frame.extend_from_slice(&payload);
+        frame.push(0xCE);
+        raw.send(&frame).await;
+        let c = raw.expect_connection_close().await;
+        assert_eq!((c.code, c.class_id, c.method_id), (540, class, method));
+    }
+}
+
+#[tokio::test]
+async fn truncated_method_arguments_cannot_be_decoded() {
+    let broker = TestBroker::start().await;
+    let mut raw = Raw::open(&broker).await;
+    // queue.declare whose queue name announces 5 bytes but carries 2.
+    raw.send(&[1, 0, 1, 0, 0, 0, 9, 0, 50, 0, 10, 0, 0, 5, b'a', b'b', 0xCE])
+        .await;
+    assert_eq!(
+        raw.expect_connection_close().await,
+        close(501, "FRAME_ERROR - cannot decode <<0,0,5,97,98>>", 50, 10)
+    );
+}
+
+#[tokio::test]
+async fn garbage_after_the_protocol_header_is_refused() {
+    let broker = TestBroker::start().await;
+    let mut raw = Raw::connect(&broker).await;
+    raw.send(HEADER).await;
+    raw.method().await.expect("start");
+    raw.send(&[0xFF; 20]).await;
+    // Read as a frame announcing 4 GiB: refused from its header, then closed.
+    let mut closed = false;
+    while let Some(frame) = raw.frame().await {
+        if let AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Close(c))) = frame
+        {
+            assert_eq!(c.reply_code, 501);
+            closed = raw.closed().await;
+            break;
+        }
+    }
+    assert!(closed);
+}
+
+#[tokio::test]
+async fn channel_max_limits_open_channels_not_channel_ids() {
+    let broker = TestBroker::start().await;
+    let mut raw = Raw::connect(&broker).await;
+    raw.send(HEADER).await;
+    raw.method().await.expect("start");
+    raw.start_ok("guest", "guest", true).await;
+    raw.method().await.expect("tune");
+    raw.send_method(
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::TuneOk(connection::TuneOk {
+            channel_max: 2,
+            frame_max: 131072,
+            heartbeat: 0,
+        })),
+    )
+    .await;
+    raw.send_method(
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::Open(connection::Open {
+            virtual_host: "/".into(),
+        })),
+    )
+    .await;
+    raw.method().await.expect("open-ok");
+    raw.open_channel(100).await;
+    raw.open_channel(1).await;
+    raw.send_method(
+        2,
+        AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+    )
+    .await;
+    assert_eq!(
+        raw.expect_connection_close().await,
+        close(
+            530,
+            "NOT_ALLOWED - number of channels opened (2) has reached the negotiated channel_max (2)",
+            0,
+            0
+        )
+    );
+}
+
+#[tokio::test]
+async fn silent_client_is_disconnected_after_two_heartbeat_intervals() {
+    let broker = TestBroker::start().await;
+    let mut raw = Raw::connect(&broker).await;
+    raw.send(HEADER).await;
+    raw.method().await.expect("start");
+    raw.start_ok("guest", "guest", true).await;
+    raw.method().await.expect("tune");
+    raw.send_method(
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::TuneOk(connection::TuneOk {
+            channel_max: 2047,
+            frame_max: 131072,
+            heartbeat: 1,
+        })),
+    )
+    .await;
+    raw.send_method(
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::Open(connection::Open {
+            virtual_host: "/".into(),
+        })),
+    )
+    .await;
+    raw.method().await.expect("open-ok");
+    let started = std::time::Instant::now();
+    let mut heartbeats = 0;
+    while let Some(frame) = raw.frame().await {
+        assert_eq!(frame, AMQPFrame::Heartbeat, "only heartbeats while idle");
+        heartbeats += 1;
+    }
+    let silent_for = started.elapsed();
+    assert!(
+        heartbeats >= 2,
+        "the server sends heartbeats ({heartbeats})"
+    );
+    assert!(
+        silent_for >= Duration::from_millis(1900) && silent_for < Duration::from_secs(8),
+        "disconnected after {silent_for:?}"
+    );
+}
+
+#[tokio::test]
+async fn malformed_input_on_one_connection_does_not_disturb_another() {
+    let broker = TestBroker::start().await;
+    let mut good = Raw::open(&broker).await;
+    // A spread of malformed inputs, each on its own connection.
+    let inputs: Vec<Vec<u8>> = vec![
+        vec![0xCE; 64],
+        vec![1, 0, 1, 0, 0, 0, 0, 0xCE],
+        vec![2, 0, 0, 0, 0, 0, 3, 1, 2, 3, 0xCE],
+        vec![3, 0, 1, 0, 0, 0, 1, 0, 0xCE],
+        vec![1, 0xFF, 0xFF, 0, 0, 0, 4, 0, 60, 0, 40, 0xCE],
+        (0..=255u8).collect(),
+    ];
+    for input in inputs {
+        let mut bad = Raw::open(&broker).await;
+        bad.send(&input).await;
+        assert!(bad.closed().await, "broker closes on {input:?}");
+    }
+    good.send_method(1, declare("")).await;
+    let (_, ok) = good
+        .method()
+        .await
+        .expect("declare-ok on the healthy connection");
+    assert!(matches!(
+        ok,
+        AMQPClass::Queue(queue::AMQPMethod::DeclareOk(_))
+    ));
+}
