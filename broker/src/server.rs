@@ -80,7 +80,7 @@ async fn accept_loop(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    connections.spawn(connection::serve(stream, peer, broker.clone(), shutdown.clone()));
+                    connections.spawn(connection::serve_tcp(stream, peer, broker.clone(), shutdown.clone()));
                 }
                 Err(e) => {
                     // Out of descriptors and the like: back off instead of spinning.

@@ -297,3 +297,53 @@ async fn tx_rollback_discards_acks_and_channel_close_then_requeues() {
     within(5, ch.close(200, "OK".into())).await.expect("close");
     assert_eq!(get_body(&qch, &q).await, Some(("m".into(), true)));
 }
+
+#[tokio::test]
+async fn publish_refused_by_a_full_reject_publish_queue_is_nacked() {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::{AMQPValue, FieldTable};
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = channel(&conn).await;
+    let q = unique("q-reject-publish");
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(1));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    within(
+        5,
+        ch.queue_declare(
+            q.as_str().into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            args,
+        ),
+    )
+    .await
+    .expect("declare");
+    confirm_select(&ch).await.expect("confirm.select");
+    let mut outcomes = Vec::new();
+    for body in ["fits", "refused", "refused too"] {
+        let c = within(
+            5,
+            ch.basic_publish(
+                "".into(),
+                q.as_str().into(),
+                Default::default(),
+                body.as_bytes(),
+                BasicProperties::default(),
+            ),
+        )
+        .await
+        .expect("publish");
+        outcomes.push(within(5, c).await.expect("confirm"));
+    }
+    assert_eq!(outcomes[0], Confirmation::Ack(None));
+    assert!(matches!(outcomes[1], Confirmation::Nack(_)));
+    assert!(matches!(outcomes[2], Confirmation::Nack(_)));
+    assert_eq!(get_body(&ch, &q).await, Some(("fits".into(), false)));
+}

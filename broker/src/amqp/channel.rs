@@ -422,8 +422,13 @@ impl Channel {
                 Settle::Reject { requeue: n.requeue },
             )?,
             M::Recover(r) => {
-                self.recover(r.requeue)?;
+                if !r.requeue {
+                    return Err(AmqpError::new(NOT_IMPLEMENTED, "requeue=false"));
+                }
+                // recover-ok goes out before the redeliveries, as RabbitMQ sends them: clients
+                // (lapin) drop what they had prefetched when recover-ok arrives.
                 self.reply(AMQPClass::Basic(M::RecoverOk(basic::RecoverOk {})));
+                self.recover(true)?;
             }
             M::RecoverAsync(r) => self.recover(r.requeue)?,
             other => return Err(unexpected_reply_method(AMQPClass::Basic(other))),

@@ -127,7 +127,7 @@ pub fn decode_method(payload: &[u8]) -> Result<AMQPClass, MethodError> {
     }
     match parse_class(payload) {
         // Trailing bytes after the arguments are an error too, as in RabbitMQ.
-        Ok((rest, class)) if rest.is_empty() => Ok(class),
+        Ok(([], class)) => Ok(class),
         _ => Err(MethodError::Syntax {
             class_id,
             method_id,

@@ -88,7 +88,31 @@ pub async fn serve<S>(
 ) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    let (mut reader, mut writer) = tokio::io::split(stream);
+    let (reader, writer) = tokio::io::split(stream);
+    serve_halves(reader, writer, peer, broker, shutdown).await;
+}
+
+/// [`serve`] for a plain TCP socket, whose halves need no lock between them.
+pub async fn serve_tcp(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    broker: Arc<Broker>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let (reader, writer) = stream.into_split();
+    serve_halves(reader, writer, peer, broker, shutdown).await;
+}
+
+async fn serve_halves<R, W>(
+    mut reader: R,
+    mut writer: W,
+    peer: SocketAddr,
+    broker: Arc<Broker>,
+    shutdown: watch::Receiver<bool>,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let mut header = [0u8; 8];
     let handshake = Duration::from_secs(broker.config.handshake_timeout);
     match timeout(handshake, reader.read_exact(&mut header)).await {

@@ -8,7 +8,7 @@
 
 use super::channel::{Channel, Session, Settle};
 use super::codec::{self, ContentHeader, PublishArgs};
-use super::writer::Outbound;
+use super::writer::{ConnectionOutput, Outbound};
 use crate::broker::exchange::Exchange;
 use crate::broker::message::{Message, ShortStr};
 use crate::broker::queue::Delivered;
@@ -23,7 +23,10 @@ use std::sync::Arc;
 
 const PUBLISH: (u16, u16) = (60, 40);
 
-/// Where the channel is in receiving a message's frames.
+/// Where the channel is in receiving a message's frames. One lives in each channel, so the
+/// size of the `Body` variant costs nothing, while boxing it would cost an allocation per
+/// message.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Default)]
 pub enum ContentState {
     #[default]
@@ -51,6 +54,27 @@ pub struct Confirms {
     settled_upto: u64,
     /// Every message up to this one has been acked or nacked to the client.
     sent_upto: u64,
+}
+
+impl Confirms {
+    /// Nacks `seq`, after acking everything settled before it so the client sees them in
+    /// order.
+    fn nack(&mut self, seq: u64, channel: u16, out: &ConnectionOutput) {
+        if self.settled_upto > self.sent_upto {
+            out.send(Outbound::Ack {
+                channel,
+                delivery_tag: self.settled_upto,
+                multiple: self.settled_upto - self.sent_upto > 1,
+            });
+        }
+        out.send(Outbound::Nack {
+            channel,
+            delivery_tag: seq,
+            multiple: false,
+        });
+        self.settled_upto = seq;
+        self.sent_upto = seq;
+    }
 }
 
 /// A message published inside a transaction, routed at commit.
@@ -276,7 +300,8 @@ impl Channel {
         if let Some(expiration) = props.expiration() {
             check_expiration(expiration.as_str())?;
         }
-        let mut keys: Vec<Bytes> = vec![args.routing_key.clone()];
+        // CC and BCC add routing keys; most messages have none, and then nothing is allocated.
+        let mut extra_keys: Vec<Bytes> = Vec::new();
         if let Some(headers) = props.headers().as_ref()
             && (headers.inner().contains_key("CC") || headers.inner().contains_key("BCC"))
         {
@@ -287,7 +312,7 @@ impl Channel {
                     Some(AMQPValue::FieldArray(routes)) => {
                         for r in routes.as_slice() {
                             if let AMQPValue::LongString(k) = r {
-                                keys.push(Bytes::copy_from_slice(k.as_bytes()));
+                                extra_keys.push(Bytes::copy_from_slice(k.as_bytes()));
                             }
                         }
                     }
@@ -321,34 +346,42 @@ impl Channel {
         if rewrite {
             raw = codec::encode_properties(&props);
         }
+        let routing_key = args.routing_key;
         let message = Arc::new(Message {
             exchange: ShortStr::from_bytes(args.exchange),
-            routing_key: ShortStr::from_bytes(args.routing_key),
+            routing_key: ShortStr::from_bytes(routing_key.clone()),
             properties: raw,
             body,
             persistent: props.delivery_mode() == &Some(2),
         });
-        let headers = props.headers().clone();
         if let Some(tx) = &mut self.tx {
+            let mut keys = vec![routing_key];
+            keys.extend(extra_keys);
             tx.publishes.push(TxPublish {
                 exchange,
                 keys,
-                headers,
+                headers: props.headers().clone(),
                 mandatory: args.mandatory,
                 message,
             });
             return Ok(());
         }
-        self.route(
-            s,
-            &exchange,
-            &keys,
-            headers.as_ref(),
-            args.mandatory,
-            message,
-        );
+        let headers = props.headers().as_ref();
+        let rejected = if extra_keys.is_empty() {
+            let keys = [&routing_key[..]];
+            self.route(s, &exchange, &keys, headers, args.mandatory, message)
+        } else {
+            let mut keys: Vec<&[u8]> = vec![&routing_key[..]];
+            keys.extend(extra_keys.iter().map(|k| &k[..]));
+            self.route(s, &exchange, &keys, headers, args.mandatory, message)
+        };
+        let channel = self.id();
         if let (Some(c), Some(seq)) = (&mut self.confirms, seq) {
-            c.settled_upto = seq;
+            if rejected {
+                c.nack(seq, channel, &s.out);
+            } else {
+                c.settled_upto = seq;
+            }
         }
         Ok(())
     }
@@ -357,19 +390,19 @@ impl Channel {
         &mut self,
         s: &Session,
         exchange: &Arc<Exchange>,
-        keys: &[Bytes],
+        keys: &[&[u8]],
         headers: Option<&FieldTable>,
         mandatory: bool,
         message: Arc<Message>,
-    ) {
-        let key_refs: Vec<&[u8]> = keys.iter().map(|k| &k[..]).collect();
+    ) -> bool {
         let mut queues = std::mem::take(&mut self.route_buf);
         queues.clear();
-        s.vhost.route(exchange, &key_refs, headers, &mut queues);
-        let taken = s.vhost.enqueue(&queues, &message);
+        s.vhost.route(exchange, keys, headers, &mut queues);
+        let (_, rejected) = s.vhost.enqueue(&queues, &message);
+        let routed = !queues.is_empty();
         queues.clear();
         self.route_buf = queues;
-        if taken == 0 && mandatory {
+        if !routed && mandatory {
             s.out.send(Outbound::Return {
                 channel: self.id(),
                 reply_code: NO_ROUTE,
@@ -377,6 +410,7 @@ impl Channel {
                 message,
             });
         }
+        rejected
     }
 
     /// Sends the confirms settled since the last call, as one ack.
@@ -395,10 +429,11 @@ impl Channel {
 
     pub(super) fn commit(&mut self, s: &mut Session, tx: Transaction) {
         for p in tx.publishes {
+            let keys: Vec<&[u8]> = p.keys.iter().map(|k| &k[..]).collect();
             self.route(
                 s,
                 &p.exchange,
-                &p.keys,
+                &keys,
                 p.headers.as_ref(),
                 p.mandatory,
                 p.message,

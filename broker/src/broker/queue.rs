@@ -7,7 +7,7 @@
 //! No lock is ever held across an `.await`. Lock order: queue, then channel; never the reverse.
 
 use super::message::Message;
-use amq_protocol::types::FieldTable;
+use amq_protocol::types::{AMQPValue, FieldTable};
 use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::fmt;
@@ -128,6 +128,8 @@ pub enum DeleteRefused {
 #[derive(Debug, Default)]
 struct ReadyList {
     messages: VecDeque<QueuedMessage>,
+    /// Body bytes of the ready messages (what `x-max-length-bytes` limits).
+    bytes: u64,
 }
 
 impl ReadyList {
@@ -140,15 +142,19 @@ impl ReadyList {
     }
 
     fn push_back(&mut self, msg: QueuedMessage) {
+        self.bytes += msg.message.body.len() as u64;
         self.messages.push_back(msg);
     }
 
     fn pop_front(&mut self) -> Option<QueuedMessage> {
-        self.messages.pop_front()
+        let msg = self.messages.pop_front()?;
+        self.bytes -= msg.message.body.len() as u64;
+        Some(msg)
     }
 
     /// Puts a message back where it was, keeping the queue ordered by publish order.
     fn requeue(&mut self, msg: QueuedMessage) {
+        self.bytes += msg.message.body.len() as u64;
         match self.messages.front() {
             Some(front) if front.seq < msg.seq => {
                 let at = self.messages.partition_point(|m| m.seq < msg.seq);
@@ -161,6 +167,7 @@ impl ReadyList {
     fn clear(&mut self) -> usize {
         let n = self.messages.len();
         self.messages.clear();
+        self.bytes = 0;
         n
     }
 }
@@ -176,6 +183,60 @@ struct QueueState {
     had_consumer: bool,
 }
 
+/// Length limits from `x-max-length`, `x-max-length-bytes` and `x-overflow`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub max_length: Option<u64>,
+    pub max_bytes: Option<u64>,
+    /// `x-overflow` is `reject-publish` (or `reject-publish-dlx`): refuse new messages
+    /// instead of dropping the oldest.
+    pub reject_publish: bool,
+}
+
+impl Limits {
+    pub fn from_arguments(args: &FieldTable) -> Self {
+        let int = |key: &str| match args.inner().get(key) {
+            Some(AMQPValue::ShortShortInt(x)) => u64::try_from(*x).ok(),
+            Some(AMQPValue::ShortShortUInt(x)) => Some((*x).into()),
+            Some(AMQPValue::ShortInt(x)) => u64::try_from(*x).ok(),
+            Some(AMQPValue::ShortUInt(x)) => Some((*x).into()),
+            Some(AMQPValue::LongInt(x)) => u64::try_from(*x).ok(),
+            Some(AMQPValue::LongUInt(x)) => Some((*x).into()),
+            Some(AMQPValue::LongLongInt(x)) => u64::try_from(*x).ok(),
+            _ => None,
+        };
+        let reject_publish = matches!(
+            args.inner().get("x-overflow"),
+            Some(AMQPValue::LongString(s)) if matches!(s.as_bytes(), b"reject-publish" | b"reject-publish-dlx")
+        );
+        Self {
+            max_length: int("x-max-length"),
+            max_bytes: int("x-max-length-bytes"),
+            reject_publish,
+        }
+    }
+
+    fn over(&self, ready: &ReadyList) -> bool {
+        self.max_length.is_some_and(|m| ready.len() as u64 > m)
+            || self.max_bytes.is_some_and(|m| ready.bytes > m)
+    }
+
+    fn full_for(&self, ready: &ReadyList, body: u64) -> bool {
+        self.max_length.is_some_and(|m| ready.len() as u64 >= m)
+            || self.max_bytes.is_some_and(|m| ready.bytes + body > m)
+    }
+}
+
+/// What became of a message offered to a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    Accepted,
+    /// Refused by `x-overflow: reject-publish`; the publisher is nacked.
+    Rejected,
+    /// The queue was deleted meanwhile.
+    Deleted,
+}
+
 /// The declared attributes of a queue.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueueSpec {
@@ -188,6 +249,7 @@ pub struct QueueSpec {
 
 pub struct Queue {
     pub spec: QueueSpec,
+    pub limits: Limits,
     pub vhost: Arc<str>,
     /// The connection that owns an exclusive queue.
     pub owner: Option<u64>,
@@ -207,6 +269,7 @@ impl fmt::Debug for Queue {
 impl Queue {
     pub fn new(spec: QueueSpec, vhost: Arc<str>, owner: Option<u64>) -> Arc<Self> {
         Arc::new(Self {
+            limits: Limits::from_arguments(&spec.arguments),
             spec,
             vhost,
             owner,
@@ -236,12 +299,17 @@ impl Queue {
         self.state.lock().unacked
     }
 
-    /// Appends a message and hands out what consumers can take. Returns false if the queue
-    /// has been deleted meanwhile.
-    pub fn publish(self: &Arc<Self>, message: Arc<Message>) -> bool {
+    /// Appends a message and hands out what consumers can take, then applies the length
+    /// limits: the oldest ready messages are dropped (`drop-head`, the default), or with
+    /// `reject-publish` a full queue refuses the new one.
+    pub fn publish(self: &Arc<Self>, message: Arc<Message>) -> Enqueued {
         let mut st = self.state.lock();
         if self.is_deleted() {
-            return false;
+            return Enqueued::Deleted;
+        }
+        if self.limits.reject_publish && self.limits.full_for(&st.ready, message.body.len() as u64)
+        {
+            return Enqueued::Rejected;
         }
         let seq = st.next_seq;
         st.next_seq += 1;
@@ -251,7 +319,10 @@ impl Queue {
             redelivered: false,
         });
         self.dispatch_locked(&mut st);
-        true
+        while self.limits.over(&st.ready) {
+            st.ready.pop_front();
+        }
+        Enqueued::Accepted
     }
 
     /// Hands out ready messages to consumers with credit: call after anything that may have
@@ -597,6 +668,54 @@ mod tests {
         assert_eq!(q.message_count(), 0);
     }
 
+    fn limited(args: &[(&str, AMQPValue)]) -> Arc<Queue> {
+        let mut arguments = FieldTable::default();
+        for (k, v) in args {
+            arguments.insert((*k).into(), v.clone());
+        }
+        Queue::new(
+            QueueSpec {
+                name: "q".into(),
+                durable: false,
+                exclusive: false,
+                auto_delete: false,
+                arguments,
+            },
+            "/".into(),
+            None,
+        )
+    }
+
+    #[test]
+    fn max_length_drops_the_oldest_ready_messages() {
+        let q = limited(&[("x-max-length", AMQPValue::LongInt(2))]);
+        for _ in 0..5 {
+            assert_eq!(q.publish(msg()), Enqueued::Accepted);
+        }
+        let seqs: Vec<_> = (0..2).map(|_| q.get(true).unwrap().0.seq).collect();
+        assert_eq!(seqs, [3, 4]);
+    }
+
+    #[test]
+    fn max_length_bytes_counts_bodies() {
+        let q = limited(&[("x-max-length-bytes", AMQPValue::LongInt(2))]);
+        for _ in 0..3 {
+            q.publish(msg());
+        }
+        assert_eq!(q.message_count(), 2);
+    }
+
+    #[test]
+    fn reject_publish_refuses_when_full() {
+        let q = limited(&[
+            ("x-max-length", AMQPValue::LongInt(1)),
+            ("x-overflow", AMQPValue::LongString("reject-publish".into())),
+        ]);
+        assert_eq!(q.publish(msg()), Enqueued::Accepted);
+        assert_eq!(q.publish(msg()), Enqueued::Rejected);
+        assert_eq!(q.message_count(), 1);
+    }
+
     #[test]
     fn exclusive_consumers_exclude_others() {
         let q = queue();
@@ -629,6 +748,6 @@ mod tests {
         assert_eq!(q.delete(true, true), Err(DeleteRefused::NotEmpty));
         assert_eq!(q.delete(false, false), Ok(2));
         assert_eq!(sink.cancelled.lock().len(), 1);
-        assert!(!q.publish(msg()));
+        assert_eq!(q.publish(msg()), Enqueued::Deleted);
     }
 }

@@ -5,7 +5,7 @@
 use super::exchange::{Binding, Destination, Exchange, ExchangeKind, ExchangeSpec};
 use super::headers::{type_name, value_text, values_equal};
 use super::message::Message;
-use super::queue::{DeleteRefused, Queue, QueueSpec};
+use super::queue::{DeleteRefused, Enqueued, Queue, QueueSpec};
 use crate::error::{
     AmqpError, AmqpResult, access_refused, not_found, precondition_failed, resource_locked,
 };
@@ -704,9 +704,19 @@ impl Vhost {
         }
     }
 
-    /// Delivers a routed message to its queues; returns how many took it.
-    pub fn enqueue(&self, queues: &[Arc<Queue>], message: &Arc<Message>) -> usize {
-        queues.iter().filter(|q| q.publish(message.clone())).count()
+    /// Delivers a routed message to its queues: how many took it, and whether any refused it
+    /// (a full queue with `x-overflow: reject-publish`).
+    pub fn enqueue(&self, queues: &[Arc<Queue>], message: &Arc<Message>) -> (usize, bool) {
+        let mut taken = 0;
+        let mut rejected = false;
+        for q in queues {
+            match q.publish(message.clone()) {
+                Enqueued::Accepted => taken += 1,
+                Enqueued::Rejected => rejected = true,
+                Enqueued::Deleted => {}
+            }
+        }
+        (taken, rejected)
     }
 }
 
