@@ -84,9 +84,9 @@ def ready_count(channel, queue):
 class Collector:
     """basic_consume callback that records deliveries (optionally acking)."""
 
-    def __init__(self, auto_ack_manually=False):
+    def __init__(self, ack=False):
         self.messages = []
-        self.ack = auto_ack_manually
+        self.ack = ack
 
     def __call__(self, channel, method, properties, body):
         self.messages.append((method, properties, body))
@@ -102,7 +102,7 @@ class Collector:
 
 def consume_n(connection, channel, queue, n, timeout=WAIT_TIMEOUT, ack=True):
     """Consume exactly n messages from queue, return them, then cancel."""
-    collector = Collector(auto_ack_manually=ack)
+    collector = Collector(ack=ack)
     tag = channel.basic_consume(queue, collector)
     try:
         wait_until(connection, lambda: len(collector) >= n, timeout,

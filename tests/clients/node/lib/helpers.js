@@ -80,8 +80,18 @@ async function waitFor(predicate, what, ms = WAIT_MS) {
 // Every connection this process opened, so none can keep it alive.
 const openConnections = new Set();
 after(() => {
-  for (const conn of openConnections) conn.connection.stream.destroy();
+  for (const conn of openConnections) forceClose(conn);
 });
+
+// Drop a connection without a handshake (for an unresponsive broker). amqplib
+// only notices 'end'/'error' on its socket, so also stop its heartbeat timers,
+// which would otherwise keep the process alive for minutes.
+function forceClose(conn) {
+  const c = conn.connection;
+  c.stream.destroy();
+  if (c.heartbeater) c.heartbeater.clear();
+  openConnections.delete(conn);
+}
 
 // If the broker could not be reached once, later connects fail at once, so an
 // unreachable or mute broker costs one connect timeout per file, not per test.
@@ -152,7 +162,7 @@ async function setup(t) {
       await withTimeout(conn.close(), 2000, 'connection.close');
     } catch (_) {
       // already closed (or broker unresponsive)
-      conn.connection.stream.destroy();
+      forceClose(conn);
     }
     if (exchanges.length + queues.length === 0) return;
     await withTimeout(deleteAll(queues, exchanges), 2 * WAIT_MS, 'cleanup of test queues/exchanges');
@@ -179,7 +189,7 @@ async function deleteAll(queues, exchanges) {
       }
     }
   } finally {
-    cleaner.close().catch(() => cleaner.connection.stream.destroy());
+    await withTimeout(cleaner.close(), 2000, 'connection.close').catch(() => forceClose(cleaner));
   }
 }
 
