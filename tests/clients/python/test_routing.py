@@ -53,7 +53,7 @@ def test_topic_message_matching_two_bindings_of_one_queue_is_delivered_once(conn
     assert drain_bodies(conn, ch, q, settle=0.3) == [b"once"]
 
 
-def test_headers_exchange_x_match_all_and_any(conn, ch, names):
+def test_headers_exchange_x_match_all_any_and_with_x(conn, ch, names):
     exchange = names.exchange("headers")
     ch.exchange_declare(exchange, exchange_type="headers")
     bindings = {
