@@ -33,6 +33,22 @@ pub struct Config {
     pub loopback_users: Vec<String>,
     /// `text` or `json`.
     pub log_format: String,
+    /// Ready messages a queue keeps in memory; the rest wait in its store on disk.
+    pub queue_window_messages: usize,
+    /// Body bytes a queue keeps in memory.
+    pub queue_window_bytes: u64,
+    /// Longest wait, in milliseconds, before acks and paged messages are written. Persistent
+    /// messages a publisher waits for are written at once (group commit).
+    pub flush_interval_ms: u64,
+    /// Size at which a queue's segment file is closed and a new one started, bytes.
+    pub segment_size: u32,
+    /// Memory alarm: above this fraction of the machine's memory, publishers are blocked.
+    pub memory_high_watermark: f64,
+    /// Memory alarm as an absolute limit in bytes; overrides the fraction when set.
+    pub memory_high_watermark_bytes: Option<u64>,
+    /// Disk alarm: below this much free space in the data directory, publishers are
+    /// blocked, bytes.
+    pub disk_free_limit: u64,
 }
 
 impl Default for Config {
@@ -50,6 +66,13 @@ impl Default for Config {
             default_pass: "guest".into(),
             loopback_users: vec!["guest".into()],
             log_format: "text".into(),
+            queue_window_messages: 2048,
+            queue_window_bytes: 8 * 1024 * 1024,
+            flush_interval_ms: 5,
+            segment_size: 64 * 1024 * 1024,
+            memory_high_watermark: 0.4,
+            memory_high_watermark_bytes: None,
+            disk_free_limit: 50_000_000,
         }
     }
 }
@@ -81,6 +104,20 @@ pub struct Flags {
     pub max_message_size: Option<u64>,
     #[arg(long, env = "WARREN_LOG_FORMAT")]
     pub log_format: Option<String>,
+    #[arg(long, env = "WARREN_QUEUE_WINDOW_MESSAGES")]
+    pub queue_window_messages: Option<usize>,
+    #[arg(long, env = "WARREN_QUEUE_WINDOW_BYTES")]
+    pub queue_window_bytes: Option<u64>,
+    #[arg(long, env = "WARREN_FLUSH_INTERVAL_MS")]
+    pub flush_interval_ms: Option<u64>,
+    #[arg(long, env = "WARREN_SEGMENT_SIZE")]
+    pub segment_size: Option<u32>,
+    #[arg(long, env = "WARREN_MEMORY_HIGH_WATERMARK")]
+    pub memory_high_watermark: Option<f64>,
+    #[arg(long, env = "WARREN_MEMORY_HIGH_WATERMARK_BYTES")]
+    pub memory_high_watermark_bytes: Option<u64>,
+    #[arg(long, env = "WARREN_DISK_FREE_LIMIT")]
+    pub disk_free_limit: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +168,13 @@ impl Config {
             heartbeat,
             max_message_size,
             log_format,
+            queue_window_messages,
+            queue_window_bytes,
+            flush_interval_ms,
+            segment_size,
+            memory_high_watermark,
+            memory_high_watermark_bytes,
+            disk_free_limit,
         } = flags;
         macro_rules! apply {
             ($($field:ident),*) => { $(if let Some(v) = $field { config.$field = v; })* };
@@ -143,8 +187,17 @@ impl Config {
             channel_max,
             heartbeat,
             max_message_size,
-            log_format
+            log_format,
+            queue_window_messages,
+            queue_window_bytes,
+            flush_interval_ms,
+            segment_size,
+            memory_high_watermark,
+            disk_free_limit
         );
+        if memory_high_watermark_bytes.is_some() {
+            config.memory_high_watermark_bytes = memory_high_watermark_bytes;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -159,6 +212,21 @@ impl Config {
         if self.channel_max == 0 {
             return Err(ConfigError::Invalid(
                 "channel_max must be at least 1".into(),
+            ));
+        }
+        if self.queue_window_messages == 0 || self.queue_window_bytes == 0 {
+            return Err(ConfigError::Invalid(
+                "queue_window_messages and queue_window_bytes must be at least 1".into(),
+            ));
+        }
+        if self.segment_size < 4096 {
+            return Err(ConfigError::Invalid(
+                "segment_size must be at least 4096".into(),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.memory_high_watermark) {
+            return Err(ConfigError::Invalid(
+                "memory_high_watermark is a fraction between 0 and 1".into(),
             ));
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {

@@ -12,6 +12,7 @@
 #![deny(unsafe_code)]
 #![deny(missing_debug_implementations)]
 
+pub mod alarms;
 pub mod amqp;
 pub mod auth;
 pub mod broker;

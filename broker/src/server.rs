@@ -33,6 +33,7 @@ pub struct RunningBroker {
     pub amqp_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     acceptor: tokio::task::JoinHandle<()>,
+    monitor: tokio::task::JoinHandle<()>,
 }
 
 impl RunningBroker {
@@ -40,6 +41,10 @@ impl RunningBroker {
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.acceptor.await;
+        self.monitor.abort();
+        // Everything the connections left pending is written and synced before we return.
+        let storage = self.broker.storage.clone();
+        let _ = tokio::task::spawn_blocking(move || storage.shutdown()).await;
     }
 }
 
@@ -60,12 +65,15 @@ pub async fn start_with(broker: Arc<Broker>) -> Result<RunningBroker, StartError
         .map_err(|source| StartError::Listen { addr, source })?;
     tracing::info!(%amqp_addr, "AMQP listener started");
     let (shutdown, watcher) = watch::channel(false);
+    broker.alarms.check();
+    let monitor = broker.alarms.spawn_monitor(Duration::from_secs(1));
     let acceptor = tokio::spawn(accept_loop(listener, broker.clone(), watcher));
     Ok(RunningBroker {
         broker,
         amqp_addr,
         shutdown,
         acceptor,
+        monitor,
     })
 }
 

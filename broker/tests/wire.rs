@@ -120,6 +120,7 @@ impl Raw {
             AMQPValue::Boolean(auth_failure_close),
         );
         caps.insert("consumer_cancel_notify".into(), AMQPValue::Boolean(true));
+        caps.insert("connection.blocked".into(), AMQPValue::Boolean(true));
         let mut props = FieldTable::default();
         props.insert("capabilities".into(), AMQPValue::FieldTable(caps));
         let response = format!("\0{user}\0{pass}");
@@ -812,4 +813,77 @@ async fn channel_flow_pauses_and_resumes_deliveries() {
         deliver,
         AMQPClass::Basic(basic::AMQPMethod::Deliver(_))
     ));
+}
+
+fn publish_frames(channel: u16, routing_key: &str, body: &[u8]) -> Vec<u8> {
+    let mut bytes = encode(&AMQPFrame::Method(
+        channel,
+        AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+            exchange: "".into(),
+            routing_key: routing_key.into(),
+            mandatory: false,
+            immediate: false,
+        })),
+    ));
+    let mut header = vec![2u8];
+    header.extend_from_slice(&channel.to_be_bytes());
+    header.extend_from_slice(&14u32.to_be_bytes());
+    header.extend_from_slice(&[0, 60, 0, 0]);
+    header.extend_from_slice(&(body.len() as u64).to_be_bytes());
+    header.extend_from_slice(&[0, 0, 0xCE]);
+    bytes.extend_from_slice(&header);
+    bytes.push(3);
+    bytes.extend_from_slice(&channel.to_be_bytes());
+    bytes.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    bytes.extend_from_slice(body);
+    bytes.push(0xCE);
+    bytes
+}
+
+#[tokio::test]
+async fn an_alarm_blocks_a_publisher_with_connection_blocked_and_unblocks_it_after() {
+    let broker = TestBroker::start().await;
+    if broker.is_external() {
+        return;
+    }
+    let mut raw = Raw::open(&broker).await;
+    let q = common::unique("blocked");
+    raw.send_method(1, declare(&q)).await;
+    raw.method().await.expect("declare-ok");
+    raw.send(&publish_frames(1, &q, b"first")).await;
+    // A round trip: the first publish is handled before the alarm goes on.
+    raw.send_method(1, declare(&q)).await;
+    raw.method().await.expect("declare-ok");
+    let alarms = broker.broker().alarms.clone();
+    alarms.set_memory_limit(1);
+    raw.send(&publish_frames(1, &q, b"second")).await;
+    let (ch, blocked) = raw.method().await.expect("connection.blocked");
+    assert_eq!(ch, 0);
+    assert_eq!(
+        blocked,
+        AMQPClass::Connection(connection::AMQPMethod::Blocked(connection::Blocked {
+            reason: "low on memory".into()
+        }))
+    );
+    let vhost = broker.broker().vhost("/").expect("vhost");
+    assert_eq!(
+        vhost.queue(&q).expect("queue").message_count(),
+        1,
+        "the second publish waits"
+    );
+    alarms.set_memory_limit(0);
+    let (_, unblocked) = raw.method().await.expect("connection.unblocked");
+    assert_eq!(
+        unblocked,
+        AMQPClass::Connection(connection::AMQPMethod::Unblocked(connection::Unblocked {}))
+    );
+    raw.send_method(1, declare(&q)).await;
+    let (_, m) = raw.method().await.expect("declare-ok");
+    let AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok)) = m else {
+        panic!("expected declare-ok, got {m:?}");
+    };
+    assert_eq!(
+        ok.message_count, 2,
+        "the second publish went through after the alarm"
+    );
 }

@@ -33,6 +33,16 @@ pub struct Session {
     pub exclusive_queues: Vec<Arc<Queue>>,
 }
 
+impl Session {
+    /// The newest flush epoch on disk.
+    pub fn durable_epoch(&self) -> u64 {
+        self.broker
+            .storage
+            .flusher()
+            .map_or(u64::MAX, |f| f.durable_epoch())
+    }
+}
+
 /// RabbitMQ's server-generated names: a prefix and 16 random bytes in URL-safe base64.
 pub fn generated_name(prefix: &str) -> String {
     let bytes: [u8; 16] = rand::random();
@@ -60,6 +70,8 @@ pub struct Channel {
     /// Direct reply-to: the key of this channel's reply consumer, and its hidden queue.
     pub(super) reply_to: Option<(String, Arc<Queue>)>,
     pub(super) route_buf: Vec<Arc<Queue>>,
+    /// Committed transactions whose `commit-ok` waits for these flush epochs.
+    pub(super) commits_waiting: std::collections::VecDeque<u64>,
 }
 
 impl std::fmt::Debug for Channel {
@@ -95,6 +107,7 @@ impl Channel {
             last_queue: None,
             reply_to: None,
             route_buf: Vec::new(),
+            commits_waiting: std::collections::VecDeque::new(),
         }
     }
 
@@ -456,7 +469,7 @@ impl Channel {
                 return Err(precondition_failed("reply consumer already set"));
             }
             let key = URL_SAFE_NO_PAD.encode(rand::random::<[u8; 18]>());
-            let q = Queue::new(
+            let q = s.vhost.hidden_queue(
                 QueueSpec {
                     name: format!("{REPLY_TO}.{key}"),
                     durable: false,
@@ -464,7 +477,6 @@ impl Channel {
                     auto_delete: false,
                     arguments: FieldTable::default(),
                 },
-                s.vhost.name.clone(),
                 Some(s.connection_id),
             );
             s.vhost.add_reply_queue(&key, q.clone());
@@ -607,8 +619,13 @@ impl Channel {
                     .tx
                     .replace(Transaction::default())
                     .ok_or_else(|| precondition_failed("channel is not transactional"))?;
-                self.commit(s, tx);
-                self.reply(AMQPClass::Tx(M::CommitOk(tx::CommitOk {})));
+                let epoch = self.commit(s, tx);
+                // commit-ok promises the messages are on disk: it may have to wait.
+                if epoch > s.durable_epoch() {
+                    self.commits_waiting.push_back(epoch);
+                } else {
+                    self.reply(AMQPClass::Tx(M::CommitOk(tx::CommitOk {})));
+                }
             }
             M::Rollback(_) => {
                 let tx = self

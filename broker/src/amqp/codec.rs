@@ -166,6 +166,12 @@ pub fn is_publish(payload: &[u8]) -> bool {
     payload.len() >= 4 && payload[..4] == [0, 60, 0, 40]
 }
 
+/// Whether the next buffered frame is a `basic.publish` method frame (looking only at its
+/// first bytes).
+pub fn peek_is_publish(buf: &[u8]) -> bool {
+    buf.len() >= 11 && buf[0] == FRAME_METHOD && buf[7..11] == [0, 60, 0, 40]
+}
+
 /// Decodes `basic.publish` (ticket, exchange, routing key, flags) without allocating.
 pub fn decode_publish(payload: &Bytes) -> Option<PublishArgs> {
     let mut at = 6; // class, method, reserved ticket

@@ -59,6 +59,7 @@ impl Phase {
 struct ClientCapabilities {
     cancel_notify: bool,
     auth_failure_close: bool,
+    blocked: bool,
 }
 
 struct Connection {
@@ -76,6 +77,12 @@ struct Connection {
     channels: HashMap<u16, Channel>,
     /// Channels that published since confirms were last flushed.
     dirty: Vec<u16>,
+    /// Channels with confirms (or a commit-ok) waiting for a flush round.
+    waiting: Vec<u16>,
+    /// This connection has published: alarms block it.
+    published: bool,
+    /// We sent `connection.blocked` and owe a `connection.unblocked`.
+    blocked: bool,
 }
 
 /// Serves one client socket until it closes. Returns when the connection is over and every
@@ -145,6 +152,9 @@ async fn serve_halves<R, W>(
         session: None,
         channels: HashMap::new(),
         dirty: Vec::new(),
+        waiting: Vec::new(),
+        published: false,
+        blocked: false,
     };
     conn.send_start();
     conn.run(&mut reader, shutdown, handshake).await;
@@ -201,9 +211,17 @@ impl Connection {
     ) {
         let mut buf = BytesMut::with_capacity(64 * 1024);
         let handshake_deadline = Instant::now() + handshake;
+        let mut durable = self.broker.storage.flusher().map(|f| f.subscribe());
+        let mut alarms = self.broker.alarms.subscribe();
         loop {
-            // Everything already buffered is handled before reading more.
+            // Everything already buffered is handled before reading more, except that during
+            // an alarm a publish is left unread: the connection blocks before it.
+            let alarm_on = alarms.borrow().any();
             loop {
+                if alarm_on && self.phase == Phase::Open && codec::peek_is_publish(&buf) {
+                    self.published = true;
+                    break;
+                }
                 match codec::next_frame(&mut buf, self.frame_max) {
                     Ok(Some(frame)) => {
                         if let Err(e) = self.handle_frame(frame) {
@@ -221,6 +239,37 @@ impl Connection {
                 }
             }
             self.flush_confirms();
+            if self.phase == Phase::Open && self.published {
+                let alarm = *alarms.borrow_and_update();
+                if alarm.any() {
+                    // A publisher during an alarm: stop reading it until the alarm clears.
+                    if !self.blocked && self.capabilities.blocked {
+                        self.out.method(
+                            0,
+                            AMQPClass::Connection(connection::AMQPMethod::Blocked(
+                                connection::Blocked {
+                                    reason: alarm.reason().into(),
+                                },
+                            )),
+                        );
+                    }
+                    self.blocked = true;
+                    tokio::select! {
+                        _ = alarms.changed() => {}
+                        _ = shutdown.changed() => self.force_close(),
+                        () = durable_changed(&mut durable), if !self.waiting.is_empty() => self.flush_waiting(),
+                    }
+                    continue;
+                }
+                if std::mem::take(&mut self.blocked) && self.capabilities.blocked {
+                    self.out.method(
+                        0,
+                        AMQPClass::Connection(connection::AMQPMethod::Unblocked(
+                            connection::Unblocked {},
+                        )),
+                    );
+                }
+            }
             if self.out.is_backed_up() {
                 // The client is not reading what we send: stop reading what it sends.
                 tokio::select! {
@@ -263,6 +312,7 @@ impl Connection {
                     }
                 },
                 _ = shutdown.changed(), if !matches!(self.phase, Phase::Closing(_)) => self.force_close(),
+                () = durable_changed(&mut durable), if !self.waiting.is_empty() => self.flush_waiting(),
             }
         }
     }
@@ -318,6 +368,7 @@ impl Connection {
     fn handle_method_frame(&mut self, frame: RawFrame) -> AmqpResult<()> {
         let ch = frame.channel;
         if ch != 0 && self.phase == Phase::Open && codec::is_publish(&frame.payload) {
+            self.published = true;
             let channel = self.open_channel(ch).map_err(|e| e.on(60, 40))?;
             if channel.closing {
                 return Ok(());
@@ -446,7 +497,7 @@ impl Connection {
                 Ok(())
             }
             method => {
-                let publishes = channel.confirms.is_some();
+                let publishes = channel.confirms.is_some() || channel.tx.is_some();
                 channel.handle_method(session, method)?;
                 if publishes && !self.dirty.contains(&ch) {
                     self.dirty.push(ch);
@@ -490,11 +541,29 @@ impl Connection {
 
     fn flush_confirms(&mut self) {
         let Some(session) = &self.session else { return };
+        let durable = session.durable_epoch();
         for ch in self.dirty.drain(..) {
             if let Some(channel) = self.channels.get_mut(&ch) {
-                channel.flush_confirms(session);
+                channel.flush_confirms(session, durable);
+                if channel.waits_for_disk(durable) && !self.waiting.contains(&ch) {
+                    self.waiting.push(ch);
+                }
             }
         }
+    }
+
+    /// A flush round finished: send the confirms it settled.
+    fn flush_waiting(&mut self) {
+        let Some(session) = &self.session else { return };
+        let durable = session.durable_epoch();
+        let channels = &mut self.channels;
+        self.waiting.retain(|ch| match channels.get_mut(ch) {
+            Some(channel) => {
+                channel.flush_confirms(session, durable);
+                channel.waits_for_disk(durable)
+            }
+            None => false,
+        });
     }
 
     fn handle_connection_method(&mut self, method: AMQPClass) -> AmqpResult<()> {
@@ -533,6 +602,7 @@ impl Connection {
         self.capabilities = ClientCapabilities {
             cancel_notify: has("consumer_cancel_notify"),
             auth_failure_close: has("authentication_failure_close"),
+            blocked: has("connection.blocked"),
         };
         let mechanism = m.mechanism.as_str();
         if !matches!(mechanism, "PLAIN" | "AMQPLAIN") {
@@ -720,6 +790,18 @@ impl Connection {
         for q in std::mem::take(&mut session.exclusive_queues) {
             session.vhost.remove_queue(&q);
         }
+    }
+}
+
+/// Resolves when the durable flush epoch changes (never, for a broker without a disk).
+async fn durable_changed(durable: &mut Option<watch::Receiver<u64>>) {
+    match durable {
+        Some(rx) => {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
     }
 }
 

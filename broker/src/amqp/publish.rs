@@ -12,13 +12,15 @@ use super::writer::{ConnectionOutput, Outbound};
 use crate::broker::exchange::Exchange;
 use crate::broker::message::{Message, ShortStr};
 use crate::broker::queue::Delivered;
-use crate::broker::vhost::{REPLY_TO, describe};
+use crate::broker::vhost::{EnqueueOutcome, REPLY_TO, describe};
 use crate::error::{
     AmqpError, AmqpResult, FRAME_ERROR, NO_ROUTE, NOT_IMPLEMENTED, UNEXPECTED_FRAME,
     access_refused, not_found, precondition_failed,
 };
+use amq_protocol::protocol::{AMQPClass, tx};
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 use bytes::{Bytes, BytesMut};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 const PUBLISH: (u16, u16) = (60, 40);
@@ -43,37 +45,61 @@ pub enum ContentState {
     },
 }
 
-/// Publisher confirm bookkeeping. Every message is settled as soon as it is routed (no
-/// message is persisted yet), so confirms complete in order and are sent as one
-/// `basic.ack` with `multiple` per batch of frames read.
+/// Publisher confirm bookkeeping. A message is confirmed once it is routed and, if it went to
+/// a durable queue as a persistent message, once the flush round that covers it has synced it
+/// to disk. Confirms go out in publish order, as few `basic.ack`s with `multiple` as possible.
 #[derive(Debug, Default)]
 pub struct Confirms {
     /// Sequence number of the last message published in confirm mode.
     last_seq: u64,
-    /// Every message up to this one is settled.
-    settled_upto: u64,
+    /// Published and not yet confirmed, in order: (sequence number, flush epoch it waits
+    /// for — 0 for none, whether it is nacked).
+    waiting: VecDeque<(u64, u64, bool)>,
     /// Every message up to this one has been acked or nacked to the client.
     sent_upto: u64,
 }
 
 impl Confirms {
-    /// Nacks `seq`, after acking everything settled before it so the client sees them in
-    /// order.
-    fn nack(&mut self, seq: u64, channel: u16, out: &ConnectionOutput) {
-        if self.settled_upto > self.sent_upto {
-            out.send(Outbound::Ack {
-                channel,
-                delivery_tag: self.settled_upto,
-                multiple: self.settled_upto - self.sent_upto > 1,
-            });
+    /// Whether a confirm waits for a flush round newer than `durable`.
+    pub fn waits_for_disk(&self, durable: u64) -> bool {
+        self.waiting.front().is_some_and(|w| w.1 > durable)
+    }
+
+    /// Sends every confirm that is settled now that epoch `durable` is on disk: runs of acks
+    /// as one `multiple` ack, nacks one by one in their place.
+    fn flush(&mut self, durable: u64, channel: u16, out: &ConnectionOutput) {
+        let mut ack_upto = None;
+        while let Some(&(seq, epoch, nack)) = self.waiting.front() {
+            if epoch > durable {
+                break;
+            }
+            self.waiting.pop_front();
+            if nack {
+                if let Some(upto) = ack_upto.take() {
+                    self.send_ack(upto, channel, out);
+                }
+                out.send(Outbound::Nack {
+                    channel,
+                    delivery_tag: seq,
+                    multiple: false,
+                });
+                self.sent_upto = seq;
+            } else {
+                ack_upto = Some(seq);
+            }
         }
-        out.send(Outbound::Nack {
+        if let Some(upto) = ack_upto {
+            self.send_ack(upto, channel, out);
+        }
+    }
+
+    fn send_ack(&mut self, upto: u64, channel: u16, out: &ConnectionOutput) {
+        out.send(Outbound::Ack {
             channel,
-            delivery_tag: seq,
-            multiple: false,
+            delivery_tag: upto,
+            multiple: upto - self.sent_upto > 1,
         });
-        self.settled_upto = seq;
-        self.sent_upto = seq;
+        self.sent_upto = upto;
     }
 }
 
@@ -367,7 +393,7 @@ impl Channel {
             return Ok(());
         }
         let headers = props.headers().as_ref();
-        let rejected = if extra_keys.is_empty() {
+        let outcome = if extra_keys.is_empty() {
             let keys = [&routing_key[..]];
             self.route(s, &exchange, &keys, headers, args.mandatory, message)
         } else {
@@ -375,13 +401,8 @@ impl Channel {
             keys.extend(extra_keys.iter().map(|k| &k[..]));
             self.route(s, &exchange, &keys, headers, args.mandatory, message)
         };
-        let channel = self.id();
         if let (Some(c), Some(seq)) = (&mut self.confirms, seq) {
-            if rejected {
-                c.nack(seq, channel, &s.out);
-            } else {
-                c.settled_upto = seq;
-            }
+            c.waiting.push_back((seq, outcome.epoch, outcome.rejected));
         }
         Ok(())
     }
@@ -394,11 +415,11 @@ impl Channel {
         headers: Option<&FieldTable>,
         mandatory: bool,
         message: Arc<Message>,
-    ) -> bool {
+    ) -> EnqueueOutcome {
         let mut queues = std::mem::take(&mut self.route_buf);
         queues.clear();
         s.vhost.route(exchange, keys, headers, &mut queues);
-        let (_, rejected) = s.vhost.enqueue(&queues, &message);
+        let outcome = s.vhost.enqueue(&queues, &message);
         let routed = !queues.is_empty();
         queues.clear();
         self.route_buf = queues;
@@ -410,27 +431,43 @@ impl Channel {
                 message,
             });
         }
-        rejected
+        outcome
     }
 
-    /// Sends the confirms settled since the last call, as one ack.
-    pub fn flush_confirms(&mut self, s: &Session) {
+    /// Sends the confirms (and a transaction's commit-ok) that are settled now that flush
+    /// epoch `durable` is on disk.
+    pub fn flush_confirms(&mut self, s: &Session, durable: u64) {
         let channel = self.id();
-        let Some(c) = &mut self.confirms else { return };
-        if c.settled_upto > c.sent_upto {
-            s.out.send(Outbound::Ack {
+        if let Some(c) = &mut self.confirms {
+            c.flush(durable, channel, &s.out);
+        }
+        while let Some(&epoch) = self.commits_waiting.front() {
+            if epoch > durable {
+                break;
+            }
+            self.commits_waiting.pop_front();
+            s.out.method(
                 channel,
-                delivery_tag: c.settled_upto,
-                multiple: c.settled_upto - c.sent_upto > 1,
-            });
-            c.sent_upto = c.settled_upto;
+                AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})),
+            );
         }
     }
 
-    pub(super) fn commit(&mut self, s: &mut Session, tx: Transaction) {
+    /// Whether something on this channel waits for a flush round newer than `durable`.
+    pub fn waits_for_disk(&self, durable: u64) -> bool {
+        self.confirms
+            .as_ref()
+            .is_some_and(|c| c.waits_for_disk(durable))
+            || self.commits_waiting.front().is_some_and(|e| *e > durable)
+    }
+
+    /// Applies a transaction; returns the flush epoch its messages need on disk before
+    /// `commit-ok` (0: none).
+    pub(super) fn commit(&mut self, s: &mut Session, tx: Transaction) -> u64 {
+        let mut epoch = 0;
         for p in tx.publishes {
             let keys: Vec<&[u8]> = p.keys.iter().map(|k| &k[..]).collect();
-            self.route(
+            let outcome = self.route(
                 s,
                 &p.exchange,
                 &keys,
@@ -438,9 +475,11 @@ impl Channel {
                 p.mandatory,
                 p.message,
             );
+            epoch = epoch.max(outcome.epoch);
         }
         for (how, taken) in tx.settles {
             self.apply_settle(how, taken);
         }
+        epoch
     }
 }

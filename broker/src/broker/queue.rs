@@ -7,9 +7,10 @@
 //! No lock is ever held across an `.await`. Lock order: queue, then channel; never the reverse.
 
 use super::message::Message;
+use super::ready::{LazyStore, ReadyList, Window, delivered, forget, must_persist};
+use crate::store::{Location, RecordKind, Recovered, Storage};
 use amq_protocol::types::{AMQPValue, FieldTable};
 use parking_lot::Mutex;
-use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -21,6 +22,9 @@ pub struct QueuedMessage {
     pub seq: u64,
     pub message: Arc<Message>,
     pub redelivered: bool,
+    /// Where the message is in the queue's store, if it was written there (persistent, or
+    /// paged out of memory).
+    pub location: Option<Location>,
 }
 
 /// Where a queue hands messages for a consumer: implemented by the AMQP channel.
@@ -123,56 +127,7 @@ pub enum DeleteRefused {
     NotEmpty,
 }
 
-/// The messages ready for delivery, in queue order. Kept behind this small interface so that
-/// a later version can hold most of them on disk.
-#[derive(Debug, Default)]
-struct ReadyList {
-    messages: VecDeque<QueuedMessage>,
-    /// Body bytes of the ready messages (what `x-max-length-bytes` limits).
-    bytes: u64,
-}
-
-impl ReadyList {
-    fn len(&self) -> usize {
-        self.messages.len()
-    }
-
-    fn is_empty(&self) -> bool {
-        self.messages.is_empty()
-    }
-
-    fn push_back(&mut self, msg: QueuedMessage) {
-        self.bytes += msg.message.body.len() as u64;
-        self.messages.push_back(msg);
-    }
-
-    fn pop_front(&mut self) -> Option<QueuedMessage> {
-        let msg = self.messages.pop_front()?;
-        self.bytes -= msg.message.body.len() as u64;
-        Some(msg)
-    }
-
-    /// Puts a message back where it was, keeping the queue ordered by publish order.
-    fn requeue(&mut self, msg: QueuedMessage) {
-        self.bytes += msg.message.body.len() as u64;
-        match self.messages.front() {
-            Some(front) if front.seq < msg.seq => {
-                let at = self.messages.partition_point(|m| m.seq < msg.seq);
-                self.messages.insert(at, msg);
-            }
-            _ => self.messages.push_front(msg),
-        }
-    }
-
-    fn clear(&mut self) -> usize {
-        let n = self.messages.len();
-        self.messages.clear();
-        self.bytes = 0;
-        n
-    }
-}
-
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct QueueState {
     ready: ReadyList,
     next_seq: u64,
@@ -218,19 +173,20 @@ impl Limits {
 
     fn over(&self, ready: &ReadyList) -> bool {
         self.max_length.is_some_and(|m| ready.len() as u64 > m)
-            || self.max_bytes.is_some_and(|m| ready.bytes > m)
+            || self.max_bytes.is_some_and(|m| ready.bytes() > m)
     }
 
     fn full_for(&self, ready: &ReadyList, body: u64) -> bool {
         self.max_length.is_some_and(|m| ready.len() as u64 >= m)
-            || self.max_bytes.is_some_and(|m| ready.bytes + body > m)
+            || self.max_bytes.is_some_and(|m| ready.bytes() + body > m)
     }
 }
 
 /// What became of a message offered to a queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Enqueued {
-    Accepted,
+    /// Taken; if `epoch` is not 0 the message is durable once that flush epoch is.
+    Accepted { epoch: u64 },
     /// Refused by `x-overflow: reject-publish`; the publisher is nacked.
     Rejected,
     /// The queue was deleted meanwhile.
@@ -253,6 +209,7 @@ pub struct Queue {
     pub vhost: Arc<str>,
     /// The connection that owns an exclusive queue.
     pub owner: Option<u64>,
+    store: LazyStore,
     state: Mutex<QueueState>,
     deleted: AtomicBool,
 }
@@ -267,15 +224,54 @@ impl fmt::Debug for Queue {
 }
 
 impl Queue {
-    pub fn new(spec: QueueSpec, vhost: Arc<str>, owner: Option<u64>) -> Arc<Self> {
+    /// A queue with nothing in it. `store` is where its messages go when they must be on
+    /// disk; for a non-durable queue it is created on first use.
+    pub fn new(
+        spec: QueueSpec,
+        vhost: Arc<str>,
+        owner: Option<u64>,
+        store: LazyStore,
+        window: Window,
+    ) -> Arc<Self> {
+        Self::recovered(spec, vhost, owner, store, window, Recovered::default())
+    }
+
+    /// A durable queue whose store held `recovered` messages at start.
+    pub fn recovered(
+        spec: QueueSpec,
+        vhost: Arc<str>,
+        owner: Option<u64>,
+        store: LazyStore,
+        window: Window,
+        recovered: Recovered,
+    ) -> Arc<Self> {
         Arc::new(Self {
             limits: Limits::from_arguments(&spec.arguments),
             spec,
             vhost,
             owner,
-            state: Mutex::new(QueueState::default()),
+            store,
+            state: Mutex::new(QueueState {
+                ready: ReadyList::recovered(window, recovered),
+                next_seq: recovered.next_seq,
+                unacked: 0,
+                consumers: Vec::new(),
+                dispatch_pass: 0,
+                had_consumer: false,
+            }),
             deleted: AtomicBool::new(false),
         })
+    }
+
+    /// A queue that keeps everything in memory (tests).
+    pub fn in_memory(spec: QueueSpec, vhost: Arc<str>, owner: Option<u64>) -> Arc<Self> {
+        Self::new(
+            spec,
+            vhost,
+            owner,
+            LazyStore::deferred(Arc::new(Storage::in_memory())),
+            Window::default(),
+        )
     }
 
     pub fn name(&self) -> &str {
@@ -291,6 +287,11 @@ impl Queue {
         self.state.lock().ready.len() as u32
     }
 
+    /// Ready messages held in memory (the rest are in the store).
+    pub fn messages_in_memory(&self) -> usize {
+        self.state.lock().ready.in_memory()
+    }
+
     pub fn consumer_count(&self) -> u32 {
         self.state.lock().consumers.len() as u32
     }
@@ -301,7 +302,8 @@ impl Queue {
 
     /// Appends a message and hands out what consumers can take, then applies the length
     /// limits: the oldest ready messages are dropped (`drop-head`, the default), or with
-    /// `reject-publish` a full queue refuses the new one.
+    /// `reject-publish` a full queue refuses the new one. A persistent message on a durable
+    /// queue is written to the store first; the returned epoch says when it is on disk.
     pub fn publish(self: &Arc<Self>, message: Arc<Message>) -> Enqueued {
         let mut st = self.state.lock();
         if self.is_deleted() {
@@ -313,16 +315,32 @@ impl Queue {
         }
         let seq = st.next_seq;
         st.next_seq += 1;
-        st.ready.push_back(QueuedMessage {
-            seq,
-            message,
-            redelivered: false,
-        });
+        let (location, epoch) = if must_persist(self.spec.durable, &message) {
+            let stored = self
+                .store
+                .get()
+                .append(seq, &message, RecordKind::Persistent);
+            (Some(stored.location), stored.epoch)
+        } else {
+            (None, 0)
+        };
+        st.ready.push_back(
+            QueuedMessage {
+                seq,
+                message,
+                redelivered: false,
+                location,
+            },
+            &self.store,
+        );
         self.dispatch_locked(&mut st);
         while self.limits.over(&st.ready) {
-            st.ready.pop_front();
+            match st.ready.pop_front(&self.store) {
+                Some(dropped) => forget(&self.store, dropped.seq, dropped.location),
+                None => break,
+            }
         }
-        Enqueued::Accepted
+        Enqueued::Accepted { epoch }
     }
 
     /// Hands out ready messages to consumers with credit: call after anything that may have
@@ -355,14 +373,18 @@ impl Queue {
             }
             let Some(i) = chosen else { break };
             let consumer = st.consumers[i].clone();
-            let Some(msg) = st.ready.pop_front() else {
+            let Some(msg) = st.ready.pop_front(&self.store) else {
                 break;
             };
+            let (seq, location) = (msg.seq, msg.location);
             match consumer.sink.offer(self, &consumer, msg) {
                 Ok(()) => {
-                    if !consumer.no_ack {
+                    if consumer.no_ack {
+                        forget(&self.store, seq, location);
+                    } else {
                         st.unacked += 1;
                         consumer.unacked.fetch_add(1, Ordering::Relaxed);
+                        delivered(&self.store, seq, location);
                     }
                     rotate_within_priority(&mut st.consumers, i);
                 }
@@ -378,9 +400,12 @@ impl Queue {
     /// `basic.get`: the next ready message and how many remain after it.
     pub fn get(&self, no_ack: bool) -> Option<(QueuedMessage, u32)> {
         let mut st = self.state.lock();
-        let msg = st.ready.pop_front()?;
-        if !no_ack {
+        let msg = st.ready.pop_front(&self.store)?;
+        if no_ack {
+            forget(&self.store, msg.seq, msg.location);
+        } else {
             st.unacked += 1;
+            delivered(&self.store, msg.seq, msg.location);
         }
         Some((msg, st.ready.len() as u32))
     }
@@ -393,6 +418,7 @@ impl Queue {
             if let Some(c) = &d.consumer {
                 c.unacked.fetch_sub(1, Ordering::Relaxed);
             }
+            forget(&self.store, d.msg.seq, d.msg.location);
         }
         self.dispatch_locked(&mut st);
     }
@@ -454,7 +480,7 @@ impl Queue {
 
     /// Drops all ready messages; returns how many.
     pub fn purge(&self) -> u32 {
-        self.state.lock().ready.clear() as u32
+        self.state.lock().ready.clear(&self.store) as u32
     }
 
     /// Marks the queue deleted, cancels its consumers and drops its ready messages, returning
@@ -474,7 +500,10 @@ impl Queue {
                 return Ok(0);
             }
             consumers = std::mem::take(&mut st.consumers);
-            count = st.ready.clear() as u32;
+            count = st.ready.len() as u32;
+            if let Some(store) = self.store.existing() {
+                store.destroy();
+            }
         }
         // Outside the queue lock: the channel takes its own lock to forget the consumer.
         for c in consumers {
@@ -542,7 +571,7 @@ mod tests {
     }
 
     fn queue() -> Arc<Queue> {
-        Queue::new(
+        Queue::in_memory(
             QueueSpec {
                 name: "q".into(),
                 durable: false,
@@ -618,6 +647,7 @@ mod tests {
             seq: 0,
             message: msg(),
             redelivered: false,
+            location: None,
         };
         q.settle(&[Delivered {
             queue: q.clone(),
@@ -673,7 +703,7 @@ mod tests {
         for (k, v) in args {
             arguments.insert((*k).into(), v.clone());
         }
-        Queue::new(
+        Queue::in_memory(
             QueueSpec {
                 name: "q".into(),
                 durable: false,
@@ -690,7 +720,7 @@ mod tests {
     fn max_length_drops_the_oldest_ready_messages() {
         let q = limited(&[("x-max-length", AMQPValue::LongInt(2))]);
         for _ in 0..5 {
-            assert_eq!(q.publish(msg()), Enqueued::Accepted);
+            assert_eq!(q.publish(msg()), Enqueued::Accepted { epoch: 0 });
         }
         let seqs: Vec<_> = (0..2).map(|_| q.get(true).unwrap().0.seq).collect();
         assert_eq!(seqs, [3, 4]);
@@ -711,7 +741,7 @@ mod tests {
             ("x-max-length", AMQPValue::LongInt(1)),
             ("x-overflow", AMQPValue::LongString("reject-publish".into())),
         ]);
-        assert_eq!(q.publish(msg()), Enqueued::Accepted);
+        assert_eq!(q.publish(msg()), Enqueued::Accepted { epoch: 0 });
         assert_eq!(q.publish(msg()), Enqueued::Rejected);
         assert_eq!(q.message_count(), 1);
     }

@@ -6,10 +6,12 @@ use super::exchange::{Binding, Destination, Exchange, ExchangeKind, ExchangeSpec
 use super::headers::{type_name, value_text, values_equal};
 use super::message::Message;
 use super::queue::{DeleteRefused, Enqueued, Queue, QueueSpec};
+use super::ready::{LazyStore, Window};
 use crate::error::{
     AmqpError, AmqpResult, access_refused, not_found, precondition_failed, resource_locked,
 };
 use crate::store::DefinitionStore;
+use crate::store::Storage;
 use crate::store::definitions::{
     BindingDefinition, ExchangeDefinition, QueueDefinition, VhostDefinitions,
 };
@@ -53,6 +55,17 @@ const SYSTEM_EXCHANGES: &[(&str, ExchangeKind, bool)] = &[
     ("amq.rabbitmq.trace", ExchangeKind::Topic, true),
 ];
 
+/// What became of a routed message.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EnqueueOutcome {
+    /// Queues that took it.
+    pub taken: usize,
+    /// A full queue with `x-overflow: reject-publish` refused it (the publisher is nacked).
+    pub rejected: bool,
+    /// The flush epoch after which every durable copy is on disk (0: nothing to wait for).
+    pub epoch: u64,
+}
+
 /// The pseudo-queue of direct reply-to.
 pub const REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
@@ -72,6 +85,8 @@ pub struct Vhost {
     /// Serialises changes to the topology so that checks and changes are atomic.
     topology: Mutex<()>,
     store: Arc<DefinitionStore>,
+    storage: Arc<Storage>,
+    window: Window,
 }
 
 impl std::fmt::Debug for Vhost {
@@ -155,7 +170,12 @@ fn is_same_class(a: &AMQPValue, b: &AMQPValue) -> bool {
 }
 
 impl Vhost {
-    pub fn new(name: &str, store: Arc<DefinitionStore>) -> Arc<Self> {
+    pub fn new(
+        name: &str,
+        store: Arc<DefinitionStore>,
+        storage: Arc<Storage>,
+        window: Window,
+    ) -> Arc<Self> {
         let vhost = Self {
             name: name.into(),
             exchanges: RwLock::new(HashMap::new()),
@@ -163,6 +183,8 @@ impl Vhost {
             reply_queues: RwLock::new(HashMap::new()),
             topology: Mutex::new(()),
             store,
+            storage,
+            window,
         };
         {
             let mut exchanges = vhost.exchanges.write();
@@ -206,19 +228,34 @@ impl Vhost {
                 });
         }
         for (name, q) in &defs.queues {
-            self.queues.write().entry(name.clone()).or_insert_with(|| {
-                Queue::new(
-                    QueueSpec {
-                        name: name.clone(),
-                        durable: true,
-                        exclusive: false,
-                        auto_delete: q.auto_delete,
-                        arguments: q.arguments.clone(),
-                    },
-                    self.name.clone(),
-                    None,
-                )
-            });
+            if self.queues.read().contains_key(name) {
+                continue;
+            }
+            let (store, recovered) = match self.storage.open_durable(&self.name, name, false) {
+                Ok(opened) => opened,
+                Err(e) => {
+                    tracing::error!(vhost = %self.name, queue = %name, error = %e, "cannot open the queue's store; its messages are not recovered");
+                    continue;
+                }
+            };
+            if recovered.count > 0 {
+                tracing::info!(vhost = %self.name, queue = %name, messages = recovered.count, "recovered messages");
+            }
+            let queue = Queue::recovered(
+                QueueSpec {
+                    name: name.clone(),
+                    durable: true,
+                    exclusive: false,
+                    auto_delete: q.auto_delete,
+                    arguments: q.arguments.clone(),
+                },
+                self.name.clone(),
+                None,
+                LazyStore::opened(self.storage.clone(), store),
+                self.window,
+                recovered,
+            );
+            self.queues.write().insert(name.clone(), queue);
         }
         for b in &defs.bindings {
             let Some(source) = self.exchange(&b.source) else {
@@ -449,7 +486,14 @@ impl Vhost {
             return Ok((q, false));
         }
         validate_queue_arguments(&spec, &self.name)?;
-        if spec.durable && owner.is_none() {
+        let store = if spec.durable && owner.is_none() {
+            let (store, _) = self
+                .storage
+                .open_durable(&self.name, &spec.name, true)
+                .map_err(|e| {
+                    tracing::error!(vhost = %self.name, queue = %spec.name, error = %e, "cannot create the queue's store");
+                    AmqpError::new(crate::error::INTERNAL_ERROR, "cannot create the queue's store")
+                })?;
             let def = QueueDefinition {
                 auto_delete: spec.auto_delete,
                 arguments: spec.arguments.clone(),
@@ -458,8 +502,11 @@ impl Vhost {
             self.persist(|v| {
                 v.queues.insert(name, def);
             })?;
-        }
-        let q = Queue::new(spec, self.name.clone(), owner);
+            LazyStore::opened(self.storage.clone(), store)
+        } else {
+            LazyStore::deferred(self.storage.clone())
+        };
+        let q = Queue::new(spec, self.name.clone(), owner, store, self.window);
         self.queues.write().insert(q.name().to_owned(), q.clone());
         Ok((q, true))
     }
@@ -628,6 +675,17 @@ impl Vhost {
         Ok(())
     }
 
+    /// A queue outside the vhost's namespace (the hidden queue of direct reply-to).
+    pub fn hidden_queue(&self, spec: QueueSpec, owner: Option<u64>) -> Arc<Queue> {
+        Queue::new(
+            spec,
+            self.name.clone(),
+            owner,
+            LazyStore::deferred(self.storage.clone()),
+            self.window,
+        )
+    }
+
     /// Registers the hidden queue of a direct reply-to consumer under `key`.
     pub fn add_reply_queue(&self, key: &str, q: Arc<Queue>) {
         self.reply_queues.write().insert(key.to_owned(), q);
@@ -704,19 +762,24 @@ impl Vhost {
         }
     }
 
-    /// Delivers a routed message to its queues: how many took it, and whether any refused it
-    /// (a full queue with `x-overflow: reject-publish`).
-    pub fn enqueue(&self, queues: &[Arc<Queue>], message: &Arc<Message>) -> (usize, bool) {
-        let mut taken = 0;
-        let mut rejected = false;
+    /// Delivers a routed message to its queues.
+    pub fn enqueue(&self, queues: &[Arc<Queue>], message: &Arc<Message>) -> EnqueueOutcome {
+        let mut outcome = EnqueueOutcome::default();
         for q in queues {
             match q.publish(message.clone()) {
-                Enqueued::Accepted => taken += 1,
-                Enqueued::Rejected => rejected = true,
+                Enqueued::Accepted { epoch } => {
+                    outcome.taken += 1;
+                    outcome.epoch = outcome.epoch.max(epoch);
+                }
+                Enqueued::Rejected => outcome.rejected = true,
                 Enqueued::Deleted => {}
             }
         }
-        (taken, rejected)
+        outcome
+    }
+
+    pub fn storage(&self) -> &Arc<Storage> {
+        &self.storage
     }
 }
 

@@ -62,6 +62,11 @@ impl TestBroker {
         }
     }
 
+    /// The in-process broker (tests that look inside it skip external brokers).
+    pub fn broker(&self) -> &std::sync::Arc<warren_broker::broker::Broker> {
+        &self.running.as_ref().expect("an in-process broker").broker
+    }
+
     pub fn is_external(&self) -> bool {
         self.running.is_none()
     }

@@ -1,0 +1,190 @@
+//! Memory and disk alarms, as RabbitMQ has them: above the memory high-watermark, or below the
+//! free-disk limit, connections that publish are told `connection.blocked` and are not read
+//! from until the alarm clears (`connection.unblocked`); consumers keep draining meanwhile.
+
+use parking_lot::Mutex;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Which alarms are on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AlarmState {
+    pub memory: bool,
+    pub disk: bool,
+}
+
+impl AlarmState {
+    pub fn any(&self) -> bool {
+        self.memory || self.disk
+    }
+
+    /// The reason `connection.blocked` gives, as RabbitMQ words it.
+    pub fn reason(&self) -> &'static str {
+        match (self.memory, self.disk) {
+            (true, true) => "low on memory and disk",
+            (true, false) => "low on memory",
+            (false, true) => "low on disk",
+            (false, false) => "",
+        }
+    }
+}
+
+/// What the alarms last measured.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Readings {
+    pub memory_used: u64,
+    pub memory_limit: u64,
+    pub disk_free: u64,
+    pub disk_free_limit: u64,
+}
+
+#[derive(Debug)]
+pub struct Alarms {
+    data_dir: PathBuf,
+    memory_limit: AtomicU64,
+    disk_free_limit: AtomicU64,
+    state: watch::Sender<AlarmState>,
+    readings: Mutex<Readings>,
+}
+
+/// Resident memory of this process, in bytes.
+pub fn resident_memory() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * rustix::param::page_size() as u64
+}
+
+/// The machine's memory, in bytes (0 if unknown).
+pub fn total_memory() -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Free space, in bytes, for unprivileged writers in the file system holding `path`.
+pub fn free_disk(path: &std::path::Path) -> Option<u64> {
+    let s = rustix::fs::statvfs(path).ok()?;
+    Some(s.f_bavail.saturating_mul(s.f_frsize))
+}
+
+impl Alarms {
+    pub fn new(data_dir: PathBuf, memory_limit: u64, disk_free_limit: u64) -> Arc<Self> {
+        let (state, _) = watch::channel(AlarmState::default());
+        Arc::new(Self {
+            data_dir,
+            memory_limit: AtomicU64::new(memory_limit),
+            disk_free_limit: AtomicU64::new(disk_free_limit),
+            state,
+            readings: Mutex::new(Readings::default()),
+        })
+    }
+
+    pub fn state(&self) -> AlarmState {
+        *self.state.borrow()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<AlarmState> {
+        self.state.subscribe()
+    }
+
+    pub fn readings(&self) -> Readings {
+        *self.readings.lock()
+    }
+
+    pub fn set_memory_limit(&self, bytes: u64) {
+        self.memory_limit.store(bytes, Ordering::Relaxed);
+        self.check();
+    }
+
+    pub fn set_disk_free_limit(&self, bytes: u64) {
+        self.disk_free_limit.store(bytes, Ordering::Relaxed);
+        self.check();
+    }
+
+    /// Measures memory and disk and raises or clears the alarms.
+    pub fn check(&self) {
+        let memory_used = resident_memory();
+        let memory_limit = self.memory_limit.load(Ordering::Relaxed);
+        let disk_free_limit = self.disk_free_limit.load(Ordering::Relaxed);
+        let disk_free = free_disk(&self.data_dir).unwrap_or(u64::MAX);
+        *self.readings.lock() = Readings {
+            memory_used,
+            memory_limit,
+            disk_free,
+            disk_free_limit,
+        };
+        let next = AlarmState {
+            memory: memory_limit > 0 && memory_used > memory_limit,
+            disk: disk_free < disk_free_limit,
+        };
+        let before = self.state();
+        if next != before {
+            if next.memory != before.memory {
+                tracing::warn!(
+                    alarm = next.memory,
+                    used = memory_used,
+                    limit = memory_limit,
+                    "memory alarm"
+                );
+            }
+            if next.disk != before.disk {
+                tracing::warn!(
+                    alarm = next.disk,
+                    free = disk_free,
+                    limit = disk_free_limit,
+                    "disk alarm"
+                );
+            }
+            self.state.send_replace(next);
+        }
+    }
+
+    /// Checks every `period` until the returned task is dropped or aborted.
+    pub fn spawn_monitor(self: &Arc<Self>, period: Duration) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                me.check();
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readings_are_plausible() {
+        assert!(resident_memory() > 1024 * 1024);
+        assert!(total_memory() > resident_memory());
+        assert!(free_disk(std::path::Path::new("/")).is_some());
+    }
+
+    #[test]
+    fn limits_raise_and_clear_alarms() {
+        let alarms = Alarms::new(std::env::temp_dir(), 0, 0);
+        alarms.check();
+        assert_eq!(alarms.state(), AlarmState::default());
+        alarms.set_disk_free_limit(u64::MAX);
+        assert_eq!(alarms.state().reason(), "low on disk");
+        alarms.set_memory_limit(1);
+        assert!(alarms.state().memory);
+        alarms.set_memory_limit(0);
+        alarms.set_disk_free_limit(0);
+        assert!(!alarms.state().any());
+    }
+}

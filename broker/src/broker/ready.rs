@@ -1,0 +1,252 @@
+//! A queue's ready messages: a bounded window in memory, the rest in the queue's store.
+//!
+//! The window holds the oldest ready messages. Once it is full, new messages go to the store
+//! only (persistent ones are there already) and are counted as the *tail*; when the window
+//! empties, the next batch is read back in order. Every message in the window is older than
+//! every message in the tail (requeued messages return to the window, where they came from),
+//! so the queue's order is kept. A backlog of millions costs disk, not memory.
+
+use super::message::Message;
+use super::queue::QueuedMessage;
+use crate::store::{Location, QueueStore, RecordKind, Recovered, Storage};
+use std::collections::VecDeque;
+use std::sync::{Arc, OnceLock};
+
+/// How much of a queue's backlog stays in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub messages: usize,
+    pub bytes: u64,
+}
+
+impl Default for Window {
+    fn default() -> Self {
+        Self {
+            messages: 2048,
+            bytes: 8 * 1024 * 1024,
+        }
+    }
+}
+
+/// A queue's store, created on first use for non-durable queues (most never page).
+#[derive(Debug)]
+pub struct LazyStore {
+    storage: Arc<Storage>,
+    store: OnceLock<Arc<dyn QueueStore>>,
+}
+
+impl LazyStore {
+    pub fn opened(storage: Arc<Storage>, store: Arc<dyn QueueStore>) -> Self {
+        let cell = OnceLock::new();
+        let _ = cell.set(store);
+        Self {
+            storage,
+            store: cell,
+        }
+    }
+
+    pub fn deferred(storage: Arc<Storage>) -> Self {
+        Self {
+            storage,
+            store: OnceLock::new(),
+        }
+    }
+
+    pub fn get(&self) -> &Arc<dyn QueueStore> {
+        self.store.get_or_init(|| match self.storage.open_transient() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot create a store for paging; keeping messages in memory");
+                Arc::new(crate::store::memory::MemoryQueueStore::new())
+            }
+        })
+    }
+
+    pub fn existing(&self) -> Option<&Arc<dyn QueueStore>> {
+        self.store.get()
+    }
+}
+
+#[derive(Debug)]
+pub struct ReadyList {
+    mem: VecDeque<QueuedMessage>,
+    mem_bytes: u64,
+    /// Messages in the store only, from `cursor` up to `until`.
+    tail: u64,
+    tail_bytes: u64,
+    cursor: u64,
+    until: u64,
+    /// Recovered messages below this sequence number come back marked redelivered.
+    redelivered_below: u64,
+    window: Window,
+}
+
+impl ReadyList {
+    pub fn new(window: Window) -> Self {
+        Self {
+            mem: VecDeque::new(),
+            mem_bytes: 0,
+            tail: 0,
+            tail_bytes: 0,
+            cursor: 0,
+            until: 0,
+            redelivered_below: 0,
+            window,
+        }
+    }
+
+    /// The ready list of a queue whose store held `recovered` at start.
+    pub fn recovered(window: Window, recovered: Recovered) -> Self {
+        Self {
+            tail: recovered.count,
+            tail_bytes: recovered.bytes,
+            cursor: recovered.first_seq,
+            until: recovered.next_seq,
+            redelivered_below: recovered.redelivered_below,
+            ..Self::new(window)
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.mem.len() + self.tail as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.mem.is_empty() && self.tail == 0
+    }
+
+    /// Body bytes of all ready messages (what `x-max-length-bytes` limits).
+    pub fn bytes(&self) -> u64 {
+        self.mem_bytes + self.tail_bytes
+    }
+
+    /// Ready messages held in memory.
+    pub fn in_memory(&self) -> usize {
+        self.mem.len()
+    }
+
+    fn window_full(&self) -> bool {
+        self.mem.len() >= self.window.messages || self.mem_bytes >= self.window.bytes
+    }
+
+    /// Appends a message: to the window while it has room and nothing is in the tail, else to
+    /// the store.
+    pub fn push_back(&mut self, msg: QueuedMessage, store: &LazyStore) {
+        if self.tail == 0 && !self.window_full() {
+            self.mem_bytes += msg.message.body.len() as u64;
+            self.mem.push_back(msg);
+            return;
+        }
+        if msg.location.is_none() {
+            store.get().append(msg.seq, &msg.message, RecordKind::Paged);
+        }
+        if self.tail == 0 {
+            self.cursor = msg.seq;
+        }
+        self.tail += 1;
+        self.tail_bytes += msg.message.body.len() as u64;
+        self.until = msg.seq + 1;
+    }
+
+    pub fn front_in_memory(&self) -> Option<&QueuedMessage> {
+        self.mem.front()
+    }
+
+    /// Takes the oldest ready message, reading the next batch from the store when the
+    /// window is empty.
+    pub fn pop_front(&mut self, store: &LazyStore) -> Option<QueuedMessage> {
+        if self.mem.is_empty() && self.tail > 0 {
+            self.refill(store);
+        }
+        let msg = self.mem.pop_front()?;
+        self.mem_bytes -= msg.message.body.len() as u64;
+        Some(msg)
+    }
+
+    fn refill(&mut self, store: &LazyStore) {
+        let batch = store.get().read(
+            self.cursor,
+            self.until,
+            self.window.messages.max(1),
+            self.window.bytes.max(1),
+        );
+        self.cursor = batch.next;
+        self.tail = self.tail.saturating_sub(batch.dropped);
+        for m in batch.messages {
+            let len = m.message.body.len() as u64;
+            self.tail = self.tail.saturating_sub(1);
+            self.tail_bytes = self.tail_bytes.saturating_sub(len);
+            self.mem_bytes += len;
+            self.mem.push_back(QueuedMessage {
+                seq: m.seq,
+                redelivered: m.delivered || m.seq < self.redelivered_below,
+                message: Arc::new(m.message),
+                location: Some(m.location),
+            });
+        }
+        if self.mem.is_empty() && self.cursor >= self.until && self.tail > 0 {
+            tracing::warn!(
+                missing = self.tail,
+                "queue store holds fewer messages than counted"
+            );
+            self.tail = 0;
+            self.tail_bytes = 0;
+        }
+    }
+
+    /// Puts a message back where it was (it came from the window, so it goes back there).
+    pub fn requeue(&mut self, msg: QueuedMessage) {
+        self.mem_bytes += msg.message.body.len() as u64;
+        match self.mem.front() {
+            Some(front) if front.seq < msg.seq => {
+                let at = self.mem.partition_point(|m| m.seq < msg.seq);
+                self.mem.insert(at, msg);
+            }
+            _ => self.mem.push_front(msg),
+        }
+    }
+
+    /// Drops every ready message, from memory and from the store; returns how many.
+    pub fn clear(&mut self, store: &LazyStore) -> usize {
+        let mut n = self.mem.len();
+        if let Some(s) = store.existing() {
+            for m in &self.mem {
+                if let Some(at) = m.location {
+                    s.remove(m.seq, at);
+                }
+            }
+            if self.tail > 0 {
+                s.remove_range(self.cursor, self.until);
+            }
+        }
+        n += self.tail as usize;
+        self.mem.clear();
+        self.mem_bytes = 0;
+        self.tail = 0;
+        self.tail_bytes = 0;
+        self.cursor = self.until;
+        n
+    }
+}
+
+/// Forgets a message in the store, if it is there (acknowledged, dropped, consumed no-ack).
+pub fn forget(store: &LazyStore, seq: u64, location: Option<Location>) {
+    if let (Some(at), Some(s)) = (location, store.existing()) {
+        s.remove(seq, at);
+    }
+}
+
+/// Records a delivery of a stored persistent message, for the redelivered flag after a
+/// restart.
+pub fn delivered(store: &LazyStore, seq: u64, location: Option<Location>) {
+    if let (Some(at), Some(s)) = (location, store.existing())
+        && at.kind == RecordKind::Persistent
+    {
+        s.mark_delivered(seq, at);
+    }
+}
+
+/// Whether a message must be in the store before it is confirmed.
+pub fn must_persist(durable_queue: bool, message: &Message) -> bool {
+    durable_queue && message.persistent
+}
