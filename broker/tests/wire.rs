@@ -887,3 +887,27 @@ async fn an_alarm_blocks_a_publisher_with_connection_blocked_and_unblocks_it_aft
         "the second publish went through after the alarm"
     );
 }
+
+#[tokio::test]
+async fn a_message_over_the_size_limit_is_refused_from_its_header_before_the_body() {
+    let broker = TestBroker::start_with(|c| c.max_message_size = 1024).await;
+    if broker.is_external() {
+        return;
+    }
+    let mut raw = Raw::open(&broker).await;
+    // The method and the content header announcing 2048 bytes; no body is ever sent.
+    let frames = publish_frames(1, "anywhere", &[0u8; 2048]);
+    let header_end = frames.len() - (2048 + 8);
+    raw.send(&frames[..header_end]).await;
+    let (ch, m) = raw.method().await.expect("channel.close");
+    assert_eq!(ch, 1);
+    let AMQPClass::Channel(channel::AMQPMethod::Close(c)) = m else {
+        panic!("expected channel.close, got {m:?}");
+    };
+    assert_eq!(c.reply_code, 406);
+    assert_eq!(
+        c.reply_text.as_str(),
+        "PRECONDITION_FAILED - message size 2048 is larger than configured max size 1024"
+    );
+    assert_eq!((c.class_id, c.method_id), (60, 40));
+}

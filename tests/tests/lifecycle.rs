@@ -48,7 +48,7 @@ fn sigterm_closes_clients_with_320_and_exits_cleanly() {
 }
 
 #[test]
-fn durable_topology_survives_a_restart_and_transient_does_not() {
+fn durable_topology_and_persistent_messages_survive_a_restart_and_transient_ones_do_not() {
     let data = tempfile::tempdir().expect("data dir");
     let rt = runtime();
     let first = BrokerProcess::start_in(data.path(), &[]);
@@ -89,6 +89,22 @@ fn durable_topology_survives_a_restart_and_transient_does_not() {
         )
         .await
         .expect("bind");
+        ch.confirm_select(Default::default())
+            .await
+            .expect("confirms");
+        for (body, mode) in [(&b"persistent"[..], 2), (&b"transient"[..], 1)] {
+            ch.basic_publish(
+                "".into(),
+                "kept".into(),
+                Default::default(),
+                body,
+                lapin::BasicProperties::default().with_delivery_mode(mode),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirmed");
+        }
         conn.close(200, "bye".into()).await.expect("close");
     });
     assert_eq!(first.terminate(), Some(0));
@@ -100,9 +116,24 @@ fn durable_topology_survives_a_restart_and_transient_does_not() {
             passive: true,
             ..Default::default()
         };
-        ch.queue_declare("kept".into(), passive, FieldTable::default())
+        let kept = ch
+            .queue_declare("kept".into(), passive, FieldTable::default())
             .await
             .expect("durable queue is back");
+        assert_eq!(
+            kept.message_count(),
+            1,
+            "only the persistent message is back"
+        );
+        let got = ch
+            .basic_get(
+                "kept".into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .expect("get")
+            .expect("the persistent message");
+        assert_eq!(got.delivery.data, b"persistent");
         // The binding is back: a message published to the exchange reaches the queue.
         ch.basic_publish(
             "kept-x".into(),
