@@ -190,7 +190,33 @@ FIGURES = {
         ("publish msg/s", lambda s: s["publish_phase"]["rate"], True),
         ("drain msg/s", lambda s: s["drain_phase"]["rate"], True),
     ],
+    "P10": [
+        ("confirmed msg/s", lambda s: s["confirmed_rate"], True),
+        ("received msg/s", lambda s: s["received_rate"], True),
+    ],
 }
+
+# Scenarios whose runs also counted the broker's fsync/fdatasync calls (`<run>.syncs`).
+SYNCED = {"S2", "P10"}
+
+
+def load_syncs(runs, sc, key, r):
+    """fsync + fdatasync calls per second of a run, from `perf stat -x,` output."""
+    base = os.path.join(runs, f"{sc}.{key}.{r}")
+    summary = load_run(runs, sc, key, r)
+    try:
+        with open(base + ".syncs", encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    total = 0
+    for line in lines:
+        cells = line.split(",")
+        if len(cells) > 2 and cells[0].strip().isdigit():
+            total += int(cells[0])
+    if not summary or not summary.get("duration_s"):
+        return None
+    return total / float(summary["duration_s"])
 
 
 def load_summary(path):
@@ -278,6 +304,14 @@ def report(args):
                 if not higher:
                     ratio += " (lower is better)"
             w(f"| {sc} | {label} | {fmt(med['rabbitmq'])} | {fmt(med['warren'])} | {ratio} |")
+        if sc in SYNCED:
+            med = {}
+            for key, _ in BROKERS:
+                vals = [load_syncs(args.runs, sc, key, r) for r in range(1, rounds + 1)]
+                ok = [v for v in vals if v is not None]
+                med[key] = statistics.median(ok) if ok else None
+            if med["rabbitmq"] is not None or med["warren"] is not None:
+                w(f"| {sc} | fsync+fdatasync calls/s | {fmt(med['rabbitmq'])} | {fmt(med['warren'])} | |")
     w("")
     w("Every run (in round order):")
     w("")

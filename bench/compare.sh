@@ -15,7 +15,9 @@
 # brokers are stopped at the end, also on failure or Ctrl-C. Loopback only.
 #
 # Options:
-#   --scenarios LIST   comma-separated subset of S1..S6 (default: all)
+#   --scenarios LIST   comma-separated subset of S1..S6 and P10 (default: S1..S6). P10 is S2
+#                      with 10 publishers on the one queue. For S2 and P10 the brokers'
+#                      fsync/fdatasync calls are counted with `perf stat` when it is available.
 #   --time SECONDS     length of each S1-S5 run (default 20)
 #   --rounds N         runs per scenario and broker (default 3)
 #   --s6-messages N    messages published in S6 (default 1000000)
@@ -80,7 +82,7 @@ in_range "$WPORT" 1 65535 || die "--warren-port must be 1..65535"
 IFS=, read -r -a SCEN <<<"$SCENARIOS"
 [ ${#SCEN[@]} -ge 1 ] || die "--scenarios is empty"
 for s in "${SCEN[@]}"; do
-  case $s in S1 | S2 | S3 | S4 | S5 | S6) ;; *) die "unknown scenario $s (S1..S6)" ;; esac
+  case $s in S1 | S2 | S3 | S4 | S5 | S6 | P10) ;; *) die "unknown scenario $s (S1..S6, P10)" ;; esac
 done
 RDIST=$((RPORT + 20000))
 command -v python3 >/dev/null || die "python3 is needed (bench/compare.py)"
@@ -96,14 +98,29 @@ scenario_args() {
     S4) echo "--id S4 --producers 10 --consumers 10 --queue-pattern perf-s4-%d --queue-pattern-from 1 --queue-pattern-to 10 --type topic --exchange perf-topic --size 256 --qos 200 --multi-ack-every 20 --time $TIME" ;;
     S5) echo "--id S5 --fanout-queues 20 --producers 1 --size 1024 --qos 200 --multi-ack-every 20 --time $TIME" ;;
     S6) echo "--id S6 --queue perf-s6 --producers 1 --consumers 1 --size 16 --pmessages $S6_MESSAGES --drain-after-publish --qos 500 --multi-ack-every 100" ;;
+    P10) echo "--id P10 --queue perf-p10 --producers 10 --consumers 1 --size 1024 --persistent --confirm 256 --qos 200 --time $TIME" ;;
   esac
+}
+
+# Counts the broker's fsync/fdatasync calls during a run, where perf can (S2, P10).
+PERF_STAT=0
+if command -v perf >/dev/null 2>&1 &&
+  perf stat -e syscalls:sys_enter_fdatasync -a -x, true >/dev/null 2>&1; then
+  PERF_STAT=1
+fi
+count_syncs() { # scenario broker-pid output -> the pid of the counter, or nothing
+  case $1 in S2 | P10) ;; *) return 0 ;; esac
+  [ "$PERF_STAT" = 1 ] && [ -n "$2" ] || return 0
+  perf stat -x, -o "$3" -e syscalls:sys_enter_fdatasync,syscalls:sys_enter_fsync -p "$2" \
+    >/dev/null 2>&1 &
+  echo $!
 }
 
 # What a scenario declares (warren-perf deletes it at the end; we check that it did).
 scenario_leftover_args() {
   local i
   case $1 in
-    S1 | S2 | S3 | S6) echo "--queue perf-$(echo "$1" | tr S s) --exchange direct" ;;
+    S1 | S2 | S3 | S6 | P10) echo "--queue perf-$(echo "$1" | tr SP sp) --exchange direct" ;;
     S4) for i in $(seq 1 10); do printf -- '--queue perf-s4-%d ' "$i"; done; echo "--exchange perf-topic" ;;
     S5) for i in $(seq 1 20); do printf -- '--queue warren-perf-fanout-%d ' "$i"; done; echo "--exchange fanout" ;;
   esac
@@ -302,12 +319,22 @@ run_one() { # scenario broker round
   base=$RUNS/$sc.$broker.$round
   args=$(scenario_args "$sc")
   log "$sc round $round/$ROUNDS on $broker"
+  local bpid= counter=
+  case $broker in
+    rabbitmq) bpid=$(cat "$RMQ_BASE/rabbitmq.pid" 2>/dev/null || true) ;;
+    warren) bpid=$WARREN_PID ;;
+  esac
+  counter=$(count_syncs "$sc" "$bpid" "$base.syncs")
   # shellcheck disable=SC2086 # scenario_args is a list of plain words
   timeout -s INT -k 30 "$(run_limit "$sc")" \
     "$PERF" --uri "amqp://guest:guest@127.0.0.1:$port/%2f" --json $args >"$base.json" 2>"$base.err" &
   PERF_PID=$!
   wait "$PERF_PID" || rc=$?
   PERF_PID=
+  if [ -n "$counter" ]; then
+    kill -INT "$counter" 2>/dev/null || true
+    wait "$counter" 2>/dev/null || true
+  fi
   echo "$rc" >"$base.rc"
   if [ "$rc" != 0 ]; then
     FAILED=1

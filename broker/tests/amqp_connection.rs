@@ -5,7 +5,7 @@ mod common;
 use amq_protocol::frame::AMQPFrame;
 use amq_protocol::protocol::{AMQPClass, connection};
 use amq_protocol::types::AMQPValue;
-use common::raw::RawConnection;
+use common::raw::{HEADER, Raw};
 use common::*;
 use lapin::options::{BasicGetOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
@@ -30,9 +30,10 @@ async fn connects_with_plain_and_opens_a_channel() {
 async fn server_properties_include_product_version_platform_and_capabilities() {
     // lapin does not expose the server properties of connection.start: read them raw.
     let broker = TestBroker::start().await;
-    let mut raw = RawConnection::open_socket(broker.addr).await;
-    let start = match raw.recv().await {
-        AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Start(s))) => s,
+    let mut raw = Raw::connect(&broker).await;
+    raw.send(HEADER).await;
+    let start = match raw.method().await {
+        Some((0, AMQPClass::Connection(connection::AMQPMethod::Start(s)))) => s,
         other => panic!("expected connection.start, got {other:?}"),
     };
     assert_eq!((start.version_major, start.version_minor), (0, 9));
@@ -213,23 +214,20 @@ async fn channel_max_is_negotiated_down_to_the_client_request() {
 async fn opening_a_channel_above_the_negotiated_channel_max_closes_the_connection() {
     // lapin refuses this client-side, so speak the protocol directly.
     let broker = TestBroker::start().await;
-    let (mut raw, _start, tune) = RawConnection::handshake(broker.addr, 2).await;
+    let (mut raw, _start, tune) = Raw::handshake(&broker, Some(2), None).await;
     assert!(tune.channel_max == 0 || tune.channel_max >= 2);
-    for id in 1..=2 {
-        raw.open_channel(id).await;
-        match raw.recv().await {
-            AMQPFrame::Method(
-                c,
-                AMQPClass::Channel(amq_protocol::protocol::channel::AMQPMethod::OpenOk(_)),
-            ) => {
-                assert_eq!(c, id)
-            }
-            other => panic!("expected channel.open-ok on {id}, got {other:?}"),
-        }
-    }
-    raw.open_channel(3).await;
-    match raw.recv().await {
-        AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Close(close))) => {
+    // The limit is on open channels, not on channel numbers.
+    raw.open_channel(100).await;
+    raw.open_channel(1).await;
+    raw.send_method(
+        3,
+        AMQPClass::Channel(amq_protocol::protocol::channel::AMQPMethod::Open(
+            amq_protocol::protocol::channel::Open {},
+        )),
+    )
+    .await;
+    match raw.frame().await {
+        Some(AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Close(close)))) => {
             assert_eq!(
                 (close.reply_code, close.reply_text.as_str()),
                 (

@@ -5,7 +5,7 @@ mod common;
 
 use amq_protocol::frame::AMQPFrame;
 use amq_protocol::protocol::{AMQPClass, basic};
-use common::raw::RawConnection;
+use common::raw::Raw;
 use common::*;
 use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{
@@ -446,13 +446,8 @@ async fn deliveries_respect_a_small_negotiated_frame_max() {
     .await;
 
     // Read it back over a connection that negotiated the minimum frame size, 4096.
-    let (mut raw, _start, _tune) =
-        RawConnection::handshake_with(broker.addr, None, Some(4096)).await;
+    let (mut raw, _start, _tune) = Raw::handshake(&broker, None, Some(4096)).await;
     raw.open_channel(1).await;
-    match raw.recv().await {
-        AMQPFrame::Method(1, AMQPClass::Channel(_)) => {}
-        other => panic!("expected channel.open-ok, got {other:?}"),
-    }
     raw.send_method(
         1,
         AMQPClass::Basic(basic::AMQPMethod::Get(basic::Get {
@@ -461,11 +456,11 @@ async fn deliveries_respect_a_small_negotiated_frame_max() {
         })),
     )
     .await;
-    match raw.recv().await {
+    match raw.frame().await.expect("a frame") {
         AMQPFrame::Method(1, AMQPClass::Basic(basic::AMQPMethod::GetOk(_))) => {}
         other => panic!("expected basic.get-ok, got {other:?}"),
     }
-    let size = match raw.recv().await {
+    let size = match raw.frame().await.expect("a frame") {
         AMQPFrame::Header(1, h) => h.body_size as usize,
         other => panic!("expected a content header, got {other:?}"),
     };
@@ -473,7 +468,7 @@ async fn deliveries_respect_a_small_negotiated_frame_max() {
     let mut got = Vec::new();
     let mut frames = 0;
     while got.len() < size {
-        match raw.recv().await {
+        match raw.frame().await.expect("a frame") {
             AMQPFrame::Body(1, data) => {
                 assert!(
                     data.len() <= 4096 - 8,

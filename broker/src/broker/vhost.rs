@@ -838,6 +838,24 @@ fn validate_queue_arguments(spec: &QueueSpec, vhost: &str) -> AmqpResult<()> {
         as_integer(v)
             .ok_or_else(|| invalid(key, format!("\"expected integer, got {}\"", type_name(v))))
     };
+    // A time in milliseconds: not negative, not past RabbitMQ's maximum, and for x-expires
+    // not zero either.
+    let expiry = |key: &str, value: &AMQPValue, zero_ok: bool| -> AmqpResult<()> {
+        let n = integer(key, value)?;
+        if n == 0 && !zero_ok {
+            return Err(invalid(key, "{value_zero,0}".into()));
+        }
+        if n < 0 {
+            return Err(invalid(key, format!("{{value_negative,{n}}}")));
+        }
+        if n > MAX_EXPIRY {
+            return Err(invalid(
+                key,
+                format!("{{value_too_large,{n},{MAX_EXPIRY}}}"),
+            ));
+        }
+        Ok(())
+    };
     let args = spec.arguments.inner();
     let queue_type = match args.get("x-queue-type") {
         None => "classic".to_owned(),
@@ -871,33 +889,8 @@ fn validate_queue_arguments(spec: &QueueSpec, vhost: &str) -> AmqpResult<()> {
                     "invalid arg '{key}' for {what} of queue type rabbit_classic_queue"
                 )));
             }
-            "x-message-ttl" => {
-                let n = integer(key, value)?;
-                if n < 0 {
-                    return Err(invalid(key, format!("{{value_negative,{n}}}")));
-                }
-                if n > MAX_EXPIRY {
-                    return Err(invalid(
-                        key,
-                        format!("{{value_too_large,{n},{MAX_EXPIRY}}}"),
-                    ));
-                }
-            }
-            "x-expires" => {
-                let n = integer(key, value)?;
-                if n == 0 {
-                    return Err(invalid(key, "{value_zero,0}".into()));
-                }
-                if n < 0 {
-                    return Err(invalid(key, format!("{{value_negative,{n}}}")));
-                }
-                if n > MAX_EXPIRY {
-                    return Err(invalid(
-                        key,
-                        format!("{{value_too_large,{n},{MAX_EXPIRY}}}"),
-                    ));
-                }
-            }
+            "x-message-ttl" => expiry(key, value, true)?,
+            "x-expires" => expiry(key, value, false)?,
             "x-max-priority" => {
                 let n = integer(key, value)?;
                 if n < 0 {
