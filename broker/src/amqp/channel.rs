@@ -72,6 +72,8 @@ pub struct Channel {
     pub(super) route_buf: Vec<Arc<Queue>>,
     /// Committed transactions whose `commit-ok` waits for these flush epochs.
     pub(super) commits_waiting: std::collections::VecDeque<u64>,
+    /// The exchange last published to, by name.
+    pub(super) exchange_cache: Option<(bytes::Bytes, Arc<crate::broker::exchange::Exchange>)>,
 }
 
 impl std::fmt::Debug for Channel {
@@ -108,6 +110,7 @@ impl Channel {
             reply_to: None,
             route_buf: Vec::new(),
             commits_waiting: std::collections::VecDeque::new(),
+            exchange_cache: None,
         }
     }
 

@@ -13,6 +13,7 @@
 
 use amq_protocol::frame::{AMQPFrame, WriteContext, gen_frame};
 use amq_protocol::protocol::{AMQPClass, BasicProperties, basic::parse_properties, parse_class};
+use amq_protocol::types::FieldTable;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 pub const FRAME_METHOD: u8 = 1;
@@ -196,14 +197,111 @@ pub fn decode_publish(payload: &Bytes) -> Option<PublishArgs> {
     })
 }
 
-/// A content header frame, decoded. `raw_properties` (the property flags and list exactly as the
-/// publisher sent them) is what deliveries carry, so every header round-trips byte for byte.
+/// A content header frame. The properties stay as the publisher encoded them
+/// (`raw_properties`, what deliveries carry, so every header round-trips byte for byte); the
+/// few the broker acts on are located by [`scan_properties`] without allocating, and the
+/// rest are decoded only when needed.
 #[derive(Debug, Clone)]
 pub struct ContentHeader {
     pub class_id: u16,
+    pub weight: u16,
     pub body_size: u64,
     pub raw_properties: Bytes,
-    pub properties: BasicProperties,
+    pub scan: PropertyScan,
+}
+
+/// Where the properties the broker acts on are, within the raw property bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PropertyScan {
+    pub delivery_mode: Option<u8>,
+    pub priority: Option<u8>,
+    /// The headers table, with its length prefix.
+    pub headers: Option<std::ops::Range<usize>>,
+    pub reply_to: Option<std::ops::Range<usize>>,
+    pub expiration: Option<std::ops::Range<usize>>,
+    pub user_id: Option<std::ops::Range<usize>>,
+}
+
+impl ContentHeader {
+    /// The bytes of a located property.
+    pub fn bytes(&self, at: &Option<std::ops::Range<usize>>) -> Option<&[u8]> {
+        at.as_ref().map(|r| &self.raw_properties[r.clone()])
+    }
+
+    /// Every property, decoded (for the rare publish whose properties the broker rewrites).
+    pub fn properties(&self) -> Option<BasicProperties> {
+        match parse_properties(&self.raw_properties[..]) {
+            Ok(([], p)) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// The headers table, decoded; `Err` when it is malformed.
+    pub fn headers(&self) -> Result<Option<FieldTable>, ()> {
+        let Some(bytes) = self.bytes(&self.scan.headers) else {
+            return Ok(None);
+        };
+        match amq_protocol::types::parsing::parse_field_table(bytes) {
+            Ok(([], table)) => Ok(Some(table)),
+            _ => Err(()),
+        }
+    }
+}
+
+/// Locates the properties in a content header's property flags and list (the 14 properties
+/// of class basic, in the spec's order). `None` when the list does not match its flags.
+pub fn scan_properties(raw: &[u8]) -> Option<PropertyScan> {
+    let flags = u16::from_be_bytes([*raw.first()?, *raw.get(1)?]);
+    if flags & 0b11 != 0 {
+        // Continuation bit or reserved bits: basic has no more than 14 properties.
+        return None;
+    }
+    let mut scan = PropertyScan::default();
+    let mut at = 2usize;
+    let short_str = |at: &mut usize| -> Option<std::ops::Range<usize>> {
+        let len = *raw.get(*at)? as usize;
+        let start = *at + 1;
+        if start + len > raw.len() {
+            return None;
+        }
+        *at = start + len;
+        Some(start..start + len)
+    };
+    for bit in (2..16).rev() {
+        if flags & (1 << bit) == 0 {
+            continue;
+        }
+        match bit {
+            13 => {
+                let len = u32::from_be_bytes(raw.get(at..at + 4)?.try_into().ok()?) as usize;
+                let end = at.checked_add(4 + len)?;
+                if end > raw.len() {
+                    return None;
+                }
+                scan.headers = Some(at..end);
+                at = end;
+            }
+            12 => {
+                scan.delivery_mode = Some(*raw.get(at)?);
+                at += 1;
+            }
+            11 => {
+                scan.priority = Some(*raw.get(at)?);
+                at += 1;
+            }
+            6 => {
+                raw.get(at..at + 8)?;
+                at += 8;
+            }
+            9 => scan.reply_to = Some(short_str(&mut at)?),
+            8 => scan.expiration = Some(short_str(&mut at)?),
+            4 => scan.user_id = Some(short_str(&mut at)?),
+            _ => {
+                short_str(&mut at)?;
+            }
+        }
+    }
+    (at == raw.len()).then_some(scan)
 }
 
 /// Decodes a content header payload; `None` when it is malformed.
@@ -212,17 +310,60 @@ pub fn decode_content_header(payload: &Bytes) -> Option<ContentHeader> {
         return None;
     }
     let class_id = u16::from_be_bytes([payload[0], payload[1]]);
+    let weight = u16::from_be_bytes([payload[2], payload[3]]);
     let body_size = u64::from_be_bytes(payload[4..12].try_into().ok()?);
     let raw_properties = payload.slice(12..);
-    let (rest, properties) = parse_properties(&raw_properties[..]).ok()?;
-    if !rest.is_empty() {
-        return None;
-    }
+    let scan = scan_properties(&raw_properties)?;
     Some(ContentHeader {
         class_id,
+        weight,
         body_size,
         raw_properties,
-        properties,
+        scan,
+    })
+}
+
+/// Which of `basic.ack`, `basic.reject` and `basic.nack` a frame is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckKind {
+    Ack,
+    Reject,
+    Nack,
+}
+
+/// A consumer's acknowledgement, decoded by hand: there is one per message (or per batch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AckArgs {
+    pub kind: AckKind,
+    pub delivery_tag: u64,
+    pub multiple: bool,
+    pub requeue: bool,
+}
+
+/// Decodes `basic.ack`, `basic.reject` or `basic.nack`; `None` for anything else (including a
+/// malformed one, which the generic decoder then reports).
+pub fn decode_ack(payload: &[u8]) -> Option<AckArgs> {
+    if payload.len() != 13 || payload[..3] != [0, 60, 0] {
+        return None;
+    }
+    let kind = match payload[3] {
+        80 => AckKind::Ack,
+        90 => AckKind::Reject,
+        120 => AckKind::Nack,
+        _ => return None,
+    };
+    let delivery_tag = u64::from_be_bytes(payload[4..12].try_into().ok()?);
+    let bits = payload[12];
+    let (multiple, requeue) = match kind {
+        AckKind::Ack => (bits & 1 != 0, false),
+        AckKind::Reject => (false, bits & 1 != 0),
+        AckKind::Nack => (bits & 1 != 0, bits & 2 != 0),
+    };
+    Some(AckArgs {
+        kind,
+        delivery_tag,
+        multiple,
+        requeue,
     })
 }
 
@@ -517,6 +658,94 @@ mod tests {
     }
 
     #[test]
+    fn property_scan_agrees_with_the_generated_decoder() {
+        let mut headers = FieldTable::default();
+        headers.insert(ShortString::from("CC"), AMQPValue::LongString("k".into()));
+        let props = BasicProperties::default()
+            .with_content_type("text/plain".into())
+            .with_headers(headers.clone())
+            .with_delivery_mode(2)
+            .with_priority(7)
+            .with_reply_to("amq.rabbitmq.reply-to".into())
+            .with_expiration("60000".into())
+            .with_timestamp(12345)
+            .with_user_id("guest".into())
+            .with_cluster_id("c".into());
+        let raw = encode_properties(&props);
+        let mut payload = vec![0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        payload.extend_from_slice(&raw);
+        let h = decode_content_header(&Bytes::from(payload)).unwrap();
+        assert_eq!(h.scan.delivery_mode, Some(2));
+        assert_eq!(h.scan.priority, Some(7));
+        assert_eq!(
+            h.bytes(&h.scan.reply_to),
+            Some(&b"amq.rabbitmq.reply-to"[..])
+        );
+        assert_eq!(h.bytes(&h.scan.expiration), Some(&b"60000"[..]));
+        assert_eq!(h.bytes(&h.scan.user_id), Some(&b"guest"[..]));
+        assert_eq!(h.headers(), Ok(Some(headers)));
+        assert_eq!(h.properties(), Some(props));
+        assert_eq!(scan_properties(&[0, 0]), Some(PropertyScan::default()));
+        assert_eq!(
+            scan_properties(&[0x10, 0]),
+            None,
+            "delivery mode flagged but missing"
+        );
+        assert_eq!(
+            scan_properties(&[0, 0, 9]),
+            None,
+            "bytes after the last property"
+        );
+    }
+
+    #[test]
+    fn acks_decode_like_the_generated_codec() {
+        let mut out = BytesMut::new();
+        encode_ack(&mut out, 1, 42, true);
+        encode_nack(&mut out, 1, 43, true);
+        encode_method(
+            &mut out,
+            1,
+            AMQPClass::Basic(basic::AMQPMethod::Reject(basic::Reject {
+                delivery_tag: 44,
+                requeue: true,
+            })),
+        );
+        let mut got = Vec::new();
+        while let Some(f) = next_frame(&mut out, 131072).unwrap() {
+            got.push(decode_ack(&f.payload).unwrap());
+        }
+        assert_eq!(
+            got[0],
+            AckArgs {
+                kind: AckKind::Ack,
+                delivery_tag: 42,
+                multiple: true,
+                requeue: false
+            }
+        );
+        assert_eq!(
+            got[1],
+            AckArgs {
+                kind: AckKind::Nack,
+                delivery_tag: 43,
+                multiple: true,
+                requeue: false
+            }
+        );
+        assert_eq!(
+            got[2],
+            AckArgs {
+                kind: AckKind::Reject,
+                delivery_tag: 44,
+                multiple: false,
+                requeue: true
+            }
+        );
+        assert_eq!(decode_ack(&[0, 60, 0, 80, 0]), None);
+    }
+
+    #[test]
     fn empty_body_sends_only_a_header() {
         let mut out = BytesMut::new();
         encode_content(&mut out, 1, &[0, 0], &[], 131072);
@@ -615,8 +844,12 @@ mod properties {
             while let Ok(Some(frame)) = next_frame(&mut buf, frame_max) {
                 prop_assert!(frame.payload.len() as u64 <= u64::from(frame_max));
                 let _ = decode_method(&frame.payload);
-                let _ = decode_content_header(&frame.payload);
+                if let Some(h) = decode_content_header(&frame.payload) {
+                    let _ = h.headers();
+                    let _ = h.properties();
+                }
                 let _ = decode_publish(&frame.payload);
+                let _ = decode_ack(&frame.payload);
             }
         }
 

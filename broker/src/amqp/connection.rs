@@ -2,7 +2,7 @@
 //! read in batches and dispatched to channels; heartbeats; closing both ways. Errors are data
 //! (`AmqpError`): a channel error closes that channel, anything else the connection.
 
-use super::channel::{Channel, Session};
+use super::channel::{Channel, Session, Settle};
 use super::codec::{
     self, FRAME_BODY, FRAME_HEADER, FRAME_HEARTBEAT, FRAME_METHOD, FrameError, RawFrame,
 };
@@ -381,6 +381,27 @@ impl Connection {
                 .on(60, 40)
             })?;
             return channel.on_publish(args).map_err(|e| with_channel(e, ch));
+        }
+        if ch != 0
+            && self.phase == Phase::Open
+            && let Some(ack) = codec::decode_ack(&frame.payload)
+        {
+            // Consumers' acks, the other per-message method, skip the generic decoder too.
+            let method_id = frame.payload[3].into();
+            let channel = self.open_channel(ch).map_err(|e| e.on(60, method_id))?;
+            if channel.closing {
+                return Ok(());
+            }
+            let how = match ack.kind {
+                codec::AckKind::Ack => Settle::Ack,
+                codec::AckKind::Reject | codec::AckKind::Nack => Settle::Reject {
+                    requeue: ack.requeue,
+                },
+            };
+            return channel
+                .expect_method()
+                .and_then(|()| channel.settle(ack.delivery_tag, ack.multiple, how))
+                .map_err(|e| e.on(60, method_id).in_channel(ch));
         }
         // basic.qos carries a prefetch_size that the generated codec does not keep.
         if frame.payload.len() >= 8 && frame.payload[..4] == [0, 60, 0, 10] {

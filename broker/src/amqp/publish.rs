@@ -18,7 +18,7 @@ use crate::error::{
     access_refused, not_found, precondition_failed,
 };
 use amq_protocol::protocol::{AMQPClass, tx};
-use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
+use amq_protocol::types::{AMQPValue, FieldTable};
 use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -120,6 +120,24 @@ pub struct Transaction {
     pub settles: Vec<(Settle, Vec<(u64, Delivered)>)>,
 }
 
+/// Bodies up to this size are copied out of the read buffer they arrived in.
+const DETACH_BELOW: usize = 64 * 1024;
+
+/// Copies a small message's properties and body into one allocation of its own. Frames are
+/// cut from the connection's read buffer without copying, and a message kept in a queue would
+/// otherwise keep that whole buffer alive; a large body is most of its buffer anyway.
+fn detach(properties: Bytes, body: Bytes) -> (Bytes, Bytes) {
+    if body.len() > DETACH_BELOW {
+        return (Bytes::copy_from_slice(&properties), body);
+    }
+    let mut both = BytesMut::with_capacity(properties.len() + body.len());
+    both.extend_from_slice(&properties);
+    both.extend_from_slice(&body);
+    let both = both.freeze();
+    let at = properties.len();
+    (both.slice(..at), both.slice(at..))
+}
+
 /// RabbitMQ's check of the `expiration` property: a non-negative integer of milliseconds.
 fn check_expiration(text: &str) -> AmqpResult<()> {
     let reason = match text.parse::<i64>() {
@@ -180,7 +198,7 @@ impl Channel {
         let header = codec::decode_content_header(&payload).ok_or_else(|| {
             AmqpError::new(FRAME_ERROR, "malformed content header frame").on(PUBLISH.0, PUBLISH.1)
         })?;
-        if payload.len() >= 4 && payload[2..4] != [0, 0] {
+        if header.weight != 0 {
             // A non-zero weight: RabbitMQ does not see a content header at all.
             return Err(unexpected(
                 "expected content header for class 60, got non content header frame instead",
@@ -287,53 +305,40 @@ impl Channel {
         body: Bytes,
         seq: Option<u64>,
     ) -> AmqpResult<()> {
-        let exchange_name = std::str::from_utf8(&args.exchange).map_err(|_| {
-            not_found(format!(
-                "no {}",
-                describe(
-                    "exchange",
-                    &String::from_utf8_lossy(&args.exchange),
-                    &s.vhost.name
-                )
-            ))
-        })?;
-        let exchange = s.vhost.existing_exchange(exchange_name)?;
+        let exchange = self.exchange_for(s, &args.exchange)?;
         if exchange.spec.internal {
             return Err(access_refused(format!(
                 "cannot publish to internal {}",
-                describe("exchange", exchange_name, &s.vhost.name)
+                describe("exchange", exchange.name(), &s.vhost.name)
             )));
         }
-        let mut props = header.properties;
-        let mut raw = header.raw_properties;
-        let mut rewrite = false;
-        if props.reply_to().as_ref().map(ShortString::as_str) == Some(REPLY_TO) {
+        let malformed = || AmqpError::new(FRAME_ERROR, "malformed content header frame");
+        let mut headers = header.headers().map_err(|()| malformed())?;
+        let mut reply_to = None;
+        if header.bytes(&header.scan.reply_to) == Some(REPLY_TO.as_bytes()) {
             let Some((key, _)) = &self.reply_to else {
                 return Err(precondition_failed("fast reply consumer does not exist"));
             };
-            props = props.with_reply_to(format!("{REPLY_TO}.{key}").into());
-            rewrite = true;
+            reply_to = Some(format!("{REPLY_TO}.{key}"));
         }
-        if let Some(user_id) = props.user_id()
-            && user_id.as_str() != s.user
+        if let Some(user_id) = header.bytes(&header.scan.user_id)
+            && user_id != s.user.as_bytes()
         {
             return Err(precondition_failed(format!(
                 "user_id property set to '{}' but authenticated user was '{}'",
-                user_id.as_str(),
+                String::from_utf8_lossy(user_id),
                 s.user
             )));
         }
-        if let Some(expiration) = props.expiration() {
-            check_expiration(expiration.as_str())?;
+        if let Some(expiration) = header.bytes(&header.scan.expiration) {
+            check_expiration(&String::from_utf8_lossy(expiration))?;
         }
         // CC and BCC add routing keys; most messages have none, and then nothing is allocated.
         let mut extra_keys: Vec<Bytes> = Vec::new();
-        if let Some(headers) = props.headers().as_ref()
-            && (headers.inner().contains_key("CC") || headers.inner().contains_key("BCC"))
-        {
-            let mut headers = headers.clone();
+        let mut strip_bcc = false;
+        if let Some(h) = &headers {
             for name in ["CC", "BCC"] {
-                match headers.inner().get(name) {
+                match h.inner().get(name) {
                     None => {}
                     Some(AMQPValue::FieldArray(routes)) => {
                         for r in routes.as_slice() {
@@ -350,35 +355,44 @@ impl Channel {
                     }
                 }
             }
-            if headers.inner().contains_key("BCC") {
-                let mut kept = FieldTable::default();
-                for (k, v) in headers.inner() {
-                    if k.as_str() != "BCC" {
-                        kept.insert(k.clone(), v.clone());
-                    }
-                }
-                headers = kept;
-                props = props.with_headers(headers);
-                rewrite = true;
-            }
+            strip_bcc = h.inner().contains_key("BCC");
         }
-        if let Some(mode) = props.delivery_mode()
+        if let Some(mode) = header.scan.delivery_mode
             && !matches!(mode, 1 | 2)
         {
             return Err(precondition_failed(format!(
                 "invalid message: {{delivery_mode_unknown,{mode}}}"
             )));
         }
-        if rewrite {
-            raw = codec::encode_properties(&props);
-        }
+        let persistent = header.scan.delivery_mode == Some(2);
+        let raw = if reply_to.is_some() || strip_bcc {
+            // The rare publish whose properties the broker changes: decode, edit, encode.
+            let mut props = header.properties().ok_or_else(malformed)?;
+            if let Some(r) = reply_to {
+                props = props.with_reply_to(r.into());
+            }
+            if strip_bcc && let Some(h) = headers.as_mut() {
+                let mut kept = FieldTable::default();
+                for (k, v) in h.inner() {
+                    if k.as_str() != "BCC" {
+                        kept.insert(k.clone(), v.clone());
+                    }
+                }
+                *h = kept.clone();
+                props = props.with_headers(kept);
+            }
+            codec::encode_properties(&props)
+        } else {
+            header.raw_properties
+        };
+        let (properties, body) = detach(raw, body);
         let routing_key = args.routing_key;
         let message = Arc::new(Message {
             exchange: ShortStr::from_bytes(args.exchange),
             routing_key: ShortStr::from_bytes(routing_key.clone()),
-            properties: raw,
+            properties,
             body,
-            persistent: props.delivery_mode() == &Some(2),
+            persistent,
         });
         if let Some(tx) = &mut self.tx {
             let mut keys = vec![routing_key];
@@ -386,25 +400,58 @@ impl Channel {
             tx.publishes.push(TxPublish {
                 exchange,
                 keys,
-                headers: props.headers().clone(),
+                headers,
                 mandatory: args.mandatory,
                 message,
             });
             return Ok(());
         }
-        let headers = props.headers().as_ref();
         let outcome = if extra_keys.is_empty() {
             let keys = [&routing_key[..]];
-            self.route(s, &exchange, &keys, headers, args.mandatory, message)
+            self.route(
+                s,
+                &exchange,
+                &keys,
+                headers.as_ref(),
+                args.mandatory,
+                message,
+            )
         } else {
             let mut keys: Vec<&[u8]> = vec![&routing_key[..]];
             keys.extend(extra_keys.iter().map(|k| &k[..]));
-            self.route(s, &exchange, &keys, headers, args.mandatory, message)
+            self.route(
+                s,
+                &exchange,
+                &keys,
+                headers.as_ref(),
+                args.mandatory,
+                message,
+            )
         };
         if let (Some(c), Some(seq)) = (&mut self.confirms, seq) {
             c.waiting.push_back((seq, outcome.epoch, outcome.rejected));
         }
         Ok(())
+    }
+
+    /// The exchange a publish names, with the last one looked up kept at hand: most channels
+    /// publish to one exchange.
+    fn exchange_for(&mut self, s: &Session, name: &Bytes) -> AmqpResult<Arc<Exchange>> {
+        if let Some((cached, x)) = &self.exchange_cache
+            && cached == name
+            && !x.is_deleted()
+        {
+            return Ok(x.clone());
+        }
+        let text = std::str::from_utf8(name).map_err(|_| {
+            not_found(format!(
+                "no {}",
+                describe("exchange", &String::from_utf8_lossy(name), &s.vhost.name)
+            ))
+        })?;
+        let x = s.vhost.existing_exchange(text)?;
+        self.exchange_cache = Some((name.clone(), x.clone()));
+        Ok(x)
     }
 
     fn route(

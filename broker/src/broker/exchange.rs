@@ -1,13 +1,13 @@
 //! Exchanges are data, not tasks: each holds a binding table shaped for its type, and routing
 //! is a synchronous lookup run on the publishing connection's task under a read lock.
 
+use super::FastMap;
 use super::headers::HeadersMatch;
 use super::message::ShortStr;
 use super::queue::Queue;
 use super::topic::TopicTrie;
 use amq_protocol::types::{AMQPValue, FieldTable};
 use parking_lot::RwLock;
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -101,7 +101,7 @@ pub struct Binding {
 
 #[derive(Debug)]
 enum Table {
-    Direct(HashMap<ShortStr, Vec<Destination>>),
+    Direct(FastMap<ShortStr, Vec<Destination>>),
     Fanout,
     Topic(TopicTrie<Destination>),
     Headers(Vec<(HeadersMatch, Destination)>),
@@ -133,7 +133,7 @@ impl fmt::Debug for Exchange {
 impl Exchange {
     pub fn new(spec: ExchangeSpec) -> Arc<Self> {
         let table = match spec.kind {
-            ExchangeKind::Direct => Table::Direct(HashMap::new()),
+            ExchangeKind::Direct => Table::Direct(FastMap::default()),
             ExchangeKind::Fanout => Table::Fanout,
             ExchangeKind::Topic => Table::Topic(TopicTrie::default()),
             ExchangeKind::Headers => Table::Headers(Vec::new()),

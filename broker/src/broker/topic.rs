@@ -2,7 +2,8 @@
 //! where `*` matches exactly one word and `#` matches zero or more. Routing walks the trie once
 //! per message instead of testing every binding.
 
-use std::collections::HashMap;
+use super::FastMap;
+use smallvec::SmallVec;
 
 #[derive(Debug)]
 pub struct TopicTrie<D> {
@@ -11,7 +12,7 @@ pub struct TopicTrie<D> {
 
 #[derive(Debug)]
 struct Node<D> {
-    words: HashMap<Box<[u8]>, Node<D>>,
+    words: FastMap<Box<[u8]>, Node<D>>,
     star: Option<Box<Node<D>>>,
     hash: Option<Box<Node<D>>>,
     destinations: Vec<D>,
@@ -20,7 +21,7 @@ struct Node<D> {
 impl<D> Default for Node<D> {
     fn default() -> Self {
         Self {
-            words: HashMap::new(),
+            words: FastMap::default(),
             star: None,
             hash: None,
             destinations: Vec::new(),
@@ -76,7 +77,7 @@ impl<D: Clone + PartialEq> TopicTrie<D> {
     /// Calls `found` for every destination whose pattern matches `key` (possibly more than once
     /// for a destination bound with several matching patterns: callers de-duplicate).
     pub fn route(&self, key: &[u8], found: &mut impl FnMut(&D)) {
-        let key_words: Vec<&[u8]> = words(key).collect();
+        let key_words: SmallVec<[&[u8]; 16]> = words(key).collect();
         walk(&self.root, &key_words, found);
     }
 }

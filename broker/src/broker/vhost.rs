@@ -2,6 +2,7 @@
 //! RabbitMQ's reply codes and texts), and routing across exchange-to-exchange bindings and
 //! alternate exchanges.
 
+use super::FastMap;
 use super::exchange::{Binding, Destination, Exchange, ExchangeKind, ExchangeSpec};
 use super::headers::{type_name, value_text, values_equal};
 use super::message::Message;
@@ -17,7 +18,6 @@ use crate::store::definitions::{
 };
 use amq_protocol::types::{AMQPValue, FieldTable};
 use parking_lot::{Mutex, RwLock};
-use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Queue arguments whose values must match when a queue is declared again (RabbitMQ's
@@ -78,10 +78,10 @@ pub enum DestinationKind {
 
 pub struct Vhost {
     pub name: Arc<str>,
-    exchanges: RwLock<HashMap<String, Arc<Exchange>>>,
-    queues: RwLock<HashMap<String, Arc<Queue>>>,
+    exchanges: RwLock<FastMap<String, Arc<Exchange>>>,
+    queues: RwLock<FastMap<String, Arc<Queue>>>,
     /// Direct reply-to: the hidden queue behind each `amq.rabbitmq.reply-to.<key>` name.
-    reply_queues: RwLock<HashMap<String, Arc<Queue>>>,
+    reply_queues: RwLock<FastMap<String, Arc<Queue>>>,
     /// Serialises changes to the topology so that checks and changes are atomic.
     topology: Mutex<()>,
     store: Arc<DefinitionStore>,
@@ -178,9 +178,9 @@ impl Vhost {
     ) -> Arc<Self> {
         let vhost = Self {
             name: name.into(),
-            exchanges: RwLock::new(HashMap::new()),
-            queues: RwLock::new(HashMap::new()),
-            reply_queues: RwLock::new(HashMap::new()),
+            exchanges: RwLock::new(FastMap::default()),
+            queues: RwLock::new(FastMap::default()),
+            reply_queues: RwLock::new(FastMap::default()),
             topology: Mutex::new(()),
             store,
             storage,
