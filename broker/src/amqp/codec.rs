@@ -210,6 +210,10 @@ pub struct ContentHeader {
     pub scan: PropertyScan,
 }
 
+/// A headers table that does not decode (an unknown field type, a length past its end).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MalformedHeaders;
+
 /// Where the properties the broker acts on are, within the raw property bytes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PropertyScan {
@@ -236,14 +240,14 @@ impl ContentHeader {
         }
     }
 
-    /// The headers table, decoded; `Err` when it is malformed.
-    pub fn headers(&self) -> Result<Option<FieldTable>, ()> {
+    /// The headers table, decoded.
+    pub fn headers(&self) -> Result<Option<FieldTable>, MalformedHeaders> {
         let Some(bytes) = self.bytes(&self.scan.headers) else {
             return Ok(None);
         };
         match amq_protocol::types::parsing::parse_field_table(bytes) {
             Ok(([], table)) => Ok(Some(table)),
-            _ => Err(()),
+            _ => Err(MalformedHeaders),
         }
     }
 }

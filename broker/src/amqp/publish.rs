@@ -313,7 +313,7 @@ impl Channel {
             )));
         }
         let malformed = || AmqpError::new(FRAME_ERROR, "malformed content header frame");
-        let mut headers = header.headers().map_err(|()| malformed())?;
+        let mut headers = header.headers().map_err(|_| malformed())?;
         let mut reply_to = None;
         if header.bytes(&header.scan.reply_to) == Some(REPLY_TO.as_bytes()) {
             let Some((key, _)) = &self.reply_to else {
