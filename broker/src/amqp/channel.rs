@@ -5,6 +5,8 @@
 use super::delivery::{ChannelConsumer, ChannelShared, UnknownTag};
 use super::publish::{Confirms, ContentState, Transaction};
 use super::writer::ConnectionOutput;
+use crate::auth::Access;
+use crate::auth::permissions::checked_name;
 use crate::broker::Broker;
 use crate::broker::exchange::{ExchangeKind, ExchangeSpec};
 use crate::broker::queue::{ConsumeRefused, Consumer, Delivered, Queue, QueueSpec};
@@ -34,6 +36,23 @@ pub struct Session {
 }
 
 impl Session {
+    /// RabbitMQ's permission check: 403 `access to queue 'q' in vhost '/' refused for user
+    /// 'u'` unless the user's pattern for `access` matches the resource.
+    pub fn check(&self, kind: &str, name: &str, access: Access) -> AmqpResult<()> {
+        let name = checked_name(kind, name);
+        if self
+            .broker
+            .users
+            .allowed(&self.user, &self.vhost.name, access, name)
+        {
+            return Ok(());
+        }
+        Err(access_refused(format!(
+            "access to {kind} '{name}' in vhost '{}' refused for user '{}'",
+            self.vhost.name, self.user
+        )))
+    }
+
     /// The newest flush epoch on disk.
     pub fn durable_epoch(&self) -> u64 {
         self.broker
@@ -72,8 +91,9 @@ pub struct Channel {
     pub(super) route_buf: Vec<Arc<Queue>>,
     /// Committed transactions whose `commit-ok` waits for these flush epochs.
     pub(super) commits_waiting: std::collections::VecDeque<u64>,
-    /// The exchange last published to, by name.
-    pub(super) exchange_cache: Option<(bytes::Bytes, Arc<crate::broker::exchange::Exchange>)>,
+    /// The exchange last published to, by name, and the users generation its write
+    /// permission was checked at.
+    pub(super) exchange_cache: Option<(bytes::Bytes, Arc<crate::broker::exchange::Exchange>, u64)>,
 }
 
 impl std::fmt::Debug for Channel {
@@ -197,9 +217,15 @@ impl Channel {
                     vhost.existing_exchange(name)?;
                 } else {
                     let kind = ExchangeKind::parse(d.kind.as_str()).ok_or_else(|| {
+                        // RabbitMQ says "unknown" for plugin types it has not loaded.
+                        let which = if d.kind.as_str().starts_with("x-") {
+                            "unknown"
+                        } else {
+                            "invalid"
+                        };
                         AmqpError::new(
                             COMMAND_INVALID,
-                            format!("unknown exchange type '{}'", d.kind.as_str()),
+                            format!("{which} exchange type '{}'", d.kind.as_str()),
                         )
                     })?;
                     if name.is_empty() {
@@ -207,6 +233,7 @@ impl Channel {
                             "operation not permitted on the default exchange",
                         ));
                     }
+                    s.check("exchange", name, Access::Configure)?;
                     if let Some(v) = d.arguments.inner().get("alternate-exchange")
                         && !matches!(v, AMQPValue::LongString(_))
                     {
@@ -215,6 +242,17 @@ impl Channel {
                             crate::broker::headers::type_name(v),
                             describe("exchange", name, &vhost.name)
                         )));
+                    }
+                    if let Some(AMQPValue::LongString(ae)) =
+                        d.arguments.inner().get("alternate-exchange")
+                        && vhost.exchange(name).is_none()
+                    {
+                        s.check("exchange", name, Access::Read)?;
+                        s.check(
+                            "exchange",
+                            &String::from_utf8_lossy(ae.as_bytes()),
+                            Access::Write,
+                        )?;
                     }
                     vhost.declare_exchange(ExchangeSpec {
                         name: name.to_owned(),
@@ -230,12 +268,18 @@ impl Channel {
                 }
             }
             M::Delete(d) => {
-                vhost.delete_exchange(d.exchange.as_str(), d.if_unused)?;
+                let name = d.exchange.as_str();
+                // The default and system exchanges are refused first, as in RabbitMQ.
+                if !name.is_empty() && !name.starts_with("amq.") {
+                    s.check("exchange", name, Access::Configure)?;
+                }
+                vhost.delete_exchange(name, d.if_unused)?;
                 if !d.nowait {
                     self.reply(AMQPClass::Exchange(M::DeleteOk(exchange::DeleteOk {})));
                 }
             }
             M::Bind(b) => {
+                binding_permitted(s, "exchange", b.destination.as_str(), b.source.as_str())?;
                 vhost.bind(
                     b.source.as_str(),
                     b.destination.as_str(),
@@ -249,6 +293,7 @@ impl Channel {
                 }
             }
             M::Unbind(b) => {
+                binding_permitted(s, "exchange", b.destination.as_str(), b.source.as_str())?;
                 vhost.unbind(
                     b.source.as_str(),
                     b.destination.as_str(),
@@ -293,6 +338,7 @@ impl Channel {
                             "queue name '{name}' contains reserved prefix 'amq.*'"
                         )));
                     }
+                    s.check("queue", &name, Access::Configure)?;
                     let (q, created) = vhost.declare_queue(
                         QueueSpec {
                             name,
@@ -322,6 +368,7 @@ impl Channel {
                 } else {
                     b.routing_key.as_str().to_owned()
                 };
+                binding_permitted(s, "queue", &queue, b.exchange.as_str())?;
                 vhost.bind(
                     b.exchange.as_str(),
                     &queue,
@@ -336,6 +383,7 @@ impl Channel {
             }
             M::Unbind(b) => {
                 let queue = self.queue_name(b.queue.as_str())?;
+                binding_permitted(s, "queue", &queue, b.exchange.as_str())?;
                 vhost.unbind(
                     b.exchange.as_str(),
                     &queue,
@@ -348,6 +396,7 @@ impl Channel {
             }
             M::Purge(p) => {
                 let name = self.queue_name(p.queue.as_str())?;
+                s.check("queue", &name, Access::Read)?;
                 let q = vhost.existing_queue(&name, s.connection_id)?;
                 let count = q.purge();
                 if !p.nowait {
@@ -358,6 +407,7 @@ impl Channel {
             }
             M::Delete(d) => {
                 let name = self.queue_name(d.queue.as_str())?;
+                s.check("queue", &name, Access::Configure)?;
                 let count = vhost.delete_queue(&name, d.if_unused, d.if_empty, s.connection_id)?;
                 s.exclusive_queues.retain(|q| !q.is_deleted());
                 if !d.nowait {
@@ -422,6 +472,7 @@ impl Channel {
             }
             M::Get(g) => {
                 let name = self.queue_name(g.queue.as_str())?;
+                s.check("queue", &name, Access::Read)?;
                 let q = s.vhost.existing_queue(&name, s.connection_id)?;
                 match q.get(g.no_ack) {
                     Some((msg, remaining)) => self.shared.deliver_get(&q, msg, remaining, g.no_ack),
@@ -487,6 +538,7 @@ impl Channel {
             q
         } else {
             let name = self.queue_name(c.queue.as_str())?;
+            s.check("queue", &name, Access::Read)?;
             s.vhost.existing_queue(&name, s.connection_id)?
         };
         let priority = match c.arguments.inner().get("x-priority") {
@@ -670,6 +722,18 @@ impl Channel {
         }
         self.content = ContentState::Idle;
     }
+}
+
+/// RabbitMQ's checks for binding and unbinding, in its order: write on the destination,
+/// neither side the default exchange, read on the source exchange.
+fn binding_permitted(s: &Session, kind: &str, destination: &str, source: &str) -> AmqpResult<()> {
+    s.check(kind, destination, Access::Write)?;
+    if source.is_empty() || (kind == "exchange" && destination.is_empty()) {
+        return Err(access_refused(
+            "operation not permitted on the default exchange",
+        ));
+    }
+    s.check("exchange", source, Access::Read)
 }
 
 /// Splits settled deliveries into runs per queue, keeping each queue's order.

@@ -712,6 +712,14 @@ impl Connection {
         let Some(vhost) = self.broker.vhost(name) else {
             return Err(AmqpError::new(NOT_ALLOWED, format!("vhost {name} not found")).on(10, 40));
         };
+        let user = self.user.clone().unwrap_or_default();
+        if self.broker.users.permission(&user, name).is_none() {
+            return Err(AmqpError::new(
+                NOT_ALLOWED,
+                format!("access to vhost '{name}' refused for user '{user}'"),
+            )
+            .on(10, 40));
+        }
         self.session = Some(Session {
             connection_id: self.id,
             broker: self.broker.clone(),

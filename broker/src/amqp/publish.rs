@@ -9,6 +9,7 @@
 use super::channel::{Channel, Session, Settle};
 use super::codec::{self, ContentHeader, PublishArgs};
 use super::writer::{ConnectionOutput, Outbound};
+use crate::auth::Access;
 use crate::broker::exchange::Exchange;
 use crate::broker::message::{Message, ShortStr};
 use crate::broker::queue::Delivered;
@@ -436,21 +437,27 @@ impl Channel {
 
     /// The exchange a publish names, with the last one looked up kept at hand: most channels
     /// publish to one exchange.
+    /// The write permission is checked first, as RabbitMQ does (403 before 404); the cache
+    /// holds the check until users or permissions change.
     fn exchange_for(&mut self, s: &Session, name: &Bytes) -> AmqpResult<Arc<Exchange>> {
-        if let Some((cached, x)) = &self.exchange_cache
+        let generation = s.broker.users.generation();
+        if let Some((cached, x, checked)) = &self.exchange_cache
             && cached == name
+            && *checked == generation
             && !x.is_deleted()
         {
             return Ok(x.clone());
         }
-        let text = std::str::from_utf8(name).map_err(|_| {
-            not_found(format!(
+        let text = String::from_utf8_lossy(name);
+        s.check("exchange", &text, Access::Write)?;
+        let Ok(text) = std::str::from_utf8(name) else {
+            return Err(not_found(format!(
                 "no {}",
                 describe("exchange", &String::from_utf8_lossy(name), &s.vhost.name)
-            ))
-        })?;
+            )));
+        };
         let x = s.vhost.existing_exchange(text)?;
-        self.exchange_cache = Some((name.clone(), x.clone()));
+        self.exchange_cache = Some((name.clone(), x.clone(), generation));
         Ok(x)
     }
 

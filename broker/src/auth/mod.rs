@@ -2,6 +2,10 @@
 //! (`rabbit_password_hashing_sha256`: base64 of a 4-byte salt followed by
 //! SHA-256(salt ++ password)), so definitions can move between RabbitMQ and Warren.
 
+pub mod permissions;
+
+pub use permissions::{Access, Permission};
+
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use parking_lot::RwLock;
@@ -115,6 +119,10 @@ fn parse_amqplain(mut b: &[u8]) -> Option<Vec<(String, String)>> {
 #[derive(Debug)]
 pub struct Users {
     users: RwLock<HashMap<String, User>>,
+    /// user → vhost → permission.
+    permissions: RwLock<HashMap<String, HashMap<String, std::sync::Arc<Permission>>>>,
+    /// Bumped on every permission change, so that cached checks know to look again.
+    generation: std::sync::atomic::AtomicU64,
     loopback_only: Vec<String>,
 }
 
@@ -122,12 +130,94 @@ impl Users {
     pub fn new(loopback_only: Vec<String>) -> Self {
         Self {
             users: RwLock::new(HashMap::new()),
+            permissions: RwLock::new(HashMap::new()),
+            generation: std::sync::atomic::AtomicU64::new(0),
             loopback_only,
         }
     }
 
     pub fn put(&self, user: User) {
         self.users.write().insert(user.name.clone(), user);
+        self.bump();
+    }
+
+    pub fn remove(&self, name: &str) -> Option<User> {
+        let user = self.users.write().remove(name);
+        self.permissions.write().remove(name);
+        self.bump();
+        user
+    }
+
+    pub fn list(&self) -> Vec<User> {
+        let mut users: Vec<User> = self.users.read().values().cloned().collect();
+        users.sort_by(|a, b| a.name.cmp(&b.name));
+        users
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.users.read().is_empty()
+    }
+
+    fn bump(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Changes whenever users or permissions change.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn set_permission(&self, user: &str, vhost: &str, permission: Permission) {
+        self.permissions
+            .write()
+            .entry(user.to_owned())
+            .or_default()
+            .insert(vhost.to_owned(), std::sync::Arc::new(permission));
+        self.bump();
+    }
+
+    pub fn clear_permission(&self, user: &str, vhost: &str) -> bool {
+        let removed = self
+            .permissions
+            .write()
+            .get_mut(user)
+            .is_some_and(|m| m.remove(vhost).is_some());
+        self.bump();
+        removed
+    }
+
+    /// Removes every permission on `vhost` (the vhost was deleted).
+    pub fn clear_vhost(&self, vhost: &str) {
+        for m in self.permissions.write().values_mut() {
+            m.remove(vhost);
+        }
+        self.bump();
+    }
+
+    pub fn permission(&self, user: &str, vhost: &str) -> Option<std::sync::Arc<Permission>> {
+        self.permissions.read().get(user)?.get(vhost).cloned()
+    }
+
+    /// Every (user, vhost, permission), sorted.
+    pub fn permissions(&self) -> Vec<(String, String, std::sync::Arc<Permission>)> {
+        let mut all: Vec<_> = self
+            .permissions
+            .read()
+            .iter()
+            .flat_map(|(u, m)| m.iter().map(|(v, p)| (u.clone(), v.clone(), p.clone())))
+            .collect();
+        all.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        all
+    }
+
+    /// Whether `user` may `access` the resource `name` in `vhost`.
+    pub fn allowed(&self, user: &str, vhost: &str, access: Access, name: &str) -> bool {
+        self.permissions
+            .read()
+            .get(user)
+            .and_then(|m| m.get(vhost))
+            .is_some_and(|p| p.allows(access, name))
     }
 
     pub fn get(&self, name: &str) -> Option<User> {

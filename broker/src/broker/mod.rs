@@ -10,8 +10,9 @@ pub mod topic;
 pub mod vhost;
 
 use crate::alarms::Alarms;
-use crate::auth::{User, Users, hash_password};
+use crate::auth::{Permission, User, Users, hash_password};
 use crate::config::Config;
+use crate::store::definitions::{PermissionDefinition, UserDefinition};
 use crate::store::file::FileStoreOptions;
 use crate::store::{DefinitionStore, DefinitionsError, Storage};
 use parking_lot::RwLock;
@@ -31,6 +32,8 @@ pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 pub struct Broker {
     pub config: Config,
     pub users: Users,
+    /// Durable definitions: vhosts, users, permissions, and each vhost's topology.
+    pub definitions: Arc<DefinitionStore>,
     pub storage: Arc<Storage>,
     pub alarms: Arc<Alarms>,
     vhosts: RwLock<HashMap<String, Arc<Vhost>>>,
@@ -90,11 +93,45 @@ impl Broker {
             bytes: config.queue_window_bytes,
         };
         let users = Users::new(config.loopback_users.clone());
-        users.put(User {
-            name: config.default_user.clone(),
-            password_hash: hash_password(&config.default_pass),
-            tags: vec!["administrator".into()],
-        });
+        let mut defs = store.snapshot();
+        if defs.users.is_empty() {
+            // A new node: the default user, with every permission on the default vhost, as
+            // RabbitMQ creates it on first start.
+            let user = UserDefinition {
+                password_hash: hash_password(&config.default_pass),
+                tags: vec!["administrator".into()],
+            };
+            let permission = PermissionDefinition {
+                user: config.default_user.clone(),
+                vhost: "/".into(),
+                configure: ".*".into(),
+                write: ".*".into(),
+                read: ".*".into(),
+            };
+            let name = config.default_user.clone();
+            if let Err(e) = store.update(|d| {
+                d.users.insert(name, user);
+                d.permissions.push(permission);
+            }) {
+                tracing::error!(error = %e, "cannot store the default user");
+            }
+            defs = store.snapshot();
+        }
+        for (name, u) in &defs.users {
+            users.put(User {
+                name: name.clone(),
+                password_hash: u.password_hash.clone(),
+                tags: u.tags.clone(),
+            });
+        }
+        for p in &defs.permissions {
+            match Permission::new(&p.configure, &p.write, &p.read) {
+                Ok(permission) => users.set_permission(&p.user, &p.vhost, permission),
+                Err(e) => {
+                    tracing::warn!(user = %p.user, vhost = %p.vhost, error = %e, "skipping a stored permission with an invalid pattern")
+                }
+            }
+        }
         let memory_limit = config.memory_high_watermark_bytes.unwrap_or_else(|| {
             (crate::alarms::total_memory() as f64 * config.memory_high_watermark) as u64
         });
@@ -106,12 +143,12 @@ impl Broker {
         let broker = Self {
             config,
             users,
+            definitions: store.clone(),
             storage: storage.clone(),
             alarms,
             vhosts: RwLock::new(HashMap::new()),
             next_connection_id: AtomicU64::new(1),
         };
-        let defs = store.snapshot();
         let mut vhosts = broker.vhosts.write();
         vhosts.insert(
             "/".into(),

@@ -315,6 +315,7 @@ fn a_mostly_dead_segment_is_compacted() {
     let options = FileStoreOptions {
         segment_size: 4096,
         compact_below: 0.2,
+        sync: true,
     };
     let (store, _, flusher) = open(dir.path(), options);
     let body = "y".repeat(300);

@@ -16,6 +16,28 @@ const FILE_NAME: &str = "definitions.json";
 #[serde(deny_unknown_fields)]
 pub struct Definitions {
     pub vhosts: BTreeMap<String, VhostDefinitions>,
+    #[serde(default)]
+    pub users: BTreeMap<String, UserDefinition>,
+    #[serde(default)]
+    pub permissions: Vec<PermissionDefinition>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserDefinition {
+    /// RabbitMQ's `rabbit_password_hashing_sha256` format.
+    pub password_hash: String,
+    pub tags: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PermissionDefinition {
+    pub user: String,
+    pub vhost: String,
+    pub configure: String,
+    pub write: String,
+    pub read: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

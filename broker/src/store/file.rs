@@ -41,6 +41,9 @@ pub struct FileStoreOptions {
     /// A segment (other than the newest) whose live records take less than this fraction of
     /// it is compacted.
     pub compact_below: f64,
+    /// Sync written files. A store that only ever pages messages of a non-durable queue
+    /// (gone at restart anyway) skips it.
+    pub sync: bool,
 }
 
 impl Default for FileStoreOptions {
@@ -48,6 +51,7 @@ impl Default for FileStoreOptions {
         Self {
             segment_size: 64 * 1024 * 1024,
             compact_below: 0.1,
+            sync: true,
         }
     }
 }
@@ -899,6 +903,9 @@ impl Flushable for FileQueueStore {
         }
         if std::mem::take(&mut files.created) {
             to_sync.push(Arc::new(File::open(&self.dir)?));
+        }
+        if !self.options.sync {
+            to_sync.clear();
         }
         Ok(to_sync)
     }

@@ -199,7 +199,11 @@ impl Storage {
             (Some(dir), Some(flusher)) => {
                 let n = self.next_transient.fetch_add(1, Ordering::Relaxed);
                 let path = dir.join("transient").join(format!("{n:016x}"));
-                let (store, _) = FileQueueStore::open(&path, flusher.clone(), self.options)?;
+                let options = FileStoreOptions {
+                    sync: false,
+                    ..self.options
+                };
+                let (store, _) = FileQueueStore::open(&path, flusher.clone(), options)?;
                 Ok(store)
             }
             _ => Ok(Arc::new(MemoryQueueStore::new())),
