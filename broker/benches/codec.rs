@@ -6,7 +6,8 @@
 //!   for the header, and the body payload kept as a zero-copy `Bytes`. `16B_frames_only` runs
 //!   only `next_frame` over the 16 B stream, to show what the framing alone costs.
 //! * `decode_ack`: 100 `basic.ack` frames through `next_frame` + `decode_method` (the generic
-//!   `amq-protocol` parser: every consumer ack takes this path).
+//!   `amq-protocol` parser) and through `decode_ack` (the hand-written decoder every consumer
+//!   ack now takes).
 //! * `encode_deliver`: 100 deliveries (`encode_deliver` + `encode_content`) into a reused buffer,
 //!   as the connection's writer does; `encode_deliver_generic` encodes the same `basic.deliver`
 //!   method through `encode_method` (the `amq-protocol` generator) for comparison.
@@ -164,6 +165,19 @@ fn decode(c: &mut Criterion) {
             |mut buf| {
                 while let Some(frame) = next_frame(&mut buf, FRAME_MAX).expect("valid frames") {
                     black_box(decode_method(&frame.payload).expect("basic.ack"));
+                }
+                buf
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    // What the connection does now: the hand-written decoder.
+    group.bench_function("basic.ack_by_hand", |b| {
+        b.iter_batched(
+            || BytesMut::from(&wire[..]),
+            |mut buf| {
+                while let Some(frame) = next_frame(&mut buf, FRAME_MAX).expect("valid frames") {
+                    black_box(codec::decode_ack(&frame.payload).expect("basic.ack"));
                 }
                 buf
             },
