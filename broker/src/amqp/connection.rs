@@ -9,6 +9,7 @@ use super::codec::{
 use super::writer::{ConnectionOutput, Outbound, run_writer};
 use crate::auth;
 use crate::broker::Broker;
+use crate::broker::connections::ConnectionInfo;
 use crate::error::{
     AmqpError, AmqpResult, CHANNEL_ERROR, COMMAND_INVALID, CONNECTION_FORCED, FRAME_ERROR,
     NOT_ALLOWED, NOT_IMPLEMENTED, REPLY_SUCCESS, Scope, UNEXPECTED_FRAME,
@@ -65,6 +66,7 @@ struct ClientCapabilities {
 struct Connection {
     broker: Arc<Broker>,
     peer: SocketAddr,
+    local: SocketAddr,
     id: u64,
     out: Arc<ConnectionOutput>,
     heartbeat: Arc<AtomicU32>,
@@ -83,6 +85,11 @@ struct Connection {
     published: bool,
     /// We sent `connection.blocked` and owe a `connection.unblocked`.
     blocked: bool,
+    client_properties: FieldTable,
+    /// What the broker's registry shows of this connection, once open.
+    info: Option<Arc<ConnectionInfo>>,
+    /// Set from outside (management API, vhost deletion) to close this connection.
+    closed: Option<watch::Receiver<Option<String>>>,
 }
 
 /// Serves one client socket until it closes. Returns when the connection is over and every
@@ -90,13 +97,14 @@ struct Connection {
 pub async fn serve<S>(
     stream: S,
     peer: SocketAddr,
+    local: SocketAddr,
     broker: Arc<Broker>,
     shutdown: watch::Receiver<bool>,
 ) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (reader, writer) = tokio::io::split(stream);
-    serve_halves(reader, writer, peer, broker, shutdown).await;
+    serve_halves(reader, writer, peer, local, broker, shutdown).await;
 }
 
 /// [`serve`] for a plain TCP socket, whose halves need no lock between them.
@@ -106,14 +114,16 @@ pub async fn serve_tcp(
     broker: Arc<Broker>,
     shutdown: watch::Receiver<bool>,
 ) {
+    let local = stream.local_addr().unwrap_or(peer);
     let (reader, writer) = stream.into_split();
-    serve_halves(reader, writer, peer, broker, shutdown).await;
+    serve_halves(reader, writer, peer, local, broker, shutdown).await;
 }
 
 async fn serve_halves<R, W>(
     mut reader: R,
     mut writer: W,
     peer: SocketAddr,
+    local: SocketAddr,
     broker: Arc<Broker>,
     shutdown: watch::Receiver<bool>,
 ) where
@@ -142,6 +152,7 @@ async fn serve_halves<R, W>(
         id: broker.next_connection_id(),
         broker,
         peer,
+        local,
         out,
         heartbeat,
         phase: Phase::AwaitStartOk,
@@ -155,6 +166,9 @@ async fn serve_halves<R, W>(
         waiting: Vec::new(),
         published: false,
         blocked: false,
+        client_properties: FieldTable::default(),
+        info: None,
+        closed: None,
     };
     conn.send_start();
     conn.run(&mut reader, shutdown, handshake).await;
@@ -239,6 +253,9 @@ impl Connection {
                 }
             }
             self.flush_confirms();
+            if let Some(info) = &self.info {
+                info.channels.store(self.channels.len(), Ordering::Relaxed);
+            }
             if self.phase == Phase::Open && self.published {
                 let alarm = *alarms.borrow_and_update();
                 if alarm.any() {
@@ -313,6 +330,9 @@ impl Connection {
                 },
                 _ = shutdown.changed(), if !matches!(self.phase, Phase::Closing(_)) => self.force_close(),
                 () = durable_changed(&mut durable), if !self.waiting.is_empty() => self.flush_waiting(),
+                reason = closed_from_outside(&mut self.closed), if self.phase == Phase::Open => {
+                    self.fail(AmqpError::new(CONNECTION_FORCED, reason));
+                }
             }
         }
     }
@@ -615,6 +635,7 @@ impl Connection {
     }
 
     fn start_ok(&mut self, m: connection::StartOk) -> AmqpResult<()> {
+        self.client_properties = m.client_properties.clone();
         let caps = match m.client_properties.inner().get("capabilities") {
             Some(AMQPValue::FieldTable(t)) => t.clone(),
             _ => FieldTable::default(),
@@ -720,6 +741,31 @@ impl Connection {
             )
             .on(10, 40));
         }
+        if let Some(max) = vhost.meta().limit("max-connections")
+            && self.broker.connections.in_vhost(name).len() as u64 >= max
+        {
+            return Err(AmqpError::new(
+                NOT_ALLOWED,
+                format!(
+                    "access to vhost '{name}' refused for user '{user}': connection limit ({max}) is reached"
+                ),
+            )
+            .on(10, 40));
+        }
+        let (info, closed) = ConnectionInfo::new(
+            self.id,
+            self.peer,
+            self.local,
+            user.clone(),
+            name.to_owned(),
+            std::mem::take(&mut self.client_properties),
+            self.channel_max,
+            self.frame_max,
+            self.heartbeat.load(Ordering::Relaxed) as u16,
+        );
+        self.broker.connections.add(info.clone());
+        self.info = Some(info);
+        self.closed = Some(closed);
         self.session = Some(Session {
             connection_id: self.id,
             broker: self.broker.clone(),
@@ -808,6 +854,9 @@ impl Connection {
     /// Releases everything the connection holds: channels (requeueing their unacknowledged
     /// deliveries) and exclusive queues.
     fn cleanup(&mut self) {
+        if let Some(info) = self.info.take() {
+            self.broker.connections.remove(info.id);
+        }
         let Some(session) = self.session.as_mut() else {
             return;
         };
@@ -818,6 +867,22 @@ impl Connection {
         }
         for q in std::mem::take(&mut session.exclusive_queues) {
             session.vhost.remove_queue(&q);
+        }
+    }
+}
+
+/// Resolves with the reason when the connection is closed from outside (never before it is
+/// open).
+async fn closed_from_outside(closed: &mut Option<watch::Receiver<Option<String>>>) -> String {
+    let Some(rx) = closed else {
+        return std::future::pending().await;
+    };
+    loop {
+        if let Some(reason) = rx.borrow_and_update().clone() {
+            return reason;
+        }
+        if rx.changed().await.is_err() {
+            return std::future::pending().await;
         }
     }
 }

@@ -1,6 +1,8 @@
 //! Routing and queues, with no I/O: vhosts hold exchanges, bindings and queues; queues hand
 //! messages to consumers through the [`queue::DeliverySink`] the AMQP layer implements.
 
+pub mod admin;
+pub mod connections;
 pub mod exchange;
 pub mod headers;
 pub mod message;
@@ -36,6 +38,9 @@ pub struct Broker {
     pub definitions: Arc<DefinitionStore>,
     pub storage: Arc<Storage>,
     pub alarms: Arc<Alarms>,
+    pub connections: connections::Connections,
+    /// The in-memory window every queue gets.
+    window: Window,
     vhosts: RwLock<HashMap<String, Arc<Vhost>>>,
     next_connection_id: AtomicU64,
 }
@@ -146,6 +151,8 @@ impl Broker {
             definitions: store.clone(),
             storage: storage.clone(),
             alarms,
+            connections: connections::Connections::default(),
+            window,
             vhosts: RwLock::new(HashMap::new()),
             next_connection_id: AtomicU64::new(1),
         };

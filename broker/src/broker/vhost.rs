@@ -87,6 +87,22 @@ pub struct Vhost {
     store: Arc<DefinitionStore>,
     storage: Arc<Storage>,
     window: Window,
+    meta: RwLock<VhostMeta>,
+}
+
+/// What a vhost is besides its topology: description, tags and limits.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VhostMeta {
+    pub description: String,
+    pub tags: Vec<String>,
+    /// `max-connections`, `max-queues`: a negative value means no limit, as in RabbitMQ.
+    pub limits: std::collections::BTreeMap<String, i64>,
+}
+
+impl VhostMeta {
+    pub fn limit(&self, name: &str) -> Option<u64> {
+        self.limits.get(name).and_then(|v| u64::try_from(*v).ok())
+    }
 }
 
 impl std::fmt::Debug for Vhost {
@@ -185,6 +201,7 @@ impl Vhost {
             store,
             storage,
             window,
+            meta: RwLock::new(VhostMeta::default()),
         };
         {
             let mut exchanges = vhost.exchanges.write();
@@ -205,8 +222,30 @@ impl Vhost {
         Arc::new(vhost)
     }
 
+    pub fn meta(&self) -> VhostMeta {
+        self.meta.read().clone()
+    }
+
+    /// Changes description, tags or limits, in memory and in the definitions.
+    pub fn set_meta(&self, meta: VhostMeta) -> AmqpResult<()> {
+        let _t = self.topology.lock();
+        let stored = meta.clone();
+        self.persist(|v| {
+            v.description = stored.description;
+            v.tags = stored.tags;
+            v.limits = stored.limits;
+        })?;
+        *self.meta.write() = meta;
+        Ok(())
+    }
+
     /// Recreates durable exchanges, queues and bindings from stored definitions.
     pub fn restore(&self, defs: &VhostDefinitions) {
+        *self.meta.write() = VhostMeta {
+            description: defs.description.clone(),
+            tags: defs.tags.clone(),
+            limits: defs.limits.clone(),
+        };
         let _t = self.topology.lock();
         for (name, x) in &defs.exchanges {
             let Some(kind) = ExchangeKind::parse(&x.kind) else {
@@ -486,6 +525,14 @@ impl Vhost {
             return Ok((q, false));
         }
         validate_queue_arguments(&spec, &self.name)?;
+        if let Some(max) = self.meta.read().limit("max-queues")
+            && self.queues.read().len() as u64 >= max
+        {
+            return Err(precondition_failed(format!(
+                "cannot declare queue '{}': queue limit in vhost '{}' ({max}) is reached",
+                spec.name, self.name
+            )));
+        }
         let store = if spec.durable && owner.is_none() {
             let (store, _) = self
                 .storage
@@ -684,6 +731,20 @@ impl Vhost {
             LazyStore::deferred(self.storage.clone()),
             self.window,
         )
+    }
+
+    /// Deletes every queue (and its stored messages) and forgets every exchange: the vhost
+    /// is being deleted.
+    pub fn remove_everything(&self) {
+        let _t = self.topology.lock();
+        let queues: Vec<_> = self.queues.write().drain().map(|(_, q)| q).collect();
+        for q in queues {
+            let _ = q.delete(false, false);
+        }
+        for (_, x) in self.exchanges.write().drain() {
+            x.mark_deleted();
+        }
+        self.reply_queues.write().clear();
     }
 
     /// Registers the hidden queue of a direct reply-to consumer under `key`.

@@ -43,6 +43,13 @@ pub struct PermissionDefinition {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VhostDefinitions {
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// `max-connections`, `max-queues`.
+    #[serde(default)]
+    pub limits: BTreeMap<String, i64>,
     pub exchanges: BTreeMap<String, ExchangeDefinition>,
     pub queues: BTreeMap<String, QueueDefinition>,
     pub bindings: Vec<BindingDefinition>,

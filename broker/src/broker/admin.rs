@@ -1,0 +1,216 @@
+//! Changes to vhosts, users and permissions, as the management API makes them: each applied
+//! in memory and written to the definitions before it is reported done.
+
+use super::Broker;
+use super::vhost::{Vhost, VhostMeta};
+use crate::auth::{Permission, User, hash_password};
+use crate::store::definitions::{PermissionDefinition, UserDefinition};
+use std::sync::Arc;
+
+/// Why an administrative change was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdminError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// How a user's password is given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Password {
+    Clear(String),
+    /// Already hashed in RabbitMQ's SHA-256 format.
+    Hash(String),
+    /// No password: the user cannot log in with PLAIN/AMQPLAIN.
+    None,
+}
+
+impl Broker {
+    fn store_err(e: crate::store::DefinitionsError) -> AdminError {
+        tracing::error!(error = %e, "cannot write definitions");
+        AdminError::Internal("cannot write definitions".into())
+    }
+
+    /// Creates a vhost, or updates its description and tags. Returns whether it was created.
+    pub fn put_vhost(
+        &self,
+        name: &str,
+        description: &str,
+        tags: Vec<String>,
+    ) -> Result<bool, AdminError> {
+        if let Some(v) = self.vhost(name) {
+            let mut meta = v.meta();
+            meta.description = description.to_owned();
+            meta.tags = tags;
+            v.set_meta(meta).map_err(|e| AdminError::Internal(e.text))?;
+            return Ok(false);
+        }
+        let v = Vhost::new(
+            name,
+            self.definitions.clone(),
+            self.storage.clone(),
+            self.window,
+        );
+        v.set_meta(VhostMeta {
+            description: description.to_owned(),
+            tags,
+            limits: Default::default(),
+        })
+        .map_err(|e| AdminError::Internal(e.text))?;
+        self.vhosts.write().insert(name.to_owned(), v);
+        tracing::info!(vhost = name, "vhost created");
+        Ok(true)
+    }
+
+    /// Deletes a vhost: its connections are closed (320), its queues and their messages,
+    /// exchanges, bindings and permissions removed.
+    pub fn delete_vhost(&self, name: &str) -> Result<(), AdminError> {
+        let Some(v) = self.vhosts.write().remove(name) else {
+            return Err(AdminError::NotFound(format!("vhost {name} not found")));
+        };
+        for c in self.connections.in_vhost(name) {
+            c.force_close(&format!("vhost '{name}' is deleted"));
+        }
+        v.remove_everything();
+        self.users.clear_vhost(name);
+        self.definitions
+            .update(|d| {
+                d.vhosts.remove(name);
+                d.permissions.retain(|p| p.vhost != name);
+            })
+            .map_err(Self::store_err)?;
+        tracing::info!(vhost = name, "vhost deleted");
+        Ok(())
+    }
+
+    /// Sets (value ≥ 0) or clears (`None`) a vhost limit (`max-connections`, `max-queues`).
+    pub fn set_vhost_limit(
+        &self,
+        vhost: &str,
+        limit: &str,
+        value: Option<i64>,
+    ) -> Result<(), AdminError> {
+        if !matches!(limit, "max-connections" | "max-queues") {
+            return Err(AdminError::BadRequest(format!("unknown limit {limit}")));
+        }
+        let v = self
+            .vhost(vhost)
+            .ok_or_else(|| AdminError::NotFound(format!("vhost {vhost} not found")))?;
+        let mut meta = v.meta();
+        match value {
+            Some(n) => meta.limits.insert(limit.to_owned(), n),
+            None => meta.limits.remove(limit),
+        };
+        v.set_meta(meta).map_err(|e| AdminError::Internal(e.text))
+    }
+
+    /// Creates or updates a user. Returns whether it was created.
+    pub fn put_user(
+        &self,
+        name: &str,
+        password: Password,
+        tags: Vec<String>,
+    ) -> Result<bool, AdminError> {
+        let existing = self.users.get(name);
+        let password_hash = match password {
+            Password::Clear(p) => hash_password(&p),
+            Password::Hash(h) => h,
+            Password::None => existing
+                .as_ref()
+                .map(|u| u.password_hash.clone())
+                .unwrap_or_default(),
+        };
+        let def = UserDefinition {
+            password_hash: password_hash.clone(),
+            tags: tags.clone(),
+        };
+        self.definitions
+            .update(|d| {
+                d.users.insert(name.to_owned(), def);
+            })
+            .map_err(Self::store_err)?;
+        self.users.put(User {
+            name: name.to_owned(),
+            password_hash,
+            tags,
+        });
+        Ok(existing.is_none())
+    }
+
+    pub fn delete_user(&self, name: &str) -> Result<(), AdminError> {
+        if self.users.get(name).is_none() {
+            return Err(AdminError::NotFound(format!("user {name} not found")));
+        }
+        self.definitions
+            .update(|d| {
+                d.users.remove(name);
+                d.permissions.retain(|p| p.user != name);
+            })
+            .map_err(Self::store_err)?;
+        self.users.remove(name);
+        Ok(())
+    }
+
+    /// Sets a user's permissions in a vhost. Returns whether they were new.
+    pub fn set_permission(
+        &self,
+        user: &str,
+        vhost: &str,
+        configure: &str,
+        write: &str,
+        read: &str,
+    ) -> Result<bool, AdminError> {
+        if self.users.get(user).is_none() {
+            return Err(AdminError::BadRequest(format!(
+                "user {user} does not exist"
+            )));
+        }
+        if self.vhost(vhost).is_none() {
+            return Err(AdminError::BadRequest(format!(
+                "vhost {vhost} does not exist"
+            )));
+        }
+        let permission = Permission::new(configure, write, read).map_err(AdminError::BadRequest)?;
+        let created = self.users.permission(user, vhost).is_none();
+        let def = PermissionDefinition {
+            user: user.to_owned(),
+            vhost: vhost.to_owned(),
+            configure: configure.to_owned(),
+            write: write.to_owned(),
+            read: read.to_owned(),
+        };
+        self.definitions
+            .update(|d| {
+                d.permissions
+                    .retain(|p| !(p.user == user && p.vhost == vhost));
+                d.permissions.push(def);
+            })
+            .map_err(Self::store_err)?;
+        self.users.set_permission(user, vhost, permission);
+        Ok(created)
+    }
+
+    pub fn clear_permission(&self, user: &str, vhost: &str) -> Result<(), AdminError> {
+        if self.users.permission(user, vhost).is_none() {
+            return Err(AdminError::NotFound(format!(
+                "no permissions for {user} in {vhost}"
+            )));
+        }
+        self.definitions
+            .update(|d| {
+                d.permissions
+                    .retain(|p| !(p.user == user && p.vhost == vhost))
+            })
+            .map_err(Self::store_err)?;
+        self.users.clear_permission(user, vhost);
+        Ok(())
+    }
+
+    pub fn vhost_or_404(&self, name: &str) -> Result<Arc<Vhost>, AdminError> {
+        self.vhost(name)
+            .ok_or_else(|| AdminError::NotFound(format!("vhost {name} not found")))
+    }
+}
