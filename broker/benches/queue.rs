@@ -132,11 +132,11 @@ fn backlog(c: &mut Criterion) {
                             msg,
                         });
                         if run.len() == ack_every {
-                            q.settle(&run);
+                            q.settle(&run, true);
                             run.clear();
                         }
                     }
-                    q.settle(&run);
+                    q.settle(&run, true);
                     debug_assert_eq!(q.unacked_count(), 0);
                     q
                 },
@@ -176,7 +176,7 @@ fn dispatch(c: &mut Criterion) {
                     q.publish(message(&body));
                     if i % ACK_EVERY == 0 {
                         let run = std::mem::take(&mut *sink.unacked.lock());
-                        q.settle(&run);
+                        q.settle(&run, true);
                     }
                 }
                 debug_assert_eq!(q.unacked_count(), 0);

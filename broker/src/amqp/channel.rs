@@ -633,7 +633,8 @@ impl Channel {
         for run in runs_by_queue(taken) {
             let q = run[0].queue.clone();
             match how {
-                Settle::Ack | Settle::Reject { requeue: false } => q.settle(&run),
+                Settle::Ack => q.settle(&run, true),
+                Settle::Reject { requeue: false } => q.settle(&run, false),
                 Settle::Reject { requeue: true } => q.requeue(run),
             }
         }

@@ -212,6 +212,18 @@ pub struct Queue {
     store: LazyStore,
     state: Mutex<QueueState>,
     deleted: AtomicBool,
+    /// Counters for the management API and metrics.
+    pub stats: QueueStats,
+}
+
+/// What a queue has done since it was created.
+#[derive(Debug, Default)]
+pub struct QueueStats {
+    pub published: AtomicU64,
+    /// Deliveries to consumers and `basic.get`s (RabbitMQ's `deliver_get`).
+    pub delivered: AtomicU64,
+    pub redelivered: AtomicU64,
+    pub acked: AtomicU64,
 }
 
 impl fmt::Debug for Queue {
@@ -260,6 +272,7 @@ impl Queue {
                 had_consumer: false,
             }),
             deleted: AtomicBool::new(false),
+            stats: QueueStats::default(),
         })
     }
 
@@ -315,6 +328,7 @@ impl Queue {
         }
         let seq = st.next_seq;
         st.next_seq += 1;
+        self.stats.published.fetch_add(1, Ordering::Relaxed);
         let (location, epoch) = if must_persist(self.spec.durable, &message) {
             let stored = self
                 .store
@@ -341,6 +355,13 @@ impl Queue {
             }
         }
         Enqueued::Accepted { epoch }
+    }
+
+    fn count_delivery(&self, redelivered: bool) {
+        self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+        if redelivered {
+            self.stats.redelivered.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Hands out ready messages to consumers with credit: call after anything that may have
@@ -376,9 +397,10 @@ impl Queue {
             let Some(msg) = st.ready.pop_front(&self.store) else {
                 break;
             };
-            let (seq, location) = (msg.seq, msg.location);
+            let (seq, location, redelivered) = (msg.seq, msg.location, msg.redelivered);
             match consumer.sink.offer(self, &consumer, msg) {
                 Ok(()) => {
+                    self.count_delivery(redelivered);
                     if consumer.no_ack {
                         forget(&self.store, seq, location);
                     } else {
@@ -401,6 +423,7 @@ impl Queue {
     pub fn get(&self, no_ack: bool) -> Option<(QueuedMessage, u32)> {
         let mut st = self.state.lock();
         let msg = st.ready.pop_front(&self.store)?;
+        self.count_delivery(msg.redelivered);
         if no_ack {
             forget(&self.store, msg.seq, msg.location);
         } else {
@@ -410,8 +433,13 @@ impl Queue {
         Some((msg, st.ready.len() as u32))
     }
 
-    /// Acknowledged (or rejected without requeue) deliveries of this queue.
-    pub fn settle(self: &Arc<Self>, delivered: &[Delivered]) {
+    /// Acknowledged (`acked`) or rejected without requeue deliveries of this queue.
+    pub fn settle(self: &Arc<Self>, delivered: &[Delivered], acked: bool) {
+        if acked {
+            self.stats
+                .acked
+                .fetch_add(delivered.len() as u64, Ordering::Relaxed);
+        }
         let mut st = self.state.lock();
         for d in delivered {
             st.unacked = st.unacked.saturating_sub(1);
@@ -649,11 +677,14 @@ mod tests {
             redelivered: false,
             location: None,
         };
-        q.settle(&[Delivered {
-            queue: q.clone(),
-            consumer: Some(c),
-            msg: first,
-        }]);
+        q.settle(
+            &[Delivered {
+                queue: q.clone(),
+                consumer: Some(c),
+                msg: first,
+            }],
+            true,
+        );
         assert_eq!(sink.got.lock().len(), 2);
         assert_eq!(q.message_count(), 0);
     }
