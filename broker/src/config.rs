@@ -14,6 +14,25 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// AMQP 0-9-1 listener.
     pub amqp_listen: SocketAddr,
+    /// AMQP 0-9-1 over TLS (AMQPS); needs `tls_cert_file` and `tls_key_file`.
+    pub amqps_listen: Option<SocketAddr>,
+    /// Management HTTP API listener.
+    pub management_listen: SocketAddr,
+    /// Management HTTP API over TLS (HTTPS); needs `tls_cert_file` and `tls_key_file`.
+    pub management_tls_listen: Option<SocketAddr>,
+    /// Prometheus metrics listener (`/metrics`, `/metrics/per-object`).
+    pub prometheus_listen: SocketAddr,
+    /// PEM certificate chain for the TLS listeners, the server's certificate first.
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of that certificate.
+    pub tls_key_file: Option<PathBuf>,
+    /// PEM CA certificates that client certificates are verified against.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Require a client certificate signed by `tls_ca_file` (RabbitMQ's `fail_if_no_peer_cert`).
+    pub tls_verify_peer: bool,
+    /// How often the management API's rates are computed, milliseconds (RabbitMQ's
+    /// `collect_statistics_interval`).
+    pub stats_interval_ms: u64,
     /// This node's name, as reported to clients and tools.
     pub node_name: String,
     /// Largest frame the broker accepts or sends, bytes (clients may negotiate lower).
@@ -56,6 +75,15 @@ impl Default for Config {
         Self {
             data_dir: PathBuf::from("./warren-data"),
             amqp_listen: "0.0.0.0:5672".parse().expect("valid default address"),
+            amqps_listen: None,
+            management_listen: "0.0.0.0:15672".parse().expect("valid default address"),
+            management_tls_listen: None,
+            prometheus_listen: "0.0.0.0:15692".parse().expect("valid default address"),
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_ca_file: None,
+            tls_verify_peer: false,
+            stats_interval_ms: 5000,
             node_name: "warren@localhost".into(),
             frame_max: 131_072,
             channel_max: 2047,
@@ -92,6 +120,24 @@ pub struct Flags {
     pub data_dir: Option<PathBuf>,
     #[arg(long, env = "WARREN_AMQP_LISTEN")]
     pub amqp_listen: Option<SocketAddr>,
+    #[arg(long, env = "WARREN_AMQPS_LISTEN")]
+    pub amqps_listen: Option<SocketAddr>,
+    #[arg(long, env = "WARREN_MANAGEMENT_LISTEN")]
+    pub management_listen: Option<SocketAddr>,
+    #[arg(long, env = "WARREN_MANAGEMENT_TLS_LISTEN")]
+    pub management_tls_listen: Option<SocketAddr>,
+    #[arg(long, env = "WARREN_PROMETHEUS_LISTEN")]
+    pub prometheus_listen: Option<SocketAddr>,
+    #[arg(long, env = "WARREN_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    #[arg(long, env = "WARREN_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
+    #[arg(long, env = "WARREN_TLS_CA_FILE")]
+    pub tls_ca_file: Option<PathBuf>,
+    #[arg(long, env = "WARREN_TLS_VERIFY_PEER")]
+    pub tls_verify_peer: Option<bool>,
+    #[arg(long, env = "WARREN_STATS_INTERVAL_MS")]
+    pub stats_interval_ms: Option<u64>,
     #[arg(long, env = "WARREN_NODE_NAME")]
     pub node_name: Option<String>,
     #[arg(long, env = "WARREN_FRAME_MAX")]
@@ -162,6 +208,15 @@ impl Config {
             config: _,
             data_dir,
             amqp_listen,
+            amqps_listen,
+            management_listen,
+            management_tls_listen,
+            prometheus_listen,
+            tls_cert_file,
+            tls_key_file,
+            tls_ca_file,
+            tls_verify_peer,
+            stats_interval_ms,
             node_name,
             frame_max,
             channel_max,
@@ -182,6 +237,10 @@ impl Config {
         apply!(
             data_dir,
             amqp_listen,
+            management_listen,
+            prometheus_listen,
+            tls_verify_peer,
+            stats_interval_ms,
             node_name,
             frame_max,
             channel_max,
@@ -195,9 +254,17 @@ impl Config {
             memory_high_watermark,
             disk_free_limit
         );
-        if memory_high_watermark_bytes.is_some() {
-            config.memory_high_watermark_bytes = memory_high_watermark_bytes;
+        macro_rules! apply_optional {
+            ($($field:ident),*) => { $(if $field.is_some() { config.$field = $field; })* };
         }
+        apply_optional!(
+            memory_high_watermark_bytes,
+            amqps_listen,
+            management_tls_listen,
+            tls_cert_file,
+            tls_key_file,
+            tls_ca_file
+        );
         config.validate()?;
         Ok(config)
     }
@@ -227,6 +294,22 @@ impl Config {
         if !(0.0..=1.0).contains(&self.memory_high_watermark) {
             return Err(ConfigError::Invalid(
                 "memory_high_watermark is a fraction between 0 and 1".into(),
+            ));
+        }
+        let tls_listener = self.amqps_listen.is_some() || self.management_tls_listen.is_some();
+        if tls_listener && (self.tls_cert_file.is_none() || self.tls_key_file.is_none()) {
+            return Err(ConfigError::Invalid(
+                "amqps_listen and management_tls_listen need tls_cert_file and tls_key_file".into(),
+            ));
+        }
+        if self.tls_verify_peer && self.tls_ca_file.is_none() {
+            return Err(ConfigError::Invalid(
+                "tls_verify_peer needs tls_ca_file to verify client certificates against".into(),
+            ));
+        }
+        if self.stats_interval_ms < 100 {
+            return Err(ConfigError::Invalid(
+                "stats_interval_ms must be at least 100".into(),
             ));
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {

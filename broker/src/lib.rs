@@ -8,6 +8,7 @@
 //! - [`store`]: everything on disk (today the durable definitions).
 //! - [`auth`]: users and SASL.
 //! - [`config`]: settings from defaults, file, environment and flags.
+//! - [`http`]: the management API and Prometheus metrics (axum), and TLS.
 //! - [`server`]: listeners and orderly shutdown.
 #![deny(unsafe_code)]
 #![deny(missing_debug_implementations)]
@@ -18,6 +19,7 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod error;
+pub mod http;
 pub mod server;
 pub mod store;
 

@@ -1,18 +1,25 @@
-//! The listener: accepts AMQP connections and serves each on its own task, and shuts down in
-//! order: stop accepting, tell every connection to close (320 CONNECTION_FORCED), wait for them.
+//! The listeners: AMQP (and AMQPS) connections each served on a task of their own, the
+//! management API and the Prometheus endpoint; and shutdown in order: stop accepting, tell
+//! every connection to close (320 CONNECTION_FORCED), wait for them, flush and sync storage.
 
 use crate::amqp::connection;
 use crate::broker::Broker;
 use crate::config::Config;
+use crate::http::auth::PeerAddr;
+use crate::http::tls::{self, TlsListener};
+use crate::http::{AppState, ListenerInfo, sampler::Sampler};
+use axum::extract::DefaultBodyLimit;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 
 /// How long shutdown waits for connections to finish closing.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// The largest HTTP request body (definitions of a big node, published messages).
+const HTTP_BODY_LIMIT: usize = 64 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -23,26 +30,47 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// A running broker.
 #[derive(Debug)]
 pub struct RunningBroker {
     pub broker: Arc<Broker>,
-    /// The address the AMQP listener bound (useful with port 0).
+    /// The addresses the listeners bound (useful with port 0).
     pub amqp_addr: SocketAddr,
+    pub amqps_addr: Option<SocketAddr>,
+    pub management_addr: SocketAddr,
+    pub management_tls_addr: Option<SocketAddr>,
+    pub prometheus_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
-    acceptor: tokio::task::JoinHandle<()>,
-    monitor: tokio::task::JoinHandle<()>,
+    acceptors: Vec<JoinHandle<()>>,
+    http: Vec<JoinHandle<()>>,
+    background: Vec<JoinHandle<()>>,
 }
 
 impl RunningBroker {
-    /// Stops accepting, closes every connection and waits for them to finish.
+    /// Stops accepting, closes every connection and waits for them to finish, then writes
+    /// and syncs everything pending.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        let _ = self.acceptor.await;
-        self.monitor.abort();
-        // Everything the connections left pending is written and synced before we return.
+        for a in self.acceptors {
+            let _ = a.await;
+        }
+        for h in self.http {
+            if tokio::time::timeout(SHUTDOWN_GRACE, async {
+                let _ = (&mut { h }).await;
+            })
+            .await
+            .is_err()
+            {
+                tracing::warn!("HTTP requests still running after the grace period");
+            }
+        }
+        for b in self.background {
+            b.abort();
+        }
         let storage = self.broker.storage.clone();
         let _ = tokio::task::spawn_blocking(move || storage.shutdown()).await;
     }
@@ -54,42 +82,195 @@ pub async fn start(config: Config) -> Result<RunningBroker, StartError> {
     start_with(broker).await
 }
 
-/// Starts serving an already opened broker.
-pub async fn start_with(broker: Arc<Broker>) -> Result<RunningBroker, StartError> {
-    let addr = broker.config.amqp_listen;
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Listen { addr, source })?;
-    let amqp_addr = listener
+    let bound = listener
         .local_addr()
         .map_err(|source| StartError::Listen { addr, source })?;
-    tracing::info!(%amqp_addr, "AMQP listener started");
+    Ok((listener, bound))
+}
+
+async fn wait_for(mut shutdown: watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Starts serving an already opened broker.
+pub async fn start_with(broker: Arc<Broker>) -> Result<RunningBroker, StartError> {
+    let config = broker.config.clone();
+    let tls_config = if config.amqps_listen.is_some() || config.management_tls_listen.is_some() {
+        Some(tls::server_config(&config).map_err(StartError::Tls)?)
+    } else {
+        None
+    };
+    let handshake = Duration::from_secs(config.handshake_timeout);
+    let (amqp, amqp_addr) = bind(config.amqp_listen).await?;
+    let (management, management_addr) = bind(config.management_listen).await?;
+    let (prometheus, prometheus_addr) = bind(config.prometheus_listen).await?;
+    let mut listeners = vec![
+        ListenerInfo {
+            protocol: "amqp",
+            addr: amqp_addr,
+        },
+        ListenerInfo {
+            protocol: "http",
+            addr: management_addr,
+        },
+        ListenerInfo {
+            protocol: "http/prometheus",
+            addr: prometheus_addr,
+        },
+    ];
+    let mut amqps = None;
+    if let (Some(addr), Some(tls)) = (config.amqps_listen, &tls_config) {
+        let (l, bound) = bind(addr).await?;
+        let l = TlsListener::new(l, tls.clone(), handshake)
+            .map_err(|source| StartError::Listen { addr, source })?;
+        listeners.push(ListenerInfo {
+            protocol: "amqp/ssl",
+            addr: bound,
+        });
+        amqps = Some((l, bound));
+    }
+    let mut management_tls = None;
+    if let (Some(addr), Some(tls)) = (config.management_tls_listen, &tls_config) {
+        let (l, bound) = bind(addr).await?;
+        let l = TlsListener::new(l, tls.clone(), handshake)
+            .map_err(|source| StartError::Listen { addr, source })?;
+        listeners.push(ListenerInfo {
+            protocol: "https",
+            addr: bound,
+        });
+        management_tls = Some((l, bound));
+    }
+
     let (shutdown, watcher) = watch::channel(false);
     broker.alarms.check();
-    let monitor = broker.alarms.spawn_monitor(Duration::from_secs(1));
-    let acceptor = tokio::spawn(accept_loop(listener, broker.clone(), watcher));
+    let sampler = Arc::new(Sampler::default());
+    sampler.sample(&broker);
+    let background = vec![
+        broker.alarms.spawn_monitor(Duration::from_secs(1)),
+        sampler.spawn(
+            broker.clone(),
+            Duration::from_millis(config.stats_interval_ms),
+        ),
+    ];
+    let state = AppState {
+        broker: broker.clone(),
+        sampler,
+        listeners: Arc::new(listeners),
+    };
+
+    let mut acceptors = vec![tokio::spawn(accept_loop(
+        Incoming::Tcp(amqp),
+        broker.clone(),
+        watcher.clone(),
+    ))];
+    let amqps_addr = amqps.as_ref().map(|(_, a)| *a);
+    if let Some((l, _)) = amqps {
+        acceptors.push(tokio::spawn(accept_loop(
+            Incoming::Tls(l),
+            broker.clone(),
+            watcher.clone(),
+        )));
+    }
+
+    let api =
+        crate::http::management_router(state.clone()).layer(DefaultBodyLimit::max(HTTP_BODY_LIMIT));
+    let mut http = Vec::new();
+    {
+        let app = api
+            .clone()
+            .into_make_service_with_connect_info::<PeerAddr>();
+        let stop = wait_for(watcher.clone());
+        http.push(tokio::spawn(async move {
+            if let Err(e) = axum::serve(management, app)
+                .with_graceful_shutdown(stop)
+                .await
+            {
+                tracing::error!(error = %e, "management listener failed");
+            }
+        }));
+    }
+    let management_tls_addr = management_tls.as_ref().map(|(_, a)| *a);
+    if let Some((l, _)) = management_tls {
+        let app = api.into_make_service_with_connect_info::<PeerAddr>();
+        let stop = wait_for(watcher.clone());
+        http.push(tokio::spawn(async move {
+            if let Err(e) = axum::serve(l, app).with_graceful_shutdown(stop).await {
+                tracing::error!(error = %e, "HTTPS management listener failed");
+            }
+        }));
+    }
+    {
+        let app = crate::http::metrics::router(state);
+        let stop = wait_for(watcher.clone());
+        http.push(tokio::spawn(async move {
+            if let Err(e) = axum::serve(prometheus, app)
+                .with_graceful_shutdown(stop)
+                .await
+            {
+                tracing::error!(error = %e, "Prometheus listener failed");
+            }
+        }));
+    }
+    tracing::info!(
+        %amqp_addr,
+        %management_addr,
+        %prometheus_addr,
+        amqps_addr = amqps_addr.map(|a| a.to_string()),
+        management_tls_addr = management_tls_addr.map(|a| a.to_string()),
+        "AMQP listener started"
+    );
     Ok(RunningBroker {
         broker,
         amqp_addr,
+        amqps_addr,
+        management_addr,
+        management_tls_addr,
+        prometheus_addr,
         shutdown,
-        acceptor,
-        monitor,
+        acceptors,
+        http,
+        background,
     })
 }
 
+enum Incoming {
+    Tcp(TcpListener),
+    Tls(TlsListener),
+}
+
 async fn accept_loop(
-    listener: TcpListener,
+    mut incoming: Incoming,
     broker: Arc<Broker>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    connections.spawn(connection::serve_tcp(stream, peer, broker.clone(), shutdown.clone()));
+            accepted = async {
+                match &mut incoming {
+                    Incoming::Tcp(l) => l.accept().await.map(|(s, peer)| {
+                        let _ = s.set_nodelay(true);
+                        (Some(s), None, peer)
+                    }),
+                    Incoming::Tls(l) => match l.next().await {
+                        Some((s, peer)) => Ok((None, Some(s), peer)),
+                        None => std::future::pending().await,
+                    },
                 }
+            } => match accepted {
+                Ok((Some(tcp), _, peer)) => {
+                    connections.spawn(connection::serve_tcp(tcp, peer, broker.clone(), shutdown.clone()));
+                }
+                Ok((None, Some(tls), peer)) => {
+                    let local = tls.get_ref().0.local_addr().unwrap_or(peer);
+                    let details = tls::describe(&tls);
+                    connections.spawn(connection::serve(tls, peer, local, broker.clone(), shutdown.clone(), Some(details)));
+                }
+                Ok(_) => {}
                 Err(e) => {
                     // Out of descriptors and the like: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
@@ -100,7 +281,7 @@ async fn accept_loop(
             _ = shutdown.changed() => break,
         }
     }
-    drop(listener);
+    drop(incoming);
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
         while connections.join_next().await.is_some() {}
     })
@@ -112,5 +293,5 @@ async fn accept_loop(
         );
         connections.shutdown().await;
     }
-    tracing::info!("AMQP listener stopped");
+    tracing::info!("listener stopped");
 }

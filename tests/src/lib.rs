@@ -48,6 +48,8 @@ pub fn workspace_root() -> PathBuf {
 pub struct BrokerProcess {
     child: Child,
     pub amqp_addr: SocketAddr,
+    pub management_addr: SocketAddr,
+    pub prometheus_addr: SocketAddr,
     pub data_dir: PathBuf,
     _owned_dir: Option<tempfile::TempDir>,
     log: mpsc::Receiver<String>,
@@ -68,7 +70,16 @@ impl BrokerProcess {
         let mut child = Command::new(broker_bin())
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--amqp-listen", "127.0.0.1:0", "--log-format", "json"])
+            .args([
+                "--amqp-listen",
+                "127.0.0.1:0",
+                "--management-listen",
+                "127.0.0.1:0",
+                "--prometheus-listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+            ])
             .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -85,21 +96,32 @@ impl BrokerProcess {
                 }
             }
         });
-        let mut amqp_addr = None;
+        let mut started = None;
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while amqp_addr.is_none() {
+        while started.is_none() {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match rx.recv_timeout(left) {
-                Ok(line) => amqp_addr = listen_addr(&line, "AMQP listener started"),
+                Ok(line) => {
+                    started = listen_addr(&line, "AMQP listener started", "amqp_addr").map(|a| {
+                        (
+                            a,
+                            listen_addr(&line, "AMQP listener started", "management_addr"),
+                            listen_addr(&line, "AMQP listener started", "prometheus_addr"),
+                        )
+                    })
+                }
                 Err(_) => {
                     let _ = child.kill();
                     panic!("warren-broker did not report its AMQP address in time");
                 }
             }
         }
+        let (amqp_addr, management_addr, prometheus_addr) = started.expect("set above");
         Self {
             child,
-            amqp_addr: amqp_addr.expect("set above"),
+            amqp_addr,
+            management_addr: management_addr.expect("the log names the management address"),
+            prometheus_addr: prometheus_addr.expect("the log names the Prometheus address"),
             data_dir: data_dir.to_path_buf(),
             _owned_dir: None,
             log: rx,
@@ -153,11 +175,12 @@ impl Drop for BrokerProcess {
 }
 
 /// Reads `"amqp_addr":"127.0.0.1:1234"` out of a JSON log line carrying `message`.
-fn listen_addr(line: &str, message: &str) -> Option<SocketAddr> {
+fn listen_addr(line: &str, message: &str, field: &str) -> Option<SocketAddr> {
     if !line.contains(message) {
         return None;
     }
-    let at = line.find("\"amqp_addr\":\"")? + "\"amqp_addr\":\"".len();
+    let key = format!("\"{field}\":\"");
+    let at = line.find(&key)? + key.len();
     let end = line[at..].find('"')? + at;
     line[at..end].parse().ok()
 }
@@ -170,9 +193,12 @@ mod tests {
     fn reads_the_bound_address_from_the_log() {
         let line = r#"{"timestamp":"x","level":"INFO","fields":{"message":"AMQP listener started","amqp_addr":"127.0.0.1:40123"},"target":"warren_broker::server"}"#;
         assert_eq!(
-            listen_addr(line, "AMQP listener started"),
+            listen_addr(line, "AMQP listener started", "amqp_addr"),
             Some("127.0.0.1:40123".parse().unwrap())
         );
-        assert_eq!(listen_addr("{}", "AMQP listener started"), None);
+        assert_eq!(
+            listen_addr("{}", "AMQP listener started", "amqp_addr"),
+            None
+        );
     }
 }

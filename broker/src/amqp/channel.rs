@@ -10,6 +10,7 @@ use crate::auth::permissions::checked_name;
 use crate::broker::Broker;
 use crate::broker::exchange::{ExchangeKind, ExchangeSpec};
 use crate::broker::queue::{ConsumeRefused, Consumer, Delivered, Queue, QueueSpec};
+use crate::broker::stats::MessageStats;
 use crate::broker::vhost::{DestinationKind, REPLY_TO, Vhost, describe};
 use crate::error::{
     AmqpError, AmqpResult, COMMAND_INVALID, NOT_ALLOWED, NOT_IMPLEMENTED, access_refused,
@@ -20,6 +21,7 @@ use amq_protocol::types::{AMQPValue, FieldTable};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 /// What channels need to know about their connection.
 #[derive(Debug)]
@@ -171,6 +173,7 @@ impl Channel {
                 }
                 if self.confirms.is_none() {
                     self.confirms = Some(Confirms::default());
+                    self.shared.mirror.confirm.store(true, Ordering::Relaxed);
                 }
                 if !m.nowait {
                     self.reply(AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(
@@ -449,6 +452,10 @@ impl Channel {
                     }
                 } else {
                     self.consumer_prefetch = q.prefetch_count.into();
+                    self.shared
+                        .mirror
+                        .prefetch_count
+                        .store(self.consumer_prefetch, Ordering::Relaxed);
                     // RabbitMQ 3.10 also lifts the channel-wide limit here (its limiter's
                     // `unlimit_prefetch`); clients see that behaviour, so Warren keeps it.
                     if self.shared.prefetch_global() != 0 {
@@ -476,7 +483,10 @@ impl Channel {
                 let q = s.vhost.existing_queue(&name, s.connection_id)?;
                 match q.get(g.no_ack) {
                     Some((msg, remaining)) => self.shared.deliver_get(&q, msg, remaining, g.no_ack),
-                    None => self.reply(AMQPClass::Basic(M::GetEmpty(basic::GetEmpty {}))),
+                    None => {
+                        MessageStats::bump(&self.shared.stats.get_empty);
+                        self.reply(AMQPClass::Basic(M::GetEmpty(basic::GetEmpty {})))
+                    }
                 }
             }
             M::Ack(a) => self.settle(a.delivery_tag, a.multiple, Settle::Ack)?,
@@ -622,6 +632,10 @@ impl Channel {
             .take_unacked(tag, multiple)
             .map_err(|UnknownTag(t)| precondition_failed(format!("unknown delivery tag {t}")))?;
         if let Some(tx) = &mut self.tx {
+            self.shared
+                .mirror
+                .acks_uncommitted
+                .fetch_add(taken.len() as u64, Ordering::Relaxed);
             tx.settles.push((how, taken));
             return Ok(());
         }
@@ -630,6 +644,12 @@ impl Channel {
     }
 
     pub(super) fn apply_settle(&mut self, how: Settle, taken: Vec<(u64, Delivered)>) {
+        if how == Settle::Ack {
+            self.shared
+                .stats
+                .ack
+                .fetch_add(taken.len() as u64, Ordering::Relaxed);
+        }
         for run in runs_by_queue(taken) {
             let q = run[0].queue.clone();
             match how {
@@ -667,6 +687,10 @@ impl Channel {
                 }
                 if self.tx.is_none() {
                     self.tx = Some(Transaction::default());
+                    self.shared
+                        .mirror
+                        .transactional
+                        .store(true, Ordering::Relaxed);
                 }
                 self.reply(AMQPClass::Tx(M::SelectOk(tx::SelectOk {})));
             }
@@ -675,6 +699,7 @@ impl Channel {
                     .tx
                     .replace(Transaction::default())
                     .ok_or_else(|| precondition_failed("channel is not transactional"))?;
+                self.clear_uncommitted();
                 let epoch = self.commit(s, tx);
                 // commit-ok promises the messages are on disk: it may have to wait.
                 if epoch > s.durable_epoch() {
@@ -688,6 +713,7 @@ impl Channel {
                     .tx
                     .replace(Transaction::default())
                     .ok_or_else(|| precondition_failed("channel is not transactional"))?;
+                self.clear_uncommitted();
                 let restored = tx
                     .settles
                     .into_iter()
@@ -699,6 +725,14 @@ impl Channel {
             other => return Err(unexpected_reply_method(AMQPClass::Tx(other))),
         }
         Ok(())
+    }
+
+    fn clear_uncommitted(&self) {
+        self.shared.mirror.uncommitted.store(0, Ordering::Relaxed);
+        self.shared
+            .mirror
+            .acks_uncommitted
+            .store(0, Ordering::Relaxed);
     }
 
     /// Ends the channel: cancels its consumers (deleting auto-delete queues they leave empty)

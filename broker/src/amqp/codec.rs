@@ -371,6 +371,14 @@ pub fn decode_ack(payload: &[u8]) -> Option<AckArgs> {
     })
 }
 
+/// Decodes a content header's property flags and list.
+pub fn decode_properties(raw: &[u8]) -> Option<BasicProperties> {
+    match parse_properties(raw) {
+        Ok(([], p)) => Some(p),
+        _ => None,
+    }
+}
+
 /// Encodes `properties` as a content header's property flags and list.
 pub fn encode_properties(properties: &BasicProperties) -> Bytes {
     let ctx = WriteContext::from(Vec::with_capacity(64));

@@ -9,7 +9,8 @@ use super::codec::{
 use super::writer::{ConnectionOutput, Outbound, run_writer};
 use crate::auth;
 use crate::broker::Broker;
-use crate::broker::connections::ConnectionInfo;
+use crate::broker::connections::{ConnectionDetails, ConnectionInfo, Traffic};
+use crate::broker::stats::MessageStats;
 use crate::error::{
     AmqpError, AmqpResult, CHANNEL_ERROR, COMMAND_INVALID, CONNECTION_FORCED, FRAME_ERROR,
     NOT_ALLOWED, NOT_IMPLEMENTED, REPLY_SUCCESS, Scope, UNEXPECTED_FRAME,
@@ -86,6 +87,10 @@ struct Connection {
     /// We sent `connection.blocked` and owe a `connection.unblocked`.
     blocked: bool,
     client_properties: FieldTable,
+    auth_mechanism: String,
+    /// TLS protocol version and cipher suite, for a connection over TLS.
+    tls: Option<(String, String)>,
+    traffic: Arc<Traffic>,
     /// What the broker's registry shows of this connection, once open.
     info: Option<Arc<ConnectionInfo>>,
     /// Set from outside (management API, vhost deletion) to close this connection.
@@ -94,17 +99,19 @@ struct Connection {
 
 /// Serves one client socket until it closes. Returns when the connection is over and every
 /// resource it held (channels, consumers, exclusive queues) is released.
+/// `tls` is the protocol version and cipher suite of a TLS connection.
 pub async fn serve<S>(
     stream: S,
     peer: SocketAddr,
     local: SocketAddr,
     broker: Arc<Broker>,
     shutdown: watch::Receiver<bool>,
+    tls: Option<(String, String)>,
 ) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (reader, writer) = tokio::io::split(stream);
-    serve_halves(reader, writer, peer, local, broker, shutdown).await;
+    serve_halves(reader, writer, peer, local, broker, shutdown, tls).await;
 }
 
 /// [`serve`] for a plain TCP socket, whose halves need no lock between them.
@@ -116,7 +123,7 @@ pub async fn serve_tcp(
 ) {
     let local = stream.local_addr().unwrap_or(peer);
     let (reader, writer) = stream.into_split();
-    serve_halves(reader, writer, peer, local, broker, shutdown).await;
+    serve_halves(reader, writer, peer, local, broker, shutdown, None).await;
 }
 
 async fn serve_halves<R, W>(
@@ -126,6 +133,7 @@ async fn serve_halves<R, W>(
     local: SocketAddr,
     broker: Arc<Broker>,
     shutdown: watch::Receiver<bool>,
+    tls: Option<(String, String)>,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -147,7 +155,15 @@ async fn serve_halves<R, W>(
     }
     let (out, rx) = ConnectionOutput::new(HANDSHAKE_FRAME_MAX);
     let heartbeat = Arc::new(AtomicU32::new(0));
-    let writer_task = tokio::spawn(run_writer(writer, out.clone(), rx, heartbeat.clone()));
+    let traffic = Arc::new(Traffic::default());
+    traffic.received(header.len());
+    let writer_task = tokio::spawn(run_writer(
+        writer,
+        out.clone(),
+        rx,
+        heartbeat.clone(),
+        traffic.clone(),
+    ));
     let mut conn = Connection {
         id: broker.next_connection_id(),
         broker,
@@ -167,6 +183,9 @@ async fn serve_halves<R, W>(
         published: false,
         blocked: false,
         client_properties: FieldTable::default(),
+        auth_mechanism: String::new(),
+        tls,
+        traffic,
         info: None,
         closed: None,
     };
@@ -253,9 +272,6 @@ impl Connection {
                 }
             }
             self.flush_confirms();
-            if let Some(info) = &self.info {
-                info.channels.store(self.channels.len(), Ordering::Relaxed);
-            }
             if self.phase == Phase::Open && self.published {
                 let alarm = *alarms.borrow_and_update();
                 if alarm.any() {
@@ -318,7 +334,7 @@ impl Connection {
                         }
                         return;
                     }
-                    Ok(Ok(_)) => {}
+                    Ok(Ok(n)) => self.traffic.received(n),
                     Err(_) => {
                         match self.phase {
                             Phase::Open => tracing::warn!(peer = %self.peer, "missed heartbeats from client, closing"),
@@ -492,7 +508,14 @@ impl Connection {
                         .session
                         .as_ref()
                         .expect("open connections have a session");
-                    self.channels.insert(ch, Channel::new(ch, session));
+                    let channel = Channel::new(ch, session);
+                    if let Some(info) = &self.info {
+                        self.broker
+                            .connections
+                            .add_channel(info, ch, channel.shared.clone());
+                        MessageStats::bump(&self.broker.churn.channel_created);
+                    }
+                    self.channels.insert(ch, channel);
                     self.out.method(
                         ch,
                         AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})),
@@ -510,14 +533,14 @@ impl Connection {
         if channel.closing {
             match method {
                 AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)) => {
-                    self.channels.remove(&ch);
+                    self.forget_channel(ch);
                 }
                 AMQPClass::Channel(channel::AMQPMethod::Close(_)) => {
                     self.out.method(
                         ch,
                         AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
                     );
-                    self.channels.remove(&ch);
+                    self.forget_channel(ch);
                 }
                 _ => {}
             }
@@ -530,7 +553,7 @@ impl Connection {
             }
             AMQPClass::Channel(channel::AMQPMethod::Close(_)) => {
                 channel.close(session);
-                self.channels.remove(&ch);
+                self.forget_channel(ch);
                 self.out.method(
                     ch,
                     AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
@@ -545,6 +568,16 @@ impl Connection {
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// Drops a closed channel, moving its counters into the node's totals.
+    fn forget_channel(&mut self, ch: u16) {
+        if self.channels.remove(&ch).is_some()
+            && let Some(info) = &self.info
+        {
+            self.broker.connections.remove_channel(info, ch);
+            MessageStats::bump(&self.broker.churn.channel_closed);
         }
     }
 
@@ -647,6 +680,7 @@ impl Connection {
             blocked: has("connection.blocked"),
         };
         let mechanism = m.mechanism.as_str();
+        self.auth_mechanism = mechanism.to_owned();
         if !matches!(mechanism, "PLAIN" | "AMQPLAIN") {
             return Err(AmqpError::new(
                 COMMAND_INVALID,
@@ -754,16 +788,22 @@ impl Connection {
         }
         let (info, closed) = ConnectionInfo::new(
             self.id,
-            self.peer,
-            self.local,
-            user.clone(),
-            name.to_owned(),
-            std::mem::take(&mut self.client_properties),
-            self.channel_max,
-            self.frame_max,
-            self.heartbeat.load(Ordering::Relaxed) as u16,
+            ConnectionDetails {
+                peer: self.peer,
+                local: self.local,
+                user: user.clone(),
+                vhost: name.to_owned(),
+                client_properties: std::mem::take(&mut self.client_properties),
+                auth_mechanism: self.auth_mechanism.clone(),
+                channel_max: self.channel_max,
+                frame_max: self.frame_max,
+                heartbeat: self.heartbeat.load(Ordering::Relaxed) as u16,
+                tls: self.tls.clone(),
+            },
+            self.traffic.clone(),
         );
         self.broker.connections.add(info.clone());
+        MessageStats::bump(&self.broker.churn.connection_created);
         self.info = Some(info);
         self.closed = Some(closed);
         self.session = Some(Session {
@@ -856,6 +896,12 @@ impl Connection {
     fn cleanup(&mut self) {
         if let Some(info) = self.info.take() {
             self.broker.connections.remove(info.id);
+            MessageStats::bump(&self.broker.churn.connection_closed);
+            let channels = self.channels.len() as u64;
+            self.broker
+                .churn
+                .channel_closed
+                .fetch_add(channels, Ordering::Relaxed);
         }
         let Some(session) = self.session.as_mut() else {
             return;

@@ -3,11 +3,14 @@
 //! tags go out in order), and acknowledgements take them back out.
 
 use super::writer::{ConnectionOutput, Outbound};
+use crate::broker::connections::{ChannelSnapshot, ChannelView, ConsumerSnapshot};
 use crate::broker::queue::{Consumer, Delivered, DeliverySink, Queue, QueuedMessage};
+use crate::broker::stats::MessageStats;
 use amq_protocol::protocol::{AMQPClass, basic};
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 /// A consumer on this channel and the queue it consumes from.
 #[derive(Debug, Clone)]
@@ -36,6 +39,21 @@ pub struct ChannelShared {
     /// Whether the client asked to be told of server-side cancels (`consumer_cancel_notify`).
     cancel_notify: bool,
     state: Mutex<State>,
+    /// Message counters of this channel.
+    pub stats: MessageStats,
+    /// What the reader task knows of the channel, mirrored for the management API.
+    pub mirror: ChannelMirror,
+}
+
+/// The reader-owned part of a channel's state that the management API shows.
+#[derive(Debug, Default)]
+pub struct ChannelMirror {
+    pub confirm: AtomicBool,
+    pub transactional: AtomicBool,
+    pub prefetch_count: AtomicU32,
+    pub unconfirmed: AtomicU64,
+    pub uncommitted: AtomicU64,
+    pub acks_uncommitted: AtomicU64,
 }
 
 /// An unknown delivery tag in an ack, nack or reject.
@@ -56,6 +74,8 @@ impl ChannelShared {
                 prefetch_global: 0,
                 consumers: HashMap::new(),
             }),
+            stats: MessageStats::default(),
+            mirror: ChannelMirror::default(),
         })
     }
 
@@ -119,6 +139,14 @@ impl ChannelShared {
         let mut st = self.state.lock();
         let tag = st.next_tag;
         st.next_tag += 1;
+        MessageStats::bump(if no_ack {
+            &self.stats.get_no_ack
+        } else {
+            &self.stats.get
+        });
+        if msg.redelivered {
+            MessageStats::bump(&self.stats.redeliver);
+        }
         self.out.send(Outbound::GetOk {
             channel: self.id,
             delivery_tag: tag,
@@ -179,6 +207,45 @@ impl ChannelShared {
     }
 }
 
+impl ChannelView for ChannelShared {
+    fn snapshot(&self) -> ChannelSnapshot {
+        let (unacked, global, consumers) = {
+            let st = self.state.lock();
+            let consumers = st
+                .consumers
+                .values()
+                .map(|c| ConsumerSnapshot {
+                    queue: c.queue.name().to_owned(),
+                    tag: c.consumer.tag.to_string(),
+                    ack_required: !c.consumer.no_ack,
+                    exclusive: c.consumer.exclusive,
+                    prefetch_count: c.consumer.prefetch,
+                    arguments: c.consumer.arguments.clone(),
+                })
+                .collect();
+            (st.unacked.len() as u64, st.prefetch_global, consumers)
+        };
+        let m = &self.mirror;
+        ChannelSnapshot {
+            number: self.id,
+            prefetch_count: m.prefetch_count.load(Ordering::Relaxed),
+            global_prefetch_count: global,
+            confirm: m.confirm.load(Ordering::Relaxed),
+            transactional: m.transactional.load(Ordering::Relaxed),
+            messages_unacknowledged: unacked,
+            messages_unconfirmed: m.unconfirmed.load(Ordering::Relaxed),
+            messages_uncommitted: m.uncommitted.load(Ordering::Relaxed),
+            acks_uncommitted: m.acks_uncommitted.load(Ordering::Relaxed),
+            consumers,
+            counts: self.stats.read(),
+        }
+    }
+
+    fn stats(&self) -> &MessageStats {
+        &self.stats
+    }
+}
+
 impl DeliverySink for ChannelShared {
     fn offer(
         &self,
@@ -201,6 +268,14 @@ impl DeliverySink for ChannelShared {
         }
         let tag = st.next_tag;
         st.next_tag += 1;
+        MessageStats::bump(if consumer.no_ack {
+            &self.stats.deliver_no_ack
+        } else {
+            &self.stats.deliver
+        });
+        if msg.redelivered {
+            MessageStats::bump(&self.stats.redeliver);
+        }
         self.out.send(Outbound::Deliver {
             channel: self.id,
             consumer_tag: consumer.tag.clone(),

@@ -13,6 +13,7 @@ use crate::auth::Access;
 use crate::broker::exchange::Exchange;
 use crate::broker::message::{Message, ShortStr};
 use crate::broker::queue::Delivered;
+use crate::broker::stats::MessageStats;
 use crate::broker::vhost::{EnqueueOutcome, REPLY_TO, describe};
 use crate::error::{
     AmqpError, AmqpResult, FRAME_ERROR, NO_ROUTE, NOT_IMPLEMENTED, UNEXPECTED_FRAME,
@@ -23,6 +24,7 @@ use amq_protocol::types::{AMQPValue, FieldTable};
 use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 const PUBLISH: (u16, u16) = (60, 40);
 
@@ -398,6 +400,10 @@ impl Channel {
         if let Some(tx) = &mut self.tx {
             let mut keys = vec![routing_key];
             keys.extend(extra_keys);
+            self.shared
+                .mirror
+                .uncommitted
+                .fetch_add(1, Ordering::Relaxed);
             tx.publishes.push(TxPublish {
                 exchange,
                 keys,
@@ -431,6 +437,11 @@ impl Channel {
         };
         if let (Some(c), Some(seq)) = (&mut self.confirms, seq) {
             c.waiting.push_back((seq, outcome.epoch, outcome.rejected));
+            MessageStats::bump(&self.shared.stats.publish_confirm);
+            self.shared
+                .mirror
+                .unconfirmed
+                .store(c.waiting.len() as u64, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -477,6 +488,15 @@ impl Channel {
         let routed = !queues.is_empty();
         queues.clear();
         self.route_buf = queues;
+        let stats = &self.shared.stats;
+        MessageStats::bump(&stats.publish);
+        MessageStats::bump(if routed {
+            &stats.routed
+        } else if mandatory {
+            &stats.return_unroutable
+        } else {
+            &stats.drop_unroutable
+        });
         if !routed && mandatory {
             s.out.send(Outbound::Return {
                 channel: self.id(),
@@ -493,7 +513,16 @@ impl Channel {
     pub fn flush_confirms(&mut self, s: &Session, durable: u64) {
         let channel = self.id();
         if let Some(c) = &mut self.confirms {
+            let before = c.waiting.len();
             c.flush(durable, channel, &s.out);
+            let sent = before - c.waiting.len();
+            if sent > 0 {
+                let m = &self.shared;
+                m.stats.confirm.fetch_add(sent as u64, Ordering::Relaxed);
+                m.mirror
+                    .unconfirmed
+                    .store(c.waiting.len() as u64, Ordering::Relaxed);
+            }
         }
         while let Some(&epoch) = self.commits_waiting.front() {
             if epoch > durable {

@@ -8,6 +8,7 @@
 //! A client that stops reading therefore costs bounded memory.
 
 use super::codec;
+use crate::broker::connections::Traffic;
 use crate::broker::message::Message;
 use crate::broker::queue::Queue;
 use amq_protocol::protocol::AMQPClass;
@@ -250,6 +251,7 @@ pub async fn run_writer<W: AsyncWrite + Unpin>(
     output: Arc<ConnectionOutput>,
     mut rx: mpsc::UnboundedReceiver<Outbound>,
     heartbeat: Arc<AtomicU32>,
+    traffic: Arc<Traffic>,
 ) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut last_write = Instant::now();
@@ -271,6 +273,7 @@ pub async fn run_writer<W: AsyncWrite + Unpin>(
                     if socket.write_all(&buf).await.is_err() {
                         break;
                     }
+                    traffic.sent(buf.len());
                     buf.clear();
                     last_write = now;
                 }
@@ -295,6 +298,7 @@ pub async fn run_writer<W: AsyncWrite + Unpin>(
             if socket.write_all(&buf).await.is_err() {
                 break;
             }
+            traffic.sent(buf.len());
             buf.clear();
             if buf.capacity() > 4 * MAX_BATCH {
                 buf = BytesMut::with_capacity(64 * 1024);

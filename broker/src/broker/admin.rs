@@ -53,6 +53,7 @@ impl Broker {
             self.definitions.clone(),
             self.storage.clone(),
             self.window,
+            self.churn.clone(),
         );
         v.set_meta(VhostMeta {
             description: description.to_owned(),
@@ -72,7 +73,7 @@ impl Broker {
             return Err(AdminError::NotFound(format!("vhost {name} not found")));
         };
         for c in self.connections.in_vhost(name) {
-            c.force_close(&format!("vhost '{name}' is deleted"));
+            c.force_close(&format!("vhost '{name}' is down"));
         }
         v.remove_everything();
         self.users.clear_vhost(name);

@@ -1,13 +1,71 @@
-//! The open client connections, as the management API and vhost deletion see them: who is
-//! connected to what, and a way to close a connection from outside (320 CONNECTION_FORCED).
+//! The open client connections and their channels, as the management API, the metrics and
+//! vhost deletion see them: who is connected to what, what each channel is doing, and a way
+//! to close a connection from outside (320 CONNECTION_FORCED).
 
+use super::stats::{MessageCounts, MessageStats};
 use amq_protocol::types::FieldTable;
 use parking_lot::RwLock;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::watch;
+
+/// Bytes and frames through a connection's socket.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    pub recv_oct: AtomicU64,
+    pub recv_cnt: AtomicU64,
+    pub send_oct: AtomicU64,
+    pub send_cnt: AtomicU64,
+}
+
+impl Traffic {
+    pub fn received(&self, bytes: usize) {
+        self.recv_oct.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.recv_cnt.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn sent(&self, bytes: usize) {
+        self.send_oct.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.send_cnt.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A consumer as the management API lists it.
+#[derive(Debug, Clone)]
+pub struct ConsumerSnapshot {
+    pub queue: String,
+    pub tag: String,
+    pub ack_required: bool,
+    pub exclusive: bool,
+    pub prefetch_count: u32,
+    pub arguments: FieldTable,
+}
+
+/// What a channel is doing, read at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct ChannelSnapshot {
+    pub number: u16,
+    /// `basic.qos` with global=false: the prefetch of new consumers.
+    pub prefetch_count: u32,
+    /// `basic.qos` with global=true.
+    pub global_prefetch_count: u32,
+    pub confirm: bool,
+    pub transactional: bool,
+    pub messages_unacknowledged: u64,
+    pub messages_unconfirmed: u64,
+    pub messages_uncommitted: u64,
+    pub acks_uncommitted: u64,
+    pub consumers: Vec<ConsumerSnapshot>,
+    pub counts: MessageCounts,
+}
+
+/// A channel, seen from outside the connection that runs it.
+pub trait ChannelView: Send + Sync + std::fmt::Debug {
+    fn snapshot(&self) -> ChannelSnapshot;
+    fn stats(&self) -> &MessageStats;
+}
 
 /// One open connection.
 #[derive(Debug)]
@@ -20,33 +78,55 @@ pub struct ConnectionInfo {
     /// Milliseconds since the Unix epoch.
     pub connected_at: u64,
     pub client_properties: FieldTable,
+    pub auth_mechanism: String,
     pub channel_max: u16,
     pub frame_max: u32,
     pub heartbeat: u16,
-    pub channels: AtomicUsize,
-    pub recv_oct: AtomicU64,
-    pub send_oct: AtomicU64,
+    /// The TLS protocol and cipher suite, when the connection is over TLS.
+    pub tls: Option<(String, String)>,
+    pub traffic: Arc<Traffic>,
+    channels: RwLock<BTreeMap<u16, Arc<dyn ChannelView>>>,
     /// Set to a reason to make the connection close itself with 320.
     close: watch::Sender<Option<String>>,
 }
 
+/// What a connection is, known once it is open.
+#[derive(Debug, Clone)]
+pub struct ConnectionDetails {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    pub user: String,
+    pub vhost: String,
+    pub client_properties: FieldTable,
+    pub auth_mechanism: String,
+    pub channel_max: u16,
+    pub frame_max: u32,
+    pub heartbeat: u16,
+    pub tls: Option<(String, String)>,
+}
+
 impl ConnectionInfo {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         id: u64,
-        peer: SocketAddr,
-        local: SocketAddr,
-        user: String,
-        vhost: String,
-        client_properties: FieldTable,
-        channel_max: u16,
-        frame_max: u32,
-        heartbeat: u16,
+        details: ConnectionDetails,
+        traffic: Arc<Traffic>,
     ) -> (Arc<Self>, watch::Receiver<Option<String>>) {
         let (close, closed) = watch::channel(None);
         let connected_at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
+        let ConnectionDetails {
+            peer,
+            local,
+            user,
+            vhost,
+            client_properties,
+            auth_mechanism,
+            channel_max,
+            frame_max,
+            heartbeat,
+            tls,
+        } = details;
         (
             Arc::new(Self {
                 id,
@@ -56,12 +136,13 @@ impl ConnectionInfo {
                 vhost,
                 connected_at,
                 client_properties,
+                auth_mechanism,
                 channel_max,
                 frame_max,
                 heartbeat,
-                channels: AtomicUsize::new(0),
-                recv_oct: AtomicU64::new(0),
-                send_oct: AtomicU64::new(0),
+                tls,
+                traffic,
+                channels: RwLock::new(BTreeMap::new()),
                 close,
             }),
             closed,
@@ -74,7 +155,11 @@ impl ConnectionInfo {
     }
 
     pub fn channel_count(&self) -> usize {
-        self.channels.load(Ordering::Relaxed)
+        self.channels.read().len()
+    }
+
+    pub fn channels(&self) -> Vec<Arc<dyn ChannelView>> {
+        self.channels.read().values().cloned().collect()
     }
 
     /// Asks the connection to close with 320 CONNECTION_FORCED and `reason`.
@@ -83,9 +168,15 @@ impl ConnectionInfo {
     }
 }
 
+/// The registry of open connections, and the node's message counters: those of live channels
+/// plus those of every channel that closed, so the node's totals never go down.
 #[derive(Debug, Default)]
 pub struct Connections {
     open: RwLock<HashMap<u64, Arc<ConnectionInfo>>>,
+    /// Counters of closed channels. A channel's counters move here under the write lock of
+    /// `open`, and totals are read under its read lock: no reading counts them twice or
+    /// misses them.
+    closed: MessageStats,
 }
 
 impl Connections {
@@ -93,8 +184,38 @@ impl Connections {
         self.open.write().insert(info.id, info);
     }
 
+    /// Forgets a connection, keeping its channels' counters in the node's totals.
     pub fn remove(&self, id: u64) {
-        self.open.write().remove(&id);
+        let mut open = self.open.write();
+        if let Some(info) = open.remove(&id) {
+            for ch in std::mem::take(&mut *info.channels.write()).into_values() {
+                self.closed.absorb(&ch.stats().read());
+            }
+        }
+    }
+
+    pub fn add_channel(&self, info: &ConnectionInfo, number: u16, channel: Arc<dyn ChannelView>) {
+        let _open = self.open.read();
+        info.channels.write().insert(number, channel);
+    }
+
+    pub fn remove_channel(&self, info: &ConnectionInfo, number: u16) {
+        let _open = self.open.write();
+        if let Some(ch) = info.channels.write().remove(&number) {
+            self.closed.absorb(&ch.stats().read());
+        }
+    }
+
+    /// The node's message counters since it started.
+    pub fn totals(&self) -> MessageCounts {
+        let open = self.open.read();
+        let mut total = self.closed.read();
+        for c in open.values() {
+            for ch in c.channels.read().values() {
+                total += ch.stats().read();
+            }
+        }
+        total
     }
 
     pub fn list(&self) -> Vec<Arc<ConnectionInfo>> {

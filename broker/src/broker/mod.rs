@@ -8,6 +8,7 @@ pub mod headers;
 pub mod message;
 pub mod queue;
 pub mod ready;
+pub mod stats;
 pub mod topic;
 pub mod vhost;
 
@@ -39,6 +40,10 @@ pub struct Broker {
     pub storage: Arc<Storage>,
     pub alarms: Arc<Alarms>,
     pub connections: connections::Connections,
+    /// Objects created and closed since start.
+    pub churn: Arc<stats::Churn>,
+    /// When the broker started.
+    pub started: std::time::SystemTime,
     /// The in-memory window every queue gets.
     window: Window,
     vhosts: RwLock<HashMap<String, Arc<Vhost>>>,
@@ -145,7 +150,10 @@ impl Broker {
             memory_limit,
             config.disk_free_limit,
         );
+        let churn = Arc::new(stats::Churn::default());
         let broker = Self {
+            churn: churn.clone(),
+            started: std::time::SystemTime::now(),
             config,
             users,
             definitions: store.clone(),
@@ -159,12 +167,12 @@ impl Broker {
         let mut vhosts = broker.vhosts.write();
         vhosts.insert(
             "/".into(),
-            Vhost::new("/", store.clone(), storage.clone(), window),
+            Vhost::new("/", store.clone(), storage.clone(), window, churn.clone()),
         );
         for (name, vdefs) in &defs.vhosts {
-            let v = vhosts
-                .entry(name.clone())
-                .or_insert_with(|| Vhost::new(name, store.clone(), storage.clone(), window));
+            let v = vhosts.entry(name.clone()).or_insert_with(|| {
+                Vhost::new(name, store.clone(), storage.clone(), window, churn.clone())
+            });
             v.restore(vdefs);
         }
         drop(vhosts);

@@ -8,6 +8,7 @@
 
 use super::message::Message;
 use super::ready::{LazyStore, ReadyList, Window, delivered, forget, must_persist};
+use super::stats::MessageStats;
 use crate::store::{Location, RecordKind, Recovered, Storage};
 use amq_protocol::types::{AMQPValue, FieldTable};
 use parking_lot::Mutex;
@@ -193,6 +194,17 @@ pub enum Enqueued {
     Deleted,
 }
 
+/// A queue's lengths, read together.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueLengths {
+    pub ready: u64,
+    pub ready_bytes: u64,
+    /// Ready messages held in memory (the rest are paged out to the store).
+    pub in_memory: u64,
+    pub unacked: u64,
+    pub consumers: u64,
+}
+
 /// The declared attributes of a queue.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueueSpec {
@@ -213,17 +225,7 @@ pub struct Queue {
     state: Mutex<QueueState>,
     deleted: AtomicBool,
     /// Counters for the management API and metrics.
-    pub stats: QueueStats,
-}
-
-/// What a queue has done since it was created.
-#[derive(Debug, Default)]
-pub struct QueueStats {
-    pub published: AtomicU64,
-    /// Deliveries to consumers and `basic.get`s (RabbitMQ's `deliver_get`).
-    pub delivered: AtomicU64,
-    pub redelivered: AtomicU64,
-    pub acked: AtomicU64,
+    pub stats: MessageStats,
 }
 
 impl fmt::Debug for Queue {
@@ -272,7 +274,7 @@ impl Queue {
                 had_consumer: false,
             }),
             deleted: AtomicBool::new(false),
-            stats: QueueStats::default(),
+            stats: MessageStats::default(),
         })
     }
 
@@ -293,6 +295,18 @@ impl Queue {
 
     pub fn is_deleted(&self) -> bool {
         self.deleted.load(Ordering::Acquire)
+    }
+
+    /// Lengths and consumers at one moment, under one lock.
+    pub fn lengths(&self) -> QueueLengths {
+        let st = self.state.lock();
+        QueueLengths {
+            ready: st.ready.len() as u64,
+            ready_bytes: st.ready.bytes(),
+            in_memory: st.ready.in_memory() as u64,
+            unacked: st.unacked,
+            consumers: st.consumers.len() as u64,
+        }
     }
 
     /// Ready messages.
@@ -328,7 +342,7 @@ impl Queue {
         }
         let seq = st.next_seq;
         st.next_seq += 1;
-        self.stats.published.fetch_add(1, Ordering::Relaxed);
+        MessageStats::bump(&self.stats.publish);
         let (location, epoch) = if must_persist(self.spec.durable, &message) {
             let stored = self
                 .store
@@ -357,10 +371,16 @@ impl Queue {
         Enqueued::Accepted { epoch }
     }
 
-    fn count_delivery(&self, redelivered: bool) {
-        self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+    fn count_delivery(&self, redelivered: bool, get: bool, no_ack: bool) {
+        let s = &self.stats;
+        MessageStats::bump(match (get, no_ack) {
+            (false, false) => &s.deliver,
+            (false, true) => &s.deliver_no_ack,
+            (true, false) => &s.get,
+            (true, true) => &s.get_no_ack,
+        });
         if redelivered {
-            self.stats.redelivered.fetch_add(1, Ordering::Relaxed);
+            MessageStats::bump(&s.redeliver);
         }
     }
 
@@ -400,7 +420,7 @@ impl Queue {
             let (seq, location, redelivered) = (msg.seq, msg.location, msg.redelivered);
             match consumer.sink.offer(self, &consumer, msg) {
                 Ok(()) => {
-                    self.count_delivery(redelivered);
+                    self.count_delivery(redelivered, false, consumer.no_ack);
                     if consumer.no_ack {
                         forget(&self.store, seq, location);
                     } else {
@@ -422,8 +442,11 @@ impl Queue {
     /// `basic.get`: the next ready message and how many remain after it.
     pub fn get(&self, no_ack: bool) -> Option<(QueuedMessage, u32)> {
         let mut st = self.state.lock();
-        let msg = st.ready.pop_front(&self.store)?;
-        self.count_delivery(msg.redelivered);
+        let Some(msg) = st.ready.pop_front(&self.store) else {
+            MessageStats::bump(&self.stats.get_empty);
+            return None;
+        };
+        self.count_delivery(msg.redelivered, true, no_ack);
         if no_ack {
             forget(&self.store, msg.seq, msg.location);
         } else {
@@ -437,7 +460,7 @@ impl Queue {
     pub fn settle(self: &Arc<Self>, delivered: &[Delivered], acked: bool) {
         if acked {
             self.stats
-                .acked
+                .ack
                 .fetch_add(delivered.len() as u64, Ordering::Relaxed);
         }
         let mut st = self.state.lock();

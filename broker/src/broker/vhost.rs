@@ -8,6 +8,7 @@ use super::headers::{type_name, value_text, values_equal};
 use super::message::Message;
 use super::queue::{DeleteRefused, Enqueued, Queue, QueueSpec};
 use super::ready::{LazyStore, Window};
+use super::stats::{Churn, MessageStats};
 use crate::error::{
     AmqpError, AmqpResult, access_refused, not_found, precondition_failed, resource_locked,
 };
@@ -88,6 +89,7 @@ pub struct Vhost {
     storage: Arc<Storage>,
     window: Window,
     meta: RwLock<VhostMeta>,
+    churn: Arc<Churn>,
 }
 
 /// What a vhost is besides its topology: description, tags and limits.
@@ -191,8 +193,10 @@ impl Vhost {
         store: Arc<DefinitionStore>,
         storage: Arc<Storage>,
         window: Window,
+        churn: Arc<Churn>,
     ) -> Arc<Self> {
         let vhost = Self {
+            churn,
             name: name.into(),
             exchanges: RwLock::new(FastMap::default()),
             queues: RwLock::new(FastMap::default()),
@@ -497,6 +501,7 @@ impl Vhost {
         connection: u64,
     ) -> AmqpResult<(Arc<Queue>, bool)> {
         let _t = self.topology.lock();
+        MessageStats::bump(&self.churn.queue_declared);
         let owner = spec.exclusive.then_some(connection);
         if let Some(q) = self.queue(&spec.name) {
             if q.owner != owner {
@@ -555,6 +560,7 @@ impl Vhost {
         };
         let q = Queue::new(spec, self.name.clone(), owner, store, self.window);
         self.queues.write().insert(q.name().to_owned(), q.clone());
+        MessageStats::bump(&self.churn.queue_created);
         Ok((q, true))
     }
 
@@ -599,6 +605,7 @@ impl Vhost {
             let mut queues = self.queues.write();
             if queues.get(q.name()).is_some_and(|cur| Arc::ptr_eq(cur, q)) {
                 queues.remove(q.name());
+                MessageStats::bump(&self.churn.queue_deleted);
             }
         }
         let dest = Destination::Queue(q.clone());
@@ -738,6 +745,9 @@ impl Vhost {
     pub fn remove_everything(&self) {
         let _t = self.topology.lock();
         let queues: Vec<_> = self.queues.write().drain().map(|(_, q)| q).collect();
+        self.churn
+            .queue_deleted
+            .fetch_add(queues.len() as u64, std::sync::atomic::Ordering::Relaxed);
         for q in queues {
             let _ = q.delete(false, false);
         }

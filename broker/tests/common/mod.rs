@@ -3,6 +3,7 @@
 //! same tests against another broker (for instance RabbitMQ, to check what it does).
 #![allow(dead_code)]
 
+pub mod http;
 pub mod raw;
 
 use futures::{Stream, StreamExt};
@@ -46,6 +47,8 @@ impl TestBroker {
         let mut config = Config {
             data_dir: data.path().to_path_buf(),
             amqp_listen: "127.0.0.1:0".parse().unwrap(),
+            management_listen: "127.0.0.1:0".parse().unwrap(),
+            prometheus_listen: "127.0.0.1:0".parse().unwrap(),
             ..Config::default()
         };
         tune(&mut config);
@@ -60,6 +63,11 @@ impl TestBroker {
             config: Some(config),
             _data: Some(data),
         }
+    }
+
+    /// The running broker's listeners (in-process brokers only).
+    pub fn running(&self) -> &RunningBroker {
+        self.running.as_ref().expect("an in-process broker")
     }
 
     /// The in-process broker (tests that look inside it skip external brokers).

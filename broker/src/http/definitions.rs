@@ -1,0 +1,620 @@
+//! `/api/definitions`: export and import in RabbitMQ's format, so definitions move between
+//! RabbitMQ and Warren. An import is checked whole before anything is applied: what Warren
+//! cannot honour (policies, topic permissions, other hashing algorithms, quorum queues) is
+//! refused with a reason instead of being dropped.
+
+use super::AppState;
+use super::auth::Caller;
+use super::body::{Fields, split_tags};
+use super::error::{ApiError, ApiResult, no_content, ok};
+use super::json::table_to_json;
+use super::overview::RABBITMQ_VERSION;
+use super::topology::exchange_name;
+use super::users::{SHA256, check_hash, user_object};
+use super::vhosts::admin_error;
+use crate::broker::admin::Password;
+use crate::broker::exchange::{ExchangeKind, ExchangeSpec};
+use crate::broker::queue::QueueSpec;
+use crate::broker::vhost::{DestinationKind, Vhost};
+use amq_protocol::types::FieldTable;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::response::Response;
+use serde_json::{Map, Value, json};
+use std::collections::{BTreeMap, BTreeSet};
+
+fn header() -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("rabbit_version".into(), json!(RABBITMQ_VERSION));
+    m.insert("rabbitmq_version".into(), json!(RABBITMQ_VERSION));
+    m.insert("product_name".into(), json!("Warren"));
+    m.insert("product_version".into(), json!(env!("CARGO_PKG_VERSION")));
+    m
+}
+
+/// A vhost's exchanges, queues and bindings as definitions; `with_vhost` adds the `vhost`
+/// key to each (the whole-node export has it, a vhost's export does not).
+fn topology(v: &Vhost, with_vhost: bool) -> (Vec<Value>, Vec<Value>, Vec<Value>) {
+    let tag = |mut o: Value| {
+        if with_vhost {
+            o["vhost"] = json!(v.name.as_ref());
+        }
+        o
+    };
+    let mut queues = v.queues();
+    queues.sort_by(|a, b| a.name().cmp(b.name()));
+    let qs = queues
+        .iter()
+        .filter(|q| q.owner.is_none())
+        .map(|q| {
+            tag(json!({
+                "name": q.name(),
+                "durable": q.spec.durable,
+                "auto_delete": q.spec.auto_delete,
+                "arguments": table_to_json(&q.spec.arguments),
+            }))
+        })
+        .collect();
+    let mut exchanges = v.exchanges();
+    exchanges.sort_by(|a, b| a.name().cmp(b.name()));
+    let xs = exchanges
+        .iter()
+        .filter(|x| !x.name().is_empty() && !x.name().starts_with("amq."))
+        .map(|x| {
+            tag(json!({
+                "name": x.name(),
+                "type": x.spec.kind.as_str(),
+                "durable": x.spec.durable,
+                "auto_delete": x.spec.auto_delete,
+                "internal": x.spec.internal,
+                "arguments": table_to_json(&x.spec.arguments),
+            }))
+        })
+        .collect();
+    let mut bs = Vec::new();
+    for x in &exchanges {
+        if x.name().is_empty() {
+            continue;
+        }
+        for b in x.bindings() {
+            // Bindings to an exclusive queue go with it.
+            if let crate::broker::exchange::Destination::Queue(q) = &b.destination
+                && q.owner.is_some()
+            {
+                continue;
+            }
+            bs.push(tag(json!({
+                "source": x.name(),
+                "destination": b.destination.name(),
+                "destination_type": if b.destination.is_queue() { "queue" } else { "exchange" },
+                "routing_key": b.routing_key,
+                "arguments": table_to_json(&b.arguments),
+            })));
+        }
+    }
+    (qs, xs, bs)
+}
+
+fn limits_parameter(v: &Vhost) -> Option<Value> {
+    let limits = v.meta().limits;
+    (!limits.is_empty()).then(|| {
+        json!({"value": limits, "vhost": v.name.as_ref(), "component": "vhost-limits", "name": "limits"})
+    })
+}
+
+pub async fn export(State(state): State<AppState>, caller: Caller) -> ApiResult<Response> {
+    caller.require_admin()?;
+    let b = &state.broker;
+    let mut vhosts = b.vhosts();
+    vhosts.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut out = header();
+    out.insert(
+        "users".into(),
+        Value::Array(b.users.list().iter().map(user_object).collect()),
+    );
+    out.insert(
+        "vhosts".into(),
+        Value::Array(
+            vhosts
+                .iter()
+                .map(|v| {
+                    let meta = v.meta();
+                    json!({
+                        "name": v.name.as_ref(),
+                        "description": meta.description,
+                        "tags": meta.tags,
+                        "metadata": {"description": meta.description, "tags": meta.tags},
+                    })
+                })
+                .collect(),
+        ),
+    );
+    out.insert(
+        "permissions".into(),
+        Value::Array(
+            b.users
+                .permissions()
+                .iter()
+                .map(|(u, v, p)| {
+                    json!({"user": u, "vhost": v, "configure": p.configure.as_str(), "write": p.write.as_str(), "read": p.read.as_str()})
+                })
+                .collect(),
+        ),
+    );
+    out.insert("topic_permissions".into(), json!([]));
+    out.insert(
+        "parameters".into(),
+        Value::Array(vhosts.iter().filter_map(|v| limits_parameter(v)).collect()),
+    );
+    out.insert("global_parameters".into(), json!([]));
+    out.insert("policies".into(), json!([]));
+    let (mut qs, mut xs, mut bs) = (Vec::new(), Vec::new(), Vec::new());
+    for v in &vhosts {
+        let (q, x, bi) = topology(v, true);
+        qs.extend(q);
+        xs.extend(x);
+        bs.extend(bi);
+    }
+    out.insert("queues".into(), Value::Array(qs));
+    out.insert("exchanges".into(), Value::Array(xs));
+    out.insert("bindings".into(), Value::Array(bs));
+    Ok(ok(Value::Object(out)))
+}
+
+pub async fn export_vhost(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(vhost): Path<String>,
+) -> ApiResult<Response> {
+    caller.require_admin()?;
+    let Some(v) = state.broker.vhost(&vhost) else {
+        return Err(ApiError::bad_request("vhost_not_found"));
+    };
+    let mut out = header();
+    let (qs, xs, bs) = topology(&v, false);
+    let mut parameters = Vec::new();
+    if let Some(mut p) = limits_parameter(&v) {
+        if let Some(o) = p.as_object_mut() {
+            o.remove("vhost");
+        }
+        parameters.push(p);
+    }
+    out.insert("parameters".into(), Value::Array(parameters));
+    out.insert("policies".into(), json!([]));
+    out.insert("queues".into(), Value::Array(qs));
+    out.insert("exchanges".into(), Value::Array(xs));
+    out.insert("bindings".into(), Value::Array(bs));
+    Ok(ok(Value::Object(out)))
+}
+
+// ------------------------------------------------------------------------------------- import
+
+#[derive(Debug, Default)]
+struct Plan {
+    vhosts: Vec<(String, String, Vec<String>)>,
+    users: Vec<(String, Password, Vec<String>)>,
+    permissions: Vec<(String, String, String, String, String)>,
+    limits: Vec<(String, BTreeMap<String, i64>)>,
+    exchanges: Vec<(String, ExchangeSpec)>,
+    queues: Vec<(String, QueueSpec)>,
+    bindings: Vec<(String, String, String, DestinationKind, String, FieldTable)>,
+}
+
+fn items<'a>(top: &'a Fields, key: &str) -> ApiResult<&'a [Value]> {
+    match top.raw(key) {
+        None | Some(Value::Null) => Ok(&[]),
+        Some(Value::Array(a)) => Ok(a),
+        Some(_) => Err(ApiError::bad_request(format!("'{key}' must be a list"))),
+    }
+}
+
+fn item(v: &Value, what: &str, allowed: &[&str]) -> ApiResult<Fields> {
+    Fields::from_value(v.clone(), allowed).map_err(|e| match e {
+        ApiError::Json { reason, .. } => ApiError::bad_request(format!(
+            "in {what}: {}",
+            reason
+                .as_str()
+                .map_or_else(|| reason.to_string(), str::to_owned)
+        )),
+        other => other,
+    })
+}
+
+fn required_string(f: &Fields, what: &str, key: &str) -> ApiResult<String> {
+    f.stringish(key)?
+        .ok_or_else(|| ApiError::bad_request(format!("{what} has no '{key}'")))
+}
+
+/// Reads and checks a definitions document; `vhost` is the vhost of a vhost-level import.
+fn plan(state: &AppState, body: &[u8], vhost: Option<&str>) -> ApiResult<Plan> {
+    let value = serde_json::from_slice::<Value>(body)
+        .map_err(|_| ApiError::bad_request("failed_to_parse_json"))?;
+    if !value.is_object() {
+        return Err(ApiError::bad_request("failed_to_parse_json"));
+    }
+    let top = Fields::from_value(
+        value,
+        &[
+            "rabbit_version",
+            "rabbitmq_version",
+            "product_name",
+            "product_version",
+            "users",
+            "vhosts",
+            "permissions",
+            "topic_permissions",
+            "parameters",
+            "global_parameters",
+            "policies",
+            "queues",
+            "exchanges",
+            "bindings",
+        ],
+    )?;
+    let mut plan = Plan::default();
+    if !items(&top, "policies")?.is_empty() {
+        return Err(ApiError::bad_request(
+            "policies are not supported by Warren; remove them from the definitions to import the rest",
+        ));
+    }
+    if !items(&top, "topic_permissions")?.is_empty() {
+        return Err(ApiError::bad_request(
+            "topic permissions are not supported by Warren",
+        ));
+    }
+    let mut known_vhosts: BTreeSet<String> = state
+        .broker
+        .vhosts()
+        .iter()
+        .map(|v| v.name.to_string())
+        .collect();
+    let mut known_users: BTreeSet<String> = state
+        .broker
+        .users
+        .list()
+        .into_iter()
+        .map(|u| u.name)
+        .collect();
+    if vhost.is_none() {
+        for v in items(&top, "vhosts")? {
+            let f = item(
+                v,
+                "a vhost",
+                &[
+                    "name",
+                    "description",
+                    "tags",
+                    "metadata",
+                    "default_queue_type",
+                    "limits",
+                ],
+            )?;
+            let name = required_string(&f, "a vhost", "name")?;
+            let meta = match f.raw("metadata") {
+                Some(Value::Object(m)) => m.clone(),
+                _ => Map::new(),
+            };
+            let description = f
+                .string("description")?
+                .or_else(|| {
+                    meta.get("description")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned)
+                })
+                .unwrap_or_default();
+            let tags = match f.tags("tags")? {
+                Some(t) => t,
+                None => match meta.get("tags") {
+                    Some(Value::Array(a)) => a
+                        .iter()
+                        .filter_map(|t| t.as_str().map(str::to_owned))
+                        .collect(),
+                    Some(Value::String(s)) => split_tags(s),
+                    _ => Vec::new(),
+                },
+            };
+            known_vhosts.insert(name.clone());
+            plan.vhosts.push((name, description, tags));
+        }
+        for u in items(&top, "users")? {
+            let f = item(
+                u,
+                "a user",
+                &[
+                    "name",
+                    "password_hash",
+                    "password",
+                    "hashing_algorithm",
+                    "tags",
+                    "limits",
+                ],
+            )?;
+            let name = required_string(&f, "a user", "name")?;
+            let Some(tags) = f.tags("tags")? else {
+                return Err(ApiError::bad_request("tags_not_present"));
+            };
+            let password = match (f.string("password")?, f.string("password_hash")?) {
+                (Some(p), None) => Password::Clear(p),
+                (None, Some(h)) => {
+                    check_hash(
+                        &h,
+                        Some(f.string("hashing_algorithm")?.as_deref().unwrap_or(SHA256)),
+                    )?;
+                    Password::Hash(h)
+                }
+                (None, None) => Password::Hash(String::new()),
+                (Some(_), Some(_)) => {
+                    return Err(ApiError::bad_request(
+                        "both_password_and_password_hash_are_provided",
+                    ));
+                }
+            };
+            if !matches!(f.raw("limits"), None | Some(Value::Null))
+                && !matches!(f.raw("limits"), Some(Value::Object(o)) if o.is_empty())
+            {
+                return Err(ApiError::bad_request(format!(
+                    "user limits (of '{name}') are not supported by Warren"
+                )));
+            }
+            known_users.insert(name.clone());
+            plan.users.push((name, password, tags));
+        }
+        for p in items(&top, "permissions")? {
+            let f = item(
+                p,
+                "a permission",
+                &["user", "vhost", "configure", "write", "read"],
+            )?;
+            let user = required_string(&f, "a permission", "user")?;
+            let v = required_string(&f, "a permission", "vhost")?;
+            let [c, w, r] = ["configure", "write", "read"].map(|k| f.string(k));
+            let (c, w, r) = (
+                c?.unwrap_or_default(),
+                w?.unwrap_or_default(),
+                r?.unwrap_or_default(),
+            );
+            if !known_vhosts.contains(&v) {
+                return Err(ApiError::bad_request(json!(["no_such_vhost", v])));
+            }
+            if !known_users.contains(&user) {
+                return Err(ApiError::bad_request(json!(["no_such_user", user])));
+            }
+            if let Err(why) = crate::auth::Permission::new(&c, &w, &r) {
+                return Err(ApiError::bad_request(json!(["invalid_regexp", why])));
+            }
+            plan.permissions.push((user, v, c, w, r));
+        }
+    }
+    let vhost_of = |f: &Fields, what: &str| -> ApiResult<String> {
+        let v = match vhost {
+            Some(v) => v.to_owned(),
+            None => required_string(f, what, "vhost")?,
+        };
+        if known_vhosts.contains(&v) {
+            Ok(v)
+        } else {
+            Err(ApiError::bad_request(json!(["no_such_vhost", v])))
+        }
+    };
+    for p in items(&top, "parameters")? {
+        let f = item(p, "a parameter", &["value", "vhost", "component", "name"])?;
+        let component = required_string(&f, "a parameter", "component")?;
+        if component != "vhost-limits" {
+            return Err(ApiError::bad_request(format!(
+                "runtime parameters of component '{component}' are not supported by Warren"
+            )));
+        }
+        let v = vhost_of(&f, "a parameter")?;
+        let mut limits = BTreeMap::new();
+        if let Some(Value::Object(values)) = f.raw("value") {
+            for (k, n) in values {
+                let Some(n) = n.as_i64() else {
+                    return Err(ApiError::bad_request(format!(
+                        "limit {k} of vhost '{v}' must be an integer"
+                    )));
+                };
+                if !matches!(k.as_str(), "max-connections" | "max-queues") {
+                    return Err(ApiError::bad_request(format!(
+                        "unknown limit '{k}' for vhost '{v}'"
+                    )));
+                }
+                limits.insert(k.clone(), n);
+            }
+        }
+        plan.limits.push((v, limits));
+    }
+    for x in items(&top, "exchanges")? {
+        let f = item(
+            x,
+            "an exchange",
+            &[
+                "name",
+                "vhost",
+                "type",
+                "durable",
+                "auto_delete",
+                "internal",
+                "arguments",
+            ],
+        )?;
+        let what = "an exchange";
+        f.require(&[
+            "name",
+            "type",
+            "durable",
+            "auto_delete",
+            "internal",
+            "arguments",
+        ])
+        .map_err(|_| {
+            ApiError::bad_request(format!(
+                "{what} needs name, type, durable, auto_delete, internal and arguments"
+            ))
+        })?;
+        let v = vhost_of(&f, what)?;
+        let kind_name = required_string(&f, what, "type")?;
+        let kind = ExchangeKind::parse(&kind_name)
+            .ok_or_else(|| ApiError::bad_request(format!("invalid exchange type '{kind_name}'")))?;
+        plan.exchanges.push((
+            v,
+            ExchangeSpec {
+                name: required_string(&f, what, "name")?,
+                kind,
+                durable: f.boolean("durable")?.unwrap_or(false),
+                auto_delete: f.boolean("auto_delete")?.unwrap_or(false),
+                internal: f.boolean("internal")?.unwrap_or(false),
+                arguments: f.table("arguments")?,
+            },
+        ));
+    }
+    for q in items(&top, "queues")? {
+        let what = "a queue";
+        let f = item(
+            q,
+            what,
+            &[
+                "name",
+                "vhost",
+                "durable",
+                "auto_delete",
+                "arguments",
+                "type",
+            ],
+        )?;
+        f.require(&["name", "durable", "auto_delete", "arguments"])
+            .map_err(|_| {
+                ApiError::bad_request(format!(
+                    "{what} needs name, durable, auto_delete and arguments"
+                ))
+            })?;
+        let v = vhost_of(&f, what)?;
+        let name = required_string(&f, what, "name")?;
+        if let Some(t) = f.string("type")?
+            && t != "classic"
+        {
+            return Err(ApiError::bad_request(format!(
+                "queue '{name}' is of type '{t}'; Warren's queues are classic"
+            )));
+        }
+        plan.queues.push((
+            v,
+            QueueSpec {
+                name,
+                durable: f.boolean("durable")?.unwrap_or(false),
+                exclusive: false,
+                auto_delete: f.boolean("auto_delete")?.unwrap_or(false),
+                arguments: f.table("arguments")?,
+            },
+        ));
+    }
+    for b in items(&top, "bindings")? {
+        let what = "a binding";
+        let f = item(
+            b,
+            what,
+            &[
+                "source",
+                "vhost",
+                "destination",
+                "destination_type",
+                "routing_key",
+                "arguments",
+            ],
+        )?;
+        let v = vhost_of(&f, what)?;
+        let kind = match required_string(&f, what, "destination_type")?.as_str() {
+            "queue" => DestinationKind::Queue,
+            "exchange" => DestinationKind::Exchange,
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "invalid destination_type '{other}'"
+                )));
+            }
+        };
+        plan.bindings.push((
+            v,
+            exchange_name(&required_string(&f, what, "source")?).to_owned(),
+            required_string(&f, what, "destination")?,
+            kind,
+            f.stringish("routing_key")?.unwrap_or_default(),
+            f.table("arguments")?,
+        ));
+    }
+    Ok(plan)
+}
+
+fn apply(state: &AppState, caller: &Caller, plan: Plan) -> ApiResult<()> {
+    let b = &state.broker;
+    for (name, description, tags) in plan.vhosts {
+        if b.put_vhost(&name, &description, tags)
+            .map_err(admin_error)?
+        {
+            b.set_permission(caller.name(), &name, ".*", ".*", ".*")
+                .map_err(admin_error)?;
+        }
+    }
+    for (name, password, tags) in plan.users {
+        b.put_user(&name, password, tags).map_err(admin_error)?;
+    }
+    for (user, vhost, c, w, r) in plan.permissions {
+        b.set_permission(&user, &vhost, &c, &w, &r)
+            .map_err(admin_error)?;
+    }
+    for (vhost, limits) in plan.limits {
+        for (k, n) in limits {
+            b.set_vhost_limit(&vhost, &k, Some(n))
+                .map_err(admin_error)?;
+        }
+    }
+    // As RabbitMQ: an object that exists already with other attributes is left as it is.
+    for (vhost, spec) in plan.exchanges {
+        if let Some(v) = b.vhost(&vhost) {
+            let name = spec.name.clone();
+            if let Err(e) = v.declare_exchange(spec) {
+                tracing::warn!(%vhost, exchange = %name, error = %e, "definitions import: exchange left as it is");
+            }
+        }
+    }
+    for (vhost, spec) in plan.queues {
+        if let Some(v) = b.vhost(&vhost) {
+            let name = spec.name.clone();
+            if let Err(e) = v.declare_queue(spec, 0) {
+                tracing::warn!(%vhost, queue = %name, error = %e, "definitions import: queue left as it is");
+            }
+        }
+    }
+    for (vhost, source, destination, kind, key, args) in plan.bindings {
+        if let Some(v) = b.vhost(&vhost)
+            && let Err(e) = v.bind(&source, &destination, kind, &key, &args, 0)
+        {
+            tracing::warn!(%vhost, %source, %destination, error = %e, "definitions import: binding skipped");
+        }
+    }
+    Ok(())
+}
+
+pub async fn import(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: Bytes,
+) -> ApiResult<Response> {
+    caller.require_admin()?;
+    let plan = plan(&state, &body, None)?;
+    apply(&state, &caller, plan)?;
+    Ok(no_content())
+}
+
+pub async fn import_vhost(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(vhost): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    caller.require_admin()?;
+    if state.broker.vhost(&vhost).is_none() {
+        return Err(ApiError::vhost_not_found());
+    }
+    let plan = plan(&state, &body, Some(&vhost))?;
+    apply(&state, &caller, plan)?;
+    Ok(no_content())
+}

@@ -1,0 +1,151 @@
+//! `/api/health/checks/*` and `/api/aliveness-test/{vhost}`: 200 `{"status":"ok"}` or 503
+//! `{"status":"failed", ...}`, for load balancers and probes.
+
+use super::AppState;
+use super::auth::Caller;
+use super::error::{ApiError, ApiResult, json_response, ok};
+use crate::auth::Access;
+use crate::broker::message::{Message, ShortStr};
+use crate::broker::queue::{Delivered, QueueSpec};
+use amq_protocol::types::FieldTable;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use bytes::Bytes;
+use serde_json::{Value, json};
+use std::sync::Arc;
+
+fn failed(body: Value) -> Response {
+    json_response(StatusCode::SERVICE_UNAVAILABLE, &body)
+}
+
+fn alarm_check(state: &AppState, scope: &str) -> Response {
+    let a = state.broker.alarms.state();
+    let node = &state.broker.config.node_name;
+    let mut alarms = Vec::new();
+    if a.memory {
+        alarms.push(json!({"node": node, "resource": "memory"}));
+    }
+    if a.disk {
+        alarms.push(json!({"node": node, "resource": "disk space"}));
+    }
+    if alarms.is_empty() {
+        ok(json!({"status": "ok"}))
+    } else {
+        failed(json!({
+            "alarms": alarms,
+            "reason": format!("There are alarms in effect {scope}"),
+            "status": "failed",
+        }))
+    }
+}
+
+pub async fn alarms(State(state): State<AppState>, _caller: Caller) -> Response {
+    alarm_check(&state, "in the cluster")
+}
+
+pub async fn local_alarms(State(state): State<AppState>, _caller: Caller) -> Response {
+    alarm_check(&state, "on the node")
+}
+
+/// Every vhost of a Warren node runs while the node does.
+pub async fn virtual_hosts(_state: State<AppState>, _caller: Caller) -> Response {
+    ok(json!({"status": "ok"}))
+}
+
+pub async fn single_node(_state: State<AppState>, _caller: Caller) -> Response {
+    ok(json!({"status": "ok", "reason": "single node cluster"}))
+}
+
+pub async fn port_listener(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Path(port): Path<String>,
+) -> ApiResult<Response> {
+    let port: u16 = port
+        .parse()
+        .map_err(|_| ApiError::bad_request("Invalid port"))?;
+    let ports: Vec<u16> = state.listeners.iter().map(|l| l.addr.port()).collect();
+    if ports.contains(&port) {
+        Ok(ok(json!({"status": "ok", "port": port})))
+    } else {
+        Ok(failed(json!({
+            "status": "failed",
+            "reason": "No active listener",
+            "missing": port,
+            "ports": ports,
+        })))
+    }
+}
+
+pub async fn protocol_listener(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Path(protocol): Path<String>,
+) -> Response {
+    let wanted = match protocol.as_str() {
+        "amqp091" | "amqp0.9.1" | "amqp0-9-1" => "amqp",
+        other => other,
+    };
+    let protocols: Vec<&str> = state.listeners.iter().map(|l| l.protocol).collect();
+    if protocols.contains(&wanted) {
+        ok(json!({"status": "ok", "protocol": protocol}))
+    } else {
+        failed(json!({
+            "status": "failed",
+            "reason": "No active listener",
+            "missing": protocol,
+            "protocols": protocols,
+        }))
+    }
+}
+
+/// RabbitMQ's aliveness test: declares the queue `aliveness-test` in the vhost, publishes a
+/// message to it and gets it back.
+pub async fn aliveness(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(vhost): Path<String>,
+) -> ApiResult<Response> {
+    let v = state.broker.vhost(&vhost).ok_or_else(ApiError::not_found)?;
+    const QUEUE: &str = "aliveness-test";
+    for access in [Access::Configure, Access::Write, Access::Read] {
+        super::topology::check(&state, &caller, &vhost, "queue", QUEUE, access)?;
+    }
+    let (q, _) = v
+        .declare_queue(
+            QueueSpec {
+                name: QUEUE.into(),
+                durable: false,
+                exclusive: false,
+                auto_delete: false,
+                arguments: FieldTable::default(),
+            },
+            0,
+        )
+        .map_err(|e| ApiError::internal(e.text))?;
+    let message = Arc::new(Message {
+        exchange: ShortStr::from_bytes(Bytes::new()),
+        routing_key: ShortStr::from_bytes(Bytes::from_static(QUEUE.as_bytes())),
+        properties: Bytes::from_static(&[0, 0]),
+        body: Bytes::from_static(b"test_message"),
+        persistent: false,
+    });
+    v.enqueue(std::slice::from_ref(&q), &message);
+    match q.get(false) {
+        Some((msg, _)) if msg.message.body == message.body => {
+            q.settle(
+                &[Delivered {
+                    queue: q.clone(),
+                    consumer: None,
+                    msg,
+                }],
+                true,
+            );
+            Ok(ok(json!({"status": "ok"})))
+        }
+        _ => Ok(failed(
+            json!({"status": "failed", "reason": "the test message did not come back"}),
+        )),
+    }
+}

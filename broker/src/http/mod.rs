@@ -1,0 +1,213 @@
+//! The management HTTP API (RabbitMQ's paths, fields and status codes, Basic auth, JSON) and
+//! the Prometheus endpoint, both served with axum. Handlers read the broker's state directly
+//! and change it through the same operations AMQP uses, so both see one set of rules.
+
+pub mod auth;
+mod body;
+mod definitions;
+mod error;
+mod health;
+mod json;
+mod list;
+mod messages;
+pub mod metrics;
+mod overview;
+mod peers;
+pub mod sampler;
+pub mod tls;
+mod topology;
+mod users;
+mod vhosts;
+
+use crate::broker::Broker;
+use auth::PeerAddr;
+use axum::Router;
+use axum::extract::connect_info::Connected;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post, put};
+use error::ApiError;
+use sampler::Sampler;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// A listener the node serves on, as `/api/overview` lists it.
+#[derive(Debug, Clone)]
+pub struct ListenerInfo {
+    pub protocol: &'static str,
+    pub addr: SocketAddr,
+}
+
+/// What every handler gets.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub broker: Arc<Broker>,
+    pub sampler: Arc<Sampler>,
+    pub listeners: Arc<Vec<ListenerInfo>>,
+}
+
+impl Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>> for PeerAddr {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        PeerAddr(*stream.remote_addr())
+    }
+}
+
+impl Connected<axum::serve::IncomingStream<'_, tls::TlsListener>> for PeerAddr {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tls::TlsListener>) -> Self {
+        PeerAddr(*stream.remote_addr())
+    }
+}
+
+async fn not_found() -> Response {
+    ApiError::not_found().into_response()
+}
+
+/// The management API's routes.
+pub fn management_router(state: AppState) -> Router {
+    Router::new()
+        .route("/api/overview", get(overview::overview))
+        .route("/api/cluster-name", get(overview::cluster_name))
+        .route("/api/whoami", get(overview::whoami))
+        .route("/api/extensions", get(overview::extensions))
+        .route("/api/nodes", get(overview::nodes))
+        .route("/api/nodes/{node}", get(overview::node))
+        .route("/api/vhosts", get(vhosts::list))
+        .route(
+            "/api/vhosts/{vhost}",
+            get(vhosts::show).put(vhosts::put).delete(vhosts::delete),
+        )
+        .route(
+            "/api/vhosts/{vhost}/permissions",
+            get(users::vhost_permissions),
+        )
+        .route(
+            "/api/vhosts/{vhost}/connections",
+            get(peers::vhost_connections),
+        )
+        .route("/api/vhosts/{vhost}/channels", get(peers::vhost_channels))
+        .route("/api/vhost-limits", get(vhosts::limits_all))
+        .route("/api/vhost-limits/{vhost}", get(vhosts::limits_of))
+        .route(
+            "/api/vhost-limits/{vhost}/{name}",
+            put(vhosts::put_limit).delete(vhosts::delete_limit),
+        )
+        .route("/api/users", get(users::list))
+        .route(
+            "/api/users/without-permissions",
+            get(users::without_permissions),
+        )
+        .route("/api/users/bulk-delete", post(users::bulk_delete))
+        .route(
+            "/api/users/{user}",
+            get(users::show).put(users::put).delete(users::delete),
+        )
+        .route(
+            "/api/users/{user}/permissions",
+            get(users::user_permissions),
+        )
+        .route("/api/permissions", get(users::permissions))
+        .route(
+            "/api/permissions/{vhost}/{user}",
+            get(users::show_permission)
+                .put(users::put_permission)
+                .delete(users::delete_permission),
+        )
+        .route("/api/exchanges", get(topology::exchanges))
+        .route("/api/exchanges/{vhost}", get(topology::exchanges_in))
+        .route(
+            "/api/exchanges/{vhost}/{name}",
+            get(topology::show_exchange)
+                .put(topology::put_exchange)
+                .delete(topology::delete_exchange),
+        )
+        .route(
+            "/api/exchanges/{vhost}/{name}/bindings/source",
+            get(topology::exchange_bindings_source),
+        )
+        .route(
+            "/api/exchanges/{vhost}/{name}/bindings/destination",
+            get(topology::exchange_bindings_destination),
+        )
+        .route(
+            "/api/exchanges/{vhost}/{name}/publish",
+            post(messages::publish),
+        )
+        .route("/api/queues", get(topology::queues))
+        .route("/api/queues/{vhost}", get(topology::queues_in))
+        .route(
+            "/api/queues/{vhost}/{name}",
+            get(topology::show_queue)
+                .put(topology::put_queue)
+                .delete(topology::delete_queue),
+        )
+        .route(
+            "/api/queues/{vhost}/{name}/bindings",
+            get(topology::queue_bindings),
+        )
+        .route(
+            "/api/queues/{vhost}/{name}/contents",
+            delete(topology::purge_queue),
+        )
+        .route("/api/queues/{vhost}/{name}/get", post(messages::get))
+        .route("/api/bindings", get(topology::bindings))
+        .route("/api/bindings/{vhost}", get(topology::bindings_in))
+        .route(
+            "/api/bindings/{vhost}/e/{source}/{kind}/{destination}",
+            get(topology::bindings_between).post(topology::bind),
+        )
+        .route(
+            "/api/bindings/{vhost}/e/{source}/{kind}/{destination}/{props}",
+            get(topology::show_binding).delete(topology::unbind),
+        )
+        .route("/api/connections", get(peers::connections))
+        .route(
+            "/api/connections/{name}",
+            get(peers::show_connection).delete(peers::close_connection),
+        )
+        .route(
+            "/api/connections/{name}/channels",
+            get(peers::connection_channels),
+        )
+        .route("/api/channels", get(peers::channels))
+        .route("/api/channels/{name}", get(peers::show_channel))
+        .route("/api/consumers", get(peers::consumers))
+        .route("/api/consumers/{vhost}", get(peers::consumers_in))
+        .route(
+            "/api/definitions",
+            get(definitions::export).post(definitions::import),
+        )
+        .route(
+            "/api/definitions/{vhost}",
+            get(definitions::export_vhost).post(definitions::import_vhost),
+        )
+        .route("/api/policies", get(overview::empty_list))
+        .route("/api/policies/{vhost}", get(overview::empty_list))
+        .route("/api/operator-policies", get(overview::empty_list))
+        .route("/api/parameters", get(overview::empty_list))
+        .route("/api/global-parameters", get(overview::empty_list))
+        .route("/api/topic-permissions", get(overview::empty_list))
+        .route("/api/health/checks/alarms", get(health::alarms))
+        .route("/api/health/checks/local-alarms", get(health::local_alarms))
+        .route(
+            "/api/health/checks/virtual-hosts",
+            get(health::virtual_hosts),
+        )
+        .route(
+            "/api/health/checks/port-listener/{port}",
+            get(health::port_listener),
+        )
+        .route(
+            "/api/health/checks/protocol-listener/{protocol}",
+            get(health::protocol_listener),
+        )
+        .route(
+            "/api/health/checks/node-is-quorum-critical",
+            get(health::single_node),
+        )
+        .route(
+            "/api/health/checks/node-is-mirror-sync-critical",
+            get(health::single_node),
+        )
+        .route("/api/aliveness-test/{vhost}", get(health::aliveness))
+        .fallback(not_found)
+        .with_state(state)
+}

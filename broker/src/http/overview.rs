@@ -1,0 +1,204 @@
+//! `/api/overview`, `/api/whoami`, `/api/nodes`: the node as a whole.
+
+use super::AppState;
+use super::auth::Caller;
+use super::error::{ApiError, ApiResult, ok};
+use super::list::{Query, columns};
+use super::sampler::{Key, LENGTHS, NODE_STATS, node_reading};
+use axum::extract::{Path, Query as QueryParams, State};
+use axum::response::Response;
+use serde_json::{Map, Value, json};
+
+/// The RabbitMQ release whose management API Warren answers as.
+pub const RABBITMQ_VERSION: &str = "3.10.8";
+
+pub fn exchange_types() -> Value {
+    json!([
+        {"name": "direct", "description": "AMQP direct exchange, as per the AMQP specification", "enabled": true},
+        {"name": "fanout", "description": "AMQP fanout exchange, as per the AMQP specification", "enabled": true},
+        {"name": "headers", "description": "AMQP headers exchange, as per the AMQP specification", "enabled": true},
+        {"name": "topic", "description": "AMQP topic exchange, as per the AMQP specification", "enabled": true},
+    ])
+}
+
+fn listeners(state: &AppState) -> Value {
+    let node = &state.broker.config.node_name;
+    Value::Array(
+        state
+            .listeners
+            .iter()
+            .map(|l| {
+                json!({
+                    "node": node,
+                    "protocol": l.protocol,
+                    "ip_address": l.addr.ip().to_string(),
+                    "port": l.addr.port(),
+                    "socket_opts": {},
+                })
+            })
+            .collect(),
+    )
+}
+
+pub async fn overview(
+    State(state): State<AppState>,
+    caller: Caller,
+    QueryParams(query): QueryParams<Query>,
+) -> ApiResult<Response> {
+    let broker = &state.broker;
+    let reading = node_reading(broker);
+    let s = &state.sampler;
+    let mut queue_totals = Map::new();
+    let mut churn = Map::new();
+    s.put(&mut queue_totals, &Key::Node, &reading, LENGTHS);
+    s.put(
+        &mut churn,
+        &Key::Node,
+        &reading,
+        &[
+            "channel_closed",
+            "channel_created",
+            "connection_closed",
+            "connection_created",
+            "queue_created",
+            "queue_declared",
+            "queue_deleted",
+        ],
+    );
+    let visible: Vec<_> = broker
+        .vhosts()
+        .into_iter()
+        .filter(|v| caller.sees_vhost(&state, &v.name))
+        .collect();
+    let (mut queues, mut exchanges, mut consumers) = (0usize, 0usize, 0usize);
+    for v in &visible {
+        let qs = v.queues();
+        queues += qs.len();
+        consumers += qs
+            .iter()
+            .map(|q| q.consumer_count() as usize)
+            .sum::<usize>();
+        exchanges += v.exchanges().len();
+    }
+    let conns: Vec<_> = broker
+        .connections
+        .list()
+        .into_iter()
+        .filter(|c| caller.sees_connection(&c.user))
+        .collect();
+    let channels: usize = conns.iter().map(|c| c.channel_count()).sum();
+    let body = json!({
+        "management_version": RABBITMQ_VERSION,
+        "rates_mode": "basic",
+        "sample_retention_policies": {"global": [600, 3600, 28800, 86400], "basic": [600, 3600], "detailed": [600]},
+        "exchange_types": exchange_types(),
+        "product_version": env!("CARGO_PKG_VERSION"),
+        "product_name": "Warren",
+        "rabbitmq_version": RABBITMQ_VERSION,
+        "cluster_name": broker.config.node_name,
+        "erlang_version": "n/a",
+        "erlang_full_version": "n/a",
+        "release_series_support_status": "supported",
+        "disable_stats": false,
+        "enable_queue_totals": false,
+        "message_stats": s.message_stats(&Key::Node, &reading, NODE_STATS),
+        "churn_rates": churn,
+        "queue_totals": queue_totals,
+        "object_totals": {
+            "channels": channels,
+            "connections": conns.len(),
+            "consumers": consumers,
+            "exchanges": exchanges,
+            "queues": queues,
+        },
+        "statistics_db_event_queue": 0,
+        "node": broker.config.node_name,
+        "listeners": listeners(&state),
+        "contexts": [],
+    });
+    Ok(ok(columns(body, &query)))
+}
+
+pub async fn cluster_name(State(state): State<AppState>, _caller: Caller) -> Response {
+    ok(json!({"name": state.broker.config.node_name}))
+}
+
+pub async fn whoami(_state: State<AppState>, caller: Caller) -> Response {
+    ok(json!({"name": caller.user.name, "tags": caller.user.tags}))
+}
+
+pub async fn extensions(_state: State<AppState>, _caller: Caller) -> Response {
+    ok(json!([]))
+}
+
+/// Lists Warren has no objects for (policies, parameters): always empty.
+pub async fn empty_list(_state: State<AppState>, _caller: Caller) -> Response {
+    ok(json!([]))
+}
+
+fn open_fds() -> u64 {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64)
+}
+
+pub fn max_fds() -> u64 {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX)
+}
+
+fn node_object(state: &AppState) -> Value {
+    let broker = &state.broker;
+    let r = broker.alarms.readings();
+    let alarms = broker.alarms.state();
+    let uptime = broker.started.elapsed().map_or(0, |d| d.as_millis() as u64);
+    let sockets = broker.connections.count();
+    json!({
+        "name": broker.config.node_name,
+        "type": "disc",
+        "running": true,
+        "being_drained": false,
+        "os_pid": std::process::id().to_string(),
+        "uptime": uptime,
+        "processors": std::thread::available_parallelism().map_or(1, |n| n.get()),
+        "mem_used": r.memory_used,
+        "mem_limit": r.memory_limit,
+        "mem_alarm": alarms.memory,
+        "disk_free": r.disk_free,
+        "disk_free_limit": r.disk_free_limit,
+        "disk_free_alarm": alarms.disk,
+        "fd_used": open_fds(),
+        "fd_total": max_fds(),
+        "sockets_used": sockets,
+        "sockets_total": max_fds(),
+        "proc_used": 0,
+        "proc_total": 0,
+        "run_queue": 0,
+        "rates_mode": "basic",
+        "partitions": [],
+        "applications": [],
+        "contexts": [],
+        "exchange_types": exchange_types(),
+        "listeners": listeners(state),
+    })
+}
+
+pub async fn nodes(
+    State(state): State<AppState>,
+    caller: Caller,
+    QueryParams(query): QueryParams<Query>,
+) -> ApiResult<Response> {
+    caller.require_monitor()?;
+    super::list::respond(vec![node_object(&state)], &query)
+}
+
+pub async fn node(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    caller.require_monitor()?;
+    if name != state.broker.config.node_name {
+        return Err(ApiError::not_found());
+    }
+    Ok(ok(node_object(&state)))
+}

@@ -1,0 +1,341 @@
+//! `/api/connections`, `/api/channels`, `/api/consumers`: who is connected and what their
+//! channels are doing. Monitors see everyone; other users see their own.
+
+use super::AppState;
+use super::auth::Caller;
+use super::error::{ApiError, ApiResult, no_content, ok};
+use super::json::table_to_json;
+use super::list::{Query, respond};
+use super::sampler::{CONSUMER_STATS, Key, PUBLISHER_STATS, counts_reading};
+use crate::broker::connections::{ChannelSnapshot, ConnectionInfo};
+use amq_protocol::types::AMQPValue;
+use axum::extract::{Path, Query as QueryParams, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use serde_json::{Map, Value, json};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+fn visible_connections(state: &AppState, caller: &Caller) -> Vec<Arc<ConnectionInfo>> {
+    state
+        .broker
+        .connections
+        .list()
+        .into_iter()
+        .filter(|c| caller.sees_connection(&c.user))
+        .collect()
+}
+
+pub fn connection_object(state: &AppState, c: &ConnectionInfo, detailed: bool) -> Value {
+    let key = Key::Connection(c.id);
+    let t = &c.traffic;
+    let reading = vec![
+        ("recv_oct", t.recv_oct.load(Ordering::Relaxed)),
+        ("send_oct", t.send_oct.load(Ordering::Relaxed)),
+    ];
+    // Lists show absent TLS details as null, the single view as "" (as RabbitMQ does).
+    let none = if detailed { json!("") } else { Value::Null };
+    let (ssl_protocol, ssl_cipher) = match &c.tls {
+        Some((p, s)) => (json!(p), json!(s)),
+        None => (none.clone(), none.clone()),
+    };
+    let mut obj = Map::new();
+    obj.insert("auth_mechanism".into(), json!(c.auth_mechanism));
+    obj.insert("channel_max".into(), json!(c.channel_max));
+    obj.insert("channels".into(), json!(c.channel_count()));
+    obj.insert(
+        "client_properties".into(),
+        table_to_json(&c.client_properties),
+    );
+    obj.insert("connected_at".into(), json!(c.connected_at));
+    obj.insert("frame_max".into(), json!(c.frame_max));
+    obj.insert("host".into(), json!(c.local.ip().to_string()));
+    obj.insert("name".into(), json!(c.name()));
+    obj.insert("node".into(), json!(state.broker.config.node_name));
+    obj.insert("peer_cert_issuer".into(), none.clone());
+    obj.insert("peer_cert_subject".into(), none.clone());
+    obj.insert("peer_cert_validity".into(), none.clone());
+    obj.insert("peer_host".into(), json!(c.peer.ip().to_string()));
+    obj.insert("peer_port".into(), json!(c.peer.port()));
+    obj.insert("port".into(), json!(c.local.port()));
+    obj.insert("protocol".into(), json!("AMQP 0-9-1"));
+    obj.insert("recv_cnt".into(), json!(t.recv_cnt.load(Ordering::Relaxed)));
+    obj.insert("send_cnt".into(), json!(t.send_cnt.load(Ordering::Relaxed)));
+    obj.insert("send_pend".into(), json!(0));
+    obj.insert("ssl".into(), json!(c.tls.is_some()));
+    obj.insert("ssl_cipher".into(), ssl_cipher);
+    obj.insert("ssl_hash".into(), none.clone());
+    obj.insert("ssl_key_exchange".into(), none);
+    obj.insert("ssl_protocol".into(), ssl_protocol);
+    obj.insert("state".into(), json!("running"));
+    obj.insert("timeout".into(), json!(c.heartbeat));
+    obj.insert("type".into(), json!("network"));
+    obj.insert("user".into(), json!(c.user));
+    obj.insert("user_who_performed_action".into(), json!(c.user));
+    obj.insert("vhost".into(), json!(c.vhost));
+    if let Some(AMQPValue::LongString(n)) = c.client_properties.inner().get("connection_name") {
+        obj.insert(
+            "user_provided_name".into(),
+            json!(String::from_utf8_lossy(n.as_bytes())),
+        );
+    }
+    state
+        .sampler
+        .put(&mut obj, &key, &reading, &["recv_oct", "send_oct"]);
+    Value::Object(obj)
+}
+
+fn channel_name(c: &ConnectionInfo, number: u16) -> String {
+    format!("{} ({number})", c.name())
+}
+
+fn channel_details(state: &AppState, c: &ConnectionInfo, number: u16) -> Value {
+    json!({
+        "connection_name": c.name(),
+        "name": channel_name(c, number),
+        "node": state.broker.config.node_name,
+        "number": number,
+        "peer_host": c.peer.ip().to_string(),
+        "peer_port": c.peer.port(),
+        "user": c.user,
+    })
+}
+
+fn consumer_object(state: &AppState, c: &ConnectionInfo, s: &ChannelSnapshot, i: usize) -> Value {
+    let k = &s.consumers[i];
+    json!({
+        "arguments": table_to_json(&k.arguments),
+        "ack_required": k.ack_required,
+        "active": true,
+        "activity_status": "up",
+        "channel_details": channel_details(state, c, s.number),
+        "consumer_tag": k.tag,
+        "exclusive": k.exclusive,
+        "prefetch_count": k.prefetch_count,
+        "queue": {"name": k.queue, "vhost": c.vhost},
+    })
+}
+
+fn channel_object(
+    state: &AppState,
+    c: &ConnectionInfo,
+    s: &ChannelSnapshot,
+    detailed: bool,
+) -> Value {
+    let key = Key::Channel(c.id, s.number);
+    let reading = counts_reading(&s.counts);
+    let mut stats = state.sampler.message_stats(&key, &reading, PUBLISHER_STATS);
+    if let (Value::Object(all), Value::Object(consumed)) = (
+        &mut stats,
+        state.sampler.message_stats(&key, &reading, CONSUMER_STATS),
+    ) {
+        all.extend(consumed);
+    }
+    let mut obj = json!({
+        "acks_uncommitted": s.acks_uncommitted,
+        "confirm": s.confirm,
+        "connection_details": {
+            "name": c.name(),
+            "peer_host": c.peer.ip().to_string(),
+            "peer_port": c.peer.port(),
+        },
+        "consumer_count": s.consumers.len(),
+        "global_prefetch_count": s.global_prefetch_count,
+        "message_stats": stats,
+        "messages_unacknowledged": s.messages_unacknowledged,
+        "messages_uncommitted": s.messages_uncommitted,
+        "messages_unconfirmed": s.messages_unconfirmed,
+        "name": channel_name(c, s.number),
+        "node": state.broker.config.node_name,
+        "number": s.number,
+        "pending_raft_commands": 0,
+        "prefetch_count": s.prefetch_count,
+        "state": "running",
+        "transactional": s.transactional,
+        "user": c.user,
+        "user_who_performed_action": c.user,
+        "vhost": c.vhost,
+    });
+    if detailed {
+        let consumers: Vec<Value> = (0..s.consumers.len())
+            .map(|i| consumer_object(state, c, s, i))
+            .collect();
+        obj["consumer_details"] = Value::Array(consumers);
+        obj["deliveries"] = json!([]);
+        obj["publishes"] = json!([]);
+    }
+    obj
+}
+
+/// Every consumer the state knows of, optionally in one vhost.
+pub fn consumer_objects(state: &AppState, vhost: Option<&str>) -> Vec<Value> {
+    let mut out = Vec::new();
+    for c in state.broker.connections.list() {
+        if vhost.is_some_and(|v| v != c.vhost) {
+            continue;
+        }
+        for ch in c.channels() {
+            let s = ch.snapshot();
+            out.extend((0..s.consumers.len()).map(|i| consumer_object(state, &c, &s, i)));
+        }
+    }
+    out
+}
+
+pub async fn connections(
+    State(state): State<AppState>,
+    caller: Caller,
+    QueryParams(query): QueryParams<Query>,
+) -> ApiResult<Response> {
+    let items = visible_connections(&state, &caller)
+        .iter()
+        .map(|c| connection_object(&state, c, false))
+        .collect();
+    respond(items, &query)
+}
+
+pub async fn vhost_connections(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(vhost): Path<String>,
+    QueryParams(query): QueryParams<Query>,
+) -> ApiResult<Response> {
+    caller.require_vhost(&state, &vhost)?;
+    let items = visible_connections(&state, &caller)
+        .iter()
+        .filter(|c| c.vhost == vhost)
+        .map(|c| connection_object(&state, c, false))
+        .collect();
+    respond(items, &query)
+}
+
+fn find_connection(
+    state: &AppState,
+    caller: &Caller,
+    name: &str,
+) -> ApiResult<Arc<ConnectionInfo>> {
+    let c = state
+        .broker
+        .connections
+        .by_name(name)
+        .ok_or_else(ApiError::not_found)?;
+    if !caller.sees_connection(&c.user) {
+        return Err(ApiError::not_authorised(
+            "User not authorised to access object",
+        ));
+    }
+    Ok(c)
+}
+
+pub async fn show_connection(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    let c = find_connection(&state, &caller, &name)?;
+    Ok(ok(connection_object(&state, &c, true)))
+}
+
+pub async fn close_connection(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let c = find_connection(&state, &caller, &name)?;
+    if !caller.is_admin() && c.user != caller.name() {
+        return Err(ApiError::not_authorised(
+            "User not authorised to access object",
+        ));
+    }
+    let reason = headers
+        .get("x-reason")
+        .and_then(|v| v.to_str().ok())
+        .filter(|r| !r.is_empty())
+        .unwrap_or("Closed via management plugin");
+    c.force_close(reason);
+    Ok(no_content())
+}
+
+fn channel_items(state: &AppState, conns: &[Arc<ConnectionInfo>]) -> Vec<Value> {
+    let mut items = Vec::new();
+    for c in conns {
+        for ch in c.channels() {
+            items.push(channel_object(state, c, &ch.snapshot(), false));
+        }
+    }
+    items
+}
+
+pub async fn channels(
+    State(state): State<AppState>,
+    caller: Caller,
+    QueryParams(query): QueryParams<Query>,
+) -> ApiResult<Response> {
+    let conns = visible_connections(&state, &caller);
+    respond(channel_items(&state, &conns), &query)
+}
+
+pub async fn vhost_channels(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(vhost): Path<String>,
+    QueryParams(query): QueryParams<Query>,
+) -> ApiResult<Response> {
+    caller.require_vhost(&state, &vhost)?;
+    let conns: Vec<_> = visible_connections(&state, &caller)
+        .into_iter()
+        .filter(|c| c.vhost == vhost)
+        .collect();
+    respond(channel_items(&state, &conns), &query)
+}
+
+pub async fn connection_channels(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    QueryParams(query): QueryParams<Query>,
+) -> ApiResult<Response> {
+    let c = find_connection(&state, &caller, &name)?;
+    respond(channel_items(&state, &[c]), &query)
+}
+
+pub async fn show_channel(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    // "<connection name> (<number>)"
+    let (conn_name, number) = name
+        .rsplit_once(" (")
+        .and_then(|(c, n)| Some((c, n.strip_suffix(')')?.parse::<u16>().ok()?)))
+        .ok_or_else(ApiError::not_found)?;
+    let c = find_connection(&state, &caller, conn_name)?;
+    let ch = c
+        .channels()
+        .into_iter()
+        .map(|ch| ch.snapshot())
+        .find(|s| s.number == number)
+        .ok_or_else(ApiError::not_found)?;
+    Ok(ok(channel_object(&state, &c, &ch, true)))
+}
+
+pub async fn consumers(State(state): State<AppState>, caller: Caller) -> ApiResult<Response> {
+    let items: Vec<Value> = consumer_objects(&state, None)
+        .into_iter()
+        .filter(|c| {
+            let vhost = c["queue"]["vhost"].as_str().unwrap_or_default();
+            caller.may_use_vhost(&state, vhost)
+        })
+        .collect();
+    Ok(ok(Value::Array(items)))
+}
+
+pub async fn consumers_in(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(vhost): Path<String>,
+) -> ApiResult<Response> {
+    caller.require_vhost(&state, &vhost)?;
+    Ok(ok(Value::Array(consumer_objects(&state, Some(&vhost)))))
+}

@@ -1,0 +1,1710 @@
+//! The management HTTP API against a live broker: every endpoint, with RabbitMQ 3.10's status
+//! codes, fields and error bodies (see docs/rabbitmq-3.10-management-reference.md), and its
+//! effects seen over AMQP.
+
+mod common;
+
+use common::http::Api;
+use common::*;
+use lapin::options::*;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, ConnectionProperties};
+use serde_json::{Value, json};
+use std::time::Duration;
+
+async fn broker() -> (TestBroker, Api) {
+    let b = TestBroker::start_with(|c| c.stats_interval_ms = 100).await;
+    let api = Api::new(&b);
+    (b, api)
+}
+
+// ------------------------------------------------------------------------------ authentication
+
+#[tokio::test]
+async fn requests_without_valid_credentials_are_refused_as_rabbitmq_refuses_them() {
+    let (_b, api) = broker().await;
+    let a = api.anonymous().get("/api/overview").await;
+    a.status(401);
+    assert_eq!(
+        a.headers["www-authenticate"],
+        "Basic realm=\"RabbitMQ Management\""
+    );
+    assert!(a.text.is_empty());
+    let a = api.as_user("guest", "wrong").get("/api/overview").await;
+    assert_eq!(a.error(401, "not_authorized"), "Login failed");
+    assert!(a.headers.contains_key("www-authenticate"));
+    let a = api.as_user("nobody", "x").get("/api/queues").await;
+    assert_eq!(a.error(401, "not_authorized"), "Login failed");
+    let a = api
+        .anonymous()
+        .send(
+            reqwest::Method::GET,
+            "/api/overview",
+            None,
+            &[("authorization", "Basic !!!notb64")],
+        )
+        .await;
+    a.status(400);
+    // Routing comes before authentication: an unknown path is 404 even without credentials.
+    let a = api.anonymous().get("/api/no-such-thing").await;
+    assert_eq!(a.error(404, "Object Not Found"), "Not Found");
+}
+
+#[tokio::test]
+async fn tags_decide_what_a_user_may_do() {
+    let (b, api) = broker().await;
+    for (user, tags) in [("plain", ""), ("mgmt", "management"), ("mon", "monitoring")] {
+        api.put(
+            &format!("/api/users/{user}"),
+            &json!({"password": "pw", "tags": tags}).to_string(),
+        )
+        .await
+        .status(201);
+    }
+    api.put("/api/vhosts/mine", "").await.status(201);
+    api.put("/api/vhosts/other", "").await.status(201);
+    api.put(
+        "/api/permissions/mine/mgmt",
+        r#"{"configure":".*","write":".*","read":".*"}"#,
+    )
+    .await
+    .status(201);
+    let plain = api.as_user("plain", "pw");
+    assert_eq!(
+        plain.get("/api/whoami").await.error(401, "not_authorised"),
+        "Not management user"
+    );
+    let mgmt = api.as_user("mgmt", "pw");
+    assert_eq!(
+        mgmt.json("/api/whoami").await,
+        json!({"name": "mgmt", "tags": ["management"]})
+    );
+    assert_eq!(
+        mgmt.get("/api/users").await.error(401, "not_authorised"),
+        "Not administrator user"
+    );
+    assert_eq!(
+        mgmt.get("/api/nodes").await.error(401, "not_authorised"),
+        "Not monitor user"
+    );
+    assert_eq!(
+        mgmt.put("/api/vhosts/x", "")
+            .await
+            .error(401, "not_authorised"),
+        "Not administrator user"
+    );
+    let names: Vec<Value> = mgmt
+        .json("/api/vhosts")
+        .await
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].clone())
+        .collect();
+    assert_eq!(names, vec![json!("mine")]);
+    assert_eq!(
+        mgmt.get("/api/queues/other")
+            .await
+            .error(401, "not_authorised"),
+        "User not authorised to access virtual host"
+    );
+    mgmt.put("/api/queues/mine/q", "{}").await.status(201);
+    let mon = api.as_user("mon", "pw");
+    assert_eq!(mon.json("/api/vhosts").await.as_array().unwrap().len(), 3);
+    mon.json("/api/nodes").await;
+    // The guest user may only log in from loopback; this request comes from 127.0.0.1.
+    assert!(!b.is_external());
+}
+
+// ------------------------------------------------------------------------------------ overview
+
+#[tokio::test]
+async fn overview_whoami_and_nodes_describe_the_node() {
+    let (b, api) = broker().await;
+    let o = api.json("/api/overview").await;
+    assert_eq!(o["rabbitmq_version"], "3.10.8");
+    assert_eq!(o["product_name"], "Warren");
+    assert_eq!(o["object_totals"]["exchanges"], 7);
+    assert_eq!(o["object_totals"]["queues"], 0);
+    let listeners = o["listeners"].as_array().unwrap();
+    assert!(
+        listeners
+            .iter()
+            .any(|l| l["protocol"] == "amqp" && l["port"] == b.running().amqp_addr.port())
+    );
+    assert_eq!(
+        api.json("/api/whoami").await,
+        json!({"name": "guest", "tags": ["administrator"]})
+    );
+    let nodes = api.json("/api/nodes").await;
+    let node = &nodes[0];
+    assert_eq!(node["name"], o["node"]);
+    assert!(node["mem_used"].as_u64().unwrap() > 0);
+    assert!(node["fd_total"].as_u64().unwrap() > 0);
+    assert_eq!(node["running"], true);
+    let name = node["name"].as_str().unwrap();
+    api.json(&format!("/api/nodes/{name}")).await;
+    api.get("/api/nodes/nosuch@node")
+        .await
+        .error(404, "Object Not Found");
+    let cols = api
+        .json("/api/overview?columns=rabbitmq_version,object_totals.queues")
+        .await;
+    assert_eq!(
+        cols,
+        json!({"rabbitmq_version": "3.10.8", "object_totals": {"queues": 0}})
+    );
+    let a = api.post("/api/overview", "{}").await;
+    assert_eq!(a.status.as_u16(), 405);
+}
+
+#[tokio::test]
+async fn message_counters_and_rates_follow_traffic() {
+    let (b, api) = broker().await;
+    let conn = b.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    ch.queue_declare(
+        "rates".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    for _ in 0..20 {
+        ch.basic_publish(
+            "".into(),
+            "rates".into(),
+            BasicPublishOptions::default(),
+            b"x",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    ch.basic_publish(
+        "".into(),
+        "nowhere".into(),
+        BasicPublishOptions::default(),
+        b"x",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let get = ch
+        .basic_get("rates".into(), BasicGetOptions::default())
+        .await
+        .unwrap()
+        .unwrap();
+    get.ack(BasicAckOptions::default()).await.unwrap();
+    eventually("node counters", || async {
+        let o = api.json("/api/overview").await;
+        let m = &o["message_stats"];
+        m["publish"] == 21
+            && m["confirm"] == 21
+            && m["drop_unroutable"] == 1
+            && m["get"] == 1
+            && m["ack"] == 1
+            && o["queue_totals"]["messages"] == 19
+            && o["object_totals"]["connections"] == 1
+            && o["object_totals"]["channels"] == 1
+    })
+    .await;
+    let q = api.json("/api/queues/%2F/rates").await;
+    assert_eq!(q["message_stats"]["publish"], 20);
+    assert_eq!(q["message_stats"]["get"], 1);
+    assert_eq!(q["message_stats"]["deliver_get"], 1);
+    assert_eq!(q["messages_ready"], 19);
+    // Publishing steadily shows a rate above zero within a few sampling intervals.
+    let publisher = async {
+        for _ in 0..40 {
+            ch.basic_publish(
+                "".into(),
+                "rates".into(),
+                BasicPublishOptions::default(),
+                b"x",
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let watcher = async {
+        let mut seen = 0.0f64;
+        for _ in 0..60 {
+            let q = api.json("/api/queues/%2F/rates").await;
+            seen = seen.max(
+                q["message_stats"]["publish_details"]["rate"]
+                    .as_f64()
+                    .unwrap(),
+            );
+            if seen > 0.0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        seen
+    };
+    let ((), rate) = tokio::join!(publisher, watcher);
+    assert!(rate > 0.0, "publish rate stayed at {rate}");
+    let chans = api.json("/api/channels").await;
+    assert_eq!(chans[0]["confirm"], true);
+    assert!(chans[0]["message_stats"]["publish"].as_u64().unwrap() >= 21);
+}
+
+// -------------------------------------------------------------------------------------- vhosts
+
+#[tokio::test]
+async fn vhosts_are_created_updated_listed_and_deleted() {
+    let (b, api) = broker().await;
+    api.put("/api/vhosts/v1", "").await.status(201);
+    api.put("/api/vhosts/v1", r#"{"description":"d","tags":"a,b"}"#)
+        .await
+        .status(204);
+    let v = api.json("/api/vhosts/v1").await;
+    assert_eq!(v["description"], "d");
+    assert_eq!(v["tags"], json!(["a", "b"]));
+    assert_eq!(
+        v["metadata"],
+        json!({"description": "d", "tags": ["a", "b"]})
+    );
+    assert_eq!(v["tracing"], false);
+    // As RabbitMQ: PUT replaces the metadata.
+    api.put("/api/vhosts/v1", r#"{"tags":["x"]}"#)
+        .await
+        .status(204);
+    let v = api.json("/api/vhosts/v1").await;
+    assert_eq!(
+        (v["description"].clone(), v["tags"].clone()),
+        (json!(""), json!(["x"]))
+    );
+    // The creator may use the new vhost.
+    let p = api.json("/api/permissions/v1/guest").await;
+    assert_eq!(p["configure"], ".*");
+    let names: Vec<String> = api
+        .json("/api/vhosts")
+        .await
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, vec!["/", "v1"]);
+
+    // Deleting a vhost closes its connections (320) and removes its queues.
+    api.put("/api/queues/v1/q", r#"{"durable":true}"#)
+        .await
+        .status(201);
+    let conn = TestBroker::connect_uri(&b.uri_with_vhost("v1")).await;
+    let mut errs = errors(&conn);
+    api.delete("/api/vhosts/v1").await.status(204);
+    assert_eq!(
+        within(5, errs.next()).await,
+        (320, "CONNECTION_FORCED - vhost 'v1' is down".into())
+    );
+    api.get("/api/vhosts/v1")
+        .await
+        .error(404, "Object Not Found");
+    api.get("/api/queues/v1")
+        .await
+        .error(404, "Object Not Found");
+    api.delete("/api/vhosts/v1")
+        .await
+        .error(404, "Object Not Found");
+    api.get("/api/permissions/v1/guest")
+        .await
+        .error(404, "Object Not Found");
+}
+
+#[tokio::test]
+async fn bad_bodies_get_400_with_a_reason() {
+    let (_b, api) = broker().await;
+    assert_eq!(
+        api.put("/api/vhosts/v", "{not json")
+            .await
+            .error(400, "bad_request"),
+        "not_json"
+    );
+    assert_eq!(
+        api.put("/api/vhosts/v", "[1,2]")
+            .await
+            .error(400, "bad_request"),
+        "not_json"
+    );
+    let r = api
+        .put("/api/vhosts/v", "\"s\"")
+        .await
+        .error(400, "bad_request");
+    assert!(r.as_str().unwrap().contains("doubly-JSON-encoded"));
+    assert_eq!(
+        api.put("/api/vhosts/v", r#"{"tracing":"yes"}"#)
+            .await
+            .error(400, "bad_request"),
+        json!(["not_boolean", "yes"])
+    );
+    // Unknown fields are refused (RabbitMQ ignores them; a misspelt field is a mistake).
+    let r = api
+        .put("/api/queues/%2F/q", r#"{"durabel":true}"#)
+        .await
+        .error(400, "bad_request");
+    assert!(r.as_str().unwrap().contains("'durabel'"), "{r}");
+    // Wrong types: 400, not RabbitMQ's 500.
+    let r = api
+        .put("/api/users/u", r#"{"password":5,"tags":""}"#)
+        .await
+        .error(400, "bad_request");
+    assert!(r.as_str().unwrap().contains("password"), "{r}");
+    let r = api
+        .put("/api/exchanges/%2F/x", r#"{"arguments":"x"}"#)
+        .await
+        .error(400, "bad_request");
+    assert!(r.as_str().unwrap().contains("arguments"), "{r}");
+    let r = api
+        .put("/api/vhosts/v", r#"{"tags":5}"#)
+        .await
+        .error(400, "bad_request");
+    assert!(r.as_str().unwrap().contains("tags"), "{r}");
+    // Nothing was created by the refused requests.
+    api.get("/api/vhosts/v")
+        .await
+        .error(404, "Object Not Found");
+    api.get("/api/users/u").await.error(404, "Object Not Found");
+}
+
+#[tokio::test]
+async fn vhost_limits_are_set_listed_enforced_and_cleared() {
+    let (b, api) = broker().await;
+    api.put("/api/vhosts/lim", "").await.status(201);
+    assert_eq!(api.json("/api/vhost-limits").await, json!([]));
+    api.put("/api/vhost-limits/lim/max-connections", r#"{"value":1}"#)
+        .await
+        .status(204);
+    api.put("/api/vhost-limits/lim/max-queues", r#"{"value":1}"#)
+        .await
+        .status(204);
+    assert_eq!(
+        api.json("/api/vhost-limits/lim").await,
+        json!([{"vhost": "lim", "value": {"max-connections": 1, "max-queues": 1}}])
+    );
+    assert_eq!(
+        api.put("/api/vhost-limits/lim/max-queues", "{}")
+            .await
+            .error(400, "bad_request"),
+        "[{key_missing,value}]"
+    );
+    let r = api
+        .put("/api/vhost-limits/lim/max-queues", r#"{"value":"abc"}"#)
+        .await
+        .error(400, "bad_request");
+    assert!(r.as_str().unwrap().contains("should be a number"), "{r}");
+    let r = api
+        .put("/api/vhost-limits/lim/max-bogus", r#"{"value":1}"#)
+        .await
+        .error(400, "bad_request");
+    assert!(r.as_str().unwrap().contains("Unrecognised terms"), "{r}");
+    assert_eq!(
+        api.put("/api/vhost-limits/missing/max-queues", r#"{"value":1}"#)
+            .await
+            .error(404, "not_found"),
+        "vhost_not_found"
+    );
+    // Enforced over AMQP.
+    let uri = b.uri_with_vhost("lim");
+    let first = TestBroker::connect_uri(&uri).await;
+    let second = lapin::Connection::connect(&uri, ConnectionProperties::default()).await;
+    let Err(err) = second else {
+        panic!("a second connection over the limit was accepted")
+    };
+    assert_eq!(
+        amqp_error(&err),
+        Some((
+            530,
+            "NOT_ALLOWED - access to vhost 'lim' refused for user 'guest': connection limit (1) is reached".into()
+        ))
+    );
+    let ch = first.create_channel().await.unwrap();
+    ch.queue_declare(
+        "one".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    assert_amqp_error(
+        ch.queue_declare(
+            "two".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await,
+        406,
+        "PRECONDITION_FAILED - cannot declare queue 'two': queue limit in vhost 'lim' (1) is reached",
+    );
+    api.delete("/api/vhost-limits/lim/max-queues")
+        .await
+        .status(204);
+    api.delete("/api/vhost-limits/lim/max-connections")
+        .await
+        .status(204);
+    api.delete("/api/vhost-limits/lim/max-connections")
+        .await
+        .status(204);
+    assert_eq!(api.json("/api/vhost-limits/lim").await, json!([]));
+    let ch = first.create_channel().await.unwrap();
+    ch.queue_declare(
+        "two".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+}
+
+// ------------------------------------------------------------------------- users, permissions
+
+/// RabbitMQ's SHA-256 scheme: base64(salt ++ sha256(salt ++ password)).
+fn rabbit_hash(salt: [u8; 4], password: &str) -> String {
+    use base64::Engine;
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(salt);
+    h.update(password.as_bytes());
+    let mut out = salt.to_vec();
+    out.extend_from_slice(&h.finalize());
+    base64::engine::general_purpose::STANDARD.encode(out)
+}
+
+#[tokio::test]
+async fn users_are_created_with_passwords_or_hashes_and_can_log_in() {
+    let (b, api) = broker().await;
+    api.put(
+        "/api/users/alice",
+        r#"{"password":"s3cret","tags":"monitoring,management"}"#,
+    )
+    .await
+    .status(201);
+    let u = api.json("/api/users/alice").await;
+    assert_eq!(u["tags"], json!(["monitoring", "management"]));
+    assert_eq!(u["hashing_algorithm"], "rabbit_password_hashing_sha256");
+    assert_eq!(u["limits"], json!({}));
+    let hash = u["password_hash"].as_str().unwrap();
+    use base64::Engine;
+    assert_eq!(
+        base64::engine::general_purpose::STANDARD
+            .decode(hash)
+            .unwrap()
+            .len(),
+        36
+    );
+    api.put(
+        "/api/permissions/%2F/alice",
+        r#"{"configure":".*","write":".*","read":".*"}"#,
+    )
+    .await
+    .status(201);
+    TestBroker::connect_uri(&b.uri_with_credentials("alice", "s3cret")).await;
+    // A hash made elsewhere (as RabbitMQ makes them) logs in with its password.
+    let hash = rabbit_hash([1, 2, 3, 4], "from-rabbit");
+    api.put(
+        "/api/users/bob",
+        &json!({"password_hash": hash, "tags": ""}).to_string(),
+    )
+    .await
+    .status(201);
+    api.put(
+        "/api/permissions/%2F/bob",
+        r#"{"configure":"","write":"","read":""}"#,
+    )
+    .await
+    .status(201);
+    TestBroker::connect_uri(&b.uri_with_credentials("bob", "from-rabbit")).await;
+    assert_eq!(api.json("/api/users/bob").await["password_hash"], hash);
+    // Errors as RabbitMQ words them.
+    assert_eq!(
+        api.put("/api/users/c", r#"{"password":"p"}"#)
+            .await
+            .error(400, "bad_request"),
+        "tags_not_present"
+    );
+    assert_eq!(
+        api.put(
+            "/api/users/c",
+            r#"{"password":"p","password_hash":"abc","tags":""}"#
+        )
+        .await
+        .error(400, "bad_request"),
+        "both_password_and_password_hash_are_provided"
+    );
+    assert_eq!(
+        api.put(
+            "/api/users/c",
+            r#"{"password_hash":"notbase64!!","tags":""}"#
+        )
+        .await
+        .error(400, "bad_request"),
+        json!(["not_base64", "notbase64!!"])
+    );
+    let r = api
+        .put(
+            "/api/users/c",
+            &json!({"password_hash": hash, "hashing_algorithm": "rabbit_password_hashing_md5", "tags": ""}).to_string(),
+        )
+        .await
+        .error(400, "bad_request");
+    assert!(r.as_str().unwrap().contains("not supported"), "{r}");
+    // Updating changes the password; the old one stops working.
+    api.put(
+        "/api/users/alice",
+        r#"{"password":"new","tags":"management"}"#,
+    )
+    .await
+    .status(204);
+    let old = lapin::Connection::connect(
+        &b.uri_with_credentials("alice", "s3cret"),
+        ConnectionProperties::default(),
+    )
+    .await;
+    assert!(old.is_err());
+    TestBroker::connect_uri(&b.uri_with_credentials("alice", "new")).await;
+    let names: Vec<Value> = api
+        .json("/api/users")
+        .await
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["name"].clone())
+        .collect();
+    assert_eq!(names, vec![json!("alice"), json!("bob"), json!("guest")]);
+    api.delete("/api/users/bob").await.status(204);
+    api.delete("/api/users/bob")
+        .await
+        .error(404, "Object Not Found");
+    api.put("/api/users/x1", r#"{"password":"p","tags":""}"#)
+        .await
+        .status(201);
+    assert_eq!(
+        api.post("/api/users/bulk-delete", r#"{"users":["x1","nope"]}"#)
+            .await
+            .error(400, "bad_request"),
+        json!(["no_such_user", "nope"])
+    );
+    api.get("/api/users/x1")
+        .await
+        .error(404, "Object Not Found");
+    let without: Vec<Value> = api
+        .json("/api/users/without-permissions")
+        .await
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["name"].clone())
+        .collect();
+    assert!(without.is_empty(), "{without:?}");
+}
+
+#[tokio::test]
+async fn permissions_are_set_read_enforced_and_cleared() {
+    let (b, api) = broker().await;
+    api.put("/api/users/pu", r#"{"password":"pw","tags":""}"#)
+        .await
+        .status(201);
+    let path = "/api/permissions/%2F/pu";
+    api.get(path).await.error(404, "Object Not Found");
+    assert_eq!(
+        api.put(path, r#"{"configure":".*","write":".*"}"#)
+            .await
+            .error(400, "bad_request"),
+        "[{key_missing,read}]"
+    );
+    assert_eq!(
+        api.put(path, "{}").await.error(400, "bad_request"),
+        "[{key_missing,configure},{key_missing,write},{key_missing,read}]"
+    );
+    let r = api
+        .put(path, r#"{"configure":"(","write":"","read":""}"#)
+        .await
+        .error(400, "bad_request");
+    assert_eq!(r[0], "invalid_regexp");
+    assert_eq!(
+        api.put(
+            "/api/permissions/nope/pu",
+            r#"{"configure":"","write":"","read":""}"#
+        )
+        .await
+        .error(400, "bad_request"),
+        "vhost_or_user_not_found"
+    );
+    api.put(path, r#"{"configure":"^own-","write":".*","read":".*"}"#)
+        .await
+        .status(201);
+    api.put(path, r#"{"configure":"^own-","write":".*","read":".*"}"#)
+        .await
+        .status(204);
+    assert_eq!(
+        api.json(path).await,
+        json!({"user": "pu", "vhost": "/", "configure": "^own-", "write": ".*", "read": ".*"})
+    );
+    assert_eq!(
+        api.json("/api/users/pu/permissions")
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(
+        api.json("/api/vhosts/%2F/permissions")
+            .await
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["user"] == "pu")
+    );
+    // Enforced over AMQP: configure is refused outside ^own-.
+    let conn = TestBroker::connect_uri(&b.uri_with_credentials("pu", "pw")).await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        "own-q".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    assert_amqp_error(
+        ch.queue_declare(
+            "other".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await,
+        403,
+        "ACCESS_REFUSED - access to queue 'other' in vhost '/' refused for user 'pu'",
+    );
+    api.delete(path).await.status(204);
+    api.delete(path).await.error(404, "Object Not Found");
+    let refused = lapin::Connection::connect(
+        &b.uri_with_credentials("pu", "pw"),
+        ConnectionProperties::default(),
+    )
+    .await;
+    assert!(refused.is_err());
+}
+
+// ----------------------------------------------------------------------------------- exchanges
+
+#[tokio::test]
+async fn exchanges_are_declared_shown_and_deleted_with_rabbitmq_rules() {
+    let (_b, api) = broker().await;
+    let x = "/api/exchanges/%2F/ex1";
+    api.put(
+        x,
+        r#"{"type":"topic","durable":true,"auto_delete":false,"internal":false,"arguments":{}}"#,
+    )
+    .await
+    .status(201);
+    api.put(x, r#"{"type":"topic","durable":true}"#)
+        .await
+        .status(204);
+    assert_eq!(
+        api.put(x, r#"{"type":"direct","durable":true}"#)
+            .await
+            .error(400, "bad_request"),
+        "inequivalent arg 'type' for exchange 'ex1' in vhost '/': received 'direct' but current is 'topic'"
+    );
+    assert_eq!(
+        api.put(x, r#"{"type":"topic","durable":false}"#)
+            .await
+            .error(400, "bad_request"),
+        "inequivalent arg 'durable' for exchange 'ex1' in vhost '/': received 'false' but current is 'true'"
+    );
+    assert_eq!(
+        api.put("/api/exchanges/%2F/ex2", r#"{"type":"bogus"}"#)
+            .await
+            .error(400, "bad_request"),
+        "invalid exchange type 'bogus'"
+    );
+    assert_eq!(
+        api.put("/api/exchanges/%2F/amq.foo", r#"{"type":"direct"}"#)
+            .await
+            .error(401, "not_authorised"),
+        "Access refused."
+    );
+    assert_eq!(
+        api.put("/api/exchanges/missing/x", "{}")
+            .await
+            .error(404, "not_found"),
+        "vhost_not_found"
+    );
+    api.put("/api/exchanges/%2F/ex3", "{}").await.status(201);
+    let e = api.json("/api/exchanges/%2F/ex3").await;
+    assert_eq!(
+        (
+            e["type"].clone(),
+            e["durable"].clone(),
+            e["incoming"].clone()
+        ),
+        (json!("direct"), json!(false), json!([]))
+    );
+    api.put(
+        "/api/exchanges/%2F/hx",
+        r#"{"type":"headers","auto_delete":true,"internal":true,"arguments":{"alternate-exchange":"amq.fanout","x-foo":5}}"#,
+    )
+    .await
+    .status(201);
+    let h = api.json("/api/exchanges/%2F/hx").await;
+    assert_eq!(
+        h["arguments"],
+        json!({"alternate-exchange": "amq.fanout", "x-foo": 5})
+    );
+    assert_eq!(h["internal"], true);
+    let d = api.json("/api/exchanges/%2F/amq.default").await;
+    assert_eq!(d["name"], "");
+    let names: Vec<Value> = api
+        .json("/api/exchanges/%2F")
+        .await
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["name"].clone())
+        .collect();
+    assert_eq!(names[0], "");
+    assert!(names.contains(&json!("amq.topic")) && names.contains(&json!("ex1")));
+    // if-unused, system exchanges, missing ones.
+    api.put("/api/queues/%2F/xq", "{}").await.status(201);
+    api.post("/api/bindings/%2F/e/ex1/q/xq", r#"{"routing_key":"a.#"}"#)
+        .await
+        .status(201);
+    assert_eq!(
+        api.send(
+            reqwest::Method::DELETE,
+            "/api/exchanges/%2F/ex1?if-unused=true",
+            None,
+            &[]
+        )
+        .await
+        .error(400, "bad_request"),
+        "exchange 'ex1' in vhost '/' in use"
+    );
+    assert_eq!(
+        api.delete("/api/exchanges/%2F/amq.direct")
+            .await
+            .error(401, "not_authorised"),
+        "Access refused."
+    );
+    api.delete(x).await.status(204);
+    api.delete(x).await.error(404, "Object Not Found");
+    api.get("/api/exchanges/missing")
+        .await
+        .error(404, "Object Not Found");
+}
+
+// -------------------------------------------------------------------------------------- queues
+
+#[tokio::test]
+async fn queues_are_declared_inspected_purged_and_deleted() {
+    let (b, api) = broker().await;
+    let q = "/api/queues/%2F/q1";
+    api.put(q, r#"{"durable":true,"auto_delete":false,"arguments":{}}"#)
+        .await
+        .status(201);
+    api.put(q, r#"{"durable":true}"#).await.status(204);
+    assert_eq!(
+        api.put(q, r#"{"durable":false}"#)
+            .await
+            .error(400, "bad_request"),
+        "inequivalent arg 'durable' for queue 'q1' in vhost '/': received 'false' but current is 'true'"
+    );
+    assert_eq!(
+        api.put(q, r#"{"durable":true,"arguments":{"x-max-length":10}}"#)
+            .await
+            .error(400, "bad_request"),
+        "inequivalent arg 'x-max-length' for queue 'q1' in vhost '/': received the value '10' of type 'long' but current is none"
+    );
+    assert_eq!(
+        api.put(
+            "/api/queues/%2F/bad",
+            r#"{"arguments":{"x-max-length":"abc"}}"#
+        )
+        .await
+        .error(400, "bad_request"),
+        "invalid arg 'x-max-length' for queue 'bad' in vhost '/': \"expected integer, got longstr\""
+    );
+    assert_eq!(
+        api.put(
+            "/api/queues/%2F/bad",
+            r#"{"arguments":{"x-message-ttl":-1}}"#
+        )
+        .await
+        .error(400, "bad_request"),
+        "invalid arg 'x-message-ttl' for queue 'bad' in vhost '/': {value_negative,-1}"
+    );
+    assert_eq!(
+        api.put("/api/queues/%2F/amq.q", "{}")
+            .await
+            .error(401, "not_authorised"),
+        "Access refused."
+    );
+    assert_eq!(
+        api.put("/api/queues/missing/q", "{}")
+            .await
+            .error(404, "not_found"),
+        "vhost_not_found"
+    );
+    // A queue declared over HTTP is the same queue AMQP sees; its counts show here.
+    let conn = b.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    for i in 0..5u8 {
+        ch.basic_publish(
+            "".into(),
+            "q1".into(),
+            BasicPublishOptions::default(),
+            &[i],
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap();
+    }
+    ch.basic_qos(2, BasicQosOptions::default()).await.unwrap();
+    let _consumer = ch
+        .basic_consume(
+            "q1".into(),
+            "ctag-1".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    eventually("counts", || async {
+        let o = api.json(q).await;
+        o["messages"] == 5
+            && o["messages_ready"] == 3
+            && o["messages_unacknowledged"] == 2
+            && o["consumers"] == 1
+    })
+    .await;
+    let o = api.json(q).await;
+    assert_eq!(o["durable"], true);
+    assert_eq!(o["type"], "classic");
+    assert_eq!(o["state"], "running");
+    let details = &o["consumer_details"][0];
+    assert_eq!(details["consumer_tag"], "ctag-1");
+    assert_eq!(details["prefetch_count"], 2);
+    assert_eq!(details["queue"], json!({"name": "q1", "vhost": "/"}));
+    assert_eq!(o["message_stats"]["publish"], 5);
+    assert_eq!(o["message_stats"]["deliver"], 2);
+    // Lists: sort, columns, pagination.
+    api.put("/api/queues/%2F/a-first", "{}").await.status(201);
+    let list = api.json("/api/queues?columns=name,messages").await;
+    assert_eq!(
+        list,
+        json!([{"name": "a-first", "messages": 0}, {"name": "q1", "messages": 5}])
+    );
+    let sorted = api
+        .json("/api/queues/%2F?sort=messages&sort_reverse=true&columns=name")
+        .await;
+    assert_eq!(sorted[0]["name"], "q1");
+    let page = api.json("/api/queues?page=2&page_size=1").await;
+    assert_eq!(page["items"][0]["name"], "q1");
+    assert_eq!(
+        (page["page_count"].clone(), page["total_count"].clone()),
+        (json!(2), json!(2))
+    );
+    assert_eq!(
+        api.get("/api/queues?page=9&page_size=1")
+            .await
+            .error(400, "page_out_of_range"),
+        "Page out of range, page: 9 page size: 1, len: 2"
+    );
+    // Delete with conditions, purge.
+    let del = |query: &'static str| {
+        let api = &api;
+        async move {
+            api.send(reqwest::Method::DELETE, &format!("{q}{query}"), None, &[])
+                .await
+        }
+    };
+    assert_eq!(
+        del("?if-unused=true").await.error(400, "bad_request"),
+        "queue 'q1' in vhost '/' in use"
+    );
+    conn.close(200, "bye".into()).await.unwrap();
+    eventually("requeued", || async {
+        api.json(q).await["messages_ready"] == 5
+    })
+    .await;
+    assert_eq!(
+        del("?if-empty=true").await.error(400, "bad_request"),
+        "queue 'q1' in vhost '/' not empty"
+    );
+    api.delete(&format!("{q}/contents")).await.status(204);
+    assert_eq!(api.json(q).await["messages"], 0);
+    del("?if-empty=true").await.status(204);
+    api.get(q).await.error(404, "Object Not Found");
+    api.delete(q).await.error(404, "Object Not Found");
+    api.delete(&format!("{q}/contents"))
+        .await
+        .error(404, "Object Not Found");
+}
+
+#[tokio::test]
+async fn exclusive_queues_of_a_connection_are_locked_to_http_too() {
+    let (b, api) = broker().await;
+    let conn = b.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        "excl".into(),
+        QueueDeclareOptions {
+            exclusive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let o = api.json("/api/queues/%2F/excl").await;
+    assert_eq!(o["exclusive"], true);
+    assert!(
+        o["owner_pid_details"]["name"]
+            .as_str()
+            .unwrap()
+            .contains(" -> ")
+    );
+    let r = api
+        .put("/api/queues/%2F/excl", "{}")
+        .await
+        .error(400, "bad_request");
+    assert!(
+        r.as_str()
+            .unwrap()
+            .starts_with("cannot obtain exclusive access to locked queue 'excl'")
+    );
+    let r = api
+        .delete("/api/queues/%2F/excl")
+        .await
+        .error(400, "bad_request");
+    assert!(
+        r.as_str()
+            .unwrap()
+            .starts_with("cannot obtain exclusive access")
+    );
+    let defs = api.json("/api/definitions").await;
+    assert!(
+        defs["queues"].as_array().unwrap().is_empty(),
+        "exclusive queues are not exported"
+    );
+}
+
+// ------------------------------------------------------------------------------------ bindings
+
+#[tokio::test]
+async fn bindings_are_created_listed_found_by_properties_key_and_deleted() {
+    let (b, api) = broker().await;
+    api.put("/api/exchanges/%2F/bx", r#"{"type":"topic"}"#)
+        .await
+        .status(201);
+    api.put("/api/exchanges/%2F/bx2", r#"{"type":"fanout"}"#)
+        .await
+        .status(201);
+    api.put("/api/queues/%2F/bq", "{}").await.status(201);
+    let a = api
+        .post(
+            "/api/bindings/%2F/e/bx/q/bq",
+            r#"{"routing_key":"a.#","arguments":{}}"#,
+        )
+        .await;
+    a.status(201);
+    assert_eq!(a.headers["location"], "bq/a.%2523");
+    assert!(a.text.is_empty());
+    // Idempotent.
+    api.post("/api/bindings/%2F/e/bx/q/bq", r#"{"routing_key":"a.#"}"#)
+        .await
+        .status(201);
+    let a = api.post("/api/bindings/%2F/e/bx/q/bq", "").await;
+    assert_eq!(a.headers["location"], "bq/~");
+    api.post(
+        "/api/bindings/%2F/e/bx/q/bq",
+        r#"{"routing_key":"k","arguments":{"x-foo":"bar"}}"#,
+    )
+    .await
+    .status(201);
+    api.post("/api/bindings/%2F/e/bx/e/bx2", r#"{"routing_key":"e.#"}"#)
+        .await
+        .status(201);
+    let between = api.json("/api/bindings/%2F/e/bx/q/bq").await;
+    let between = between.as_array().unwrap();
+    assert_eq!(between.len(), 3);
+    let with_args = between.iter().find(|b| b["routing_key"] == "k").unwrap();
+    let props = with_args["properties_key"].as_str().unwrap().to_owned();
+    assert!(props.starts_with("k~"), "{props}");
+    let one = api
+        .json(&format!(
+            "/api/bindings/%2F/e/bx/q/bq/{}",
+            urlencode(&props)
+        ))
+        .await;
+    assert_eq!(one["arguments"], json!({"x-foo": "bar"}));
+    api.get("/api/bindings/%2F/e/bx/q/bq/k~nope")
+        .await
+        .error(404, "Object Not Found");
+    // The default exchange's implicit bindings are listed.
+    let all = api.json("/api/bindings/%2F").await;
+    assert!(all.as_array().unwrap().iter().any(|b| b["source"] == ""
+        && b["destination"] == "bq"
+        && b["routing_key"] == "bq"
+        && b["properties_key"] == "bq"));
+    let src = api.json("/api/exchanges/%2F/bx/bindings/source").await;
+    assert_eq!(src.as_array().unwrap().len(), 4);
+    let dst = api
+        .json("/api/exchanges/%2F/bx2/bindings/destination")
+        .await;
+    assert_eq!(dst.as_array().unwrap().len(), 1);
+    assert_eq!(
+        api.json("/api/queues/%2F/bq/bindings")
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
+    // Routing follows: a message for a.b reaches bq.
+    let conn = b.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    publish_confirmed(&ch, "bx", "a.b").await;
+    assert_eq!(ready_count(&ch, "bq").await, 1);
+    // Errors.
+    assert_eq!(
+        api.post("/api/bindings/%2F/e/bx/q/missing", "{}")
+            .await
+            .error(404, "not_found"),
+        "no queue 'missing' in vhost '/'"
+    );
+    assert_eq!(
+        api.post("/api/bindings/%2F/e/missing/q/bq", "{}")
+            .await
+            .error(404, "not_found"),
+        "no exchange 'missing' in vhost '/'"
+    );
+    assert_eq!(
+        api.post("/api/bindings/%2F/e/amq.default/q/bq", "{}")
+            .await
+            .error(401, "not_authorised"),
+        "Access refused."
+    );
+    assert_eq!(
+        api.delete("/api/bindings/%2F/e/amq.default/q/bq/bq")
+            .await
+            .error(401, "not_authorised"),
+        "Access refused."
+    );
+    // Delete.
+    api.delete("/api/bindings/%2F/e/bx/q/bq/a.%2523")
+        .await
+        .status(204);
+    api.delete("/api/bindings/%2F/e/bx/q/bq/a.%2523")
+        .await
+        .error(404, "Object Not Found");
+    api.delete(&format!(
+        "/api/bindings/%2F/e/bx/q/bq/{}",
+        urlencode(&props)
+    ))
+    .await
+    .status(204);
+    publish_confirmed(&ch, "bx", "a.c").await;
+    assert_eq!(ready_count(&ch, "bq").await, 1);
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+async fn publish_confirmed(ch: &lapin::Channel, exchange: &str, key: &str) {
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .ok();
+    ch.basic_publish(
+        exchange.into(),
+        key.into(),
+        BasicPublishOptions::default(),
+        b"m",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+}
+
+// ------------------------------------------------------------------------------ publish and get
+
+#[tokio::test]
+async fn messages_are_published_and_got_over_http() {
+    let (b, api) = broker().await;
+    api.put("/api/queues/%2F/pq", r#"{"durable":true}"#)
+        .await
+        .status(201);
+    let publish = |body: Value| {
+        let api = &api;
+        async move {
+            api.post("/api/exchanges/%2F/amq.default/publish", &body.to_string())
+                .await
+        }
+    };
+    let a = publish(json!({"properties":{"delivery_mode":2,"headers":{"k":1},"content_type":"text/plain","user_id":"guest"},"routing_key":"pq","payload":"hello","payload_encoding":"string"})).await;
+    assert_eq!(a.status(200).json(), json!({"routed": true}));
+    let a = publish(
+        json!({"properties":{},"routing_key":"pq","payload":"/w==","payload_encoding":"base64"}),
+    )
+    .await;
+    assert_eq!(a.json(), json!({"routed": true}));
+    let a = publish(
+        json!({"properties":{},"routing_key":"nowhere","payload":"x","payload_encoding":"string"}),
+    )
+    .await;
+    assert_eq!(a.json(), json!({"routed": false}));
+    // Errors.
+    assert_eq!(
+        publish(json!({"routing_key":"pq","payload":"x","payload_encoding":"string"}))
+            .await
+            .error(400, "bad_request"),
+        "[{key_missing,properties}]"
+    );
+    assert_eq!(
+        publish(
+            json!({"properties":{},"routing_key":"pq","payload":"!!!","payload_encoding":"base64"})
+        )
+        .await
+        .error(400, "bad_request"),
+        json!(["not_base64", "!!!"])
+    );
+    assert_eq!(
+        publish(
+            json!({"properties":{},"routing_key":"pq","payload":"x","payload_encoding":"bogus"})
+        )
+        .await
+        .error(400, "bad_request"),
+        json!(["unsupported_encoding", "bogus"])
+    );
+    assert_eq!(
+        publish(json!({"properties":{"user_id":"other"},"routing_key":"pq","payload":"x","payload_encoding":"string"}))
+            .await
+            .error(400, "bad_request"),
+        "406 PRECONDITION_FAILED - user_id property set to 'other' but authenticated user was 'guest'"
+    );
+    assert_eq!(
+        publish(json!({"properties":{"delivery_mode":"x"},"routing_key":"pq","payload":"x","payload_encoding":"string"}))
+            .await
+            .error(400, "bad_request"),
+        json!(["not_int", "delivery_mode"])
+    );
+    assert_eq!(
+        api.post(
+            "/api/exchanges/%2F/missing/publish",
+            r#"{"properties":{},"routing_key":"","payload":"x","payload_encoding":"string"}"#
+        )
+        .await
+        .error(400, "bad_request"),
+        "404 NOT_FOUND - no exchange 'missing' in vhost '/'"
+    );
+    api.put(
+        "/api/exchanges/%2F/internal-x",
+        r#"{"type":"fanout","internal":true}"#,
+    )
+    .await
+    .status(201);
+    assert_eq!(
+        api.post(
+            "/api/exchanges/%2F/internal-x/publish",
+            r#"{"properties":{},"routing_key":"","payload":"x","payload_encoding":"string"}"#
+        )
+        .await
+        .error(400, "bad_request"),
+        "403 ACCESS_REFUSED - cannot publish to internal exchange 'internal-x' in vhost '/'"
+    );
+    // Get: requeue keeps them, with redelivered set next time.
+    let get = |body: Value| {
+        let api = &api;
+        async move { api.post("/api/queues/%2F/pq/get", &body.to_string()).await }
+    };
+    let got = get(json!({"count":5,"ackmode":"ack_requeue_true","encoding":"auto","truncate":3}))
+        .await
+        .status(200)
+        .json();
+    let got = got.as_array().unwrap();
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0]["payload"], "hel");
+    assert_eq!(got[0]["payload_bytes"], 5);
+    assert_eq!(got[0]["message_count"], 1);
+    assert_eq!(got[0]["redelivered"], false);
+    assert_eq!(
+        got[0]["properties"],
+        json!({"delivery_mode": 2, "headers": {"k": 1}, "content_type": "text/plain", "user_id": "guest"})
+    );
+    assert_eq!(
+        (
+            got[1]["payload"].clone(),
+            got[1]["payload_encoding"].clone()
+        ),
+        (json!("/w=="), json!("base64"))
+    );
+    assert_eq!(got[1]["properties"], json!([]));
+    let again = get(json!({"count":1,"ackmode":"ack_requeue_false","encoding":"base64"}))
+        .await
+        .json();
+    assert_eq!(again[0]["redelivered"], true);
+    assert_eq!(again[0]["payload"], "aGVsbG8=");
+    assert_eq!(api.json("/api/queues/%2F/pq").await["messages"], 1);
+    get(json!({"count":1,"ackmode":"reject_requeue_false","encoding":"auto"}))
+        .await
+        .status(200);
+    assert_eq!(
+        get(json!({"count":1,"ackmode":"ack_requeue_true","encoding":"auto"}))
+            .await
+            .json(),
+        json!([])
+    );
+    assert_eq!(
+        get(json!({"count":1,"ackmode":"ack_requeue_true"}))
+            .await
+            .error(400, "bad_request"),
+        "[{key_missing,encoding}]"
+    );
+    assert_eq!(
+        get(json!({"count":1,"ackmode":"ack_requeue_true","encoding":"bogus"}))
+            .await
+            .error(400, "bad_request"),
+        "Unsupported encoding. Please use auto or base64."
+    );
+    let r = get(json!({"count":1,"ackmode":"bogus","encoding":"auto"}))
+        .await
+        .error(400, "bad_request");
+    assert!(r.as_str().unwrap().contains("ackmode"));
+    assert_eq!(
+        api.post(
+            "/api/queues/%2F/missing/get",
+            r#"{"count":1,"ackmode":"ack_requeue_true","encoding":"auto"}"#
+        )
+        .await
+        .error(404, "not_found"),
+        "NOT_FOUND - no queue 'missing' in vhost '/'"
+    );
+    // A persistent message published over HTTP survives a restart.
+    publish(json!({"properties":{"delivery_mode":2},"routing_key":"pq","payload":"kept","payload_encoding":"string"}))
+        .await
+        .status(200);
+    let b = b.restart().await;
+    let api = Api::new(&b);
+    let got = api
+        .post(
+            "/api/queues/%2F/pq/get",
+            r#"{"count":1,"ackmode":"ack_requeue_false","encoding":"auto"}"#,
+        )
+        .await
+        .json();
+    assert_eq!(got[0]["payload"], "kept");
+}
+
+// ------------------------------------------------------------- connections, channels, consumers
+
+#[tokio::test]
+async fn connections_channels_and_consumers_are_listed_and_connections_closed() {
+    let (b, api) = broker().await;
+    let conn = lapin::Connection::connect(
+        &b.uri,
+        ConnectionProperties::default().with_connection_name("my-app".into()),
+    )
+    .await
+    .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        "cq".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.basic_qos(7, BasicQosOptions::default()).await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-priority".into(), AMQPValue::LongInt(5));
+    let _c = ch
+        .basic_consume(
+            "cq".into(),
+            "tag-9".into(),
+            BasicConsumeOptions::default(),
+            args,
+        )
+        .await
+        .unwrap();
+    let conns = api.json("/api/connections").await;
+    let c = &conns[0];
+    assert_eq!(c["user_provided_name"], "my-app");
+    assert_eq!(c["user"], "guest");
+    assert_eq!(c["vhost"], "/");
+    assert_eq!(c["protocol"], "AMQP 0-9-1");
+    assert_eq!(c["auth_mechanism"], "PLAIN");
+    assert_eq!(c["channels"], 1);
+    assert_eq!(c["ssl"], false);
+    assert_eq!(c["ssl_protocol"], Value::Null);
+    assert!(c["recv_oct"].as_u64().unwrap() > 0 && c["send_oct"].as_u64().unwrap() > 0);
+    assert_eq!(c["client_properties"]["connection_name"], "my-app");
+    let name = c["name"].as_str().unwrap().to_owned();
+    let one = api
+        .json(&format!("/api/connections/{}", urlencode(&name)))
+        .await;
+    assert_eq!(one["ssl_protocol"], "");
+    let chans = api.json("/api/channels").await;
+    assert_eq!(chans[0]["name"], format!("{name} (1)"));
+    assert_eq!(chans[0]["consumer_count"], 1);
+    assert_eq!(chans[0]["prefetch_count"], 7);
+    let chan = api
+        .json(&format!(
+            "/api/channels/{}",
+            urlencode(&format!("{name} (1)"))
+        ))
+        .await;
+    assert_eq!(chan["consumer_details"][0]["consumer_tag"], "tag-9");
+    assert_eq!(
+        api.json(&format!("/api/connections/{}/channels", urlencode(&name)))
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let consumers = api.json("/api/consumers/%2F").await;
+    assert_eq!(consumers[0]["consumer_tag"], "tag-9");
+    assert_eq!(consumers[0]["arguments"], json!({"x-priority": 5}));
+    assert_eq!(consumers[0]["prefetch_count"], 7);
+    assert_eq!(consumers[0]["ack_required"], true);
+    assert_eq!(consumers[0]["channel_details"]["connection_name"], name);
+    assert_eq!(
+        api.json("/api/consumers").await.as_array().unwrap().len(),
+        1
+    );
+    assert_eq!(
+        api.json("/api/vhosts/%2F/connections")
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        api.json("/api/vhosts/%2F/channels")
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    // Closing with a reason: the client sees 320 and that reason.
+    let mut errs = errors(&conn);
+    api.send(
+        reqwest::Method::DELETE,
+        &format!("/api/connections/{}", urlencode(&name)),
+        None,
+        &[("x-reason", "maintenance")],
+    )
+    .await
+    .status(204);
+    assert_eq!(
+        within(5, errs.next()).await,
+        (320, "CONNECTION_FORCED - maintenance".into())
+    );
+    eventually("gone", || async {
+        api.json("/api/connections")
+            .await
+            .as_array()
+            .unwrap()
+            .is_empty()
+    })
+    .await;
+    api.get(&format!("/api/connections/{}", urlencode(&name)))
+        .await
+        .error(404, "Object Not Found");
+    // Without a reason: RabbitMQ's default text.
+    let conn = b.connect().await;
+    let mut errs = errors(&conn);
+    let name = api.json("/api/connections").await[0]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    api.delete(&format!("/api/connections/{}", urlencode(&name)))
+        .await
+        .status(204);
+    assert_eq!(
+        within(5, errs.next()).await,
+        (
+            320,
+            "CONNECTION_FORCED - Closed via management plugin".into()
+        )
+    );
+}
+
+// ---------------------------------------------------------------------------------- definitions
+
+#[tokio::test]
+async fn definitions_export_and_import_round_trip_between_brokers() {
+    let (_b, api) = broker().await;
+    api.put("/api/vhosts/dv", r#"{"description":"defs"}"#)
+        .await
+        .status(201);
+    api.put("/api/users/du", r#"{"password":"pw","tags":"management"}"#)
+        .await
+        .status(201);
+    api.put(
+        "/api/permissions/dv/du",
+        r#"{"configure":".*","write":".*","read":"^r"}"#,
+    )
+    .await
+    .status(201);
+    api.put("/api/vhost-limits/dv/max-queues", r#"{"value":10}"#)
+        .await
+        .status(204);
+    api.put("/api/exchanges/dv/dx", r#"{"type":"topic","durable":true}"#)
+        .await
+        .status(201);
+    api.put(
+        "/api/queues/dv/dq",
+        r#"{"durable":true,"arguments":{"x-max-length":5}}"#,
+    )
+    .await
+    .status(201);
+    api.post("/api/bindings/dv/e/dx/q/dq", r#"{"routing_key":"k.*"}"#)
+        .await
+        .status(201);
+    let defs = api.json("/api/definitions").await;
+    for key in [
+        "rabbit_version",
+        "rabbitmq_version",
+        "product_name",
+        "product_version",
+        "users",
+        "vhosts",
+        "permissions",
+        "topic_permissions",
+        "parameters",
+        "global_parameters",
+        "policies",
+        "queues",
+        "exchanges",
+        "bindings",
+    ] {
+        assert!(defs.get(key).is_some(), "no {key} in {defs}");
+    }
+    assert_eq!(
+        defs["queues"],
+        json!([{"name": "dq", "vhost": "dv", "durable": true, "auto_delete": false, "arguments": {"x-max-length": 5}}])
+    );
+    assert_eq!(
+        defs["bindings"],
+        json!([{"source": "dx", "vhost": "dv", "destination": "dq", "destination_type": "queue", "routing_key": "k.*", "arguments": {}}])
+    );
+    assert_eq!(defs["exchanges"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        defs["parameters"],
+        json!([{"value": {"max-queues": 10}, "vhost": "dv", "component": "vhost-limits", "name": "limits"}])
+    );
+    let vhost_defs = api.json("/api/definitions/dv").await;
+    assert_eq!(vhost_defs["queues"][0].get("vhost"), None);
+
+    // Into a fresh broker: everything comes back, and the user logs in with its password.
+    let (b2, api2) = broker().await;
+    api2.post("/api/definitions", &defs.to_string())
+        .await
+        .status(204);
+    let defs2 = api2.json("/api/definitions").await;
+    for key in [
+        "users",
+        "vhosts",
+        "queues",
+        "exchanges",
+        "bindings",
+        "parameters",
+    ] {
+        assert_eq!(defs2[key], defs[key], "{key}");
+    }
+    let mut perms2 = defs2["permissions"].as_array().unwrap().clone();
+    let mut perms = defs["permissions"].as_array().unwrap().clone();
+    perms.sort_by_key(|p| p.to_string());
+    perms2.sort_by_key(|p| p.to_string());
+    assert_eq!(perms2, perms);
+    let conn = TestBroker::connect_uri(&format!("amqp://du:pw@{}/dv", b2.addr)).await;
+    drop(conn);
+    // Importing the same document again changes nothing.
+    api2.post("/api/definitions", &defs.to_string())
+        .await
+        .status(204);
+    assert_eq!(
+        api2.json("/api/definitions").await["queues"],
+        defs["queues"]
+    );
+}
+
+#[tokio::test]
+async fn definitions_exported_by_rabbitmq_import_and_their_users_log_in() {
+    let (b, api) = broker().await;
+    // Shaped as RabbitMQ 3.10.8 exports them; the hash is RabbitMQ's own for "guest".
+    let rabbit = json!({
+        "rabbit_version": "3.10.8",
+        "rabbitmq_version": "3.10.8",
+        "product_name": "RabbitMQ",
+        "product_version": "3.10.8",
+        "users": [{"name": "from-rabbit", "password_hash": "tNw9BXnU5veYiV/gu8OUTGBmm7uRqk2TBKso8QfEeRBHaum6", "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": ["management"], "limits": {}}],
+        "vhosts": [{"name": "rv"}],
+        "permissions": [{"user": "from-rabbit", "vhost": "rv", "configure": ".*", "write": ".*", "read": ".*"}],
+        "topic_permissions": [],
+        "parameters": [{"value": {"max-connections": 100}, "vhost": "rv", "component": "vhost-limits", "name": "limits"}],
+        "global_parameters": [{"name": "internal_cluster_id", "value": "rabbitmq-cluster-id-x"}],
+        "policies": [],
+        "queues": [{"name": "rq", "vhost": "rv", "durable": true, "auto_delete": false, "arguments": {"x-queue-type": "classic"}}],
+        "exchanges": [{"name": "rx", "vhost": "rv", "type": "direct", "durable": true, "auto_delete": false, "internal": false, "arguments": {}}],
+        "bindings": [{"source": "rx", "vhost": "rv", "destination": "rq", "destination_type": "queue", "routing_key": "r", "arguments": {}}]
+    });
+    api.post("/api/definitions", &rabbit.to_string())
+        .await
+        .status(204);
+    let conn = TestBroker::connect_uri(&format!("amqp://from-rabbit:guest@{}/rv", b.addr)).await;
+    let ch = conn.create_channel().await.unwrap();
+    publish_confirmed(&ch, "rx", "r").await;
+    assert_eq!(ready_count(&ch, "rq").await, 1);
+    assert_eq!(
+        api.json("/api/vhost-limits/rv").await[0]["value"],
+        json!({"max-connections": 100})
+    );
+}
+
+#[tokio::test]
+async fn definitions_that_cannot_be_honoured_are_refused_whole() {
+    let (_b, api) = broker().await;
+    assert_eq!(
+        api.post("/api/definitions", "{bad")
+            .await
+            .error(400, "bad_request"),
+        "failed_to_parse_json"
+    );
+    assert_eq!(
+        api.post("/api/definitions", "[]")
+            .await
+            .error(400, "bad_request"),
+        "failed_to_parse_json"
+    );
+    let r = api
+        .post(
+            "/api/definitions",
+            r#"{"vhosts":[{"name":"never"}],"policies":[{"vhost":"/","name":"p","pattern":".*","apply-to":"queues","definition":{"max-length":1},"priority":0}]}"#,
+        )
+        .await
+        .error(400, "bad_request");
+    assert!(r.as_str().unwrap().contains("policies"), "{r}");
+    assert_eq!(
+        api.post(
+            "/api/definitions",
+            r#"{"vhosts":[{"name":"never"}],"queues":[{"name":"q","vhost":"nope","durable":true,"auto_delete":false,"arguments":{}}]}"#
+        )
+        .await
+        .error(400, "bad_request"),
+        json!(["no_such_vhost", "nope"])
+    );
+    assert_eq!(
+        api.post(
+            "/api/definitions",
+            r#"{"users":[{"name":"u","password":"p"}]}"#
+        )
+        .await
+        .error(400, "bad_request"),
+        "tags_not_present"
+    );
+    let r = api
+        .post(
+            "/api/definitions",
+            r#"{"queues":[{"name":"qq","vhost":"/","durable":true,"auto_delete":false,"arguments":{},"type":"quorum"}]}"#,
+        )
+        .await
+        .error(400, "bad_request");
+    assert!(r.as_str().unwrap().contains("quorum"), "{r}");
+    // Nothing of the refused documents was applied.
+    api.get("/api/vhosts/never")
+        .await
+        .error(404, "Object Not Found");
+    api.get("/api/users/u").await.error(404, "Object Not Found");
+    // A vhost's own import.
+    api.put("/api/vhosts/iv", "").await.status(201);
+    api.post(
+        "/api/definitions/iv",
+        r#"{"queues":[{"name":"iq","durable":true,"auto_delete":false,"arguments":{}}],"exchanges":[],"bindings":[],"policies":[]}"#,
+    )
+    .await
+    .status(204);
+    api.json("/api/queues/iv/iq").await;
+    assert_eq!(
+        api.post("/api/definitions/missing", "{}")
+            .await
+            .error(404, "not_found"),
+        "vhost_not_found"
+    );
+}
+
+// --------------------------------------------------------------------------------------- health
+
+#[tokio::test]
+async fn health_checks_report_alarms_listeners_and_aliveness() {
+    let (b, api) = broker().await;
+    assert_eq!(
+        api.json("/api/health/checks/alarms").await,
+        json!({"status": "ok"})
+    );
+    assert_eq!(
+        api.json("/api/health/checks/virtual-hosts").await,
+        json!({"status": "ok"})
+    );
+    let port = b.running().amqp_addr.port();
+    assert_eq!(
+        api.json(&format!("/api/health/checks/port-listener/{port}"))
+            .await,
+        json!({"status": "ok", "port": port})
+    );
+    let a = api.get("/api/health/checks/port-listener/1").await;
+    a.status(503);
+    assert_eq!(a.json()["status"], "failed");
+    assert_eq!(
+        api.get("/api/health/checks/port-listener/abc")
+            .await
+            .error(400, "bad_request"),
+        "Invalid port"
+    );
+    api.json("/api/health/checks/protocol-listener/amqp").await;
+    api.get("/api/health/checks/protocol-listener/mqtt")
+        .await
+        .status(503);
+    assert_eq!(
+        api.json("/api/aliveness-test/%2F").await,
+        json!({"status": "ok"})
+    );
+    api.json("/api/queues/%2F/aliveness-test").await;
+    api.get("/api/aliveness-test/missing")
+        .await
+        .error(404, "Object Not Found");
+    // A memory alarm fails the alarm checks with 503.
+    b.broker().alarms.set_memory_limit(1);
+    let a = api.get("/api/health/checks/alarms").await;
+    a.status(503);
+    assert_eq!(
+        a.json(),
+        json!({"alarms": [{"node": b.broker().config.node_name, "resource": "memory"}], "reason": "There are alarms in effect in the cluster", "status": "failed"})
+    );
+    api.get("/api/health/checks/local-alarms").await.status(503);
+    b.broker().alarms.set_memory_limit(u64::MAX);
+    api.json("/api/health/checks/alarms").await;
+}
