@@ -78,8 +78,22 @@ impl RunningBroker {
 
 /// Opens the data directory, binds the listeners and starts serving.
 pub async fn start(config: Config) -> Result<RunningBroker, StartError> {
+    // The TLS files are read first: a broker that cannot serve its TLS listeners fails
+    // before it has touched its data directory.
+    let tls = tls_settings(&config)?;
     let broker = Broker::open(config)?;
-    start_with(broker).await
+    serve(broker, tls).await
+}
+
+/// The TLS settings of the AMQPS and HTTPS listeners, if there are any.
+fn tls_settings(config: &Config) -> Result<Option<Arc<rustls::ServerConfig>>, StartError> {
+    if config.amqps_listen.is_some() || config.management_tls_listen.is_some() {
+        tls::server_config(config)
+            .map(Some)
+            .map_err(StartError::Tls)
+    } else {
+        Ok(None)
+    }
 }
 
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
@@ -98,12 +112,15 @@ async fn wait_for(mut shutdown: watch::Receiver<bool>) {
 
 /// Starts serving an already opened broker.
 pub async fn start_with(broker: Arc<Broker>) -> Result<RunningBroker, StartError> {
+    let tls = tls_settings(&broker.config)?;
+    serve(broker, tls).await
+}
+
+async fn serve(
+    broker: Arc<Broker>,
+    tls_config: Option<Arc<rustls::ServerConfig>>,
+) -> Result<RunningBroker, StartError> {
     let config = broker.config.clone();
-    let tls_config = if config.amqps_listen.is_some() || config.management_tls_listen.is_some() {
-        Some(tls::server_config(&config).map_err(StartError::Tls)?)
-    } else {
-        None
-    };
     let handshake = Duration::from_secs(config.handshake_timeout);
     let (amqp, amqp_addr) = bind(config.amqp_listen).await?;
     let (management, management_addr) = bind(config.management_listen).await?;

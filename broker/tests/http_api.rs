@@ -899,6 +899,10 @@ async fn queues_are_declared_inspected_purged_and_deleted() {
     assert_eq!(details["queue"], json!({"name": "q1", "vhost": "/"}));
     assert_eq!(o["message_stats"]["publish"], 5);
     assert_eq!(o["message_stats"]["deliver"], 2);
+    // One-byte bodies: three ready, two out with the consumer.
+    assert_eq!(o["message_bytes"], 5);
+    assert_eq!(o["message_bytes_ready"], 3);
+    assert_eq!(o["message_bytes_unacknowledged"], 2);
     // Lists: sort, columns, pagination.
     api.put("/api/queues/%2F/a-first", "{}").await.status(201);
     let list = api.json("/api/queues?columns=name,messages").await;
@@ -1692,7 +1696,21 @@ async fn health_checks_report_alarms_listeners_and_aliveness() {
         api.json("/api/aliveness-test/%2F").await,
         json!({"status": "ok"})
     );
-    api.json("/api/queues/%2F/aliveness-test").await;
+    let q = api.json("/api/queues/%2F/aliveness-test").await;
+    assert_eq!(q["messages"], 0, "the test message is consumed: {q}");
+    // A stray message ahead of the test message is consumed with it.
+    api.post(
+        "/api/exchanges/%2F/amq.default/publish",
+        r#"{"properties":{},"routing_key":"aliveness-test","payload":"stray","payload_encoding":"string"}"#,
+    )
+    .await
+    .status(200);
+    assert_eq!(
+        api.json("/api/aliveness-test/%2F").await,
+        json!({"status": "ok"})
+    );
+    let q = api.json("/api/queues/%2F/aliveness-test").await;
+    assert_eq!(q["messages"], 0, "{q}");
     api.get("/api/aliveness-test/missing")
         .await
         .error(404, "Object Not Found");

@@ -30,6 +30,23 @@ impl Traffic {
         self.send_oct.fetch_add(bytes as u64, Ordering::Relaxed);
         self.send_cnt.fetch_add(1, Ordering::Relaxed);
     }
+
+    /// A reading: `[recv_oct, send_oct, recv_cnt, send_cnt]`.
+    pub fn read(&self) -> [u64; 4] {
+        [
+            self.recv_oct.load(Ordering::Relaxed),
+            self.send_oct.load(Ordering::Relaxed),
+            self.recv_cnt.load(Ordering::Relaxed),
+            self.send_cnt.load(Ordering::Relaxed),
+        ]
+    }
+
+    fn absorb(&self, [recv_oct, send_oct, recv_cnt, send_cnt]: [u64; 4]) {
+        self.recv_oct.fetch_add(recv_oct, Ordering::Relaxed);
+        self.send_oct.fetch_add(send_oct, Ordering::Relaxed);
+        self.recv_cnt.fetch_add(recv_cnt, Ordering::Relaxed);
+        self.send_cnt.fetch_add(send_cnt, Ordering::Relaxed);
+    }
 }
 
 /// A consumer as the management API lists it.
@@ -177,6 +194,8 @@ pub struct Connections {
     /// `open`, and totals are read under its read lock: no reading counts them twice or
     /// misses them.
     closed: MessageStats,
+    /// Traffic of closed connections, moved here the same way.
+    closed_traffic: Traffic,
 }
 
 impl Connections {
@@ -188,6 +207,7 @@ impl Connections {
     pub fn remove(&self, id: u64) {
         let mut open = self.open.write();
         if let Some(info) = open.remove(&id) {
+            self.closed_traffic.absorb(info.traffic.read());
             for ch in std::mem::take(&mut *info.channels.write()).into_values() {
                 self.closed.absorb(&ch.stats().read());
             }
@@ -213,6 +233,19 @@ impl Connections {
         for c in open.values() {
             for ch in c.channels.read().values() {
                 total += ch.stats().read();
+            }
+        }
+        total
+    }
+
+    /// The node's traffic since it started, as [`Traffic::read`] orders it: open connections
+    /// and closed ones, so the sums never go down.
+    pub fn traffic_totals(&self) -> [u64; 4] {
+        let open = self.open.read();
+        let mut total = self.closed_traffic.read();
+        for c in open.values() {
+            for (t, v) in total.iter_mut().zip(c.traffic.read()) {
+                *t += v;
             }
         }
         total

@@ -133,6 +133,8 @@ struct QueueState {
     ready: ReadyList,
     next_seq: u64,
     unacked: u64,
+    /// Body bytes of the unacknowledged messages.
+    unacked_bytes: u64,
     /// Sorted by priority, highest first; round-robin within a priority.
     consumers: Vec<Arc<Consumer>>,
     dispatch_pass: u64,
@@ -202,6 +204,7 @@ pub struct QueueLengths {
     /// Ready messages held in memory (the rest are paged out to the store).
     pub in_memory: u64,
     pub unacked: u64,
+    pub unacked_bytes: u64,
     pub consumers: u64,
 }
 
@@ -269,6 +272,7 @@ impl Queue {
                 ready: ReadyList::recovered(window, recovered),
                 next_seq: recovered.next_seq,
                 unacked: 0,
+                unacked_bytes: 0,
                 consumers: Vec::new(),
                 dispatch_pass: 0,
                 had_consumer: false,
@@ -305,6 +309,7 @@ impl Queue {
             ready_bytes: st.ready.bytes(),
             in_memory: st.ready.in_memory() as u64,
             unacked: st.unacked,
+            unacked_bytes: st.unacked_bytes,
             consumers: st.consumers.len() as u64,
         }
     }
@@ -418,6 +423,7 @@ impl Queue {
                 break;
             };
             let (seq, location, redelivered) = (msg.seq, msg.location, msg.redelivered);
+            let body_len = msg.message.body.len() as u64;
             match consumer.sink.offer(self, &consumer, msg) {
                 Ok(()) => {
                     self.count_delivery(redelivered, false, consumer.no_ack);
@@ -425,6 +431,7 @@ impl Queue {
                         forget(&self.store, seq, location);
                     } else {
                         st.unacked += 1;
+                        st.unacked_bytes += body_len;
                         consumer.unacked.fetch_add(1, Ordering::Relaxed);
                         delivered(&self.store, seq, location);
                     }
@@ -451,6 +458,7 @@ impl Queue {
             forget(&self.store, msg.seq, msg.location);
         } else {
             st.unacked += 1;
+            st.unacked_bytes += msg.message.body.len() as u64;
             delivered(&self.store, msg.seq, msg.location);
         }
         Some((msg, st.ready.len() as u32))
@@ -466,6 +474,9 @@ impl Queue {
         let mut st = self.state.lock();
         for d in delivered {
             st.unacked = st.unacked.saturating_sub(1);
+            st.unacked_bytes = st
+                .unacked_bytes
+                .saturating_sub(d.msg.message.body.len() as u64);
             if let Some(c) = &d.consumer {
                 c.unacked.fetch_sub(1, Ordering::Relaxed);
             }
@@ -479,6 +490,9 @@ impl Queue {
         let mut st = self.state.lock();
         for d in delivered {
             st.unacked = st.unacked.saturating_sub(1);
+            st.unacked_bytes = st
+                .unacked_bytes
+                .saturating_sub(d.msg.message.body.len() as u64);
             if let Some(c) = &d.consumer {
                 c.unacked.fetch_sub(1, Ordering::Relaxed);
             }

@@ -96,6 +96,11 @@ pub struct Churn {
     pub queue_declared: AtomicU64,
     pub queue_created: AtomicU64,
     pub queue_deleted: AtomicU64,
+    /// Counters of deleted queues, so the node's sums over queues never go down. A queue's
+    /// counters move here under the write side of `retiring`; a scrape walks the queues under
+    /// its read side, and sees each queue's counters exactly once.
+    pub retired_queues: MessageStats,
+    pub retiring: parking_lot::RwLock<()>,
 }
 
 /// A reading of [`Churn`].

@@ -602,10 +602,12 @@ impl Vhost {
 
     fn forget_queue_locked(&self, q: &Arc<Queue>) -> AmqpResult<()> {
         {
+            let _retiring = self.churn.retiring.write();
             let mut queues = self.queues.write();
             if queues.get(q.name()).is_some_and(|cur| Arc::ptr_eq(cur, q)) {
                 queues.remove(q.name());
                 MessageStats::bump(&self.churn.queue_deleted);
+                self.churn.retired_queues.absorb(&q.stats.read());
             }
         }
         let dest = Destination::Queue(q.clone());
@@ -744,7 +746,14 @@ impl Vhost {
     /// is being deleted.
     pub fn remove_everything(&self) {
         let _t = self.topology.lock();
-        let queues: Vec<_> = self.queues.write().drain().map(|(_, q)| q).collect();
+        let queues: Vec<_> = {
+            let _retiring = self.churn.retiring.write();
+            let queues: Vec<_> = self.queues.write().drain().map(|(_, q)| q).collect();
+            for q in &queues {
+                self.churn.retired_queues.absorb(&q.stats.read());
+            }
+            queues
+        };
         self.churn
             .queue_deleted
             .fetch_add(queues.len() as u64, std::sync::atomic::Ordering::Relaxed);

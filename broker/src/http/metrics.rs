@@ -197,6 +197,16 @@ const QUEUE_FAMILIES: &[(&str, &str, MetricType)] = &[
         "Total number of messages acknowledged from the queue",
         COUNTER,
     ),
+    (
+        "rabbitmq_queue_messages_bytes",
+        "Size in bytes of ready and unacknowledged messages",
+        GAUGE,
+    ),
+    (
+        "rabbitmq_queue_messages_unacked_bytes",
+        "Size in bytes of all unacknowledged messages",
+        GAUGE,
+    ),
 ];
 
 const CHANNEL_GAUGES: &[(&str, &str, MetricType)] = &[
@@ -563,36 +573,65 @@ pub fn render(state: &AppState, per_object: bool) -> prometheus::Result<Vec<u8>>
     );
     out.gauge("rabbitmq_erlang_uptime_seconds", "Node uptime", uptime);
 
-    // Queues.
+    // Queues, walked under the read side of `retiring`: a queue deleted meanwhile is either
+    // walked or already in the retired counters, never both or neither.
+    let retiring = broker.churn.retiring.read();
     let mut queue_rows = Vec::new();
+    let mut queue_count = 0usize;
     let mut consumers_total = 0.0;
+    // The node's sums keep the counters of deleted queues, so they never go down.
+    let r = broker.churn.retired_queues.read();
+    let mut sums = [0.0; QUEUE_FAMILIES.len()];
+    for (sum, retired) in sums[8..]
+        .iter_mut()
+        .zip([r.publish, r.deliver_get(), r.redeliver, r.ack])
+    {
+        *sum = retired as f64;
+    }
     for v in broker.vhosts() {
         for q in v.queues() {
             let l = q.lengths();
             let c = q.stats.read();
+            queue_count += 1;
             consumers_total += l.consumers as f64;
-            queue_rows.push(Row {
-                labels: vec![
-                    ("vhost", v.name.to_string()),
-                    ("queue", q.name().to_owned()),
-                ],
-                values: vec![
-                    l.ready as f64,
-                    l.unacked as f64,
-                    (l.ready + l.unacked) as f64,
-                    l.consumers as f64,
-                    l.in_memory as f64,
-                    l.in_memory as f64,
-                    l.ready_bytes as f64,
-                    l.ready.saturating_sub(l.in_memory) as f64,
-                    c.publish as f64,
-                    c.deliver_get() as f64,
-                    c.redeliver as f64,
-                    c.ack as f64,
-                ],
-            });
+            let values = [
+                l.ready as f64,
+                l.unacked as f64,
+                (l.ready + l.unacked) as f64,
+                l.consumers as f64,
+                l.in_memory as f64,
+                l.in_memory as f64,
+                l.ready_bytes as f64,
+                l.ready.saturating_sub(l.in_memory) as f64,
+                c.publish as f64,
+                c.deliver_get() as f64,
+                c.redeliver as f64,
+                c.ack as f64,
+                (l.ready_bytes + l.unacked_bytes) as f64,
+                l.unacked_bytes as f64,
+            ];
+            if per_object {
+                queue_rows.push(Row {
+                    labels: vec![
+                        ("vhost", v.name.to_string()),
+                        ("queue", q.name().to_owned()),
+                    ],
+                    values: values.to_vec(),
+                });
+            } else {
+                for (sum, value) in sums.iter_mut().zip(values) {
+                    *sum += value;
+                }
+            }
         }
     }
+    if !per_object {
+        queue_rows.push(Row {
+            labels: Vec::new(),
+            values: sums.to_vec(),
+        });
+    }
+    drop(retiring);
     object_families(&mut out, QUEUE_FAMILIES, &queue_rows, per_object);
 
     // Channels and connections.
@@ -656,6 +695,21 @@ pub fn render(state: &AppState, per_object: bool) -> prometheus::Result<Vec<u8>>
         };
         out.add(name, help, COUNTER, metrics);
     }
+    if !per_object {
+        // Traffic of closed connections stays in the node's sums.
+        let [recv_oct, send_oct, recv_cnt, send_cnt] = broker.connections.traffic_totals();
+        connection_rows = vec![Row {
+            labels: Vec::new(),
+            values: vec![
+                recv_oct as f64,
+                send_oct as f64,
+                recv_cnt as f64,
+                send_cnt as f64,
+                0.0,
+                channels_total as f64,
+            ],
+        }];
+    }
     object_families(&mut out, CONNECTION_FAMILIES, &connection_rows, per_object);
 
     out.gauge(
@@ -673,11 +727,7 @@ pub fn render(state: &AppState, per_object: bool) -> prometheus::Result<Vec<u8>>
         "Consumers currently connected",
         consumers_total,
     );
-    out.gauge(
-        "rabbitmq_queues",
-        "Queues available",
-        queue_rows.len() as f64,
-    );
+    out.gauge("rabbitmq_queues", "Queues available", queue_count as f64);
 
     // Node-wide counters.
     let amqp = [("protocol", "amqp091")];

@@ -104,6 +104,8 @@ pub fn management_router(state: AppState) -> Router {
             "/api/users/{user}/permissions",
             get(users::user_permissions),
         )
+        .route("/api/user-limits", get(users::limits_all))
+        .route("/api/user-limits/{user}", get(users::limits_of))
         .route("/api/permissions", get(users::permissions))
         .route(
             "/api/permissions/{vhost}/{user}",
@@ -164,6 +166,10 @@ pub fn management_router(state: AppState) -> Router {
             get(peers::show_connection).delete(peers::close_connection),
         )
         .route(
+            "/api/connections/username/{user}",
+            get(peers::user_connections).delete(peers::close_user_connections),
+        )
+        .route(
             "/api/connections/{name}/channels",
             get(peers::connection_channels),
         )
@@ -185,6 +191,7 @@ pub fn management_router(state: AppState) -> Router {
         .route("/api/parameters", get(overview::empty_list))
         .route("/api/global-parameters", get(overview::empty_list))
         .route("/api/topic-permissions", get(overview::empty_list))
+        .route("/api/feature-flags", get(overview::empty_list))
         .route("/api/health/checks/alarms", get(health::alarms))
         .route("/api/health/checks/local-alarms", get(health::local_alarms))
         .route(

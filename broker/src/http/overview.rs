@@ -131,7 +131,7 @@ pub async fn extensions(_state: State<AppState>, _caller: Caller) -> Response {
     ok(json!([]))
 }
 
-/// Lists Warren has no objects for (policies, parameters): always empty.
+/// Lists Warren has no objects for (policies, parameters, feature flags): always empty.
 pub async fn empty_list(_state: State<AppState>, _caller: Caller) -> Response {
     ok(json!([]))
 }
@@ -175,7 +175,14 @@ fn node_object(state: &AppState) -> Value {
         "run_queue": 0,
         "rates_mode": "basic",
         "partitions": [],
-        "applications": [],
+        // The OTP applications RabbitMQ lists; clients read the node's version from `rabbit`'s.
+        "applications": [
+            {"name": "rabbit", "description": "RabbitMQ", "version": RABBITMQ_VERSION},
+            {"name": "rabbitmq_management", "description": "RabbitMQ Management Console", "version": RABBITMQ_VERSION},
+            {"name": "rabbitmq_prometheus", "description": "Prometheus metrics for RabbitMQ", "version": RABBITMQ_VERSION},
+        ],
+        // What Warren serves of RabbitMQ's plugins: this API and the Prometheus endpoint.
+        "enabled_plugins": ["rabbitmq_management", "rabbitmq_prometheus"],
         "contexts": [],
         "exchange_types": exchange_types(),
         "listeners": listeners(state),

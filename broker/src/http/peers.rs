@@ -257,6 +257,55 @@ pub async fn close_connection(
     Ok(no_content())
 }
 
+/// `GET /api/connections/username/{user}`: a user's connections, in RabbitMQ's short form.
+pub async fn user_connections(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(user): Path<String>,
+) -> ApiResult<Response> {
+    if !caller.sees_connection(&user) {
+        return Err(ApiError::not_authorised(
+            "User not authorised to access object",
+        ));
+    }
+    let node = &state.broker.config.node_name;
+    let items: Vec<Value> = state
+        .broker
+        .connections
+        .list()
+        .iter()
+        .filter(|c| c.user == user)
+        .map(|c| json!({"name": c.name(), "vhost": c.vhost, "user": c.user, "node": node}))
+        .collect();
+    Ok(ok(Value::Array(items)))
+}
+
+/// `DELETE /api/connections/username/{user}`: closes every connection of the user, with the
+/// `X-Reason` header as the reason, as closing one does.
+pub async fn close_user_connections(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(user): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    if !caller.is_admin() && user != caller.name() {
+        return Err(ApiError::not_authorised(
+            "User not authorised to access object",
+        ));
+    }
+    let reason = headers
+        .get("x-reason")
+        .and_then(|v| v.to_str().ok())
+        .filter(|r| !r.is_empty())
+        .unwrap_or("Closed via management plugin");
+    for c in state.broker.connections.list() {
+        if c.user == user {
+            c.force_close(reason);
+        }
+    }
+    Ok(no_content())
+}
+
 fn channel_items(state: &AppState, conns: &[Arc<ConnectionInfo>]) -> Vec<Value> {
     let mut items = Vec::new();
     for c in conns {

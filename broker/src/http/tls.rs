@@ -42,13 +42,16 @@ pub fn server_config(config: &Config) -> Result<Arc<ServerConfig>, String> {
                     .add(cert)
                     .map_err(|e| format!("bad CA certificate in {}: {e}", ca_file.display()))?;
             }
+            if roots.is_empty() {
+                return Err(format!("no CA certificate in {}", ca_file.display()));
+            }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
             let verifier = if config.tls_verify_peer {
                 verifier.build()
             } else {
                 verifier.allow_unauthenticated().build()
             }
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| format!("cannot verify clients against {}: {e}", ca_file.display()))?;
             builder.with_client_cert_verifier(verifier)
         }
         None if config.tls_verify_peer => {
@@ -56,9 +59,13 @@ pub fn server_config(config: &Config) -> Result<Arc<ServerConfig>, String> {
         }
         None => builder.with_no_client_auth(),
     };
-    let mut server = builder
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("the certificate and key do not make a TLS identity: {e}"))?;
+    let mut server = builder.with_single_cert(certs, key).map_err(|e| {
+        format!(
+            "the certificate in {} and the key in {} do not make a TLS identity: {e}",
+            cert_file.display(),
+            key_file.display()
+        )
+    })?;
     server.alpn_protocols = Vec::new();
     Ok(Arc::new(server))
 }

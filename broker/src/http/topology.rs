@@ -252,10 +252,18 @@ pub fn queue_object(state: &AppState, vhost: &str, q: &Queue, detailed: bool) ->
     obj.insert("type".into(), json!("classic"));
     obj.insert("vhost".into(), json!(vhost));
     let in_memory = q.messages_in_memory() as u64;
-    let ready = reading
-        .iter()
-        .find(|(n, _)| *n == "messages_ready")
-        .map_or(0, |(_, v)| *v);
+    let lengths = q.lengths();
+    let ready = lengths.ready;
+    // Body bytes, as RabbitMQ counts them.
+    obj.insert(
+        "message_bytes".into(),
+        json!(lengths.ready_bytes + lengths.unacked_bytes),
+    );
+    obj.insert("message_bytes_ready".into(), json!(lengths.ready_bytes));
+    obj.insert(
+        "message_bytes_unacknowledged".into(),
+        json!(lengths.unacked_bytes),
+    );
     obj.insert("messages_ram".into(), json!(in_memory));
     obj.insert("messages_ready_ram".into(), json!(in_memory));
     obj.insert(

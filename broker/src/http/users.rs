@@ -158,6 +158,25 @@ pub async fn delete(
     Ok(no_content())
 }
 
+/// `GET /api/user-limits`: Warren has no per-user limits, so none are ever set.
+pub async fn limits_all(State(_state): State<AppState>, caller: Caller) -> ApiResult<Response> {
+    caller.require_admin()?;
+    Ok(ok(json!([])))
+}
+
+/// `GET /api/user-limits/{user}`: an empty list for a user, 404 for no such user.
+pub async fn limits_of(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    caller.require_admin()?;
+    if state.broker.users.get(&name).is_none() {
+        return Err(ApiError::not_found());
+    }
+    Ok(ok(json!([])))
+}
+
 pub async fn bulk_delete(
     State(state): State<AppState>,
     caller: Caller,
