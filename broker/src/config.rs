@@ -122,11 +122,17 @@ pub struct Flags {
     pub amqp_listen: Option<SocketAddr>,
     #[arg(long, env = "WARREN_AMQPS_LISTEN")]
     pub amqps_listen: Option<SocketAddr>,
-    #[arg(long, env = "WARREN_MANAGEMENT_LISTEN")]
+    /// Also `--mgmt-listen`, the name DESIGN.md gives it.
+    #[arg(long, env = "WARREN_MANAGEMENT_LISTEN", visible_alias = "mgmt-listen")]
     pub management_listen: Option<SocketAddr>,
     #[arg(long, env = "WARREN_MANAGEMENT_TLS_LISTEN")]
     pub management_tls_listen: Option<SocketAddr>,
-    #[arg(long, env = "WARREN_PROMETHEUS_LISTEN")]
+    /// Also `--metrics-listen`, the name DESIGN.md gives it.
+    #[arg(
+        long,
+        env = "WARREN_PROMETHEUS_LISTEN",
+        visible_alias = "metrics-listen"
+    )]
     pub prometheus_listen: Option<SocketAddr>,
     #[arg(long, env = "WARREN_TLS_CERT_FILE")]
     pub tls_cert_file: Option<PathBuf>,
@@ -340,6 +346,22 @@ mod tests {
         assert_eq!(config.heartbeat, 5);
         assert_eq!(config.frame_max, 8192);
         assert_eq!(config.channel_max, 2047);
+    }
+
+    #[test]
+    fn listener_flags_take_the_names_design_md_gives_them_too() {
+        use clap::Parser;
+        let flags = Flags::try_parse_from([
+            "warren-broker",
+            "--mgmt-listen",
+            "127.0.0.1:1",
+            "--metrics-listen",
+            "127.0.0.1:2",
+        ])
+        .unwrap();
+        let config = Config::load(flags).unwrap();
+        assert_eq!(config.management_listen, "127.0.0.1:1".parse().unwrap());
+        assert_eq!(config.prometheus_listen, "127.0.0.1:2".parse().unwrap());
     }
 
     #[test]

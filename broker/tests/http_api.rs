@@ -1726,3 +1726,88 @@ async fn health_checks_report_alarms_listeners_and_aliveness() {
     b.broker().alarms.set_memory_limit(u64::MAX);
     api.json("/api/health/checks/alarms").await;
 }
+
+// ------------------------------------------------------- what Warren has none of, answered so
+
+#[tokio::test]
+async fn endpoints_for_features_warren_lacks_answer_empty_or_with_a_reason() {
+    let (b, api) = broker().await;
+    assert_eq!(
+        api.json("/api/cluster-name").await,
+        json!({"name": b.broker().config.node_name})
+    );
+    for path in [
+        "/api/extensions",
+        "/api/feature-flags",
+        "/api/policies",
+        "/api/policies/%2F",
+        "/api/operator-policies",
+        "/api/operator-policies/%2F",
+        "/api/parameters",
+        "/api/global-parameters",
+        "/api/topic-permissions",
+        "/api/user-limits",
+        "/api/user-limits/guest",
+    ] {
+        assert_eq!(api.json(path).await, json!([]), "{path}");
+        api.anonymous().get(path).await.status(401);
+    }
+    for path in [
+        "/api/health/checks/node-is-quorum-critical",
+        "/api/health/checks/node-is-mirror-sync-critical",
+    ] {
+        assert_eq!(api.json(path).await["status"], "ok", "{path}");
+    }
+    api.get("/api/policies/nowhere")
+        .await
+        .error(404, "Object Not Found");
+    let policy = r#"{"pattern":".*","definition":{"max-length":10},"apply-to":"queues"}"#;
+    assert_eq!(
+        api.put("/api/policies/nowhere/p", policy)
+            .await
+            .error(404, "not_found"),
+        "vhost_not_found"
+    );
+    api.get("/api/user-limits/nobody")
+        .await
+        .error(404, "Object Not Found");
+    api.get("/api/policies/%2F/ha")
+        .await
+        .error(404, "Object Not Found");
+    // Setting a policy is refused with the reason, never accepted and ignored.
+    let reason = api
+        .put("/api/policies/%2F/limit", policy)
+        .await
+        .error(400, "bad_request");
+    assert!(reason.as_str().unwrap().contains("policies"), "{reason}");
+    api.put("/api/operator-policies/%2F/limit", policy)
+        .await
+        .error(400, "bad_request");
+    api.put(
+        "/api/users/plain",
+        r#"{"password":"pw","tags":"management"}"#,
+    )
+    .await
+    .status(201);
+    assert_eq!(
+        api.as_user("plain", "pw")
+            .put("/api/policies/%2F/limit", policy)
+            .await
+            .error(401, "not_authorised"),
+        "User not authorised to access object"
+    );
+    // A user's connections, listed and closed by user name.
+    let conn = b.connect().await;
+    let mine = api.json("/api/connections/username/guest").await;
+    assert_eq!(mine.as_array().unwrap().len(), 1, "{mine}");
+    assert_eq!(mine[0]["user"], "guest");
+    assert_eq!(mine[0]["vhost"], "/");
+    assert_eq!(api.json("/api/connections/username/plain").await, json!([]));
+    let mut errs = errors(&conn);
+    api.delete("/api/connections/username/guest")
+        .await
+        .status(204);
+    let (code, text) = errs.next().await;
+    assert_eq!(code, 320);
+    assert!(text.contains("Closed via management plugin"), "{text}");
+}

@@ -49,6 +49,17 @@ impl Caller {
         }
     }
 
+    /// `policymaker` or `administrator`: may manage policies.
+    pub fn require_policymaker(&self) -> Result<(), ApiError> {
+        if has_tag(&self.user, &["administrator", "policymaker"]) {
+            Ok(())
+        } else {
+            Err(ApiError::not_authorised(
+                "User not authorised to access object",
+            ))
+        }
+    }
+
     pub fn require_monitor(&self) -> Result<(), ApiError> {
         if self.is_monitor() {
             Ok(())

@@ -186,8 +186,20 @@ pub fn management_router(state: AppState) -> Router {
             get(definitions::export_vhost).post(definitions::import_vhost),
         )
         .route("/api/policies", get(overview::empty_list))
-        .route("/api/policies/{vhost}", get(overview::empty_list))
+        .route("/api/policies/{vhost}", get(overview::vhost_policies))
+        .route(
+            "/api/policies/{vhost}/{name}",
+            get(overview::policy).put(overview::put_policy),
+        )
         .route("/api/operator-policies", get(overview::empty_list))
+        .route(
+            "/api/operator-policies/{vhost}",
+            get(overview::vhost_policies),
+        )
+        .route(
+            "/api/operator-policies/{vhost}/{name}",
+            get(overview::policy).put(overview::put_policy),
+        )
         .route("/api/parameters", get(overview::empty_list))
         .route("/api/global-parameters", get(overview::empty_list))
         .route("/api/topic-permissions", get(overview::empty_list))

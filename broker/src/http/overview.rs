@@ -136,6 +136,42 @@ pub async fn empty_list(_state: State<AppState>, _caller: Caller) -> Response {
     ok(json!([]))
 }
 
+/// `GET /api/policies/{vhost}` (and operator policies): none, in a vhost that exists.
+pub async fn vhost_policies(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Path(vhost): Path<String>,
+) -> ApiResult<Response> {
+    state.broker.vhost(&vhost).ok_or_else(ApiError::not_found)?;
+    Ok(ok(json!([])))
+}
+
+/// `GET /api/policies/{vhost}/{name}`: no policy exists; `PUT` is refused with the reason
+/// rather than accepted and ignored.
+pub async fn policy(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Path((vhost, _name)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    state.broker.vhost(&vhost).ok_or_else(ApiError::not_found)?;
+    Err(ApiError::not_found())
+}
+
+pub async fn put_policy(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((vhost, _name)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    caller.require_policymaker()?;
+    state
+        .broker
+        .vhost(&vhost)
+        .ok_or_else(ApiError::vhost_not_found)?;
+    Err(ApiError::bad_request(
+        "policies are not supported by Warren yet: set queue arguments at declaration",
+    ))
+}
+
 fn open_fds() -> u64 {
     std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64)
 }
