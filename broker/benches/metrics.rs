@@ -44,6 +44,7 @@ fn state(dir: &std::path::Path) -> AppState {
         broker,
         sampler: Arc::new(Sampler::default()),
         listeners: Arc::new(Vec::new()),
+        stopping: tokio::sync::watch::channel(false).1,
     }
 }
 

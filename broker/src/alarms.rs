@@ -61,14 +61,34 @@ pub fn resident_memory() -> u64 {
     pages * rustix::param::page_size() as u64
 }
 
-/// The machine's memory, in bytes (0 if unknown).
+/// The memory this process may use, in bytes (0 if unknown): the machine's, or the container's
+/// cgroup limit when lower (in a Kubernetes pod the limit is what the OOM killer enforces).
 pub fn total_memory() -> u64 {
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    meminfo
+    let machine = meminfo
         .lines()
         .find_map(|l| l.strip_prefix("MemTotal:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
+        .map_or(0, |kb| kb * 1024);
+    let read = |p: &str| std::fs::read_to_string(p).ok();
+    let limit = cgroup_memory_limit(
+        read("/sys/fs/cgroup/memory.max").as_deref(),
+        read("/sys/fs/cgroup/memory/memory.limit_in_bytes").as_deref(),
+    );
+    match limit {
+        Some(l) if machine == 0 || l < machine => l,
+        _ => machine,
+    }
+}
+
+/// The cgroup memory limit from cgroup v2's `memory.max` (`max` when unlimited) or v1's
+/// `memory.limit_in_bytes` (a huge number when unlimited).
+fn cgroup_memory_limit(v2: Option<&str>, v1: Option<&str>) -> Option<u64> {
+    let parse = |s: &str| s.trim().parse::<u64>().ok().filter(|&n| n > 0);
+    match v2 {
+        Some(v) => parse(v),
+        None => v1.and_then(parse).filter(|&n| n < (1 << 62)),
+    }
 }
 
 /// Free space, in bytes, for unprivileged writers in the file system holding `path`.
@@ -165,6 +185,26 @@ impl Alarms {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_container_limit_below_the_machine_is_the_memory_there_is() {
+        assert_eq!(
+            cgroup_memory_limit(Some("2147483648\n"), None),
+            Some(2 << 30)
+        );
+        assert_eq!(cgroup_memory_limit(Some("max\n"), None), None);
+        assert_eq!(
+            cgroup_memory_limit(None, Some("1073741824\n")),
+            Some(1 << 30)
+        );
+        assert_eq!(
+            cgroup_memory_limit(None, Some("9223372036854771712\n")),
+            None,
+            "cgroup v1 says unlimited with a huge number"
+        );
+        assert_eq!(cgroup_memory_limit(None, None), None);
+    }
+
     use super::*;
 
     #[test]

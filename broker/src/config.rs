@@ -146,6 +146,12 @@ pub struct Flags {
     pub stats_interval_ms: Option<u64>,
     #[arg(long, env = "WARREN_NODE_NAME")]
     pub node_name: Option<String>,
+    /// The user created on first start (an existing data directory keeps its users).
+    #[arg(long, env = "WARREN_DEFAULT_USER")]
+    pub default_user: Option<String>,
+    /// Its password; from the environment, it stays out of `ps`.
+    #[arg(long, env = "WARREN_DEFAULT_PASS", hide_env_values = true)]
+    pub default_pass: Option<String>,
     #[arg(long, env = "WARREN_FRAME_MAX")]
     pub frame_max: Option<u32>,
     #[arg(long, env = "WARREN_CHANNEL_MAX")]
@@ -224,6 +230,8 @@ impl Config {
             tls_verify_peer,
             stats_interval_ms,
             node_name,
+            default_user,
+            default_pass,
             frame_max,
             channel_max,
             heartbeat,
@@ -248,6 +256,8 @@ impl Config {
             tls_verify_peer,
             stats_interval_ms,
             node_name,
+            default_user,
+            default_pass,
             frame_max,
             channel_max,
             heartbeat,
@@ -362,6 +372,24 @@ mod tests {
         let config = Config::load(flags).unwrap();
         assert_eq!(config.management_listen, "127.0.0.1:1".parse().unwrap());
         assert_eq!(config.prometheus_listen, "127.0.0.1:2".parse().unwrap());
+    }
+
+    #[test]
+    fn the_default_user_comes_from_the_environment_too() {
+        use clap::Parser;
+        let flags = Flags::try_parse_from([
+            "warren-broker",
+            "--default-user",
+            "admin",
+            "--default-pass",
+            "s3cret",
+        ])
+        .unwrap();
+        let config = Config::load(flags).unwrap();
+        assert_eq!(
+            (config.default_user.as_str(), config.default_pass.as_str()),
+            ("admin", "s3cret")
+        );
     }
 
     #[test]

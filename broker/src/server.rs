@@ -177,6 +177,7 @@ async fn serve(
         broker: broker.clone(),
         sampler,
         listeners: Arc::new(listeners),
+        stopping: watcher.clone(),
     };
 
     let mut acceptors = vec![tokio::spawn(accept_loop(

@@ -1774,6 +1774,9 @@ async fn endpoints_for_features_warren_lacks_answer_empty_or_with_a_reason() {
     api.get("/api/policies/%2F/ha")
         .await
         .error(404, "Object Not Found");
+    api.delete("/api/policies/%2F/ha")
+        .await
+        .error(404, "Object Not Found");
     // Setting a policy is refused with the reason, never accepted and ignored.
     let reason = api
         .put("/api/policies/%2F/limit", policy)

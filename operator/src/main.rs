@@ -1,21 +1,66 @@
 //! `warren-operator`: reconciles Warren's custom resources into brokers on Kubernetes.
 //!
-//! Not built yet: this skeleton reserves the package and binary name. The operator is the
-//! subject of its own issue (CRDs, reconcilers, autoscaler, Helm chart).
+//! `warren-operator crd` prints every CustomResourceDefinition as YAML;
+//! `warren-operator crd --write DIR` writes one file per CRD into DIR (how `crds/` and
+//! `charts/warren/crds/` are made).
 
-fn main() -> std::process::ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("--version") => {
-            println!("warren-operator {}", env!("CARGO_PKG_VERSION"));
-            std::process::ExitCode::SUCCESS
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use warren_operator::crd;
+
+#[derive(Debug, Parser)]
+#[command(version, about = "Warren's Kubernetes operator")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the CustomResourceDefinitions (or write one file each into a directory).
+    Crd {
+        #[arg(long, value_name = "DIR")]
+        write: Option<PathBuf>,
+    },
+    /// Run the controllers against the cluster.
+    Run {
+        /// Take a Lease before reconciling, so two replicas are safe.
+        #[arg(long)]
+        leader_elect: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crd { write: None } => {
+            for c in crd::all() {
+                print!("---\n{}", crd::to_yaml(&c));
+            }
+            ExitCode::SUCCESS
         }
-        _ => {
+        Command::Crd { write: Some(dir) } => {
+            if let Err(e) = std::fs::create_dir_all(&dir) {
+                eprintln!("warren-operator: cannot create {}: {e}", dir.display());
+                return ExitCode::FAILURE;
+            }
+            for c in crd::all() {
+                let path = dir.join(crd::file_name(&c));
+                if let Err(e) = std::fs::write(&path, crd::to_yaml(&c)) {
+                    eprintln!("warren-operator: cannot write {}: {e}", path.display());
+                    return ExitCode::FAILURE;
+                }
+                println!("{}", path.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Run { leader_elect: _ } => {
             eprintln!(
-                "warren-operator {}: not implemented yet",
+                "warren-operator {}: the controllers are not built yet (see issue 6)",
                 env!("CARGO_PKG_VERSION")
             );
-            std::process::ExitCode::from(2)
+            ExitCode::from(2)
         }
     }
 }

@@ -69,8 +69,15 @@ impl Broker {
     /// Deletes a vhost: its connections are closed (320), its queues and their messages,
     /// exchanges, bindings and permissions removed.
     pub fn delete_vhost(&self, name: &str) -> Result<(), AdminError> {
-        let Some(v) = self.vhosts.write().remove(name) else {
-            return Err(AdminError::NotFound(format!("vhost {name} not found")));
+        // The vhost leaves the node's sums and its queues' counters enter the retired ones in
+        // one step under `retiring`, so a scrape never sees them twice or not at all.
+        let v = {
+            let _retiring = self.churn.retiring.write();
+            let Some(v) = self.vhosts.write().remove(name) else {
+                return Err(AdminError::NotFound(format!("vhost {name} not found")));
+            };
+            v.retire_counters();
+            v
         };
         for c in self.connections.in_vhost(name) {
             c.force_close(&format!("vhost '{name}' is down"));

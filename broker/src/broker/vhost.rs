@@ -742,18 +742,20 @@ impl Vhost {
         )
     }
 
+    /// Moves every queue's counters into the node's retired counters, as the vhost leaves the
+    /// node (the caller holds the write side of `churn.retiring` and has taken the vhost out of
+    /// the broker's map). Counts made after this are not kept: the queues are going.
+    pub fn retire_counters(&self) {
+        for q in self.queues.read().values() {
+            self.churn.retired_queues.absorb(&q.stats.read());
+        }
+    }
+
     /// Deletes every queue (and its stored messages) and forgets every exchange: the vhost
-    /// is being deleted.
+    /// is being deleted (after [`Vhost::retire_counters`]).
     pub fn remove_everything(&self) {
         let _t = self.topology.lock();
-        let queues: Vec<_> = {
-            let _retiring = self.churn.retiring.write();
-            let queues: Vec<_> = self.queues.write().drain().map(|(_, q)| q).collect();
-            for q in &queues {
-                self.churn.retired_queues.absorb(&q.stats.read());
-            }
-            queues
-        };
+        let queues: Vec<_> = self.queues.write().drain().map(|(_, q)| q).collect();
         self.churn
             .queue_deleted
             .fetch_add(queues.len() as u64, std::sync::atomic::Ordering::Relaxed);

@@ -18,8 +18,41 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/metrics", get(aggregated))
         .route("/metrics/per-object", get(per_object))
+        .route("/health/live", get(live))
+        .route("/health/ready", get(ready))
         .fallback(|| async { (StatusCode::NOT_FOUND, "Unknown Registry") })
         .with_state(state)
+}
+
+/// Liveness for Kubernetes probes (no credentials, like the metrics): the broker answers.
+async fn live() -> Response {
+    health(StatusCode::OK, "ok")
+}
+
+/// Readiness: every vhost is up and the broker is not shutting down (then it answers 503, so
+/// the Service stops sending it clients while it closes their connections).
+async fn ready(State(state): State<AppState>) -> Response {
+    if *state.stopping.borrow() {
+        return health(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    }
+    if state.broker.vhosts().is_empty() {
+        return health(StatusCode::SERVICE_UNAVAILABLE, "no virtual hosts");
+    }
+    health(StatusCode::OK, "ok")
+}
+
+fn health(status: StatusCode, what: &str) -> Response {
+    let body = if status == StatusCode::OK {
+        serde_json::json!({"status": "ok"})
+    } else {
+        serde_json::json!({"status": "failed", "reason": what})
+    };
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 async fn aggregated(State(state): State<AppState>) -> Response {

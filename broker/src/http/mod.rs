@@ -43,6 +43,8 @@ pub struct AppState {
     pub broker: Arc<Broker>,
     pub sampler: Arc<Sampler>,
     pub listeners: Arc<Vec<ListenerInfo>>,
+    /// True once the broker has begun to shut down (readiness then fails).
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>> for PeerAddr {
@@ -189,7 +191,9 @@ pub fn management_router(state: AppState) -> Router {
         .route("/api/policies/{vhost}", get(overview::vhost_policies))
         .route(
             "/api/policies/{vhost}/{name}",
-            get(overview::policy).put(overview::put_policy),
+            get(overview::policy)
+                .put(overview::put_policy)
+                .delete(overview::policy),
         )
         .route("/api/operator-policies", get(overview::empty_list))
         .route(
@@ -198,7 +202,9 @@ pub fn management_router(state: AppState) -> Router {
         )
         .route(
             "/api/operator-policies/{vhost}/{name}",
-            get(overview::policy).put(overview::put_policy),
+            get(overview::policy)
+                .put(overview::put_policy)
+                .delete(overview::policy),
         )
         .route("/api/parameters", get(overview::empty_list))
         .route("/api/global-parameters", get(overview::empty_list))
