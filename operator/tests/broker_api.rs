@@ -2,6 +2,9 @@
 //! operator declares is what the broker then has, repeated declarations are harmless, deleting
 //! what is gone succeeds, and refusals come back with the broker's reason.
 
+mod common;
+
+use common::Broker;
 use serde_json::json;
 use warren_operator::broker_api::{BrokerApi, BrokerError};
 use warren_operator::crd::binding::{BindingSpec, DestinationType};
@@ -9,55 +12,6 @@ use warren_operator::crd::common::{DeletionPolicy, InstanceRef};
 use warren_operator::crd::exchange::{ExchangeSpec, ExchangeType};
 use warren_operator::crd::queue::{QueueSpec, QueueType};
 use warren_operator::crd::vhost::VhostLimits;
-
-struct Broker {
-    running: Option<warren_broker::RunningBroker>,
-    _data: tempfile::TempDir,
-}
-
-impl Broker {
-    async fn start() -> Self {
-        let data = tempfile::tempdir().unwrap();
-        let config = warren_broker::Config {
-            data_dir: data.path().to_path_buf(),
-            amqp_listen: "127.0.0.1:0".parse().unwrap(),
-            management_listen: "127.0.0.1:0".parse().unwrap(),
-            prometheus_listen: "127.0.0.1:0".parse().unwrap(),
-            ..warren_broker::Config::default()
-        };
-        let running = warren_broker::start(config).await.expect("broker starts");
-        Self {
-            running: Some(running),
-            _data: data,
-        }
-    }
-
-    fn api(&self) -> BrokerApi {
-        let addr = self.running.as_ref().unwrap().management_addr;
-        BrokerApi::new(&format!("http://{addr}"), "guest", "guest")
-    }
-
-    async fn get(&self, path: &str) -> (u16, serde_json::Value) {
-        let addr = self.running.as_ref().unwrap().management_addr;
-        let r = reqwest::Client::new()
-            .get(format!("http://{addr}{path}"))
-            .basic_auth("guest", Some("guest"))
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(serde_json::Value::Null))
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Some(r) = self.running.take() {
-            // The runtime is ending with the test: a background shutdown is enough.
-            tokio::spawn(r.shutdown());
-        }
-    }
-}
 
 fn queue(vhost: &str, name: &str) -> QueueSpec {
     QueueSpec {
@@ -186,7 +140,7 @@ async fn refusals_carry_the_brokers_reason_and_say_whether_to_retry() {
     assert!(!err.is_transient());
     assert!(err.to_string().contains("inequivalent arg"), "{err}");
     // Wrong credentials and an unreachable broker.
-    let addr = b.running.as_ref().unwrap().management_addr;
+    let addr = b.management_addr();
     let wrong = BrokerApi::new(&format!("http://{addr}"), "guest", "nope");
     assert_eq!(
         wrong.check().await.unwrap_err().reason(),

@@ -1,0 +1,8 @@
+//! Reconcilers. What they decide lives in pure or broker-only functions (tested without a
+//! cluster); the Kubernetes glue (watches, finalizers, status patches) calls them.
+//!
+//! - [`conditions`]: status conditions, set as Kubernetes conventions want.
+//! - [`broker_object`]: the generic reconciler of Vhost, Queue, Exchange and Binding.
+
+pub mod broker_object;
+pub mod conditions;
