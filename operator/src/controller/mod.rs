@@ -3,6 +3,8 @@
 //!
 //! - [`conditions`]: status conditions, set as Kubernetes conventions want.
 //! - [`broker_object`]: the generic reconciler of Vhost, Queue, Exchange and Binding.
+//! - [`broker_resources`]: its Kubernetes side (finalizer, credentials, status).
 
 pub mod broker_object;
+pub mod broker_resources;
 pub mod conditions;
