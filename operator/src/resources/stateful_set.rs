@@ -9,7 +9,9 @@ use super::{
     headless_service_name, labels, name_of, namespace_of, owned_meta, selector_labels,
 };
 use crate::crd::Instance;
-use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::apps::v1::{
+    StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec,
+};
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
     HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
@@ -279,6 +281,15 @@ pub fn stateful_set(
                 spec: Some(pod),
             },
             volume_claim_templates: Some(vec![claim]),
+            // Deleting the Instance deletes its brokers' data, as it deletes their Secret: a new
+            // Instance of the same name starts clean, never with data whose users it cannot log
+            // in as. Scaling down keeps a broker's volume for when it comes back.
+            persistent_volume_claim_retention_policy: Some(
+                StatefulSetPersistentVolumeClaimRetentionPolicy {
+                    when_deleted: Some("Delete".into()),
+                    when_scaled: Some("Retain".into()),
+                },
+            ),
             ..StatefulSetSpec::default()
         }),
         ..StatefulSet::default()
@@ -307,6 +318,12 @@ mod tests {
         let spec = s.spec.as_ref().unwrap();
         assert_eq!(spec.replicas, Some(3));
         assert_eq!(spec.service_name.as_deref(), Some("demo-nodes"));
+        let retention = spec
+            .persistent_volume_claim_retention_policy
+            .as_ref()
+            .unwrap();
+        assert_eq!(retention.when_deleted.as_deref(), Some("Delete"));
+        assert_eq!(retention.when_scaled.as_deref(), Some("Retain"));
         let claim = &spec.volume_claim_templates.as_ref().unwrap()[0];
         let claim_spec = claim.spec.as_ref().unwrap();
         assert_eq!(claim_spec.storage_class_name.as_deref(), Some("fast"));

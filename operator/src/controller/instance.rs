@@ -1,0 +1,302 @@
+//! The Instance reconciler: the default-user Secret (created once, never overwritten), then the
+//! owned objects applied with server-side apply under one field manager (so hand edits of
+//! fields the operator owns are repaired), then a status that follows the StatefulSet's real
+//! readiness.
+
+use super::conditions::{self, READY, RECONCILED, SCALING, condition};
+use crate::crd::Instance;
+use crate::crd::instance::{Endpoints, InstanceStatus};
+use crate::resources::config_map::config_map;
+use crate::resources::pdb::pod_disruption_budget;
+use crate::resources::secret::default_user_secret;
+use crate::resources::service::{client_service, headless_service};
+use crate::resources::stateful_set::stateful_set;
+use crate::resources::{
+    AMQP_PORT, AMQPS_PORT, Defaults, MANAGEMENT_PORT, METRICS_PORT, client_service_name,
+    default_user_secret_name, name_of, namespace_of, selector_string,
+};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::{Api, Client, Resource};
+use rand::Rng;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The field manager of everything the operator applies.
+pub const FIELD_MANAGER: &str = "warren-operator";
+
+/// How often a settled Instance is looked at again.
+pub const RESYNC: Duration = Duration::from_secs(300);
+/// How often while brokers are starting or scaling.
+pub const WATCH_CLOSELY: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+/// What the Instance controller needs.
+pub struct InstanceContext {
+    pub client: Client,
+    pub defaults: Defaults,
+}
+
+impl std::fmt::Debug for InstanceContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InstanceContext")
+            .field("defaults", &self.defaults)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A password for the generated default user: 32 letters and digits.
+pub fn generate_password() -> String {
+    rand::rng()
+        .sample_iter(rand::distr::Alphanumeric)
+        .take(32)
+        .map(char::from)
+        .collect()
+}
+
+async fn apply<K>(client: &Client, namespace: &str, object: &K) -> Result<K, kube::Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + Serialize
+        + DeserializeOwned
+        + Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    let name = object.meta().name.clone().unwrap_or_default();
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(object),
+    )
+    .await
+}
+
+/// Reconciles one Instance.
+pub async fn reconcile(obj: Arc<Instance>, ctx: Arc<InstanceContext>) -> Result<Action, Error> {
+    let client = &ctx.client;
+    let ns = namespace_of(&obj).to_owned();
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let generation = obj.meta().generation;
+    let desired = obj.spec.replicas.max(0);
+    let mut status = obj.status.clone().unwrap_or_default();
+    status.observed_generation = generation;
+    status.desired_replicas = desired;
+    status.selector = Some(selector_string(&obj));
+
+    // The Secret first: brokers read the default user from it, and it is never overwritten.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let secret_name = default_user_secret_name(&obj);
+    if secrets.get_opt(&secret_name).await?.is_none() {
+        let secret = default_user_secret(&obj, &generate_password());
+        match secrets.create(&PostParams::default(), &secret).await {
+            Ok(_) => {}
+            // Made meanwhile (by us on another pass, or by the user): theirs stands.
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    status.connection_secret = Some(secret_name);
+
+    let config = match config_map(&obj) {
+        Ok(c) => c,
+        Err(e) => {
+            // Nothing is applied with a config the brokers would refuse: they keep running
+            // with the last good one.
+            conditions::set(
+                &mut status.conditions,
+                condition(
+                    RECONCILED,
+                    false,
+                    "InvalidConfig",
+                    e.to_string(),
+                    generation,
+                    &now,
+                ),
+            );
+            write_status(client, &obj, &status).await?;
+            return Ok(Action::requeue(RESYNC));
+        }
+    };
+    let sts =
+        stateful_set(&obj, &ctx.defaults, desired).expect("the config was checked just above");
+    apply::<ConfigMap>(client, &ns, &config).await?;
+    apply::<Service>(client, &ns, &headless_service(&obj)).await?;
+    apply::<Service>(client, &ns, &client_service(&obj)).await?;
+    let applied = apply::<StatefulSet>(client, &ns, &sts).await?;
+    apply::<PodDisruptionBudget>(client, &ns, &pod_disruption_budget(&obj)).await?;
+    conditions::set(
+        &mut status.conditions,
+        condition(
+            RECONCILED,
+            true,
+            "Applied",
+            "the broker StatefulSet, its config, Services and budget are applied",
+            generation,
+            &now,
+        ),
+    );
+
+    let sts_status = applied.status.unwrap_or_default();
+    status.replicas = sts_status.replicas;
+    status.ready_replicas = sts_status.ready_replicas.unwrap_or(0);
+    let settled = observe(&mut status, desired, generation, &now);
+    status.endpoints = Some(endpoints(&obj));
+    write_status(client, &obj, &status).await?;
+    Ok(Action::requeue(if settled {
+        RESYNC
+    } else {
+        WATCH_CLOSELY
+    }))
+}
+
+/// Sets `Ready` and `Scaling` from the replica counts; true when nothing is changing.
+pub fn observe(
+    status: &mut InstanceStatus,
+    desired: i32,
+    generation: Option<i64>,
+    now: &Time,
+) -> bool {
+    let ready = status.ready_replicas;
+    let all_ready = desired > 0 && ready >= desired;
+    let (reason, message) = if desired == 0 {
+        (
+            "ScaledToZero",
+            "the Instance asks for no brokers".to_owned(),
+        )
+    } else if all_ready {
+        (
+            "AllBrokersReady",
+            format!("{ready} of {desired} brokers ready"),
+        )
+    } else {
+        (
+            "BrokersStarting",
+            format!("{ready} of {desired} brokers ready"),
+        )
+    };
+    conditions::set(
+        &mut status.conditions,
+        condition(READY, all_ready, reason, message, generation, now),
+    );
+    let current = status.replicas;
+    let (scaling, reason) = match current.cmp(&desired) {
+        std::cmp::Ordering::Less => (true, "ScalingUp"),
+        std::cmp::Ordering::Greater => (true, "ScalingDown"),
+        std::cmp::Ordering::Equal => (false, "Stable"),
+    };
+    conditions::set(
+        &mut status.conditions,
+        condition(
+            SCALING,
+            scaling,
+            reason,
+            format!("{current} brokers, {desired} wanted"),
+            generation,
+            now,
+        ),
+    );
+    !scaling && (all_ready || desired == 0)
+}
+
+/// Where clients reach the Instance: its client Service.
+pub fn endpoints(obj: &Instance) -> Endpoints {
+    let host = format!("{}.{}.svc", client_service_name(obj), namespace_of(obj));
+    Endpoints {
+        amqp: format!("amqp://{host}:{AMQP_PORT}"),
+        amqps: obj
+            .spec
+            .tls
+            .as_ref()
+            .map(|_| format!("amqps://{host}:{AMQPS_PORT}")),
+        management: format!("http://{host}:{MANAGEMENT_PORT}"),
+        metrics: format!("http://{host}:{METRICS_PORT}/metrics"),
+    }
+}
+
+async fn write_status(
+    client: &Client,
+    obj: &Instance,
+    status: &InstanceStatus,
+) -> Result<(), Error> {
+    let api: Api<Instance> = Api::namespaced(client.clone(), namespace_of(obj));
+    api.patch_status(
+        name_of(obj),
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({ "status": status })),
+    )
+    .await?;
+    Ok(())
+}
+
+/// After an error the Instance is looked at again in 15 s.
+pub fn error_policy(obj: Arc<Instance>, err: &Error, _ctx: Arc<InstanceContext>) -> Action {
+    tracing::warn!(instance = %name_of(&obj), error = %err, "reconcile failed");
+    Action::requeue(Duration::from_secs(15))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::jiff::Timestamp;
+
+    fn now() -> Time {
+        Time(Timestamp::from_second(100).unwrap())
+    }
+
+    #[test]
+    fn ready_follows_the_ready_brokers_and_scaling_the_replica_counts() {
+        let mut s = InstanceStatus {
+            replicas: 3,
+            ready_replicas: 1,
+            ..InstanceStatus::default()
+        };
+        assert!(!observe(&mut s, 3, Some(1), &now()));
+        let ready = conditions::find(&s.conditions, READY).unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "BrokersStarting")
+        );
+        assert_eq!(ready.message, "1 of 3 brokers ready");
+        s.ready_replicas = 3;
+        assert!(observe(&mut s, 3, Some(1), &now()));
+        assert_eq!(
+            conditions::find(&s.conditions, READY).unwrap().status,
+            "True"
+        );
+        assert_eq!(
+            conditions::find(&s.conditions, SCALING).unwrap().reason,
+            "Stable"
+        );
+        assert!(!observe(&mut s, 5, Some(2), &now()));
+        let scaling = conditions::find(&s.conditions, SCALING).unwrap();
+        assert_eq!(
+            (scaling.status.as_str(), scaling.reason.as_str()),
+            ("True", "ScalingUp")
+        );
+        assert_eq!(
+            conditions::find(&s.conditions, READY).unwrap().status,
+            "False"
+        );
+    }
+
+    #[test]
+    fn passwords_are_long_and_different() {
+        let (a, b) = (generate_password(), generate_password());
+        assert_eq!(a.len(), 32);
+        assert!(a.chars().all(|c| c.is_ascii_alphanumeric()));
+        assert_ne!(a, b);
+    }
+}
