@@ -3,59 +3,16 @@
 //! server-side apply under the operator's field manager, and the status follows the
 //! StatefulSet; a config the brokers would refuse is reported and nothing is applied.
 
-use http::{Method, Request, Response, StatusCode};
-use kube::Client;
-use kube::client::Body;
+mod common;
+
+use common::k8s::{ApiServer, Seen, answer, mocked, next};
+use http::{Method, StatusCode};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
-use tower_test::mock::{self, Handle, SendResponse};
 use warren_operator::controller::instance::{FIELD_MANAGER, InstanceContext, reconcile};
 use warren_operator::crd::Instance;
 use warren_operator::resources::Defaults;
-
-type ApiServer = Handle<Request<Body>, Response<Body>>;
-
-struct Seen {
-    method: Method,
-    path: String,
-    query: String,
-    body: Value,
-}
-
-async fn next(server: &mut ApiServer) -> (Seen, SendResponse<Response<Body>>) {
-    let (req, send) = tokio::time::timeout(Duration::from_secs(5), server.next_request())
-        .await
-        .expect("a request within 5 s")
-        .expect("the client is alive");
-    let method = req.method().clone();
-    let path = req.uri().path().to_owned();
-    let query = req.uri().query().unwrap_or_default().to_owned();
-    let bytes = req.into_body().collect_bytes().await.unwrap();
-    let body = if bytes.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes).unwrap()
-    };
-    (
-        Seen {
-            method,
-            path,
-            query,
-            body,
-        },
-        send,
-    )
-}
-
-fn answer(send: SendResponse<Response<Body>>, status: StatusCode, body: Value) {
-    send.send_response(
-        Response::builder()
-            .status(status)
-            .body(Body::from(serde_json::to_vec(&body).unwrap()))
-            .unwrap(),
-    );
-}
 
 fn instance(spec: Value) -> Instance {
     serde_json::from_value(json!({
@@ -67,9 +24,9 @@ fn instance(spec: Value) -> Instance {
 }
 
 fn context() -> (Arc<InstanceContext>, ApiServer) {
-    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let (client, handle) = mocked();
     let ctx = InstanceContext {
-        client: Client::new(service, "default"),
+        client,
         defaults: Defaults {
             broker_image: "warren-broker:test".into(),
         },

@@ -6,22 +6,13 @@
 mod common;
 
 use common::Broker;
-use http::{Method, Request, Response, StatusCode};
-use kube::Client;
-use kube::client::Body;
-use serde_json::{Value, json};
+use common::k8s::{ApiServer, answer, mocked, next, not_found};
+use http::{Method, StatusCode};
+use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
-use tower_test::mock::{self, Handle};
 use warren_operator::controller::broker_resources::{Context, FINALIZER, reconcile};
 use warren_operator::crd::Queue;
-
-type ApiServer = Handle<Request<Body>, Response<Body>>;
-
-fn mocked() -> (Client, ApiServer) {
-    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    (Client::new(service, "default"), handle)
-}
 
 /// A Queue as the API server would return it.
 fn queue(finalizers: &[&str], deleting: bool, policy: &str) -> Queue {
@@ -45,39 +36,6 @@ fn queue(finalizers: &[&str], deleting: bool, policy: &str) -> Queue {
     .unwrap()
 }
 
-/// The next request: its method, path and JSON body (null when none), and a way to answer.
-async fn next(
-    server: &mut ApiServer,
-) -> (Method, String, Value, mock::SendResponse<Response<Body>>) {
-    let (req, send) = tokio::time::timeout(Duration::from_secs(5), server.next_request())
-        .await
-        .expect("a request within 5 s")
-        .expect("the client is alive");
-    let method = req.method().clone();
-    let path = req.uri().path().to_owned();
-    let bytes = req.into_body().collect_bytes().await.unwrap();
-    let body = if bytes.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes).unwrap()
-    };
-    (method, path, body, send)
-}
-
-fn answer(send: mock::SendResponse<Response<Body>>, status: StatusCode, body: Value) {
-    send.send_response(
-        Response::builder()
-            .status(status)
-            .body(Body::from(serde_json::to_vec(&body).unwrap()))
-            .unwrap(),
-    );
-}
-
-fn not_found() -> Value {
-    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-           "message": "not found", "reason": "NotFound", "code": 404})
-}
-
 const QUEUE_PATH: &str = "/apis/warren.dev/v1alpha1/namespaces/shop/queues/orders";
 const INSTANCE_PATH: &str = "/apis/warren.dev/v1alpha1/namespaces/shop/instances/demo";
 
@@ -87,7 +45,8 @@ async fn the_finalizer_is_added_before_anything_is_declared() {
     let ctx = Arc::new(Context::new(client));
     let q = Arc::new(queue(&[], false, "delete"));
     let run = tokio::spawn(reconcile(q.clone(), ctx));
-    let (method, path, body, send) = next(&mut server).await;
+    let (seen, send) = next(&mut server).await;
+    let (method, path, body) = (seen.method, seen.path, seen.body);
     assert_eq!((method, path.as_str()), (Method::PATCH, QUEUE_PATH));
     // A JSON patch that adds exactly our finalizer, guarded by a test of the current list.
     let ops = body.as_array().unwrap();
@@ -110,10 +69,12 @@ async fn without_its_instance_a_queue_is_not_ready_and_says_so() {
     let ctx = Arc::new(Context::new(client));
     let q = Arc::new(queue(&[FINALIZER], false, "delete"));
     let run = tokio::spawn(reconcile(q, ctx));
-    let (method, path, _, send) = next(&mut server).await;
+    let (seen, send) = next(&mut server).await;
+    let (method, path) = (seen.method, seen.path);
     assert_eq!((method, path.as_str()), (Method::GET, INSTANCE_PATH));
     answer(send, StatusCode::NOT_FOUND, not_found());
-    let (method, path, body, send) = next(&mut server).await;
+    let (seen, send) = next(&mut server).await;
+    let (method, path, body) = (seen.method, seen.path, seen.body);
     assert_eq!(method, Method::PATCH);
     assert_eq!(path, format!("{QUEUE_PATH}/status"));
     let ready = &body["status"]["conditions"][0];
@@ -141,7 +102,8 @@ async fn a_retained_queue_lets_go_of_its_finalizer_without_touching_the_broker()
     let q = Arc::new(queue(&["other", FINALIZER], true, "retain"));
     let run = tokio::spawn(reconcile(q, ctx));
     // No lookup of the Instance: straight to removing our finalizer (index 1), guarded.
-    let (method, path, body, send) = next(&mut server).await;
+    let (seen, send) = next(&mut server).await;
+    let (method, path, body) = (seen.method, seen.path, seen.body);
     assert_eq!((method, path.as_str()), (Method::PATCH, QUEUE_PATH));
     assert_eq!(
         body,
@@ -160,7 +122,8 @@ async fn a_retained_queue_lets_go_of_its_finalizer_without_touching_the_broker()
 
 /// Answers the Instance and Secret lookups so the controller reaches `broker`.
 async fn serve_instance_and_secret(server: &mut ApiServer) {
-    let (method, path, _, send) = next(server).await;
+    let (seen, send) = next(server).await;
+    let (method, path) = (seen.method, seen.path);
     assert_eq!((method, path.as_str()), (Method::GET, INSTANCE_PATH));
     answer(
         send,
@@ -168,7 +131,8 @@ async fn serve_instance_and_secret(server: &mut ApiServer) {
         json!({"apiVersion": "warren.dev/v1alpha1", "kind": "Instance",
                "metadata": {"name": "demo", "namespace": "shop", "uid": "i-1"}, "spec": {}}),
     );
-    let (method, path, _, send) = next(server).await;
+    let (seen, send) = next(server).await;
+    let (method, path) = (seen.method, seen.path);
     assert_eq!(
         (method, path.as_str()),
         (
@@ -195,7 +159,8 @@ async fn a_queue_is_declared_in_the_instances_broker_then_deleted_with_its_resou
     let q = Arc::new(queue(&[FINALIZER], false, "delete"));
     let run = tokio::spawn(reconcile(q, ctx.clone()));
     serve_instance_and_secret(&mut server).await;
-    let (method, path, body, send) = next(&mut server).await;
+    let (seen, send) = next(&mut server).await;
+    let (method, path, body) = (seen.method, seen.path, seen.body);
     assert_eq!(
         (method, path),
         (Method::PATCH, format!("{QUEUE_PATH}/status"))
@@ -224,7 +189,8 @@ async fn a_queue_is_declared_in_the_instances_broker_then_deleted_with_its_resou
         ctx,
     ));
     serve_instance_and_secret(&mut server).await;
-    let (method, path, body, send) = next(&mut server).await;
+    let (seen, send) = next(&mut server).await;
+    let (method, path, body) = (seen.method, seen.path, seen.body);
     assert_eq!((method, path.as_str()), (Method::PATCH, QUEUE_PATH));
     assert_eq!(
         body[1],

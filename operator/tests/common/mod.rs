@@ -2,6 +2,8 @@
 //! temporary data directory, and a management API client for it.
 #![allow(dead_code)]
 
+pub mod k8s;
+
 use warren_operator::broker_api::BrokerApi;
 
 pub struct Broker {
