@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test of the project. Installs what the tests need by itself: Python and Node
 # client packages into ${WARREN_CLIENT_CACHE:-$HOME/.cache/warren-clients}, and RabbitMQ's CLI
-# `rabbitmqadmin` v2 (built with `cargo install`, once) into
-# ${WARREN_TOOLS_CACHE:-$HOME/.cache/warren-tools}.
+# `rabbitmqadmin` v2 (built with `cargo install`, once), helm, kubectl and the Kubernetes
+# schema validators (tests/k8s-lint.sh) into ${WARREN_TOOLS_CACHE:-$HOME/.cache/warren-tools},
+# and promtool (Debian's prometheus package).
 #
 #   ./test.sh            # everything: lint, unit, integration, cross-client, end-to-end
 #   ./test.sh --quick    # skip lint (fmt, clippy)

@@ -1799,6 +1799,27 @@ async fn endpoints_for_features_warren_lacks_answer_empty_or_with_a_reason() {
             .error(401, "not_authorised"),
         "User not authorised to access object"
     );
+    // A policymaker without access to the vhost is refused before the reason is given.
+    api.put("/api/users/pm", r#"{"password":"pw","tags":"policymaker"}"#)
+        .await
+        .status(201);
+    assert_eq!(
+        api.as_user("pm", "pw")
+            .put("/api/policies/%2F/limit", policy)
+            .await
+            .error(401, "not_authorised"),
+        "User not authorised to access object"
+    );
+    api.put(
+        "/api/permissions/%2F/pm",
+        r#"{"configure":".*","write":".*","read":".*"}"#,
+    )
+    .await
+    .status(201);
+    api.as_user("pm", "pw")
+        .put("/api/policies/%2F/limit", policy)
+        .await
+        .error(400, "bad_request");
     // A user's connections, listed and closed by user name.
     let conn = b.connect().await;
     let mine = api.json("/api/connections/username/guest").await;

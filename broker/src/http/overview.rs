@@ -167,6 +167,12 @@ pub async fn put_policy(
         .broker
         .vhost(&vhost)
         .ok_or_else(ApiError::vhost_not_found)?;
+    // A policymaker sets policies only in the vhosts it may use, as in RabbitMQ.
+    if !caller.is_admin() && !caller.may_use_vhost(&state, &vhost) {
+        return Err(ApiError::not_authorised(
+            "User not authorised to access object",
+        ));
+    }
     Err(ApiError::bad_request(
         "policies are not supported by Warren yet: set queue arguments at declaration",
     ))
