@@ -10,12 +10,14 @@
 //! - [`controller`]: what the reconcilers decide (conditions, the generic reconciler of the
 //!   broker-side kinds).
 //!
-//! Still to come, in the layout DESIGN.md gives: the Kubernetes side of the controllers (kube
-//! runtime, server-side apply, finalizers) and `scaling/` (autoscaler).
+//! - [`process`]: the controllers wired to the cluster, and the operator's metrics and probes.
+//!
+//! Still to come, in the layout DESIGN.md gives: leader election and `scaling/` (autoscaler).
 #![deny(unsafe_code)]
 #![deny(missing_debug_implementations)]
 
 pub mod broker_api;
 pub mod controller;
 pub mod crd;
+pub mod process;
 pub mod resources;

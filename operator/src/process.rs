@@ -1,0 +1,207 @@
+//! The operator as a process: the controllers of every kind wired to the cluster, and an HTTP
+//! listener with `/metrics` (reconciliations and errors by kind), `/healthz` and `/readyz`.
+
+use crate::controller::broker_resources::{self, BrokerResource, Context};
+use crate::controller::instance::{self, InstanceContext};
+use crate::crd::{Binding, Exchange, Instance, Queue, Vhost};
+use crate::resources::Defaults;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::runtime::controller::{Controller, Error as ControllerError};
+use kube::runtime::watcher;
+use kube::{Api, Client};
+use prometheus::{Encoder, IntCounterVec, Opts, Registry, TextEncoder};
+use std::future::Future;
+use std::sync::Arc;
+use tokio::sync::watch;
+
+/// The operator's own metrics.
+#[derive(Debug, Clone)]
+pub struct OperatorMetrics {
+    registry: Registry,
+    reconciliations: IntCounterVec,
+    failures: IntCounterVec,
+}
+
+impl Default for OperatorMetrics {
+    fn default() -> Self {
+        let registry = Registry::new();
+        let reconciliations = IntCounterVec::new(
+            Opts::new(
+                "warren_operator_reconciliations_total",
+                "Reconciliations run, by kind",
+            ),
+            &["kind"],
+        )
+        .expect("a valid metric");
+        let failures = IntCounterVec::new(
+            Opts::new(
+                "warren_operator_reconcile_errors_total",
+                "Reconciliations that failed, by kind and error",
+            ),
+            &["kind", "error"],
+        )
+        .expect("a valid metric");
+        registry
+            .register(Box::new(reconciliations.clone()))
+            .expect("registered once");
+        registry
+            .register(Box::new(failures.clone()))
+            .expect("registered once");
+        Self {
+            registry,
+            reconciliations,
+            failures,
+        }
+    }
+}
+
+impl OperatorMetrics {
+    /// Counts one reconciliation of `kind`, failed with `error` when given.
+    pub fn record(&self, kind: &str, error: Option<&str>) {
+        self.reconciliations.with_label_values(&[kind]).inc();
+        if let Some(e) = error {
+            self.failures.with_label_values(&[kind, e]).inc();
+        }
+    }
+
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding of counters");
+        out
+    }
+}
+
+#[derive(Clone)]
+struct ProbeState {
+    metrics: Arc<OperatorMetrics>,
+    ready: watch::Receiver<bool>,
+}
+
+/// `/metrics`, `/healthz` (the process answers) and `/readyz` (200 once the controllers run).
+pub fn probe_router(metrics: Arc<OperatorMetrics>, ready: watch::Receiver<bool>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_page))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(ProbeState { metrics, ready })
+}
+
+async fn metrics_page(State(s): State<ProbeState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn readyz(State(s): State<ProbeState>) -> Response {
+    if *s.ready.borrow() {
+        (StatusCode::OK, "ok").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting").into_response()
+    }
+}
+
+/// The label of a controller error.
+fn error_kind<E: std::fmt::Display, Q>(e: &ControllerError<E, Q>) -> String {
+    match e {
+        ControllerError::ObjectNotFound(_) => "object_not_found".into(),
+        ControllerError::ReconcilerFailed(_, _) => "reconcile".into(),
+        ControllerError::QueueError(_) => "watch".into(),
+        ControllerError::RunnerError(_) => "runner".into(),
+    }
+}
+
+fn broker_controller<K: BrokerResource>(
+    client: &Client,
+    ctx: Arc<Context>,
+    metrics: Arc<OperatorMetrics>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) -> impl Future<Output = ()> + Send {
+    let kind = K::kind(&()).into_owned();
+    Controller::new(Api::<K>::all(client.clone()), watcher::Config::default())
+        .graceful_shutdown_on(shutdown)
+        .run(
+            broker_resources::reconcile::<K>,
+            broker_resources::error_policy::<K>,
+            ctx,
+        )
+        .for_each(move |result| {
+            let error = result.as_ref().err().map(error_kind);
+            metrics.record(&kind, error.as_deref());
+            async {}
+        })
+}
+
+/// Runs every controller until `shutdown` resolves.
+pub async fn run_controllers(
+    client: Client,
+    defaults: Defaults,
+    broker_url: Option<String>,
+    metrics: Arc<OperatorMetrics>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let stop = move || {
+        let mut rx = shutdown.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let ctx = Arc::new(match &broker_url {
+        Some(url) => Context::with_broker_url(client.clone(), url),
+        None => Context::new(client.clone()),
+    });
+    let instance_ctx = Arc::new(InstanceContext {
+        client: client.clone(),
+        defaults,
+    });
+    let m = metrics.clone();
+    let instances = Controller::new(
+        Api::<Instance>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .owns(
+        Api::<StatefulSet>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .owns(
+        Api::<ConfigMap>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .owns(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .owns(
+        Api::<Secret>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .owns(
+        Api::<PodDisruptionBudget>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .graceful_shutdown_on(stop())
+    .run(instance::reconcile, instance::error_policy, instance_ctx)
+    .for_each(move |result| {
+        let error = result.as_ref().err().map(error_kind);
+        m.record("Instance", error.as_deref());
+        async {}
+    });
+    tokio::join!(
+        instances,
+        broker_controller::<Vhost>(&client, ctx.clone(), metrics.clone(), stop()),
+        broker_controller::<Queue>(&client, ctx.clone(), metrics.clone(), stop()),
+        broker_controller::<Exchange>(&client, ctx.clone(), metrics.clone(), stop()),
+        broker_controller::<Binding>(&client, ctx, metrics, stop()),
+    );
+}
