@@ -12,12 +12,15 @@
 //!
 //! - [`process`]: the controllers wired to the cluster, and the operator's metrics and probes.
 //!
-//! Still to come, in the layout DESIGN.md gives: leader election and `scaling/` (autoscaler).
+//! - [`lease`]: leader election with a Lease, so two replicas are safe.
+//!
+//! Still to come, in the layout DESIGN.md gives: `scaling/` (autoscaler).
 #![deny(unsafe_code)]
 #![deny(missing_debug_implementations)]
 
 pub mod broker_api;
 pub mod controller;
 pub mod crd;
+pub mod lease;
 pub mod process;
 pub mod resources;

@@ -7,12 +7,16 @@
 //! kubeconfig, with `/metrics`, `/healthz` and `/readyz` on `--metrics-listen`.
 
 use clap::{Parser, Subcommand};
+use k8s_openapi::jiff::Timestamp;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 use tokio::sync::watch;
 use warren_operator::crd;
+use warren_operator::lease::LeaseLock;
 use warren_operator::process::{OperatorMetrics, probe_router, run_controllers};
 use warren_operator::resources::Defaults;
 
@@ -32,8 +36,8 @@ enum Command {
     },
     /// Run the controllers against the cluster.
     Run {
-        /// Take a Lease before reconciling, so two replicas are safe (not built yet: with it
-        /// the operator says so and runs as the only replica).
+        /// Take the Lease `warren-operator` (in `POD_NAMESPACE`, as `POD_NAME`) before
+        /// reconciling, so two replicas are safe.
         #[arg(long)]
         leader_elect: bool,
         /// Where `/metrics`, `/healthz` and `/readyz` are served.
@@ -124,9 +128,6 @@ async fn run(
             return ExitCode::FAILURE;
         }
     };
-    if leader_elect {
-        tracing::warn!("leader election is not built yet: run a single operator replica");
-    }
     let listener = match tokio::net::TcpListener::bind(metrics_listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -137,6 +138,7 @@ async fn run(
     let metrics = Arc::new(OperatorMetrics::default());
     let (ready_tx, ready_rx) = watch::channel(false);
     let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_tx = Arc::new(stop_tx);
     let mut server_stop = stop_rx.clone();
     let server = tokio::spawn(
         axum::serve(listener, probe_router(metrics.clone(), ready_rx))
@@ -145,6 +147,7 @@ async fn run(
             })
             .into_future(),
     );
+    let on_signal = stop_tx.clone();
     tokio::spawn(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("a SIGTERM handler");
@@ -153,11 +156,66 @@ async fn run(
             _ = tokio::signal::ctrl_c() => {}
         }
         tracing::info!("stopping");
-        let _ = stop_tx.send(true);
+        let _ = on_signal.send(true);
     });
     tracing::info!(%metrics_listen, "warren-operator started");
+    let lost = Arc::new(AtomicBool::new(false));
+    if leader_elect {
+        let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".into());
+        let identity = std::env::var("POD_NAME")
+            .unwrap_or_else(|_| format!("warren-operator-{}", std::process::id()));
+        let lock = LeaseLock::new(
+            kube::Api::namespaced(client.clone(), &namespace),
+            "warren-operator",
+            &identity,
+            Duration::from_secs(15),
+        );
+        let mut stopping = stop_rx.clone();
+        loop {
+            match lock.try_acquire(Timestamp::now()).await {
+                Ok(true) => break,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot read or take the Lease"),
+            }
+            tokio::select! {
+                _ = stopping.wait_for(|s| *s) => {
+                    let _ = server.await;
+                    return ExitCode::SUCCESS;
+                }
+                () = tokio::time::sleep(Duration::from_secs(2)) => {}
+            }
+        }
+        tracing::info!(%namespace, %identity, "leading: holding Lease warren-operator");
+        let (lost_flag, stop) = (lost.clone(), stop_tx.clone());
+        tokio::spawn(async move {
+            let mut failures = 0;
+            loop {
+                tokio::time::sleep(lock.renew_every()).await;
+                match lock.try_acquire(Timestamp::now()).await {
+                    Ok(true) => failures = 0,
+                    Ok(false) => failures = 2,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot renew the Lease");
+                        failures += 1;
+                    }
+                }
+                // Two missed renewals leave a third of the Lease: stop before anyone may
+                // take over, and let Kubernetes restart this replica as a follower.
+                if failures >= 2 {
+                    tracing::error!("lost the Lease: stopping");
+                    lost_flag.store(true, Ordering::SeqCst);
+                    let _ = stop.send(true);
+                    return;
+                }
+            }
+        });
+    }
     let _ = ready_tx.send(true);
     run_controllers(client, defaults, broker_url, metrics, stop_rx).await;
     let _ = server.await;
-    ExitCode::SUCCESS
+    if lost.load(Ordering::SeqCst) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }
