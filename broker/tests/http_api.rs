@@ -1711,6 +1711,37 @@ async fn health_checks_report_alarms_listeners_and_aliveness() {
     );
     let q = api.json("/api/queues/%2F/aliveness-test").await;
     assert_eq!(q["messages"], 0, "{q}");
+    // An `aliveness-test` queue the check cannot use fails it with the reason (503), not 500.
+    {
+        let conn = b.connect().await;
+        let ch = conn.create_channel().await.unwrap();
+        ch.queue_delete("aliveness-test".into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+        ch.queue_declare(
+            "aliveness-test".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        let a = api.get("/api/aliveness-test/%2F").await;
+        a.status(503);
+        assert_eq!(a.json()["status"], "failed");
+        assert!(
+            a.json()["reason"].as_str().unwrap().contains("exclusive"),
+            "{}",
+            a.text
+        );
+        conn.close(200, "bye".into()).await.unwrap();
+    }
+    eventually("the exclusive queue goes with its connection", || async {
+        api.get("/api/aliveness-test/%2F").await.status.as_u16() == 200
+    })
+    .await;
     api.get("/api/aliveness-test/missing")
         .await
         .error(404, "Object Not Found");
