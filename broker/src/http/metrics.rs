@@ -675,20 +675,20 @@ pub fn render(state: &AppState, per_object: bool) -> prometheus::Result<Vec<u8>>
     for c in &connections {
         let chans = c.channels();
         channels_total += chans.len();
-        let t = &c.traffic;
-        let load =
-            |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed) as f64;
-        connection_rows.push(Row {
-            labels: vec![("channel", c.name())],
-            values: vec![
-                load(&t.recv_oct),
-                load(&t.send_oct),
-                load(&t.recv_cnt),
-                load(&t.send_cnt),
-                0.0,
-                chans.len() as f64,
-            ],
-        });
+        if per_object {
+            let [recv_oct, send_oct, recv_cnt, send_cnt] = c.traffic.read();
+            connection_rows.push(Row {
+                labels: vec![("channel", c.name())],
+                values: vec![
+                    recv_oct as f64,
+                    send_oct as f64,
+                    recv_cnt as f64,
+                    send_cnt as f64,
+                    0.0,
+                    chans.len() as f64,
+                ],
+            });
+        }
         for ch in chans {
             let s = ch.snapshot();
             let name = format!("{} ({})", c.name(), s.number);
@@ -731,7 +731,7 @@ pub fn render(state: &AppState, per_object: bool) -> prometheus::Result<Vec<u8>>
     if !per_object {
         // Traffic of closed connections stays in the node's sums.
         let [recv_oct, send_oct, recv_cnt, send_cnt] = broker.connections.traffic_totals();
-        connection_rows = vec![Row {
+        connection_rows.push(Row {
             labels: Vec::new(),
             values: vec![
                 recv_oct as f64,
@@ -741,7 +741,7 @@ pub fn render(state: &AppState, per_object: bool) -> prometheus::Result<Vec<u8>>
                 0.0,
                 channels_total as f64,
             ],
-        }];
+        });
     }
     object_families(&mut out, CONNECTION_FAMILIES, &connection_rows, per_object);
 

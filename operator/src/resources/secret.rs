@@ -32,7 +32,7 @@ pub fn default_user_secret(instance: &Instance, password: &str) -> Secret {
         "uri".to_owned(),
         format!(
             "amqp://{user}:{}@{host}:{AMQP_PORT}/%2F",
-            percent_encode(password)
+            crate::broker_api::seg(password)
         ),
     );
     data.insert(
@@ -45,18 +45,6 @@ pub fn default_user_secret(instance: &Instance, password: &str) -> Secret {
         string_data: Some(data),
         ..Secret::default()
     }
-}
-
-/// Percent-encodes what may not appear in the userinfo of a URI.
-fn percent_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 #[cfg(test)]
