@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 use warren_operator::crd;
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    // From the environment of this run, not compile time: a test binary built in another
+    // checkout sharing the build cache would otherwise read that checkout's files.
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
         .parent()
         .expect("operator/ sits in the workspace root")
         .to_path_buf()

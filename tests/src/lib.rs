@@ -35,9 +35,13 @@ pub fn broker_bin() -> PathBuf {
     path
 }
 
-/// The workspace root (for scripts such as tests/clients/run.sh).
+/// The workspace root (for scripts such as tests/clients/run.sh). Read from the environment
+/// `cargo test` sets, not baked in at compile time: cargo reuses a test binary built in
+/// another checkout that shares the build cache (CI's fresh clone), and a baked-in path would
+/// point at that other checkout.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
         .parent()
         .expect("tests/ sits in the workspace root")
         .to_path_buf()
