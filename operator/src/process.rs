@@ -1,5 +1,6 @@
 //! The operator as a process: the controllers of every kind wired to the cluster, and an HTTP
-//! listener with `/metrics` (reconciliations and errors by kind), `/healthz` and `/readyz`.
+//! listener with `/metrics` (reconciliations, errors and reconcile durations by kind),
+//! `/healthz` and `/readyz`.
 
 use crate::controller::broker_resources::{self, BrokerResource, Context};
 use crate::controller::instance::{self, InstanceContext};
@@ -17,9 +18,12 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::runtime::controller::{Controller, Error as ControllerError};
 use kube::runtime::watcher;
 use kube::{Api, Client};
-use prometheus::{Encoder, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+};
 use std::future::Future;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// The operator's own metrics.
@@ -28,7 +32,14 @@ pub struct OperatorMetrics {
     registry: Registry,
     reconciliations: IntCounterVec,
     failures: IntCounterVec,
+    durations: HistogramVec,
 }
+
+/// Upper bounds, in seconds, of the reconcile duration buckets: from a reconcile that finds
+/// nothing to do (a few milliseconds) to one that waits on a slow API server or broker.
+const RECONCILE_DURATION_BUCKETS: [f64; 12] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
 impl Default for OperatorMetrics {
     fn default() -> Self {
@@ -49,16 +60,29 @@ impl Default for OperatorMetrics {
             &["kind", "error"],
         )
         .expect("a valid metric");
+        let durations = HistogramVec::new(
+            HistogramOpts::new(
+                "warren_operator_reconcile_duration_seconds",
+                "Time taken by one call of the reconcile function, by kind",
+            )
+            .buckets(RECONCILE_DURATION_BUCKETS.to_vec()),
+            &["kind"],
+        )
+        .expect("a valid metric");
         registry
             .register(Box::new(reconciliations.clone()))
             .expect("registered once");
         registry
             .register(Box::new(failures.clone()))
             .expect("registered once");
+        registry
+            .register(Box::new(durations.clone()))
+            .expect("registered once");
         Self {
             registry,
             reconciliations,
             failures,
+            durations,
         }
     }
 }
@@ -72,11 +96,18 @@ impl OperatorMetrics {
         }
     }
 
+    /// Records that one call of the reconcile function of `kind` took `elapsed`.
+    pub fn observe_duration(&self, kind: &str, elapsed: Duration) {
+        self.durations
+            .with_label_values(&[kind])
+            .observe(elapsed.as_secs_f64());
+    }
+
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)
-            .expect("text encoding of counters");
+            .expect("text encoding of metrics");
         out
     }
 }
@@ -122,17 +153,34 @@ fn error_kind<E: std::fmt::Display, Q>(e: &ControllerError<E, Q>) -> String {
     }
 }
 
+/// Runs `reconcile` and records how long it took under `kind`. A reconcile cancelled before it
+/// finishes (at shutdown) is not recorded.
+async fn timed<F: Future>(
+    metrics: Arc<OperatorMetrics>,
+    kind: Arc<str>,
+    reconcile: F,
+) -> F::Output {
+    let started = Instant::now();
+    let result = reconcile.await;
+    metrics.observe_duration(&kind, started.elapsed());
+    result
+}
+
 fn broker_controller<K: BrokerResource>(
     client: &Client,
     ctx: Arc<Context>,
     metrics: Arc<OperatorMetrics>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> impl Future<Output = ()> + Send {
-    let kind = K::kind(&()).into_owned();
+    let kind: Arc<str> = K::kind(&()).into();
+    let timing = (metrics.clone(), kind.clone());
     Controller::new(Api::<K>::all(client.clone()), watcher::Config::default())
         .graceful_shutdown_on(shutdown)
         .run(
-            broker_resources::reconcile::<K>,
+            move |obj, ctx| {
+                let (metrics, kind) = timing.clone();
+                timed(metrics, kind, broker_resources::reconcile::<K>(obj, ctx))
+            },
             broker_resources::error_policy::<K>,
             ctx,
         )
@@ -166,6 +214,7 @@ pub async fn run_controllers(
         defaults,
     });
     let m = metrics.clone();
+    let timing = (metrics.clone(), Arc::<str>::from("Instance"));
     let instances = Controller::new(
         Api::<Instance>::all(client.clone()),
         watcher::Config::default(),
@@ -191,7 +240,14 @@ pub async fn run_controllers(
         watcher::Config::default(),
     )
     .graceful_shutdown_on(stop())
-    .run(instance::reconcile, instance::error_policy, instance_ctx)
+    .run(
+        move |obj, ctx| {
+            let (metrics, kind) = timing.clone();
+            timed(metrics, kind, instance::reconcile(obj, ctx))
+        },
+        instance::error_policy,
+        instance_ctx,
+    )
     .for_each(move |result| {
         let error = result.as_ref().err().map(error_kind);
         m.record("Instance", error.as_deref());
@@ -204,4 +260,25 @@ pub async fn run_controllers(
         broker_controller::<Exchange>(&client, ctx.clone(), metrics.clone(), stop()),
         broker_controller::<Binding>(&client, ctx, metrics, stop()),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn timed_passes_the_result_through_and_records_failures_too() {
+        let metrics = Arc::new(OperatorMetrics::default());
+        let ok = timed(metrics.clone(), "Queue".into(), async { Ok::<u8, &str>(7) }).await;
+        let err = timed(metrics.clone(), "Queue".into(), async {
+            Err::<u8, &str>("down")
+        })
+        .await;
+        assert_eq!((ok, err), (Ok(7), Err("down")));
+        let page = String::from_utf8(metrics.render()).unwrap();
+        assert!(
+            page.contains("warren_operator_reconcile_duration_seconds_count{kind=\"Queue\"} 2"),
+            "{page}"
+        );
+    }
 }

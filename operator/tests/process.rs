@@ -2,6 +2,7 @@
 
 use std::process::Command;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::watch;
 use warren_operator::process::{OperatorMetrics, probe_router};
 
@@ -21,6 +22,10 @@ async fn probes_and_metrics_answer_and_readiness_waits_for_the_controllers() {
     metrics.record("Queue", None);
     metrics.record("Queue", Some("reconcile"));
     metrics.record("Instance", None);
+    metrics.observe_duration("Queue", Duration::from_millis(3));
+    metrics.observe_duration("Queue", Duration::from_millis(200));
+    metrics.observe_duration("Queue", Duration::from_secs(60));
+    metrics.observe_duration("Instance", Duration::from_millis(40));
     let page = get("/metrics").await.unwrap().text().await.unwrap();
     assert!(
         page.contains("warren_operator_reconciliations_total{kind=\"Queue\"} 2"),
@@ -33,6 +38,22 @@ async fn probes_and_metrics_answer_and_readiness_waits_for_the_controllers() {
         "{page}"
     );
     assert!(page.contains("# TYPE warren_operator_reconciliations_total counter"));
+    assert!(
+        page.contains("# TYPE warren_operator_reconcile_duration_seconds histogram"),
+        "{page}"
+    );
+    for line in [
+        "warren_operator_reconcile_duration_seconds_count{kind=\"Queue\"} 3",
+        "warren_operator_reconcile_duration_seconds_count{kind=\"Instance\"} 1",
+        // Cumulative buckets: 3 ms falls in the first, 200 ms by 0.25 s, 60 s only in +Inf.
+        "warren_operator_reconcile_duration_seconds_bucket{kind=\"Queue\",le=\"0.005\"} 1",
+        "warren_operator_reconcile_duration_seconds_bucket{kind=\"Queue\",le=\"0.25\"} 2",
+        "warren_operator_reconcile_duration_seconds_bucket{kind=\"Queue\",le=\"30\"} 2",
+        "warren_operator_reconcile_duration_seconds_bucket{kind=\"Queue\",le=\"+Inf\"} 3",
+        "warren_operator_reconcile_duration_seconds_sum{kind=\"Queue\"} 60.2",
+    ] {
+        assert!(page.contains(line), "missing {line} in\n{page}");
+    }
     server.abort();
 }
 

@@ -1,0 +1,498 @@
+//! The operator end to end: the real `warren-operator` binary against kube-sim (a fake API
+//! server whose kubelet runs real `warren-broker` processes; a test harness, not Kubernetes).
+//! An Instance becomes a running, ready broker; Vhost, Queue, Exchange and Binding resources
+//! become objects in it; clients publish and consume through the client Service; deletion
+//! honours each deletionPolicy; deleting the Instance removes everything it owned.
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Resource};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use serde_json::{Value, json};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use warren_e2e::{bin_dir, broker_bin, workspace_root};
+use warren_operator::crd::{Binding, Exchange, Instance, Queue, Vhost};
+
+const NS: &str = "shop";
+
+/// The operator process; killed when the test ends, its log printed if the test failed.
+struct Operator {
+    child: Child,
+    log: PathBuf,
+    metrics: String,
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("--- operator log (last lines) ---");
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_operator(dir: &Path, kubeconfig: &Path, proxy: &str) -> Operator {
+    let operator = bin_dir().join("warren-operator");
+    assert!(
+        operator.exists(),
+        "{} not found: run `cargo build --workspace --bins` first (./test.sh does)",
+        operator.display()
+    );
+    let log = dir.join("operator.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let child = Command::new(operator)
+        .args(["run", "--leader-elect", "--metrics-listen", &metrics])
+        .env("KUBECONFIG", kubeconfig)
+        .env("HTTP_PROXY", proxy)
+        .env("http_proxy", proxy)
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .env("no_proxy", "127.0.0.1,localhost")
+        .env("POD_NAMESPACE", "warren-system")
+        .env("POD_NAME", "warren-operator-0")
+        .env("RUST_LOG", "info,kube=warn")
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start warren-operator");
+    Operator {
+        child,
+        log,
+        metrics,
+    }
+}
+
+/// Polls `check` until it returns Some, or fails the test naming `what`.
+async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn condition<'a>(obj: &'a DynamicObject, kind: &str) -> Option<&'a Value> {
+    obj.data["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == kind)
+}
+
+fn is_true(obj: &DynamicObject, kind: &str) -> bool {
+    condition(obj, kind).is_some_and(|c| c["status"] == "True")
+}
+
+fn dynamic<K: Resource<DynamicType = ()>>(client: &Client) -> Api<DynamicObject> {
+    Api::namespaced_with(client.clone(), NS, &ApiResource::erase::<K>(&()))
+}
+
+/// A manifest from `manifests/`, with `edit` applied.
+fn manifest(file: &str, edit: impl FnOnce(&mut Value)) -> DynamicObject {
+    let text = std::fs::read_to_string(workspace_root().join("manifests").join(file)).unwrap();
+    let mut v: Value = serde_yaml::from_str(&text).unwrap();
+    edit(&mut v);
+    serde_json::from_value(v).unwrap()
+}
+
+async fn wait_ready(api: &Api<DynamicObject>, name: &str) -> DynamicObject {
+    eventually(
+        &format!("{} {name} to be Ready", api.resource_url()),
+        Duration::from_secs(60),
+        || async {
+            let o = api.get_opt(name).await.ok()??;
+            is_true(&o, "Ready").then_some(o)
+        },
+    )
+    .await
+}
+
+async fn gone<K>(api: &Api<K>, name: &str)
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    eventually(
+        &format!("{} {name} to be gone", api.resource_url()),
+        Duration::from_secs(60),
+        || async { matches!(api.get_opt(name).await, Ok(None)).then_some(()) },
+    )
+    .await;
+}
+
+/// The management API of the Instance through its client Service.
+struct Management {
+    base: String,
+    user: String,
+    pass: String,
+    http: reqwest::Client,
+}
+
+impl Management {
+    async fn status(&self, path: &str) -> u16 {
+        self.http
+            .get(format!("{}{path}", self.base))
+            .basic_auth(&self.user, Some(&self.pass))
+            .send()
+            .await
+            .map_or(0, |r| r.status().as_u16())
+    }
+
+    async fn json(&self, path: &str) -> Value {
+        self.http
+            .get(format!("{}{path}", self.base))
+            .basic_auth(&self.user, Some(&self.pass))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_instance_and_its_topology_run_in_a_simulated_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = kube_sim::KubeSim::start(kube_sim::Config {
+        broker_binary: broker_bin(),
+        dir: dir.path().join("cluster"),
+    })
+    .await
+    .unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, sim.kubeconfig()).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(
+        Kubeconfig::from_yaml(&sim.kubeconfig()).unwrap(),
+        &KubeConfigOptions::default(),
+    )
+    .await
+    .unwrap();
+    let client = Client::try_from(config).unwrap();
+
+    // The CRDs as `kubectl apply -f crds/` would install them.
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for entry in std::fs::read_dir(workspace_root().join("crds")).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        let crd: CustomResourceDefinition = serde_yaml::from_str(&text).unwrap();
+        crds.create(&PostParams::default(), &crd).await.unwrap();
+    }
+    let operator = start_operator(dir.path(), &kubeconfig, &sim.proxy_url());
+
+    // An Instance becomes a StatefulSet, a running broker, and Ready.
+    let instances = dynamic::<Instance>(&client);
+    let instance = manifest("instance.yaml", |v| {
+        v["spec"]["replicas"] = json!(1);
+        v["spec"]["autoscaling"]["enabled"] = json!(false);
+    });
+    instances
+        .create(&PostParams::default(), &instance)
+        .await
+        .unwrap();
+    let ready = wait_ready(&instances, "demo").await;
+    assert_eq!(ready.data["status"]["readyReplicas"], 1, "{:?}", ready.data);
+    assert!(is_true(&ready, "Reconciled"));
+    assert_eq!(
+        ready.data["status"]["endpoints"]["amqp"],
+        "amqp://demo.shop.svc:5672"
+    );
+    let procs = sim.processes();
+    assert_eq!(procs.len(), 1, "{procs:?}");
+    assert_eq!((procs[0].0.as_str(), procs[0].1.as_str()), (NS, "demo-0"));
+    let uid = ready.metadata.uid.clone().unwrap();
+    let owned_by_instance = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+        meta.owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.uid == uid && o.controller == Some(true))
+    };
+    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), NS);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), NS);
+    let services: Api<Service> = Api::namespaced(client.clone(), NS);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), NS);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), NS);
+    assert!(owned_by_instance(&sts.get("demo").await.unwrap().metadata));
+    let config_map = cms.get("demo-config").await.unwrap();
+    assert!(owned_by_instance(&config_map.metadata));
+    assert!(owned_by_instance(
+        &services.get("demo").await.unwrap().metadata
+    ));
+    assert!(owned_by_instance(
+        &services.get("demo-nodes").await.unwrap().metadata
+    ));
+    assert!(owned_by_instance(&pdbs.get("demo").await.unwrap().metadata));
+    let secret = secrets.get("demo-default-user").await.unwrap();
+    assert!(owned_by_instance(&secret.metadata));
+    let field = |k: &str| String::from_utf8(secret.data.as_ref().unwrap()[k].0.clone()).unwrap();
+    let (user, pass) = (field("username"), field("password"));
+    assert!(pvcs.get("data-demo-0").await.is_ok());
+
+    // The management API through the client Service's DNS name (the operator uses the same
+    // name, through the harness's proxy), and AMQP through the Service's address.
+    let http = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(sim.proxy_url()).unwrap())
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let mgmt = Management {
+        base: "http://demo.shop.svc:15672".into(),
+        user: user.clone(),
+        pass: pass.clone(),
+        http,
+    };
+    let whoami = mgmt.json("/api/whoami").await;
+    assert_eq!(whoami["name"], user.as_str());
+
+    // Vhost, Exchange, Queue and Binding from the example manifests.
+    let vhosts = dynamic::<Vhost>(&client);
+    let exchanges = dynamic::<Exchange>(&client);
+    let queues = dynamic::<Queue>(&client);
+    let bindings = dynamic::<Binding>(&client);
+    vhosts
+        .create(&PostParams::default(), &manifest("vhost.yaml", |_| {}))
+        .await
+        .unwrap();
+    exchanges
+        .create(&PostParams::default(), &manifest("exchange.yaml", |_| {}))
+        .await
+        .unwrap();
+    let queue = manifest("queue.yaml", |v| v["spec"]["type"] = json!("classic"));
+    queues.create(&PostParams::default(), &queue).await.unwrap();
+    // A second queue that is kept in the broker when its resource goes.
+    let kept = manifest("queue.yaml", |v| {
+        v["metadata"]["name"] = json!("audit");
+        v["spec"]["name"] = json!("audit");
+        v["spec"]["type"] = json!("classic");
+        v["spec"]["deletionPolicy"] = json!("retain");
+    });
+    queues.create(&PostParams::default(), &kept).await.unwrap();
+    bindings
+        .create(&PostParams::default(), &manifest("binding.yaml", |_| {}))
+        .await
+        .unwrap();
+    wait_ready(&vhosts, "orders").await;
+    wait_ready(&exchanges, "orders").await;
+    wait_ready(&queues, "orders-created").await;
+    wait_ready(&queues, "audit").await;
+    wait_ready(&bindings, "orders-created").await;
+    assert_eq!(mgmt.status("/api/vhosts/orders").await, 200);
+    let limits = mgmt.json("/api/vhost-limits/orders").await;
+    assert_eq!(limits[0]["value"]["max-connections"], 1000, "{limits}");
+    let ex = mgmt.json("/api/exchanges/orders/orders").await;
+    assert_eq!(
+        (ex["type"].as_str(), ex["durable"].as_bool()),
+        (Some("topic"), Some(true))
+    );
+    let q = mgmt.json("/api/queues/orders/orders.created").await;
+    assert_eq!(q["arguments"]["x-max-length"], 100_000, "{q}");
+    let b = mgmt
+        .json("/api/bindings/orders/e/orders/q/orders.created")
+        .await;
+    assert_eq!(b[0]["routing_key"], "order.created.#", "{b}");
+
+    // Publish and consume over AMQP through the client Service.
+    let amqp = sim
+        .service_addr(NS, "demo", 5672)
+        .expect("the Service's AMQP port");
+    let uri = format!("amqp://{user}:{pass}@{amqp}/orders");
+    let conn = Connection::connect(&uri, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_publish(
+        "orders".into(),
+        "order.created.eu".into(),
+        BasicPublishOptions::default(),
+        b"order 1",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            "orders.created".into(),
+            "e2e".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .expect("a delivery in time")
+        .unwrap()
+        .unwrap();
+    assert_eq!(delivery.data, b"order 1");
+    delivery.ack(BasicAckOptions::default()).await.unwrap();
+    conn.close(200, "done".into()).await.unwrap();
+
+    // Changes made by hand to owned objects are repaired.
+    cms.patch(
+        "demo-config",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"data": {"warren.toml": "# edited by hand\n"}})),
+    )
+    .await
+    .unwrap();
+    services
+        .delete("demo", &DeleteParams::default())
+        .await
+        .unwrap();
+    let original = config_map.data.clone();
+    eventually(
+        "the ConfigMap to be repaired",
+        Duration::from_secs(30),
+        || async { (cms.get("demo-config").await.ok()?.data == original).then_some(()) },
+    )
+    .await;
+    eventually(
+        "the client Service to be recreated",
+        Duration::from_secs(30),
+        || async { services.get_opt("demo").await.ok()?.map(|_| ()) },
+    )
+    .await;
+
+    // `kubectl scale`: the scale subresource of the Instance drives the brokers.
+    instances
+        .patch_scale(
+            "demo",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 2}})),
+        )
+        .await
+        .unwrap();
+    eventually("two ready brokers", Duration::from_secs(60), || async {
+        let i = instances.get("demo").await.ok()?;
+        (i.data["status"]["readyReplicas"] == 2 && is_true(&i, "Ready")).then_some(())
+    })
+    .await;
+    assert_eq!(sim.processes().len(), 2);
+    let scale = instances.get_scale("demo").await.unwrap();
+    assert_eq!(scale.spec.unwrap().replicas, Some(2));
+    instances
+        .patch_scale(
+            "demo",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 1}})),
+        )
+        .await
+        .unwrap();
+    gone(&pods, "demo-1").await;
+    eventually("one broker process", Duration::from_secs(30), || async {
+        (sim.processes().len() == 1).then_some(())
+    })
+    .await;
+    assert!(
+        pvcs.get("data-demo-1").await.is_ok(),
+        "scaling down keeps the volume"
+    );
+
+    // Deletion: `delete` removes the queue from the broker, `retain` keeps it.
+    queues
+        .delete("orders-created", &DeleteParams::default())
+        .await
+        .unwrap();
+    gone(&queues, "orders-created").await;
+    assert_eq!(mgmt.status("/api/queues/orders/orders.created").await, 404);
+    queues
+        .delete("audit", &DeleteParams::default())
+        .await
+        .unwrap();
+    gone(&queues, "audit").await;
+    assert_eq!(mgmt.status("/api/queues/orders/audit").await, 200);
+    bindings
+        .delete("orders-created", &DeleteParams::default())
+        .await
+        .unwrap();
+    exchanges
+        .delete("orders", &DeleteParams::default())
+        .await
+        .unwrap();
+    gone(&exchanges, "orders").await;
+    assert_eq!(mgmt.status("/api/exchanges/orders/orders").await, 404);
+    vhosts
+        .delete("orders", &DeleteParams::default())
+        .await
+        .unwrap();
+    gone(&vhosts, "orders").await;
+    assert_eq!(
+        mgmt.status("/api/vhosts/orders").await,
+        200,
+        "the vhost is retained"
+    );
+
+    // The operator counted its work.
+    let page = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!("http://{}/metrics", operator.metrics))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("warren_operator_reconciliations_total{kind=\"Instance\"}"),
+        "{page}"
+    );
+
+    // Deleting the Instance removes everything it owned, and its brokers stop.
+    instances
+        .delete("demo", &DeleteParams::default())
+        .await
+        .unwrap();
+    gone(&instances, "demo").await;
+    gone(&sts, "demo").await;
+    gone(&cms, "demo-config").await;
+    gone(&services, "demo").await;
+    gone(&services, "demo-nodes").await;
+    gone(&secrets, "demo-default-user").await;
+    gone(&pdbs, "demo").await;
+    gone(&pods, "demo-0").await;
+    gone(&pvcs, "data-demo-0").await;
+    gone(&pvcs, "data-demo-1").await;
+    eventually(
+        "every broker process to stop",
+        Duration::from_secs(30),
+        || async { sim.processes().is_empty().then_some(()) },
+    )
+    .await;
+    drop(operator);
+}
