@@ -14,7 +14,7 @@
 //!
 //! - [`lease`]: leader election with a Lease, so two replicas are safe.
 //!
-//! Still to come, in the layout DESIGN.md gives: `scaling/` (autoscaler).
+//! - [`scaling`]: the autoscaler (decisions from broker metrics, stabilization, drain).
 #![deny(unsafe_code)]
 #![deny(missing_debug_implementations)]
 
@@ -24,3 +24,4 @@ pub mod crd;
 pub mod lease;
 pub mod process;
 pub mod resources;
+pub mod scaling;

@@ -19,6 +19,14 @@ use warren_operator::crd;
 use warren_operator::lease::LeaseLock;
 use warren_operator::process::{OperatorMetrics, probe_router, run_controllers};
 use warren_operator::resources::Defaults;
+use warren_operator::scaling::autoscaler::{Autoscaler, DEFAULT_METRICS_URL};
+
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 3600.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds in (0, 3600]")),
+    }
+}
 
 #[derive(Debug, Parser)]
 #[command(version, about = "Warren's Kubernetes operator")]
@@ -58,6 +66,22 @@ enum Command {
         /// client Service, `http://{instance}.{namespace}.svc:15672`).
         #[arg(long, env = "WARREN_BROKER_URL")]
         broker_url: Option<String>,
+        /// Each broker's Prometheus metrics, read by the autoscaler, with `{pod}`, `{instance}`
+        /// and `{namespace}`.
+        #[arg(
+            long,
+            env = "WARREN_BROKER_METRICS_URL",
+            default_value = DEFAULT_METRICS_URL
+        )]
+        broker_metrics_url: String,
+        /// Seconds between two rounds of the autoscaler for an Instance.
+        #[arg(
+            long,
+            env = "WARREN_AUTOSCALE_INTERVAL",
+            default_value_t = 15.0,
+            value_parser = positive_seconds
+        )]
+        autoscale_interval: f64,
     },
 }
 
@@ -90,6 +114,8 @@ fn main() -> ExitCode {
             metrics_listen,
             broker_image,
             broker_url,
+            broker_metrics_url,
+            autoscale_interval,
         } => {
             tracing_subscriber::fmt()
                 .json()
@@ -105,11 +131,16 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            let autoscaler = Autoscaler::new(
+                Duration::from_secs_f64(autoscale_interval),
+                &broker_metrics_url,
+            );
             runtime.block_on(run(
                 leader_elect,
                 metrics_listen,
                 Defaults { broker_image },
                 broker_url,
+                autoscaler,
             ))
         }
     }
@@ -120,6 +151,7 @@ async fn run(
     metrics_listen: SocketAddr,
     defaults: Defaults,
     broker_url: Option<String>,
+    autoscaler: Autoscaler,
 ) -> ExitCode {
     let client = match kube::Client::try_default().await {
         Ok(c) => c,
@@ -159,6 +191,9 @@ async fn run(
         let _ = on_signal.send(true);
     });
     tracing::info!(%metrics_listen, "warren-operator started");
+    // Ready means able to serve: leading, or standing by to take over. Were a follower never
+    // ready, a rolling update (new pod ready before the old one goes) could never finish.
+    let _ = ready_tx.send(true);
     let lost = Arc::new(AtomicBool::new(false));
     if leader_elect {
         let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".into());
@@ -210,8 +245,7 @@ async fn run(
             }
         });
     }
-    let _ = ready_tx.send(true);
-    run_controllers(client, defaults, broker_url, metrics, stop_rx).await;
+    run_controllers(client, defaults, broker_url, autoscaler, metrics, stop_rx).await;
     let _ = server.await;
     if lost.load(Ordering::SeqCst) {
         ExitCode::FAILURE

@@ -6,6 +6,7 @@ use crate::controller::broker_resources::{self, BrokerResource, Context};
 use crate::controller::instance::{self, InstanceContext};
 use crate::crd::{Binding, Exchange, Instance, Queue, Vhost};
 use crate::resources::Defaults;
+use crate::scaling::autoscaler::Autoscaler;
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
@@ -118,7 +119,8 @@ struct ProbeState {
     ready: watch::Receiver<bool>,
 }
 
-/// `/metrics`, `/healthz` (the process answers) and `/readyz` (200 once the controllers run).
+/// `/metrics`, `/healthz` (the process answers) and `/readyz` (200 once `ready` is set: the
+/// process reaches the cluster and leads or stands by).
 pub fn probe_router(metrics: Arc<OperatorMetrics>, ready: watch::Receiver<bool>) -> Router {
     Router::new()
         .route("/metrics", get(metrics_page))
@@ -196,6 +198,7 @@ pub async fn run_controllers(
     client: Client,
     defaults: Defaults,
     broker_url: Option<String>,
+    autoscaler: Autoscaler,
     metrics: Arc<OperatorMetrics>,
     shutdown: watch::Receiver<bool>,
 ) {
@@ -212,6 +215,7 @@ pub async fn run_controllers(
     let instance_ctx = Arc::new(InstanceContext {
         client: client.clone(),
         defaults,
+        autoscaler,
     });
     let m = metrics.clone();
     let timing = (metrics.clone(), Arc::<str>::from("Instance"));

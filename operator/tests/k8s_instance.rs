@@ -25,12 +25,12 @@ fn instance(spec: Value) -> Instance {
 
 fn context() -> (Arc<InstanceContext>, ApiServer) {
     let (client, handle) = mocked();
-    let ctx = InstanceContext {
+    let ctx = InstanceContext::new(
         client,
-        defaults: Defaults {
+        Defaults {
             broker_image: "warren-broker:test".into(),
         },
-    };
+    );
     (Arc::new(ctx), handle)
 }
 

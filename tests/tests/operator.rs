@@ -12,7 +12,10 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Resource};
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
+    QueueDeclareOptions, QueuePurgeOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::{Value, json};
@@ -55,7 +58,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn start_operator(dir: &Path, kubeconfig: &Path, proxy: &str) -> Operator {
+fn start_operator(dir: &Path, kubeconfig: &Path, proxy: &str, extra: &[&str]) -> Operator {
     let operator = bin_dir().join("warren-operator");
     assert!(
         operator.exists(),
@@ -67,6 +70,7 @@ fn start_operator(dir: &Path, kubeconfig: &Path, proxy: &str) -> Operator {
     let metrics = format!("127.0.0.1:{}", free_port());
     let child = Command::new(operator)
         .args(["run", "--leader-elect", "--metrics-listen", &metrics])
+        .args(extra)
         .env("KUBECONFIG", kubeconfig)
         .env("HTTP_PROXY", proxy)
         .env("http_proxy", proxy)
@@ -184,8 +188,16 @@ impl Management {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_instance_and_its_topology_run_in_a_simulated_cluster() {
+/// A simulated cluster with the CRDs installed and the operator running. Dropped in field
+/// order: the operator first, then the cluster (killing every broker), then its directory.
+struct Cluster {
+    operator: Operator,
+    sim: kube_sim::KubeSim,
+    client: Client,
+    _dir: tempfile::TempDir,
+}
+
+async fn cluster(operator_args: &[&str]) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     let sim = kube_sim::KubeSim::start(kube_sim::Config {
         broker_binary: broker_bin(),
@@ -202,7 +214,6 @@ async fn an_instance_and_its_topology_run_in_a_simulated_cluster() {
     .await
     .unwrap();
     let client = Client::try_from(config).unwrap();
-
     // The CRDs as `kubectl apply -f crds/` would install them.
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     for entry in std::fs::read_dir(workspace_root().join("crds")).unwrap() {
@@ -210,7 +221,32 @@ async fn an_instance_and_its_topology_run_in_a_simulated_cluster() {
         let crd: CustomResourceDefinition = serde_yaml::from_str(&text).unwrap();
         crds.create(&PostParams::default(), &crd).await.unwrap();
     }
-    let operator = start_operator(dir.path(), &kubeconfig, &sim.proxy_url());
+    let operator = start_operator(dir.path(), &kubeconfig, &sim.proxy_url(), operator_args);
+    Cluster {
+        operator,
+        sim,
+        client,
+        _dir: dir,
+    }
+}
+
+/// The default user of an Instance, from its Secret.
+async fn credentials(client: &Client, secret: &str) -> (String, String) {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+    let secret = secrets.get(secret).await.unwrap();
+    let field = |k: &str| String::from_utf8(secret.data.as_ref().unwrap()[k].0.clone()).unwrap();
+    (field("username"), field("password"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_instance_and_its_topology_run_in_a_simulated_cluster() {
+    // Bound in this order so a failure drops the operator (printing its log) first.
+    let Cluster {
+        _dir,
+        client,
+        sim,
+        operator,
+    } = cluster(&[]).await;
 
     // An Instance becomes a StatefulSet, a running broker, and Ready.
     let instances = dynamic::<Instance>(&client);
@@ -495,4 +531,154 @@ async fn an_instance_and_its_topology_run_in_a_simulated_cluster() {
     )
     .await;
     drop(operator);
+    drop(sim);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_autoscaler_follows_the_backlog_and_drains_a_broker_before_it_goes() {
+    let c = cluster(&["--autoscale-interval", "0.5"]).await;
+    let instances = dynamic::<Instance>(&c.client);
+    let sts: Api<StatefulSet> = Api::namespaced(c.client.clone(), NS);
+    let instance: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "warren.dev/v1alpha1",
+        "kind": "Instance",
+        "metadata": {"name": "busy", "namespace": NS},
+        "spec": {
+            "replicas": 1,
+            "storage": {"size": "1Gi"},
+            "autoscaling": {
+                "enabled": true,
+                "minReplicas": 1,
+                "maxReplicas": 3,
+                "targets": {"messagesReadyPerReplica": 100},
+                "scaleUpStabilizationSeconds": 0,
+                "scaleDownStabilizationSeconds": 2,
+            },
+        },
+    }))
+    .unwrap();
+    instances
+        .create(&PostParams::default(), &instance)
+        .await
+        .unwrap();
+    wait_ready(&instances, "busy").await;
+    let (user, pass) = credentials(&c.client, "busy-default-user").await;
+    let broker = |n: u32| {
+        let addr = c
+            .sim
+            .resolve(&format!("busy-{n}.busy-nodes.{NS}.svc"), 5672)
+            .expect("the broker's pod address");
+        format!("amqp://{user}:{pass}@{addr}/%2f")
+    };
+
+    // 250 ready messages on the first broker: 100 per broker wants 3.
+    let first = Connection::connect(&broker(0), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = first.create_channel().await.unwrap();
+    ch.queue_declare(
+        "backlog".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    for i in 0..250 {
+        ch.basic_publish(
+            "".into(),
+            "backlog".into(),
+            BasicPublishOptions::default(),
+            format!("m{i}").as_bytes(),
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    }
+    eventually("three ready brokers", Duration::from_secs(60), || async {
+        let i = instances.get("busy").await.ok()?;
+        let s = &i.data["status"];
+        (s["desiredReplicas"] == 3 && s["readyReplicas"] == 3 && is_true(&i, "Ready")).then_some(())
+    })
+    .await;
+    assert_eq!(c.sim.processes().len(), 3);
+
+    // The backlog is gone, but the last broker holds a message: it stays until that is consumed.
+    let last = Connection::connect(&broker(2), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let last_ch = last.create_channel().await.unwrap();
+    last_ch
+        .queue_declare(
+            "stuck".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    last_ch
+        .basic_publish(
+            "".into(),
+            "stuck".into(),
+            BasicPublishOptions::default(),
+            b"last",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    ch.queue_purge("backlog".into(), QueuePurgeOptions::default())
+        .await
+        .unwrap();
+    let draining = eventually(
+        "the scale-down to wait for busy-2",
+        Duration::from_secs(30),
+        || async {
+            let i = instances.get("busy").await.ok()?;
+            let scaling = condition(&i, "Scaling")?.clone();
+            (scaling["reason"] == "Draining").then_some(scaling)
+        },
+    )
+    .await;
+    let message = draining["message"].as_str().unwrap();
+    assert!(
+        message.contains("busy-2 still holds 1 messages"),
+        "{message}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        sts.get("busy").await.unwrap().spec.unwrap().replicas,
+        Some(3),
+        "no broker leaves while the last one holds a message"
+    );
+    assert_eq!(c.sim.processes().len(), 3);
+
+    // Consumed: the brokers leave, highest ordinal first, down to what the load wants.
+    let got = last_ch
+        .basic_get("stuck".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("the message on busy-2");
+    assert_eq!(got.delivery.data, b"last");
+    eventually("one broker left", Duration::from_secs(60), || async {
+        let i = instances.get("busy").await.ok()?;
+        let s = &i.data["status"];
+        let stable = condition(&i, "Scaling")?["reason"] == "Stable";
+        (s["desiredReplicas"] == 1 && s["replicas"] == 1 && stable && c.sim.processes().len() == 1)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(c.sim.processes()[0].1, "busy-0");
+    let remaining = ch
+        .queue_declare(
+            "backlog".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(remaining.message_count(), 0);
 }

@@ -15,6 +15,7 @@ use crate::resources::{
     AMQP_PORT, AMQPS_PORT, Defaults, MANAGEMENT_PORT, METRICS_PORT, client_service_name,
     default_user_secret_name, name_of, namespace_of, selector_string,
 };
+use crate::scaling::autoscaler::Autoscaler;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -47,12 +48,24 @@ pub enum Error {
 pub struct InstanceContext {
     pub client: Client,
     pub defaults: Defaults,
+    pub autoscaler: Autoscaler,
+}
+
+impl InstanceContext {
+    pub fn new(client: Client, defaults: Defaults) -> Self {
+        Self {
+            client,
+            defaults,
+            autoscaler: Autoscaler::default(),
+        }
+    }
 }
 
 impl std::fmt::Debug for InstanceContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("InstanceContext")
             .field("defaults", &self.defaults)
+            .field("autoscaler", &self.autoscaler)
             .finish_non_exhaustive()
     }
 }
@@ -90,7 +103,23 @@ pub async fn reconcile(obj: Arc<Instance>, ctx: Arc<InstanceContext>) -> Result<
     let ns = namespace_of(&obj).to_owned();
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let generation = obj.meta().generation;
-    let desired = obj.spec.replicas.max(0);
+    let autoscaling = obj.spec.autoscaling.as_ref().filter(|a| a.enabled);
+    let (desired, held) = match autoscaling {
+        None => (obj.spec.replicas.max(0), None),
+        Some(a) => {
+            // The autoscaler starts from what runs (or from spec.replicas, within its range).
+            let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+            let current = match sets.get_opt(name_of(&obj)).await? {
+                Some(s) => s.spec.and_then(|s| s.replicas).unwrap_or(1),
+                None => obj
+                    .spec
+                    .replicas
+                    .clamp(a.min_replicas.max(1), a.max_replicas.max(1)),
+            };
+            let d = ctx.autoscaler.round(&obj, a, current).await;
+            (d.replicas, d.held)
+        }
+    };
     let mut status = obj.status.clone().unwrap_or_default();
     status.observed_generation = generation;
     status.desired_replicas = desired;
@@ -153,9 +182,18 @@ pub async fn reconcile(obj: Arc<Instance>, ctx: Arc<InstanceContext>) -> Result<
     status.replicas = sts_status.replicas;
     status.ready_replicas = sts_status.ready_replicas.unwrap_or(0);
     let settled = observe(&mut status, desired, generation, &now);
+    if let Some((reason, message)) = held {
+        let scaling = reason == "Draining";
+        conditions::set(
+            &mut status.conditions,
+            condition(SCALING, scaling, reason, message, generation, &now),
+        );
+    }
     status.endpoints = Some(endpoints(&obj));
     write_status(client, &obj, &status).await?;
-    Ok(Action::requeue(if settled {
+    Ok(Action::requeue(if autoscaling.is_some() {
+        ctx.autoscaler.interval
+    } else if settled {
         RESYNC
     } else {
         WATCH_CLOSELY
