@@ -282,8 +282,8 @@ else
   for f in "${examples[@]}"; do broken "with an unknown field spec.notAField" "$f" '/^spec:$/a\  notAField: true'; done
   [ -f manifests/queue.yaml ] && broken "with type quorom (not in the enum)" manifests/queue.yaml 's/^  type: quorum$/  type: quorom/'
   [ -f manifests/queue.yaml ] && broken "named amq.orders (CEL: reserved prefix)" manifests/queue.yaml 's/^  name: orders\.created$/  name: amq.orders/'
-  [ -f manifests/instance.yaml ] && broken "with minReplicas > maxReplicas (CEL)" manifests/instance.yaml 's/^    maxReplicas: 7$/    maxReplicas: 2/'
-  [ -f manifests/instance.yaml ] && broken "with replicas: three (a string)" manifests/instance.yaml 's/^  replicas: 3$/  replicas: three/'
+  [ -f manifests/instance.yaml ] && broken "with minReplicas > maxReplicas (CEL)" manifests/instance.yaml 's/^    minReplicas: 1$/    minReplicas: 5/'
+  [ -f manifests/instance.yaml ] && broken "with replicas: one (a string)" manifests/instance.yaml 's/^  replicas: 1$/  replicas: one/'
   validated --crds crds --expect-invalid "${labels[@]}" "${bad[@]}"
 fi
 

@@ -105,6 +105,15 @@ impl Default for Config {
     }
 }
 
+/// What `warren-broker` does besides running a broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Subcommand)]
+pub enum Command {
+    /// Put the running broker of these settings into maintenance mode (close its clients,
+    /// refuse new ones, fail readiness) and return once its clients are gone: the preStop
+    /// hook of a broker pod.
+    Drain,
+}
+
 /// Command-line flags; each can also come from `WARREN_<FLAG>` in the environment.
 #[derive(Debug, Default, Parser)]
 #[command(
@@ -113,6 +122,8 @@ impl Default for Config {
     about = "A RabbitMQ-compatible AMQP 0-9-1 broker"
 )]
 pub struct Flags {
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// TOML file with settings (see warren.example.toml).
     #[arg(long, env = "WARREN_CONFIG")]
     pub config: Option<PathBuf>,
@@ -217,6 +228,7 @@ impl Config {
             None => Self::default(),
         };
         let Flags {
+            command: _,
             config: _,
             data_dir,
             amqp_listen,

@@ -18,6 +18,7 @@ pub mod amqp;
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod drain;
 pub mod error;
 pub mod http;
 pub mod server;

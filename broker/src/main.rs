@@ -2,17 +2,28 @@
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use warren_broker::config::{Config, Flags};
+use warren_broker::config::{Command, Config, Flags};
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let config = match Config::load(Flags::parse()) {
+    let flags = Flags::parse();
+    let command = flags.command;
+    let config = match Config::load(flags) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("warren-broker: {e}");
             return std::process::ExitCode::from(2);
         }
     };
+    if command == Some(Command::Drain) {
+        return match warren_broker::drain::run(&config).await {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("warren-broker drain: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     if config.log_format == "json" {
         tracing_subscriber::fmt()

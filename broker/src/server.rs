@@ -280,6 +280,8 @@ async fn accept_loop(
                     },
                 }
             } => match accepted {
+                // In maintenance mode the listener takes no new clients (RabbitMQ suspends it).
+                Ok(_) if broker.draining.load(std::sync::atomic::Ordering::SeqCst) => {}
                 Ok((Some(tcp), _, peer)) => {
                     connections.spawn(connection::serve_tcp(tcp, peer, broker.clone(), shutdown.clone()));
                 }

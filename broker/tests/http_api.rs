@@ -1758,6 +1758,63 @@ async fn health_checks_report_alarms_listeners_and_aliveness() {
     api.json("/api/health/checks/alarms").await;
 }
 
+#[tokio::test]
+async fn a_drain_closes_clients_refuses_new_ones_and_fails_readiness_until_revived() {
+    let (b, api) = broker().await;
+    let conn = b.connect().await;
+    let mut closed = errors(&conn);
+    let node = api.json("/api/nodes").await[0].clone();
+    assert_eq!(node["being_drained"], false);
+    // Only administrators may drain.
+    api.put(
+        "/api/users/mon",
+        &json!({"password": "pw", "tags": "monitoring"}).to_string(),
+    )
+    .await
+    .status(201);
+    let refused = api.as_user("mon", "pw").post("/api/warren/drain", "").await;
+    assert_eq!(
+        refused.error(401, "not_authorised"),
+        "Not administrator user"
+    );
+    // `warren-broker drain` makes this request; it returns once the clients are gone.
+    let mgmt = b.running().management_addr;
+    let wrong = warren_broker::drain::request(mgmt, "guest", "nope", Duration::from_secs(5)).await;
+    assert!(wrong.unwrap_err().contains("HTTP 401"));
+    warren_broker::drain::request(mgmt, "guest", "guest", Duration::from_secs(15))
+        .await
+        .unwrap();
+    assert_eq!(
+        closed.next().await,
+        (
+            320,
+            "CONNECTION_FORCED - Node was put into maintenance mode".into()
+        )
+    );
+    assert_eq!(b.broker().connections.count(), 0);
+    assert_eq!(api.json("/api/nodes").await[0]["being_drained"], true);
+    let ready = format!("http://{}/health/ready", b.running().prometheus_addr);
+    let answer = reqwest::get(&ready).await.unwrap();
+    assert_eq!(answer.status(), 503);
+    assert_eq!(
+        answer.json::<Value>().await.unwrap()["reason"],
+        "draining (maintenance mode)"
+    );
+    let attempt = tokio::time::timeout(
+        Duration::from_secs(5),
+        lapin::Connection::connect(&b.uri, ConnectionProperties::default()),
+    )
+    .await
+    .expect("refused at once, not hung");
+    assert!(attempt.is_err(), "no new clients while draining");
+    // Revived: clients come back, readiness too.
+    api.delete("/api/warren/drain").await.status(204);
+    assert_eq!(reqwest::get(&ready).await.unwrap().status(), 200);
+    let again = b.connect().await;
+    assert!(again.status().connected());
+    assert_eq!(api.json("/api/nodes").await[0]["being_drained"], false);
+}
+
 // ------------------------------------------------------- what Warren has none of, answered so
 
 #[tokio::test]

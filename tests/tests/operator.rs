@@ -440,6 +440,17 @@ async fn an_instance_and_its_topology_run_in_a_simulated_cluster() {
     assert_eq!(sim.processes().len(), 2);
     let scale = instances.get_scale("demo").await.unwrap();
     assert_eq!(scale.spec.unwrap().replicas, Some(2));
+    // A client of the broker that goes is told by its preStop drain, before SIGTERM.
+    let leaving = sim
+        .resolve("demo-1.demo-nodes.shop.svc", 5672)
+        .expect("the second broker's address");
+    let leaving = Connection::connect(
+        &format!("amqp://{user}:{pass}@{leaving}/%2f"),
+        ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let mut events = leaving.events_listener();
     instances
         .patch_scale(
             "demo",
@@ -448,6 +459,21 @@ async fn an_instance_and_its_topology_run_in_a_simulated_cluster() {
         )
         .await
         .unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(e) = events.next().await {
+            if let lapin::Event::Error(e) = e
+                && let lapin::ErrorKind::ProtocolError(e) = e.kind()
+            {
+                return Some((e.get_id(), e.get_message().to_string()));
+            }
+        }
+        None
+    })
+    .await
+    .expect("the client is closed in time");
+    let (code, text) = closed.expect("an AMQP close");
+    assert_eq!(code, 320, "{text}");
+    assert!(text.contains("maintenance mode"), "{text}");
     gone(&pods, "demo-1").await;
     eventually("one broker process", Duration::from_secs(30), || async {
         (sim.processes().len() == 1).then_some(())

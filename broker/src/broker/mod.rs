@@ -44,6 +44,9 @@ pub struct Broker {
     pub churn: Arc<stats::Churn>,
     /// When the broker started.
     pub started: std::time::SystemTime,
+    /// Maintenance mode (a drain before the broker stops): client connections are closed and
+    /// new ones refused, and readiness fails, so clients move to other brokers.
+    pub draining: std::sync::atomic::AtomicBool,
     /// The in-memory window every queue gets.
     window: Window,
     vhosts: RwLock<HashMap<String, Arc<Vhost>>>,
@@ -163,6 +166,7 @@ impl Broker {
             window,
             vhosts: RwLock::new(HashMap::new()),
             next_connection_id: AtomicU64::new(1),
+            draining: std::sync::atomic::AtomicBool::new(false),
         };
         let mut vhosts = broker.vhosts.write();
         vhosts.insert(

@@ -35,6 +35,16 @@ async fn ready(State(state): State<AppState>) -> Response {
     if *state.stopping.borrow() {
         return health(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     }
+    if state
+        .broker
+        .draining
+        .load(std::sync::atomic::Ordering::SeqCst)
+    {
+        return health(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining (maintenance mode)",
+        );
+    }
     if state.broker.vhosts().is_empty() {
         return health(StatusCode::SERVICE_UNAVAILABLE, "no virtual hosts");
     }

@@ -72,6 +72,10 @@ pub fn management_router(state: AppState) -> Router {
         .route("/api/extensions", get(overview::extensions))
         .route("/api/nodes", get(overview::nodes))
         .route("/api/nodes/{node}", get(overview::node))
+        .route(
+            "/api/warren/drain",
+            axum::routing::post(peers::drain).delete(peers::revive),
+        )
         .route("/api/vhosts", get(vhosts::list))
         .route(
             "/api/vhosts/{vhost}",

@@ -198,7 +198,7 @@ fn node_object(state: &AppState) -> Value {
         "name": broker.config.node_name,
         "type": "disc",
         "running": true,
-        "being_drained": false,
+        "being_drained": broker.draining.load(std::sync::atomic::Ordering::SeqCst),
         "os_pid": std::process::id().to_string(),
         "uptime": uptime,
         "processors": std::thread::available_parallelism().map_or(1, |n| n.get()),

@@ -257,6 +257,45 @@ pub async fn close_connection(
     Ok(no_content())
 }
 
+/// RabbitMQ's reason when maintenance mode closes client connections.
+pub const DRAIN_REASON: &str = "Node was put into maintenance mode";
+
+/// `POST /api/warren/drain` (administrators; Warren's own, as RabbitMQ drains only from its
+/// CLI): maintenance mode. New clients are refused, readiness fails, every client connection
+/// is closed with 320 and RabbitMQ's reason; answers 204 once they are gone (or after 10 s).
+/// Run before a broker stops (the StatefulSet's preStop) so clients move elsewhere first.
+pub async fn drain(State(state): State<AppState>, caller: Caller) -> ApiResult<Response> {
+    if !caller.is_admin() {
+        return Err(ApiError::not_authorised("Not administrator user"));
+    }
+    let broker = &state.broker;
+    broker
+        .draining
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    tracing::info!("maintenance mode: closing client connections");
+    for c in broker.connections.list() {
+        c.force_close(DRAIN_REASON);
+    }
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while broker.connections.count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    Ok(no_content())
+}
+
+/// `DELETE /api/warren/drain`: leaves maintenance mode (RabbitMQ's `revive`).
+pub async fn revive(State(state): State<AppState>, caller: Caller) -> ApiResult<Response> {
+    if !caller.is_admin() {
+        return Err(ApiError::not_authorised("Not administrator user"));
+    }
+    state
+        .broker
+        .draining
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    tracing::info!("maintenance mode: off");
+    Ok(no_content())
+}
+
 /// `GET /api/connections/username/{user}`: a user's connections, in RabbitMQ's short form.
 pub async fn user_connections(
     State(state): State<AppState>,

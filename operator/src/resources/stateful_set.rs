@@ -14,10 +14,11 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
-    VolumeResourceRequirements, WeightedPodAffinityTerm,
+    ExecAction, HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector,
+    SecretVolumeSource, SecurityContext, Volume, VolumeMount, VolumeResourceRequirements,
+    WeightedPodAffinityTerm,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -198,6 +199,22 @@ pub fn stateful_set(
             initial_delay_seconds: Some(10),
             ..probe("/health/live", 10, 6)
         }),
+        // Before SIGTERM: maintenance mode, so clients leave for the other brokers and the
+        // Service stops sending new ones (readiness fails) before the broker stops.
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                exec: Some(ExecAction {
+                    command: Some(vec![
+                        "warren-broker".into(),
+                        "--config".into(),
+                        config_file(),
+                        "drain".into(),
+                    ]),
+                }),
+                ..LifecycleHandler::default()
+            }),
+            ..Lifecycle::default()
+        }),
         volume_mounts: Some(mounts),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
@@ -372,6 +389,16 @@ mod tests {
         let startup = c.startup_probe.as_ref().unwrap();
         assert_eq!(startup.failure_threshold, Some(360));
         assert_eq!(ready.port, IntOrString::String("prometheus".into()));
+        let pre_stop = c.lifecycle.as_ref().unwrap().pre_stop.as_ref().unwrap();
+        assert_eq!(
+            pre_stop.exec.as_ref().unwrap().command.as_deref().unwrap(),
+            [
+                "warren-broker",
+                "--config",
+                "/etc/warren/warren.toml",
+                "drain"
+            ]
+        );
         let mounts: Vec<_> = c
             .volume_mounts
             .as_ref()

@@ -72,6 +72,8 @@ struct Launch {
     env: Vec<(String, String)>,
     dir: PathBuf,
     probe: Option<(u16, String)>,
+    /// The preStop hook's arguments (its program is the broker binary too).
+    pre_stop: Option<Vec<String>>,
 }
 
 /// Files of a volume: name and content.
@@ -463,12 +465,27 @@ fn prepare(
                 g["path"].as_str().unwrap_or("/").to_owned(),
             ))
         });
+    let pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+        .as_array()
+        .and_then(|cmd| {
+            let (program, rest) = cmd.split_first()?;
+            if !program.as_str()?.ends_with("warren-broker") {
+                tracing::warn!(pod = %name, "kube-sim runs only warren-broker preStop hooks");
+                return None;
+            }
+            Some(
+                rest.iter()
+                    .map(|a| rewrite(&expand(a.as_str().unwrap_or_default(), &env)))
+                    .collect(),
+            )
+        });
     let launch = Launch {
         program: config.broker_binary.clone(),
         args,
         env,
         dir: dir.clone(),
         probe,
+        pre_stop,
     };
     let runtime = PodRuntime {
         uid: uid_of(pod).to_owned(),
@@ -603,9 +620,10 @@ pub fn sync_pods(store: &Arc<Store>, config: &KubeletConfig, pods: &Pods) {
                         .map_or(Duration::from_secs(30), Duration::from_secs)
                         .min(config.max_grace);
                     let (store, pods, rt_type) = (store.clone(), pods.clone(), pod_rt.clone());
+                    let launch = rt.launch.clone();
                     tokio::spawn(async move {
                         if let Some(child) = child {
-                            terminate(child, grace).await;
+                            terminate(child, &launch, grace).await;
                         }
                         pods.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
                         store.remove(&rt_type, &key.0, &key.1);
@@ -632,6 +650,7 @@ pub fn sync_pods(store: &Arc<Store>, config: &KubeletConfig, pods: &Pods) {
                             env: Vec::new(),
                             dir: PathBuf::new(),
                             probe: None,
+                            pre_stop: None,
                         },
                         restarts: 0,
                         restart_at: None,
@@ -681,7 +700,30 @@ pub fn sync_pods(store: &Arc<Store>, config: &KubeletConfig, pods: &Pods) {
     }
 }
 
-async fn terminate(mut child: Child, grace: Duration) {
+/// As the kubelet stops a container: the preStop hook (within the grace period), SIGTERM, and
+/// SIGKILL once the grace period is over.
+async fn terminate(mut child: Child, launch: &Launch, grace: Duration) {
+    let deadline = Instant::now() + grace;
+    if let Some(args) = &launch.pre_stop {
+        let hook = Launch {
+            args: args.clone(),
+            ..launch.clone()
+        };
+        match spawn(&hook) {
+            Ok(mut h) => match tokio::time::timeout_at(deadline, h.wait()).await {
+                Ok(Ok(status)) if !status.success() => {
+                    tracing::warn!(%status, "the preStop hook failed");
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    tracing::warn!("the preStop hook ran out of the grace period");
+                    let _ = h.kill().await;
+                }
+            },
+            Err(e) => tracing::warn!(error = %e, "cannot run the preStop hook"),
+        }
+    }
+    let grace = deadline.saturating_duration_since(Instant::now());
     if let Some(pid) = child
         .id()
         .and_then(|p| rustix::process::Pid::from_raw(p as i32))

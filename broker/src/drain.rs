@@ -1,0 +1,76 @@
+//! `warren-broker drain`: puts the running broker of the same settings into maintenance mode
+//! through its management API on the loopback address, and returns once its clients are gone.
+//! Kubernetes runs it as the broker container's preStop hook, before SIGTERM.
+//!
+//! The request is one fixed HTTP/1.1 POST to the local listener, written by hand rather than
+//! pulling an HTTP client into the broker binary for it.
+
+use crate::config::Config;
+use base64::Engine;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Where the broker's management API answers on this host.
+pub fn local_address(listen: SocketAddr) -> SocketAddr {
+    let ip = match listen.ip() {
+        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    SocketAddr::new(ip, listen.port())
+}
+
+/// Asks the broker at `addr` to drain, as `user`; waits up to `timeout` for the answer.
+pub async fn request(
+    addr: SocketAddr,
+    user: &str,
+    password: &str,
+    timeout: Duration,
+) -> Result<(), String> {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("cannot reach the management API at {addr}: {e}"))?;
+        let credentials =
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        let head = format!(
+            "POST /api/warren/drain HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Basic {credentials}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        stream
+            .write_all(head.as_bytes())
+            .await
+            .map_err(|e| format!("{addr}: {e}"))?;
+        let mut answer = Vec::new();
+        stream
+            .read_to_end(&mut answer)
+            .await
+            .map_err(|e| format!("{addr}: {e}"))?;
+        let text = String::from_utf8_lossy(&answer);
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse::<u16>().ok())
+            .ok_or_else(|| format!("{addr}: not an HTTP answer"))?;
+        if status == 204 {
+            Ok(())
+        } else {
+            let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().trim();
+            Err(format!("the broker refused to drain: HTTP {status} {body}"))
+        }
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| format!("no answer from {addr} within {timeout:?}"))?
+}
+
+/// Drains the broker that `config` describes, as its default user.
+pub async fn run(config: &Config) -> Result<(), String> {
+    request(
+        local_address(config.management_listen),
+        &config.default_user,
+        &config.default_pass,
+        Duration::from_secs(30),
+    )
+    .await
+}
