@@ -51,6 +51,8 @@ fn message(body: &Bytes) -> Arc<Message> {
         properties: Bytes::from_static(&[0, 0]),
         body: body.clone(),
         persistent: false,
+        arrived_ms: 0,
+        expires_at_ms: None,
     })
 }
 

@@ -11,7 +11,7 @@ use super::codec::{self, ContentHeader, PublishArgs};
 use super::writer::{ConnectionOutput, Outbound};
 use crate::auth::Access;
 use crate::broker::exchange::Exchange;
-use crate::broker::message::{Message, ShortStr};
+use crate::broker::message::{Message, ShortStr, now_ms};
 use crate::broker::queue::Delivered;
 use crate::broker::stats::MessageStats;
 use crate::broker::vhost::{EnqueueOutcome, REPLY_TO, describe};
@@ -142,12 +142,12 @@ fn detach(properties: Bytes, body: Bytes) -> (Bytes, Bytes) {
 }
 
 /// RabbitMQ's check of the `expiration` property: a non-negative integer of milliseconds.
-fn check_expiration(text: &str) -> AmqpResult<()> {
+fn check_expiration(text: &str) -> AmqpResult<u64> {
     let reason = match text.parse::<i64>() {
         Err(_) => "no_integer".to_owned(),
         Ok(n) if n < 0 => format!("{{value_negative,{n}}}"),
         Ok(n) if n > i64::from(u32::MAX) => format!("{{value_too_large,{n},{}}}", u32::MAX),
-        Ok(_) => return Ok(()),
+        Ok(n) => return Ok(n.unsigned_abs()),
     };
     Err(precondition_failed(format!(
         "invalid expiration '{text}': {reason}"
@@ -333,9 +333,13 @@ impl Channel {
                 s.user
             )));
         }
-        if let Some(expiration) = header.bytes(&header.scan.expiration) {
-            check_expiration(&String::from_utf8_lossy(expiration))?;
-        }
+        let arrived_ms = now_ms();
+        let expires_at_ms = match header.bytes(&header.scan.expiration) {
+            Some(expiration) => {
+                Some(arrived_ms + check_expiration(&String::from_utf8_lossy(expiration))?)
+            }
+            None => None,
+        };
         // CC and BCC add routing keys; most messages have none, and then nothing is allocated.
         let mut extra_keys: Vec<Bytes> = Vec::new();
         let mut strip_bcc = false;
@@ -396,6 +400,8 @@ impl Channel {
             properties,
             body,
             persistent,
+            arrived_ms,
+            expires_at_ms,
         });
         if let Some(tx) = &mut self.tx {
             let mut keys = vec![routing_key];

@@ -83,6 +83,18 @@ pub struct Message {
     pub body: Bytes,
     /// `delivery_mode == 2`.
     pub persistent: bool,
+    /// When the broker took it, in milliseconds since the Unix epoch: TTLs count from here
+    /// (0 when unknown, for a message stored before Warren recorded it).
+    pub arrived_ms: u64,
+    /// When its `expiration` property makes it expire, in milliseconds since the Unix epoch.
+    pub expires_at_ms: Option<u64>,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 impl Message {

@@ -3,7 +3,9 @@
 
 pub mod admin;
 pub mod connections;
+pub mod dead_letter;
 pub mod exchange;
+pub mod expiry;
 pub mod headers;
 pub mod message;
 pub mod queue;

@@ -6,15 +6,18 @@
 //! and counts (`declare-ok`, `purge-ok`, `delete-ok`, `get-ok`) are exact without a round trip.
 //! No lock is ever held across an `.await`. Lock order: queue, then channel; never the reverse.
 
-use super::message::Message;
+use super::dead_letter::{DeadLetterTarget, DeathReason};
+use super::expiry::Expirer;
+use super::message::{Message, now_ms};
 use super::ready::{LazyStore, ReadyList, Window, delivered, forget, must_persist};
 use super::stats::MessageStats;
+use super::vhost::Vhost;
 use crate::store::{Location, RecordKind, Recovered, Storage};
 use amq_protocol::types::{AMQPValue, FieldTable};
 use parking_lot::Mutex;
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 
 /// A message in a queue, with its place in the queue's order.
 #[derive(Debug, Clone)]
@@ -139,6 +142,67 @@ struct QueueState {
     consumers: Vec<Arc<Consumer>>,
     dispatch_pass: u64,
     had_consumer: bool,
+    /// A message here may expire (the queue has a TTL, or a message came with `expiration`):
+    /// the head is looked at for expiry.
+    may_expire: bool,
+}
+
+/// Messages a queue gave up on, and why: dead letters once the lock is released.
+type Dead = Vec<(QueuedMessage, DeathReason)>;
+
+fn argument_u64(args: &FieldTable, key: &str) -> Option<u64> {
+    match args.inner().get(key) {
+        Some(AMQPValue::ShortShortInt(x)) => u64::try_from(*x).ok(),
+        Some(AMQPValue::ShortShortUInt(x)) => Some((*x).into()),
+        Some(AMQPValue::ShortInt(x)) => u64::try_from(*x).ok(),
+        Some(AMQPValue::ShortUInt(x)) => Some((*x).into()),
+        Some(AMQPValue::LongInt(x)) => u64::try_from(*x).ok(),
+        Some(AMQPValue::LongUInt(x)) => Some((*x).into()),
+        Some(AMQPValue::LongLongInt(x)) => u64::try_from(*x).ok(),
+        _ => None,
+    }
+}
+
+fn argument_text(args: &FieldTable, key: &str) -> Option<String> {
+    match args.inner().get(key) {
+        Some(AMQPValue::LongString(s)) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        Some(AMQPValue::ShortString(s)) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+/// Lifetimes and dead-lettering, from `x-message-ttl`, `x-expires`, `x-dead-letter-exchange`
+/// and `x-dead-letter-routing-key`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Features {
+    /// Milliseconds a message may wait in the queue.
+    pub message_ttl: Option<u64>,
+    /// Milliseconds the queue may go unused before it is deleted.
+    pub expires: Option<u64>,
+    pub dead_letter: Option<DeadLetterTarget>,
+}
+
+impl Features {
+    pub fn from_arguments(args: &FieldTable) -> Self {
+        Self {
+            message_ttl: argument_u64(args, "x-message-ttl"),
+            expires: argument_u64(args, "x-expires").filter(|e| *e > 0),
+            dead_letter: argument_text(args, "x-dead-letter-exchange").map(|exchange| {
+                DeadLetterTarget {
+                    exchange,
+                    routing_key: argument_text(args, "x-dead-letter-routing-key"),
+                }
+            }),
+        }
+    }
+}
+
+/// What a queue reaches beyond itself: its vhost (where dead letters are routed, and which
+/// deletes the queue when it expires) and the vhost's timers.
+#[derive(Debug, Clone)]
+pub struct Links {
+    pub vhost: Weak<Vhost>,
+    pub expirer: Arc<Expirer>,
 }
 
 /// Length limits from `x-max-length`, `x-max-length-bytes` and `x-overflow`.
@@ -149,6 +213,8 @@ pub struct Limits {
     /// `x-overflow` is `reject-publish` (or `reject-publish-dlx`): refuse new messages
     /// instead of dropping the oldest.
     pub reject_publish: bool,
+    /// `reject-publish-dlx`: a refused message is dead-lettered too.
+    pub dead_letter_rejected: bool,
 }
 
 impl Limits {
@@ -163,14 +229,15 @@ impl Limits {
             Some(AMQPValue::LongLongInt(x)) => u64::try_from(*x).ok(),
             _ => None,
         };
-        let reject_publish = matches!(
-            args.inner().get("x-overflow"),
-            Some(AMQPValue::LongString(s)) if matches!(s.as_bytes(), b"reject-publish" | b"reject-publish-dlx")
-        );
+        let overflow = argument_text(args, "x-overflow");
         Self {
             max_length: int("x-max-length"),
             max_bytes: int("x-max-length-bytes"),
-            reject_publish,
+            reject_publish: matches!(
+                overflow.as_deref(),
+                Some("reject-publish" | "reject-publish-dlx")
+            ),
+            dead_letter_rejected: overflow.as_deref() == Some("reject-publish-dlx"),
         }
     }
 
@@ -221,6 +288,12 @@ pub struct QueueSpec {
 pub struct Queue {
     pub spec: QueueSpec,
     pub limits: Limits,
+    pub features: Features,
+    links: OnceLock<Links>,
+    /// The deadline the vhost's timers hold for this queue (`u64::MAX`: none).
+    timer_at: AtomicU64,
+    /// When the queue was last used (declared, consumed from, got from), for `x-expires`.
+    last_used: AtomicU64,
     pub vhost: Arc<str>,
     /// The connection that owns an exclusive queue.
     pub owner: Option<u64>,
@@ -262,8 +335,14 @@ impl Queue {
         window: Window,
         recovered: Recovered,
     ) -> Arc<Self> {
+        let features = Features::from_arguments(&spec.arguments);
+        let may_expire = features.message_ttl.is_some() || recovered.count > 0;
         Arc::new(Self {
             limits: Limits::from_arguments(&spec.arguments),
+            features,
+            links: OnceLock::new(),
+            timer_at: AtomicU64::new(u64::MAX),
+            last_used: AtomicU64::new(now_ms()),
             spec,
             vhost,
             owner,
@@ -276,6 +355,7 @@ impl Queue {
                 consumers: Vec::new(),
                 dispatch_pass: 0,
                 had_consumer: false,
+                may_expire,
             }),
             deleted: AtomicBool::new(false),
             stats: MessageStats::default(),
@@ -332,48 +412,211 @@ impl Queue {
         self.state.lock().unacked
     }
 
+    /// Connects the queue to its vhost and the vhost's timers (done by the vhost that
+    /// creates it; a queue without links expires messages only when it is used, and drops
+    /// its dead letters).
+    pub fn link(self: &Arc<Self>, links: Links) {
+        let _ = self.links.set(links);
+        self.touch();
+        // Recovered messages of a queue with a TTL expire on time, used or not. (Without a
+        // queue TTL, a recovered message's own `expiration` is looked at when the queue is
+        // next used: finding it would mean reading every recovered queue at start.)
+        if self.features.message_ttl.is_some() {
+            let next = self.next_expiry_locked(&mut self.state.lock());
+            if let Some(at) = next {
+                self.schedule(at);
+            }
+        }
+    }
+
+    /// The queue was used: `x-expires` counts from now.
+    pub fn touch(self: &Arc<Self>) {
+        let now = now_ms();
+        self.last_used.store(now, Ordering::Relaxed);
+        if let Some(expires) = self.features.expires {
+            self.schedule(now + expires);
+        }
+    }
+
+    /// When `m` expires in this queue: the queue's TTL from its arrival, or its own
+    /// `expiration`, whichever comes first.
+    fn expiry(&self, m: &Message) -> Option<u64> {
+        let by_queue = self
+            .features
+            .message_ttl
+            .filter(|_| m.arrived_ms > 0)
+            .map(|ttl| m.arrived_ms.saturating_add(ttl));
+        match (by_queue, m.expires_at_ms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Drops the expired messages at the head of the queue (RabbitMQ expires messages when
+    /// they reach the head).
+    fn expire_locked(&self, st: &mut QueueState, now: u64, dead: &mut Dead) {
+        if !st.may_expire {
+            return;
+        }
+        while let Some(front) = st.ready.front(&self.store) {
+            if self.expiry(&front.message).is_none_or(|at| at > now) {
+                break;
+            }
+            let Some(m) = st.ready.pop_front(&self.store) else {
+                break;
+            };
+            forget(&self.store, m.seq, m.location);
+            if self.features.dead_letter.is_some() {
+                dead.push((m, DeathReason::Expired));
+            }
+        }
+    }
+
+    /// When the message now at the head expires.
+    fn next_expiry_locked(&self, st: &mut QueueState) -> Option<u64> {
+        if !st.may_expire {
+            return None;
+        }
+        let front = st.ready.front(&self.store)?;
+        self.expiry(&front.message)
+    }
+
+    /// Asks the vhost's timers to look at the queue at `at`, unless they will sooner.
+    fn schedule(self: &Arc<Self>, at: u64) {
+        let Some(links) = self.links.get() else {
+            return;
+        };
+        if self.timer_at.fetch_min(at, Ordering::AcqRel) > at {
+            links.expirer.schedule(at, self);
+        }
+    }
+
+    /// After the lock: the next deadline to the timers, the dead letters to the vhost.
+    fn after(self: &Arc<Self>, dead: Dead, next: Option<u64>) {
+        if let Some(at) = next {
+            self.schedule(at);
+        }
+        if dead.is_empty() {
+            return;
+        }
+        if let Some(vhost) = self.links.get().and_then(|l| l.vhost.upgrade()) {
+            vhost.dead_letter(self, dead);
+        }
+    }
+
+    /// A deadline came: expire messages at the head, and the queue itself when it has gone
+    /// unused for `x-expires`.
+    pub fn on_timer(self: &Arc<Self>) {
+        self.timer_at.store(u64::MAX, Ordering::Release);
+        let now = now_ms();
+        let mut dead = Vec::new();
+        let (mut next, idle) = {
+            let mut st = self.state.lock();
+            if self.is_deleted() {
+                return;
+            }
+            self.expire_locked(&mut st, now, &mut dead);
+            self.deliver_locked(&mut st);
+            (self.next_expiry_locked(&mut st), st.consumers.is_empty())
+        };
+        if let Some(expires) = self.features.expires
+            && idle
+        {
+            let due = self
+                .last_used
+                .load(Ordering::Relaxed)
+                .saturating_add(expires);
+            if due <= now {
+                self.after(dead, None);
+                if let Some(vhost) = self.links.get().and_then(|l| l.vhost.upgrade()) {
+                    vhost.expire_queue(self);
+                }
+                return;
+            }
+            next = Some(next.map_or(due, |n| n.min(due)));
+        }
+        self.after(dead, next);
+    }
+
     /// Appends a message and hands out what consumers can take, then applies the length
     /// limits: the oldest ready messages are dropped (`drop-head`, the default), or with
     /// `reject-publish` a full queue refuses the new one. A persistent message on a durable
     /// queue is written to the store first; the returned epoch says when it is on disk.
+    /// Expired messages at the head go first, and a message that expires at once (TTL 0) is
+    /// kept only if a consumer took it.
     pub fn publish(self: &Arc<Self>, message: Arc<Message>) -> Enqueued {
-        let mut st = self.state.lock();
-        if self.is_deleted() {
-            return Enqueued::Deleted;
-        }
-        if self.limits.reject_publish && self.limits.full_for(&st.ready, message.body.len() as u64)
-        {
-            return Enqueued::Rejected;
-        }
-        let seq = st.next_seq;
-        st.next_seq += 1;
-        MessageStats::bump(&self.stats.publish);
-        let (location, epoch) = if must_persist(self.spec.durable, &message) {
-            let stored = self
-                .store
-                .get()
-                .append(seq, &message, RecordKind::Persistent);
-            (Some(stored.location), stored.epoch)
-        } else {
-            (None, 0)
-        };
-        st.ready.push_back(
-            QueuedMessage {
-                seq,
-                message,
-                redelivered: false,
-                location,
-            },
-            &self.store,
-        );
-        self.dispatch_locked(&mut st);
-        while self.limits.over(&st.ready) {
-            match st.ready.pop_front(&self.store) {
-                Some(dropped) => forget(&self.store, dropped.seq, dropped.location),
-                None => break,
+        let mut dead = Vec::new();
+        let (outcome, next) = {
+            let mut st = self.state.lock();
+            if self.is_deleted() {
+                return Enqueued::Deleted;
             }
+            let expiring = st.may_expire || message.expires_at_ms.is_some();
+            let now = if expiring { now_ms() } else { 0 };
+            if expiring {
+                st.may_expire = true;
+                self.expire_locked(&mut st, now, &mut dead);
+            }
+            if self.limits.reject_publish
+                && self.limits.full_for(&st.ready, message.body.len() as u64)
+            {
+                if self.limits.dead_letter_rejected && self.features.dead_letter.is_some() {
+                    let refused = QueuedMessage {
+                        seq: 0,
+                        message,
+                        redelivered: false,
+                        location: None,
+                    };
+                    dead.push((refused, DeathReason::Maxlen));
+                }
+                (Enqueued::Rejected, None)
+            } else {
+                let seq = st.next_seq;
+                st.next_seq += 1;
+                MessageStats::bump(&self.stats.publish);
+                let (location, epoch) = if must_persist(self.spec.durable, &message) {
+                    let stored = self
+                        .store
+                        .get()
+                        .append(seq, &message, RecordKind::Persistent);
+                    (Some(stored.location), stored.epoch)
+                } else {
+                    (None, 0)
+                };
+                st.ready.push_back(
+                    QueuedMessage {
+                        seq,
+                        message,
+                        redelivered: false,
+                        location,
+                    },
+                    &self.store,
+                );
+                self.deliver_locked(&mut st);
+                while self.limits.over(&st.ready) {
+                    match st.ready.pop_front(&self.store) {
+                        Some(dropped) => {
+                            forget(&self.store, dropped.seq, dropped.location);
+                            if self.features.dead_letter.is_some() {
+                                dead.push((dropped, DeathReason::Maxlen));
+                            }
+                        }
+                        None => break,
+                    }
+                }
+                let next = if expiring {
+                    self.expire_locked(&mut st, now, &mut dead);
+                    self.next_expiry_locked(&mut st)
+                } else {
+                    None
+                };
+                (Enqueued::Accepted { epoch }, next)
+            }
+        };
+        if !dead.is_empty() || next.is_some() {
+            self.after(dead, next);
         }
-        Enqueued::Accepted { epoch }
+        outcome
     }
 
     fn count_delivery(&self, redelivered: bool, get: bool, no_ack: bool) {
@@ -392,11 +635,29 @@ impl Queue {
     /// Hands out ready messages to consumers with credit: call after anything that may have
     /// given a consumer or channel room.
     pub fn dispatch(self: &Arc<Self>) {
-        let mut st = self.state.lock();
-        self.dispatch_locked(&mut st);
+        let mut dead = Vec::new();
+        let next = {
+            let mut st = self.state.lock();
+            self.dispatch_locked(&mut st, &mut dead)
+        };
+        self.after(dead, next);
     }
 
-    fn dispatch_locked(self: &Arc<Self>, st: &mut QueueState) {
+    /// Drops expired messages at the head, hands out what consumers can take, and returns
+    /// when the new head expires.
+    fn dispatch_locked(self: &Arc<Self>, st: &mut QueueState, dead: &mut Dead) -> Option<u64> {
+        if !st.may_expire {
+            self.deliver_locked(st);
+            return None;
+        }
+        let now = now_ms();
+        self.expire_locked(st, now, dead);
+        self.deliver_locked(st);
+        self.next_expiry_locked(st)
+    }
+
+    /// Hands out ready messages to consumers with credit.
+    fn deliver_locked(self: &Arc<Self>, st: &mut QueueState) {
         if st.consumers.is_empty() || st.ready.is_empty() {
             return;
         }
@@ -447,8 +708,24 @@ impl Queue {
     }
 
     /// `basic.get`: the next ready message and how many remain after it.
-    pub fn get(&self, no_ack: bool) -> Option<(QueuedMessage, u32)> {
+    pub fn get(self: &Arc<Self>, no_ack: bool) -> Option<(QueuedMessage, u32)> {
+        self.touch();
+        let mut dead = Vec::new();
+        let got = self.get_locked(no_ack, &mut dead);
+        let next = if got.is_some() {
+            self.next_expiry_locked(&mut self.state.lock())
+        } else {
+            None
+        };
+        self.after(dead, next);
+        got
+    }
+
+    fn get_locked(&self, no_ack: bool, dead: &mut Dead) -> Option<(QueuedMessage, u32)> {
         let mut st = self.state.lock();
+        if st.may_expire {
+            self.expire_locked(&mut st, now_ms(), dead);
+        }
         let Some(msg) = st.ready.pop_front(&self.store) else {
             MessageStats::bump(&self.stats.get_empty);
             return None;
@@ -471,23 +748,39 @@ impl Queue {
                 .ack
                 .fetch_add(delivered.len() as u64, Ordering::Relaxed);
         }
-        let mut st = self.state.lock();
-        for d in delivered {
-            st.unacked = st.unacked.saturating_sub(1);
-            st.unacked_bytes = st
-                .unacked_bytes
-                .saturating_sub(d.msg.message.body.len() as u64);
-            if let Some(c) = &d.consumer {
-                c.unacked.fetch_sub(1, Ordering::Relaxed);
+        let mut dead = Vec::new();
+        let next = {
+            let mut st = self.state.lock();
+            for d in delivered {
+                st.unacked = st.unacked.saturating_sub(1);
+                st.unacked_bytes = st
+                    .unacked_bytes
+                    .saturating_sub(d.msg.message.body.len() as u64);
+                if let Some(c) = &d.consumer {
+                    c.unacked.fetch_sub(1, Ordering::Relaxed);
+                }
+                forget(&self.store, d.msg.seq, d.msg.location);
+                if !acked && self.features.dead_letter.is_some() && !self.is_deleted() {
+                    dead.push((d.msg.clone(), DeathReason::Rejected));
+                }
             }
-            forget(&self.store, d.msg.seq, d.msg.location);
-        }
-        self.dispatch_locked(&mut st);
+            self.dispatch_locked(&mut st, &mut dead)
+        };
+        self.after(dead, next);
     }
 
     /// Puts deliveries back in their original places, marked redelivered.
     pub fn requeue(self: &Arc<Self>, delivered: Vec<Delivered>) {
-        let mut st = self.state.lock();
+        let mut dead = Vec::new();
+        let next = {
+            let mut st = self.state.lock();
+            self.requeue_locked(&mut st, delivered);
+            self.dispatch_locked(&mut st, &mut dead)
+        };
+        self.after(dead, next);
+    }
+
+    fn requeue_locked(&self, st: &mut QueueState, delivered: Vec<Delivered>) {
         for d in delivered {
             st.unacked = st.unacked.saturating_sub(1);
             st.unacked_bytes = st
@@ -499,10 +792,10 @@ impl Queue {
             if !self.is_deleted() {
                 let mut msg = d.msg;
                 msg.redelivered = true;
+                st.may_expire |= msg.message.expires_at_ms.is_some();
                 st.ready.requeue(msg);
             }
         }
-        self.dispatch_locked(&mut st);
     }
 
     /// Adds a consumer. `on_added` runs once the consumer is accepted and before any message
@@ -527,16 +820,30 @@ impl Queue {
         st.consumers.insert(at, consumer);
         st.had_consumer = true;
         on_added();
-        self.dispatch_locked(&mut st);
+        let mut dead = Vec::new();
+        let next = self.dispatch_locked(&mut st, &mut dead);
+        drop(st);
+        self.after(dead, next);
         Ok(())
     }
 
     /// Removes a consumer; returns true when this leaves an auto-delete queue with no
     /// consumers, so that the caller deletes the queue.
-    pub fn remove_consumer(&self, consumer: &Arc<Consumer>) -> bool {
-        let mut st = self.state.lock();
-        st.consumers.retain(|c| !Arc::ptr_eq(c, consumer));
-        self.spec.auto_delete && st.had_consumer && st.consumers.is_empty() && !self.is_deleted()
+    pub fn remove_consumer(self: &Arc<Self>, consumer: &Arc<Consumer>) -> bool {
+        let (auto_delete, idle) = {
+            let mut st = self.state.lock();
+            st.consumers.retain(|c| !Arc::ptr_eq(c, consumer));
+            let idle = st.consumers.is_empty();
+            (
+                self.spec.auto_delete && st.had_consumer && idle && !self.is_deleted(),
+                idle,
+            )
+        };
+        if idle && !auto_delete {
+            // Unused from now: `x-expires` starts counting.
+            self.touch();
+        }
+        auto_delete
     }
 
     pub fn consumers(&self) -> Vec<Arc<Consumer>> {
@@ -656,6 +963,8 @@ mod tests {
             properties: Bytes::from_static(&[0, 0]),
             body: Bytes::from_static(b"x"),
             persistent: false,
+            arrived_ms: 0,
+            expires_at_ms: None,
         })
     }
 

@@ -152,6 +152,15 @@ impl ReadyList {
         self.mem.front()
     }
 
+    /// The oldest ready message, reading the next batch from the store when the window is
+    /// empty.
+    pub fn front(&mut self, store: &LazyStore) -> Option<&QueuedMessage> {
+        if self.mem.is_empty() && self.tail > 0 {
+            self.refill(store);
+        }
+        self.mem.front()
+    }
+
     /// Takes the oldest ready message, reading the next batch from the store when the
     /// window is empty.
     pub fn pop_front(&mut self, store: &LazyStore) -> Option<QueuedMessage> {

@@ -3,10 +3,12 @@
 //! alternate exchanges.
 
 use super::FastMap;
+use super::dead_letter::{self, DeathReason};
 use super::exchange::{Binding, Destination, Exchange, ExchangeKind, ExchangeSpec};
+use super::expiry::Expirer;
 use super::headers::{type_name, value_text, values_equal};
-use super::message::Message;
-use super::queue::{DeleteRefused, Enqueued, Queue, QueueSpec};
+use super::message::{Message, now_ms};
+use super::queue::{DeleteRefused, Enqueued, Links, Queue, QueueSpec, QueuedMessage};
 use super::ready::{LazyStore, Window};
 use super::stats::{Churn, MessageStats};
 use crate::error::{
@@ -19,7 +21,7 @@ use crate::store::definitions::{
 };
 use amq_protocol::types::{AMQPValue, FieldTable};
 use parking_lot::{Mutex, RwLock};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 /// Queue arguments whose values must match when a queue is declared again (RabbitMQ's
 /// `declare_args`); other arguments are kept but not compared.
@@ -90,6 +92,10 @@ pub struct Vhost {
     window: Window,
     meta: RwLock<VhostMeta>,
     churn: Arc<Churn>,
+    /// This vhost, for the queues it links (dead letters, queue expiry).
+    me: Weak<Vhost>,
+    /// The timers of its queues (message TTLs, `x-expires`).
+    expirer: Arc<Expirer>,
 }
 
 /// What a vhost is besides its topology: description, tags and limits.
@@ -195,7 +201,20 @@ impl Vhost {
         window: Window,
         churn: Arc<Churn>,
     ) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self::build(name, store, storage, window, churn, me.clone()))
+    }
+
+    fn build(
+        name: &str,
+        store: Arc<DefinitionStore>,
+        storage: Arc<Storage>,
+        window: Window,
+        churn: Arc<Churn>,
+        me: Weak<Vhost>,
+    ) -> Self {
         let vhost = Self {
+            me,
+            expirer: Arc::new(Expirer::default()),
             churn,
             name: name.into(),
             exchanges: RwLock::new(FastMap::default()),
@@ -223,7 +242,15 @@ impl Vhost {
                 );
             }
         }
-        Arc::new(vhost)
+        vhost
+    }
+
+    /// Connects a new queue to this vhost's dead-letter routing and timers.
+    fn link(&self, q: &Arc<Queue>) {
+        q.link(Links {
+            vhost: self.me.clone(),
+            expirer: self.expirer.clone(),
+        });
     }
 
     pub fn meta(&self) -> VhostMeta {
@@ -298,6 +325,7 @@ impl Vhost {
                 self.window,
                 recovered,
             );
+            self.link(&queue);
             self.queues.write().insert(name.clone(), queue);
         }
         for b in &defs.bindings {
@@ -527,6 +555,7 @@ impl Vhost {
                 &spec.arguments,
                 EQUIVALENT_QUEUE_ARGS,
             )?;
+            q.touch();
             return Ok((q, false));
         }
         validate_queue_arguments(&spec, &self.name)?;
@@ -559,6 +588,7 @@ impl Vhost {
             LazyStore::deferred(self.storage.clone())
         };
         let q = Queue::new(spec, self.name.clone(), owner, store, self.window);
+        self.link(&q);
         self.queues.write().insert(q.name().to_owned(), q.clone());
         MessageStats::bump(&self.churn.queue_created);
         Ok((q, true))
@@ -733,13 +763,53 @@ impl Vhost {
 
     /// A queue outside the vhost's namespace (the hidden queue of direct reply-to).
     pub fn hidden_queue(&self, spec: QueueSpec, owner: Option<u64>) -> Arc<Queue> {
-        Queue::new(
+        let q = Queue::new(
             spec,
             self.name.clone(),
             owner,
             LazyStore::deferred(self.storage.clone()),
             self.window,
-        )
+        );
+        self.link(&q);
+        q
+    }
+
+    /// A queue unused for its `x-expires` goes, messages and all, as in RabbitMQ.
+    pub fn expire_queue(&self, q: &Arc<Queue>) {
+        if self
+            .queue(q.name())
+            .is_some_and(|current| Arc::ptr_eq(&current, q))
+        {
+            tracing::info!(vhost = %self.name, queue = q.name(), "queue expired (x-expires)");
+            self.remove_queue(q);
+        }
+    }
+
+    /// Routes the messages `from` gave up on to its dead-letter exchange. A missing exchange
+    /// drops them, as in RabbitMQ; so does a cycle of queues with no rejection in it.
+    pub fn dead_letter(&self, from: &Arc<Queue>, dead: Vec<(QueuedMessage, DeathReason)>) {
+        let Some(target) = &from.features.dead_letter else {
+            return;
+        };
+        let Some(exchange) = self.exchange(&target.exchange) else {
+            tracing::debug!(vhost = %self.name, queue = from.name(), exchange = %target.exchange, "dead-letter exchange missing; dead letters dropped");
+            return;
+        };
+        let now = now_ms();
+        let mut queues = Vec::new();
+        for (queued, reason) in dead {
+            let letter =
+                dead_letter::dead_letter(&queued.message, from.name(), reason, target, now);
+            let keys: Vec<&[u8]> = letter.keys.iter().map(|k| &k[..]).collect();
+            queues.clear();
+            self.route(&exchange, &keys, Some(&letter.headers), &mut queues);
+            if reason != DeathReason::Rejected {
+                queues.retain(|q| !dead_letter::is_cycle(&letter.headers, q.name()));
+            }
+            if !queues.is_empty() {
+                self.enqueue(&queues, &Arc::new(letter.message));
+            }
+        }
     }
 
     /// Moves every queue's counters into the node's retired counters, as the vhost leaves the

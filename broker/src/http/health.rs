@@ -134,6 +134,8 @@ pub async fn aliveness(
         properties: Bytes::from_static(&[0, 0]),
         body: Bytes::from_static(b"test_message"),
         persistent: false,
+        arrived_ms: crate::broker::message::now_ms(),
+        expires_at_ms: None,
     });
     v.enqueue(std::slice::from_ref(&q), &message);
     // Whatever comes back before the test message is consumed (RabbitMQ's test gets with

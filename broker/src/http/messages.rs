@@ -258,12 +258,20 @@ pub async fn publish(
     }
     let persistent = props.delivery_mode() == &Some(2);
     let headers = props.headers().clone();
+    let arrived_ms = crate::broker::message::now_ms();
+    let expires_at_ms = props
+        .expiration()
+        .as_ref()
+        .and_then(|e| e.as_str().parse::<u64>().ok())
+        .map(|ms| arrived_ms + ms);
     let message = Arc::new(Message {
         exchange: ShortStr::from_bytes(Bytes::from(name.into_bytes())),
         routing_key: ShortStr::from_bytes(Bytes::from(routing_key.clone().into_bytes())),
         properties: codec::encode_properties(&props),
         body,
         persistent,
+        arrived_ms,
+        expires_at_ms,
     });
     let mut queues = Vec::new();
     v.route(

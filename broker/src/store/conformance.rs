@@ -19,6 +19,8 @@ fn message(body: &str) -> Message {
         properties: Bytes::from_static(&[0x10, 0x00, 2]),
         body: Bytes::copy_from_slice(body.as_bytes()),
         persistent: true,
+        arrived_ms: 0,
+        expires_at_ms: None,
     }
 }
 

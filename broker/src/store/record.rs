@@ -3,8 +3,10 @@
 //!
 //! A *message record* (in a segment file) holds one message:
 //! `crc32 u32 | len u32 | seq u64 | exchange (u8 len + bytes) | routing key (u8 len + bytes) |
-//!  properties (u32 len + bytes) | body (the rest)`; the checksum covers everything after it and
-//! `len` counts the bytes after the `len` field.
+//!  properties length u32 | [arrived u64 | expires u64] | properties | body (the rest)`; the
+//! checksum covers everything after it and `len` counts the bytes after the `len` field. The
+//! top bit of the properties length says the two timestamps (milliseconds since the Unix
+//! epoch; expires 0 for none) follow it; records written before they existed lack them.
 //!
 //! An *index slot* (in an index file) is 32 bytes at a position given by the message's queue
 //! sequence number, so it can be found and rewritten without any in-memory map:
@@ -15,6 +17,8 @@ use crate::broker::message::{Message, ShortStr};
 use bytes::{BufMut, Bytes};
 
 pub const SLOT_SIZE: usize = 32;
+/// In a record's properties length: the arrival and expiry times follow.
+const TIMESTAMPS: u32 = 1 << 31;
 pub const RECORD_HEADER: usize = 8;
 
 /// What a stored message is to recovery.
@@ -114,7 +118,9 @@ pub fn encode_record(out: &mut Vec<u8>, seq: u64, msg: &Message) -> usize {
     let key = &msg.routing_key.as_bytes()[..msg.routing_key.len().min(255)];
     out.put_u8(key.len() as u8);
     out.put_slice(key);
-    out.put_u32(msg.properties.len() as u32);
+    out.put_u32(msg.properties.len() as u32 | TIMESTAMPS);
+    out.put_u64(msg.arrived_ms);
+    out.put_u64(msg.expires_at_ms.unwrap_or(0));
     out.put_slice(&msg.properties);
     out.put_slice(&msg.body);
     let len = (out.len() - start - RECORD_HEADER) as u32;
@@ -163,8 +169,15 @@ pub fn decode_record(bytes: &Bytes, persistent: bool) -> Result<(u64, Message), 
     let exchange = take(&mut at, xlen)?;
     let klen = take(&mut at, 1)?[0] as usize;
     let routing_key = take(&mut at, klen)?;
-    let plen = u32::from_be_bytes(take(&mut at, 4)?[..].try_into().expect("4 bytes")) as usize;
-    let properties = take(&mut at, plen)?;
+    let plen = u32::from_be_bytes(take(&mut at, 4)?[..].try_into().expect("4 bytes"));
+    let (arrived_ms, expires_at_ms) = if plen & TIMESTAMPS != 0 {
+        let arrived = u64::from_be_bytes(take(&mut at, 8)?[..].try_into().expect("8 bytes"));
+        let expires = u64::from_be_bytes(take(&mut at, 8)?[..].try_into().expect("8 bytes"));
+        (arrived, (expires != 0).then_some(expires))
+    } else {
+        (0, None)
+    };
+    let properties = take(&mut at, (plen & !TIMESTAMPS) as usize)?;
     let body = bytes.slice(at..total);
     Ok((
         seq,
@@ -174,6 +187,8 @@ pub fn decode_record(bytes: &Bytes, persistent: bool) -> Result<(u64, Message), 
             properties,
             body,
             persistent,
+            arrived_ms,
+            expires_at_ms,
         },
     ))
 }
@@ -189,6 +204,8 @@ mod tests {
             properties: Bytes::from_static(&[0x10, 0x00, 2]),
             body: Bytes::copy_from_slice(body),
             persistent: true,
+            arrived_ms: 0,
+            expires_at_ms: None,
         }
     }
 
@@ -202,6 +219,37 @@ mod tests {
         assert_eq!(&m.body[..], b"hello");
         assert_eq!(m.routing_key.as_bytes(), b"key");
         assert_eq!(&m.properties[..], &[0x10, 0x00, 2]);
+    }
+
+    #[test]
+    fn arrival_and_expiry_times_are_kept_and_older_records_still_read() {
+        let mut out = Vec::new();
+        let mut m = message(b"ttl");
+        m.arrived_ms = 1_700_000_000_123;
+        m.expires_at_ms = Some(1_700_000_060_123);
+        encode_record(&mut out, 9, &m);
+        let (_, back) = decode_record(&Bytes::from(out), true).unwrap();
+        assert_eq!(back.arrived_ms, 1_700_000_000_123);
+        assert_eq!(back.expires_at_ms, Some(1_700_000_060_123));
+        assert_eq!(&back.body[..], b"ttl");
+        // A record as written before the timestamps: no flag, no times.
+        let mut old = Vec::new();
+        old.put_u32(0);
+        old.put_u32(0);
+        old.put_u64(5);
+        old.put_u8(0);
+        old.put_u8(1);
+        old.put_slice(b"q");
+        old.put_u32(3);
+        old.put_slice(&[0x10, 0x00, 2]);
+        old.put_slice(b"body");
+        let len = (old.len() - RECORD_HEADER) as u32;
+        old[4..8].copy_from_slice(&len.to_be_bytes());
+        let crc = crc32fast::hash(&old[4..]);
+        old[..4].copy_from_slice(&crc.to_be_bytes());
+        let (seq, back) = decode_record(&Bytes::from(old), false).unwrap();
+        assert_eq!((seq, &back.body[..], back.arrived_ms), (5, &b"body"[..], 0));
+        assert_eq!(back.expires_at_ms, None);
     }
 
     #[test]

@@ -1,0 +1,364 @@
+//! Dead-lettering as RabbitMQ does it: the message a queue gives up on (rejected without
+//! requeue, expired, dropped by a length limit, past its delivery limit) is republished to the
+//! queue's dead-letter exchange with the `x-death` history in its headers, the `x-first-death-*`
+//! headers, no `expiration`, and the dead-letter routing key or its original ones. A message
+//! that would go round a cycle of queues with no rejection in it is dropped instead.
+
+use super::message::{Message, ShortStr};
+use crate::amqp::codec;
+use amq_protocol::protocol::BasicProperties;
+use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
+use bytes::Bytes;
+
+/// Why a message was dead-lettered (the `reason` of its `x-death` entry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeathReason {
+    Rejected,
+    Expired,
+    Maxlen,
+    DeliveryLimit,
+}
+
+impl DeathReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Rejected => "rejected",
+            Self::Expired => "expired",
+            Self::Maxlen => "maxlen",
+            Self::DeliveryLimit => "delivery_limit",
+        }
+    }
+}
+
+/// Where a queue's dead letters go (`x-dead-letter-exchange`, `x-dead-letter-routing-key`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterTarget {
+    pub exchange: String,
+    pub routing_key: Option<String>,
+}
+
+/// A dead-lettered message, ready to route.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub message: Message,
+    /// The routing keys to route it with.
+    pub keys: Vec<Bytes>,
+    pub headers: FieldTable,
+}
+
+fn text(v: &AMQPValue) -> Option<String> {
+    match v {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+fn long(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+/// The `CC` keys of a headers table.
+fn cc_keys(headers: &FieldTable) -> Vec<String> {
+    match headers.inner().get("CC") {
+        Some(AMQPValue::FieldArray(a)) => a.as_slice().iter().filter_map(text).collect(),
+        Some(v) => text(v).into_iter().collect(),
+        None => Vec::new(),
+    }
+}
+
+/// The properties without `expiration` (a dead letter does not expire again for it).
+fn without_expiration(p: &BasicProperties) -> BasicProperties {
+    let mut out = BasicProperties::default();
+    if let Some(v) = p.content_type() {
+        out = out.with_content_type(v.clone());
+    }
+    if let Some(v) = p.content_encoding() {
+        out = out.with_content_encoding(v.clone());
+    }
+    if let Some(v) = p.headers() {
+        out = out.with_headers(v.clone());
+    }
+    if let Some(v) = p.delivery_mode() {
+        out = out.with_delivery_mode(*v);
+    }
+    if let Some(v) = p.priority() {
+        out = out.with_priority(*v);
+    }
+    if let Some(v) = p.correlation_id() {
+        out = out.with_correlation_id(v.clone());
+    }
+    if let Some(v) = p.reply_to() {
+        out = out.with_reply_to(v.clone());
+    }
+    if let Some(v) = p.message_id() {
+        out = out.with_message_id(v.clone());
+    }
+    if let Some(v) = p.timestamp() {
+        out = out.with_timestamp(*v);
+    }
+    if let Some(v) = p.kind() {
+        out = out.with_type(v.clone());
+    }
+    if let Some(v) = p.user_id() {
+        out = out.with_user_id(v.clone());
+    }
+    if let Some(v) = p.app_id() {
+        out = out.with_app_id(v.clone());
+    }
+    if let Some(v) = p.cluster_id() {
+        out = out.with_cluster_id(v.clone());
+    }
+    out
+}
+
+/// The entries of an `x-death` header, newest first.
+fn deaths(headers: &FieldTable) -> Vec<FieldTable> {
+    match headers.inner().get("x-death") {
+        Some(AMQPValue::FieldArray(a)) => a
+            .as_slice()
+            .iter()
+            .filter_map(|v| match v {
+                AMQPValue::FieldTable(t) => Some(t.clone()),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn field(t: &FieldTable, key: &str) -> Option<String> {
+    t.inner().get(key).and_then(text)
+}
+
+/// The message `queue` gives up on for `reason`, as it goes to `target`'s exchange.
+pub fn dead_letter(
+    message: &Message,
+    queue: &str,
+    reason: DeathReason,
+    target: &DeadLetterTarget,
+    now_ms: u64,
+) -> DeadLetter {
+    let props = codec::decode_properties(&message.properties).unwrap_or_default();
+    let mut headers = props.headers().clone().unwrap_or_default();
+    let mut original_keys = vec![message.routing_key.to_str_lossy().into_owned()];
+    original_keys.extend(cc_keys(&headers));
+    let keys: Vec<Bytes> = match &target.routing_key {
+        Some(k) => {
+            // A dead-letter routing key replaces the original keys, CC included.
+            let mut kept = FieldTable::default();
+            for (k, v) in headers.inner() {
+                if k.as_str() != "CC" {
+                    kept.insert(k.clone(), v.clone());
+                }
+            }
+            headers = kept;
+            vec![Bytes::from(k.clone().into_bytes())]
+        }
+        None => original_keys
+            .iter()
+            .map(|k| Bytes::from(k.clone().into_bytes()))
+            .collect(),
+    };
+    let exchange = message.exchange.to_str_lossy().into_owned();
+    let mut entry = FieldTable::default();
+    entry.insert(ShortString::from("count"), AMQPValue::LongLongInt(1));
+    entry.insert(ShortString::from("reason"), long(reason.as_str()));
+    entry.insert(ShortString::from("queue"), long(queue));
+    entry.insert(
+        ShortString::from("time"),
+        AMQPValue::Timestamp(now_ms / 1000),
+    );
+    entry.insert(ShortString::from("exchange"), long(&exchange));
+    entry.insert(
+        ShortString::from("routing-keys"),
+        AMQPValue::FieldArray(FieldArray::from(
+            original_keys.iter().map(|k| long(k)).collect::<Vec<_>>(),
+        )),
+    );
+    if let Some(e) = props.expiration() {
+        entry.insert(ShortString::from("original-expiration"), long(e.as_str()));
+    }
+    let mut history = deaths(&headers);
+    // The same queue and reason again: one entry, its count up, moved to the front.
+    if let Some(at) = history.iter().position(|d| {
+        field(d, "queue").as_deref() == Some(queue)
+            && field(d, "reason").as_deref() == Some(reason.as_str())
+    }) {
+        let old = history.remove(at);
+        let count = match old.inner().get("count") {
+            Some(AMQPValue::LongLongInt(n)) => *n,
+            Some(AMQPValue::LongInt(n)) => i64::from(*n),
+            _ => 0,
+        };
+        entry.insert(
+            ShortString::from("count"),
+            AMQPValue::LongLongInt(count + 1),
+        );
+    }
+    history.insert(0, entry);
+    headers.insert(
+        ShortString::from("x-death"),
+        AMQPValue::FieldArray(FieldArray::from(
+            history
+                .into_iter()
+                .map(AMQPValue::FieldTable)
+                .collect::<Vec<_>>(),
+        )),
+    );
+    for (key, value) in [
+        ("x-first-death-reason", reason.as_str()),
+        ("x-first-death-queue", queue),
+        ("x-first-death-exchange", exchange.as_str()),
+    ] {
+        if !headers.inner().contains_key(key) {
+            headers.insert(ShortString::from(key), long(value));
+        }
+    }
+    let props = without_expiration(&props).with_headers(headers.clone());
+    let routing_key = keys
+        .first()
+        .cloned()
+        .map(ShortStr::from_bytes)
+        .unwrap_or_default();
+    DeadLetter {
+        message: Message {
+            exchange: ShortStr::from(target.exchange.as_str()),
+            routing_key,
+            properties: codec::encode_properties(&props),
+            body: message.body.clone(),
+            persistent: message.persistent,
+            arrived_ms: now_ms,
+            expires_at_ms: None,
+        },
+        keys,
+        headers,
+    }
+}
+
+/// Whether sending a dead letter with these headers (its new death included) to `queue`
+/// closes a cycle with no rejection in it, which RabbitMQ breaks by dropping the message.
+pub fn is_cycle(headers: &FieldTable, queue: &str) -> bool {
+    let history = deaths(headers);
+    let Some(at) = history
+        .iter()
+        .position(|d| field(d, "queue").as_deref() == Some(queue))
+    else {
+        return false;
+    };
+    history[..=at]
+        .iter()
+        .all(|d| field(d, "reason").as_deref() != Some("rejected"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(props: BasicProperties) -> Message {
+        Message {
+            exchange: "orders".into(),
+            routing_key: "eu".into(),
+            properties: codec::encode_properties(&props),
+            body: Bytes::from_static(b"body"),
+            persistent: true,
+            arrived_ms: 1,
+            expires_at_ms: Some(2),
+        }
+    }
+
+    fn target(key: Option<&str>) -> DeadLetterTarget {
+        DeadLetterTarget {
+            exchange: "dlx".into(),
+            routing_key: key.map(Into::into),
+        }
+    }
+
+    fn x_death(d: &DeadLetter) -> Vec<FieldTable> {
+        deaths(&d.headers)
+    }
+
+    #[test]
+    fn a_dead_letter_carries_its_history_and_loses_its_expiration() {
+        let mut cc = FieldTable::default();
+        cc.insert(
+            "CC".into(),
+            AMQPValue::FieldArray(FieldArray::from(vec![long("us")])),
+        );
+        let props = BasicProperties::default()
+            .with_expiration("5000".into())
+            .with_headers(cc)
+            .with_message_id("m1".into());
+        let d = dead_letter(
+            &message(props),
+            "q1",
+            DeathReason::Expired,
+            &target(None),
+            7_000,
+        );
+        assert_eq!(d.keys, vec![Bytes::from("eu"), Bytes::from("us")]);
+        assert_eq!(d.message.exchange.as_bytes(), b"dlx");
+        assert_eq!(d.message.expires_at_ms, None);
+        let back = codec::decode_properties(&d.message.properties).unwrap();
+        assert_eq!(back.expiration(), &None);
+        assert_eq!(back.message_id().as_ref().map(|s| s.as_str()), Some("m1"));
+        let history = x_death(&d);
+        assert_eq!(history.len(), 1);
+        let e = &history[0];
+        assert_eq!(field(e, "reason").as_deref(), Some("expired"));
+        assert_eq!(field(e, "queue").as_deref(), Some("q1"));
+        assert_eq!(field(e, "exchange").as_deref(), Some("orders"));
+        assert_eq!(field(e, "original-expiration").as_deref(), Some("5000"));
+        assert_eq!(e.inner().get("count"), Some(&AMQPValue::LongLongInt(1)));
+        assert_eq!(e.inner().get("time"), Some(&AMQPValue::Timestamp(7)));
+        assert_eq!(
+            field(&d.headers, "x-first-death-reason").as_deref(),
+            Some("expired")
+        );
+        // A second death in the same queue for the same reason counts; another adds an entry.
+        let again = dead_letter(
+            &d.message,
+            "q1",
+            DeathReason::Expired,
+            &target(Some("k")),
+            8_000,
+        );
+        assert_eq!(again.keys, vec![Bytes::from("k")]);
+        assert!(!again.headers.inner().contains_key("CC"));
+        let h = x_death(&again);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h[0].inner().get("count"), Some(&AMQPValue::LongLongInt(2)));
+        let third = dead_letter(
+            &again.message,
+            "q2",
+            DeathReason::Rejected,
+            &target(None),
+            9_000,
+        );
+        let h = x_death(&third);
+        assert_eq!(h.len(), 2);
+        assert_eq!(field(&h[0], "queue").as_deref(), Some("q2"));
+        assert_eq!(
+            field(&third.headers, "x-first-death-queue").as_deref(),
+            Some("q1")
+        );
+    }
+
+    #[test]
+    fn cycles_without_a_rejection_are_detected() {
+        let m = message(BasicProperties::default());
+        let d1 = dead_letter(&m, "a", DeathReason::Expired, &target(None), 1000);
+        assert!(
+            is_cycle(&d1.headers, "a"),
+            "a queue dead-lettering to itself"
+        );
+        assert!(!is_cycle(&d1.headers, "b"));
+        let d2 = dead_letter(&d1.message, "b", DeathReason::Maxlen, &target(None), 1000);
+        assert!(is_cycle(&d2.headers, "a"), "a -> b -> a, all automatic");
+        let r = dead_letter(&d1.message, "b", DeathReason::Rejected, &target(None), 1000);
+        assert!(
+            !is_cycle(&r.headers, "a"),
+            "a rejection in the cycle breaks it"
+        );
+    }
+}

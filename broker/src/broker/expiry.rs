@@ -1,0 +1,139 @@
+//! Timers of a vhost's queues: when the message at a queue's head expires (`x-message-ttl`,
+//! `expiration`) and when an unused queue expires (`x-expires`). One task per vhost sleeps
+//! until the earliest deadline; each queue keeps at most one deadline it cares about, and a
+//! deadline that fires early or late costs one look at the queue, never a wrong answer.
+
+use super::queue::Queue;
+use parking_lot::Mutex;
+use std::cmp::Ordering as CmpOrdering;
+use std::collections::BinaryHeap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+use tokio::sync::Notify;
+
+struct Entry {
+    at: u64,
+    queue: Weak<Queue>,
+}
+
+impl PartialEq for Entry {
+    fn eq(&self, other: &Self) -> bool {
+        self.at == other.at && Weak::ptr_eq(&self.queue, &other.queue)
+    }
+}
+
+impl Eq for Entry {}
+
+impl PartialOrd for Entry {
+    fn partial_cmp(&self, other: &Self) -> Option<CmpOrdering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Entry {
+    /// Reversed, so that the heap's top is the earliest deadline.
+    fn cmp(&self, other: &Self) -> CmpOrdering {
+        other
+            .at
+            .cmp(&self.at)
+            .then_with(|| other.queue.as_ptr().cmp(&self.queue.as_ptr()))
+    }
+}
+
+/// The deadlines of one vhost's queues.
+pub struct Expirer {
+    heap: Mutex<BinaryHeap<Entry>>,
+    wake: Arc<Notify>,
+    started: AtomicBool,
+}
+
+impl std::fmt::Debug for Expirer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Expirer")
+            .field("deadlines", &self.heap.lock().len())
+            .finish()
+    }
+}
+
+impl Default for Expirer {
+    fn default() -> Self {
+        Self {
+            heap: Mutex::new(BinaryHeap::new()),
+            wake: Arc::new(Notify::new()),
+            started: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Expirer {
+    /// Looks at `queue` again at `at` (milliseconds since the Unix epoch).
+    pub fn schedule(self: &Arc<Self>, at: u64, queue: &Arc<Queue>) {
+        let earliest = {
+            let mut heap = self.heap.lock();
+            let earliest = heap.peek().is_none_or(|top| at < top.at);
+            heap.push(Entry {
+                at,
+                queue: Arc::downgrade(queue),
+            });
+            earliest
+        };
+        self.start();
+        if earliest {
+            self.wake.notify_one();
+        }
+    }
+
+    /// The timer task, started with the first deadline (a vhost without TTLs has none). Without
+    /// a runtime (some unit tests) queues still expire messages when they are next used.
+    fn start(self: &Arc<Self>) {
+        if self.started.load(Ordering::Acquire) {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = Arc::downgrade(self);
+        let wake = self.wake.clone();
+        handle.spawn(run(me, wake));
+    }
+
+    /// Takes the queues whose deadline has come; returns them and the next deadline.
+    fn due(&self, now: u64) -> (Vec<Arc<Queue>>, Option<u64>) {
+        let mut heap = self.heap.lock();
+        let mut due = Vec::new();
+        while heap.peek().is_some_and(|top| top.at <= now) {
+            let e = heap.pop().expect("peeked");
+            if let Some(q) = e.queue.upgrade()
+                && !due.iter().any(|d| Arc::ptr_eq(d, &q))
+            {
+                due.push(q);
+            }
+        }
+        (due, heap.peek().map(|top| top.at))
+    }
+}
+
+async fn run(me: Weak<Expirer>, wake: Arc<Notify>) {
+    loop {
+        let next = {
+            let Some(expirer) = me.upgrade() else { return };
+            let (due, next) = expirer.due(super::message::now_ms());
+            drop(expirer);
+            for q in due {
+                q.on_timer();
+            }
+            next
+        };
+        let now = super::message::now_ms();
+        // Wake at the next deadline or when an earlier one arrives; at least once a second to
+        // notice that the vhost is gone.
+        let wait = next.map_or(1000, |at| at.saturating_sub(now)).min(1000);
+        if wait > 0 {
+            let _ = tokio::time::timeout(Duration::from_millis(wait), wake.notified()).await;
+        }
+    }
+}

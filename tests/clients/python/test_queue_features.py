@@ -1,0 +1,104 @@
+"""Queue features through pika: message TTL, per-message expiration, dead-lettering with
+x-death, length limits (drop-head and reject-publish-dlx), queue expiry."""
+
+import pika
+
+from amqp_helpers import pump_for, ready_count, wait_until
+
+
+def get_one(conn, ch, queue, what):
+    """The next message of `queue` (basic.get, no-ack), waited for."""
+    got = []
+
+    def poll():
+        method, props, body = ch.basic_get(queue, auto_ack=True)
+        if method is not None:
+            got.append((method, props, body))
+        return bool(got)
+
+    wait_until(conn, poll, what=what)
+    return got[0]
+
+
+def dead_letter_pair(ch, names, **arguments):
+    """A queue whose dead letters go to a second queue through the default exchange."""
+    q, dlq = names.queue("src"), names.queue("dlq")
+    ch.queue_declare(dlq)
+    args = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": dlq}
+    args.update(arguments)
+    ch.queue_declare(q, arguments=args)
+    return q, dlq
+
+
+def test_expired_messages_are_dead_lettered_with_x_death(conn, ch, names):
+    q, dlq = dead_letter_pair(ch, names, **{"x-message-ttl": 150})
+    ch.basic_publish("", q, b"ttl", pika.BasicProperties(message_id="p-1"))
+    method, props, body = get_one(conn, ch, dlq, "the expired message in the dead-letter queue")
+    assert body == b"ttl"
+    assert method.routing_key == dlq
+    assert props.message_id == "p-1"
+    death = props.headers["x-death"][0]
+    assert death["reason"] == "expired"
+    assert death["queue"] == q
+    assert death["exchange"] == ""
+    assert death["count"] == 1
+    assert death["routing-keys"] == [q]
+    assert props.headers["x-first-death-reason"] == "expired"
+    assert props.headers["x-first-death-queue"] == q
+    assert ready_count(ch, q) == 0
+
+
+def test_per_message_expiration_goes_and_is_recorded(conn, ch, names):
+    q, dlq = dead_letter_pair(ch, names)
+    ch.basic_publish("", q, b"short", pika.BasicProperties(expiration="100"))
+    _, props, body = get_one(conn, ch, dlq, "the message past its expiration")
+    assert body == b"short"
+    assert props.expiration is None
+    assert props.headers["x-death"][0]["original-expiration"] == "100"
+
+
+def test_rejected_messages_are_dead_lettered(conn, ch, names):
+    q, dlq = dead_letter_pair(ch, names)
+    ch.basic_publish("", q, b"no thanks")
+    method, _, body = ch.basic_get(q, auto_ack=False)
+    assert body == b"no thanks"
+    ch.basic_reject(method.delivery_tag, requeue=False)
+    _, props, body = get_one(conn, ch, dlq, "the rejected message")
+    assert body == b"no thanks"
+    assert props.headers["x-death"][0]["reason"] == "rejected"
+
+
+def test_max_length_drops_the_oldest_into_the_dead_letter_queue(conn, ch, names):
+    q, dlq = dead_letter_pair(ch, names, **{"x-max-length": 2})
+    for body in (b"1", b"2", b"3"):
+        ch.basic_publish("", q, body)
+    _, props, body = get_one(conn, ch, dlq, "the dropped head")
+    assert body == b"1"
+    assert props.headers["x-death"][0]["reason"] == "maxlen"
+    assert ready_count(ch, q) == 2
+
+
+def test_reject_publish_dlx_nacks_and_dead_letters(conn, ch, names):
+    q, dlq = dead_letter_pair(ch, names, **{"x-max-length": 1, "x-overflow": "reject-publish-dlx"})
+    ch.confirm_delivery()
+    ch.basic_publish("", q, b"fits")
+    try:
+        ch.basic_publish("", q, b"refused")
+        raise AssertionError("a publish to a full reject-publish-dlx queue must be nacked")
+    except pika.exceptions.NackError:
+        pass
+    _, props, body = get_one(conn, ch, dlq, "the refused message")
+    assert body == b"refused"
+    assert props.headers["x-death"][0]["reason"] == "maxlen"
+
+
+def test_unused_queues_expire(conn, ch, names):
+    q = names.queue("expires")
+    ch.queue_declare(q, arguments={"x-expires": 200})
+    pump_for(conn, 0.6)
+    probe = conn.channel()
+    try:
+        probe.queue_declare(q, passive=True)
+        raise AssertionError("the queue should have expired")
+    except pika.exceptions.ChannelClosedByBroker as e:
+        assert e.reply_code == 404
