@@ -72,6 +72,7 @@ impl DeliverySink for Sink {
     ) -> Result<(), QueuedMessage> {
         if self.keep {
             self.unacked.lock().push(Delivered {
+                delivered_at_ms: 0,
                 queue: queue.clone(),
                 consumer: Some(consumer.clone()),
                 msg,
@@ -129,6 +130,7 @@ fn backlog(c: &mut Criterion) {
                     let mut run = Vec::with_capacity(ack_every);
                     while let Some((msg, _left)) = q.get(false) {
                         run.push(Delivered {
+                            delivered_at_ms: 0,
                             queue: q.clone(),
                             consumer: None,
                             msg,

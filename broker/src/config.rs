@@ -41,6 +41,9 @@ pub struct Config {
     pub channel_max: u16,
     /// Heartbeat interval the broker proposes, seconds (0 disables).
     pub heartbeat: u16,
+    /// Milliseconds a delivery may stay unacknowledged before its channel is closed with 406
+    /// (RabbitMQ's `consumer_timeout`; 0 disables). A queue's `x-consumer-timeout` overrides it.
+    pub consumer_timeout: u64,
     /// Largest message body accepted, bytes (RabbitMQ's `max_message_size`).
     pub max_message_size: u64,
     /// Seconds a client has to complete the AMQP handshake.
@@ -88,6 +91,7 @@ impl Default for Config {
             frame_max: 131_072,
             channel_max: 2047,
             heartbeat: 60,
+            consumer_timeout: 1_800_000,
             max_message_size: 128 * 1024 * 1024,
             handshake_timeout: 10,
             default_user: "guest".into(),
@@ -169,6 +173,8 @@ pub struct Flags {
     pub channel_max: Option<u16>,
     #[arg(long, env = "WARREN_HEARTBEAT")]
     pub heartbeat: Option<u16>,
+    #[arg(long, env = "WARREN_CONSUMER_TIMEOUT")]
+    pub consumer_timeout: Option<u64>,
     #[arg(long, env = "WARREN_MAX_MESSAGE_SIZE")]
     pub max_message_size: Option<u64>,
     #[arg(long, env = "WARREN_LOG_FORMAT")]
@@ -247,6 +253,7 @@ impl Config {
             frame_max,
             channel_max,
             heartbeat,
+            consumer_timeout,
             max_message_size,
             log_format,
             queue_window_messages,
@@ -273,6 +280,7 @@ impl Config {
             frame_max,
             channel_max,
             heartbeat,
+            consumer_timeout,
             max_message_size,
             log_format,
             queue_window_messages,

@@ -13,7 +13,7 @@ use crate::broker::connections::{ConnectionDetails, ConnectionInfo, Traffic};
 use crate::broker::stats::MessageStats;
 use crate::error::{
     AmqpError, AmqpResult, CHANNEL_ERROR, COMMAND_INVALID, CONNECTION_FORCED, FRAME_ERROR,
-    NOT_ALLOWED, NOT_IMPLEMENTED, REPLY_SUCCESS, Scope, UNEXPECTED_FRAME,
+    NOT_ALLOWED, NOT_IMPLEMENTED, REPLY_SUCCESS, Scope, UNEXPECTED_FRAME, precondition_failed,
 };
 use amq_protocol::protocol::{AMQPClass, channel, connection};
 use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -29,6 +29,8 @@ use tokio::time::{Instant, timeout, timeout_at};
 
 /// How long the broker waits for `connection.close-ok` after sending `connection.close`.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often unacknowledged deliveries are checked against the consumer timeout.
+const ACK_CHECK: Duration = Duration::from_millis(500);
 /// Frame size limit before tuning (connection.start-ok may carry large client properties).
 const HANDSHAKE_FRAME_MAX: u32 = 131_072;
 
@@ -246,6 +248,9 @@ impl Connection {
         let handshake_deadline = Instant::now() + handshake;
         let mut durable = self.broker.storage.flusher().map(|f| f.subscribe());
         let mut alarms = self.broker.alarms.subscribe();
+        // Unacknowledged deliveries are checked against the consumer timeout once a second.
+        let mut ack_check = tokio::time::interval(ACK_CHECK);
+        ack_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // Everything already buffered is handled before reading more, except that during
             // an alarm a publish is left unread: the connection blocks before it.
@@ -349,7 +354,29 @@ impl Connection {
                 reason = closed_from_outside(&mut self.closed), if self.phase == Phase::Open => {
                     self.fail(AmqpError::new(CONNECTION_FORCED, reason));
                 }
+                _ = ack_check.tick(), if self.phase == Phase::Open => self.check_consumer_timeouts(),
             }
+        }
+    }
+
+    /// Closes, with 406 as RabbitMQ does, each channel holding a delivery unacknowledged for
+    /// longer than the consumer timeout; closing it requeues its deliveries.
+    fn check_consumer_timeouts(&mut self) {
+        let now = crate::broker::message::now_ms();
+        let default = self.broker.config.consumer_timeout;
+        let overdue: Vec<(u16, u64)> = self
+            .channels
+            .iter()
+            .filter(|(_, c)| !c.closing)
+            .filter_map(|(id, c)| Some((*id, c.shared.overdue(now, default)?)))
+            .collect();
+        for (id, timeout) in overdue {
+            tracing::warn!(peer = %self.peer, channel = id, timeout_ms = timeout, "consumer timeout: closing the channel");
+            let mut e = precondition_failed(format!(
+                "delivery acknowledgement on channel {id} timed out. Timeout value used: {timeout} ms. This timeout value can be configured, see consumers doc guide to learn more"
+            ));
+            e.channel = id;
+            self.fail(e);
         }
     }
 

@@ -128,6 +128,16 @@ impl ChannelShared {
         self.state.lock().unacked.len()
     }
 
+    /// The consumer timeout a delivery on this channel has overrun, if one has: its queue's
+    /// `x-consumer-timeout`, else `default` (0: no timeout).
+    pub fn overdue(&self, now_ms: u64, default: u64) -> Option<u64> {
+        let st = self.state.lock();
+        st.unacked.iter().find_map(|(_, d)| {
+            let limit = d.queue.features.consumer_timeout.unwrap_or(default);
+            (limit > 0 && now_ms.saturating_sub(d.delivered_at_ms) > limit).then_some(limit)
+        })
+    }
+
     /// Sends a `basic.get-ok` for `msg`, taken from `queue`, with the next delivery tag.
     pub fn deliver_get(
         &self,
@@ -158,6 +168,7 @@ impl ChannelShared {
             st.unacked.push_back((
                 tag,
                 Delivered {
+                    delivered_at_ms: crate::broker::message::now_ms(),
                     queue: queue.clone(),
                     consumer: None,
                     msg,
@@ -287,6 +298,7 @@ impl DeliverySink for ChannelShared {
             st.unacked.push_back((
                 tag,
                 Delivered {
+                    delivered_at_ms: crate::broker::message::now_ms(),
                     queue: queue.clone(),
                     consumer: Some(consumer.clone()),
                     msg,

@@ -29,6 +29,8 @@ pub struct QueuedMessage {
     /// Where the message is in the queue's store, if it was written there (persistent, or
     /// paged out of memory).
     pub location: Option<Location>,
+    /// Times it came back unacknowledged (for `x-delivery-limit`; kept in memory only).
+    pub returned: u32,
 }
 
 /// Where a queue hands messages for a consumer: implemented by the AMQP channel.
@@ -114,6 +116,8 @@ pub struct Delivered {
     /// `None` for `basic.get`.
     pub consumer: Option<Arc<Consumer>>,
     pub msg: QueuedMessage,
+    /// When it was delivered (milliseconds since the Unix epoch), for the consumer timeout.
+    pub delivered_at_ms: u64,
 }
 
 /// Why a consumer could not be added.
@@ -180,6 +184,15 @@ pub struct Features {
     /// Milliseconds the queue may go unused before it is deleted.
     pub expires: Option<u64>,
     pub dead_letter: Option<DeadLetterTarget>,
+    /// `x-delivery-limit`: a message returned more often than this is dead-lettered (reason
+    /// `delivery_limit`) or dropped.
+    pub delivery_limit: Option<u64>,
+    /// `x-single-active-consumer`: only the first consumer gets messages; the next takes over
+    /// when it goes.
+    pub single_active_consumer: bool,
+    /// `x-consumer-timeout`: milliseconds a delivery of this queue may stay unacknowledged
+    /// (instead of the broker's `consumer_timeout`).
+    pub consumer_timeout: Option<u64>,
 }
 
 impl Features {
@@ -193,6 +206,12 @@ impl Features {
                     routing_key: argument_text(args, "x-dead-letter-routing-key"),
                 }
             }),
+            delivery_limit: argument_u64(args, "x-delivery-limit"),
+            consumer_timeout: argument_u64(args, "x-consumer-timeout"),
+            single_active_consumer: matches!(
+                args.inner().get("x-single-active-consumer"),
+                Some(AMQPValue::Boolean(true))
+            ),
         }
     }
 }
@@ -566,6 +585,7 @@ impl Queue {
                         message,
                         redelivered: false,
                         location: None,
+                        returned: 0,
                     };
                     dead.push((refused, DeathReason::Maxlen));
                 }
@@ -589,6 +609,7 @@ impl Queue {
                         message,
                         redelivered: false,
                         location,
+                        returned: 0,
                     },
                     &self.store,
                 );
@@ -664,9 +685,15 @@ impl Queue {
         st.dispatch_pass += 1;
         let pass = st.dispatch_pass;
         let mut declined = 0;
-        while declined < st.consumers.len() && !st.ready.is_empty() {
+        // With a single active consumer, only the first registered one is offered messages.
+        let candidates = if self.features.single_active_consumer {
+            1
+        } else {
+            st.consumers.len()
+        };
+        while declined < candidates && !st.ready.is_empty() {
             let mut chosen = None;
-            for (i, c) in st.consumers.iter().enumerate() {
+            for (i, c) in st.consumers.iter().enumerate().take(candidates) {
                 if c.skipped_in.load(Ordering::Relaxed) == pass {
                     continue;
                 }
@@ -696,7 +723,9 @@ impl Queue {
                         consumer.unacked.fetch_add(1, Ordering::Relaxed);
                         delivered(&self.store, seq, location);
                     }
-                    rotate_within_priority(&mut st.consumers, i);
+                    if !self.features.single_active_consumer {
+                        rotate_within_priority(&mut st.consumers, i);
+                    }
                 }
                 Err(msg) => {
                     st.ready.requeue(msg);
@@ -774,13 +803,13 @@ impl Queue {
         let mut dead = Vec::new();
         let next = {
             let mut st = self.state.lock();
-            self.requeue_locked(&mut st, delivered);
+            self.requeue_locked(&mut st, delivered, &mut dead);
             self.dispatch_locked(&mut st, &mut dead)
         };
         self.after(dead, next);
     }
 
-    fn requeue_locked(&self, st: &mut QueueState, delivered: Vec<Delivered>) {
+    fn requeue_locked(&self, st: &mut QueueState, delivered: Vec<Delivered>, dead: &mut Dead) {
         for d in delivered {
             st.unacked = st.unacked.saturating_sub(1);
             st.unacked_bytes = st
@@ -792,6 +821,17 @@ impl Queue {
             if !self.is_deleted() {
                 let mut msg = d.msg;
                 msg.redelivered = true;
+                if let Some(limit) = self.features.delivery_limit {
+                    msg.returned = msg.returned.saturating_add(1);
+                    if u64::from(msg.returned) > limit {
+                        forget(&self.store, msg.seq, msg.location);
+                        if self.features.dead_letter.is_some() {
+                            dead.push((msg, DeathReason::DeliveryLimit));
+                        }
+                        continue;
+                    }
+                    msg.message = Arc::new(with_delivery_count(&msg.message, msg.returned));
+                }
                 st.may_expire |= msg.message.expires_at_ms.is_some();
                 st.ready.requeue(msg);
             }
@@ -814,9 +854,14 @@ impl Queue {
         {
             return Err(ConsumeRefused::ExclusiveInUse);
         }
-        let at = st
-            .consumers
-            .partition_point(|c| c.priority >= consumer.priority);
+        // Priority order, first come first within a priority; a single-active-consumer queue
+        // keeps registration order only (the first is the active one).
+        let at = if self.features.single_active_consumer {
+            st.consumers.len()
+        } else {
+            st.consumers
+                .partition_point(|c| c.priority >= consumer.priority)
+        };
         st.consumers.insert(at, consumer);
         st.had_consumer = true;
         on_added();
@@ -832,8 +877,16 @@ impl Queue {
     pub fn remove_consumer(self: &Arc<Self>, consumer: &Arc<Consumer>) -> bool {
         let (auto_delete, idle) = {
             let mut st = self.state.lock();
+            let was_active = st
+                .consumers
+                .first()
+                .is_some_and(|c| Arc::ptr_eq(c, consumer));
             st.consumers.retain(|c| !Arc::ptr_eq(c, consumer));
             let idle = st.consumers.is_empty();
+            if was_active && self.features.single_active_consumer && !idle {
+                // The next consumer takes over.
+                self.deliver_locked(&mut st);
+            }
             (
                 self.spec.auto_delete && st.had_consumer && idle && !self.is_deleted(),
                 idle,
@@ -844,6 +897,14 @@ impl Queue {
             self.touch();
         }
         auto_delete
+    }
+
+    /// The consumer that gets messages in a single-active-consumer queue.
+    pub fn single_active_consumer(&self) -> Option<Arc<Consumer>> {
+        if !self.features.single_active_consumer {
+            return None;
+        }
+        self.state.lock().consumers.first().cloned()
     }
 
     pub fn consumers(&self) -> Vec<Arc<Consumer>> {
@@ -882,6 +943,21 @@ impl Queue {
             c.sink.cancelled(&c);
         }
         Ok(count)
+    }
+}
+
+/// The message with the `x-delivery-count` header (times it was returned), as quorum queues
+/// report it.
+fn with_delivery_count(m: &Message, count: u32) -> Message {
+    let props = crate::amqp::codec::decode_properties(&m.properties).unwrap_or_default();
+    let mut headers = props.headers().clone().unwrap_or_default();
+    headers.insert(
+        "x-delivery-count".into(),
+        AMQPValue::LongLongInt(i64::from(count)),
+    );
+    Message {
+        properties: crate::amqp::codec::encode_properties(&props.with_headers(headers)),
+        ..m.clone()
     }
 }
 
@@ -1022,9 +1098,11 @@ mod tests {
             message: msg(),
             redelivered: false,
             location: None,
+            returned: 0,
         };
         q.settle(
             &[Delivered {
+                delivered_at_ms: 0,
                 queue: q.clone(),
                 consumer: Some(c),
                 msg: first,
@@ -1045,6 +1123,7 @@ mod tests {
         let (m1, left) = q.get(false).unwrap();
         assert_eq!(left, 1);
         let d = |m: QueuedMessage| Delivered {
+            delivered_at_ms: 0,
             queue: q.clone(),
             consumer: None,
             msg: m,

@@ -191,6 +191,7 @@ impl ReadyList {
                 redelivered: m.delivered || m.seq < self.redelivered_below,
                 message: Arc::new(m.message),
                 location: Some(m.location),
+                returned: 0,
             });
         }
         if self.mem.is_empty() && self.cursor >= self.until && self.tail > 0 {

@@ -1030,7 +1030,7 @@ fn validate_queue_arguments(spec: &QueueSpec, vhost: &str) -> AmqpResult<()> {
     for (key, value) in args {
         let key = key.as_str();
         match key {
-            "x-max-length" | "x-max-length-bytes" | "x-delivery-limit" => {
+            "x-max-length" | "x-max-length-bytes" | "x-delivery-limit" | "x-consumer-timeout" => {
                 let n = integer(key, value)?;
                 if n < 0 {
                     return Err(invalid(key, format!("{{value_negative,{n}}}")));

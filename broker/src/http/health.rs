@@ -148,6 +148,7 @@ pub async fn aliveness(
         let matched = msg.message.body == message.body;
         q.settle(
             &[Delivered {
+                delivered_at_ms: 0,
                 queue: q.clone(),
                 consumer: None,
                 msg,

@@ -358,6 +358,7 @@ pub async fn get(
             "payload_encoding": encoding,
         }));
         taken.push(Delivered {
+            delivered_at_ms: 0,
             queue: q.clone(),
             consumer: None,
             msg,

@@ -103,11 +103,24 @@ fn channel_details(state: &AppState, c: &ConnectionInfo, number: u16) -> Value {
 
 fn consumer_object(state: &AppState, c: &ConnectionInfo, s: &ChannelSnapshot, i: usize) -> Value {
     let k = &s.consumers[i];
+    // A single-active-consumer queue: one consumer is active, the others wait.
+    let (active, status) = match state
+        .broker
+        .vhost(&c.vhost)
+        .and_then(|v| v.queue(&k.queue))
+        .filter(|q| q.features.single_active_consumer)
+    {
+        Some(q) => match q.single_active_consumer() {
+            Some(a) if *a.tag == *k.tag => (true, "single_active"),
+            _ => (false, "waiting"),
+        },
+        None => (true, "up"),
+    };
     json!({
         "arguments": table_to_json(&k.arguments),
         "ack_required": k.ack_required,
-        "active": true,
-        "activity_status": "up",
+        "active": active,
+        "activity_status": status,
         "channel_details": channel_details(state, c, s.number),
         "consumer_tag": k.tag,
         "exclusive": k.exclusive,

@@ -244,7 +244,11 @@ pub fn queue_object(state: &AppState, vhost: &str, q: &Queue, detailed: bool) ->
     obj.insert("effective_policy_definition".into(), json!({}));
     obj.insert("policy".into(), Value::Null);
     obj.insert("operator_policy".into(), Value::Null);
-    obj.insert("single_active_consumer_tag".into(), Value::Null);
+    obj.insert(
+        "single_active_consumer_tag".into(),
+        q.single_active_consumer()
+            .map_or(Value::Null, |c| json!(c.tag.as_ref())),
+    );
     obj.insert("head_message_timestamp".into(), Value::Null);
     obj.insert("name".into(), json!(q.name()));
     obj.insert("node".into(), json!(state.broker.config.node_name));
