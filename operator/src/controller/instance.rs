@@ -139,7 +139,7 @@ pub async fn reconcile(obj: Arc<Instance>, ctx: Arc<InstanceContext>) -> Result<
     }
     status.connection_secret = Some(secret_name);
 
-    let config = match config_map(&obj) {
+    let config = match config_map(&obj, desired) {
         Ok(c) => c,
         Err(e) => {
             // Nothing is applied with a config the brokers would refuse: they keep running
