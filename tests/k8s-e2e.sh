@@ -347,7 +347,9 @@ env_image=$(kc -n "$ns" get "deployment/$operator_deploy" \
   -o jsonpath='{.spec.template.spec.containers[0].env[?(@.name=="WARREN_BROKER_IMAGE")].value}')
 [ "$env_image" = "$BROKER_IMAGE" ] || fail "WARREN_BROKER_IMAGE is '$env_image', not $BROKER_IMAGE"
 ok "operator image $OPERATOR_IMAGE, broker image $BROKER_IMAGE"
-# The operator is ready once it leads: readiness follows the Lease with --leader-elect.
+# Rolled out once every operator pod is ready. Ready means able to serve: leading, or standing
+# by to take over (not "holds the Lease", or a rolling update could never finish), so the Lease
+# is checked on its own just below.
 kc -n "$ns" rollout status "deployment/$operator_deploy" --timeout="${TIMEOUT}s"
 ok "deployment/$operator_deploy is rolled out"
 lease_held() {

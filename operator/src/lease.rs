@@ -1,8 +1,9 @@
 //! Leader election with a coordination.k8s.io Lease, so two operator replicas are safe: only
 //! the holder reconciles. The holder renews the Lease well inside its duration; another replica
-//! takes it over only once it has expired. Every write carries the resourceVersion it read, so
-//! two replicas racing for the same Lease cannot both win (the API server refuses the second
-//! with 409).
+//! takes it over only once it has expired, or at once when the holder released it on a
+//! graceful shutdown (as client-go's `ReleaseOnCancel`). Every write carries the
+//! resourceVersion it read, so two replicas racing for the same Lease cannot both win (the API
+//! server refuses the second with 409).
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
@@ -79,7 +80,9 @@ impl LeaseLock {
         let ours = spec.holder_identity.as_deref() == Some(self.identity.as_str());
         let held_for =
             SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(seconds)));
-        let expired = match (&spec.holder_identity, &spec.renew_time) {
+        // No holder (or the empty one a released Lease has) is free, whatever the times say.
+        let holder = spec.holder_identity.as_deref().filter(|h| !h.is_empty());
+        let expired = match (holder, &spec.renew_time) {
             (None, _) | (_, None) => true,
             (Some(_), Some(renewed)) => renewed.0.checked_add(held_for).is_ok_and(|end| end < now),
         };
@@ -108,6 +111,41 @@ impl LeaseLock {
             .await
         {
             Ok(_) => Ok(true),
+            Err(e) if conflict(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Gives the Lease up, when this replica holds it, so another takes over at once instead of
+    /// waiting out the duration: what client-go's leader election does with `ReleaseOnCancel`
+    /// (an empty holder, a duration of 1 s, the transitions kept). True when it was released
+    /// here; false when another replica holds it (then there is nothing to give up).
+    pub async fn release(&self, now: Timestamp) -> Result<bool, kube::Error> {
+        let Some(current) = self.api.get_opt(&self.name).await? else {
+            return Ok(false);
+        };
+        let spec = current.spec.clone().unwrap_or_default();
+        if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
+            return Ok(false);
+        }
+        let lease = Lease {
+            metadata: current.metadata,
+            spec: Some(LeaseSpec {
+                holder_identity: Some(String::new()),
+                lease_duration_seconds: Some(1),
+                acquire_time: Some(MicroTime(now)),
+                renew_time: Some(MicroTime(now)),
+                lease_transitions: spec.lease_transitions,
+                ..spec
+            }),
+        };
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => Ok(true),
+            // Changed since it was read: by another replica, so it is not ours to give up.
             Err(e) if conflict(&e) => Ok(false),
             Err(e) => Err(e),
         }

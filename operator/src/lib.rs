@@ -10,7 +10,8 @@
 //! - [`controller`]: what the reconcilers decide (conditions, the generic reconciler of the
 //!   broker-side kinds).
 //!
-//! - [`process`]: the controllers wired to the cluster, and the operator's metrics and probes.
+//! - [`process`]: the controllers wired to the cluster, and the operator's probes.
+//! - [`metrics`]: the operator's own metrics (reconciliations, errors, not-ready resources).
 //!
 //! - [`lease`]: leader election with a Lease, so two replicas are safe.
 //!
@@ -22,6 +23,7 @@ pub mod broker_api;
 pub mod controller;
 pub mod crd;
 pub mod lease;
+pub mod metrics;
 pub mod process;
 pub mod resources;
 pub mod scaling;

@@ -1,10 +1,12 @@
-//! The operator as a process: the controllers of every kind wired to the cluster, and an HTTP
-//! listener with `/metrics` (reconciliations, errors and reconcile durations by kind),
-//! `/healthz` and `/readyz`.
+//! The operator as a process: the controllers of every kind wired to the cluster (the
+//! broker-side kinds also watch Instances, so an Instance turning ready wakes its objects), and
+//! an HTTP listener with `/metrics` (see [`crate::metrics`]), `/healthz` and `/readyz`.
 
 use crate::controller::broker_resources::{self, BrokerResource, Context};
 use crate::controller::instance::{self, InstanceContext};
 use crate::crd::{Binding, Exchange, Instance, Queue, Vhost};
+use crate::metrics::ErrorKind;
+pub use crate::metrics::OperatorMetrics;
 use crate::resources::Defaults;
 use crate::scaling::autoscaler::Autoscaler;
 use axum::Router;
@@ -19,99 +21,10 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::runtime::controller::{Controller, Error as ControllerError};
 use kube::runtime::watcher;
 use kube::{Api, Client};
-use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
-};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio::sync::watch;
-
-/// The operator's own metrics.
-#[derive(Debug, Clone)]
-pub struct OperatorMetrics {
-    registry: Registry,
-    reconciliations: IntCounterVec,
-    failures: IntCounterVec,
-    durations: HistogramVec,
-}
-
-/// Upper bounds, in seconds, of the reconcile duration buckets: from a reconcile that finds
-/// nothing to do (a few milliseconds) to one that waits on a slow API server or broker.
-const RECONCILE_DURATION_BUCKETS: [f64; 12] = [
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-];
-
-impl Default for OperatorMetrics {
-    fn default() -> Self {
-        let registry = Registry::new();
-        let reconciliations = IntCounterVec::new(
-            Opts::new(
-                "warren_operator_reconciliations_total",
-                "Reconciliations run, by kind",
-            ),
-            &["kind"],
-        )
-        .expect("a valid metric");
-        let failures = IntCounterVec::new(
-            Opts::new(
-                "warren_operator_reconcile_errors_total",
-                "Reconciliations that failed, by kind and error",
-            ),
-            &["kind", "error"],
-        )
-        .expect("a valid metric");
-        let durations = HistogramVec::new(
-            HistogramOpts::new(
-                "warren_operator_reconcile_duration_seconds",
-                "Time taken by one call of the reconcile function, by kind",
-            )
-            .buckets(RECONCILE_DURATION_BUCKETS.to_vec()),
-            &["kind"],
-        )
-        .expect("a valid metric");
-        registry
-            .register(Box::new(reconciliations.clone()))
-            .expect("registered once");
-        registry
-            .register(Box::new(failures.clone()))
-            .expect("registered once");
-        registry
-            .register(Box::new(durations.clone()))
-            .expect("registered once");
-        Self {
-            registry,
-            reconciliations,
-            failures,
-            durations,
-        }
-    }
-}
-
-impl OperatorMetrics {
-    /// Counts one reconciliation of `kind`, failed with `error` when given.
-    pub fn record(&self, kind: &str, error: Option<&str>) {
-        self.reconciliations.with_label_values(&[kind]).inc();
-        if let Some(e) = error {
-            self.failures.with_label_values(&[kind, e]).inc();
-        }
-    }
-
-    /// Records that one call of the reconcile function of `kind` took `elapsed`.
-    pub fn observe_duration(&self, kind: &str, elapsed: Duration) {
-        self.durations
-            .with_label_values(&[kind])
-            .observe(elapsed.as_secs_f64());
-    }
-
-    pub fn render(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
-            .expect("text encoding of metrics");
-        out
-    }
-}
 
 #[derive(Clone)]
 struct ProbeState {
@@ -145,13 +58,14 @@ async fn readyz(State(s): State<ProbeState>) -> Response {
     }
 }
 
-/// The label of a controller error.
-fn error_kind<E: std::fmt::Display, Q>(e: &ControllerError<E, Q>) -> String {
+/// The `error` label of a controller error: the reconciler's own kind of error (`kube`,
+/// `finalizer`, the broker's reason), or what went wrong around the reconciler.
+pub fn error_kind<E: ErrorKind, Q>(e: &ControllerError<E, Q>) -> &'static str {
     match e {
-        ControllerError::ObjectNotFound(_) => "object_not_found".into(),
-        ControllerError::ReconcilerFailed(_, _) => "reconcile".into(),
-        ControllerError::QueueError(_) => "watch".into(),
-        ControllerError::RunnerError(_) => "runner".into(),
+        ControllerError::ReconcilerFailed(e, _) => e.kind(),
+        ControllerError::ObjectNotFound(_) => "object_not_found",
+        ControllerError::QueueError(_) => "watch",
+        ControllerError::RunnerError(_) => "runner",
     }
 }
 
@@ -176,7 +90,20 @@ fn broker_controller<K: BrokerResource>(
 ) -> impl Future<Output = ()> + Send {
     let kind: Arc<str> = K::kind(&()).into();
     let timing = (metrics.clone(), kind.clone());
-    Controller::new(Api::<K>::all(client.clone()), watcher::Config::default())
+    let controller = Controller::new(Api::<K>::all(client.clone()), watcher::Config::default());
+    // An object waits for its Instance (missing, or brokers not ready) with a growing backoff;
+    // the Instance becoming ready wakes it at once. The controller's own cache says which
+    // objects name the Instance.
+    let objects = controller.store();
+    let on_instance = ctx.clone();
+    controller
+        .watches(
+            Api::<Instance>::all(client.clone()),
+            watcher::Config::default(),
+            move |instance| {
+                broker_resources::on_instance_change(&on_instance, &instance, &objects.state())
+            },
+        )
         .graceful_shutdown_on(shutdown)
         .run(
             move |obj, ctx| {
@@ -188,7 +115,7 @@ fn broker_controller<K: BrokerResource>(
         )
         .for_each(move |result| {
             let error = result.as_ref().err().map(error_kind);
-            metrics.record(&kind, error.as_deref());
+            metrics.record(&kind, error);
             async {}
         })
 }
@@ -208,10 +135,13 @@ pub async fn run_controllers(
             let _ = rx.wait_for(|stop| *stop).await;
         }
     };
-    let ctx = Arc::new(match &broker_url {
-        Some(url) => Context::with_broker_url(client.clone(), url),
-        None => Context::new(client.clone()),
-    });
+    let ctx = Arc::new(
+        match &broker_url {
+            Some(url) => Context::with_broker_url(client.clone(), url),
+            None => Context::new(client.clone()),
+        }
+        .with_metrics(metrics.clone()),
+    );
     let instance_ctx = Arc::new(InstanceContext {
         client: client.clone(),
         defaults,
@@ -254,7 +184,7 @@ pub async fn run_controllers(
     )
     .for_each(move |result| {
         let error = result.as_ref().err().map(error_kind);
-        m.record("Instance", error.as_deref());
+        m.record("Instance", error);
         async {}
     });
     tokio::join!(

@@ -1,7 +1,8 @@
 //! Request shapes of the broker-side controllers against a mocked Kubernetes API server
 //! (tower-test): the finalizer is added before anything else, status is written to the status
 //! subresource with the `Ready` condition, and deletion honours each deletion policy before the
-//! finalizer goes. One scenario reaches a real broker through the Instance's Secret.
+//! finalizer goes. One scenario reaches a real broker through the Instance's Secret. Failures
+//! back off longer each time, per object, until a success or the Instance becoming ready.
 
 mod common;
 
@@ -11,8 +12,10 @@ use http::{Method, StatusCode};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
-use warren_operator::controller::broker_resources::{Context, FINALIZER, reconcile};
-use warren_operator::crd::Queue;
+use warren_operator::controller::broker_resources::{
+    Context, FINALIZER, objects_of_instance, on_instance_change, reconcile,
+};
+use warren_operator::crd::{Instance, Queue};
 
 /// A Queue as the API server would return it.
 fn queue(finalizers: &[&str], deleting: bool, policy: &str) -> Queue {
@@ -207,4 +210,132 @@ async fn a_queue_is_declared_in_the_instances_broker_then_deleted_with_its_resou
         serde_json::to_value(queue(&[], true, "delete")).unwrap(),
     );
     run.await.unwrap().unwrap();
+}
+
+/// Runs one reconcile of `q` whose Instance does not exist; returns the requeue it asked for.
+async fn reconcile_without_instance(
+    server: &mut ApiServer,
+    ctx: &Arc<Context>,
+    q: &Arc<Queue>,
+) -> kube::runtime::controller::Action {
+    let run = tokio::spawn(reconcile(q.clone(), ctx.clone()));
+    let (seen, send) = next(server).await;
+    assert_eq!(
+        (seen.method, seen.path.as_str()),
+        (Method::GET, INSTANCE_PATH)
+    );
+    answer(send, StatusCode::NOT_FOUND, not_found());
+    let (seen, send) = next(server).await;
+    assert_eq!(seen.path, format!("{QUEUE_PATH}/status"));
+    answer(
+        send,
+        StatusCode::OK,
+        serde_json::to_value(q.as_ref()).unwrap(),
+    );
+    run.await.unwrap().unwrap()
+}
+
+fn requeue(secs: u64) -> kube::runtime::controller::Action {
+    kube::runtime::controller::Action::requeue(Duration::from_secs(secs))
+}
+
+/// An Instance `name` in `namespace`, its `Ready` condition `ready`.
+fn instance(namespace: &str, name: &str, ready: bool) -> Instance {
+    serde_json::from_value(json!({
+        "apiVersion": "warren.dev/v1alpha1", "kind": "Instance",
+        "metadata": {"name": name, "namespace": namespace, "uid": "i-1"},
+        "spec": {},
+        "status": {"conditions": [{
+            "type": "Ready", "status": if ready { "True" } else { "False" },
+            "reason": "x", "message": "", "lastTransitionTime": "2026-11-25T00:00:00Z",
+        }]},
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn failures_back_off_longer_each_time_and_a_success_starts_over() {
+    let broker = Broker::start().await;
+    let (client, mut server) = mocked();
+    let url = format!("http://{}", broker.management_addr());
+    let ctx = Arc::new(Context::with_broker_url(client, &url));
+    let q = Arc::new(queue(&[FINALIZER], false, "delete"));
+    // Each failure doubles the wait: 5 s, 10 s, 20 s.
+    for secs in [5, 10, 20] {
+        assert_eq!(
+            reconcile_without_instance(&mut server, &ctx, &q).await,
+            requeue(secs)
+        );
+    }
+    // Another object's failures are its own.
+    let mut other = queue(&[FINALIZER], false, "delete");
+    other.metadata.name = Some("other".into());
+    let run = tokio::spawn(reconcile(Arc::new(other.clone()), ctx.clone()));
+    let (_, send) = next(&mut server).await;
+    answer(send, StatusCode::NOT_FOUND, not_found());
+    let (seen, send) = next(&mut server).await;
+    assert!(seen.path.ends_with("/queues/other/status"), "{}", seen.path);
+    answer(send, StatusCode::OK, serde_json::to_value(&other).unwrap());
+    assert_eq!(run.await.unwrap().unwrap(), requeue(5));
+    // A success: the periodic resync, and the count starts over.
+    let run = tokio::spawn(reconcile(q.clone(), ctx.clone()));
+    serve_instance_and_secret(&mut server).await;
+    let (seen, send) = next(&mut server).await;
+    assert_eq!(seen.body["status"]["conditions"][0]["status"], "True");
+    answer(
+        send,
+        StatusCode::OK,
+        serde_json::to_value(q.as_ref()).unwrap(),
+    );
+    assert_eq!(run.await.unwrap().unwrap(), requeue(600));
+    assert_eq!(
+        reconcile_without_instance(&mut server, &ctx, &q).await,
+        requeue(5)
+    );
+    assert_eq!(
+        reconcile_without_instance(&mut server, &ctx, &q).await,
+        requeue(10)
+    );
+    // Every reconcile that left the queue not Ready was counted with its reason.
+    let page = String::from_utf8(ctx.metrics.render()).unwrap();
+    let line =
+        "warren_operator_resource_not_ready_total{kind=\"Queue\",reason=\"InstanceMissing\"} 6";
+    assert!(page.contains(line), "missing {line} in\n{page}");
+}
+
+#[tokio::test]
+async fn an_instance_becoming_ready_wakes_its_objects_with_a_fresh_backoff() {
+    let (client, mut server) = mocked();
+    let ctx = Arc::new(Context::new(client));
+    let q = Arc::new(queue(&[FINALIZER], false, "delete"));
+    for secs in [5, 10, 20, 40] {
+        assert_eq!(
+            reconcile_without_instance(&mut server, &ctx, &q).await,
+            requeue(secs)
+        );
+    }
+    let mut elsewhere = queue(&[FINALIZER], false, "delete");
+    elsewhere.metadata.namespace = Some("other".into());
+    let mut of_another = queue(&[FINALIZER], false, "delete");
+    of_another.metadata.name = Some("audit".into());
+    of_another.spec.instance_ref.name = "legacy".into();
+    let objects = [q.clone(), Arc::new(elsewhere), Arc::new(of_another)];
+    // Not ready yet: nothing to wake, and the backoff stays.
+    assert!(objects_of_instance(&instance("shop", "demo", false), &objects).is_empty());
+    assert!(on_instance_change(&ctx, &instance("shop", "demo", false), &objects).is_empty());
+    assert_eq!(
+        reconcile_without_instance(&mut server, &ctx, &q).await,
+        requeue(80)
+    );
+    // Ready: exactly the objects in its namespace that name it, each starting over.
+    let woken = on_instance_change(&ctx, &instance("shop", "demo", true), &objects);
+    let names: Vec<_> = woken
+        .iter()
+        .map(|r| (r.namespace.as_deref(), r.name.as_str()))
+        .collect();
+    assert_eq!(names, [(Some("shop"), "orders")]);
+    assert_eq!(
+        reconcile_without_instance(&mut server, &ctx, &q).await,
+        requeue(5)
+    );
 }

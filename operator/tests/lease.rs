@@ -1,6 +1,7 @@
 //! Leader election against a mocked API server: a free Lease is created, a fresh one held by
 //! another replica is left alone, an expired one is taken over with the resourceVersion read
-//! (so a racing replica loses with 409), and the holder renews its own.
+//! (so a racing replica loses with 409), the holder renews its own, and on a graceful shutdown
+//! the holder releases it (as client-go's ReleaseOnCancel) so the next replica takes it at once.
 
 mod common;
 
@@ -129,6 +130,66 @@ async fn the_holder_renews_its_own_lease_keeping_its_acquire_time() {
         seen.body["spec"]["renewTime"],
         "2026-11-25T10:00:05.000000Z"
     );
+    answer(send, StatusCode::OK, seen.body.clone());
+    assert!(run.await.unwrap().unwrap());
+}
+
+#[tokio::test]
+async fn the_holder_releases_its_lease_as_client_go_does() {
+    let (lock, mut server) = lock();
+    let run = tokio::spawn(async move { lock.release(at("2026-11-25T10:00:07Z")).await });
+    let (seen, send) = next(&mut server).await;
+    assert_eq!((seen.method, seen.path.as_str()), (Method::GET, PATH));
+    answer(
+        send,
+        StatusCode::OK,
+        held_by("pod-a", "2026-11-25T10:00:05.000000Z"),
+    );
+    let (seen, send) = next(&mut server).await;
+    assert_eq!((seen.method, seen.path.as_str()), (Method::PUT, PATH));
+    // Guarded by the version read; no holder, a duration of 1 s, the transitions kept.
+    assert_eq!(seen.body["metadata"]["resourceVersion"], "41");
+    let spec = &seen.body["spec"];
+    assert_eq!(spec["holderIdentity"], "");
+    assert_eq!(spec["leaseDurationSeconds"], 1);
+    assert_eq!(spec["leaseTransitions"], 3);
+    assert_eq!(spec["renewTime"], "2026-11-25T10:00:07.000000Z");
+    answer(send, StatusCode::OK, seen.body.clone());
+    assert!(run.await.unwrap().unwrap());
+}
+
+#[tokio::test]
+async fn a_lease_another_replica_holds_is_not_released() {
+    let (lock, mut server) = lock();
+    let run = tokio::spawn(async move { lock.release(at("2026-11-25T10:00:07Z")).await });
+    let (_, send) = next(&mut server).await;
+    answer(
+        send,
+        StatusCode::OK,
+        held_by("pod-b", "2026-11-25T10:00:05.000000Z"),
+    );
+    assert!(!run.await.unwrap().unwrap());
+    let more = tokio::time::timeout(Duration::from_millis(100), server.next_request()).await;
+    assert!(
+        !matches!(more, Ok(Some(_))),
+        "no write to a Lease another replica holds"
+    );
+}
+
+#[tokio::test]
+async fn a_released_lease_is_taken_at_once_not_when_it_expires() {
+    let (lock, mut server) = lock();
+    // Released a moment ago: by its times still valid, but it has no holder.
+    let run = tokio::spawn(async move { lock.try_acquire(at("2026-11-25T10:00:07.5Z")).await });
+    let (_, send) = next(&mut server).await;
+    let mut released = held_by("", "2026-11-25T10:00:07.000000Z");
+    released["spec"]["leaseDurationSeconds"] = json!(1);
+    answer(send, StatusCode::OK, released);
+    let (seen, send) = next(&mut server).await;
+    assert_eq!(seen.method, Method::PUT);
+    assert_eq!(seen.body["spec"]["holderIdentity"], "pod-a");
+    assert_eq!(seen.body["spec"]["leaseDurationSeconds"], 15);
+    assert_eq!(seen.body["spec"]["leaseTransitions"], 4);
     answer(send, StatusCode::OK, seen.body.clone());
     assert!(run.await.unwrap().unwrap());
 }

@@ -1,11 +1,15 @@
 //! The operator end to end: the real `warren-operator` binary against kube-sim (a fake API
 //! server whose kubelet runs real `warren-broker` processes; a test harness, not Kubernetes).
-//! An Instance becomes a running, ready broker; Vhost, Queue, Exchange and Binding resources
-//! become objects in it; clients publish and consume through the client Service; deletion
-//! honours each deletionPolicy; deleting the Instance removes everything it owned.
+//! An Instance becomes a running, ready broker; a Vhost made before its Instance is declared as
+//! soon as the Instance is ready, however long it had backed off; Vhost, Queue, Exchange and
+//! Binding resources become objects in it (seen over HTTP and AMQP); clients publish and consume
+//! through the client Service; deletion honours each deletionPolicy; deleting the Instance
+//! removes everything it owned. SIGTERM stops the operator cleanly and releases its Lease, so
+//! the next operator leads at once.
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -14,25 +18,69 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Resource};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
-    QueueDeclareOptions, QueuePurgeOptions,
+    ExchangeDeclareOptions, QueueDeclareOptions, QueuePurgeOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
 use serde_json::{Value, json};
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 use warren_e2e::{bin_dir, broker_bin, workspace_root};
 use warren_operator::crd::{Binding, Exchange, Instance, Queue, Vhost};
 
 const NS: &str = "shop";
+/// Where the operator runs (its POD_NAMESPACE), and so its Lease.
+const OPERATOR_NS: &str = "warren-system";
 
 /// The operator process; killed when the test ends, its log printed if the test failed.
 struct Operator {
     child: Child,
     log: PathBuf,
     metrics: String,
+}
+
+impl Operator {
+    /// SIGTERM, then the exit status, which must come within `within`.
+    fn terminate(&mut self, within: Duration) -> ExitStatus {
+        let pid = rustix::process::Pid::from_child(&self.child);
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the operator did not exit within {within:?} of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Its `/metrics` page.
+    async fn metrics_page(&self) -> String {
+        reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap()
+            .get(format!("http://{}/metrics", self.metrics))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+/// The value of one series (`name{labels}`) on a metrics page; 0 when absent.
+fn metric(page: &str, series: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
 }
 
 impl Drop for Operator {
@@ -58,14 +106,21 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn start_operator(dir: &Path, kubeconfig: &Path, proxy: &str, extra: &[&str]) -> Operator {
+/// The operator as pod `name` of namespace warren-system, leader-elected.
+fn start_operator(
+    dir: &Path,
+    kubeconfig: &Path,
+    proxy: &str,
+    name: &str,
+    extra: &[&str],
+) -> Operator {
     let operator = bin_dir().join("warren-operator");
     assert!(
         operator.exists(),
         "{} not found: run `cargo build --workspace --bins` first (./test.sh does)",
         operator.display()
     );
-    let log = dir.join("operator.log");
+    let log = dir.join(format!("{name}.log"));
     let out = std::fs::File::create(&log).unwrap();
     let metrics = format!("127.0.0.1:{}", free_port());
     let child = Command::new(operator)
@@ -76,8 +131,8 @@ fn start_operator(dir: &Path, kubeconfig: &Path, proxy: &str, extra: &[&str]) ->
         .env("http_proxy", proxy)
         .env("NO_PROXY", "127.0.0.1,localhost")
         .env("no_proxy", "127.0.0.1,localhost")
-        .env("POD_NAMESPACE", "warren-system")
-        .env("POD_NAME", "warren-operator-0")
+        .env("POD_NAMESPACE", OPERATOR_NS)
+        .env("POD_NAME", name)
         .env("RUST_LOG", "info,kube=warn")
         .stdout(out.try_clone().unwrap())
         .stderr(out)
@@ -194,7 +249,20 @@ struct Cluster {
     operator: Operator,
     sim: kube_sim::KubeSim,
     client: Client,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Another operator replica, as pod `name`.
+    fn another_operator(&self, name: &str) -> Operator {
+        start_operator(
+            self.dir.path(),
+            &self.dir.path().join("kubeconfig"),
+            &self.sim.proxy_url(),
+            name,
+            &[],
+        )
+    }
 }
 
 async fn cluster(operator_args: &[&str]) -> Cluster {
@@ -221,12 +289,18 @@ async fn cluster(operator_args: &[&str]) -> Cluster {
         let crd: CustomResourceDefinition = serde_yaml::from_str(&text).unwrap();
         crds.create(&PostParams::default(), &crd).await.unwrap();
     }
-    let operator = start_operator(dir.path(), &kubeconfig, &sim.proxy_url(), operator_args);
+    let operator = start_operator(
+        dir.path(),
+        &kubeconfig,
+        &sim.proxy_url(),
+        "warren-operator-0",
+        operator_args,
+    );
     Cluster {
         operator,
         sim,
         client,
-        _dir: dir,
+        dir,
     }
 }
 
@@ -242,11 +316,55 @@ async fn credentials(client: &Client, secret: &str) -> (String, String) {
 async fn an_instance_and_its_topology_run_in_a_simulated_cluster() {
     // Bound in this order so a failure drops the operator (printing its log) first.
     let Cluster {
-        _dir,
+        dir: _dir,
         client,
         sim,
         operator,
     } = cluster(&[]).await;
+
+    // A Vhost made before its Instance waits for it, backing off longer after each failure.
+    let vhosts = dynamic::<Vhost>(&client);
+    vhosts
+        .create(&PostParams::default(), &manifest("vhost.yaml", |_| {}))
+        .await
+        .unwrap();
+    let waiting = eventually(
+        "the Vhost to wait for its Instance",
+        Duration::from_secs(30),
+        || async {
+            let v = vhosts.get("orders").await.ok()?;
+            let ready = condition(&v, "Ready")?.clone();
+            (ready["reason"] == "InstanceMissing").then_some(ready)
+        },
+    )
+    .await;
+    assert_eq!(waiting["status"], "False", "{waiting}");
+    // Each change of the resource is another failed attempt: by the seventh the next retry is
+    // 5 minutes away (5 s doubling, capped at 300 s).
+    let missing =
+        "warren_operator_resource_not_ready_total{kind=\"Vhost\",reason=\"InstanceMissing\"}";
+    for nudge in 0.. {
+        let before = metric(&operator.metrics_page().await, missing);
+        if before >= 7.0 {
+            break;
+        }
+        vhosts
+            .patch(
+                "orders",
+                &PatchParams::default(),
+                &Patch::Merge(
+                    json!({"metadata": {"annotations": {"e2e/nudge": nudge.to_string()}}}),
+                ),
+            )
+            .await
+            .unwrap();
+        eventually(
+            "the nudged Vhost to be reconciled",
+            Duration::from_secs(10),
+            || async { (metric(&operator.metrics_page().await, missing) > before).then_some(()) },
+        )
+        .await;
+    }
 
     // An Instance becomes a StatefulSet, a running broker, and Ready.
     let instances = dynamic::<Instance>(&client);
@@ -259,6 +377,13 @@ async fn an_instance_and_its_topology_run_in_a_simulated_cluster() {
         .await
         .unwrap();
     let ready = wait_ready(&instances, "demo").await;
+    // The Instance turning ready wakes the Vhost: declared long before its 5-minute retry.
+    eventually(
+        "the early Vhost to be Ready soon after its Instance",
+        Duration::from_secs(30),
+        || async { is_true(&vhosts.get("orders").await.ok()?, "Ready").then_some(()) },
+    )
+    .await;
     assert_eq!(ready.data["status"]["readyReplicas"], 1, "{:?}", ready.data);
     assert!(is_true(&ready, "Reconciled"));
     assert_eq!(
@@ -314,17 +439,23 @@ async fn an_instance_and_its_topology_run_in_a_simulated_cluster() {
     let whoami = mgmt.json("/api/whoami").await;
     assert_eq!(whoami["name"], user.as_str());
 
-    // Vhost, Exchange, Queue and Binding from the example manifests.
-    let vhosts = dynamic::<Vhost>(&client);
+    // Exchange, Queue and Binding from the example manifests (the Vhost is there already).
     let exchanges = dynamic::<Exchange>(&client);
     let queues = dynamic::<Queue>(&client);
     let bindings = dynamic::<Binding>(&client);
-    vhosts
-        .create(&PostParams::default(), &manifest("vhost.yaml", |_| {}))
-        .await
-        .unwrap();
     exchanges
         .create(&PostParams::default(), &manifest("exchange.yaml", |_| {}))
+        .await
+        .unwrap();
+    // An exchange and a binding that are kept in the broker when their resources go.
+    let archive = manifest("exchange.yaml", |v| {
+        v["metadata"]["name"] = json!("archive");
+        v["spec"]["name"] = json!("archive");
+        v["spec"]["type"] = json!("fanout");
+        v["spec"]["deletionPolicy"] = json!("retain");
+    });
+    exchanges
+        .create(&PostParams::default(), &archive)
         .await
         .unwrap();
     let queue = manifest("queue.yaml", |v| v["spec"]["type"] = json!("classic"));
@@ -341,11 +472,24 @@ async fn an_instance_and_its_topology_run_in_a_simulated_cluster() {
         .create(&PostParams::default(), &manifest("binding.yaml", |_| {}))
         .await
         .unwrap();
+    let archived = manifest("binding.yaml", |v| {
+        v["metadata"]["name"] = json!("audit-archive");
+        v["spec"]["source"] = json!("archive");
+        v["spec"]["destination"] = json!("audit");
+        v["spec"]["routingKey"] = json!("");
+        v["spec"]["deletionPolicy"] = json!("retain");
+    });
+    bindings
+        .create(&PostParams::default(), &archived)
+        .await
+        .unwrap();
     wait_ready(&vhosts, "orders").await;
     wait_ready(&exchanges, "orders").await;
+    wait_ready(&exchanges, "archive").await;
     wait_ready(&queues, "orders-created").await;
     wait_ready(&queues, "audit").await;
     wait_ready(&bindings, "orders-created").await;
+    wait_ready(&bindings, "audit-archive").await;
     assert_eq!(mgmt.status("/api/vhosts/orders").await, 200);
     let limits = mgmt.json("/api/vhost-limits/orders").await;
     assert_eq!(limits[0]["value"]["max-connections"], 1000, "{limits}");
@@ -360,8 +504,10 @@ async fn an_instance_and_its_topology_run_in_a_simulated_cluster() {
         .json("/api/bindings/orders/e/orders/q/orders.created")
         .await;
     assert_eq!(b[0]["routing_key"], "order.created.#", "{b}");
+    let b = mgmt.json("/api/bindings/orders/e/archive/q/audit").await;
+    assert_eq!(b.as_array().map(Vec::len), Some(1), "{b}");
 
-    // Publish and consume over AMQP through the client Service.
+    // Over AMQP too: each declared object answers a passive declare in vhost `orders`.
     let amqp = sim
         .service_addr(NS, "demo", 5672)
         .expect("the Service's AMQP port");
@@ -369,6 +515,19 @@ async fn an_instance_and_its_topology_run_in_a_simulated_cluster() {
     let conn = Connection::connect(&uri, ConnectionProperties::default())
         .await
         .unwrap();
+    for q in ["orders.created", "audit"] {
+        assert_eq!(passive_queue(&conn, q).await, Ok(()), "queue {q}");
+    }
+    assert_eq!(
+        passive_exchange(&conn, "orders", ExchangeKind::Topic).await,
+        Ok(())
+    );
+    assert_eq!(
+        passive_exchange(&conn, "archive", ExchangeKind::Fanout).await,
+        Ok(())
+    );
+
+    // Publish and consume over AMQP through the client Service.
     let ch = conn.create_channel().await.unwrap();
     ch.basic_publish(
         "orders".into(),
@@ -484,29 +643,74 @@ async fn an_instance_and_its_topology_run_in_a_simulated_cluster() {
         "scaling down keeps the volume"
     );
 
-    // Deletion: `delete` removes the queue from the broker, `retain` keeps it.
+    // Deletion: `delete` removes the object from the broker, `retain` keeps it. Bindings
+    // first, while their exchange and queue exist: deleting either would take the binding
+    // with it and prove nothing about the Binding's own policy. (The client Service was
+    // made again above: its local address is a new one.)
+    let amqp = sim
+        .service_addr(NS, "demo", 5672)
+        .expect("the Service's AMQP port");
+    let amqp = Connection::connect(
+        &format!("amqp://{user}:{pass}@{amqp}/orders"),
+        ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    bindings
+        .delete("orders-created", &DeleteParams::default())
+        .await
+        .unwrap();
+    gone(&bindings, "orders-created").await;
+    let b = mgmt
+        .json("/api/bindings/orders/e/orders/q/orders.created")
+        .await;
+    assert_eq!(b, json!([]), "the binding is gone from the broker");
+    bindings
+        .delete("audit-archive", &DeleteParams::default())
+        .await
+        .unwrap();
+    gone(&bindings, "audit-archive").await;
+    let retained_binding = || async {
+        let b = mgmt.json("/api/bindings/orders/e/archive/q/audit").await;
+        assert_eq!(b.as_array().map(Vec::len), Some(1), "retained: {b}");
+    };
+    retained_binding().await;
     queues
         .delete("orders-created", &DeleteParams::default())
         .await
         .unwrap();
     gone(&queues, "orders-created").await;
     assert_eq!(mgmt.status("/api/queues/orders/orders.created").await, 404);
+    assert_eq!(passive_queue(&amqp, "orders.created").await, Err(404));
     queues
         .delete("audit", &DeleteParams::default())
         .await
         .unwrap();
     gone(&queues, "audit").await;
     assert_eq!(mgmt.status("/api/queues/orders/audit").await, 200);
-    bindings
-        .delete("orders-created", &DeleteParams::default())
-        .await
-        .unwrap();
+    assert_eq!(passive_queue(&amqp, "audit").await, Ok(()));
     exchanges
         .delete("orders", &DeleteParams::default())
         .await
         .unwrap();
     gone(&exchanges, "orders").await;
     assert_eq!(mgmt.status("/api/exchanges/orders/orders").await, 404);
+    assert_eq!(
+        passive_exchange(&amqp, "orders", ExchangeKind::Topic).await,
+        Err(404)
+    );
+    exchanges
+        .delete("archive", &DeleteParams::default())
+        .await
+        .unwrap();
+    gone(&exchanges, "archive").await;
+    assert_eq!(mgmt.status("/api/exchanges/orders/archive").await, 200);
+    assert_eq!(
+        passive_exchange(&amqp, "archive", ExchangeKind::Fanout).await,
+        Ok(())
+    );
+    retained_binding().await;
+    amqp.close(200, "done".into()).await.unwrap();
     vhosts
         .delete("orders", &DeleteParams::default())
         .await
@@ -519,21 +723,12 @@ async fn an_instance_and_its_topology_run_in_a_simulated_cluster() {
     );
 
     // The operator counted its work.
-    let page = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .get(format!("http://{}/metrics", operator.metrics))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = operator.metrics_page().await;
     assert!(
         page.contains("warren_operator_reconciliations_total{kind=\"Instance\"}"),
         "{page}"
     );
+    assert!(metric(&page, missing) >= 7.0, "{page}");
 
     // Deleting the Instance removes everything it owned, and its brokers stop.
     instances
@@ -707,4 +902,126 @@ async fn the_autoscaler_follows_the_backlog_and_drains_a_broker_before_it_goes()
         .await
         .unwrap();
     assert_eq!(remaining.message_count(), 0);
+}
+
+/// A passive declare of queue `name` on a fresh channel: Ok when it exists, else the reply code.
+async fn passive_queue(conn: &Connection, name: &str) -> Result<(), u16> {
+    let ch = conn.create_channel().await.unwrap();
+    let result = ch
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map(|_| ());
+    settle(ch, result).await
+}
+
+/// A passive declare of exchange `name`, as [`passive_queue`].
+async fn passive_exchange(conn: &Connection, name: &str, kind: ExchangeKind) -> Result<(), u16> {
+    let ch = conn.create_channel().await.unwrap();
+    let result = ch
+        .exchange_declare(
+            name.into(),
+            kind,
+            ExchangeDeclareOptions {
+                passive: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    settle(ch, result).await
+}
+
+/// The reply code of a refused declare (the broker closed the channel), or closes the channel.
+async fn settle(ch: lapin::Channel, result: lapin::Result<()>) -> Result<(), u16> {
+    match result {
+        Ok(()) => {
+            ch.close(200, "checked".into()).await.unwrap();
+            Ok(())
+        }
+        Err(e) => match e.kind() {
+            lapin::ErrorKind::ProtocolError(e) => Err(e.get_id()),
+            _ => panic!("not a refusal from the broker: {e}"),
+        },
+    }
+}
+
+/// The holder of the operator's Lease (`None` when there is no Lease, `""` once released).
+async fn lease_holder(client: &Client) -> Option<String> {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), OPERATOR_NS);
+    let lease = leases.get_opt("warren-operator").await.ok()??;
+    Some(lease.spec?.holder_identity.unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopped_operator_releases_its_lease_and_the_next_one_leads_at_once() {
+    let mut c = cluster(&[]).await;
+    eventually(
+        "the first operator to lead",
+        Duration::from_secs(30),
+        || async { (lease_holder(&c.client).await? == "warren-operator-0").then_some(()) },
+    )
+    .await;
+    let leases: Api<Lease> = Api::namespaced(c.client.clone(), OPERATOR_NS);
+    let held = leases.get("warren-operator").await.unwrap().spec.unwrap();
+    assert_eq!(held.lease_duration_seconds, Some(15));
+    let instances = dynamic::<Instance>(&c.client);
+    let instance: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "warren.dev/v1alpha1",
+        "kind": "Instance",
+        "metadata": {"name": "solo", "namespace": NS},
+        "spec": {"replicas": 1, "storage": {"size": "1Gi"}},
+    }))
+    .unwrap();
+    instances
+        .create(&PostParams::default(), &instance)
+        .await
+        .unwrap();
+    wait_ready(&instances, "solo").await;
+
+    // SIGTERM: a clean exit, in time, and the Lease given up rather than left to expire.
+    let status = c.operator.terminate(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    let released = leases.get("warren-operator").await.unwrap().spec.unwrap();
+    assert_eq!(released.holder_identity.as_deref().unwrap_or(""), "");
+    assert_eq!(released.lease_duration_seconds, Some(1));
+    assert_eq!(released.lease_transitions, held.lease_transitions);
+
+    // The next operator leads at once, not after the 15 s the Lease would have lasted.
+    let started = Instant::now();
+    let next = c.another_operator("warren-operator-1");
+    eventually(
+        "the second operator to lead",
+        Duration::from_secs(15),
+        || async { (lease_holder(&c.client).await? == "warren-operator-1").then_some(()) },
+    )
+    .await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "took the Lease after {took:?}"
+    );
+    // And it reconciles: a new Queue becomes Ready.
+    let queues = dynamic::<Queue>(&c.client);
+    let queue: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "warren.dev/v1alpha1",
+        "kind": "Queue",
+        "metadata": {"name": "after-handover", "namespace": NS},
+        "spec": {"instanceRef": {"name": "solo"}, "name": "after-handover", "type": "classic"},
+    }))
+    .unwrap();
+    queues.create(&PostParams::default(), &queue).await.unwrap();
+    eventually(
+        "the new leader to declare the Queue",
+        Duration::from_secs(30),
+        || async { is_true(&queues.get("after-handover").await.ok()?, "Ready").then_some(()) },
+    )
+    .await;
+    drop(next);
 }

@@ -1,13 +1,15 @@
 //! The Kubernetes side of the broker-side kinds (Vhost, Queue, Exchange, Binding): a finalizer
 //! so deletion reaches the broker, the broker found from the Instance and its default-user
-//! Secret, and the `Ready` condition written to the status subresource. What to do is decided
-//! in [`super::broker_object`].
+//! Secret, the `Ready` condition written to the status subresource, the backoff of each object
+//! after failures, and which objects an Instance turning ready wakes. What to do is decided in
+//! [`super::broker_object`].
 
 use super::broker_object::{BrokerObject, finalize, reconcile as reconcile_object};
 use super::conditions;
 use crate::broker_api::{BrokerApi, BrokerError};
 use crate::crd::status::ObjectStatus;
 use crate::crd::{Binding, Exchange, Instance, Queue, Vhost};
+use crate::metrics::{ErrorKind, OperatorMetrics};
 use crate::resources::default_user_secret_name;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::core::v1::Secret;
@@ -15,6 +17,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event, finalizer};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -77,12 +80,20 @@ pub enum Error {
     Broker(BrokerError),
 }
 
-impl Error {
-    /// The label of the operator's error metric.
-    pub fn kind(&self) -> &'static str {
+impl ErrorKind for Error {
+    /// What failed inside the finalizer's frame: the API server (`kube`), the finalizer's own
+    /// patch (`finalizer`), or the broker (its reason, `BrokerUnreachable`, ...).
+    fn kind(&self) -> &'static str {
+        use kube::runtime::finalizer::Error as F;
         match self {
             Self::Kube(_) => "kube",
-            Self::Finalizer(_) => "finalizer",
+            Self::Finalizer(e) => match e.as_ref() {
+                F::ApplyFailed(e) | F::CleanupFailed(e) => e.kind(),
+                F::AddFinalizer(_)
+                | F::RemoveFinalizer(_)
+                | F::UnnamedObject
+                | F::InvalidFinalizer => "finalizer",
+            },
             Self::Broker(e) => e.reason(),
         }
     }
@@ -96,6 +107,8 @@ pub struct Context {
     pub broker_url: String,
     /// Failed attempts per object since its last success, for the backoff.
     attempts: Mutex<HashMap<String, u32>>,
+    /// Where reconciles that leave an object not Ready are counted.
+    pub metrics: Arc<OperatorMetrics>,
 }
 
 impl std::fmt::Debug for Context {
@@ -116,7 +129,14 @@ impl Context {
             client,
             broker_url: broker_url.to_owned(),
             attempts: Mutex::new(HashMap::new()),
+            metrics: Arc::new(OperatorMetrics::default()),
         }
+    }
+
+    /// The same, counting into `metrics` (the process's registry).
+    #[must_use]
+    pub fn with_metrics(self, metrics: Arc<OperatorMetrics>) -> Self {
+        Self { metrics, ..self }
     }
 
     /// The management API of Instance `instance` in `namespace`, with the default user's
@@ -168,15 +188,70 @@ impl Context {
             attempts.remove(key);
         }
     }
+
+    /// Forgets the failures of `objects`: their next failure backs off from the start again.
+    fn fresh_start<K: BrokerResource>(&self, objects: &[ObjectRef<K>]) {
+        let mut attempts = self.attempts.lock().expect("not poisoned");
+        for o in objects {
+            attempts.remove(&key(
+                o.namespace.as_deref().unwrap_or_default(),
+                &o.name,
+                &K::kind(&()),
+            ));
+        }
+    }
+}
+
+fn key(namespace: &str, name: &str, kind: &str) -> String {
+    format!("{kind}/{namespace}/{name}")
 }
 
 fn key_of<K: BrokerResource>(obj: &K) -> String {
-    format!(
-        "{}/{}/{}",
-        K::kind(&()),
-        obj.namespace().unwrap_or_default(),
-        obj.name_any()
+    key(
+        &obj.namespace().unwrap_or_default(),
+        &obj.name_any(),
+        &K::kind(&()),
     )
+}
+
+/// Whether an Instance says its brokers are ready (its `Ready` condition is true).
+pub fn instance_ready(instance: &Instance) -> bool {
+    instance
+        .status
+        .as_ref()
+        .and_then(|s| conditions::find(&s.conditions, conditions::READY))
+        .is_some_and(|c| c.status == "True")
+}
+
+/// The objects of `objects` that live in `instance`'s broker: same namespace, and their
+/// `spec.instanceRef.name` names it. Only for a ready Instance: until then a reconcile could
+/// only fail again, and each failure would lengthen the object's backoff.
+pub fn objects_of_instance<K: BrokerResource>(
+    instance: &Instance,
+    objects: &[Arc<K>],
+) -> Vec<ObjectRef<K>> {
+    if !instance_ready(instance) {
+        return Vec::new();
+    }
+    let (namespace, name) = (instance.namespace(), instance.name_any());
+    objects
+        .iter()
+        .filter(|o| o.namespace() == namespace && o.object().instance() == name)
+        .map(|o| ObjectRef::from_obj(o.as_ref()))
+        .collect()
+}
+
+/// What the watch of Instances triggers: the reconcile of every object of an Instance that is
+/// (or has just become) ready, each with a fresh backoff. An object made before its Instance
+/// may have backed off for minutes; the Instance turning ready is the change it waited for.
+pub fn on_instance_change<K: BrokerResource>(
+    ctx: &Context,
+    instance: &Instance,
+    objects: &[Arc<K>],
+) -> Vec<ObjectRef<K>> {
+    let refs = objects_of_instance(instance, objects);
+    ctx.fresh_start(&refs);
+    refs
 }
 
 /// Reconciles one resource: adds the finalizer first, then declares the object and writes
@@ -213,6 +288,9 @@ async fn apply<K: BrokerResource>(
     )
     .await;
     ctx.record(&key, outcome.retry_after.is_some());
+    if outcome.ready.status != "True" {
+        ctx.metrics.not_ready(&K::kind(&()), &outcome.ready.reason);
+    }
     let mut conditions = obj
         .object_status()
         .map(|s| s.conditions.clone())

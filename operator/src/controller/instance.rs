@@ -6,6 +6,7 @@
 use super::conditions::{self, READY, RECONCILED, SCALING, condition};
 use crate::crd::Instance;
 use crate::crd::instance::{Endpoints, InstanceStatus};
+use crate::metrics::ErrorKind;
 use crate::resources::config_map::config_map;
 use crate::resources::pdb::pod_disruption_budget;
 use crate::resources::secret::default_user_secret;
@@ -42,6 +43,14 @@ pub const WATCH_CLOSELY: Duration = Duration::from_secs(10);
 pub enum Error {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+}
+
+impl ErrorKind for Error {
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Kube(_) => "kube",
+        }
+    }
 }
 
 /// What the Instance controller needs.
@@ -139,7 +148,7 @@ pub async fn reconcile(obj: Arc<Instance>, ctx: Arc<InstanceContext>) -> Result<
     }
     status.connection_secret = Some(secret_name);
 
-    let config = match config_map(&obj) {
+    let config = match config_map(&obj, desired) {
         Ok(c) => c,
         Err(e) => {
             // Nothing is applied with a config the brokers would refuse: they keep running
@@ -281,7 +290,12 @@ async fn write_status(
 
 /// After an error the Instance is looked at again in 15 s.
 pub fn error_policy(obj: Arc<Instance>, err: &Error, _ctx: Arc<InstanceContext>) -> Action {
-    tracing::warn!(instance = %name_of(&obj), error = %err, "reconcile failed");
+    tracing::warn!(
+        instance = %name_of(&obj),
+        error = %err,
+        error_kind = err.kind(),
+        "reconcile failed"
+    );
     Action::requeue(Duration::from_secs(15))
 }
 

@@ -118,11 +118,16 @@ fn to_toml(key: &str, value: &Value) -> Result<toml::Value, ConfigError> {
 }
 
 /// The ConfigMap: `warren.toml`, and `peers` with one broker DNS name per line (for clustering,
-/// which reads it from `/etc/warren/peers`).
-pub fn config_map(instance: &Instance) -> Result<ConfigMap, ConfigError> {
+/// which reads it from `/etc/warren/peers`), one per replica of the StatefulSet (`replicas`, the
+/// count applied to it). The peers are not part of the config hash: a scale does not restart
+/// the brokers.
+pub fn config_map(instance: &Instance, replicas: i32) -> Result<ConfigMap, ConfigError> {
     let mut data = BTreeMap::new();
     data.insert("warren.toml".to_owned(), warren_toml(instance)?);
-    data.insert("peers".to_owned(), peer_hosts(instance).join("\n") + "\n");
+    data.insert(
+        "peers".to_owned(),
+        peer_hosts(instance, replicas).join("\n") + "\n",
+    );
     Ok(ConfigMap {
         metadata: owned_meta(instance, config_map_name(instance)),
         data: Some(data),
@@ -142,7 +147,7 @@ mod tests {
 
     #[test]
     fn the_config_listens_on_rabbitmqs_ports_and_lists_the_peers() {
-        let cm = config_map(&instance("  replicas: 2\n")).unwrap();
+        let cm = config_map(&instance("  replicas: 2\n"), 2).unwrap();
         let data = cm.data.unwrap();
         let config: toml::Table = toml::from_str(&data["warren.toml"]).unwrap();
         assert_eq!(config["amqp_listen"].as_str(), Some("0.0.0.0:5672"));
@@ -155,6 +160,19 @@ mod tests {
             "demo-0.demo-nodes.shop.svc\ndemo-1.demo-nodes.shop.svc\n"
         );
         assert_eq!(cm.metadata.name.as_deref(), Some("demo-config"));
+    }
+
+    #[test]
+    fn the_peers_are_the_replicas_applied_to_the_stateful_set() {
+        // The autoscaler runs 3 brokers of an Instance whose spec still says 1.
+        let autoscaled = instance(
+            "  replicas: 1\n  autoscaling:\n    enabled: true\n    minReplicas: 1\n    maxReplicas: 5\n",
+        );
+        let data = config_map(&autoscaled, 3).unwrap().data.unwrap();
+        assert_eq!(
+            data["peers"],
+            "demo-0.demo-nodes.shop.svc\ndemo-1.demo-nodes.shop.svc\ndemo-2.demo-nodes.shop.svc\n"
+        );
     }
 
     #[test]

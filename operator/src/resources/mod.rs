@@ -65,12 +65,13 @@ pub fn client_service_name(instance: &Instance) -> String {
 }
 
 /// The DNS names of the brokers, `<instance>-<n>.<instance>-nodes.<namespace>.svc`, one per
-/// replica the Instance asks for.
-pub fn peer_hosts(instance: &Instance) -> Vec<String> {
+/// replica of the StatefulSet: `replicas` is the count applied to it (`spec.replicas`, or the
+/// autoscaler's when it is on), not necessarily `spec.replicas`.
+pub fn peer_hosts(instance: &Instance, replicas: i32) -> Vec<String> {
     let name = name_of(instance);
     let headless = headless_service_name(instance);
     let ns = namespace_of(instance);
-    (0..instance.spec.replicas.max(0))
+    (0..replicas.max(0))
         .map(|n| format!("{name}-{n}.{headless}.{ns}.svc"))
         .collect()
 }
@@ -156,13 +157,27 @@ mod tests {
     fn peers_are_the_stateful_set_pods_behind_the_headless_service() {
         let i = instance("  replicas: 3\n");
         assert_eq!(
-            peer_hosts(&i),
+            peer_hosts(&i, 3),
             [
                 "demo-0.demo-nodes.shop.svc",
                 "demo-1.demo-nodes.shop.svc",
                 "demo-2.demo-nodes.shop.svc"
             ]
         );
+    }
+
+    #[test]
+    fn peers_follow_the_applied_replica_count_not_the_spec() {
+        // Autoscaled to 2 while the spec still says 5: only the two pods that exist are peers.
+        let i = instance(
+            "  replicas: 5\n  autoscaling:\n    enabled: true\n    minReplicas: 1\n    maxReplicas: 6\n",
+        );
+        assert_eq!(
+            peer_hosts(&i, 2),
+            ["demo-0.demo-nodes.shop.svc", "demo-1.demo-nodes.shop.svc"]
+        );
+        assert!(peer_hosts(&i, 0).is_empty());
+        assert!(peer_hosts(&i, -1).is_empty());
     }
 
     #[test]

@@ -389,6 +389,21 @@ mod tests {
         let startup = c.startup_probe.as_ref().unwrap();
         assert_eq!(startup.failure_threshold, Some(360));
         assert_eq!(ready.port, IntOrString::String("prometheus".into()));
+        // Liveness: the broker's own liveness endpoint, patient enough (6 × 10 s) that a busy
+        // broker is not restarted, and only after the startup probe has passed.
+        let live = c.liveness_probe.as_ref().unwrap();
+        let live_get = live.http_get.as_ref().unwrap();
+        assert_eq!(live_get.path.as_deref(), Some("/health/live"));
+        assert_eq!(live_get.port, IntOrString::String("prometheus".into()));
+        assert_eq!(
+            (
+                live.initial_delay_seconds,
+                live.period_seconds,
+                live.failure_threshold,
+                live.timeout_seconds
+            ),
+            (Some(10), Some(10), Some(6), Some(5))
+        );
         let pre_stop = c.lifecycle.as_ref().unwrap().pre_stop.as_ref().unwrap();
         assert_eq!(
             pre_stop.exec.as_ref().unwrap().command.as_deref().unwrap(),
@@ -483,6 +498,8 @@ mod tests {
                 .clone()
         };
         assert_eq!(hash("  replicas: 1\n"), hash("  replicas: 1\n"));
+        // Scaling is not a config change: the replica count (and the peers) leave it alone.
+        assert_eq!(hash("  replicas: 1\n"), hash("  replicas: 4\n"));
         assert_ne!(
             hash("  replicas: 1\n"),
             hash("  config:\n    heartbeat: 5\n")

@@ -15,9 +15,26 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// How long a watch with bookmarks waits idle before it sends one.
+pub const BOOKMARK_EVERY: Duration = Duration::from_secs(10);
+
 /// The router of the fake API server.
 pub fn router(store: Arc<Store>) -> Router {
-    Router::new().fallback(handle).with_state(store)
+    router_with(store, BOOKMARK_EVERY)
+}
+
+/// The same, with bookmarks after `bookmark_every` of quiet (a test need not wait 10 s).
+pub fn router_with(store: Arc<Store>, bookmark_every: Duration) -> Router {
+    Router::new().fallback(handle).with_state(ApiState {
+        store,
+        bookmark_every,
+    })
+}
+
+#[derive(Debug, Clone)]
+struct ApiState {
+    store: Arc<Store>,
+    bookmark_every: Duration,
 }
 
 fn reply(code: StatusCode, body: &Value) -> Response {
@@ -81,7 +98,10 @@ fn parse_path(store: &Store, path: &str) -> Result<Target> {
 }
 
 async fn handle(
-    State(store): State<Arc<Store>>,
+    State(ApiState {
+        store,
+        bookmark_every,
+    }): State<ApiState>,
     method: Method,
     uri: Uri,
     Query(query): Query<HashMap<String, String>>,
@@ -101,7 +121,16 @@ async fn handle(
         Ok(t) => t,
         Err(e) => return error(&e),
     };
-    let result = serve(&store, &method, target, &query, &headers, &body).await;
+    let result = serve(
+        &store,
+        bookmark_every,
+        &method,
+        target,
+        &query,
+        &headers,
+        &body,
+    )
+    .await;
     match result {
         Ok(r) => r,
         Err(e) => error(&e),
@@ -123,6 +152,7 @@ fn parse_body(headers: &HeaderMap, body: &[u8]) -> Result<Value> {
 
 async fn serve(
     store: &Arc<Store>,
+    bookmark_every: Duration,
     method: &Method,
     t: Target,
     query: &HashMap<String, String>,
@@ -160,7 +190,7 @@ async fn serve(
                 )?,
             };
             if matches!(query.get("watch").map(String::as_str), Some("true" | "1")) {
-                return watch(store, &t.rt, filter, query);
+                return watch(store, &t.rt, filter, query, bookmark_every);
             }
             let (items, rv) = store.list(&t.rt, &filter);
             Ok(reply(
@@ -330,6 +360,7 @@ fn watch(
     rt: &ResourceType,
     filter: Filter,
     query: &HashMap<String, String>,
+    bookmark_every: Duration,
 ) -> Result<Response> {
     let since = query
         .get("resourceVersion")
@@ -381,7 +412,7 @@ fn watch(
             async move {
                 loop {
                     let next = tokio::time::timeout_at(
-                        deadline.min(tokio::time::Instant::now() + Duration::from_secs(10)),
+                        deadline.min(tokio::time::Instant::now() + bookmark_every),
                         rx.recv(),
                     )
                     .await;

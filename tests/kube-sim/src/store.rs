@@ -9,7 +9,7 @@ use tokio::sync::broadcast;
 
 /// How many changes are kept for watches that resume from a resourceVersion; older ones get
 /// 410 Gone, as from a real API server, and the client lists again.
-const HISTORY: usize = 50_000;
+pub const HISTORY: usize = 50_000;
 
 /// A kind of object the server serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -207,19 +207,13 @@ struct Inner {
 pub struct Store {
     inner: Mutex<Inner>,
     events: broadcast::Sender<Arc<Event>>,
+    /// How many changes watches may resume from ([`HISTORY`] unless a test says otherwise).
+    history: usize,
 }
 
 impl Default for Store {
     fn default() -> Self {
-        Self {
-            inner: Mutex::new(Inner {
-                rv: 1,
-                types: builtin_types(),
-                objects: BTreeMap::new(),
-                history: std::collections::VecDeque::new(),
-            }),
-            events: broadcast::channel(16_384).0,
-        }
+        Self::with_history(HISTORY)
     }
 }
 
@@ -436,6 +430,21 @@ impl Filter {
 pub type Subscription = (Vec<Arc<Event>>, broadcast::Receiver<Arc<Event>>);
 
 impl Store {
+    /// A store that keeps only the last `history` changes for watches to resume from (a test
+    /// reaches 410 Expired without making 50,000 changes).
+    pub fn with_history(history: usize) -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                rv: 1,
+                types: builtin_types(),
+                objects: BTreeMap::new(),
+                history: std::collections::VecDeque::new(),
+            }),
+            events: broadcast::channel(16_384).0,
+            history: history.max(1),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -526,7 +535,7 @@ impl Store {
             object,
         });
         inner.history.push_back(event.clone());
-        while inner.history.len() > HISTORY {
+        while inner.history.len() > self.history {
             inner.history.pop_front();
         }
         let _ = self.events.send(event);
