@@ -208,6 +208,9 @@ impl Channel {
     fn exchange_method(&mut self, s: &mut Session, m: exchange::AMQPMethod) -> AmqpResult<()> {
         use exchange::AMQPMethod as M;
         let vhost = s.vhost.clone();
+        if matches!(&m, M::Declare(d) if !d.passive) || matches!(m, M::Delete(_)) {
+            vhost.throttle_declare()?;
+        }
         match m {
             M::Declare(d) => {
                 let name = d.exchange.as_str();
@@ -317,6 +320,9 @@ impl Channel {
     fn queue_method(&mut self, s: &mut Session, m: queue::AMQPMethod) -> AmqpResult<()> {
         use queue::AMQPMethod as M;
         let vhost = s.vhost.clone();
+        if matches!(&m, M::Declare(d) if !d.passive) || matches!(m, M::Delete(_)) {
+            vhost.throttle_declare()?;
+        }
         match m {
             M::Declare(d) => {
                 if d.queue.as_str() == REPLY_TO {

@@ -308,6 +308,9 @@ impl Channel {
         body: Bytes,
         seq: Option<u64>,
     ) -> AmqpResult<()> {
+        if !s.vhost.throttle.publish.allow() {
+            return Err(crate::broker::vhost::too_many_requests());
+        }
         let exchange = self.exchange_for(s, &args.exchange)?;
         if exchange.spec.internal {
             return Err(access_refused(format!(

@@ -101,7 +101,7 @@ impl Broker {
         limit: &str,
         value: Option<i64>,
     ) -> Result<(), AdminError> {
-        if !matches!(limit, "max-connections" | "max-queues") {
+        if !crate::broker::vhost::VHOST_LIMITS.contains(&limit) {
             return Err(AdminError::BadRequest(format!("unknown limit {limit}")));
         }
         let v = self

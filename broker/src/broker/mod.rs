@@ -11,6 +11,7 @@ pub mod message;
 pub mod queue;
 pub mod ready;
 pub mod stats;
+pub mod throttle;
 pub mod topic;
 pub mod vhost;
 

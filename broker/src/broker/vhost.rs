@@ -11,6 +11,7 @@ use super::message::{Message, now_ms};
 use super::queue::{DeleteRefused, Enqueued, Links, Queue, QueueSpec, QueuedMessage};
 use super::ready::{LazyStore, Window};
 use super::stats::{Churn, MessageStats};
+use super::throttle::{TOO_MANY_REQUESTS, Throttle};
 use crate::error::{
     AmqpError, AmqpResult, access_refused, not_found, precondition_failed, resource_locked,
 };
@@ -46,6 +47,21 @@ const EQUIVALENT_QUEUE_ARGS: &[&str] = &[
     "x-initial-cluster-size",
     "x-queue-leader-locator",
 ];
+
+/// The vhost limits: RabbitMQ's two, and Warren's throttles (operations per second).
+pub const VHOST_LIMITS: &[&str] = &[
+    "max-connections",
+    "max-queues",
+    "max-publish-rate",
+    "max-declare-rate",
+];
+
+/// The channel close of a throttled operation: 530, the connection stays open.
+pub fn too_many_requests() -> AmqpError {
+    let mut e = AmqpError::new(crate::error::NOT_ALLOWED, TOO_MANY_REQUESTS);
+    e.scope = crate::error::Scope::Channel;
+    e
+}
 
 /// The exchanges every vhost starts with.
 const SYSTEM_EXCHANGES: &[(&str, ExchangeKind, bool)] = &[
@@ -96,6 +112,8 @@ pub struct Vhost {
     me: Weak<Vhost>,
     /// The timers of its queues (message TTLs, `x-expires`).
     expirer: Arc<Expirer>,
+    /// `max-publish-rate` and `max-declare-rate`.
+    pub throttle: Throttle,
 }
 
 /// What a vhost is besides its topology: description, tags and limits.
@@ -215,6 +233,7 @@ impl Vhost {
         let vhost = Self {
             me,
             expirer: Arc::new(Expirer::default()),
+            throttle: Throttle::default(),
             churn,
             name: name.into(),
             exchanges: RwLock::new(FastMap::default()),
@@ -266,17 +285,38 @@ impl Vhost {
             v.tags = stored.tags;
             v.limits = stored.limits;
         })?;
+        self.apply_throttles(&meta);
         *self.meta.write() = meta;
         Ok(())
     }
 
+    fn apply_throttles(&self, meta: &VhostMeta) {
+        self.throttle
+            .publish
+            .set_rate(meta.limits.get("max-publish-rate").copied());
+        self.throttle
+            .declare
+            .set_rate(meta.limits.get("max-declare-rate").copied());
+    }
+
+    /// A declare or delete, counted against `max-declare-rate`.
+    pub fn throttle_declare(&self) -> AmqpResult<()> {
+        if self.throttle.declare.allow() {
+            Ok(())
+        } else {
+            Err(too_many_requests())
+        }
+    }
+
     /// Recreates durable exchanges, queues and bindings from stored definitions.
     pub fn restore(&self, defs: &VhostDefinitions) {
-        *self.meta.write() = VhostMeta {
+        let meta = VhostMeta {
             description: defs.description.clone(),
             tags: defs.tags.clone(),
             limits: defs.limits.clone(),
         };
+        self.apply_throttles(&meta);
+        *self.meta.write() = meta;
         let _t = self.topology.lock();
         for (name, x) in &defs.exchanges {
             let Some(kind) = ExchangeKind::parse(&x.kind) else {

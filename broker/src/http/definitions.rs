@@ -413,7 +413,7 @@ fn plan(state: &AppState, body: &[u8], vhost: Option<&str>) -> ApiResult<Plan> {
                         "limit {k} of vhost '{v}' must be an integer"
                     )));
                 };
-                if !matches!(k.as_str(), "max-connections" | "max-queues") {
+                if !crate::broker::vhost::VHOST_LIMITS.contains(&k.as_str()) {
                     return Err(ApiError::bad_request(format!(
                         "unknown limit '{k}' for vhost '{v}'"
                     )));

@@ -186,7 +186,7 @@ pub async fn put_limit(
     caller.require_admin()?;
     let f = Fields::from_body(&body, &["value"])?;
     f.require(&["value"])?;
-    if !matches!(limit.as_str(), "max-connections" | "max-queues") {
+    if !crate::broker::vhost::VHOST_LIMITS.contains(&limit.as_str()) {
         return Err(ApiError::bad_request(format!(
             "Validation failed\n\nUnrecognised terms [{{<<\"{limit}\">>,{}}}] in limits\n",
             f.raw("value").map(Value::to_string).unwrap_or_default()
@@ -224,7 +224,7 @@ pub async fn delete_limit(
     if state.broker.vhost(&vhost).is_none() {
         return Err(ApiError::vhost_not_found());
     }
-    if !matches!(limit.as_str(), "max-connections" | "max-queues") {
+    if !crate::broker::vhost::VHOST_LIMITS.contains(&limit.as_str()) {
         return Ok(no_content());
     }
     state
