@@ -251,6 +251,9 @@ impl Connection {
         // Unacknowledged deliveries are checked against the consumer timeout once a second.
         let mut ack_check = tokio::time::interval(ACK_CHECK);
         ack_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The heartbeat deadline counts from the last bytes the client sent, not from the
+        // last turn of this loop (timers turn it too).
+        let mut last_heard = Instant::now();
         loop {
             // Everything already buffered is handled before reading more, except that during
             // an alarm a publish is left unread: the connection blocks before it.
@@ -319,7 +322,7 @@ impl Connection {
             let deadline = match self.phase {
                 Phase::Open => match self.heartbeat.load(Ordering::Relaxed) {
                     0 => None,
-                    hb => Some(Instant::now() + Duration::from_secs(2 * u64::from(hb))),
+                    hb => Some(last_heard + Duration::from_secs(2 * u64::from(hb))),
                 },
                 Phase::Closing(deadline) => Some(deadline),
                 _ => Some(handshake_deadline),
@@ -339,7 +342,10 @@ impl Connection {
                         }
                         return;
                     }
-                    Ok(Ok(n)) => self.traffic.received(n),
+                    Ok(Ok(n)) => {
+                        last_heard = Instant::now();
+                        self.traffic.received(n);
+                    }
                     Err(_) => {
                         match self.phase {
                             Phase::Open => tracing::warn!(peer = %self.peer, "missed heartbeats from client, closing"),

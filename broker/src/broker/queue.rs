@@ -238,16 +238,7 @@ pub struct Limits {
 
 impl Limits {
     pub fn from_arguments(args: &FieldTable) -> Self {
-        let int = |key: &str| match args.inner().get(key) {
-            Some(AMQPValue::ShortShortInt(x)) => u64::try_from(*x).ok(),
-            Some(AMQPValue::ShortShortUInt(x)) => Some((*x).into()),
-            Some(AMQPValue::ShortInt(x)) => u64::try_from(*x).ok(),
-            Some(AMQPValue::ShortUInt(x)) => Some((*x).into()),
-            Some(AMQPValue::LongInt(x)) => u64::try_from(*x).ok(),
-            Some(AMQPValue::LongUInt(x)) => Some((*x).into()),
-            Some(AMQPValue::LongLongInt(x)) => u64::try_from(*x).ok(),
-            _ => None,
-        };
+        let int = |key: &str| argument_u64(args, key);
         let overflow = argument_text(args, "x-overflow");
         Self {
             max_length: int("x-max-length"),

@@ -162,6 +162,20 @@ fn external_addr(uri: &str) -> std::net::SocketAddr {
         .expect("WARREN_TEST_AMQP_URL has a host:port")
 }
 
+/// A table of arguments or headers.
+pub fn args(pairs: &[(&str, lapin::types::AMQPValue)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in pairs {
+        t.insert((*k).into(), v.clone());
+    }
+    t
+}
+
+/// A long string value.
+pub fn text(s: &str) -> lapin::types::AMQPValue {
+    lapin::types::AMQPValue::LongString(lapin::types::LongString::from(s.as_bytes().to_vec()))
+}
+
 /// A name no other test uses.
 pub fn unique(prefix: &str) -> String {
     let n: u64 = rand::random();

@@ -49,6 +49,22 @@ pub struct PodRuntime {
 }
 
 impl PodRuntime {
+    fn new(uid: &str, launch: Launch) -> Self {
+        Self {
+            uid: uid.to_owned(),
+            ports: HashMap::new(),
+            port_names: HashMap::new(),
+            child: None,
+            launch,
+            restarts: 0,
+            restart_at: None,
+            ready: Arc::new(AtomicBool::new(false)),
+            prober: None,
+            terminating: false,
+            started_at: String::new(),
+        }
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().and_then(Child::id)
     }
@@ -65,7 +81,7 @@ impl Drop for PodRuntime {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 struct Launch {
     program: PathBuf,
     args: Vec<String>,
@@ -487,19 +503,9 @@ fn prepare(
         probe,
         pre_stop,
     };
-    let runtime = PodRuntime {
-        uid: uid_of(pod).to_owned(),
-        ports,
-        port_names,
-        child: None,
-        launch: launch.clone(),
-        restarts: 0,
-        restart_at: None,
-        ready: Arc::new(AtomicBool::new(false)),
-        prober: None,
-        terminating: false,
-        started_at: String::new(),
-    };
+    let mut runtime = PodRuntime::new(uid_of(pod), launch.clone());
+    runtime.ports = ports;
+    runtime.port_names = port_names;
     Ok((launch, runtime))
 }
 
@@ -639,26 +645,7 @@ pub fn sync_pods(store: &Arc<Store>, config: &KubeletConfig, pods: &Pods) {
                     running.insert(key.clone(), rt);
                 }
                 Err(why) => {
-                    let rt = PodRuntime {
-                        uid: uid_of(pod).to_owned(),
-                        ports: HashMap::new(),
-                        port_names: HashMap::new(),
-                        child: None,
-                        launch: Launch {
-                            program: PathBuf::new(),
-                            args: Vec::new(),
-                            env: Vec::new(),
-                            dir: PathBuf::new(),
-                            probe: None,
-                            pre_stop: None,
-                        },
-                        restarts: 0,
-                        restart_at: None,
-                        ready: Arc::new(AtomicBool::new(false)),
-                        prober: None,
-                        terminating: false,
-                        started_at: String::new(),
-                    };
+                    let rt = PodRuntime::new(uid_of(pod), Launch::default());
                     write_pod_status(store, pod, &rt, Some(&why));
                     continue;
                 }
