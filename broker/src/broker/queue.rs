@@ -890,6 +890,27 @@ impl Queue {
         auto_delete
     }
 
+    /// Message query: up to `limit` ready messages that `wanted` picks, in queue order, left
+    /// in the queue; at most `budget` messages are looked at. Returns them and whether every
+    /// ready message was looked at.
+    pub fn find(
+        &self,
+        limit: usize,
+        budget: usize,
+        wanted: impl Fn(&Message) -> bool,
+    ) -> (Vec<QueuedMessage>, bool) {
+        let st = self.state.lock();
+        let mut found = Vec::new();
+        let seen = st.ready.scan(&self.store, budget, |m| {
+            if wanted(&m.message) {
+                found.push(m.clone());
+            }
+            found.len() < limit
+        });
+        let complete = found.len() < limit && seen >= st.ready.len();
+        (found, complete)
+    }
+
     /// The consumer that gets messages in a single-active-consumer queue.
     pub fn single_active_consumer(&self) -> Option<Arc<Consumer>> {
         if !self.features.single_active_consumer {

@@ -204,6 +204,52 @@ impl ReadyList {
         }
     }
 
+    /// Looks at ready messages in queue order, oldest first, without taking them: the window,
+    /// then the tail in the store, at most `budget` of them; `visit` returns false to stop.
+    /// Returns how many were looked at.
+    pub fn scan(
+        &self,
+        store: &LazyStore,
+        budget: usize,
+        mut visit: impl FnMut(&QueuedMessage) -> bool,
+    ) -> usize {
+        let mut seen = 0;
+        for m in &self.mem {
+            if seen == budget {
+                return seen;
+            }
+            seen += 1;
+            if !visit(m) {
+                return seen;
+            }
+        }
+        let Some(s) = store.existing().filter(|_| self.tail > 0) else {
+            return seen;
+        };
+        let mut from = self.cursor;
+        while seen < budget && from < self.until {
+            let batch = s.read(from, self.until, (budget - seen).min(512), 8 * 1024 * 1024);
+            if batch.messages.is_empty() {
+                break;
+            }
+            from = batch.next;
+            for m in batch.messages {
+                seen += 1;
+                let queued = QueuedMessage {
+                    seq: m.seq,
+                    redelivered: m.delivered || m.seq < self.redelivered_below,
+                    message: Arc::new(m.message),
+                    location: Some(m.location),
+                    returned: 0,
+                };
+                if !visit(&queued) || seen == budget {
+                    return seen;
+                }
+            }
+        }
+        seen
+    }
+
     /// Puts a message back where it was (it came from the window, so it goes back there).
     pub fn requeue(&mut self, msg: QueuedMessage) {
         self.mem_bytes += msg.message.body.len() as u64;

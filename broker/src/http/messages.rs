@@ -16,7 +16,7 @@ use crate::broker::vhost::describe;
 use amq_protocol::protocol::BasicProperties;
 use amq_protocol::types::ShortString;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -325,13 +325,7 @@ pub async fn get(
             ));
         }
     };
-    caller.require_vhost(&state, &vhost)?;
-    let v = state.broker.vhost(&vhost).ok_or_else(ApiError::not_found)?;
-    check(&state, &caller, &vhost, "queue", &name, Access::Read)?;
-    let q = v.existing_queue(&name, 0).map_err(|e| match e.code {
-        crate::error::NOT_FOUND => ApiError::not_found_because(e.reply_text()),
-        _ => ApiError::bad_request(e.reply_text()),
-    })?;
+    let q = readable_queue(&state, &caller, &vhost, &name)?;
     let mut taken: Vec<Delivered> = Vec::new();
     let mut out = Vec::new();
     for _ in 0..count {
@@ -372,4 +366,102 @@ pub async fn get(
         }
     }
     Ok(ok(Value::Array(out)))
+}
+
+/// A queue the caller may read messages from (get, query).
+fn readable_queue(
+    state: &AppState,
+    caller: &Caller,
+    vhost: &str,
+    name: &str,
+) -> ApiResult<std::sync::Arc<crate::broker::queue::Queue>> {
+    caller.require_vhost(state, vhost)?;
+    let v = state.broker.vhost(vhost).ok_or_else(ApiError::not_found)?;
+    check(state, caller, vhost, "queue", name, Access::Read)?;
+    v.existing_queue(name, 0).map_err(|e| match e.code {
+        crate::error::NOT_FOUND => ApiError::not_found_because(e.reply_text()),
+        _ => ApiError::bad_request(e.reply_text()),
+    })
+}
+
+/// The most messages a query returns, and the most it looks at.
+const QUERY_LIMIT: usize = 100;
+const QUERY_SCAN: usize = 100_000;
+
+/// `GET /api/warren/queues/{vhost}/{name}/messages` (Warren's message query, as ApsaraMQ
+/// offers it): ready messages by `message_id`, or by publish time (`from` and `to`, in
+/// milliseconds since the Unix epoch), without consuming them. At most `limit` (default 20,
+/// at most 100) are returned, and at most 100,000 messages looked at; `complete` says whether
+/// the whole queue was.
+pub async fn query(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+    Query(params): Query<std::collections::HashMap<String, String>>,
+) -> ApiResult<Response> {
+    for key in params.keys() {
+        if !matches!(key.as_str(), "message_id" | "from" | "to" | "limit") {
+            return Err(ApiError::bad_request(format!(
+                "unknown parameter '{key}': use message_id, from, to and limit"
+            )));
+        }
+    }
+    let number = |key: &str| -> ApiResult<Option<u64>> {
+        params
+            .get(key)
+            .map(|v| {
+                v.parse::<u64>().map_err(|_| {
+                    ApiError::bad_request(format!("{key} must be a non-negative integer"))
+                })
+            })
+            .transpose()
+    };
+    let (from, to) = (number("from")?, number("to")?);
+    let message_id = params.get("message_id").cloned();
+    if message_id.is_none() && from.is_none() && to.is_none() {
+        return Err(ApiError::bad_request(
+            "give message_id, or a publish-time range with from and/or to",
+        ));
+    }
+    let limit = number("limit")?.map_or(20, |l| l as usize);
+    if limit == 0 || limit > QUERY_LIMIT {
+        return Err(ApiError::bad_request(format!(
+            "limit must be between 1 and {QUERY_LIMIT}"
+        )));
+    }
+    let q = readable_queue(&state, &caller, &vhost, &name)?;
+    let (found, complete) = q.find(limit, QUERY_SCAN, |m| {
+        let at = m.arrived_ms;
+        if from.is_some_and(|f| at < f) || to.is_some_and(|t| at > t) {
+            return false;
+        }
+        match &message_id {
+            None => true,
+            Some(id) => codec::decode_properties(&m.properties)
+                .and_then(|p| p.message_id().clone())
+                .is_some_and(|m| m.as_str() == id),
+        }
+    });
+    let messages: Vec<Value> = found
+        .iter()
+        .map(|msg| {
+            let m = &msg.message;
+            let (payload, encoding) = match std::str::from_utf8(&m.body) {
+                Ok(text) => (text.to_owned(), "string"),
+                Err(_) => (B64.encode(&m.body), "base64"),
+            };
+            json!({
+                "payload_bytes": m.body.len(),
+                "redelivered": msg.redelivered,
+                "exchange": m.exchange.to_str_lossy(),
+                "routing_key": m.routing_key.to_str_lossy(),
+                "properties": codec::decode_properties(&m.properties)
+                    .map_or_else(|| json!([]), |p| properties_to_json(&p)),
+                "payload": payload,
+                "payload_encoding": encoding,
+                "published_at": m.arrived_ms,
+            })
+        })
+        .collect();
+    Ok(ok(json!({"messages": messages, "complete": complete})))
 }

@@ -156,6 +156,10 @@ pub fn management_router(state: AppState) -> Router {
             delete(topology::purge_queue),
         )
         .route("/api/queues/{vhost}/{name}/get", post(messages::get))
+        .route(
+            "/api/warren/queues/{vhost}/{name}/messages",
+            get(messages::query),
+        )
         .route("/api/bindings", get(topology::bindings))
         .route("/api/bindings/{vhost}", get(topology::bindings_in))
         .route(
