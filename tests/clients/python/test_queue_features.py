@@ -1,5 +1,6 @@
 """Queue features through pika: message TTL, per-message expiration, dead-lettering with
-x-death, length limits (drop-head and reject-publish-dlx), queue expiry."""
+x-death, length limits (drop-head and reject-publish-dlx), queue expiry, single active
+consumer."""
 
 import pika
 
@@ -102,3 +103,27 @@ def test_unused_queues_expire(conn, ch, names):
         raise AssertionError("the queue should have expired")
     except pika.exceptions.ChannelClosedByBroker as e:
         assert e.reply_code == 404
+
+
+def test_single_active_consumer_gets_everything_until_it_goes(conn, ch, names):
+    q = names.queue("sac")
+    ch.queue_declare(q, arguments={"x-single-active-consumer": True})
+    first_ch, second_ch = conn.channel(), conn.channel()
+    got = {"first": [], "second": []}
+
+    def on(tag):
+        def handler(channel, method, props, body):
+            got[tag].append(body)
+            channel.basic_ack(method.delivery_tag)
+        return handler
+
+    first_ch.basic_consume(q, on("first"), consumer_tag="first")
+    second_ch.basic_consume(q, on("second"), consumer_tag="second")
+    for i in range(5):
+        ch.basic_publish("", q, b"m%d" % i)
+    wait_until(conn, lambda: len(got["first"]) == 5, what="5 messages to the active consumer")
+    pump_for(conn, 0.2)
+    assert got["second"] == []
+    first_ch.basic_cancel("first")
+    ch.basic_publish("", q, b"after")
+    wait_until(conn, lambda: got["second"] == [b"after"], what="the next consumer to take over")
