@@ -772,13 +772,7 @@ impl Queue {
         let next = {
             let mut st = self.state.lock();
             for d in delivered {
-                st.unacked = st.unacked.saturating_sub(1);
-                st.unacked_bytes = st
-                    .unacked_bytes
-                    .saturating_sub(d.msg.message.body.len() as u64);
-                if let Some(c) = &d.consumer {
-                    c.unacked.fetch_sub(1, Ordering::Relaxed);
-                }
+                release(&mut st, d);
                 forget(&self.store, d.msg.seq, d.msg.location);
                 if !acked && self.features.dead_letter.is_some() && !self.is_deleted() {
                     dead.push((d.msg.clone(), DeathReason::Rejected));
@@ -802,13 +796,7 @@ impl Queue {
 
     fn requeue_locked(&self, st: &mut QueueState, delivered: Vec<Delivered>, dead: &mut Dead) {
         for d in delivered {
-            st.unacked = st.unacked.saturating_sub(1);
-            st.unacked_bytes = st
-                .unacked_bytes
-                .saturating_sub(d.msg.message.body.len() as u64);
-            if let Some(c) = &d.consumer {
-                c.unacked.fetch_sub(1, Ordering::Relaxed);
-            }
+            release(st, &d);
             if !self.is_deleted() {
                 let mut msg = d.msg;
                 msg.redelivered = true;
@@ -955,6 +943,17 @@ impl Queue {
             c.sink.cancelled(&c);
         }
         Ok(count)
+    }
+}
+
+/// A delivery is no longer unacknowledged (acked, rejected or returned).
+fn release(st: &mut QueueState, d: &Delivered) {
+    st.unacked = st.unacked.saturating_sub(1);
+    st.unacked_bytes = st
+        .unacked_bytes
+        .saturating_sub(d.msg.message.body.len() as u64);
+    if let Some(c) = &d.consumer {
+        c.unacked.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
