@@ -107,12 +107,11 @@ impl Expirer {
         let mut due = Vec::new();
         while heap.peek().is_some_and(|top| top.at <= now) {
             let e = heap.pop().expect("peeked");
-            if let Some(q) = e.queue.upgrade()
-                && !due.iter().any(|d| Arc::ptr_eq(d, &q))
-            {
-                due.push(q);
-            }
+            due.extend(e.queue.upgrade());
         }
+        // A queue with several deadlines due is looked at once.
+        due.sort_by_key(Arc::as_ptr);
+        due.dedup_by(|a, b| Arc::ptr_eq(a, b));
         (due, heap.peek().map(|top| top.at))
     }
 }

@@ -731,17 +731,19 @@ impl Queue {
     pub fn get(self: &Arc<Self>, no_ack: bool) -> Option<(QueuedMessage, u32)> {
         self.touch();
         let mut dead = Vec::new();
-        let got = self.get_locked(no_ack, &mut dead);
-        let next = if got.is_some() {
-            self.next_expiry_locked(&mut self.state.lock())
-        } else {
-            None
-        };
+        let mut next = None;
+        let got = self.get_locked(no_ack, &mut dead, &mut next);
         self.after(dead, next);
         got
     }
 
-    fn get_locked(&self, no_ack: bool, dead: &mut Dead) -> Option<(QueuedMessage, u32)> {
+    /// Takes the next ready message; `next` gets when the new head expires.
+    fn get_locked(
+        &self,
+        no_ack: bool,
+        dead: &mut Dead,
+        next: &mut Option<u64>,
+    ) -> Option<(QueuedMessage, u32)> {
         let mut st = self.state.lock();
         if st.may_expire {
             self.expire_locked(&mut st, now_ms(), dead);
@@ -758,6 +760,7 @@ impl Queue {
             st.unacked_bytes += msg.message.body.len() as u64;
             delivered(&self.store, msg.seq, msg.location);
         }
+        *next = self.next_expiry_locked(&mut st);
         Some((msg, st.ready.len() as u32))
     }
 
