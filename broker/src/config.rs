@@ -44,6 +44,11 @@ pub struct Config {
     /// Milliseconds a delivery may stay unacknowledged before its channel is closed with 406
     /// (RabbitMQ's `consumer_timeout`; 0 disables). A queue's `x-consumer-timeout` overrides it.
     pub consumer_timeout: u64,
+    /// Publisher flow control: a connection publishing to a queue whose backlog has spilled
+    /// to disk while its consumers are taking messages stops being read until the consumers
+    /// bring the backlog back into memory (RabbitMQ's connection state `flow`). Off, publishers
+    /// are never slowed and the backlog grows on disk.
+    pub flow_control: bool,
     /// Largest message body accepted, bytes (RabbitMQ's `max_message_size`).
     pub max_message_size: u64,
     /// Seconds a client has to complete the AMQP handshake.
@@ -92,6 +97,7 @@ impl Default for Config {
             channel_max: 2047,
             heartbeat: 60,
             consumer_timeout: 1_800_000,
+            flow_control: true,
             max_message_size: 128 * 1024 * 1024,
             handshake_timeout: 10,
             default_user: "guest".into(),
@@ -175,6 +181,8 @@ pub struct Flags {
     pub heartbeat: Option<u16>,
     #[arg(long, env = "WARREN_CONSUMER_TIMEOUT")]
     pub consumer_timeout: Option<u64>,
+    #[arg(long, env = "WARREN_FLOW_CONTROL")]
+    pub flow_control: Option<bool>,
     #[arg(long, env = "WARREN_MAX_MESSAGE_SIZE")]
     pub max_message_size: Option<u64>,
     #[arg(long, env = "WARREN_LOG_FORMAT")]
@@ -254,6 +262,7 @@ impl Config {
             channel_max,
             heartbeat,
             consumer_timeout,
+            flow_control,
             max_message_size,
             log_format,
             queue_window_messages,
@@ -281,6 +290,7 @@ impl Config {
             channel_max,
             heartbeat,
             consumer_timeout,
+            flow_control,
             max_message_size,
             log_format,
             queue_window_messages,

@@ -35,6 +35,9 @@ pub struct Session {
     pub cancel_notify: bool,
     /// Exclusive queues declared on this connection, deleted when it closes.
     pub exclusive_queues: Vec<Arc<Queue>>,
+    /// A queue this connection published to whose backlog is on disk while consumers take
+    /// from it: flow control looks at it before reading more from the client.
+    pub flow: Option<Arc<Queue>>,
 }
 
 impl Session {
@@ -574,15 +577,18 @@ impl Channel {
                 }
             },
         };
-        let consumer = Arc::new(Consumer::new(
-            tag.clone(),
-            c.no_ack,
-            c.exclusive,
-            priority,
-            if c.no_ack { 0 } else { self.consumer_prefetch },
-            self.shared.clone(),
-            c.arguments,
-        ));
+        let consumer = Arc::new(
+            Consumer::new(
+                tag.clone(),
+                c.no_ack,
+                c.exclusive,
+                priority,
+                if c.no_ack { 0 } else { self.consumer_prefetch },
+                self.shared.clone(),
+                c.arguments,
+            )
+            .on_connection(s.connection_id),
+        );
         self.shared.add_consumer(ChannelConsumer {
             queue: queue.clone(),
             consumer: consumer.clone(),

@@ -9,7 +9,7 @@ use super::codec::{
 use super::writer::{ConnectionOutput, Outbound, run_writer};
 use crate::auth;
 use crate::broker::Broker;
-use crate::broker::connections::{ConnectionDetails, ConnectionInfo, Traffic};
+use crate::broker::connections::{ConnectionDetails, ConnectionInfo, ConnectionState, Traffic};
 use crate::broker::stats::MessageStats;
 use crate::error::{
     AmqpError, AmqpResult, CHANNEL_ERROR, COMMAND_INVALID, CONNECTION_FORCED, FRAME_ERROR,
@@ -31,6 +31,9 @@ use tokio::time::{Instant, timeout, timeout_at};
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often unacknowledged deliveries are checked against the consumer timeout.
 const ACK_CHECK: Duration = Duration::from_millis(500);
+/// How often a connection held by flow control looks again whether the queue still holds it
+/// (its consumers may have stopped taking, or the queue gone).
+const FLOW_RECHECK: Duration = Duration::from_millis(50);
 /// Frame size limit before tuning (connection.start-ok may carry large client properties).
 const HANDSHAKE_FRAME_MAX: u32 = 131_072;
 
@@ -295,6 +298,7 @@ impl Connection {
                         );
                     }
                     self.blocked = true;
+                    self.set_state(ConnectionState::Blocked);
                     tokio::select! {
                         _ = alarms.changed() => {}
                         _ = shutdown.changed() => self.force_close(),
@@ -302,14 +306,58 @@ impl Connection {
                     }
                     continue;
                 }
-                if std::mem::take(&mut self.blocked) && self.capabilities.blocked {
-                    self.out.method(
-                        0,
-                        AMQPClass::Connection(connection::AMQPMethod::Unblocked(
-                            connection::Unblocked {},
-                        )),
-                    );
+                if std::mem::take(&mut self.blocked) {
+                    self.set_state(ConnectionState::Running);
+                    if self.capabilities.blocked {
+                        self.out.method(
+                            0,
+                            AMQPClass::Connection(connection::AMQPMethod::Unblocked(
+                                connection::Unblocked {},
+                            )),
+                        );
+                    }
                 }
+            }
+            if let Some(q) = self.session.as_mut().and_then(|s| s.flow.take())
+                && self.phase == Phase::Open
+                && self.broker.config.flow_control
+            {
+                // Flow control: a queue this connection feeds has its backlog on disk while
+                // consumers take from it. Stop reading the client until they bring it back
+                // into memory, so it publishes at their pace instead of paging.
+                let held = {
+                    let drained = q.backlog_drained();
+                    tokio::pin!(drained);
+                    drained.as_mut().enable();
+                    let held = q.holds_publisher(self.id);
+                    if held {
+                        self.set_state(ConnectionState::Flow);
+                        tokio::select! {
+                            () = &mut drained => {}
+                            () = tokio::time::sleep(FLOW_RECHECK) => {}
+                            _ = shutdown.changed() => self.force_close(),
+                            () = durable_changed(&mut durable), if !self.waiting.is_empty() => self.flush_waiting(),
+                            reason = closed_from_outside(&mut self.closed) => {
+                                self.fail(AmqpError::new(CONNECTION_FORCED, reason));
+                            }
+                            _ = ack_check.tick() => self.check_consumer_timeouts(),
+                        }
+                    }
+                    held
+                };
+                if held {
+                    // Look again before reading: the queue may still hold us.
+                    if let Some(s) = self.session.as_mut() {
+                        s.flow.get_or_insert(q);
+                    }
+                    // The client could not be heard while it was not read.
+                    last_heard = Instant::now();
+                    if self.phase == Phase::Closed {
+                        return;
+                    }
+                    continue;
+                }
+                self.set_state(ConnectionState::Running);
             }
             if self.out.is_backed_up() {
                 // The client is not reading what we send: stop reading what it sends.
@@ -660,6 +708,12 @@ impl Connection {
     }
 
     /// A flush round finished: send the confirms it settled.
+    fn set_state(&self, state: ConnectionState) {
+        if let Some(info) = &self.info {
+            info.set_state(state);
+        }
+    }
+
     fn flush_waiting(&mut self) {
         let Some(session) = &self.session else { return };
         let durable = session.durable_epoch();
@@ -847,6 +901,7 @@ impl Connection {
             out: self.out.clone(),
             cancel_notify: self.capabilities.cancel_notify,
             exclusive_queues: Vec::new(),
+            flow: None,
         });
         self.phase = Phase::Open;
         self.out.method(

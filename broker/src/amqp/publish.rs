@@ -444,6 +444,9 @@ impl Channel {
                 message,
             )
         };
+        if let Some(q) = outcome.backlogged {
+            s.flow.get_or_insert(q);
+        }
         if let (Some(c), Some(seq)) = (&mut self.confirms, seq) {
             c.waiting.push_back((seq, outcome.epoch, outcome.rejected));
             MessageStats::bump(&self.shared.stats.publish_confirm);
@@ -568,6 +571,9 @@ impl Channel {
                 p.message,
             );
             epoch = epoch.max(outcome.epoch);
+            if let Some(q) = outcome.backlogged {
+                s.flow.get_or_insert(q);
+            }
         }
         for (how, taken) in tx.settles {
             self.apply_settle(how, taken);

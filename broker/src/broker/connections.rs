@@ -8,7 +8,7 @@ use parking_lot::RwLock;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use tokio::sync::watch;
 
 /// Bytes and frames through a connection's socket.
@@ -105,6 +105,28 @@ pub struct ConnectionInfo {
     channels: RwLock<BTreeMap<u16, Arc<dyn ChannelView>>>,
     /// Set to a reason to make the connection close itself with 320.
     close: watch::Sender<Option<String>>,
+    state: AtomicU8,
+}
+
+/// What an open connection is doing, as RabbitMQ's management API names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ConnectionState {
+    Running = 0,
+    /// Flow control: not read until consumers catch up with a backlog on disk.
+    Flow = 1,
+    /// A resource alarm stops it publishing.
+    Blocked = 2,
+}
+
+impl ConnectionState {
+    pub fn name(self) -> &'static str {
+        match self {
+            ConnectionState::Running => "running",
+            ConnectionState::Flow => "flow",
+            ConnectionState::Blocked => "blocked",
+        }
+    }
 }
 
 /// What a connection is, known once it is open.
@@ -161,6 +183,7 @@ impl ConnectionInfo {
                 traffic,
                 channels: RwLock::new(BTreeMap::new()),
                 close,
+                state: AtomicU8::new(ConnectionState::Running as u8),
             }),
             closed,
         )
@@ -169,6 +192,18 @@ impl ConnectionInfo {
     /// RabbitMQ's name for a connection: `peer -> local`.
     pub fn name(&self) -> String {
         format!("{} -> {}", self.peer, self.local)
+    }
+
+    pub fn set_state(&self, state: ConnectionState) {
+        self.state.store(state as u8, Ordering::Relaxed);
+    }
+
+    pub fn state(&self) -> ConnectionState {
+        match self.state.load(Ordering::Relaxed) {
+            1 => ConnectionState::Flow,
+            2 => ConnectionState::Blocked,
+            _ => ConnectionState::Running,
+        }
     }
 
     pub fn channel_count(&self) -> usize {

@@ -59,6 +59,9 @@ pub struct Consumer {
     pub prefetch: u32,
     pub sink: Arc<dyn DeliverySink>,
     pub arguments: FieldTable,
+    /// The connection the consumer is on (0: none), so that flow control never makes a
+    /// connection wait for its own consumers.
+    connection: u64,
     /// Deliveries not yet acknowledged; only changed under the queue's lock.
     unacked: AtomicU32,
     /// The dispatch pass in which this consumer last declined a message.
@@ -83,9 +86,16 @@ impl Consumer {
             prefetch,
             sink,
             arguments,
+            connection: 0,
             unacked: AtomicU32::new(0),
             skipped_in: AtomicU64::new(0),
         }
+    }
+
+    /// The consumer is on connection `id`.
+    pub fn on_connection(mut self, id: u64) -> Self {
+        self.connection = id;
+        self
     }
 
     pub fn unacked(&self) -> u32 {
@@ -266,7 +276,9 @@ impl Limits {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Enqueued {
     /// Taken; if `epoch` is not 0 the message is durable once that flush epoch is.
-    Accepted { epoch: u64 },
+    /// `backlogged`: the queue's backlog has spilled to disk while it has consumers, so the
+    /// publisher may be asked to wait (flow control).
+    Accepted { epoch: u64, backlogged: bool },
     /// Refused by `x-overflow: reject-publish`; the publisher is nacked.
     Rejected,
     /// The queue was deleted meanwhile.
@@ -312,6 +324,22 @@ pub struct Queue {
     deleted: AtomicBool,
     /// Counters for the management API and metrics.
     pub stats: MessageStats,
+    flow: Flow,
+}
+
+/// How long after its consumers last took a paged message a queue still holds publishers
+/// back: consumers that stopped taking (prefetch full, stuck) release them.
+const FLOW_ACTIVE_MS: u64 = 250;
+
+/// Publisher flow control of one queue.
+#[derive(Debug, Default)]
+struct Flow {
+    /// When consumers last took a message while the backlog was on disk (ms since the epoch).
+    paged_delivery_ms: AtomicU64,
+    /// A publisher waits for `drained`.
+    waiting: AtomicBool,
+    /// Told when the backlog is back in memory.
+    drained: tokio::sync::Notify,
 }
 
 impl fmt::Debug for Queue {
@@ -369,6 +397,7 @@ impl Queue {
             }),
             deleted: AtomicBool::new(false),
             stats: MessageStats::default(),
+            flow: Flow::default(),
         })
     }
 
@@ -605,6 +634,7 @@ impl Queue {
                     &self.store,
                 );
                 self.deliver_locked(&mut st);
+                let backlogged = st.ready.paging() && !st.consumers.is_empty();
                 while self.limits.over(&st.ready) {
                     match st.ready.pop_front(&self.store) {
                         Some(dropped) => {
@@ -622,7 +652,7 @@ impl Queue {
                 } else {
                     None
                 };
-                (Enqueued::Accepted { epoch }, next)
+                (Enqueued::Accepted { epoch, backlogged }, next)
             }
         };
         if !dead.is_empty() || next.is_some() {
@@ -682,6 +712,7 @@ impl Queue {
         } else {
             st.consumers.len()
         };
+        let mut handed = 0;
         while declined < candidates && !st.ready.is_empty() {
             let mut chosen = None;
             for (i, c) in st.consumers.iter().enumerate().take(candidates) {
@@ -706,6 +737,7 @@ impl Queue {
             match consumer.sink.offer(self, &consumer, msg) {
                 Ok(()) => {
                     self.count_delivery(redelivered, false, consumer.no_ack);
+                    handed += 1;
                     if consumer.no_ack {
                         forget(&self.store, seq, location);
                     } else {
@@ -725,6 +757,39 @@ impl Queue {
                 }
             }
         }
+        if handed > 0 {
+            if st.ready.paging() {
+                self.flow
+                    .paged_delivery_ms
+                    .store(now_ms(), Ordering::Relaxed);
+            } else if self.flow.waiting.swap(false, Ordering::AcqRel) {
+                self.flow.drained.notify_waiters();
+            }
+        }
+    }
+
+    /// Flow control: whether a publisher on connection `publisher` should wait before sending
+    /// more here. It should while the backlog is on disk and consumers (none of them on that
+    /// connection, which could not ack while it waits) are taking messages from it.
+    pub fn holds_publisher(&self, publisher: u64) -> bool {
+        if self.is_deleted() {
+            return false;
+        }
+        {
+            let st = self.state.lock();
+            if !st.ready.paging() || st.consumers.iter().any(|c| c.connection == publisher) {
+                return false;
+            }
+        }
+        now_ms().saturating_sub(self.flow.paged_delivery_ms.load(Ordering::Relaxed))
+            < FLOW_ACTIVE_MS
+    }
+
+    /// Resolves when the backlog is back in memory; enable it before `holds_publisher` so the
+    /// wake-up cannot be missed.
+    pub fn backlog_drained(&self) -> tokio::sync::futures::Notified<'_> {
+        self.flow.waiting.store(true, Ordering::Release);
+        self.flow.drained.notified()
     }
 
     /// `basic.get`: the next ready message and how many remain after it.
@@ -1190,7 +1255,13 @@ mod tests {
     fn max_length_drops_the_oldest_ready_messages() {
         let q = limited(&[("x-max-length", AMQPValue::LongInt(2))]);
         for _ in 0..5 {
-            assert_eq!(q.publish(msg()), Enqueued::Accepted { epoch: 0 });
+            assert_eq!(
+                q.publish(msg()),
+                Enqueued::Accepted {
+                    epoch: 0,
+                    backlogged: false
+                }
+            );
         }
         let seqs: Vec<_> = (0..2).map(|_| q.get(true).unwrap().0.seq).collect();
         assert_eq!(seqs, [3, 4]);
@@ -1211,7 +1282,13 @@ mod tests {
             ("x-max-length", AMQPValue::LongInt(1)),
             ("x-overflow", AMQPValue::LongString("reject-publish".into())),
         ]);
-        assert_eq!(q.publish(msg()), Enqueued::Accepted { epoch: 0 });
+        assert_eq!(
+            q.publish(msg()),
+            Enqueued::Accepted {
+                epoch: 0,
+                backlogged: false
+            }
+        );
         assert_eq!(q.publish(msg()), Enqueued::Rejected);
         assert_eq!(q.message_count(), 1);
     }

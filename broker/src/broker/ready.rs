@@ -120,6 +120,11 @@ impl ReadyList {
         self.mem_bytes + self.tail_bytes
     }
 
+    /// Some ready messages are in the store only: the backlog outgrew the window.
+    pub fn paging(&self) -> bool {
+        self.tail > 0
+    }
+
     /// Ready messages held in memory.
     pub fn in_memory(&self) -> usize {
         self.mem.len()

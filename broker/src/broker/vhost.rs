@@ -75,7 +75,7 @@ const SYSTEM_EXCHANGES: &[(&str, ExchangeKind, bool)] = &[
 ];
 
 /// What became of a routed message.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct EnqueueOutcome {
     /// Queues that took it.
     pub taken: usize,
@@ -83,6 +83,9 @@ pub struct EnqueueOutcome {
     pub rejected: bool,
     /// The flush epoch after which every durable copy is on disk (0: nothing to wait for).
     pub epoch: u64,
+    /// A queue that took it with its backlog on disk and consumers taking from it: the
+    /// publisher may be made to wait (flow control).
+    pub backlogged: Option<Arc<Queue>>,
 }
 
 /// The pseudo-queue of direct reply-to.
@@ -959,9 +962,12 @@ impl Vhost {
         let mut outcome = EnqueueOutcome::default();
         for q in queues {
             match q.publish(message.clone()) {
-                Enqueued::Accepted { epoch } => {
+                Enqueued::Accepted { epoch, backlogged } => {
                     outcome.taken += 1;
                     outcome.epoch = outcome.epoch.max(epoch);
+                    if backlogged && outcome.backlogged.is_none() {
+                        outcome.backlogged = Some(q.clone());
+                    }
                 }
                 Enqueued::Rejected => outcome.rejected = true,
                 Enqueued::Deleted => {}

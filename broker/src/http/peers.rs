@@ -67,7 +67,7 @@ pub fn connection_object(state: &AppState, c: &ConnectionInfo, detailed: bool) -
     obj.insert("ssl_hash".into(), none.clone());
     obj.insert("ssl_key_exchange".into(), none);
     obj.insert("ssl_protocol".into(), ssl_protocol);
-    obj.insert("state".into(), json!("running"));
+    obj.insert("state".into(), json!(c.state().name()));
     obj.insert("timeout".into(), json!(c.heartbeat));
     obj.insert("type".into(), json!("network"));
     obj.insert("user".into(), json!(c.user));
