@@ -133,7 +133,7 @@ impl ChannelShared {
     pub fn overdue(&self, now_ms: u64, default: u64) -> Option<u64> {
         let st = self.state.lock();
         st.unacked.iter().find_map(|(_, d)| {
-            let limit = d.queue.features.consumer_timeout.unwrap_or(default);
+            let limit = d.queue.consumer_timeout().unwrap_or(default);
             (limit > 0 && now_ms.saturating_sub(d.delivered_at_ms) > limit).then_some(limit)
         })
     }

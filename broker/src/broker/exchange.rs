@@ -4,6 +4,7 @@
 use super::FastMap;
 use super::headers::HeadersMatch;
 use super::message::ShortStr;
+use super::policy::Policy;
 use super::queue::Queue;
 use super::topic::TopicTrie;
 use amq_protocol::types::{AMQPValue, FieldTable};
@@ -116,7 +117,9 @@ struct Routes {
 pub struct Exchange {
     pub spec: ExchangeSpec,
     /// The `alternate-exchange` argument, if it names one.
-    pub alternate: Option<String>,
+    alternate: Option<String>,
+    /// The policy that applies, and the alternate exchange it names.
+    policy: RwLock<(Option<Arc<Policy>>, Option<String>)>,
     routes: RwLock<Routes>,
     deleted: AtomicBool,
 }
@@ -146,6 +149,7 @@ impl Exchange {
         Arc::new(Self {
             spec,
             alternate,
+            policy: RwLock::new((None, None)),
             routes: RwLock::new(Routes {
                 bindings: Vec::new(),
                 table,
@@ -156,6 +160,23 @@ impl Exchange {
 
     pub fn name(&self) -> &str {
         &self.spec.name
+    }
+
+    /// Where unroutable messages go: the `alternate-exchange` argument, else the policy's.
+    pub fn alternate(&self) -> Option<String> {
+        match &self.alternate {
+            Some(a) => Some(a.clone()),
+            None => self.policy.read().1.clone(),
+        }
+    }
+
+    pub fn policy(&self) -> Option<Arc<Policy>> {
+        self.policy.read().0.clone()
+    }
+
+    pub fn set_policy(&self, policy: Option<Arc<Policy>>) {
+        let alternate = policy.as_ref().and_then(|p| p.alternate_exchange());
+        *self.policy.write() = (policy, alternate);
     }
 
     pub fn is_deleted(&self) -> bool {

@@ -8,6 +8,7 @@ pub mod exchange;
 pub mod expiry;
 pub mod headers;
 pub mod message;
+pub mod policy;
 pub mod queue;
 pub mod ready;
 pub mod stats;

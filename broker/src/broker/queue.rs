@@ -9,6 +9,7 @@
 use super::dead_letter::{DeadLetterTarget, DeathReason};
 use super::expiry::Expirer;
 use super::message::{Message, now_ms};
+use super::policy::{Policy, effective_arguments};
 use super::ready::{LazyStore, ReadyList, Window, delivered, forget, must_persist};
 use super::stats::MessageStats;
 use super::vhost::Vhost;
@@ -159,6 +160,29 @@ struct QueueState {
     /// A message here may expire (the queue has a TTL, or a message came with `expiration`):
     /// the head is looked at for expiry.
     may_expire: bool,
+    /// What the arguments and the policy make of the queue.
+    settings: Arc<Settings>,
+}
+
+/// A queue's effective settings: its arguments, with its policy's keys where the arguments
+/// have none. Replaced whenever policies change.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    pub features: Features,
+    pub limits: Limits,
+    /// The policy that applies, if one does.
+    pub policy: Option<Arc<Policy>>,
+}
+
+impl Settings {
+    pub fn new(arguments: &FieldTable, policy: Option<Arc<Policy>>) -> Self {
+        let effective = effective_arguments(arguments, policy.as_deref());
+        Self {
+            features: Features::from_arguments(&effective),
+            limits: Limits::from_arguments(&effective),
+            policy,
+        }
+    }
 }
 
 /// Messages a queue gave up on, and why: dead letters once the lock is released.
@@ -309,8 +333,12 @@ pub struct QueueSpec {
 
 pub struct Queue {
     pub spec: QueueSpec,
-    pub limits: Limits,
-    pub features: Features,
+    /// `x-single-active-consumer` (an argument only: no policy sets it).
+    pub single_active_consumer: bool,
+    /// Mirrors of settings read without the lock: `x-consumer-timeout` and `x-expires`
+    /// (`u64::MAX`: none).
+    consumer_timeout: AtomicU64,
+    expires: AtomicU64,
     links: OnceLock<Links>,
     /// The deadline the vhost's timers hold for this queue (`u64::MAX`: none).
     timer_at: AtomicU64,
@@ -373,11 +401,14 @@ impl Queue {
         window: Window,
         recovered: Recovered,
     ) -> Arc<Self> {
-        let features = Features::from_arguments(&spec.arguments);
-        let may_expire = features.message_ttl.is_some() || recovered.count > 0;
+        let settings = Settings::new(&spec.arguments, None);
+        let may_expire = settings.features.message_ttl.is_some() || recovered.count > 0;
         Arc::new(Self {
-            limits: Limits::from_arguments(&spec.arguments),
-            features,
+            single_active_consumer: settings.features.single_active_consumer,
+            consumer_timeout: AtomicU64::new(
+                settings.features.consumer_timeout.unwrap_or(u64::MAX),
+            ),
+            expires: AtomicU64::new(settings.features.expires.unwrap_or(u64::MAX)),
             links: OnceLock::new(),
             timer_at: AtomicU64::new(u64::MAX),
             last_used: AtomicU64::new(now_ms()),
@@ -394,6 +425,7 @@ impl Queue {
                 dispatch_pass: 0,
                 had_consumer: false,
                 may_expire,
+                settings: Arc::new(settings),
             }),
             deleted: AtomicBool::new(false),
             stats: MessageStats::default(),
@@ -460,10 +492,73 @@ impl Queue {
         // Recovered messages of a queue with a TTL expire on time, used or not. (Without a
         // queue TTL, a recovered message's own `expiration` is looked at when the queue is
         // next used: finding it would mean reading every recovered queue at start.)
-        if self.features.message_ttl.is_some() {
-            let next = self.next_expiry_locked(&mut self.state.lock());
-            if let Some(at) = next {
-                self.schedule(at);
+        let next = {
+            let mut st = self.state.lock();
+            if st.settings.features.message_ttl.is_some() {
+                self.next_expiry_locked(&mut st)
+            } else {
+                None
+            }
+        };
+        if let Some(at) = next {
+            self.schedule(at);
+        }
+    }
+
+    /// The effective settings now.
+    pub fn settings(&self) -> Arc<Settings> {
+        self.state.lock().settings.clone()
+    }
+
+    /// `x-consumer-timeout`, from the arguments or the policy.
+    pub fn consumer_timeout(&self) -> Option<u64> {
+        Some(self.consumer_timeout.load(Ordering::Relaxed)).filter(|t| *t != u64::MAX)
+    }
+
+    fn expires(&self) -> Option<u64> {
+        Some(self.expires.load(Ordering::Relaxed)).filter(|t| *t != u64::MAX)
+    }
+
+    /// Applies `policy` (or none) on top of the queue's arguments, at once: a lower length
+    /// limit drops (or dead-letters) the oldest messages, a new TTL expires what is overdue,
+    /// and a new `expires` starts counting.
+    pub fn set_policy(self: &Arc<Self>, policy: Option<Arc<Policy>>) {
+        let settings = Settings::new(&self.spec.arguments, policy);
+        let features = &settings.features;
+        self.consumer_timeout.store(
+            features.consumer_timeout.unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        self.expires
+            .store(features.expires.unwrap_or(u64::MAX), Ordering::Relaxed);
+        let mut dead = Vec::new();
+        let next = {
+            let mut st = self.state.lock();
+            if self.is_deleted() {
+                return;
+            }
+            st.may_expire |= features.message_ttl.is_some();
+            st.settings = Arc::new(settings);
+            self.trim_locked(&mut st, &mut dead);
+            self.dispatch_locked(&mut st, &mut dead)
+        };
+        self.after(dead, next);
+        self.touch();
+    }
+
+    /// Drops the oldest ready messages while the queue is over its length limits.
+    fn trim_locked(&self, st: &mut QueueState, dead: &mut Dead) {
+        let limits = st.settings.limits;
+        let dead_letter = st.settings.features.dead_letter.is_some();
+        while limits.over(&st.ready) {
+            match st.ready.pop_front(&self.store) {
+                Some(dropped) => {
+                    forget(&self.store, dropped.seq, dropped.location);
+                    if dead_letter {
+                        dead.push((dropped, DeathReason::Maxlen));
+                    }
+                }
+                None => break,
             }
         }
     }
@@ -472,17 +567,15 @@ impl Queue {
     pub fn touch(self: &Arc<Self>) {
         let now = now_ms();
         self.last_used.store(now, Ordering::Relaxed);
-        if let Some(expires) = self.features.expires {
+        if let Some(expires) = self.expires() {
             self.schedule(now + expires);
         }
     }
 
     /// When `m` expires in this queue: the queue's TTL from its arrival, or its own
     /// `expiration`, whichever comes first.
-    fn expiry(&self, m: &Message) -> Option<u64> {
-        let by_queue = self
-            .features
-            .message_ttl
+    fn expiry(ttl: Option<u64>, m: &Message) -> Option<u64> {
+        let by_queue = ttl
             .filter(|_| m.arrived_ms > 0)
             .map(|ttl| m.arrived_ms.saturating_add(ttl));
         match (by_queue, m.expires_at_ms) {
@@ -497,15 +590,17 @@ impl Queue {
         if !st.may_expire {
             return;
         }
+        let ttl = st.settings.features.message_ttl;
+        let dead_letter = st.settings.features.dead_letter.is_some();
         while let Some(front) = st.ready.front(&self.store) {
-            if self.expiry(&front.message).is_none_or(|at| at > now) {
+            if Self::expiry(ttl, &front.message).is_none_or(|at| at > now) {
                 break;
             }
             let Some(m) = st.ready.pop_front(&self.store) else {
                 break;
             };
             forget(&self.store, m.seq, m.location);
-            if self.features.dead_letter.is_some() {
+            if dead_letter {
                 dead.push((m, DeathReason::Expired));
             }
         }
@@ -516,8 +611,9 @@ impl Queue {
         if !st.may_expire {
             return None;
         }
+        let ttl = st.settings.features.message_ttl;
         let front = st.ready.front(&self.store)?;
-        self.expiry(&front.message)
+        Self::expiry(ttl, &front.message)
     }
 
     /// Asks the vhost's timers to look at the queue at `at`, unless they will sooner.
@@ -558,7 +654,7 @@ impl Queue {
             self.deliver_locked(&mut st);
             (self.next_expiry_locked(&mut st), st.consumers.is_empty())
         };
-        if let Some(expires) = self.features.expires
+        if let Some(expires) = self.expires()
             && idle
         {
             let due = self
@@ -596,10 +692,9 @@ impl Queue {
                 st.may_expire = true;
                 self.expire_locked(&mut st, now, &mut dead);
             }
-            if self.limits.reject_publish
-                && self.limits.full_for(&st.ready, message.body.len() as u64)
-            {
-                if self.limits.dead_letter_rejected && self.features.dead_letter.is_some() {
+            let limits = st.settings.limits;
+            if limits.reject_publish && limits.full_for(&st.ready, message.body.len() as u64) {
+                if limits.dead_letter_rejected && st.settings.features.dead_letter.is_some() {
                     let refused = QueuedMessage {
                         seq: 0,
                         message,
@@ -635,16 +730,8 @@ impl Queue {
                 );
                 self.deliver_locked(&mut st);
                 let backlogged = st.ready.paging() && !st.consumers.is_empty();
-                while self.limits.over(&st.ready) {
-                    match st.ready.pop_front(&self.store) {
-                        Some(dropped) => {
-                            forget(&self.store, dropped.seq, dropped.location);
-                            if self.features.dead_letter.is_some() {
-                                dead.push((dropped, DeathReason::Maxlen));
-                            }
-                        }
-                        None => break,
-                    }
+                if limits.max_length.is_some() || limits.max_bytes.is_some() {
+                    self.trim_locked(&mut st, &mut dead);
                 }
                 let next = if expiring {
                     self.expire_locked(&mut st, now, &mut dead);
@@ -707,7 +794,7 @@ impl Queue {
         let pass = st.dispatch_pass;
         let mut declined = 0;
         // With a single active consumer, only the first registered one is offered messages.
-        let candidates = if self.features.single_active_consumer {
+        let candidates = if self.single_active_consumer {
             1
         } else {
             st.consumers.len()
@@ -746,7 +833,7 @@ impl Queue {
                         consumer.unacked.fetch_add(1, Ordering::Relaxed);
                         delivered(&self.store, seq, location);
                     }
-                    if !self.features.single_active_consumer {
+                    if !self.single_active_consumer {
                         rotate_within_priority(&mut st.consumers, i);
                     }
                 }
@@ -842,7 +929,7 @@ impl Queue {
             for d in delivered {
                 release(&mut st, d);
                 forget(&self.store, d.msg.seq, d.msg.location);
-                if !acked && self.features.dead_letter.is_some() && !self.is_deleted() {
+                if !acked && st.settings.features.dead_letter.is_some() && !self.is_deleted() {
                     dead.push((d.msg.clone(), DeathReason::Rejected));
                 }
             }
@@ -868,11 +955,11 @@ impl Queue {
             if !self.is_deleted() {
                 let mut msg = d.msg;
                 msg.redelivered = true;
-                if let Some(limit) = self.features.delivery_limit {
+                if let Some(limit) = st.settings.features.delivery_limit {
                     msg.returned = msg.returned.saturating_add(1);
                     if u64::from(msg.returned) > limit {
                         forget(&self.store, msg.seq, msg.location);
-                        if self.features.dead_letter.is_some() {
+                        if st.settings.features.dead_letter.is_some() {
                             dead.push((msg, DeathReason::DeliveryLimit));
                         }
                         continue;
@@ -903,7 +990,7 @@ impl Queue {
         }
         // Priority order, first come first within a priority; a single-active-consumer queue
         // keeps registration order only (the first is the active one).
-        let at = if self.features.single_active_consumer {
+        let at = if self.single_active_consumer {
             st.consumers.len()
         } else {
             st.consumers
@@ -930,7 +1017,7 @@ impl Queue {
                 .is_some_and(|c| Arc::ptr_eq(c, consumer));
             st.consumers.retain(|c| !Arc::ptr_eq(c, consumer));
             let idle = st.consumers.is_empty();
-            if was_active && self.features.single_active_consumer && !idle {
+            if was_active && self.single_active_consumer && !idle {
                 // The next consumer takes over.
                 self.deliver_locked(&mut st);
             }
@@ -969,7 +1056,7 @@ impl Queue {
 
     /// The consumer that gets messages in a single-active-consumer queue.
     pub fn single_active_consumer(&self) -> Option<Arc<Consumer>> {
-        if !self.features.single_active_consumer {
+        if !self.single_active_consumer {
             return None;
         }
         self.state.lock().consumers.first().cloned()

@@ -8,6 +8,7 @@ use super::exchange::{Binding, Destination, Exchange, ExchangeKind, ExchangeSpec
 use super::expiry::Expirer;
 use super::headers::{type_name, value_text, values_equal};
 use super::message::{Message, now_ms};
+use super::policy::{self, Policy, QueueKind};
 use super::queue::{DeleteRefused, Enqueued, Links, Queue, QueueSpec, QueuedMessage};
 use super::ready::{LazyStore, Window};
 use super::stats::{Churn, MessageStats};
@@ -18,7 +19,7 @@ use crate::error::{
 use crate::store::DefinitionStore;
 use crate::store::Storage;
 use crate::store::definitions::{
-    BindingDefinition, ExchangeDefinition, QueueDefinition, VhostDefinitions,
+    BindingDefinition, ExchangeDefinition, PolicyDefinition, QueueDefinition, VhostDefinitions,
 };
 use amq_protocol::types::{AMQPValue, FieldTable};
 use parking_lot::{Mutex, RwLock};
@@ -117,6 +118,8 @@ pub struct Vhost {
     expirer: Arc<Expirer>,
     /// `max-publish-rate` and `max-declare-rate`.
     pub throttle: Throttle,
+    /// Policies, by name.
+    policies: RwLock<Vec<Arc<Policy>>>,
 }
 
 /// What a vhost is besides its topology: description, tags and limits.
@@ -247,6 +250,7 @@ impl Vhost {
             storage,
             window,
             meta: RwLock::new(VhostMeta::default()),
+            policies: RwLock::new(Vec::new()),
         };
         {
             let mut exchanges = vhost.exchanges.write();
@@ -321,6 +325,23 @@ impl Vhost {
         self.apply_throttles(&meta);
         *self.meta.write() = meta;
         let _t = self.topology.lock();
+        {
+            let mut policies = self.policies.write();
+            for (name, p) in &defs.policies {
+                match Policy::new(
+                    name,
+                    &p.pattern,
+                    &p.apply_to,
+                    p.priority,
+                    p.definition.clone(),
+                ) {
+                    Ok(policy) => policies.push(Arc::new(policy)),
+                    Err(reason) => {
+                        tracing::warn!(vhost = %self.name, policy = %name, %reason, "skipping stored policy");
+                    }
+                }
+            }
+        }
         for (name, x) in &defs.exchanges {
             let Some(kind) = ExchangeKind::parse(&x.kind) else {
                 tracing::warn!(vhost = %self.name, exchange = %name, kind = %x.kind, "skipping stored exchange of unknown type");
@@ -386,6 +407,96 @@ impl Vhost {
                     routing_key: b.routing_key.clone(),
                     arguments: b.arguments.clone(),
                 });
+            }
+        }
+        self.reapply_policies();
+    }
+
+    /// The policies, sorted by name.
+    pub fn policies(&self) -> Vec<Arc<Policy>> {
+        let mut all = self.policies.read().clone();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    pub fn policy(&self, name: &str) -> Option<Arc<Policy>> {
+        self.policies
+            .read()
+            .iter()
+            .find(|p| p.name == name)
+            .cloned()
+    }
+
+    /// Adds or replaces a policy, in the definitions too, and applies the policies again to
+    /// every queue and exchange. Returns whether it is new.
+    pub fn set_policy(&self, policy: Policy) -> AmqpResult<bool> {
+        let _t = self.topology.lock();
+        let stored = PolicyDefinition {
+            pattern: policy.pattern.clone(),
+            apply_to: policy.apply_to.name().to_owned(),
+            priority: policy.priority,
+            definition: policy.definition.clone(),
+        };
+        let name = policy.name.clone();
+        self.persist(|v| {
+            v.policies.insert(name, stored);
+        })?;
+        let created = {
+            let mut policies = self.policies.write();
+            let before = policies.len();
+            policies.retain(|p| p.name != policy.name);
+            let created = policies.len() == before;
+            policies.push(Arc::new(policy));
+            created
+        };
+        self.reapply_policies();
+        Ok(created)
+    }
+
+    /// Removes a policy and applies the rest again. Returns whether it existed.
+    pub fn delete_policy(&self, name: &str) -> AmqpResult<bool> {
+        let _t = self.topology.lock();
+        if self.policy(name).is_none() {
+            return Ok(false);
+        }
+        let owned = name.to_owned();
+        self.persist(|v| {
+            v.policies.remove(&owned);
+        })?;
+        self.policies.write().retain(|p| p.name != name);
+        self.reapply_policies();
+        Ok(true)
+    }
+
+    /// The policy a queue of this name and these arguments gets.
+    fn policy_for_queue(&self, name: &str, arguments: &FieldTable) -> Option<Arc<Policy>> {
+        let policies = self.policies.read();
+        if policies.is_empty() {
+            return None;
+        }
+        let kind = QueueKind::of(arguments);
+        policy::choose(&policies, |p| p.applies_to_queue(name, kind)).cloned()
+    }
+
+    /// Gives every queue and exchange the policy that now applies to it (callers hold the
+    /// topology lock). Objects whose policy did not change are left alone.
+    fn reapply_policies(&self) {
+        let queues: Vec<Arc<Queue>> = self.queues.read().values().cloned().collect();
+        for q in queues {
+            let wanted = self.policy_for_queue(q.name(), &q.spec.arguments);
+            if !same_policy(q.settings().policy.as_ref(), wanted.as_ref()) {
+                q.set_policy(wanted);
+            }
+        }
+        let exchanges: Vec<Arc<Exchange>> = self.exchanges.read().values().cloned().collect();
+        let policies = self.policies.read().clone();
+        for x in exchanges {
+            if x.name().is_empty() || x.name().starts_with("amq.") {
+                continue;
+            }
+            let wanted = policy::choose(&policies, |p| p.applies_to_exchange(x.name())).cloned();
+            if !same_policy(x.policy().as_ref(), wanted.as_ref()) {
+                x.set_policy(wanted);
             }
         }
     }
@@ -504,6 +615,12 @@ impl Vhost {
             })?;
         }
         let x = Exchange::new(spec);
+        {
+            let policies = self.policies.read();
+            if let Some(p) = policy::choose(&policies, |p| p.applies_to_exchange(x.name())) {
+                x.set_policy(Some(p.clone()));
+            }
+        }
         self.exchanges
             .write()
             .insert(x.spec.name.clone(), x.clone());
@@ -630,7 +747,11 @@ impl Vhost {
         } else {
             LazyStore::deferred(self.storage.clone())
         };
+        let policy = self.policy_for_queue(&spec.name, &spec.arguments);
         let q = Queue::new(spec, self.name.clone(), owner, store, self.window);
+        if policy.is_some() {
+            q.set_policy(policy);
+        }
         self.link(&q);
         self.queues.write().insert(q.name().to_owned(), q.clone());
         MessageStats::bump(&self.churn.queue_created);
@@ -831,7 +952,8 @@ impl Vhost {
     /// Routes the messages `from` gave up on to its dead-letter exchange. A missing exchange
     /// drops them, as in RabbitMQ; so does a cycle of queues with no rejection in it.
     pub fn dead_letter(&self, from: &Arc<Queue>, dead: Vec<(QueuedMessage, DeathReason)>) {
-        let Some(target) = &from.features.dead_letter else {
+        let settings = from.settings();
+        let Some(target) = &settings.features.dead_letter else {
             return;
         };
         let Some(exchange) = self.exchange(&target.exchange) else {
@@ -918,7 +1040,7 @@ impl Vhost {
                 x.route(key, headers, &mut dests);
             }
             if dests.is_empty() {
-                if let Some(ae) = x.alternate.as_deref().and_then(|n| self.exchange(n)) {
+                if let Some(ae) = x.alternate().and_then(|n| self.exchange(&n)) {
                     work.push(ae);
                 }
                 continue;
@@ -1152,4 +1274,13 @@ fn validate_queue_arguments(spec: &QueueSpec, vhost: &str) -> AmqpResult<()> {
         }
     }
     Ok(())
+}
+
+/// Whether two policy choices are the same policy, in the same version.
+fn same_policy(a: Option<&Arc<Policy>>, b: Option<&Arc<Policy>>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        _ => false,
+    }
 }

@@ -1,6 +1,6 @@
 //! `/api/definitions`: export and import in RabbitMQ's format, so definitions move between
 //! RabbitMQ and Warren. An import is checked whole before anything is applied: what Warren
-//! cannot honour (policies, topic permissions, other hashing algorithms, quorum queues) is
+//! cannot honour (operator policies, topic permissions, other hashing algorithms, quorum queues) is
 //! refused with a reason instead of being dropped.
 
 use super::AppState;
@@ -14,6 +14,7 @@ use super::users::{SHA256, check_hash, user_object};
 use super::vhosts::admin_error;
 use crate::broker::admin::Password;
 use crate::broker::exchange::{ExchangeKind, ExchangeSpec};
+use crate::broker::policy::Policy;
 use crate::broker::queue::QueueSpec;
 use crate::broker::vhost::{DestinationKind, Vhost};
 use amq_protocol::types::FieldTable;
@@ -147,7 +148,19 @@ pub async fn export(State(state): State<AppState>, caller: Caller) -> ApiResult<
         Value::Array(vhosts.iter().filter_map(|v| limits_parameter(v)).collect()),
     );
     out.insert("global_parameters".into(), json!([]));
-    out.insert("policies".into(), json!([]));
+    out.insert(
+        "policies".into(),
+        Value::Array(
+            vhosts
+                .iter()
+                .flat_map(|v| {
+                    v.policies()
+                        .into_iter()
+                        .map(|p| super::policies::policy_json(&v.name, &p))
+                })
+                .collect(),
+        ),
+    );
     let (mut qs, mut xs, mut bs) = (Vec::new(), Vec::new(), Vec::new());
     for v in &vhosts {
         let (q, x, bi) = topology(v, true);
@@ -180,7 +193,21 @@ pub async fn export_vhost(
         parameters.push(p);
     }
     out.insert("parameters".into(), Value::Array(parameters));
-    out.insert("policies".into(), json!([]));
+    out.insert(
+        "policies".into(),
+        Value::Array(
+            v.policies()
+                .into_iter()
+                .map(|p| {
+                    let mut p = super::policies::policy_json(&v.name, &p);
+                    if let Some(o) = p.as_object_mut() {
+                        o.remove("vhost");
+                    }
+                    p
+                })
+                .collect(),
+        ),
+    );
     out.insert("queues".into(), Value::Array(qs));
     out.insert("exchanges".into(), Value::Array(xs));
     out.insert("bindings".into(), Value::Array(bs));
@@ -198,6 +225,7 @@ struct Plan {
     exchanges: Vec<(String, ExchangeSpec)>,
     queues: Vec<(String, QueueSpec)>,
     bindings: Vec<(String, String, String, DestinationKind, String, FieldTable)>,
+    policies: Vec<(String, Policy)>,
 }
 
 fn items<'a>(top: &'a Fields, key: &str) -> ApiResult<&'a [Value]> {
@@ -252,11 +280,6 @@ fn plan(state: &AppState, body: &[u8], vhost: Option<&str>) -> ApiResult<Plan> {
         ],
     )?;
     let mut plan = Plan::default();
-    if !items(&top, "policies")?.is_empty() {
-        return Err(ApiError::bad_request(
-            "policies are not supported by Warren; remove them from the definitions to import the rest",
-        ));
-    }
     if !items(&top, "topic_permissions")?.is_empty() {
         return Err(ApiError::bad_request(
             "topic permissions are not supported by Warren",
@@ -423,6 +446,25 @@ fn plan(state: &AppState, body: &[u8], vhost: Option<&str>) -> ApiResult<Plan> {
         }
         plan.limits.push((v, limits));
     }
+    for p in items(&top, "policies")? {
+        let what = "a policy";
+        let f = item(
+            p,
+            what,
+            &[
+                "vhost",
+                "name",
+                "pattern",
+                "apply-to",
+                "definition",
+                "priority",
+            ],
+        )?;
+        let v = vhost_of(&f, what)?;
+        let name = required_string(&f, what, "name")?;
+        plan.policies
+            .push((v, super::policies::parse_policy(&name, &f)?));
+    }
     for x in items(&top, "exchanges")? {
         let f = item(
             x,
@@ -564,6 +606,12 @@ fn apply(state: &AppState, caller: &Caller, plan: Plan) -> ApiResult<()> {
         for (k, n) in limits {
             b.set_vhost_limit(&vhost, &k, Some(n))
                 .map_err(admin_error)?;
+        }
+    }
+    for (vhost, policy) in plan.policies {
+        if let Some(v) = b.vhost(&vhost) {
+            v.set_policy(policy)
+                .map_err(|e| ApiError::internal(e.text))?;
         }
     }
     // As RabbitMQ: an object that exists already with other attributes is left as it is.

@@ -13,6 +13,7 @@ mod messages;
 pub mod metrics;
 mod overview;
 mod peers;
+mod policies;
 pub mod sampler;
 pub mod tls;
 mod topology;
@@ -195,13 +196,13 @@ pub fn management_router(state: AppState) -> Router {
             "/api/definitions/{vhost}",
             get(definitions::export_vhost).post(definitions::import_vhost),
         )
-        .route("/api/policies", get(overview::empty_list))
-        .route("/api/policies/{vhost}", get(overview::vhost_policies))
+        .route("/api/policies", get(policies::list_all))
+        .route("/api/policies/{vhost}", get(policies::list_vhost))
         .route(
             "/api/policies/{vhost}/{name}",
-            get(overview::policy)
-                .put(overview::put_policy)
-                .delete(overview::policy),
+            get(policies::show)
+                .put(policies::put)
+                .delete(policies::delete),
         )
         .route("/api/operator-policies", get(overview::empty_list))
         .route(

@@ -136,7 +136,7 @@ pub async fn empty_list(_state: State<AppState>, _caller: Caller) -> Response {
     ok(json!([]))
 }
 
-/// `GET /api/policies/{vhost}` (and operator policies): none, in a vhost that exists.
+/// `GET /api/operator-policies/{vhost}`: none, in a vhost that exists.
 pub async fn vhost_policies(
     State(state): State<AppState>,
     _caller: Caller,
@@ -146,8 +146,8 @@ pub async fn vhost_policies(
     Ok(ok(json!([])))
 }
 
-/// `GET /api/policies/{vhost}/{name}`: no policy exists; `PUT` is refused with the reason
-/// rather than accepted and ignored.
+/// `GET /api/operator-policies/{vhost}/{name}`: no operator policy exists; `PUT` is refused
+/// with the reason rather than accepted and ignored.
 pub async fn policy(
     State(state): State<AppState>,
     _caller: Caller,
@@ -174,7 +174,7 @@ pub async fn put_policy(
         ));
     }
     Err(ApiError::bad_request(
-        "policies are not supported by Warren yet: set queue arguments at declaration",
+        "operator policies are not supported by Warren: use policies (/api/policies)",
     ))
 }
 

@@ -108,7 +108,7 @@ fn consumer_object(state: &AppState, c: &ConnectionInfo, s: &ChannelSnapshot, i:
         .broker
         .vhost(&c.vhost)
         .and_then(|v| v.queue(&k.queue))
-        .filter(|q| q.features.single_active_consumer)
+        .filter(|q| q.single_active_consumer)
     {
         Some(q) => match q.single_active_consumer() {
             Some(a) if *a.tag == *k.tag => (true, "single_active"),

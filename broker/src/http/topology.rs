@@ -89,7 +89,7 @@ fn vhost_for(state: &AppState, caller: &Caller, name: &str) -> ApiResult<Arc<Vho
 
 pub fn exchange_object(vhost: &str, x: &Exchange) -> Value {
     let builtin = x.name().is_empty() || x.name().starts_with("amq.");
-    json!({
+    let mut obj = json!({
         "arguments": table_to_json(&x.spec.arguments),
         "auto_delete": x.spec.auto_delete,
         "durable": x.spec.durable,
@@ -98,7 +98,12 @@ pub fn exchange_object(vhost: &str, x: &Exchange) -> Value {
         "type": x.spec.kind.as_str(),
         "user_who_performed_action": if builtin { "rmq-internal" } else { "" },
         "vhost": vhost,
-    })
+    });
+    // As in RabbitMQ, `policy` is there only when one applies.
+    if let (Some(p), Some(o)) = (x.policy(), obj.as_object_mut()) {
+        o.insert("policy".into(), json!(p.name));
+    }
+    obj
 }
 
 fn list_exchanges(
@@ -241,8 +246,7 @@ pub fn queue_object(state: &AppState, vhost: &str, q: &Queue, detailed: bool) ->
         "consumer_utilisation".into(),
         json!(if active { 1.0 } else { 0.0 }),
     );
-    obj.insert("effective_policy_definition".into(), json!({}));
-    obj.insert("policy".into(), Value::Null);
+    super::policies::policy_fields(&mut obj, q.settings().policy.as_deref());
     obj.insert("operator_policy".into(), Value::Null);
     obj.insert(
         "single_active_consumer_tag".into(),

@@ -53,6 +53,19 @@ pub struct VhostDefinitions {
     pub exchanges: BTreeMap<String, ExchangeDefinition>,
     pub queues: BTreeMap<String, QueueDefinition>,
     pub bindings: Vec<BindingDefinition>,
+    #[serde(default)]
+    pub policies: BTreeMap<String, PolicyDefinition>,
+}
+
+/// A policy, with RabbitMQ's field names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyDefinition {
+    pub pattern: String,
+    #[serde(rename = "apply-to")]
+    pub apply_to: String,
+    pub priority: i64,
+    pub definition: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -47,7 +47,14 @@ impl Answer {
 }
 
 impl Api {
+    /// The broker's management API; for an external broker, `WARREN_TEST_HTTP_URL` (for
+    /// instance RabbitMQ's `http://127.0.0.1:15672`).
     pub fn new(broker: &TestBroker) -> Self {
+        if broker.is_external()
+            && let Ok(url) = std::env::var("WARREN_TEST_HTTP_URL")
+        {
+            return Self::at(url.trim_end_matches('/'));
+        }
         Self::at(&format!("http://{}", broker.running().management_addr))
     }
 

@@ -1,0 +1,440 @@
+//! Policies, as RabbitMQ has them: a name, a regular expression matched against queue and
+//! exchange names, what kinds of object it applies to, a priority, and a definition of
+//! settings. Each queue or exchange takes the one matching policy of highest priority (ties go
+//! to the name that sorts first); a queue's own `x-` arguments win over its policy's keys.
+//! Policies are re-applied to every queue and exchange of the vhost when they change.
+
+use amq_protocol::types::{AMQPValue, FieldTable, LongString};
+use serde_json::{Map, Value};
+use std::sync::Arc;
+
+/// Policy keys Warren applies to queues, with the queue argument each stands for.
+const QUEUE_KEYS: [(&str, &str); 9] = [
+    ("message-ttl", "x-message-ttl"),
+    ("expires", "x-expires"),
+    ("max-length", "x-max-length"),
+    ("max-length-bytes", "x-max-length-bytes"),
+    ("overflow", "x-overflow"),
+    ("dead-letter-exchange", "x-dead-letter-exchange"),
+    ("dead-letter-routing-key", "x-dead-letter-routing-key"),
+    ("delivery-limit", "x-delivery-limit"),
+    ("consumer-timeout", "x-consumer-timeout"),
+];
+
+/// Keys RabbitMQ knows that have no effect in Warren (mirroring, queue modes and versions,
+/// federation, streams): accepted, so definitions written for RabbitMQ import, and ignored.
+const IGNORED_KEYS: [&str; 17] = [
+    "ha-mode",
+    "ha-params",
+    "ha-sync-mode",
+    "ha-sync-batch-size",
+    "ha-promote-on-shutdown",
+    "ha-promote-on-failure",
+    "queue-mode",
+    "queue-version",
+    "queue-master-locator",
+    "queue-leader-locator",
+    "max-in-memory-length",
+    "max-in-memory-bytes",
+    "max-age",
+    "stream-max-segment-size-bytes",
+    "initial-cluster-size",
+    "federation-upstream",
+    "federation-upstream-set",
+];
+
+/// What a policy applies to (`apply-to`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApplyTo {
+    All,
+    Queues,
+    Exchanges,
+    ClassicQueues,
+    QuorumQueues,
+    Streams,
+}
+
+impl ApplyTo {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "all" => ApplyTo::All,
+            "queues" => ApplyTo::Queues,
+            "exchanges" => ApplyTo::Exchanges,
+            "classic_queues" => ApplyTo::ClassicQueues,
+            "quorum_queues" => ApplyTo::QuorumQueues,
+            "streams" => ApplyTo::Streams,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ApplyTo::All => "all",
+            ApplyTo::Queues => "queues",
+            ApplyTo::Exchanges => "exchanges",
+            ApplyTo::ClassicQueues => "classic_queues",
+            ApplyTo::QuorumQueues => "quorum_queues",
+            ApplyTo::Streams => "streams",
+        }
+    }
+}
+
+/// A queue's type, as `apply-to` tells them apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueKind {
+    Classic,
+    Quorum,
+    Stream,
+}
+
+impl QueueKind {
+    pub fn of(arguments: &FieldTable) -> Self {
+        let kind = match arguments.inner().get("x-queue-type") {
+            Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+            Some(AMQPValue::ShortString(s)) => s.as_str().to_owned(),
+            _ => String::new(),
+        };
+        match kind.as_str() {
+            "quorum" => QueueKind::Quorum,
+            "stream" => QueueKind::Stream,
+            _ => QueueKind::Classic,
+        }
+    }
+}
+
+/// One policy, checked.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub name: String,
+    pub pattern: String,
+    regex: regex::Regex,
+    pub apply_to: ApplyTo,
+    pub priority: i64,
+    pub definition: Map<String, Value>,
+}
+
+impl PartialEq for Policy {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+            && self.pattern == other.pattern
+            && self.apply_to == other.apply_to
+            && self.priority == other.priority
+            && self.definition == other.definition
+    }
+}
+
+impl Policy {
+    /// Checks a policy as RabbitMQ does; the error is the reason the management API gives.
+    pub fn new(
+        name: &str,
+        pattern: &str,
+        apply_to: &str,
+        priority: i64,
+        definition: Map<String, Value>,
+    ) -> Result<Self, String> {
+        let regex = regex::Regex::new(pattern).map_err(|e| {
+            format!(
+                "Validation failed\n\npattern should be regular expression but is invalid: {}\n",
+                e.to_string().replace('\n', " ")
+            )
+        })?;
+        let apply_to = ApplyTo::parse(apply_to).ok_or_else(|| {
+            format!(
+                "Validation failed\n\napply-to '{apply_to}' unrecognised; should be 'queues', 'exchanges', 'all', 'classic_queues', 'quorum_queues' or 'streams'\n"
+            )
+        })?;
+        validate_definition(&definition)
+            .map_err(|reason| format!("Validation failed\n\n{reason}\n"))?;
+        Ok(Self {
+            name: name.to_owned(),
+            pattern: pattern.to_owned(),
+            regex,
+            apply_to,
+            priority,
+            definition,
+        })
+    }
+
+    pub fn applies_to_queue(&self, name: &str, kind: QueueKind) -> bool {
+        let kind_ok = match self.apply_to {
+            ApplyTo::All | ApplyTo::Queues => true,
+            ApplyTo::Exchanges => false,
+            ApplyTo::ClassicQueues => kind == QueueKind::Classic,
+            ApplyTo::QuorumQueues => kind == QueueKind::Quorum,
+            ApplyTo::Streams => kind == QueueKind::Stream,
+        };
+        kind_ok && self.regex.is_match(name)
+    }
+
+    pub fn applies_to_exchange(&self, name: &str) -> bool {
+        matches!(self.apply_to, ApplyTo::All | ApplyTo::Exchanges) && self.regex.is_match(name)
+    }
+
+    /// The queue arguments this policy stands for (only the keys Warren applies).
+    pub fn queue_arguments(&self) -> FieldTable {
+        let mut out = FieldTable::default();
+        for (key, argument) in QUEUE_KEYS {
+            if let Some(v) = self.definition.get(key).and_then(as_amqp) {
+                out.insert(argument.into(), v);
+            }
+        }
+        out
+    }
+
+    /// The `alternate-exchange` an exchange gets from this policy.
+    pub fn alternate_exchange(&self) -> Option<String> {
+        self.definition
+            .get("alternate-exchange")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    }
+}
+
+/// The policy that applies: the highest priority among those that match, then the name that
+/// sorts first.
+pub fn choose(policies: &[Arc<Policy>], matches: impl Fn(&Policy) -> bool) -> Option<&Arc<Policy>> {
+    policies.iter().filter(|p| matches(p)).min_by(|a, b| {
+        b.priority
+            .cmp(&a.priority)
+            .then_with(|| a.name.cmp(&b.name))
+    })
+}
+
+/// Queue arguments that, set both ways, take the lower of the argument and the policy's
+/// value, as in RabbitMQ; for the other keys the argument wins.
+const LOWER_WINS: [&str; 6] = [
+    "x-message-ttl",
+    "x-expires",
+    "x-max-length",
+    "x-max-length-bytes",
+    "x-delivery-limit",
+    "x-consumer-timeout",
+];
+
+/// A queue's arguments with its policy's keys merged in: where the arguments have the key
+/// too, the argument wins, except for the limits and times of [`LOWER_WINS`].
+pub fn effective_arguments(arguments: &FieldTable, policy: Option<&Policy>) -> FieldTable {
+    let Some(policy) = policy else {
+        return arguments.clone();
+    };
+    let mut out = arguments.clone();
+    for (key, value) in policy.queue_arguments().inner() {
+        match arguments.inner().get(key) {
+            None => {
+                out.insert(key.clone(), value.clone());
+            }
+            Some(own) if LOWER_WINS.contains(&key.as_str()) => {
+                if let (Some(a), Some(b)) = (integer(own), integer(value))
+                    && b < a
+                {
+                    out.insert(key.clone(), value.clone());
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    out
+}
+
+fn integer(v: &AMQPValue) -> Option<i64> {
+    Some(match *v {
+        AMQPValue::ShortShortInt(x) => x.into(),
+        AMQPValue::ShortShortUInt(x) => x.into(),
+        AMQPValue::ShortInt(x) => x.into(),
+        AMQPValue::ShortUInt(x) => x.into(),
+        AMQPValue::LongInt(x) => x.into(),
+        AMQPValue::LongUInt(x) => x.into(),
+        AMQPValue::LongLongInt(x) => x,
+        _ => return None,
+    })
+}
+
+fn as_amqp(v: &Value) -> Option<AMQPValue> {
+    match v {
+        Value::String(s) => Some(AMQPValue::LongString(LongString::from(s.as_bytes()))),
+        Value::Number(n) => n.as_i64().map(AMQPValue::LongLongInt),
+        Value::Bool(b) => Some(AMQPValue::Boolean(*b)),
+        _ => None,
+    }
+}
+
+/// A JSON value as RabbitMQ's reasons print Erlang terms: numbers as they are, strings as
+/// binaries (`<<"x">>`).
+fn term(v: &Value) -> String {
+    match v {
+        Value::String(s) => format!("<<\"{s}\">>"),
+        other => other.to_string(),
+    }
+}
+
+/// RabbitMQ's checks of a definition's values, with its reasons.
+fn validate_definition(definition: &Map<String, Value>) -> Result<(), String> {
+    if definition.is_empty() {
+        return Err("no policy provided".into());
+    }
+    let mut unknown: Vec<(&String, &Value)> = definition
+        .iter()
+        .filter(|(k, _)| {
+            k.as_str() != "alternate-exchange"
+                && !QUEUE_KEYS.iter().any(|(key, _)| key == k)
+                && !IGNORED_KEYS.contains(&k.as_str())
+        })
+        .collect();
+    if !unknown.is_empty() {
+        unknown.sort_by(|a, b| a.0.cmp(b.0));
+        return Err(format!(
+            "[{}] are not recognised policy settings",
+            unknown
+                .iter()
+                .map(|(k, v)| format!("{{<<\"{k}\">>,{}}}", term(v)))
+                .collect::<Vec<_>>()
+                .join(",")
+        ));
+    }
+    for (key, value) in definition {
+        let (ok, what) = match key.as_str() {
+            "message-ttl" => (non_negative(value), "message TTL"),
+            "expires" => (value.as_i64().is_some_and(|n| n >= 1), "queue expiry"),
+            "max-length" => (non_negative(value), "maximum length"),
+            "max-length-bytes" => (non_negative(value), "maximum length in bytes"),
+            "delivery-limit" => (non_negative(value), "delivery limit"),
+            "consumer-timeout" => (non_negative(value), "consumer timeout"),
+            "overflow" => (
+                matches!(
+                    value.as_str(),
+                    Some("drop-head" | "reject-publish" | "reject-publish-dlx")
+                ),
+                "overflow value",
+            ),
+            "dead-letter-exchange" => (value.is_string(), "dead letter exchange name"),
+            "dead-letter-routing-key" => (value.is_string(), "dead letter routing key"),
+            "alternate-exchange" => (value.is_string(), "alternate exchange name"),
+            _ => (true, ""),
+        };
+        if !ok {
+            return Err(format!("{} is not a valid {what}", term(value)));
+        }
+    }
+    Ok(())
+}
+
+fn non_negative(v: &Value) -> bool {
+    v.as_i64().is_some_and(|n| n >= 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn policy(name: &str, pattern: &str, apply_to: &str, priority: i64, def: Value) -> Policy {
+        let Value::Object(def) = def else {
+            panic!("definition")
+        };
+        Policy::new(name, pattern, apply_to, priority, def).expect("valid policy")
+    }
+
+    #[test]
+    fn the_highest_priority_wins_then_the_first_name() {
+        let ps: Vec<Arc<Policy>> = vec![
+            Arc::new(policy("b", "^q", "all", 1, json!({"max-length": 1}))),
+            Arc::new(policy("a", "^q", "all", 1, json!({"max-length": 2}))),
+            Arc::new(policy("z", "^q", "queues", 5, json!({"max-length": 3}))),
+            Arc::new(policy(
+                "x",
+                "^q",
+                "exchanges",
+                9,
+                json!({"alternate-exchange": "ae"}),
+            )),
+        ];
+        let chosen = choose(&ps, |p| p.applies_to_queue("q1", QueueKind::Classic));
+        assert_eq!(chosen.map(|p| p.name.as_str()), Some("z"));
+        let chosen = choose(&ps[..2], |p| p.applies_to_queue("q1", QueueKind::Classic));
+        assert_eq!(chosen.map(|p| p.name.as_str()), Some("a"));
+        let chosen = choose(&ps, |p| p.applies_to_exchange("q-x"));
+        assert_eq!(chosen.map(|p| p.name.as_str()), Some("x"));
+        assert!(choose(&ps, |p| p.applies_to_queue("other", QueueKind::Classic)).is_none());
+    }
+
+    #[test]
+    fn apply_to_tells_queue_types_apart() {
+        let p = policy("p", ".*", "quorum_queues", 0, json!({"max-length": 1}));
+        assert!(p.applies_to_queue("q", QueueKind::Quorum));
+        assert!(!p.applies_to_queue("q", QueueKind::Classic));
+        assert!(!p.applies_to_exchange("q"));
+    }
+
+    #[test]
+    fn arguments_win_over_the_policy() {
+        let p = policy(
+            "p",
+            ".*",
+            "all",
+            0,
+            json!({"max-length": 5, "message-ttl": 100, "dead-letter-exchange": "dlx", "ha-mode": "all"}),
+        );
+        let mut args = FieldTable::default();
+        args.insert("x-max-length".into(), AMQPValue::LongInt(9));
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("own".into()),
+        );
+        let eff = effective_arguments(&args, Some(&p));
+        let m = eff.inner();
+        // Limits: the lower wins; the dead-letter exchange: the argument wins.
+        assert_eq!(m.get("x-max-length"), Some(&AMQPValue::LongLongInt(5)));
+        assert_eq!(
+            m.get("x-dead-letter-exchange"),
+            Some(&AMQPValue::LongString("own".into()))
+        );
+        args.insert("x-max-length".into(), AMQPValue::LongInt(3));
+        let eff = effective_arguments(&args, Some(&p));
+        assert_eq!(
+            eff.inner().get("x-max-length"),
+            Some(&AMQPValue::LongInt(3))
+        );
+        let m = eff.inner();
+        assert_eq!(m.get("x-message-ttl"), Some(&AMQPValue::LongLongInt(100)));
+        assert_eq!(m.len(), 3, "ignored keys add nothing");
+    }
+
+    #[test]
+    fn bad_definitions_are_refused_with_a_reason() {
+        let bad = |def: Value| {
+            let Value::Object(def) = def else { panic!() };
+            Policy::new("p", ".*", "all", 0, def).unwrap_err()
+        };
+        // RabbitMQ 3.10's reasons (it escapes < and > as HTML entities; Warren does not).
+        assert_eq!(bad(json!({})), "Validation failed\n\nno policy provided\n");
+        assert_eq!(
+            bad(json!({"max-lenght": 1, "foo": "x"})),
+            "Validation failed\n\n[{<<\"foo\">>,<<\"x\">>},{<<\"max-lenght\">>,1}] are not recognised policy settings\n"
+        );
+        assert_eq!(
+            bad(json!({"message-ttl": -1})),
+            "Validation failed\n\n-1 is not a valid message TTL\n"
+        );
+        assert_eq!(
+            bad(json!({"expires": 0})),
+            "Validation failed\n\n0 is not a valid queue expiry\n"
+        );
+        assert_eq!(
+            bad(json!({"max-length-bytes": "x"})),
+            "Validation failed\n\n<<\"x\">> is not a valid maximum length in bytes\n"
+        );
+        assert_eq!(
+            bad(json!({"overflow": "sideways"})),
+            "Validation failed\n\n<<\"sideways\">> is not a valid overflow value\n"
+        );
+        assert_eq!(
+            bad(json!({"dead-letter-exchange": 5})),
+            "Validation failed\n\n5 is not a valid dead letter exchange name\n"
+        );
+        let Value::Object(def) = json!({"max-length": 1}) else {
+            panic!()
+        };
+        assert!(Policy::new("p", "(", "all", 0, def.clone()).is_err());
+        assert!(Policy::new("p", ".*", "everything", 0, def).is_err());
+    }
+}
