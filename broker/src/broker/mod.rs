@@ -74,14 +74,14 @@ impl Broker {
             source,
         })?;
         let broker = Self::with_store(config, store, Arc::new(storage));
-        let durable: Vec<(String, String)> = broker
+        let durable: Vec<(String, String, u8)> = broker
             .vhosts()
             .iter()
             .flat_map(|v| {
                 v.queues()
                     .into_iter()
                     .filter(|q| q.spec.durable)
-                    .map(|q| (v.name.to_string(), q.name().to_owned()))
+                    .map(|q| (v.name.to_string(), q.name().to_owned(), q.top_level()))
                     .collect::<Vec<_>>()
             })
             .collect();

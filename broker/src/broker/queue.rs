@@ -10,7 +10,7 @@ use super::dead_letter::{DeadLetterTarget, DeathReason};
 use super::expiry::Expirer;
 use super::message::{Message, now_ms};
 use super::policy::{Policy, effective_arguments};
-use super::ready::{LazyStore, ReadyList, Window, delivered, forget, must_persist};
+use super::ready::{LazyStore, Levels, Window, delivered, forget, must_persist};
 use super::stats::MessageStats;
 use super::vhost::Vhost;
 use crate::store::{Location, RecordKind, Recovered, Storage};
@@ -32,6 +32,8 @@ pub struct QueuedMessage {
     pub location: Option<Location>,
     /// Times it came back unacknowledged (for `x-delivery-limit`; kept in memory only).
     pub returned: u32,
+    /// Its priority level in a priority queue (0 otherwise): which list and store hold it.
+    pub level: u8,
 }
 
 /// Where a queue hands messages for a consumer: implemented by the AMQP channel.
@@ -148,8 +150,9 @@ pub enum DeleteRefused {
 
 #[derive(Debug)]
 struct QueueState {
-    ready: ReadyList,
-    next_seq: u64,
+    ready: Levels,
+    /// The next sequence number of each priority level.
+    next_seq: Vec<u64>,
     unacked: u64,
     /// Body bytes of the unacknowledged messages.
     unacked_bytes: u64,
@@ -183,6 +186,12 @@ impl Settings {
             policy,
         }
     }
+}
+
+/// The highest priority level a queue with these arguments has: `x-max-priority`, at most
+/// 255; 0 without it.
+pub fn top_level(args: &FieldTable) -> u8 {
+    argument_u64(args, "x-max-priority").map_or(0, |n| u8::try_from(n).unwrap_or(u8::MAX))
 }
 
 /// Messages a queue gave up on, and why: dead letters once the lock is released.
@@ -285,12 +294,12 @@ impl Limits {
         }
     }
 
-    fn over(&self, ready: &ReadyList) -> bool {
+    fn over(&self, ready: &Levels) -> bool {
         self.max_length.is_some_and(|m| ready.len() as u64 > m)
             || self.max_bytes.is_some_and(|m| ready.bytes() > m)
     }
 
-    fn full_for(&self, ready: &ReadyList, body: u64) -> bool {
+    fn full_for(&self, ready: &Levels, body: u64) -> bool {
         self.max_length.is_some_and(|m| ready.len() as u64 >= m)
             || self.max_bytes.is_some_and(|m| ready.bytes() + body > m)
     }
@@ -347,7 +356,10 @@ pub struct Queue {
     pub vhost: Arc<str>,
     /// The connection that owns an exclusive queue.
     pub owner: Option<u64>,
-    store: LazyStore,
+    /// The highest priority level (`x-max-priority`; 0 for a queue without priorities).
+    top: u8,
+    /// The store of each priority level, where its messages go when they must be on disk.
+    stores: Box<[LazyStore]>,
     state: Mutex<QueueState>,
     deleted: AtomicBool,
     /// Counters for the management API and metrics.
@@ -392,7 +404,8 @@ impl Queue {
         Self::recovered(spec, vhost, owner, store, window, Recovered::default())
     }
 
-    /// A durable queue whose store held `recovered` messages at start.
+    /// A durable queue whose store held `recovered` messages at start. A priority queue gets
+    /// a store for each of its other levels, created on first use.
     pub fn recovered(
         spec: QueueSpec,
         vhost: Arc<str>,
@@ -401,8 +414,33 @@ impl Queue {
         window: Window,
         recovered: Recovered,
     ) -> Arc<Self> {
+        let top = top_level(&spec.arguments);
+        let durable = spec.durable && owner.is_none();
+        let mut levels = Vec::with_capacity(usize::from(top) + 1);
+        for l in 1..=top {
+            levels.push((
+                store.sibling(&vhost, &spec.name, l, durable),
+                Recovered::default(),
+            ));
+        }
+        levels.insert(0, (store, recovered));
+        Self::recovered_levels(spec, vhost, owner, levels, window)
+    }
+
+    /// A queue whose levels' stores held these messages at start, one entry per priority
+    /// level (one for a queue without priorities).
+    pub fn recovered_levels(
+        spec: QueueSpec,
+        vhost: Arc<str>,
+        owner: Option<u64>,
+        levels: Vec<(LazyStore, Recovered)>,
+        window: Window,
+    ) -> Arc<Self> {
         let settings = Settings::new(&spec.arguments, None);
-        let may_expire = settings.features.message_ttl.is_some() || recovered.count > 0;
+        let recovered_any = levels.iter().any(|(_, r)| r.count > 0);
+        let may_expire = settings.features.message_ttl.is_some() || recovered_any;
+        let next_seq = levels.iter().map(|(_, r)| r.next_seq).collect();
+        let (stores, recovered): (Vec<LazyStore>, Vec<Recovered>) = levels.into_iter().unzip();
         Arc::new(Self {
             single_active_consumer: settings.features.single_active_consumer,
             consumer_timeout: AtomicU64::new(
@@ -415,10 +453,11 @@ impl Queue {
             spec,
             vhost,
             owner,
-            store,
+            top: u8::try_from(stores.len().saturating_sub(1)).unwrap_or(u8::MAX),
+            stores: stores.into_boxed_slice(),
             state: Mutex::new(QueueState {
-                ready: ReadyList::recovered(window, recovered),
-                next_seq: recovered.next_seq,
+                ready: Levels::new(window, recovered),
+                next_seq,
                 unacked: 0,
                 unacked_bytes: 0,
                 consumers: Vec::new(),
@@ -446,6 +485,26 @@ impl Queue {
 
     pub fn name(&self) -> &str {
         &self.spec.name
+    }
+
+    /// The highest priority level: `x-max-priority`, 0 for a queue without priorities.
+    pub fn top_level(&self) -> u8 {
+        self.top
+    }
+
+    fn store(&self, level: u8) -> &LazyStore {
+        &self.stores[usize::from(level)]
+    }
+
+    /// The level a message goes to: its priority, at most the queue's top level.
+    fn level_of(&self, message: &Message) -> u8 {
+        if self.top == 0 {
+            return 0;
+        }
+        crate::amqp::codec::scan_properties(&message.properties)
+            .and_then(|s| s.priority)
+            .unwrap_or(0)
+            .min(self.top)
     }
 
     pub fn is_deleted(&self) -> bool {
@@ -551,9 +610,9 @@ impl Queue {
         let limits = st.settings.limits;
         let dead_letter = st.settings.features.dead_letter.is_some();
         while limits.over(&st.ready) {
-            match st.ready.pop_front(&self.store) {
+            match st.ready.pop_front(&self.stores) {
                 Some(dropped) => {
-                    forget(&self.store, dropped.seq, dropped.location);
+                    forget(self.store(dropped.level), dropped.seq, dropped.location);
                     if dead_letter {
                         dead.push((dropped, DeathReason::Maxlen));
                     }
@@ -592,28 +651,35 @@ impl Queue {
         }
         let ttl = st.settings.features.message_ttl;
         let dead_letter = st.settings.features.dead_letter.is_some();
-        while let Some(front) = st.ready.front(&self.store) {
-            if Self::expiry(ttl, &front.message).is_none_or(|at| at > now) {
-                break;
-            }
-            let Some(m) = st.ready.pop_front(&self.store) else {
-                break;
-            };
-            forget(&self.store, m.seq, m.location);
-            if dead_letter {
-                dead.push((m, DeathReason::Expired));
+        // Each priority level expires from its own head, as in RabbitMQ.
+        for (list, store) in st.ready.lists_mut().iter_mut().zip(self.stores.iter()) {
+            while let Some(front) = list.front(store) {
+                if Self::expiry(ttl, &front.message).is_none_or(|at| at > now) {
+                    break;
+                }
+                let Some(m) = list.pop_front(store) else {
+                    break;
+                };
+                forget(store, m.seq, m.location);
+                if dead_letter {
+                    dead.push((m, DeathReason::Expired));
+                }
             }
         }
     }
 
-    /// When the message now at the head expires.
+    /// When the message now at the head of a level expires first.
     fn next_expiry_locked(&self, st: &mut QueueState) -> Option<u64> {
         if !st.may_expire {
             return None;
         }
         let ttl = st.settings.features.message_ttl;
-        let front = st.ready.front(&self.store)?;
-        Self::expiry(ttl, &front.message)
+        st.ready
+            .lists_mut()
+            .iter_mut()
+            .zip(self.stores.iter())
+            .filter_map(|(list, store)| Self::expiry(ttl, &list.front(store)?.message))
+            .min()
     }
 
     /// Asks the vhost's timers to look at the queue at `at`, unless they will sooner.
@@ -701,19 +767,21 @@ impl Queue {
                         redelivered: false,
                         location: None,
                         returned: 0,
+                        level: 0,
                     };
                     dead.push((refused, DeathReason::Maxlen));
                 }
                 (Enqueued::Rejected, None)
             } else {
-                let seq = st.next_seq;
-                st.next_seq += 1;
+                let level = self.level_of(&message);
+                let seq = st.next_seq[usize::from(level)];
+                st.next_seq[usize::from(level)] += 1;
                 MessageStats::bump(&self.stats.publish);
                 let (location, epoch) = if must_persist(self.spec.durable, &message) {
-                    let stored = self
-                        .store
-                        .get()
-                        .append(seq, &message, RecordKind::Persistent);
+                    let stored =
+                        self.store(level)
+                            .get()
+                            .append(seq, &message, RecordKind::Persistent);
                     (Some(stored.location), stored.epoch)
                 } else {
                     (None, 0)
@@ -725,8 +793,9 @@ impl Queue {
                         redelivered: false,
                         location,
                         returned: 0,
+                        level,
                     },
-                    &self.store,
+                    &self.stores,
                 );
                 self.deliver_locked(&mut st);
                 let backlogged = st.ready.paging() && !st.consumers.is_empty();
@@ -816,22 +885,23 @@ impl Queue {
             }
             let Some(i) = chosen else { break };
             let consumer = st.consumers[i].clone();
-            let Some(msg) = st.ready.pop_front(&self.store) else {
+            let Some(msg) = st.ready.pop_front(&self.stores) else {
                 break;
             };
             let (seq, location, redelivered) = (msg.seq, msg.location, msg.redelivered);
+            let store = self.store(msg.level);
             let body_len = msg.message.body.len() as u64;
             match consumer.sink.offer(self, &consumer, msg) {
                 Ok(()) => {
                     self.count_delivery(redelivered, false, consumer.no_ack);
                     handed += 1;
                     if consumer.no_ack {
-                        forget(&self.store, seq, location);
+                        forget(store, seq, location);
                     } else {
                         st.unacked += 1;
                         st.unacked_bytes += body_len;
                         consumer.unacked.fetch_add(1, Ordering::Relaxed);
-                        delivered(&self.store, seq, location);
+                        delivered(store, seq, location);
                     }
                     if !self.single_active_consumer {
                         rotate_within_priority(&mut st.consumers, i);
@@ -900,17 +970,17 @@ impl Queue {
         if st.may_expire {
             self.expire_locked(&mut st, now_ms(), dead);
         }
-        let Some(msg) = st.ready.pop_front(&self.store) else {
+        let Some(msg) = st.ready.pop_front(&self.stores) else {
             MessageStats::bump(&self.stats.get_empty);
             return None;
         };
         self.count_delivery(msg.redelivered, true, no_ack);
         if no_ack {
-            forget(&self.store, msg.seq, msg.location);
+            forget(self.store(msg.level), msg.seq, msg.location);
         } else {
             st.unacked += 1;
             st.unacked_bytes += msg.message.body.len() as u64;
-            delivered(&self.store, msg.seq, msg.location);
+            delivered(self.store(msg.level), msg.seq, msg.location);
         }
         *next = self.next_expiry_locked(&mut st);
         Some((msg, st.ready.len() as u32))
@@ -928,7 +998,7 @@ impl Queue {
             let mut st = self.state.lock();
             for d in delivered {
                 release(&mut st, d);
-                forget(&self.store, d.msg.seq, d.msg.location);
+                forget(self.store(d.msg.level), d.msg.seq, d.msg.location);
                 if !acked && st.settings.features.dead_letter.is_some() && !self.is_deleted() {
                     dead.push((d.msg.clone(), DeathReason::Rejected));
                 }
@@ -958,7 +1028,7 @@ impl Queue {
                 if let Some(limit) = st.settings.features.delivery_limit {
                     msg.returned = msg.returned.saturating_add(1);
                     if u64::from(msg.returned) > limit {
-                        forget(&self.store, msg.seq, msg.location);
+                        forget(self.store(msg.level), msg.seq, msg.location);
                         if st.settings.features.dead_letter.is_some() {
                             dead.push((msg, DeathReason::DeliveryLimit));
                         }
@@ -1044,7 +1114,7 @@ impl Queue {
     ) -> (Vec<QueuedMessage>, bool) {
         let st = self.state.lock();
         let mut found = Vec::new();
-        let seen = st.ready.scan(&self.store, budget, |m| {
+        let seen = st.ready.scan(&self.stores, budget, |m| {
             if wanted(&m.message) {
                 found.push(m.clone());
             }
@@ -1068,7 +1138,7 @@ impl Queue {
 
     /// Drops all ready messages; returns how many.
     pub fn purge(&self) -> u32 {
-        self.state.lock().ready.clear(&self.store) as u32
+        self.state.lock().ready.clear(&self.stores) as u32
     }
 
     /// Marks the queue deleted, cancels its consumers and drops its ready messages, returning
@@ -1089,7 +1159,7 @@ impl Queue {
             }
             consumers = std::mem::take(&mut st.consumers);
             count = st.ready.len() as u32;
-            if let Some(store) = self.store.existing() {
+            for store in self.stores.iter().filter_map(LazyStore::existing) {
                 store.destroy();
             }
         }
@@ -1265,6 +1335,7 @@ mod tests {
             redelivered: false,
             location: None,
             returned: 0,
+            level: 0,
         };
         q.settle(
             &[Delivered {

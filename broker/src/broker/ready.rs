@@ -33,6 +33,9 @@ impl Default for Window {
 pub struct LazyStore {
     storage: Arc<Storage>,
     store: OnceLock<Arc<dyn QueueStore>>,
+    /// For a priority level of a durable queue: the queue (vhost, name, level) whose durable
+    /// store is opened on first use.
+    durable: Option<(Arc<str>, String, u8)>,
 }
 
 impl LazyStore {
@@ -42,6 +45,7 @@ impl LazyStore {
         Self {
             storage,
             store: cell,
+            durable: None,
         }
     }
 
@@ -49,17 +53,51 @@ impl LazyStore {
         Self {
             storage,
             store: OnceLock::new(),
+            durable: None,
+        }
+    }
+
+    /// The store of priority level `level` of a durable queue, created on first use.
+    pub fn deferred_durable(
+        storage: Arc<Storage>,
+        vhost: Arc<str>,
+        queue: &str,
+        level: u8,
+    ) -> Self {
+        Self {
+            storage,
+            store: OnceLock::new(),
+            durable: Some((vhost, queue.to_owned(), level)),
         }
     }
 
     pub fn get(&self) -> &Arc<dyn QueueStore> {
-        self.store.get_or_init(|| match self.storage.open_transient() {
+        self.store.get_or_init(|| {
+            let opened = match &self.durable {
+                Some((vhost, queue, level)) => self
+                    .storage
+                    .open_durable_level(vhost, queue, *level, true)
+                    .map(|(s, _)| s),
+                None => self.storage.open_transient(),
+            };
+            match opened {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "cannot create a store for paging; keeping messages in memory");
                 Arc::new(crate::store::memory::MemoryQueueStore::new())
             }
+            }
         })
+    }
+
+    /// A store, created on first use, for priority level `level` of the same queue: durable
+    /// (kept under the queue's name and level) or for paging only.
+    pub fn sibling(&self, vhost: &Arc<str>, queue: &str, level: u8, durable: bool) -> Self {
+        if durable {
+            Self::deferred_durable(self.storage.clone(), vhost.clone(), queue, level)
+        } else {
+            Self::deferred(self.storage.clone())
+        }
     }
 
     pub fn existing(&self) -> Option<&Arc<dyn QueueStore>> {
@@ -79,6 +117,8 @@ pub struct ReadyList {
     /// Recovered messages below this sequence number come back marked redelivered.
     redelivered_below: u64,
     window: Window,
+    /// The priority level this list holds (0 in a queue without priorities).
+    level: u8,
 }
 
 impl ReadyList {
@@ -92,6 +132,7 @@ impl ReadyList {
             until: 0,
             redelivered_below: 0,
             window,
+            level: 0,
         }
     }
 
@@ -197,6 +238,7 @@ impl ReadyList {
                 message: Arc::new(m.message),
                 location: Some(m.location),
                 returned: 0,
+                level: self.level,
             });
         }
         if self.mem.is_empty() && self.cursor >= self.until && self.tail > 0 {
@@ -246,6 +288,7 @@ impl ReadyList {
                     message: Arc::new(m.message),
                     location: Some(m.location),
                     returned: 0,
+                    level: self.level,
                 };
                 if !visit(&queued) || seen == budget {
                     return seen;
@@ -287,6 +330,138 @@ impl ReadyList {
         self.tail_bytes = 0;
         self.cursor = self.until;
         n
+    }
+}
+
+/// Each priority level of a priority queue keeps at least this much of its window.
+const MIN_LEVEL_WINDOW: Window = Window {
+    messages: 64,
+    bytes: 256 * 1024,
+};
+
+/// A queue's ready messages by priority level (`x-max-priority`): one [`ReadyList`] with its
+/// own store per level, the highest level served first, first in first out within a level.
+/// Each level pages to its own store, so a backlog of any priority mix stays on disk in
+/// order. A queue without priorities has one level, which is just a [`ReadyList`].
+#[derive(Debug)]
+pub struct Levels {
+    lists: Vec<ReadyList>,
+}
+
+impl Levels {
+    /// The levels of a queue whose stores held `recovered` at start, one entry per level.
+    /// The queue's window is shared out between its levels.
+    pub fn new(window: Window, recovered: Vec<Recovered>) -> Self {
+        let n = recovered.len().max(1);
+        let share = if n == 1 {
+            window
+        } else {
+            Window {
+                messages: (window.messages / n).max(MIN_LEVEL_WINDOW.messages),
+                bytes: (window.bytes / n as u64).max(MIN_LEVEL_WINDOW.bytes),
+            }
+        };
+        let mut lists: Vec<ReadyList> = recovered
+            .into_iter()
+            .enumerate()
+            .map(|(l, r)| ReadyList {
+                level: u8::try_from(l).unwrap_or(u8::MAX),
+                ..ReadyList::recovered(share, r)
+            })
+            .collect();
+        if lists.is_empty() {
+            lists.push(ReadyList::new(window));
+        }
+        Self { lists }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lists.iter().map(ReadyList::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lists.iter().all(ReadyList::is_empty)
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.lists.iter().map(ReadyList::bytes).sum()
+    }
+
+    pub fn in_memory(&self) -> usize {
+        self.lists.iter().map(ReadyList::in_memory).sum()
+    }
+
+    /// Some level's backlog outgrew its window.
+    pub fn paging(&self) -> bool {
+        self.lists.iter().any(ReadyList::paging)
+    }
+
+    /// Appends a message to its level.
+    pub fn push_back(&mut self, msg: QueuedMessage, stores: &[LazyStore]) {
+        let l = usize::from(msg.level);
+        self.lists[l].push_back(msg, &stores[l]);
+    }
+
+    /// The highest level with a message, reading its next batch from its store if needed.
+    fn top(&mut self, stores: &[LazyStore]) -> Option<usize> {
+        (0..self.lists.len())
+            .rev()
+            .find(|&l| self.lists[l].front(&stores[l]).is_some())
+    }
+
+    /// The next message to deliver: the oldest of the highest level.
+    pub fn front(&mut self, stores: &[LazyStore]) -> Option<&QueuedMessage> {
+        let l = self.top(stores)?;
+        self.lists[l].front_in_memory()
+    }
+
+    /// Takes the next message to deliver.
+    pub fn pop_front(&mut self, stores: &[LazyStore]) -> Option<QueuedMessage> {
+        let l = self.top(stores)?;
+        self.lists[l].pop_front(&stores[l])
+    }
+
+    /// Puts a message back where it was, in its level.
+    pub fn requeue(&mut self, msg: QueuedMessage) {
+        let l = usize::from(msg.level);
+        self.lists[l].requeue(msg);
+    }
+
+    /// Drops every ready message; returns how many.
+    pub fn clear(&mut self, stores: &[LazyStore]) -> usize {
+        self.lists
+            .iter_mut()
+            .zip(stores)
+            .map(|(list, store)| list.clear(store))
+            .sum()
+    }
+
+    /// Looks at ready messages in delivery order (highest level first), as
+    /// [`ReadyList::scan`].
+    pub fn scan(
+        &self,
+        stores: &[LazyStore],
+        budget: usize,
+        mut visit: impl FnMut(&QueuedMessage) -> bool,
+    ) -> usize {
+        let mut seen = 0;
+        let mut stopped = false;
+        for (list, store) in self.lists.iter().zip(stores).rev() {
+            if stopped || seen >= budget {
+                break;
+            }
+            seen += list.scan(store, budget - seen, |m| {
+                let go = visit(m);
+                stopped = !go;
+                go
+            });
+        }
+        seen
+    }
+
+    /// Each level, lowest first.
+    pub fn lists_mut(&mut self) -> &mut [ReadyList] {
+        &mut self.lists
     }
 }
 

@@ -9,7 +9,7 @@ use super::expiry::Expirer;
 use super::headers::{type_name, value_text, values_equal};
 use super::message::{Message, now_ms};
 use super::policy::{self, Policy, QueueKind};
-use super::queue::{DeleteRefused, Enqueued, Links, Queue, QueueSpec, QueuedMessage};
+use super::queue::{DeleteRefused, Enqueued, Links, Queue, QueueSpec, QueuedMessage, top_level};
 use super::ready::{LazyStore, Window};
 use super::stats::{Churn, MessageStats};
 use super::throttle::{TOO_MANY_REQUESTS, Throttle};
@@ -17,10 +17,10 @@ use crate::error::{
     AmqpError, AmqpResult, access_refused, not_found, precondition_failed, resource_locked,
 };
 use crate::store::DefinitionStore;
-use crate::store::Storage;
 use crate::store::definitions::{
     BindingDefinition, ExchangeDefinition, PolicyDefinition, QueueDefinition, VhostDefinitions,
 };
+use crate::store::{Recovered, Storage};
 use amq_protocol::types::{AMQPValue, FieldTable};
 use parking_lot::{Mutex, RwLock};
 use std::sync::{Arc, Weak};
@@ -375,7 +375,36 @@ impl Vhost {
             if recovered.count > 0 {
                 tracing::info!(vhost = %self.name, queue = %name, messages = recovered.count, "recovered messages");
             }
-            let queue = Queue::recovered(
+            // A priority queue keeps each level in a store of its own.
+            let mut levels = vec![(LazyStore::opened(self.storage.clone(), store), recovered)];
+            for l in 1..=top_level(&q.arguments) {
+                let level = if self.storage.durable_level_exists(&self.name, name, l) {
+                    match self.storage.open_durable_level(&self.name, name, l, false) {
+                        Ok((s, r)) => {
+                            if r.count > 0 {
+                                tracing::info!(vhost = %self.name, queue = %name, level = l, messages = r.count, "recovered messages");
+                            }
+                            (LazyStore::opened(self.storage.clone(), s), r)
+                        }
+                        Err(e) => {
+                            tracing::error!(vhost = %self.name, queue = %name, level = l, error = %e, "cannot open a priority level's store; its messages are not recovered");
+                            continue;
+                        }
+                    }
+                } else {
+                    (
+                        LazyStore::deferred_durable(
+                            self.storage.clone(),
+                            self.name.clone(),
+                            name,
+                            l,
+                        ),
+                        Recovered::default(),
+                    )
+                };
+                levels.push(level);
+            }
+            let queue = Queue::recovered_levels(
                 QueueSpec {
                     name: name.clone(),
                     durable: true,
@@ -385,9 +414,8 @@ impl Vhost {
                 },
                 self.name.clone(),
                 None,
-                LazyStore::opened(self.storage.clone(), store),
+                levels,
                 self.window,
-                recovered,
             );
             self.link(&queue);
             self.queues.write().insert(name.clone(), queue);
@@ -731,6 +759,13 @@ impl Vhost {
             let (store, _) = self
                 .storage
                 .open_durable(&self.name, &spec.name, true)
+                .and_then(|opened| {
+                    // What a deleted priority queue of the same name may have left.
+                    for l in 1..=top_level(&spec.arguments) {
+                        self.storage.remove_durable_level(&self.name, &spec.name, l)?;
+                    }
+                    Ok(opened)
+                })
                 .map_err(|e| {
                     tracing::error!(vhost = %self.name, queue = %spec.name, error = %e, "cannot create the queue's store");
                     AmqpError::new(crate::error::INTERNAL_ERROR, "cannot create the queue's store")

@@ -158,12 +158,16 @@ impl Storage {
         self.flusher.as_ref()
     }
 
-    /// The directory of a durable queue's store.
-    fn durable_dir(&self, dir: &Path, vhost: &str, queue: &str) -> PathBuf {
+    /// The directory of a durable queue's store; a priority queue has one per priority level
+    /// (level 0 is the queue's own).
+    fn durable_dir(&self, dir: &Path, vhost: &str, queue: &str, level: u8) -> PathBuf {
         let mut h = Sha256::new();
         h.update(vhost.as_bytes());
         h.update([0]);
         h.update(queue.as_bytes());
+        if level > 0 {
+            h.update([0, level]);
+        }
         let digest = h.finalize();
         let name: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
         dir.join("queues").join(name)
@@ -177,20 +181,54 @@ impl Storage {
         queue: &str,
         fresh: bool,
     ) -> io::Result<(Arc<dyn QueueStore>, Recovered)> {
+        self.open_durable_level(vhost, queue, 0, fresh)
+    }
+
+    /// Whether a priority level of a durable queue has a store on disk.
+    pub fn durable_level_exists(&self, vhost: &str, queue: &str, level: u8) -> bool {
+        self.dir
+            .as_ref()
+            .is_some_and(|dir| self.durable_dir(dir, vhost, queue, level).exists())
+    }
+
+    /// Opens the store of one priority level of a durable queue, as [`Storage::open_durable`].
+    pub fn open_durable_level(
+        &self,
+        vhost: &str,
+        queue: &str,
+        level: u8,
+        fresh: bool,
+    ) -> io::Result<(Arc<dyn QueueStore>, Recovered)> {
         match (&self.dir, &self.flusher) {
             (Some(dir), Some(flusher)) => {
-                let path = self.durable_dir(dir, vhost, queue);
+                let path = self.durable_dir(dir, vhost, queue, level);
                 if fresh && path.exists() {
                     std::fs::remove_dir_all(&path)?;
                 }
                 let (store, recovered) =
                     FileQueueStore::open(&path, flusher.clone(), self.options)?;
-                let id = format!("{{\"vhost\":{vhost:?},\"queue\":{queue:?}}}\n");
+                let id = format!(
+                    "{{\"vhost\":{},\"queue\":{},\"priority\":{level}}}\n",
+                    serde_json::Value::from(vhost),
+                    serde_json::Value::from(queue)
+                );
                 std::fs::write(path.join("queue.json"), id)?;
                 Ok((store, recovered))
             }
             _ => Ok((Arc::new(MemoryQueueStore::new()), Recovered::default())),
         }
+    }
+
+    /// Deletes the store of a priority level of a durable queue, if there is one (what a
+    /// deleted queue of the same name may have left).
+    pub fn remove_durable_level(&self, vhost: &str, queue: &str, level: u8) -> io::Result<()> {
+        if let Some(dir) = &self.dir {
+            let path = self.durable_dir(dir, vhost, queue, level);
+            if path.exists() {
+                std::fs::remove_dir_all(&path)?;
+            }
+        }
+        Ok(())
     }
 
     /// A store for paging a non-durable queue's messages; gone after a restart.
@@ -211,12 +249,13 @@ impl Storage {
     }
 
     /// Deletes the stores of durable queues that no longer exist (`keep` lists the
-    /// `(vhost, queue)` pairs that do).
-    pub fn remove_stale(&self, keep: &[(String, String)]) -> io::Result<()> {
+    /// `(vhost, queue, top level)` of those that do: a priority queue keeps a store for each
+    /// level from 0 to its top one).
+    pub fn remove_stale(&self, keep: &[(String, String, u8)]) -> io::Result<()> {
         let Some(dir) = &self.dir else { return Ok(()) };
         let keep: std::collections::HashSet<PathBuf> = keep
             .iter()
-            .map(|(v, q)| self.durable_dir(dir, v, q))
+            .flat_map(|(v, q, top)| (0..=*top).map(move |l| self.durable_dir(dir, v, q, l)))
             .collect();
         for entry in std::fs::read_dir(dir.join("queues"))? {
             let path = entry?.path();

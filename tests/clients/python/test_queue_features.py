@@ -1,6 +1,6 @@
 """Queue features through pika: message TTL, per-message expiration, dead-lettering with
 x-death, length limits (drop-head and reject-publish-dlx), queue expiry, single active
-consumer."""
+consumer, priority queues."""
 
 import pika
 
@@ -127,3 +127,20 @@ def test_single_active_consumer_gets_everything_until_it_goes(conn, ch, names):
     first_ch.basic_cancel("first")
     ch.basic_publish("", q, b"after")
     wait_until(conn, lambda: got["second"] == [b"after"], what="the next consumer to take over")
+
+
+def test_priority_queue_delivers_higher_priorities_first(conn, ch, names):
+    q = names.queue("prio")
+    ch.queue_declare(q, arguments={"x-max-priority": 5})
+    ch.confirm_delivery()
+    # 9 is above the maximum and counts as 5; no priority counts as 0.
+    for body, priority in [(b"a", None), (b"b", 1), (b"c", 5), (b"d", 9), (b"e", 3), (b"f", 1)]:
+        ch.basic_publish("", q, body, pika.BasicProperties(priority=priority))
+    assert ready_count(ch, q) == 6
+    got = []
+    while True:
+        method, _, body = ch.basic_get(q, auto_ack=True)
+        if method is None:
+            break
+        got.append(body)
+    assert got == [b"c", b"d", b"e", b"b", b"f", b"a"]
