@@ -280,3 +280,85 @@ async fn a_connection_is_never_held_for_its_own_consumers() {
     assert!(max_ready > WINDOW as u64, "the backlog should have paged");
     b.stop().await;
 }
+
+#[tokio::test]
+async fn every_queue_a_publish_reaches_is_looked_at() {
+    let b = broker(true).await;
+    if b.is_external() {
+        return;
+    }
+    // A fanout to two queues: the first is consumed on the publishing connection (it can
+    // never hold it), the second by a slow consumer elsewhere (it must).
+    let (own, other) = (unique("fan-own"), unique("fan-other"));
+    let exchange = unique("fan");
+    let conn = b.connect().await;
+    let ch = channel(&conn).await;
+    within(
+        5,
+        ch.exchange_declare(
+            exchange.as_str().into(),
+            lapin::ExchangeKind::Fanout,
+            lapin::options::ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .expect("exchange.declare");
+    for q in [&own, &other] {
+        declare(&ch, q).await;
+        within(
+            5,
+            ch.queue_bind(
+                q.as_str().into(),
+                exchange.as_str().into(),
+                "".into(),
+                lapin::options::QueueBindOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await
+        .expect("queue.bind");
+    }
+    let own_taken = slow_consumer(channel(&conn).await, &own, Duration::from_millis(1)).await;
+    let consumer_conn = b.connect().await;
+    let other_taken = slow_consumer(
+        channel(&consumer_conn).await,
+        &other,
+        Duration::from_millis(1),
+    )
+    .await;
+    let seen = sample(&b, &other);
+    within(5, ch.confirm_select(ConfirmSelectOptions::default()))
+        .await
+        .expect("confirm.select");
+    let body = vec![b'x'; BODY];
+    within(60, async {
+        let mut confirms = Vec::with_capacity(MESSAGES);
+        for _ in 0..MESSAGES {
+            confirms.push(
+                ch.basic_publish(
+                    exchange.as_str().into(),
+                    "".into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    BasicProperties::default(),
+                )
+                .await
+                .expect("publish"),
+            );
+        }
+        for c in confirms {
+            assert!(c.await.expect("confirm").is_ack());
+        }
+    })
+    .await;
+    all_taken(&other_taken).await;
+    all_taken(&own_taken).await;
+    let (max_ready, flow) = seen.finish();
+    assert!(flow, "the second queue should have held the publisher");
+    assert!(
+        max_ready < 400,
+        "the second queue's backlog reached {max_ready} despite flow control"
+    );
+    b.stop().await;
+}

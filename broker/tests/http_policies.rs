@@ -199,12 +199,13 @@ async fn a_length_policy_applies_at_once_and_arguments_win_over_it() {
     )
     .await;
     declare(&ch, &other, FieldTable::default()).await;
-    for q in [&limited, &own, &other] {
+    for q in [&limited, &own, &other, &overflow] {
         for i in 0..6 {
             publish(&ch, "", q, &format!("m{i}")).await;
         }
     }
     ready_is(&ch, &own, 4).await;
+    ready_is(&ch, &overflow, 6).await;
     let name = unique("maxlen");
     let pattern = format!("^{}\\.", regex_escape(&prefix));
     put_policy(
@@ -220,8 +221,9 @@ async fn a_length_policy_applies_at_once_and_arguments_win_over_it() {
     // pattern misses keeps everything.
     ready_is(&ch, &own, 2).await;
     ready_is(&ch, &other, 6).await;
-    // Keys other than limits and times: the queue's argument wins (reject-publish here, so
-    // nothing more gets in once the policy's length is reached).
+    // A queue that refuses publishes when full keeps what it holds under a lower limit, as in
+    // RabbitMQ, and for keys other than limits and times its argument wins: a policy asking
+    // for drop-head does not make it drop.
     let put_overflow = unique("overflow");
     put_policy(
         &api,
@@ -229,11 +231,10 @@ async fn a_length_policy_applies_at_once_and_arguments_win_over_it() {
         json!({"pattern": format!("^{}\\.overflow$", regex_escape(&prefix)), "definition": {"max-length": 1, "overflow": "drop-head"}, "priority": 5}),
     )
     .await;
-    for i in 0..2 {
-        publish(&ch, "", &overflow, &format!("o{i}")).await;
-    }
-    ready_is(&ch, &overflow, 1).await;
-    assert_eq!(get_body(&ch, &overflow).await.as_deref(), Some("o0"));
+    ready_is(&ch, &overflow, 6).await;
+    publish(&ch, "", &overflow, "refused").await;
+    ready_is(&ch, &overflow, 6).await;
+    assert_eq!(get_body(&ch, &overflow).await.as_deref(), Some("m0"));
     api.delete(&path(&put_overflow)).await.status(204);
     let q = queue_with_policy(&api, &limited, &name).await;
     assert_eq!(q["effective_policy_definition"], json!({"max-length": 2}));
@@ -362,6 +363,31 @@ async fn ttl_and_dead_lettering_come_from_a_policy() {
         death.inner().get("reason"),
         Some(&AMQPValue::LongString("expired".into()))
     );
+    api.delete(&path(&name)).await.status(204);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_ttl_policy_applies_to_messages_published_after_it() {
+    let b = TestBroker::start().await;
+    let (api, _conn, ch) = setup(&b).await;
+    let prefix = unique("ttl-after");
+    let queue = format!("{prefix}.q");
+    declare(&ch, &queue, FieldTable::default()).await;
+    publish(&ch, "", &queue, "before").await;
+    let name = unique("ttl-after");
+    put_policy(
+        &api,
+        &name,
+        json!({"pattern": format!("^{}\\.", regex_escape(&prefix)), "definition": {"message-ttl": 100}, "apply-to": "queues"}),
+    )
+    .await;
+    publish(&ch, "", &queue, "after").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // As in RabbitMQ: the older message does not expire; the one published under the TTL
+    // does, once it is at the head.
+    assert_eq!(get_body(&ch, &queue).await.as_deref(), Some("before"));
+    ready_is(&ch, &queue, 0).await;
     api.delete(&path(&name)).await.status(204);
     b.stop().await;
 }

@@ -35,9 +35,23 @@ pub struct Session {
     pub cancel_notify: bool,
     /// Exclusive queues declared on this connection, deleted when it closes.
     pub exclusive_queues: Vec<Arc<Queue>>,
-    /// A queue this connection published to whose backlog is on disk while consumers take
-    /// from it: flow control looks at it before reading more from the client.
-    pub flow: Option<Arc<Queue>>,
+    /// Queues this connection published to whose backlog is on disk while consumers take
+    /// from them: flow control looks at them before reading more from the client.
+    pub flow: Vec<Arc<Queue>>,
+}
+
+/// Most queues a connection remembers for flow control between two reads.
+const FLOW_QUEUES: usize = 8;
+
+impl Session {
+    /// Remembers queues a publish found backlogged, for flow control.
+    pub fn note_backlogged(&mut self, queues: Vec<Arc<Queue>>) {
+        for q in queues {
+            if self.flow.len() < FLOW_QUEUES && !self.flow.iter().any(|f| Arc::ptr_eq(f, &q)) {
+                self.flow.push(q);
+            }
+        }
+    }
 }
 
 impl Session {

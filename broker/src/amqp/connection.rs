@@ -318,17 +318,29 @@ impl Connection {
                     }
                 }
             }
-            if let Some(q) = self.session.as_mut().and_then(|s| s.flow.take())
-                && self.phase == Phase::Open
-                && self.broker.config.flow_control
-            {
+            let flow = self
+                .session
+                .as_mut()
+                .map(|s| std::mem::take(&mut s.flow))
+                .unwrap_or_default();
+            let holder = if self.phase == Phase::Open && self.broker.config.flow_control {
+                flow.iter().find(|q| q.holds_publisher(self.id)).cloned()
+            } else {
+                None
+            };
+            if holder.is_none() && !flow.is_empty() {
+                // Held before (or about to be), and no queue holds us now.
+                self.set_state(ConnectionState::Running);
+            }
+            if let Some(q) = holder {
                 // Flow control: a queue this connection feeds has its backlog on disk while
-                // consumers take from it. Stop reading the client until they bring it back
-                // into memory, so it publishes at their pace instead of paging.
+                // consumers on other connections take from it. Stop reading the client until
+                // they bring it back into memory, so it publishes at their pace, not paging.
                 let held = {
                     let drained = q.backlog_drained();
                     tokio::pin!(drained);
                     drained.as_mut().enable();
+                    // Again, now that a wake-up cannot be missed.
                     let held = q.holds_publisher(self.id);
                     if held {
                         self.set_state(ConnectionState::Flow);
@@ -346,9 +358,9 @@ impl Connection {
                     held
                 };
                 if held {
-                    // Look again before reading: the queue may still hold us.
+                    // Look again before reading: the queues may still hold us.
                     if let Some(s) = self.session.as_mut() {
-                        s.flow.get_or_insert(q);
+                        s.flow = flow;
                     }
                     // The client could not be heard while it was not read.
                     last_heard = Instant::now();
@@ -901,7 +913,7 @@ impl Connection {
             out: self.out.clone(),
             cancel_notify: self.capabilities.cancel_notify,
             exclusive_queues: Vec::new(),
-            flow: None,
+            flow: Vec::new(),
         });
         self.phase = Phase::Open;
         self.out.method(

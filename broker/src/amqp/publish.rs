@@ -444,8 +444,8 @@ impl Channel {
                 message,
             )
         };
-        if let Some(q) = outcome.backlogged {
-            s.flow.get_or_insert(q);
+        if !outcome.backlogged.is_empty() {
+            s.note_backlogged(outcome.backlogged);
         }
         if let (Some(c), Some(seq)) = (&mut self.confirms, seq) {
             c.waiting.push_back((seq, outcome.epoch, outcome.rejected));
@@ -571,8 +571,8 @@ impl Channel {
                 p.message,
             );
             epoch = epoch.max(outcome.epoch);
-            if let Some(q) = outcome.backlogged {
-                s.flow.get_or_insert(q);
+            if !outcome.backlogged.is_empty() {
+                s.note_backlogged(outcome.backlogged);
             }
         }
         for (how, taken) in tx.settles {

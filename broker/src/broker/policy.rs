@@ -23,7 +23,8 @@ const QUEUE_KEYS: [(&str, &str); 9] = [
 
 /// Keys RabbitMQ knows that have no effect in Warren (mirroring, queue modes and versions,
 /// federation, streams): accepted, so definitions written for RabbitMQ import, and ignored.
-const IGNORED_KEYS: [&str; 17] = [
+const IGNORED_KEYS: [&str; 18] = [
+    "dead-letter-strategy",
     "ha-mode",
     "ha-params",
     "ha-sync-mode",
@@ -107,7 +108,8 @@ impl QueueKind {
 pub struct Policy {
     pub name: String,
     pub pattern: String,
-    regex: regex::Regex,
+    /// RabbitMQ's patterns are PCRE: lookaround (`^(?!amq\.).*`, from its own docs) must work.
+    regex: fancy_regex::Regex,
     pub apply_to: ApplyTo,
     pub priority: i64,
     pub definition: Map<String, Value>,
@@ -132,7 +134,7 @@ impl Policy {
         priority: i64,
         definition: Map<String, Value>,
     ) -> Result<Self, String> {
-        let regex = regex::Regex::new(pattern).map_err(|e| {
+        let regex = fancy_regex::Regex::new(pattern).map_err(|e| {
             format!(
                 "Validation failed\n\npattern should be regular expression but is invalid: {}\n",
                 e.to_string().replace('\n', " ")
@@ -163,11 +165,16 @@ impl Policy {
             ApplyTo::QuorumQueues => kind == QueueKind::Quorum,
             ApplyTo::Streams => kind == QueueKind::Stream,
         };
-        kind_ok && self.regex.is_match(name)
+        kind_ok && self.is_match(name)
+    }
+
+    /// A pattern that cannot be decided (the backtracking limit) matches nothing.
+    fn is_match(&self, name: &str) -> bool {
+        self.regex.is_match(name).unwrap_or(false)
     }
 
     pub fn applies_to_exchange(&self, name: &str) -> bool {
-        matches!(self.apply_to, ApplyTo::All | ApplyTo::Exchanges) && self.regex.is_match(name)
+        matches!(self.apply_to, ApplyTo::All | ApplyTo::Exchanges) && self.is_match(name)
     }
 
     /// The queue arguments this policy stands for (only the keys Warren applies).
@@ -355,6 +362,13 @@ mod tests {
         let chosen = choose(&ps, |p| p.applies_to_exchange("q-x"));
         assert_eq!(chosen.map(|p| p.name.as_str()), Some("x"));
         assert!(choose(&ps, |p| p.applies_to_queue("other", QueueKind::Classic)).is_none());
+    }
+
+    #[test]
+    fn patterns_are_pcre_like_with_lookaround() {
+        let p = policy("p", r"^(?!amq\.).*", "all", 0, json!({"max-length": 1}));
+        assert!(p.applies_to_queue("orders", QueueKind::Classic));
+        assert!(!p.applies_to_queue("amq.gen-1", QueueKind::Classic));
     }
 
     #[test]

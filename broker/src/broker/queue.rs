@@ -165,6 +165,25 @@ struct QueueState {
     may_expire: bool,
     /// What the arguments and the policy make of the queue.
     settings: Arc<Settings>,
+    /// The message TTLs the queue has had, oldest first, with when each took effect (ms
+    /// since the epoch): a message keeps the TTL in force when it arrived, as in RabbitMQ,
+    /// where a policy's TTL applies to messages published after it.
+    ttls: Vec<(u64, Option<u64>)>,
+}
+
+/// Most TTL changes a queue remembers; messages older than the oldest use it.
+const TTL_HISTORY: usize = 16;
+
+impl QueueState {
+    /// The TTL a message that arrived at `arrived_ms` has in this queue.
+    fn ttl_at(&self, arrived_ms: u64) -> Option<u64> {
+        self.ttls
+            .iter()
+            .rev()
+            .find(|(from, _)| *from <= arrived_ms)
+            .or(self.ttls.first())
+            .and_then(|(_, ttl)| *ttl)
+    }
 }
 
 /// A queue's effective settings: its arguments, with its policy's keys where the arguments
@@ -371,10 +390,23 @@ pub struct Queue {
 /// back: consumers that stopped taking (prefetch full, stuck) release them.
 const FLOW_ACTIVE_MS: u64 = 250;
 
+/// Milliseconds on a clock that never steps back (flow control must not hold a publisher
+/// because the wall clock moved).
+fn monotonic_ms() -> u64 {
+    static START: OnceLock<std::time::Instant> = OnceLock::new();
+    // The clock starts an hour back, so that 0 ("never") is always long ago.
+    let start = START.get_or_init(|| {
+        std::time::Instant::now()
+            .checked_sub(std::time::Duration::from_secs(3600))
+            .unwrap_or_else(std::time::Instant::now)
+    });
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Publisher flow control of one queue.
 #[derive(Debug, Default)]
 struct Flow {
-    /// When consumers last took a message while the backlog was on disk (ms since the epoch).
+    /// When consumers last took a message while the backlog was on disk ([`monotonic_ms`]).
     paged_delivery_ms: AtomicU64,
     /// A publisher waits for `drained`.
     waiting: AtomicBool,
@@ -437,6 +469,17 @@ impl Queue {
         window: Window,
     ) -> Arc<Self> {
         let settings = Settings::new(&spec.arguments, None);
+        let top = top_level(&spec.arguments);
+        let mut levels = levels;
+        // One store per level, whatever the caller could open: the levels' indices must stay
+        // the priorities they stand for.
+        while levels.len() <= usize::from(top) {
+            let Some(storage) = levels.first().map(|(s, _)| s.storage().clone()) else {
+                break;
+            };
+            levels.push((LazyStore::deferred(storage), Recovered::default()));
+        }
+        levels.truncate(usize::from(top) + 1);
         let recovered_any = levels.iter().any(|(_, r)| r.count > 0);
         let may_expire = settings.features.message_ttl.is_some() || recovered_any;
         let next_seq = levels.iter().map(|(_, r)| r.next_seq).collect();
@@ -453,7 +496,7 @@ impl Queue {
             spec,
             vhost,
             owner,
-            top: u8::try_from(stores.len().saturating_sub(1)).unwrap_or(u8::MAX),
+            top,
             stores: stores.into_boxed_slice(),
             state: Mutex::new(QueueState {
                 ready: Levels::new(window, recovered),
@@ -464,6 +507,7 @@ impl Queue {
                 dispatch_pass: 0,
                 had_consumer: false,
                 may_expire,
+                ttls: vec![(0, settings.features.message_ttl)],
                 settings: Arc::new(settings),
             }),
             deleted: AtomicBool::new(false),
@@ -579,8 +623,8 @@ impl Queue {
     }
 
     /// Applies `policy` (or none) on top of the queue's arguments, at once: a lower length
-    /// limit drops (or dead-letters) the oldest messages, a new TTL expires what is overdue,
-    /// and a new `expires` starts counting.
+    /// limit drops (or dead-letters) the oldest messages, a new TTL applies to the messages
+    /// published from now on, and a new `expires` starts counting.
     pub fn set_policy(self: &Arc<Self>, policy: Option<Arc<Policy>>) {
         let settings = Settings::new(&self.spec.arguments, policy);
         let features = &settings.features;
@@ -597,6 +641,12 @@ impl Queue {
                 return;
             }
             st.may_expire |= features.message_ttl.is_some();
+            if st.ttls.last().map(|(_, t)| *t) != Some(features.message_ttl) {
+                if st.ttls.len() == TTL_HISTORY {
+                    st.ttls.remove(0);
+                }
+                st.ttls.push((now_ms(), features.message_ttl));
+            }
             st.settings = Arc::new(settings);
             self.trim_locked(&mut st, &mut dead);
             self.dispatch_locked(&mut st, &mut dead)
@@ -605,9 +655,13 @@ impl Queue {
         self.touch();
     }
 
-    /// Drops the oldest ready messages while the queue is over its length limits.
+    /// Drops the oldest ready messages while the queue is over its length limits. A queue that
+    /// refuses publishes when full (`reject-publish`) keeps what it holds, as in RabbitMQ.
     fn trim_locked(&self, st: &mut QueueState, dead: &mut Dead) {
         let limits = st.settings.limits;
+        if limits.reject_publish {
+            return;
+        }
         let dead_letter = st.settings.features.dead_letter.is_some();
         while limits.over(&st.ready) {
             match st.ready.pop_front(&self.stores) {
@@ -633,9 +687,10 @@ impl Queue {
 
     /// When `m` expires in this queue: the queue's TTL from its arrival, or its own
     /// `expiration`, whichever comes first.
-    fn expiry(ttl: Option<u64>, m: &Message) -> Option<u64> {
-        let by_queue = ttl
-            .filter(|_| m.arrived_ms > 0)
+    fn expiry(st: &QueueState, m: &Message) -> Option<u64> {
+        let by_queue = Some(m.arrived_ms)
+            .filter(|a| *a > 0)
+            .and_then(|a| st.ttl_at(a))
             .map(|ttl| m.arrived_ms.saturating_add(ttl));
         match (by_queue, m.expires_at_ms) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -649,15 +704,15 @@ impl Queue {
         if !st.may_expire {
             return;
         }
-        let ttl = st.settings.features.message_ttl;
         let dead_letter = st.settings.features.dead_letter.is_some();
         // Each priority level expires from its own head, as in RabbitMQ.
-        for (list, store) in st.ready.lists_mut().iter_mut().zip(self.stores.iter()) {
-            while let Some(front) = list.front(store) {
-                if Self::expiry(ttl, &front.message).is_none_or(|at| at > now) {
+        for (l, store) in self.stores.iter().enumerate() {
+            while let Some(front) = st.ready.lists_mut()[l].front(store) {
+                let message = front.message.clone();
+                if Self::expiry(st, &message).is_none_or(|at| at > now) {
                     break;
                 }
-                let Some(m) = list.pop_front(store) else {
+                let Some(m) = st.ready.lists_mut()[l].pop_front(store) else {
                     break;
                 };
                 forget(store, m.seq, m.location);
@@ -673,13 +728,17 @@ impl Queue {
         if !st.may_expire {
             return None;
         }
-        let ttl = st.settings.features.message_ttl;
-        st.ready
-            .lists_mut()
-            .iter_mut()
-            .zip(self.stores.iter())
-            .filter_map(|(list, store)| Self::expiry(ttl, &list.front(store)?.message))
-            .min()
+        let mut next: Option<u64> = None;
+        for (l, store) in self.stores.iter().enumerate() {
+            let Some(front) = st.ready.lists_mut()[l].front(store) else {
+                continue;
+            };
+            let message = front.message.clone();
+            if let Some(at) = Self::expiry(st, &message) {
+                next = Some(next.map_or(at, |n| n.min(at)));
+            }
+        }
+        next
     }
 
     /// Asks the vhost's timers to look at the queue at `at`, unless they will sooner.
@@ -918,8 +977,10 @@ impl Queue {
             if st.ready.paging() {
                 self.flow
                     .paged_delivery_ms
-                    .store(now_ms(), Ordering::Relaxed);
-            } else if self.flow.waiting.swap(false, Ordering::AcqRel) {
+                    .store(monotonic_ms(), Ordering::Relaxed);
+            } else if self.flow.waiting.load(Ordering::Relaxed)
+                && self.flow.waiting.swap(false, Ordering::AcqRel)
+            {
                 self.flow.drained.notify_waiters();
             }
         }
@@ -938,15 +999,16 @@ impl Queue {
                 return false;
             }
         }
-        now_ms().saturating_sub(self.flow.paged_delivery_ms.load(Ordering::Relaxed))
+        monotonic_ms().saturating_sub(self.flow.paged_delivery_ms.load(Ordering::Relaxed))
             < FLOW_ACTIVE_MS
     }
 
-    /// Resolves when the backlog is back in memory; enable it before `holds_publisher` so the
-    /// wake-up cannot be missed.
+    /// Resolves when the backlog is back in memory; get it before `holds_publisher` so the
+    /// wake-up cannot be missed (a `Notified` hears `notify_waiters` from its creation on).
     pub fn backlog_drained(&self) -> tokio::sync::futures::Notified<'_> {
+        let drained = self.flow.drained.notified();
         self.flow.waiting.store(true, Ordering::Release);
-        self.flow.drained.notified()
+        drained
     }
 
     /// `basic.get`: the next ready message and how many remain after it.
@@ -1290,6 +1352,40 @@ mod tests {
             sink.clone(),
             FieldTable::default(),
         ))
+    }
+
+    #[test]
+    fn a_priority_queue_has_a_store_for_every_level_whatever_was_opened() {
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-max-priority".into(), AMQPValue::LongInt(3));
+        let spec = QueueSpec {
+            name: "p".into(),
+            durable: false,
+            exclusive: false,
+            auto_delete: false,
+            arguments,
+        };
+        let storage = Arc::new(Storage::in_memory());
+        // Only level 0 could be opened: the others get stores of their own all the same.
+        let q = Queue::recovered_levels(
+            spec,
+            "/".into(),
+            None,
+            vec![(LazyStore::deferred(storage), Recovered::default())],
+            Window::default(),
+        );
+        assert_eq!(q.top_level(), 3);
+        let props = crate::amqp::codec::encode_properties(
+            &amq_protocol::protocol::BasicProperties::default().with_priority(3),
+        );
+        let high = Arc::new(Message {
+            properties: props,
+            ..(*msg()).clone()
+        });
+        assert!(matches!(q.publish(msg()), Enqueued::Accepted { .. }));
+        assert!(matches!(q.publish(high), Enqueued::Accepted { .. }));
+        let (first, _) = q.get(true).expect("a message");
+        assert_eq!(first.level, 3);
     }
 
     #[test]

@@ -100,6 +100,10 @@ impl LazyStore {
         }
     }
 
+    pub fn storage(&self) -> &Arc<Storage> {
+        &self.storage
+    }
+
     pub fn existing(&self) -> Option<&Arc<dyn QueueStore>> {
         self.store.get()
     }
@@ -335,8 +339,8 @@ impl ReadyList {
 
 /// Each priority level of a priority queue keeps at least this much of its window.
 const MIN_LEVEL_WINDOW: Window = Window {
-    messages: 64,
-    bytes: 256 * 1024,
+    messages: 16,
+    bytes: 64 * 1024,
 };
 
 /// A queue's ready messages by priority level (`x-max-priority`): one [`ReadyList`] with its

@@ -84,9 +84,9 @@ pub struct EnqueueOutcome {
     pub rejected: bool,
     /// The flush epoch after which every durable copy is on disk (0: nothing to wait for).
     pub epoch: u64,
-    /// A queue that took it with its backlog on disk and consumers taking from it: the
+    /// Queues that took it with their backlog on disk and consumers taking from them: the
     /// publisher may be made to wait (flow control).
-    pub backlogged: Option<Arc<Queue>>,
+    pub backlogged: Vec<Arc<Queue>>,
 }
 
 /// The pseudo-queue of direct reply-to.
@@ -387,8 +387,13 @@ impl Vhost {
                             (LazyStore::opened(self.storage.clone(), s), r)
                         }
                         Err(e) => {
+                            // The store is left on disk as it is; the level pages to memory
+                            // until the next start.
                             tracing::error!(vhost = %self.name, queue = %name, level = l, error = %e, "cannot open a priority level's store; its messages are not recovered");
-                            continue;
+                            (
+                                LazyStore::deferred(self.storage.clone()),
+                                Recovered::default(),
+                            )
                         }
                     }
                 } else {
@@ -1122,8 +1127,8 @@ impl Vhost {
                 Enqueued::Accepted { epoch, backlogged } => {
                     outcome.taken += 1;
                     outcome.epoch = outcome.epoch.max(epoch);
-                    if backlogged && outcome.backlogged.is_none() {
-                        outcome.backlogged = Some(q.clone());
+                    if backlogged {
+                        outcome.backlogged.push(q.clone());
                     }
                 }
                 Enqueued::Rejected => outcome.rejected = true,
