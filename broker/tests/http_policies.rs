@@ -393,6 +393,99 @@ async fn a_ttl_policy_applies_to_messages_published_after_it() {
 }
 
 #[tokio::test]
+async fn an_operator_policy_caps_the_limits_of_queues_and_their_policies() {
+    let b = TestBroker::start().await;
+    let (api, _conn, ch) = setup(&b).await;
+    let prefix = unique("op");
+    let queue = format!("{prefix}.q");
+    let pattern = format!("^{}\\.", regex_escape(&prefix));
+    declare(
+        &ch,
+        &queue,
+        args(&[("x-max-length", AMQPValue::LongInt(100))]),
+    )
+    .await;
+    let (name, op) = (unique("op-policy"), unique("op-cap"));
+    put_policy(
+        &api,
+        &name,
+        json!({"pattern": pattern, "definition": {"max-length": 50, "message-ttl": 60000}, "apply-to": "queues"}),
+    )
+    .await;
+    let op_path = format!("/api/operator-policies/%2F/{op}");
+    let body = json!({"pattern": pattern, "definition": {"max-length": 3}, "apply-to": "queues"});
+    api.put(&op_path, &body.to_string()).await.status(201);
+    for i in 0..6 {
+        publish(&ch, "", &queue, &format!("m{i}")).await;
+    }
+    ready_is(&ch, &queue, 3).await;
+    let q = queue_where(&api, &queue, |q| q["operator_policy"] == json!(op)).await;
+    assert_eq!(q["policy"], json!(name));
+    assert_eq!(
+        q["effective_policy_definition"],
+        json!({"max-length": 3, "message-ttl": 60000})
+    );
+    let listed = api.json("/api/operator-policies/%2F").await;
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == json!(op) && p["definition"] == json!({"max-length": 3})),
+        "{listed}"
+    );
+    // Policymakers read operator policies but only administrators write them.
+    let pm = unique("pm");
+    api.put(
+        &format!("/api/users/{pm}"),
+        r#"{"password":"pw","tags":"policymaker"}"#,
+    )
+    .await
+    .status(201);
+    api.put(
+        &format!("/api/permissions/%2F/{pm}"),
+        r#"{"configure":".*","write":".*","read":".*"}"#,
+    )
+    .await
+    .status(201);
+    let as_pm = api.as_user(&pm, "pw");
+    as_pm.get("/api/operator-policies").await.status(200);
+    assert_eq!(
+        as_pm
+            .put(&op_path, &body.to_string())
+            .await
+            .error(401, "not_authorised"),
+        "Not administrator user"
+    );
+    api.delete(&format!("/api/users/{pm}")).await.status(204);
+    // Only limits and times: other keys are refused.
+    let reason = api
+        .put(
+            &format!("/api/operator-policies/%2F/{}", unique("op-bad")),
+            &json!({"pattern": ".*", "definition": {"dead-letter-exchange": "x"}}).to_string(),
+        )
+        .await
+        .error(400, "bad_request");
+    let reason = reason
+        .as_str()
+        .unwrap()
+        .replace("&lt;", "<")
+        .replace("&gt;", ">");
+    assert!(
+        reason.contains("are not recognised policy settings"),
+        "{reason}"
+    );
+    // Deleted: the policy's own limit applies again.
+    api.delete(&op_path).await.status(204);
+    for i in 0..60 {
+        publish(&ch, "", &queue, &format!("n{i}")).await;
+    }
+    ready_is(&ch, &queue, 50).await;
+    api.delete(&path(&name)).await.status(204);
+    b.stop().await;
+}
+
+#[tokio::test]
 async fn an_exchange_policy_sets_an_alternate_exchange() {
     let b = TestBroker::start().await;
     let (api, _conn, ch) = setup(&b).await;
@@ -485,6 +578,11 @@ async fn policies_survive_a_restart_and_travel_in_the_definitions() {
         json!({"pattern": "^kept\\.", "definition": {"max-length": 2}, "apply-to": "queues", "priority": 7}),
     )
     .await;
+    let cap =
+        json!({"pattern": "^kept\\.", "definition": {"message-ttl": 600000}, "apply-to": "queues"});
+    api.put("/api/operator-policies/%2F/cap", &cap.to_string())
+        .await
+        .status(201);
     let exported = api.json("/api/definitions").await;
     let policy = json!({"vhost": "/", "name": "keep", "pattern": "^kept\\.", "apply-to": "queues", "definition": {"max-length": 2}, "priority": 7});
     assert_eq!(exported["policies"], json!([policy]));
@@ -493,6 +591,8 @@ async fn policies_survive_a_restart_and_travel_in_the_definitions() {
     let b = b.restart().await;
     let (api, _conn, ch) = setup(&b).await;
     assert_eq!(api.json("/api/policies/%2F/keep").await, policy);
+    let kept = api.json("/api/operator-policies/%2F/cap").await;
+    assert_eq!(kept["definition"], json!({"message-ttl": 600000}));
     for i in 0..5 {
         publish(&ch, "", queue, &format!("m{i}")).await;
     }

@@ -44,6 +44,19 @@ const IGNORED_KEYS: [&str; 18] = [
     "federation-upstream-set",
 ];
 
+/// Keys an operator policy may set, as in RabbitMQ 3.10: limits and times, where the lower of
+/// the operator policy's value and the queue's own (argument or policy) wins.
+const OPERATOR_KEYS: [&str; 5] = [
+    "message-ttl",
+    "expires",
+    "max-length",
+    "max-length-bytes",
+    "delivery-limit",
+];
+
+/// Operator policy keys RabbitMQ knows that have no effect in Warren.
+const OPERATOR_IGNORED_KEYS: [&str; 2] = ["max-in-memory-length", "max-in-memory-bytes"];
+
 /// What a policy applies to (`apply-to`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ApplyTo {
@@ -157,6 +170,34 @@ impl Policy {
         })
     }
 
+    /// An operator policy: only RabbitMQ's operator keys are accepted.
+    pub fn new_operator(
+        name: &str,
+        pattern: &str,
+        apply_to: &str,
+        priority: i64,
+        definition: Map<String, Value>,
+    ) -> Result<Self, String> {
+        let mut unknown: Vec<(&String, &Value)> = definition
+            .iter()
+            .filter(|(k, _)| {
+                !OPERATOR_KEYS.contains(&k.as_str()) && !OPERATOR_IGNORED_KEYS.contains(&k.as_str())
+            })
+            .collect();
+        if !unknown.is_empty() {
+            unknown.sort_by(|a, b| a.0.cmp(b.0));
+            return Err(format!(
+                "Validation failed\n\n[{}] are not recognised policy settings\n",
+                unknown
+                    .iter()
+                    .map(|(k, v)| format!("{{<<\"{k}\">>,{}}}", term(v)))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ));
+        }
+        Self::new(name, pattern, apply_to, priority, definition)
+    }
+
     pub fn applies_to_queue(&self, name: &str, kind: QueueKind) -> bool {
         let kind_ok = match self.apply_to {
             ApplyTo::All | ApplyTo::Queues => true,
@@ -219,8 +260,53 @@ const LOWER_WINS: [&str; 6] = [
 ];
 
 /// A queue's arguments with its policy's keys merged in: where the arguments have the key
-/// too, the argument wins, except for the limits and times of [`LOWER_WINS`].
-pub fn effective_arguments(arguments: &FieldTable, policy: Option<&Policy>) -> FieldTable {
+/// too, the argument wins, except for the limits and times of [`LOWER_WINS`]. An operator
+/// policy's keys then apply where they are lower, or absent.
+pub fn effective_arguments(
+    arguments: &FieldTable,
+    policy: Option<&Policy>,
+    operator: Option<&Policy>,
+) -> FieldTable {
+    let mut out = with_policy(arguments, policy);
+    if let Some(op) = operator {
+        for (key, value) in op.queue_arguments().inner() {
+            let lower = match out.inner().get(key) {
+                None => true,
+                Some(current) => matches!(
+                    (integer(value), integer(current)),
+                    (Some(new), Some(old)) if new < old
+                ),
+            };
+            if lower {
+                out.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    out
+}
+
+/// What the management API shows as a queue's `effective_policy_definition`: the policy's
+/// definition, with the operator policy's keys where they are lower, or absent.
+pub fn effective_definition(
+    policy: Option<&Policy>,
+    operator: Option<&Policy>,
+) -> Map<String, Value> {
+    let mut out = policy.map(|p| p.definition.clone()).unwrap_or_default();
+    if let Some(op) = operator {
+        for (key, value) in &op.definition {
+            let keep = matches!(
+                (out.get(key).and_then(Value::as_i64), value.as_i64()),
+                (Some(old), Some(new)) if old <= new
+            );
+            if !keep {
+                out.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    out
+}
+
+fn with_policy(arguments: &FieldTable, policy: Option<&Policy>) -> FieldTable {
     let Some(policy) = policy else {
         return arguments.clone();
     };
@@ -372,6 +458,41 @@ mod tests {
     }
 
     #[test]
+    fn an_operator_policy_caps_what_the_queue_and_its_policy_set() {
+        let p = policy(
+            "p",
+            ".*",
+            "all",
+            0,
+            json!({"max-length": 50, "message-ttl": 10}),
+        );
+        let Value::Object(def) = json!({"max-length": 20, "message-ttl": 500, "expires": 9000})
+        else {
+            panic!()
+        };
+        let op = Policy::new_operator("op", ".*", "queues", 0, def).expect("operator policy");
+        let mut args = FieldTable::default();
+        args.insert("x-max-length".into(), AMQPValue::LongInt(100));
+        let eff = effective_arguments(&args, Some(&p), Some(&op));
+        let m = eff.inner();
+        assert_eq!(m.get("x-max-length"), Some(&AMQPValue::LongLongInt(20)));
+        assert_eq!(m.get("x-message-ttl"), Some(&AMQPValue::LongLongInt(10)));
+        assert_eq!(m.get("x-expires"), Some(&AMQPValue::LongLongInt(9000)));
+        assert_eq!(
+            Value::Object(effective_definition(Some(&p), Some(&op))),
+            json!({"max-length": 20, "message-ttl": 10, "expires": 9000})
+        );
+        let Value::Object(bad) = json!({"dead-letter-exchange": "x"}) else {
+            panic!()
+        };
+        assert!(
+            Policy::new_operator("op", ".*", "queues", 0, bad)
+                .unwrap_err()
+                .contains("are not recognised policy settings")
+        );
+    }
+
+    #[test]
     fn apply_to_tells_queue_types_apart() {
         let p = policy("p", ".*", "quorum_queues", 0, json!({"max-length": 1}));
         assert!(p.applies_to_queue("q", QueueKind::Quorum));
@@ -394,7 +515,7 @@ mod tests {
             "x-dead-letter-exchange".into(),
             AMQPValue::LongString("own".into()),
         );
-        let eff = effective_arguments(&args, Some(&p));
+        let eff = effective_arguments(&args, Some(&p), None);
         let m = eff.inner();
         // Limits: the lower wins; the dead-letter exchange: the argument wins.
         assert_eq!(m.get("x-max-length"), Some(&AMQPValue::LongLongInt(5)));
@@ -403,7 +524,7 @@ mod tests {
             Some(&AMQPValue::LongString("own".into()))
         );
         args.insert("x-max-length".into(), AMQPValue::LongInt(3));
-        let eff = effective_arguments(&args, Some(&p));
+        let eff = effective_arguments(&args, Some(&p), None);
         assert_eq!(
             eff.inner().get("x-max-length"),
             Some(&AMQPValue::LongInt(3))

@@ -186,23 +186,30 @@ impl QueueState {
     }
 }
 
-/// A queue's effective settings: its arguments, with its policy's keys where the arguments
-/// have none. Replaced whenever policies change.
+/// A queue's effective settings: its arguments merged with its policy's and operator
+/// policy's keys ([`effective_arguments`]). Replaced whenever policies change.
 #[derive(Debug, Clone, Default)]
 pub struct Settings {
     pub features: Features,
     pub limits: Limits,
     /// The policy that applies, if one does.
     pub policy: Option<Arc<Policy>>,
+    /// The operator policy that applies, if one does.
+    pub operator: Option<Arc<Policy>>,
 }
 
 impl Settings {
-    pub fn new(arguments: &FieldTable, policy: Option<Arc<Policy>>) -> Self {
-        let effective = effective_arguments(arguments, policy.as_deref());
+    pub fn new(
+        arguments: &FieldTable,
+        policy: Option<Arc<Policy>>,
+        operator: Option<Arc<Policy>>,
+    ) -> Self {
+        let effective = effective_arguments(arguments, policy.as_deref(), operator.as_deref());
         Self {
             features: Features::from_arguments(&effective),
             limits: Limits::from_arguments(&effective),
             policy,
+            operator,
         }
     }
 }
@@ -468,7 +475,7 @@ impl Queue {
         levels: Vec<(LazyStore, Recovered)>,
         window: Window,
     ) -> Arc<Self> {
-        let settings = Settings::new(&spec.arguments, None);
+        let settings = Settings::new(&spec.arguments, None, None);
         let top = top_level(&spec.arguments);
         let mut levels = levels;
         // One store per level, whatever the caller could open: the levels' indices must stay
@@ -622,11 +629,15 @@ impl Queue {
         Some(self.expires.load(Ordering::Relaxed)).filter(|t| *t != u64::MAX)
     }
 
-    /// Applies `policy` (or none) on top of the queue's arguments, at once: a lower length
+    /// Applies `policy` and `operator` (or none) on top of the queue's arguments, at once: a lower length
     /// limit drops (or dead-letters) the oldest messages, a new TTL applies to the messages
     /// published from now on, and a new `expires` starts counting.
-    pub fn set_policy(self: &Arc<Self>, policy: Option<Arc<Policy>>) {
-        let settings = Settings::new(&self.spec.arguments, policy);
+    pub fn set_policies(
+        self: &Arc<Self>,
+        policy: Option<Arc<Policy>>,
+        operator: Option<Arc<Policy>>,
+    ) {
+        let settings = Settings::new(&self.spec.arguments, policy, operator);
         let features = &settings.features;
         self.consumer_timeout.store(
             features.consumer_timeout.unwrap_or(u64::MAX),

@@ -120,6 +120,14 @@ pub struct Vhost {
     pub throttle: Throttle,
     /// Policies, by name.
     policies: RwLock<Vec<Arc<Policy>>>,
+    operator_policies: RwLock<Vec<Arc<Policy>>>,
+}
+
+/// Policies or operator policies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyKind {
+    Policy,
+    Operator,
 }
 
 /// What a vhost is besides its topology: description, tags and limits.
@@ -251,6 +259,7 @@ impl Vhost {
             window,
             meta: RwLock::new(VhostMeta::default()),
             policies: RwLock::new(Vec::new()),
+            operator_policies: RwLock::new(Vec::new()),
         };
         {
             let mut exchanges = vhost.exchanges.write();
@@ -325,16 +334,20 @@ impl Vhost {
         self.apply_throttles(&meta);
         *self.meta.write() = meta;
         let _t = self.topology.lock();
-        {
-            let mut policies = self.policies.write();
-            for (name, p) in &defs.policies {
-                match Policy::new(
-                    name,
-                    &p.pattern,
-                    &p.apply_to,
-                    p.priority,
-                    p.definition.clone(),
-                ) {
+        for (kind, stored) in [
+            (PolicyKind::Policy, &defs.policies),
+            (PolicyKind::Operator, &defs.operator_policies),
+        ] {
+            let mut policies = self.policy_list(kind).write();
+            for (name, p) in stored {
+                let (pattern, def) = (&p.pattern, p.definition.clone());
+                let checked = match kind {
+                    PolicyKind::Policy => Policy::new(name, pattern, &p.apply_to, p.priority, def),
+                    PolicyKind::Operator => {
+                        Policy::new_operator(name, pattern, &p.apply_to, p.priority, def)
+                    }
+                };
+                match checked {
                     Ok(policy) => policies.push(Arc::new(policy)),
                     Err(reason) => {
                         tracing::warn!(vhost = %self.name, policy = %name, %reason, "skipping stored policy");
@@ -445,24 +458,45 @@ impl Vhost {
         self.reapply_policies();
     }
 
-    /// The policies, sorted by name.
-    pub fn policies(&self) -> Vec<Arc<Policy>> {
-        let mut all = self.policies.read().clone();
+    fn policy_list(&self, kind: PolicyKind) -> &RwLock<Vec<Arc<Policy>>> {
+        match kind {
+            PolicyKind::Policy => &self.policies,
+            PolicyKind::Operator => &self.operator_policies,
+        }
+    }
+
+    /// The policies (or operator policies), sorted by name.
+    pub fn policies_of(&self, kind: PolicyKind) -> Vec<Arc<Policy>> {
+        let mut all = self.policy_list(kind).read().clone();
         all.sort_by(|a, b| a.name.cmp(&b.name));
         all
     }
 
-    pub fn policy(&self, name: &str) -> Option<Arc<Policy>> {
-        self.policies
+    /// The policies, sorted by name.
+    pub fn policies(&self) -> Vec<Arc<Policy>> {
+        self.policies_of(PolicyKind::Policy)
+    }
+
+    pub fn policy_of(&self, kind: PolicyKind, name: &str) -> Option<Arc<Policy>> {
+        self.policy_list(kind)
             .read()
             .iter()
             .find(|p| p.name == name)
             .cloned()
     }
 
+    pub fn policy(&self, name: &str) -> Option<Arc<Policy>> {
+        self.policy_of(PolicyKind::Policy, name)
+    }
+
     /// Adds or replaces a policy, in the definitions too, and applies the policies again to
     /// every queue and exchange. Returns whether it is new.
     pub fn set_policy(&self, policy: Policy) -> AmqpResult<bool> {
+        self.set_policy_of(PolicyKind::Policy, policy)
+    }
+
+    /// Adds or replaces a policy or an operator policy; see [`Vhost::set_policy`].
+    pub fn set_policy_of(&self, kind: PolicyKind, policy: Policy) -> AmqpResult<bool> {
         let _t = self.topology.lock();
         let stored = PolicyDefinition {
             pattern: policy.pattern.clone(),
@@ -472,10 +506,14 @@ impl Vhost {
         };
         let name = policy.name.clone();
         self.persist(|v| {
-            v.policies.insert(name, stored);
+            match kind {
+                PolicyKind::Policy => &mut v.policies,
+                PolicyKind::Operator => &mut v.operator_policies,
+            }
+            .insert(name, stored);
         })?;
         let created = {
-            let mut policies = self.policies.write();
+            let mut policies = self.policy_list(kind).write();
             let before = policies.len();
             policies.retain(|p| p.name != policy.name);
             let created = policies.len() == before;
@@ -488,37 +526,66 @@ impl Vhost {
 
     /// Removes a policy and applies the rest again. Returns whether it existed.
     pub fn delete_policy(&self, name: &str) -> AmqpResult<bool> {
+        self.delete_policy_of(PolicyKind::Policy, name)
+    }
+
+    /// Removes a policy or an operator policy; see [`Vhost::delete_policy`].
+    pub fn delete_policy_of(&self, kind: PolicyKind, name: &str) -> AmqpResult<bool> {
         let _t = self.topology.lock();
-        if self.policy(name).is_none() {
+        if self.policy_of(kind, name).is_none() {
             return Ok(false);
         }
         let owned = name.to_owned();
         self.persist(|v| {
-            v.policies.remove(&owned);
+            match kind {
+                PolicyKind::Policy => &mut v.policies,
+                PolicyKind::Operator => &mut v.operator_policies,
+            }
+            .remove(&owned);
         })?;
-        self.policies.write().retain(|p| p.name != name);
+        self.policy_list(kind).write().retain(|p| p.name != name);
         self.reapply_policies();
         Ok(true)
     }
 
-    /// The policy a queue of this name and these arguments gets.
-    fn policy_for_queue(&self, name: &str, arguments: &FieldTable) -> Option<Arc<Policy>> {
-        let policies = self.policies.read();
+    /// The policy of `kind` a queue of this name and these arguments gets.
+    fn policy_for_queue(
+        &self,
+        kind: PolicyKind,
+        name: &str,
+        arguments: &FieldTable,
+    ) -> Option<Arc<Policy>> {
+        let policies = self.policy_list(kind).read();
         if policies.is_empty() {
             return None;
         }
-        let kind = QueueKind::of(arguments);
-        policy::choose(&policies, |p| p.applies_to_queue(name, kind)).cloned()
+        let queue_kind = QueueKind::of(arguments);
+        policy::choose(&policies, |p| p.applies_to_queue(name, queue_kind)).cloned()
     }
 
-    /// Gives every queue and exchange the policy that now applies to it (callers hold the
-    /// topology lock). Objects whose policy did not change are left alone.
+    /// The policy and operator policy a queue gets.
+    fn policies_for_queue(
+        &self,
+        name: &str,
+        arguments: &FieldTable,
+    ) -> (Option<Arc<Policy>>, Option<Arc<Policy>>) {
+        (
+            self.policy_for_queue(PolicyKind::Policy, name, arguments),
+            self.policy_for_queue(PolicyKind::Operator, name, arguments),
+        )
+    }
+
+    /// Gives every queue and exchange the policies that now apply to it (callers hold the
+    /// topology lock). Objects whose policies did not change are left alone.
     fn reapply_policies(&self) {
         let queues: Vec<Arc<Queue>> = self.queues.read().values().cloned().collect();
         for q in queues {
-            let wanted = self.policy_for_queue(q.name(), &q.spec.arguments);
-            if !same_policy(q.settings().policy.as_ref(), wanted.as_ref()) {
-                q.set_policy(wanted);
+            let (policy, operator) = self.policies_for_queue(q.name(), &q.spec.arguments);
+            let now = q.settings();
+            if !same_policy(now.policy.as_ref(), policy.as_ref())
+                || !same_policy(now.operator.as_ref(), operator.as_ref())
+            {
+                q.set_policies(policy, operator);
             }
         }
         let exchanges: Vec<Arc<Exchange>> = self.exchanges.read().values().cloned().collect();
@@ -787,10 +854,10 @@ impl Vhost {
         } else {
             LazyStore::deferred(self.storage.clone())
         };
-        let policy = self.policy_for_queue(&spec.name, &spec.arguments);
+        let (policy, operator) = self.policies_for_queue(&spec.name, &spec.arguments);
         let q = Queue::new(spec, self.name.clone(), owner, store, self.window);
-        if policy.is_some() {
-            q.set_policy(policy);
+        if policy.is_some() || operator.is_some() {
+            q.set_policies(policy, operator);
         }
         self.link(&q);
         self.queues.write().insert(q.name().to_owned(), q.clone());

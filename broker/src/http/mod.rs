@@ -204,16 +204,16 @@ pub fn management_router(state: AppState) -> Router {
                 .put(policies::put)
                 .delete(policies::delete),
         )
-        .route("/api/operator-policies", get(overview::empty_list))
+        .route("/api/operator-policies", get(policies::list_all_operator))
         .route(
             "/api/operator-policies/{vhost}",
-            get(overview::vhost_policies),
+            get(policies::list_vhost_operator),
         )
         .route(
             "/api/operator-policies/{vhost}/{name}",
-            get(overview::policy)
-                .put(overview::put_policy)
-                .delete(overview::policy),
+            get(policies::show_operator)
+                .put(policies::put_operator)
+                .delete(policies::delete_operator),
         )
         .route("/api/parameters", get(overview::empty_list))
         .route("/api/global-parameters", get(overview::empty_list))

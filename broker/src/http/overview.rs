@@ -131,51 +131,9 @@ pub async fn extensions(_state: State<AppState>, _caller: Caller) -> Response {
     ok(json!([]))
 }
 
-/// Lists Warren has no objects for (policies, parameters, feature flags): always empty.
+/// Lists Warren has no objects for (parameters, feature flags): always empty.
 pub async fn empty_list(_state: State<AppState>, _caller: Caller) -> Response {
     ok(json!([]))
-}
-
-/// `GET /api/operator-policies/{vhost}`: none, in a vhost that exists.
-pub async fn vhost_policies(
-    State(state): State<AppState>,
-    _caller: Caller,
-    Path(vhost): Path<String>,
-) -> ApiResult<Response> {
-    state.broker.vhost(&vhost).ok_or_else(ApiError::not_found)?;
-    Ok(ok(json!([])))
-}
-
-/// `GET /api/operator-policies/{vhost}/{name}`: no operator policy exists; `PUT` is refused
-/// with the reason rather than accepted and ignored.
-pub async fn policy(
-    State(state): State<AppState>,
-    _caller: Caller,
-    Path((vhost, _name)): Path<(String, String)>,
-) -> ApiResult<Response> {
-    state.broker.vhost(&vhost).ok_or_else(ApiError::not_found)?;
-    Err(ApiError::not_found())
-}
-
-pub async fn put_policy(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path((vhost, _name)): Path<(String, String)>,
-) -> ApiResult<Response> {
-    caller.require_policymaker()?;
-    state
-        .broker
-        .vhost(&vhost)
-        .ok_or_else(ApiError::vhost_not_found)?;
-    // A policymaker sets policies only in the vhosts it may use, as in RabbitMQ.
-    if !caller.is_admin() && !caller.may_use_vhost(&state, &vhost) {
-        return Err(ApiError::not_authorised(
-            "User not authorised to access object",
-        ));
-    }
-    Err(ApiError::bad_request(
-        "operator policies are not supported by Warren: use policies (/api/policies)",
-    ))
 }
 
 fn open_fds() -> u64 {

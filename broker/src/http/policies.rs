@@ -1,13 +1,14 @@
-//! `/api/policies`: RabbitMQ's policies (pattern, apply-to, priority, definition), for
-//! `policymaker` and `administrator` users, in the vhosts they may use. Setting or deleting
-//! one re-applies the vhost's policies to its queues and exchanges at once.
+//! `/api/policies` and `/api/operator-policies`: RabbitMQ's policies (pattern, apply-to,
+//! priority, definition), for `policymaker` and `administrator` users in the vhosts they may
+//! use, and operator policies, for administrators. Setting or deleting one re-applies the
+//! vhost's policies to its queues and exchanges at once.
 
 use super::AppState;
 use super::auth::Caller;
 use super::body::Fields;
 use super::error::{ApiError, ApiResult, created_or_updated, no_content, ok};
-use crate::broker::policy::Policy;
-use crate::broker::vhost::Vhost;
+use crate::broker::policy::{Policy, effective_definition};
+use crate::broker::vhost::{PolicyKind, Vhost};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::response::Response;
@@ -26,10 +27,19 @@ pub fn policy_json(vhost: &str, p: &Policy) -> Value {
     })
 }
 
-fn vhost_policies(v: &Vhost) -> impl Iterator<Item = Value> + '_ {
-    v.policies()
+fn vhost_policies(v: &Vhost, kind: PolicyKind) -> impl Iterator<Item = Value> + '_ {
+    v.policies_of(kind)
         .into_iter()
         .map(move |p| policy_json(&v.name, &p))
+}
+
+/// Policies are read and written by `policymaker` and `administrator` users; operator
+/// policies are read by them too but written by administrators only, as in RabbitMQ.
+fn require_writer(caller: &Caller, kind: PolicyKind) -> ApiResult<()> {
+    match kind {
+        PolicyKind::Policy => caller.require_policymaker(),
+        PolicyKind::Operator => caller.require_admin(),
+    }
 }
 
 /// The vhost, if the caller may manage its policies: 404 when it does not exist, 401 when
@@ -45,39 +55,46 @@ fn policy_vhost(state: &AppState, caller: &Caller, name: &str) -> ApiResult<Arc<
     Ok(v)
 }
 
-pub async fn list_all(State(state): State<AppState>, caller: Caller) -> ApiResult<Response> {
+fn list_all_of(state: &AppState, caller: &Caller, kind: PolicyKind) -> ApiResult<Response> {
     caller.require_policymaker()?;
     let mut all = Vec::new();
     for v in state.broker.vhosts() {
-        if caller.is_admin() || caller.may_use_vhost(&state, &v.name) {
-            all.extend(vhost_policies(&v));
+        if caller.is_admin() || caller.may_use_vhost(state, &v.name) {
+            all.extend(vhost_policies(&v, kind));
         }
     }
     Ok(ok(Value::Array(all)))
 }
 
-pub async fn list_vhost(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(vhost): Path<String>,
+fn list_vhost_of(
+    state: &AppState,
+    caller: &Caller,
+    vhost: &str,
+    kind: PolicyKind,
 ) -> ApiResult<Response> {
-    let v = policy_vhost(&state, &caller, &vhost)?;
-    Ok(ok(Value::Array(vhost_policies(&v).collect())))
+    let v = policy_vhost(state, caller, vhost)?;
+    Ok(ok(Value::Array(vhost_policies(&v, kind).collect())))
 }
 
-pub async fn show(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path((vhost, name)): Path<(String, String)>,
+fn show_of(
+    state: &AppState,
+    caller: &Caller,
+    vhost: &str,
+    name: &str,
+    kind: PolicyKind,
 ) -> ApiResult<Response> {
-    let v = policy_vhost(&state, &caller, &vhost)?;
-    let p = v.policy(&name).ok_or_else(ApiError::not_found)?;
+    let v = policy_vhost(state, caller, vhost)?;
+    let p = v.policy_of(kind, name).ok_or_else(ApiError::not_found)?;
     Ok(ok(policy_json(&v.name, &p)))
 }
 
 /// Reads a policy from a JSON object with RabbitMQ's fields (`vhost` and `name` in it are
 /// ignored, as RabbitMQ ignores them in a PUT).
 pub fn parse_policy(name: &str, f: &Fields) -> ApiResult<Policy> {
+    parse_policy_of(name, f, PolicyKind::Policy)
+}
+
+fn parse_policy_of(name: &str, f: &Fields, kind: PolicyKind) -> ApiResult<Policy> {
     f.require(&["pattern", "definition"])?;
     let pattern = f
         .stringish("pattern")?
@@ -103,27 +120,35 @@ pub fn parse_policy(name: &str, f: &Fields) -> ApiResult<Policy> {
         })?,
     };
     let apply_to = f.string("apply-to")?.unwrap_or_else(|| "all".into());
-    Policy::new(name, &pattern, &apply_to, priority, definition).map_err(ApiError::bad_request)
+    match kind {
+        PolicyKind::Policy => Policy::new(name, &pattern, &apply_to, priority, definition),
+        PolicyKind::Operator => {
+            Policy::new_operator(name, &pattern, &apply_to, priority, definition)
+        }
+    }
+    .map_err(ApiError::bad_request)
 }
 
-pub async fn put(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path((vhost, name)): Path<(String, String)>,
-    body: Bytes,
+fn put_of(
+    state: &AppState,
+    caller: &Caller,
+    vhost: &str,
+    name: &str,
+    body: &[u8],
+    kind: PolicyKind,
 ) -> ApiResult<Response> {
-    caller.require_policymaker()?;
+    require_writer(caller, kind)?;
     let v = state
         .broker
-        .vhost(&vhost)
+        .vhost(vhost)
         .ok_or_else(ApiError::vhost_not_found)?;
-    if !caller.is_admin() && !caller.may_use_vhost(&state, &vhost) {
+    if !caller.is_admin() && !caller.may_use_vhost(state, vhost) {
         return Err(ApiError::not_authorised(
             "User not authorised to access object",
         ));
     }
     let f = Fields::from_body(
-        &body,
+        body,
         &[
             "pattern",
             "definition",
@@ -133,20 +158,22 @@ pub async fn put(
             "name",
         ],
     )?;
-    let policy = parse_policy(&name, &f)?;
+    let policy = parse_policy_of(name, &f, kind)?;
     let created = v
-        .set_policy(policy)
+        .set_policy_of(kind, policy)
         .map_err(|e| ApiError::internal(e.text))?;
     Ok(created_or_updated(created))
 }
 
-pub async fn delete(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path((vhost, name)): Path<(String, String)>,
+fn delete_of(
+    state: &AppState,
+    caller: &Caller,
+    vhost: &str,
+    name: &str,
+    kind: PolicyKind,
 ) -> ApiResult<Response> {
-    let v = policy_vhost(&state, &caller, &vhost)?;
-    if v.delete_policy(&name)
+    let v = policy_vhost(state, caller, vhost)?;
+    if v.delete_policy_of(kind, name)
         .map_err(|e| ApiError::internal(e.text))?
     {
         Ok(no_content())
@@ -155,14 +182,76 @@ pub async fn delete(
     }
 }
 
-/// What a queue or exchange object shows of its policy.
-pub fn policy_fields(obj: &mut Map<String, Value>, policy: Option<&Policy>) {
+macro_rules! handlers {
+    ($kind:expr, $list_all:ident, $list_vhost:ident, $show:ident, $put:ident, $delete:ident) => {
+        pub async fn $list_all(
+            State(state): State<AppState>,
+            caller: Caller,
+        ) -> ApiResult<Response> {
+            list_all_of(&state, &caller, $kind)
+        }
+
+        pub async fn $list_vhost(
+            State(state): State<AppState>,
+            caller: Caller,
+            Path(vhost): Path<String>,
+        ) -> ApiResult<Response> {
+            list_vhost_of(&state, &caller, &vhost, $kind)
+        }
+
+        pub async fn $show(
+            State(state): State<AppState>,
+            caller: Caller,
+            Path((vhost, name)): Path<(String, String)>,
+        ) -> ApiResult<Response> {
+            show_of(&state, &caller, &vhost, &name, $kind)
+        }
+
+        pub async fn $put(
+            State(state): State<AppState>,
+            caller: Caller,
+            Path((vhost, name)): Path<(String, String)>,
+            body: Bytes,
+        ) -> ApiResult<Response> {
+            put_of(&state, &caller, &vhost, &name, &body, $kind)
+        }
+
+        pub async fn $delete(
+            State(state): State<AppState>,
+            caller: Caller,
+            Path((vhost, name)): Path<(String, String)>,
+        ) -> ApiResult<Response> {
+            delete_of(&state, &caller, &vhost, &name, $kind)
+        }
+    };
+}
+
+handlers!(PolicyKind::Policy, list_all, list_vhost, show, put, delete);
+handlers!(
+    PolicyKind::Operator,
+    list_all_operator,
+    list_vhost_operator,
+    show_operator,
+    put_operator,
+    delete_operator
+);
+
+/// What a queue object shows of its policies.
+pub fn policy_fields(
+    obj: &mut Map<String, Value>,
+    policy: Option<&Policy>,
+    operator: Option<&Policy>,
+) {
     obj.insert(
         "policy".into(),
         policy.map_or(Value::Null, |p| json!(p.name)),
     );
     obj.insert(
+        "operator_policy".into(),
+        operator.map_or(Value::Null, |p| json!(p.name)),
+    );
+    obj.insert(
         "effective_policy_definition".into(),
-        policy.map_or_else(|| json!({}), |p| Value::Object(p.definition.clone())),
+        Value::Object(effective_definition(policy, operator)),
     );
 }

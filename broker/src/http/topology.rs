@@ -246,8 +246,12 @@ pub fn queue_object(state: &AppState, vhost: &str, q: &Queue, detailed: bool) ->
         "consumer_utilisation".into(),
         json!(if active { 1.0 } else { 0.0 }),
     );
-    super::policies::policy_fields(&mut obj, q.settings().policy.as_deref());
-    obj.insert("operator_policy".into(), Value::Null);
+    let settings = q.settings();
+    super::policies::policy_fields(
+        &mut obj,
+        settings.policy.as_deref(),
+        settings.operator.as_deref(),
+    );
     obj.insert(
         "single_active_consumer_tag".into(),
         q.single_active_consumer()

@@ -55,6 +55,8 @@ pub struct VhostDefinitions {
     pub bindings: Vec<BindingDefinition>,
     #[serde(default)]
     pub policies: BTreeMap<String, PolicyDefinition>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub operator_policies: BTreeMap<String, PolicyDefinition>,
 }
 
 /// A policy, with RabbitMQ's field names.
