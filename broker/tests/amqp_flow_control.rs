@@ -71,6 +71,12 @@ async fn slow_consumer(ch: Channel, queue: &str, pause: Duration) -> Arc<AtomicU
 
 /// Publishes `MESSAGES` bodies of `BODY` bytes to `queue` with confirms, and waits for them.
 async fn publish_all(ch: &Channel, queue: &str, secs: u64) {
+    publish_all_to(ch, "", queue, secs).await;
+}
+
+/// Publishes `MESSAGES` bodies of `BODY` bytes through `exchange` with confirms, and waits
+/// for them.
+async fn publish_all_to(ch: &Channel, exchange: &str, key: &str, secs: u64) {
     within(5, ch.confirm_select(ConfirmSelectOptions::default()))
         .await
         .expect("confirm.select");
@@ -80,8 +86,8 @@ async fn publish_all(ch: &Channel, queue: &str, secs: u64) {
         for _ in 0..MESSAGES {
             confirms.push(
                 ch.basic_publish(
-                    "".into(),
-                    queue.into(),
+                    exchange.into(),
+                    key.into(),
                     BasicPublishOptions::default(),
                     &body,
                     BasicProperties::default(),
@@ -159,13 +165,11 @@ async fn all_taken(taken: &AtomicU64) {
     .await;
 }
 
-#[tokio::test]
-async fn a_publisher_is_held_to_the_pace_of_active_consumers_once_the_backlog_pages() {
-    let b = broker(true).await;
-    if b.is_external() {
-        return;
-    }
-    let queue = unique("flow");
+/// A publisher sends `MESSAGES` to a new queue as fast as it can while a consumer on another
+/// connection takes them one by one. Returns the longest backlog seen and whether a
+/// connection was shown in `flow`.
+async fn fast_publisher_slow_consumer(b: &TestBroker, prefix: &str) -> (u64, bool) {
+    let queue = unique(prefix);
     let publisher = b.connect().await;
     let ch = channel(&publisher).await;
     declare(&ch, &queue).await;
@@ -176,10 +180,19 @@ async fn a_publisher_is_held_to_the_pace_of_active_consumers_once_the_backlog_pa
         Duration::from_millis(1),
     )
     .await;
-    let seen = sample(&b, &queue);
+    let seen = sample(b, &queue);
     publish_all(&ch, &queue, 60).await;
     all_taken(&taken).await;
-    let (max_ready, flow) = seen.finish();
+    seen.finish()
+}
+
+#[tokio::test]
+async fn a_publisher_is_held_to_the_pace_of_active_consumers_once_the_backlog_pages() {
+    let b = broker(true).await;
+    if b.is_external() {
+        return;
+    }
+    let (max_ready, flow) = fast_publisher_slow_consumer(&b, "flow").await;
     assert!(flow, "the publisher was never shown in flow");
     // Without flow control the backlog would reach most of the 1,500 messages (the next
     // test); held, it stays near the window plus what one read of the socket brings in
@@ -208,21 +221,7 @@ async fn without_flow_control_the_backlog_grows_on_disk() {
     if b.is_external() {
         return;
     }
-    let queue = unique("noflow");
-    let publisher = b.connect().await;
-    let ch = channel(&publisher).await;
-    declare(&ch, &queue).await;
-    let consumer_conn = b.connect().await;
-    let taken = slow_consumer(
-        channel(&consumer_conn).await,
-        &queue,
-        Duration::from_millis(1),
-    )
-    .await;
-    let seen = sample(&b, &queue);
-    publish_all(&ch, &queue, 60).await;
-    all_taken(&taken).await;
-    let (max_ready, flow) = seen.finish();
+    let (max_ready, flow) = fast_publisher_slow_consumer(&b, "noflow").await;
     assert!(!flow, "flow control is off");
     assert!(
         max_ready > 1000,
@@ -328,30 +327,7 @@ async fn every_queue_a_publish_reaches_is_looked_at() {
     )
     .await;
     let seen = sample(&b, &other);
-    within(5, ch.confirm_select(ConfirmSelectOptions::default()))
-        .await
-        .expect("confirm.select");
-    let body = vec![b'x'; BODY];
-    within(60, async {
-        let mut confirms = Vec::with_capacity(MESSAGES);
-        for _ in 0..MESSAGES {
-            confirms.push(
-                ch.basic_publish(
-                    exchange.as_str().into(),
-                    "".into(),
-                    BasicPublishOptions::default(),
-                    &body,
-                    BasicProperties::default(),
-                )
-                .await
-                .expect("publish"),
-            );
-        }
-        for c in confirms {
-            assert!(c.await.expect("confirm").is_ack());
-        }
-    })
-    .await;
+    publish_all_to(&ch, &exchange, "", 60).await;
     all_taken(&other_taken).await;
     all_taken(&own_taken).await;
     let (max_ready, flow) = seen.finish();

@@ -64,7 +64,8 @@ impl HeadersMatch {
     }
 }
 
-fn as_int(v: &AMQPValue) -> Option<i128> {
+/// A field value of any integer type, as one integer.
+pub fn integer(v: &AMQPValue) -> Option<i64> {
     Some(match *v {
         AMQPValue::ShortShortInt(x) => x.into(),
         AMQPValue::ShortShortUInt(x) => x.into(),
@@ -72,9 +73,13 @@ fn as_int(v: &AMQPValue) -> Option<i128> {
         AMQPValue::ShortUInt(x) => x.into(),
         AMQPValue::LongInt(x) => x.into(),
         AMQPValue::LongUInt(x) => x.into(),
-        AMQPValue::LongLongInt(x) => x.into(),
+        AMQPValue::LongLongInt(x) => x,
         _ => return None,
     })
+}
+
+fn as_int(v: &AMQPValue) -> Option<i128> {
+    integer(v).map(i128::from)
 }
 
 fn as_float(v: &AMQPValue) -> Option<f64> {

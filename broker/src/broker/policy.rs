@@ -4,6 +4,7 @@
 //! to the name that sorts first); a queue's own `x-` arguments win over its policy's keys.
 //! Policies are re-applied to every queue and exchange of the vhost when they change.
 
+use super::headers::integer;
 use amq_protocol::types::{AMQPValue, FieldTable, LongString};
 use serde_json::{Map, Value};
 use std::sync::Arc;
@@ -178,21 +179,16 @@ impl Policy {
         priority: i64,
         definition: Map<String, Value>,
     ) -> Result<Self, String> {
-        let mut unknown: Vec<(&String, &Value)> = definition
+        let unknown: Vec<(&String, &Value)> = definition
             .iter()
             .filter(|(k, _)| {
                 !OPERATOR_KEYS.contains(&k.as_str()) && !OPERATOR_IGNORED_KEYS.contains(&k.as_str())
             })
             .collect();
         if !unknown.is_empty() {
-            unknown.sort_by(|a, b| a.0.cmp(b.0));
             return Err(format!(
-                "Validation failed\n\n[{}] are not recognised policy settings\n",
-                unknown
-                    .iter()
-                    .map(|(k, v)| format!("{{<<\"{k}\">>,{}}}", term(v)))
-                    .collect::<Vec<_>>()
-                    .join(",")
+                "Validation failed\n\n{}\n",
+                not_recognised(unknown)
             ));
         }
         Self::new(name, pattern, apply_to, priority, definition)
@@ -329,19 +325,6 @@ fn with_policy(arguments: &FieldTable, policy: Option<&Policy>) -> FieldTable {
     out
 }
 
-fn integer(v: &AMQPValue) -> Option<i64> {
-    Some(match *v {
-        AMQPValue::ShortShortInt(x) => x.into(),
-        AMQPValue::ShortShortUInt(x) => x.into(),
-        AMQPValue::ShortInt(x) => x.into(),
-        AMQPValue::ShortUInt(x) => x.into(),
-        AMQPValue::LongInt(x) => x.into(),
-        AMQPValue::LongUInt(x) => x.into(),
-        AMQPValue::LongLongInt(x) => x,
-        _ => return None,
-    })
-}
-
 fn as_amqp(v: &Value) -> Option<AMQPValue> {
     match v {
         Value::String(s) => Some(AMQPValue::LongString(LongString::from(s.as_bytes()))),
@@ -360,12 +343,26 @@ fn term(v: &Value) -> String {
     }
 }
 
+/// RabbitMQ's reason for keys it does not know, sorted: `[{<<"foo">>,1}] are not recognised
+/// policy settings`.
+fn not_recognised(mut unknown: Vec<(&String, &Value)>) -> String {
+    unknown.sort_by(|a, b| a.0.cmp(b.0));
+    format!(
+        "[{}] are not recognised policy settings",
+        unknown
+            .iter()
+            .map(|(k, v)| format!("{{<<\"{k}\">>,{}}}", term(v)))
+            .collect::<Vec<_>>()
+            .join(",")
+    )
+}
+
 /// RabbitMQ's checks of a definition's values, with its reasons.
 fn validate_definition(definition: &Map<String, Value>) -> Result<(), String> {
     if definition.is_empty() {
         return Err("no policy provided".into());
     }
-    let mut unknown: Vec<(&String, &Value)> = definition
+    let unknown: Vec<(&String, &Value)> = definition
         .iter()
         .filter(|(k, _)| {
             k.as_str() != "alternate-exchange"
@@ -374,15 +371,7 @@ fn validate_definition(definition: &Map<String, Value>) -> Result<(), String> {
         })
         .collect();
     if !unknown.is_empty() {
-        unknown.sort_by(|a, b| a.0.cmp(b.0));
-        return Err(format!(
-            "[{}] are not recognised policy settings",
-            unknown
-                .iter()
-                .map(|(k, v)| format!("{{<<\"{k}\">>,{}}}", term(v)))
-                .collect::<Vec<_>>()
-                .join(",")
-        ));
+        return Err(not_recognised(unknown));
     }
     for (key, value) in definition {
         let (ok, what) = match key.as_str() {

@@ -1230,19 +1230,6 @@ fn binding_definition(
     }
 }
 
-fn as_integer(v: &AMQPValue) -> Option<i64> {
-    Some(match *v {
-        AMQPValue::ShortShortInt(x) => x.into(),
-        AMQPValue::ShortShortUInt(x) => x.into(),
-        AMQPValue::ShortInt(x) => x.into(),
-        AMQPValue::ShortUInt(x) => x.into(),
-        AMQPValue::LongInt(x) => x.into(),
-        AMQPValue::LongUInt(x) => x.into(),
-        AMQPValue::LongLongInt(x) => x,
-        _ => return None,
-    })
-}
-
 fn as_text(v: &AMQPValue) -> Option<String> {
     match v {
         AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
@@ -1262,7 +1249,7 @@ fn validate_queue_arguments(spec: &QueueSpec, vhost: &str) -> AmqpResult<()> {
         precondition_failed(format!("invalid arg '{key}' for {what}: {detail}"))
     };
     let integer = |key: &str, v: &AMQPValue| {
-        as_integer(v)
+        super::headers::integer(v)
             .ok_or_else(|| invalid(key, format!("\"expected integer, got {}\"", type_name(v))))
     };
     // A time in milliseconds: not negative, not past RabbitMQ's maximum, and for x-expires
