@@ -391,34 +391,23 @@ impl Vhost {
             // A priority queue keeps each level in a store of its own.
             let mut levels = vec![(LazyStore::opened(self.storage.clone(), store), recovered)];
             for l in 1..=top_level(&q.arguments) {
-                let level = if self.storage.durable_level_exists(&self.name, name, l) {
-                    match self.storage.open_durable_level(&self.name, name, l, false) {
-                        Ok((s, r)) => {
-                            if r.count > 0 {
-                                tracing::info!(vhost = %self.name, queue = %name, level = l, messages = r.count, "recovered messages");
-                            }
-                            (LazyStore::opened(self.storage.clone(), s), r)
+                // Opened (created if missing) now, as at declaration.
+                let level = match self.storage.open_durable_level(&self.name, name, l, false) {
+                    Ok((s, r)) => {
+                        if r.count > 0 {
+                            tracing::info!(vhost = %self.name, queue = %name, level = l, messages = r.count, "recovered messages");
                         }
-                        Err(e) => {
-                            // The store is left on disk as it is; the level pages to memory
-                            // until the next start.
-                            tracing::error!(vhost = %self.name, queue = %name, level = l, error = %e, "cannot open a priority level's store; its messages are not recovered");
-                            (
-                                LazyStore::deferred(self.storage.clone()),
-                                Recovered::default(),
-                            )
-                        }
+                        (LazyStore::opened(self.storage.clone(), s), r)
                     }
-                } else {
-                    (
-                        LazyStore::deferred_durable(
-                            self.storage.clone(),
-                            self.name.clone(),
-                            name,
-                            l,
-                        ),
-                        Recovered::default(),
-                    )
+                    Err(e) => {
+                        // The store is left on disk as it is; the level pages to memory
+                        // until the next start.
+                        tracing::error!(vhost = %self.name, queue = %name, level = l, error = %e, "cannot open a priority level's store; its messages are not recovered");
+                        (
+                            LazyStore::deferred(self.storage.clone()),
+                            Recovered::default(),
+                        )
+                    }
                 };
                 levels.push(level);
             }
@@ -827,17 +816,17 @@ impl Vhost {
                 spec.name, self.name
             )));
         }
-        let store = if spec.durable && owner.is_none() {
-            let (store, _) = self
-                .storage
-                .open_durable(&self.name, &spec.name, true)
-                .and_then(|opened| {
-                    // What a deleted priority queue of the same name may have left.
-                    for l in 1..=top_level(&spec.arguments) {
-                        self.storage.remove_durable_level(&self.name, &spec.name, l)?;
-                    }
-                    Ok(opened)
+        let levels = if spec.durable && owner.is_none() {
+            // Every priority level's store is created now, fresh (whatever a deleted queue of
+            // the same name left is removed): a persistent message is never confirmed by a
+            // level that could not get a store on disk.
+            let stores = (0..=top_level(&spec.arguments))
+                .map(|l| {
+                    self.storage
+                        .open_durable_level(&self.name, &spec.name, l, true)
+                        .map(|(s, _)| LazyStore::opened(self.storage.clone(), s))
                 })
+                .collect::<std::io::Result<Vec<_>>>()
                 .map_err(|e| {
                     tracing::error!(vhost = %self.name, queue = %spec.name, error = %e, "cannot create the queue's store");
                     AmqpError::new(crate::error::INTERNAL_ERROR, "cannot create the queue's store")
@@ -850,12 +839,18 @@ impl Vhost {
             self.persist(|v| {
                 v.queues.insert(name, def);
             })?;
-            LazyStore::opened(self.storage.clone(), store)
+            stores
+                .into_iter()
+                .map(|s| (s, Recovered::default()))
+                .collect()
         } else {
-            LazyStore::deferred(self.storage.clone())
+            vec![(
+                LazyStore::deferred(self.storage.clone()),
+                Recovered::default(),
+            )]
         };
         let (policy, operator) = self.policies_for_queue(&spec.name, &spec.arguments);
-        let q = Queue::new(spec, self.name.clone(), owner, store, self.window);
+        let q = Queue::recovered_levels(spec, self.name.clone(), owner, levels, self.window);
         if policy.is_some() || operator.is_some() {
             q.set_policies(policy, operator);
         }

@@ -184,13 +184,6 @@ impl Storage {
         self.open_durable_level(vhost, queue, 0, fresh)
     }
 
-    /// Whether a priority level of a durable queue has a store on disk.
-    pub fn durable_level_exists(&self, vhost: &str, queue: &str, level: u8) -> bool {
-        self.dir
-            .as_ref()
-            .is_some_and(|dir| self.durable_dir(dir, vhost, queue, level).exists())
-    }
-
     /// Opens the store of one priority level of a durable queue, as [`Storage::open_durable`].
     pub fn open_durable_level(
         &self,
@@ -217,18 +210,6 @@ impl Storage {
             }
             _ => Ok((Arc::new(MemoryQueueStore::new()), Recovered::default())),
         }
-    }
-
-    /// Deletes the store of a priority level of a durable queue, if there is one (what a
-    /// deleted queue of the same name may have left).
-    pub fn remove_durable_level(&self, vhost: &str, queue: &str, level: u8) -> io::Result<()> {
-        if let Some(dir) = &self.dir {
-            let path = self.durable_dir(dir, vhost, queue, level);
-            if path.exists() {
-                std::fs::remove_dir_all(&path)?;
-            }
-        }
-        Ok(())
     }
 
     /// A store for paging a non-durable queue's messages; gone after a restart.
