@@ -101,10 +101,16 @@ impl LeaseLock {
             lease_transitions: Some(spec.lease_transitions.unwrap_or(0) + i32::from(!ours)),
             ..spec
         };
-        let lease = Lease {
+        self.write(Lease {
             metadata: current.metadata,
             spec: Some(next),
-        };
+        })
+        .await
+    }
+
+    /// Writes the Lease over the version it was read at. False when it changed since: by
+    /// another replica, so this one neither took it nor has it to give up.
+    async fn write(&self, lease: Lease) -> Result<bool, kube::Error> {
         match self
             .api
             .replace(&self.name, &PostParams::default(), &lease)
@@ -128,7 +134,7 @@ impl LeaseLock {
         if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
             return Ok(false);
         }
-        let lease = Lease {
+        self.write(Lease {
             metadata: current.metadata,
             spec: Some(LeaseSpec {
                 holder_identity: Some(String::new()),
@@ -138,16 +144,7 @@ impl LeaseLock {
                 lease_transitions: spec.lease_transitions,
                 ..spec
             }),
-        };
-        match self
-            .api
-            .replace(&self.name, &PostParams::default(), &lease)
-            .await
-        {
-            Ok(_) => Ok(true),
-            // Changed since it was read: by another replica, so it is not ours to give up.
-            Err(e) if conflict(&e) => Ok(false),
-            Err(e) => Err(e),
-        }
+        })
+        .await
     }
 }

@@ -719,13 +719,13 @@ impl Connection {
         }
     }
 
-    /// A flush round finished: send the confirms it settled.
     fn set_state(&self, state: ConnectionState) {
         if let Some(info) = &self.info {
             info.set_state(state);
         }
     }
 
+    /// A flush round finished: send the confirms it settled.
     fn flush_waiting(&mut self) {
         let Some(session) = &self.session else { return };
         let durable = session.durable_epoch();

@@ -4,6 +4,7 @@
 //! headers, no `expiration`, and the dead-letter routing key or its original ones. A message
 //! that would go round a cycle of queues with no rejection in it is dropped instead.
 
+use super::headers::text;
 use super::message::{Message, ShortStr};
 use crate::amqp::codec;
 use amq_protocol::protocol::BasicProperties;
@@ -44,14 +45,6 @@ pub struct DeadLetter {
     /// The routing keys to route it with.
     pub keys: Vec<Bytes>,
     pub headers: FieldTable,
-}
-
-fn text(v: &AMQPValue) -> Option<String> {
-    match v {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
-        _ => None,
-    }
 }
 
 fn long(s: &str) -> AMQPValue {

@@ -78,6 +78,15 @@ pub fn integer(v: &AMQPValue) -> Option<i64> {
     })
 }
 
+/// A field value of either string type, as text.
+pub fn text(v: &AMQPValue) -> Option<String> {
+    match v {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
 fn as_int(v: &AMQPValue) -> Option<i128> {
     integer(v).map(i128::from)
 }

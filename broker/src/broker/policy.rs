@@ -4,7 +4,8 @@
 //! to the name that sorts first); a queue's own `x-` arguments win over its policy's keys.
 //! Policies are re-applied to every queue and exchange of the vhost when they change.
 
-use super::headers::integer;
+use super::headers::{integer, text};
+use super::vhost::PolicyKind;
 use amq_protocol::types::{AMQPValue, FieldTable, LongString};
 use serde_json::{Map, Value};
 use std::sync::Arc;
@@ -104,12 +105,8 @@ pub enum QueueKind {
 
 impl QueueKind {
     pub fn of(arguments: &FieldTable) -> Self {
-        let kind = match arguments.inner().get("x-queue-type") {
-            Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
-            Some(AMQPValue::ShortString(s)) => s.as_str().to_owned(),
-            _ => String::new(),
-        };
-        match kind.as_str() {
+        let kind = arguments.inner().get("x-queue-type").and_then(text);
+        match kind.as_deref().unwrap_or_default() {
             "quorum" => QueueKind::Quorum,
             "stream" => QueueKind::Stream,
             _ => QueueKind::Classic,
@@ -192,6 +189,23 @@ impl Policy {
             ));
         }
         Self::new(name, pattern, apply_to, priority, definition)
+    }
+
+    /// A policy or an operator policy, as `kind` says.
+    pub fn of_kind(
+        kind: PolicyKind,
+        name: &str,
+        pattern: &str,
+        apply_to: &str,
+        priority: i64,
+        definition: Map<String, Value>,
+    ) -> Result<Self, String> {
+        match kind {
+            PolicyKind::Policy => Self::new(name, pattern, apply_to, priority, definition),
+            PolicyKind::Operator => {
+                Self::new_operator(name, pattern, apply_to, priority, definition)
+            }
+        }
     }
 
     pub fn applies_to_queue(&self, name: &str, kind: QueueKind) -> bool {
@@ -336,7 +350,7 @@ fn as_amqp(v: &Value) -> Option<AMQPValue> {
 
 /// A JSON value as RabbitMQ's reasons print Erlang terms: numbers as they are, strings as
 /// binaries (`<<"x">>`).
-fn term(v: &Value) -> String {
+pub fn term(v: &Value) -> String {
     match v {
         Value::String(s) => format!("<<\"{s}\">>"),
         other => other.to_string(),

@@ -224,24 +224,14 @@ pub fn top_level(args: &FieldTable) -> u8 {
 type Dead = Vec<(QueuedMessage, DeathReason)>;
 
 fn argument_u64(args: &FieldTable, key: &str) -> Option<u64> {
-    match args.inner().get(key) {
-        Some(AMQPValue::ShortShortInt(x)) => u64::try_from(*x).ok(),
-        Some(AMQPValue::ShortShortUInt(x)) => Some((*x).into()),
-        Some(AMQPValue::ShortInt(x)) => u64::try_from(*x).ok(),
-        Some(AMQPValue::ShortUInt(x)) => Some((*x).into()),
-        Some(AMQPValue::LongInt(x)) => u64::try_from(*x).ok(),
-        Some(AMQPValue::LongUInt(x)) => Some((*x).into()),
-        Some(AMQPValue::LongLongInt(x)) => u64::try_from(*x).ok(),
-        _ => None,
-    }
+    args.inner()
+        .get(key)
+        .and_then(super::headers::integer)
+        .and_then(|n| u64::try_from(n).ok())
 }
 
 fn argument_text(args: &FieldTable, key: &str) -> Option<String> {
-    match args.inner().get(key) {
-        Some(AMQPValue::LongString(s)) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        Some(AMQPValue::ShortString(s)) => Some(s.as_str().to_owned()),
-        _ => None,
-    }
+    args.inner().get(key).and_then(super::headers::text)
 }
 
 /// Lifetimes and dead-lettering, from `x-message-ttl`, `x-expires`, `x-dead-letter-exchange`
@@ -443,8 +433,9 @@ impl Queue {
         Self::recovered(spec, vhost, owner, store, window, Recovered::default())
     }
 
-    /// A durable queue whose store held `recovered` messages at start. A priority queue gets
-    /// a store for each of its other levels, created on first use.
+    /// A queue whose store held `recovered` messages at start. The other levels of a priority
+    /// queue page to stores created on first use (the vhost gives durable priority queues a
+    /// durable store per level through [`Queue::recovered_levels`]).
     pub fn recovered(
         spec: QueueSpec,
         vhost: Arc<str>,
@@ -453,17 +444,7 @@ impl Queue {
         window: Window,
         recovered: Recovered,
     ) -> Arc<Self> {
-        let top = top_level(&spec.arguments);
-        let durable = spec.durable && owner.is_none();
-        let mut levels = Vec::with_capacity(usize::from(top) + 1);
-        for l in 1..=top {
-            levels.push((
-                store.sibling(&vhost, &spec.name, l, durable),
-                Recovered::default(),
-            ));
-        }
-        levels.insert(0, (store, recovered));
-        Self::recovered_levels(spec, vhost, owner, levels, window)
+        Self::recovered_levels(spec, vhost, owner, vec![(store, recovered)], window)
     }
 
     /// A queue whose levels' stores held these messages at start, one entry per priority
@@ -710,17 +691,22 @@ impl Queue {
     }
 
     /// Drops the expired messages at the head of the queue (RabbitMQ expires messages when
-    /// they reach the head).
-    fn expire_locked(&self, st: &mut QueueState, now: u64, dead: &mut Dead) {
+    /// they reach the head) and returns when the new head expires first.
+    fn expire_locked(&self, st: &mut QueueState, now: u64, dead: &mut Dead) -> Option<u64> {
         if !st.may_expire {
-            return;
+            return None;
         }
         let dead_letter = st.settings.features.dead_letter.is_some();
+        let mut next: Option<u64> = None;
         // Each priority level expires from its own head, as in RabbitMQ.
         for (l, store) in self.stores.iter().enumerate() {
             while let Some(front) = st.ready.lists_mut()[l].front(store) {
                 let message = front.message.clone();
-                if Self::expiry(st, &message).is_none_or(|at| at > now) {
+                let at = Self::expiry(st, &message);
+                if let Some(at) = at.filter(|at| *at > now) {
+                    next = Some(next.map_or(at, |n| n.min(at)));
+                }
+                if at.is_none_or(|at| at > now) {
                     break;
                 }
                 let Some(m) = st.ready.lists_mut()[l].pop_front(store) else {
@@ -732,6 +718,7 @@ impl Queue {
                 }
             }
         }
+        next
     }
 
     /// When the message now at the head of a level expires first.
@@ -873,8 +860,7 @@ impl Queue {
                     self.trim_locked(&mut st, &mut dead);
                 }
                 let next = if expiring {
-                    self.expire_locked(&mut st, now, &mut dead);
-                    self.next_expiry_locked(&mut st)
+                    self.expire_locked(&mut st, now, &mut dead)
                 } else {
                     None
                 };

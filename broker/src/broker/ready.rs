@@ -33,9 +33,6 @@ impl Default for Window {
 pub struct LazyStore {
     storage: Arc<Storage>,
     store: OnceLock<Arc<dyn QueueStore>>,
-    /// For a priority level of a durable queue: the queue (vhost, name, level) whose durable
-    /// store is opened on first use.
-    durable: Option<(Arc<str>, String, u8)>,
 }
 
 impl LazyStore {
@@ -45,7 +42,6 @@ impl LazyStore {
         Self {
             storage,
             store: cell,
-            durable: None,
         }
     }
 
@@ -53,51 +49,17 @@ impl LazyStore {
         Self {
             storage,
             store: OnceLock::new(),
-            durable: None,
-        }
-    }
-
-    /// The store of priority level `level` of a durable queue, created on first use.
-    pub fn deferred_durable(
-        storage: Arc<Storage>,
-        vhost: Arc<str>,
-        queue: &str,
-        level: u8,
-    ) -> Self {
-        Self {
-            storage,
-            store: OnceLock::new(),
-            durable: Some((vhost, queue.to_owned(), level)),
         }
     }
 
     pub fn get(&self) -> &Arc<dyn QueueStore> {
-        self.store.get_or_init(|| {
-            let opened = match &self.durable {
-                Some((vhost, queue, level)) => self
-                    .storage
-                    .open_durable_level(vhost, queue, *level, true)
-                    .map(|(s, _)| s),
-                None => self.storage.open_transient(),
-            };
-            match opened {
+        self.store.get_or_init(|| match self.storage.open_transient() {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "cannot create a store for paging; keeping messages in memory");
                 Arc::new(crate::store::memory::MemoryQueueStore::new())
             }
-            }
         })
-    }
-
-    /// A store, created on first use, for priority level `level` of the same queue: durable
-    /// (kept under the queue's name and level) or for paging only.
-    pub fn sibling(&self, vhost: &Arc<str>, queue: &str, level: u8, durable: bool) -> Self {
-        if durable {
-            Self::deferred_durable(self.storage.clone(), vhost.clone(), queue, level)
-        } else {
-            Self::deferred(self.storage.clone())
-        }
     }
 
     pub fn storage(&self) -> &Arc<Storage> {
@@ -196,10 +158,6 @@ impl ReadyList {
         self.tail += 1;
         self.tail_bytes += msg.message.body.len() as u64;
         self.until = msg.seq + 1;
-    }
-
-    pub fn front_in_memory(&self) -> Option<&QueuedMessage> {
-        self.mem.front()
     }
 
     /// The oldest ready message, reading the next batch from the store when the window is
@@ -411,12 +369,6 @@ impl Levels {
         (0..self.lists.len())
             .rev()
             .find(|&l| self.lists[l].front(&stores[l]).is_some())
-    }
-
-    /// The next message to deliver: the oldest of the highest level.
-    pub fn front(&mut self, stores: &[LazyStore]) -> Option<&QueuedMessage> {
-        let l = self.top(stores)?;
-        self.lists[l].front_in_memory()
     }
 
     /// Takes the next message to deliver.

@@ -341,13 +341,7 @@ impl Vhost {
             let mut policies = self.policy_list(kind).write();
             for (name, p) in stored {
                 let (pattern, def) = (&p.pattern, p.definition.clone());
-                let checked = match kind {
-                    PolicyKind::Policy => Policy::new(name, pattern, &p.apply_to, p.priority, def),
-                    PolicyKind::Operator => {
-                        Policy::new_operator(name, pattern, &p.apply_to, p.priority, def)
-                    }
-                };
-                match checked {
+                match Policy::of_kind(kind, name, pattern, &p.apply_to, p.priority, def) {
                     Ok(policy) => policies.push(Arc::new(policy)),
                     Err(reason) => {
                         tracing::warn!(vhost = %self.name, policy = %name, %reason, "skipping stored policy");
@@ -495,11 +489,7 @@ impl Vhost {
         };
         let name = policy.name.clone();
         self.persist(|v| {
-            match kind {
-                PolicyKind::Policy => &mut v.policies,
-                PolicyKind::Operator => &mut v.operator_policies,
-            }
-            .insert(name, stored);
+            stored_policies(v, kind).insert(name, stored);
         })?;
         let created = {
             let mut policies = self.policy_list(kind).write();
@@ -526,11 +516,7 @@ impl Vhost {
         }
         let owned = name.to_owned();
         self.persist(|v| {
-            match kind {
-                PolicyKind::Policy => &mut v.policies,
-                PolicyKind::Operator => &mut v.operator_policies,
-            }
-            .remove(&owned);
+            stored_policies(v, kind).remove(&owned);
         })?;
         self.policy_list(kind).write().retain(|p| p.name != name);
         self.reapply_policies();
@@ -1225,14 +1211,6 @@ fn binding_definition(
     }
 }
 
-fn as_text(v: &AMQPValue) -> Option<String> {
-    match v {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
-        _ => None,
-    }
-}
-
 /// The largest TTL or expiry RabbitMQ accepts, in milliseconds.
 const MAX_EXPIRY: i64 = u32::MAX as i64;
 
@@ -1268,7 +1246,7 @@ fn validate_queue_arguments(spec: &QueueSpec, vhost: &str) -> AmqpResult<()> {
     let args = spec.arguments.inner();
     let queue_type = match args.get("x-queue-type") {
         None => "classic".to_owned(),
-        Some(v) => match as_text(v) {
+        Some(v) => match super::headers::text(v) {
             Some(t) if matches!(t.as_str(), "classic" | "quorum") => t,
             Some(t) => {
                 return Err(invalid(
@@ -1309,7 +1287,9 @@ fn validate_queue_arguments(spec: &QueueSpec, vhost: &str) -> AmqpResult<()> {
                     return Err(invalid(key, format!("{{max_value_exceeded,{n}}}")));
                 }
             }
-            "x-dead-letter-exchange" | "x-dead-letter-routing-key" if as_text(value).is_none() => {
+            "x-dead-letter-exchange" | "x-dead-letter-routing-key"
+                if super::headers::text(value).is_none() =>
+            {
                 return Err(precondition_failed(format!(
                     "invalid type '{}' for arg '{key}' in {what}",
                     type_name(value)
@@ -1318,11 +1298,11 @@ fn validate_queue_arguments(spec: &QueueSpec, vhost: &str) -> AmqpResult<()> {
             "x-dead-letter-routing-key" if !args.contains_key("x-dead-letter-exchange") => {
                 return Err(invalid(key, "routing_key_but_no_dlx_defined".into()));
             }
-            "x-overflow" => match as_text(value).as_deref() {
+            "x-overflow" => match super::headers::text(value).as_deref() {
                 Some("drop-head" | "reject-publish" | "reject-publish-dlx") => {}
                 _ => return Err(invalid(key, "invalid_overflow".into())),
             },
-            "x-queue-mode" => match as_text(value).as_deref() {
+            "x-queue-mode" => match super::headers::text(value).as_deref() {
                 Some("default" | "lazy") => {}
                 Some(other) => {
                     return Err(invalid(
@@ -1371,5 +1351,16 @@ fn same_policy(a: Option<&Arc<Policy>>, b: Option<&Arc<Policy>>) -> bool {
         (None, None) => true,
         (Some(a), Some(b)) => Arc::ptr_eq(a, b),
         _ => false,
+    }
+}
+
+/// Where a vhost's definitions keep policies of `kind`.
+fn stored_policies(
+    v: &mut VhostDefinitions,
+    kind: PolicyKind,
+) -> &mut std::collections::BTreeMap<String, PolicyDefinition> {
+    match kind {
+        PolicyKind::Policy => &mut v.policies,
+        PolicyKind::Operator => &mut v.operator_policies,
     }
 }

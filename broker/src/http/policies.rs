@@ -7,7 +7,7 @@ use super::AppState;
 use super::auth::Caller;
 use super::body::Fields;
 use super::error::{ApiError, ApiResult, created_or_updated, no_content, ok};
-use crate::broker::policy::{Policy, effective_definition};
+use crate::broker::policy::{Policy, effective_definition, term};
 use crate::broker::vhost::{PolicyKind, Vhost};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -110,23 +110,15 @@ fn parse_policy_of(name: &str, f: &Fields, kind: PolicyKind) -> ApiResult<Policy
     let priority = match f.raw("priority") {
         None | Some(Value::Null) => 0,
         Some(v) => v.as_i64().ok_or_else(|| {
-            let shown = match v {
-                Value::String(s) => format!("<<\"{s}\">>"),
-                other => other.to_string(),
-            };
             ApiError::bad_request(format!(
-                "Validation failed\n\npriority should be a number, actually was {shown}\n"
+                "Validation failed\n\npriority should be a number, actually was {}\n",
+                term(v)
             ))
         })?,
     };
     let apply_to = f.string("apply-to")?.unwrap_or_else(|| "all".into());
-    match kind {
-        PolicyKind::Policy => Policy::new(name, &pattern, &apply_to, priority, definition),
-        PolicyKind::Operator => {
-            Policy::new_operator(name, &pattern, &apply_to, priority, definition)
-        }
-    }
-    .map_err(ApiError::bad_request)
+    Policy::of_kind(kind, name, &pattern, &apply_to, priority, definition)
+        .map_err(ApiError::bad_request)
 }
 
 fn put_of(
