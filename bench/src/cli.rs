@@ -18,6 +18,8 @@ pub const DEFAULT_FANOUT_PATTERN: &str = "warren-perf-fanout-%d";
 pub const HEADERS_ROUTING_HEADER: &str = "perf-queue";
 /// The body starts with an 8-byte send timestamp; nothing smaller can be timed.
 pub const MIN_SIZE: usize = 8;
+/// With delays, the body also carries the 8-byte delay after the timestamp.
+pub const MIN_DELAYED_SIZE: usize = 16;
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -153,6 +155,17 @@ pub struct Args {
     #[arg(long, default_value_t = 64)]
     pub publish_window: usize,
 
+    /// Delayed messages: publish through an `x-delayed-message` exchange (routing as
+    /// --type) with an `x-delay` header drawn uniformly from --delay-min..=--delay-max
+    /// milliseconds. Consumer latency is then measured from each message's due time: the
+    /// delivery-time error.
+    #[arg(long)]
+    pub delay_max: Option<u64>,
+
+    /// Shortest `x-delay`, milliseconds (with --delay-max).
+    #[arg(long, default_value_t = 0, requires = "delay_max")]
+    pub delay_min: u64,
+
     /// Label carried in every output line (e.g. S1).
     #[arg(long, default_value = "warren-perf")]
     pub id: String,
@@ -222,6 +235,8 @@ pub struct Config {
     pub drain_after_publish: bool,
     pub keep: bool,
     pub publish_window: usize,
+    /// `x-delay` range in milliseconds (delayed-message mode).
+    pub delay: Option<(u64, u64)>,
     pub id: String,
 }
 
@@ -245,6 +260,17 @@ impl Config {
         }
         if a.publish_window == 0 {
             return Err("--publish-window must be >= 1".into());
+        }
+        let delay = a.delay_max.map(|max| (a.delay_min, max));
+        if let Some((min, max)) = delay {
+            if min > max {
+                return Err("--delay-min must not exceed --delay-max".into());
+            }
+            if a.size < MIN_DELAYED_SIZE {
+                return Err(format!(
+                    "--size must be at least {MIN_DELAYED_SIZE} bytes with delays (timestamp and delay)"
+                ));
+            }
         }
 
         let exchange_type = if a.fanout_queues.is_some() {
@@ -298,10 +324,15 @@ impl Config {
             return Err("nothing to do: --producers and --consumers are both 0".into());
         }
 
-        let exchange = a
-            .exchange
-            .clone()
-            .unwrap_or_else(|| exchange_type.as_str().to_string());
+        let exchange = a.exchange.clone().unwrap_or_else(|| match delay {
+            Some(_) => format!("delayed-{}", exchange_type.as_str()),
+            None => exchange_type.as_str().to_string(),
+        });
+        if delay.is_some() && (exchange.is_empty() || exchange.starts_with("amq.")) {
+            return Err(
+                "delays need a delayed exchange of the run's own, not \"\" or amq.*".into(),
+            );
+        }
         if exchange.is_empty() && exchange_type != ExchangeType::Direct {
             return Err("the default exchange (\"\") is direct; pick another --exchange".into());
         }
@@ -358,6 +389,7 @@ impl Config {
             drain_after_publish: a.drain_after_publish,
             keep: a.keep,
             publish_window: a.publish_window,
+            delay,
             id: a.id,
         })
     }
@@ -654,5 +686,39 @@ mod tests {
         );
         assert_eq!(redact_uri("amqp://u@h/v"), "amqp://u@h/v");
         assert_eq!(redact_uri("garbage"), "garbage");
+    }
+
+    #[test]
+    fn delays_need_room_for_the_delay_and_a_delayed_exchange() {
+        let c = parse(&["--delay-max", "1000", "--delay-min", "10", "--size", "16"]).unwrap();
+        assert_eq!(c.delay, Some((10, 1000)));
+        assert_eq!(c.exchange, "delayed-direct");
+        assert!(
+            parse(&["--delay-max", "1000"])
+                .unwrap_err()
+                .contains("16 bytes")
+        );
+        assert!(
+            parse(&["--delay-max", "5", "--delay-min", "6", "--size", "16"])
+                .unwrap_err()
+                .contains("--delay-min")
+        );
+        assert!(
+            parse(&[
+                "--delay-max",
+                "5",
+                "--size",
+                "16",
+                "--exchange",
+                "amq.direct"
+            ])
+            .unwrap_err()
+            .contains("delayed exchange")
+        );
+        assert!(
+            parse(&["--delay-min", "5"]).is_err(),
+            "--delay-min needs --delay-max"
+        );
+        assert_eq!(parse(&[]).unwrap().delay, None);
     }
 }

@@ -29,6 +29,9 @@ pub struct ConsumerSpec {
     pub qos: u16,
     pub cmessages: Option<u64>,
     pub window: usize,
+    /// Delayed messages: latency counts from the due time (send time plus the delay the
+    /// body carries after the timestamp).
+    pub delayed: bool,
 }
 
 pub struct ConsumerCtx {
@@ -44,6 +47,15 @@ pub struct ConsumerCtx {
 pub fn latency_ns(body: &[u8], now_ns: u64) -> Option<u64> {
     let ts: [u8; 8] = body.get(..8)?.try_into().ok()?;
     Some(now_ns.saturating_sub(u64::from_be_bytes(ts)))
+}
+
+/// A delayed message's delivery-time error: how long after its due time (the send timestamp
+/// plus the delay in milliseconds that follows it in `body`) it arrived; 0 if early.
+pub fn due_error_ns(body: &[u8], now_ns: u64) -> Option<u64> {
+    let ts: [u8; 8] = body.get(..8)?.try_into().ok()?;
+    let delay: [u8; 8] = body.get(8..16)?.try_into().ok()?;
+    let due = u64::from_be_bytes(ts).saturating_add(u64::from_be_bytes(delay) * 1_000_000);
+    Some(now_ns.saturating_sub(due))
 }
 
 pub async fn run(spec: ConsumerSpec, ctx: ConsumerCtx) -> Result<(), String> {
@@ -121,7 +133,12 @@ async fn consume(
     while let Some(delivery) = deliveries.next().await {
         let delivery = delivery.map_err(|e| format!("delivery failed: {e}"))?;
         let now = control::now_ns();
-        if let Some(lat) = latency_ns(&delivery.data, now) {
+        let measured = if spec.delayed {
+            due_error_ns(&delivery.data, now)
+        } else {
+            latency_ns(&delivery.data, now)
+        };
+        if let Some(lat) = measured {
             ctx.latency.record_ns(lat);
         }
         Counters::add(&ctx.counters.received, 1);
@@ -190,5 +207,16 @@ mod tests {
         assert_eq!(latency_ns(&body, 10), Some(0));
         // Foreign messages too short to carry a timestamp are skipped.
         assert_eq!(latency_ns(&[1, 2, 3], 10), None);
+    }
+
+    #[test]
+    fn due_error_counts_from_send_time_plus_delay() {
+        let mut body = vec![0u8; 16];
+        body[..8].copy_from_slice(&1_000_000u64.to_be_bytes());
+        body[8..].copy_from_slice(&5u64.to_be_bytes());
+        // Due at 6 ms; arrived at 6.5 ms.
+        assert_eq!(due_error_ns(&body, 6_500_000), Some(500_000));
+        assert_eq!(due_error_ns(&body, 2_000_000), Some(0));
+        assert_eq!(due_error_ns(&body[..8], 2_000_000), None);
     }
 }

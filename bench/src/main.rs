@@ -147,6 +147,7 @@ async fn run(cfg: Config) -> Result<bool, String> {
             qos: cfg.qos,
             cmessages: cfg.cmessages,
             window: cfg.publish_window,
+            delayed: cfg.delay.is_some(),
         };
         let ctx = consumer::ConsumerCtx {
             counters: registry.new_counters(),
@@ -176,6 +177,7 @@ async fn run(cfg: Config) -> Result<bool, String> {
             mandatory: cfg.mandatory,
             pmessages: cfg.pmessages,
             window: cfg.publish_window,
+            delay: cfg.delay,
         };
         let ctx = producer::ProducerCtx {
             counters: registry.new_counters(),

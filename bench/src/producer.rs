@@ -14,7 +14,7 @@ use crate::stats::{Counters, Latency};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::{FieldTable, ShortString};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,6 +37,9 @@ pub struct ProducerSpec {
     pub mandatory: bool,
     pub pmessages: Option<u64>,
     pub window: usize,
+    /// `x-delay` range in milliseconds: each message gets one drawn uniformly, in its
+    /// header and after the timestamp in its body.
+    pub delay: Option<(u64, u64)>,
 }
 
 pub struct ProducerCtx {
@@ -185,6 +188,7 @@ async fn publish(
     let mut confirms = FuturesUnordered::new();
     let start = Instant::now();
     let mut sent: u64 = 0;
+    let mut delays = SplitMix64(spec.id as u64 ^ control::now_ns());
 
     // Every wait below also watches the stop signal: a broker that stops
     // reading (flow control, alarms) must not keep the run from ending.
@@ -239,15 +243,20 @@ async fn publish(
 
         let ts = control::now_ns();
         body[..8].copy_from_slice(&ts.to_be_bytes());
+        let props = match spec.delay {
+            None => props.clone(),
+            Some((min, max)) => {
+                let delay = min + delays.next() % (max - min + 1);
+                body[8..16].copy_from_slice(&delay.to_be_bytes());
+                let mut headers = spec.headers.clone().unwrap_or_default();
+                headers.insert("x-delay".into(), AMQPValue::LongLongInt(delay as i64));
+                props.clone().with_headers(headers)
+            }
+        };
         if spec.window == 1 {
             // Plain path: await the write, no per-message allocation.
-            let publish = channel.basic_publish(
-                exchange.clone(),
-                routing_key.clone(),
-                opts,
-                &body,
-                props.clone(),
-            );
+            let publish =
+                channel.basic_publish(exchange.clone(), routing_key.clone(), opts, &body, props);
             let confirm = tokio::select! {
                 c = publish => c.map_err(|e| format!("publish failed: {e}"))?,
                 _ = ctx.stop.wait() => break 'publishing,
@@ -260,7 +269,7 @@ async fn publish(
                 routing_key.clone(),
                 opts,
                 body.clone(),
-                props.clone(),
+                props,
                 ts,
             );
             writes
@@ -324,6 +333,19 @@ async fn publish(
             Ok(())
         }
         other => other,
+    }
+}
+
+/// A small, fast pseudo-random sequence for the delays (statistical quality is plenty).
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
     }
 }
 

@@ -51,11 +51,25 @@ pub async fn setup(cfg: &Config, ch: &Channel) -> Result<(Declared, Vec<String>)
     let mut declared = Declared::default();
     let mut warnings = Vec::new();
     if cfg.declare_exchange {
+        let (kind, arguments) = match cfg.delay {
+            Some(_) => {
+                let mut t = FieldTable::default();
+                t.insert(
+                    "x-delayed-type".into(),
+                    AMQPValue::LongString(cfg.exchange_type.as_str().into()),
+                );
+                (lapin::ExchangeKind::Custom("x-delayed-message".into()), t)
+            }
+            None => (cfg.exchange_type.kind(), FieldTable::default()),
+        };
         ch.exchange_declare(
             ShortString::from(cfg.exchange.as_str()),
-            cfg.exchange_type.kind(),
-            ExchangeDeclareOptions::default(),
-            FieldTable::default(),
+            kind,
+            ExchangeDeclareOptions {
+                durable: cfg.persistent && cfg.delay.is_some(),
+                ..ExchangeDeclareOptions::default()
+            },
+            arguments,
         )
         .await
         .map_err(|e| {

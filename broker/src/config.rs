@@ -69,6 +69,9 @@ pub struct Config {
     pub flush_interval_ms: u64,
     /// Size at which a queue's segment file is closed and a new one started, bytes.
     pub segment_size: u32,
+    /// Bytes of a vhost's delayed messages kept in memory; beyond them the messages are
+    /// written, sorted by due time, to run files and read back as they come due.
+    pub delayed_memory_bytes: u64,
     /// Memory alarm: above this fraction of the machine's memory, publishers are blocked.
     pub memory_high_watermark: f64,
     /// Memory alarm as an absolute limit in bytes; overrides the fraction when set.
@@ -108,6 +111,7 @@ impl Default for Config {
             queue_window_bytes: 8 * 1024 * 1024,
             flush_interval_ms: 5,
             segment_size: 64 * 1024 * 1024,
+            delayed_memory_bytes: 16 * 1024 * 1024,
             memory_high_watermark: 0.4,
             memory_high_watermark_bytes: None,
             disk_free_limit: 50_000_000,
@@ -195,6 +199,8 @@ pub struct Flags {
     pub flush_interval_ms: Option<u64>,
     #[arg(long, env = "WARREN_SEGMENT_SIZE")]
     pub segment_size: Option<u32>,
+    #[arg(long, env = "WARREN_DELAYED_MEMORY_BYTES")]
+    pub delayed_memory_bytes: Option<u64>,
     #[arg(long, env = "WARREN_MEMORY_HIGH_WATERMARK")]
     pub memory_high_watermark: Option<f64>,
     #[arg(long, env = "WARREN_MEMORY_HIGH_WATERMARK_BYTES")]
@@ -269,6 +275,7 @@ impl Config {
             queue_window_bytes,
             flush_interval_ms,
             segment_size,
+            delayed_memory_bytes,
             memory_high_watermark,
             memory_high_watermark_bytes,
             disk_free_limit,
@@ -297,6 +304,7 @@ impl Config {
             queue_window_bytes,
             flush_interval_ms,
             segment_size,
+            delayed_memory_bytes,
             memory_high_watermark,
             disk_free_limit
         );
@@ -330,6 +338,11 @@ impl Config {
         if self.queue_window_messages == 0 || self.queue_window_bytes == 0 {
             return Err(ConfigError::Invalid(
                 "queue_window_messages and queue_window_bytes must be at least 1".into(),
+            ));
+        }
+        if self.delayed_memory_bytes < 65_536 {
+            return Err(ConfigError::Invalid(
+                "delayed_memory_bytes must be at least 65536".into(),
             ));
         }
         if self.segment_size < 4096 {

@@ -171,6 +171,22 @@ async fn the_management_api_shows_which_consumer_is_active() {
     assert_eq!(status("two"), (false.into(), "waiting".into()));
 }
 
+/// The next message of `queue` (basic.get, no-ack), polled for until it arrives.
+async fn get_eventually(ch: &Channel, queue: &str) -> lapin::message::BasicGetMessage {
+    loop {
+        if let Some(m) = within(
+            5,
+            ch.basic_get(queue.into(), BasicGetOptions { no_ack: true }),
+        )
+        .await
+        .unwrap()
+        {
+            return m;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_message_returned_past_its_delivery_limit_is_dead_lettered() {
     let b = TestBroker::start().await;
@@ -219,18 +235,7 @@ async fn a_message_returned_past_its_delivery_limit_is_dead_lettered() {
     };
     assert_eq!(count(&counts[1]), Some(1));
     assert_eq!(count(&counts[2]), Some(2));
-    let dead = loop {
-        if let Some(m) = within(
-            5,
-            ch.basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: true }),
-        )
-        .await
-        .unwrap()
-        {
-            break m;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let dead = get_eventually(&ch, &dlq).await;
     assert_eq!(dead.delivery.data, b"poison");
     let deaths = match dead
         .delivery
@@ -322,4 +327,90 @@ async fn a_queue_consumer_timeout_overrides_the_brokers() {
     // The broker's own timeout (30 minutes) still holds for the other channel.
     closed.none_within(300).await;
     assert!(lenient_ch.status().connected());
+}
+
+#[tokio::test]
+async fn the_count_of_returns_survives_a_restart() {
+    let b = TestBroker::start().await;
+    if b.is_external() {
+        return; // restarts an in-process broker
+    }
+    let conn = b.connect().await;
+    let ch = within(5, conn.create_channel()).await.unwrap();
+    let (q, dlq) = (unique("limit"), unique("limit-dlq"));
+    declare(&ch, &dlq, true, FieldTable::default()).await;
+    declare(
+        &ch,
+        &q,
+        true,
+        args(&[
+            ("x-delivery-limit", AMQPValue::LongInt(2)),
+            ("x-dead-letter-exchange", text("")),
+            ("x-dead-letter-routing-key", text(&dlq)),
+        ]),
+    )
+    .await;
+    let confirm = within(
+        5,
+        ch.basic_publish(
+            "".into(),
+            q.as_str().into(),
+            BasicPublishOptions::default(),
+            b"poison",
+            BasicProperties::default().with_delivery_mode(2),
+        ),
+    )
+    .await
+    .unwrap();
+    within(5, confirm).await.unwrap();
+    let get = |ch: Channel, q: String| async move {
+        within(
+            5,
+            ch.basic_get(q.as_str().into(), BasicGetOptions::default()),
+        )
+        .await
+        .unwrap()
+        .expect("a message")
+    };
+    // Returned twice: the limit is reached, not passed.
+    for _ in 0..2 {
+        let m = get(ch.clone(), q.clone()).await;
+        m.delivery
+            .nack(BasicNackOptions {
+                requeue: true,
+                multiple: false,
+            })
+            .await
+            .unwrap();
+    }
+    drop(ch);
+    drop(conn);
+    let b = b.restart().await;
+    let conn = b.connect().await;
+    let ch = within(5, conn.create_channel()).await.unwrap();
+    let m = get(ch.clone(), q.clone()).await;
+    let count = m
+        .delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-delivery-count").cloned());
+    assert_eq!(
+        count,
+        Some(AMQPValue::LongLongInt(2)),
+        "the count came back"
+    );
+    assert!(m.delivery.redelivered);
+    // One more return passes the limit, as it would have without the restart.
+    m.delivery
+        .nack(BasicNackOptions {
+            requeue: true,
+            multiple: false,
+        })
+        .await
+        .unwrap();
+    let dead = get_eventually(&ch, &dlq).await;
+    assert_eq!(dead.delivery.data, b"poison");
+    assert_eq!(ready_count(&ch, &q).await, 0);
+    b.stop().await;
 }

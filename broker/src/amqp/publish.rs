@@ -495,9 +495,22 @@ impl Channel {
     ) -> EnqueueOutcome {
         let mut queues = std::mem::take(&mut self.route_buf);
         queues.clear();
-        s.vhost.route(exchange, keys, headers, &mut queues);
-        let outcome = s.vhost.enqueue(&queues, &message);
-        let routed = !queues.is_empty();
+        let mut delayed = Vec::new();
+        s.vhost
+            .route(exchange, keys, headers, &mut queues, Some(&mut delayed));
+        let mut outcome = s.vhost.enqueue(&queues, &message);
+        if !delayed.is_empty() {
+            // Scheduled counts as routed: whether a queue takes it is known only when it
+            // is due (RabbitMQ's plugin returns every mandatory delayed message instead).
+            match s.vhost.schedule_delayed(&delayed, keys, headers, &message) {
+                Some(epoch) => {
+                    outcome.taken += delayed.len();
+                    outcome.epoch = outcome.epoch.max(epoch);
+                }
+                None => outcome.rejected = true,
+            }
+        }
+        let routed = !queues.is_empty() || !delayed.is_empty();
         queues.clear();
         self.route_buf = queues;
         let stats = &self.shared.stats;

@@ -19,6 +19,9 @@ pub enum ExchangeKind {
     Fanout,
     Topic,
     Headers,
+    /// `x-delayed-message`: routes as its `x-delayed-type` argument says, after the delay a
+    /// message's `x-delay` header asks for.
+    Delayed,
 }
 
 impl ExchangeKind {
@@ -28,6 +31,7 @@ impl ExchangeKind {
             "fanout" => Self::Fanout,
             "topic" => Self::Topic,
             "headers" => Self::Headers,
+            "x-delayed-message" => Self::Delayed,
             _ => return None,
         })
     }
@@ -38,6 +42,42 @@ impl ExchangeKind {
             Self::Fanout => "fanout",
             Self::Topic => "topic",
             Self::Headers => "headers",
+            Self::Delayed => "x-delayed-message",
+        }
+    }
+
+    /// How an exchange of this kind with these arguments routes: a delayed exchange as its
+    /// `x-delayed-type` says (checked at declaration, with the plugin's errors).
+    pub fn routing(self, arguments: &FieldTable) -> crate::error::AmqpResult<Self> {
+        if self != Self::Delayed {
+            return Ok(self);
+        }
+        let Some(name) = arguments
+            .inner()
+            .get("x-delayed-type")
+            .and_then(super::headers::text)
+        else {
+            return Err(crate::error::precondition_failed(
+                "Invalid argument, 'x-delayed-type' must be an existing exchange type",
+            ));
+        };
+        match Self::parse(&name) {
+            Some(Self::Delayed) => Err(crate::error::precondition_failed(
+                "Invalid argument, 'x-delayed-message' can't be used for 'x-delayed-type'",
+            )),
+            Some(kind) => Ok(kind),
+            // What RabbitMQ says of an exchange type it does not know.
+            None => Err(crate::error::AmqpError::new(
+                crate::error::COMMAND_INVALID,
+                format!(
+                    "{} exchange type '{name}'",
+                    if name.starts_with("x-") {
+                        "unknown"
+                    } else {
+                        "invalid"
+                    }
+                ),
+            )),
         }
     }
 }
@@ -135,8 +175,12 @@ impl fmt::Debug for Exchange {
 
 impl Exchange {
     pub fn new(spec: ExchangeSpec) -> Arc<Self> {
-        let table = match spec.kind {
-            ExchangeKind::Direct => Table::Direct(FastMap::default()),
+        let routing = spec
+            .kind
+            .routing(&spec.arguments)
+            .unwrap_or(ExchangeKind::Direct);
+        let table = match routing {
+            ExchangeKind::Direct | ExchangeKind::Delayed => Table::Direct(FastMap::default()),
             ExchangeKind::Fanout => Table::Fanout,
             ExchangeKind::Topic => Table::Topic(TopicTrie::default()),
             ExchangeKind::Headers => Table::Headers(Vec::new()),
@@ -179,6 +223,11 @@ impl Exchange {
         *self.policy.write() = (policy, alternate);
     }
 
+    /// A delayed exchange (`x-delayed-message`).
+    pub fn is_delayed(&self) -> bool {
+        self.spec.kind == ExchangeKind::Delayed
+    }
+
     pub fn is_deleted(&self) -> bool {
         self.deleted.load(Ordering::Acquire)
     }
@@ -189,7 +238,7 @@ impl Exchange {
 
     /// Checks a binding's arguments before it is made (only the headers type has rules).
     pub fn validate_binding(&self, arguments: &FieldTable) -> Result<(), String> {
-        if self.spec.kind == ExchangeKind::Headers {
+        if matches!(self.routes.read().table, Table::Headers(_)) {
             HeadersMatch::from_arguments(arguments)?;
         }
         Ok(())

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod connections;
 pub mod dead_letter;
+pub mod delayed;
 pub mod exchange;
 pub mod expiry;
 pub mod headers;
@@ -20,6 +21,7 @@ use crate::alarms::Alarms;
 use crate::auth::{Permission, User, Users, hash_password};
 use crate::config::Config;
 use crate::store::definitions::{PermissionDefinition, UserDefinition};
+use crate::store::delayed::DelayedOptions;
 use crate::store::file::FileStoreOptions;
 use crate::store::{DefinitionStore, DefinitionsError, Storage};
 use parking_lot::RwLock;
@@ -72,7 +74,11 @@ impl Broker {
         .map_err(|source| DefinitionsError::Io {
             path: config.data_dir.clone(),
             source,
-        })?;
+        })?
+        .with_delayed_options(DelayedOptions {
+            memory_bytes: usize::try_from(config.delayed_memory_bytes).unwrap_or(usize::MAX),
+            ..DelayedOptions::default()
+        });
         let broker = Self::with_store(config, store, Arc::new(storage));
         let durable: Vec<(String, String, u8)> = broker
             .vhosts()
@@ -85,6 +91,14 @@ impl Broker {
                     .collect::<Vec<_>>()
             })
             .collect();
+        let vhosts: Vec<String> = broker.vhosts().iter().map(|v| v.name.to_string()).collect();
+        broker
+            .storage
+            .remove_stale_delayed(&vhosts)
+            .map_err(|source| DefinitionsError::Io {
+                path: broker.config.data_dir.clone(),
+                source,
+            })?;
         broker
             .storage
             .remove_stale(&durable)

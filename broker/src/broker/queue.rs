@@ -30,7 +30,8 @@ pub struct QueuedMessage {
     /// Where the message is in the queue's store, if it was written there (persistent, or
     /// paged out of memory).
     pub location: Option<Location>,
-    /// Times it came back unacknowledged (for `x-delivery-limit`; kept in memory only).
+    /// Times it came back unacknowledged (for `x-delivery-limit`; stored with a persistent
+    /// message's index slot, so it survives a restart).
     pub returned: u32,
     /// Its priority level in a priority queue (0 otherwise): which list and store hold it.
     pub level: u8,
@@ -944,7 +945,8 @@ impl Queue {
             let Some(msg) = st.ready.pop_front(&self.stores) else {
                 break;
             };
-            let (seq, location, redelivered) = (msg.seq, msg.location, msg.redelivered);
+            let (seq, location, redelivered, returned) =
+                (msg.seq, msg.location, msg.redelivered, msg.returned);
             let store = self.store(msg.level);
             let body_len = msg.message.body.len() as u64;
             match consumer.sink.offer(self, &consumer, msg) {
@@ -957,7 +959,7 @@ impl Queue {
                         st.unacked += 1;
                         st.unacked_bytes += body_len;
                         consumer.unacked.fetch_add(1, Ordering::Relaxed);
-                        delivered(store, seq, location);
+                        delivered(store, seq, location, returned);
                     }
                     if !self.single_active_consumer {
                         rotate_within_priority(&mut st.consumers, i);
@@ -1039,7 +1041,7 @@ impl Queue {
         } else {
             st.unacked += 1;
             st.unacked_bytes += msg.message.body.len() as u64;
-            delivered(self.store(msg.level), msg.seq, msg.location);
+            delivered(self.store(msg.level), msg.seq, msg.location, msg.returned);
         }
         *next = self.next_expiry_locked(&mut st);
         Some((msg, st.ready.len() as u32))
@@ -1094,6 +1096,13 @@ impl Queue {
                         continue;
                     }
                     msg.message = Arc::new(with_delivery_count(&msg.message, msg.returned));
+                    // Kept on disk too, so that a restart does not reset the count.
+                    super::ready::delivered(
+                        self.store(msg.level),
+                        msg.seq,
+                        msg.location,
+                        msg.returned,
+                    );
                 }
                 st.may_expire |= msg.message.expires_at_ms.is_some();
                 st.ready.requeue(msg);
@@ -1243,7 +1252,7 @@ fn release(st: &mut QueueState, d: &Delivered) {
 
 /// The message with the `x-delivery-count` header (times it was returned), as quorum queues
 /// report it.
-fn with_delivery_count(m: &Message, count: u32) -> Message {
+pub(crate) fn with_delivery_count(m: &Message, count: u32) -> Message {
     let props = crate::amqp::codec::decode_properties(&m.properties).unwrap_or_default();
     let mut headers = props.headers().clone().unwrap_or_default();
     headers.insert(

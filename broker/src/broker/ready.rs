@@ -197,9 +197,9 @@ impl ReadyList {
             self.mem.push_back(QueuedMessage {
                 seq: m.seq,
                 redelivered: m.delivered || m.seq < self.redelivered_below,
-                message: Arc::new(m.message),
+                message: Arc::new(with_returns(m.message, m.returned)),
                 location: Some(m.location),
-                returned: 0,
+                returned: u32::from(m.returned),
                 level: self.level,
             });
         }
@@ -247,9 +247,9 @@ impl ReadyList {
                 let queued = QueuedMessage {
                     seq: m.seq,
                     redelivered: m.delivered || m.seq < self.redelivered_below,
-                    message: Arc::new(m.message),
+                    message: Arc::new(with_returns(m.message, m.returned)),
                     location: Some(m.location),
-                    returned: 0,
+                    returned: u32::from(m.returned),
                     level: self.level,
                 };
                 if !visit(&queued) || seen == budget {
@@ -428,14 +428,22 @@ pub fn forget(store: &LazyStore, seq: u64, location: Option<Location>) {
     }
 }
 
-/// Records a delivery of a stored persistent message, for the redelivered flag after a
-/// restart.
-pub fn delivered(store: &LazyStore, seq: u64, location: Option<Location>) {
+/// Records a delivery (or a return) of a stored persistent message, for the redelivered flag
+/// and the count of returns after a restart.
+pub fn delivered(store: &LazyStore, seq: u64, location: Option<Location>, returned: u32) {
     if let (Some(at), Some(s)) = (location, store.existing())
         && at.kind == RecordKind::Persistent
     {
-        s.mark_delivered(seq, at);
+        s.mark_delivered(seq, at, u16::try_from(returned).unwrap_or(u16::MAX));
     }
+}
+
+/// A message read back from a store with its count of returns in `x-delivery-count`.
+fn with_returns(message: super::message::Message, returned: u16) -> super::message::Message {
+    if returned == 0 {
+        return message;
+    }
+    super::queue::with_delivery_count(&message, u32::from(returned))
 }
 
 /// Whether a message must be in the store before it is confirmed.

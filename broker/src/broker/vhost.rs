@@ -4,6 +4,7 @@
 
 use super::FastMap;
 use super::dead_letter::{self, DeathReason};
+use super::delayed::{self, Delayer, delay_of};
 use super::exchange::{Binding, Destination, Exchange, ExchangeKind, ExchangeSpec};
 use super::expiry::Expirer;
 use super::headers::{type_name, value_text, values_equal};
@@ -13,6 +14,7 @@ use super::queue::{DeleteRefused, Enqueued, Links, Queue, QueueSpec, QueuedMessa
 use super::ready::{LazyStore, Window};
 use super::stats::{Churn, MessageStats};
 use super::throttle::{TOO_MANY_REQUESTS, Throttle};
+use crate::amqp::codec;
 use crate::error::{
     AmqpError, AmqpResult, access_refused, not_found, precondition_failed, resource_locked,
 };
@@ -20,6 +22,7 @@ use crate::store::DefinitionStore;
 use crate::store::definitions::{
     BindingDefinition, ExchangeDefinition, PolicyDefinition, QueueDefinition, VhostDefinitions,
 };
+use crate::store::delayed::{Due, Scheduled};
 use crate::store::{Recovered, Storage};
 use amq_protocol::types::{AMQPValue, FieldTable};
 use parking_lot::{Mutex, RwLock};
@@ -121,6 +124,8 @@ pub struct Vhost {
     /// Policies, by name.
     policies: RwLock<Vec<Arc<Policy>>>,
     operator_policies: RwLock<Vec<Arc<Policy>>>,
+    /// The messages of its delayed exchanges, until they are due.
+    delayer: Delayer,
 }
 
 /// Policies or operator policies.
@@ -260,6 +265,7 @@ impl Vhost {
             meta: RwLock::new(VhostMeta::default()),
             policies: RwLock::new(Vec::new()),
             operator_policies: RwLock::new(Vec::new()),
+            delayer: Delayer::default(),
         };
         {
             let mut exchanges = vhost.exchanges.write();
@@ -439,6 +445,9 @@ impl Vhost {
             }
         }
         self.reapply_policies();
+        if let Some(me) = self.me.upgrade() {
+            self.delayer.recover(&self.storage, &me);
+        }
     }
 
     fn policy_list(&self, kind: PolicyKind) -> &RwLock<Vec<Arc<Policy>>> {
@@ -663,6 +672,8 @@ impl Vhost {
                     ));
                 }
             }
+            // As in RabbitMQ, also for a delayed exchange: its `x-delayed-type` is not
+            // compared.
             check_args_equivalent(
                 &what,
                 &cur.arguments,
@@ -677,6 +688,7 @@ impl Vhost {
                 spec.name
             )));
         }
+        spec.kind.routing(&spec.arguments)?;
         if spec.durable {
             let def = ExchangeDefinition {
                 kind: spec.kind.as_str().to_owned(),
@@ -1055,12 +1067,26 @@ impl Vhost {
                 dead_letter::dead_letter(&queued.message, from.name(), reason, target, now);
             let keys: Vec<&[u8]> = letter.keys.iter().map(|k| &k[..]).collect();
             queues.clear();
-            self.route(&exchange, &keys, Some(&letter.headers), &mut queues);
+            let mut delayed = Vec::new();
+            self.route(
+                &exchange,
+                &keys,
+                Some(&letter.headers),
+                &mut queues,
+                Some(&mut delayed),
+            );
             if reason != DeathReason::Rejected {
                 queues.retain(|q| !dead_letter::is_cycle(&letter.headers, q.name()));
             }
+            if queues.is_empty() && delayed.is_empty() {
+                continue;
+            }
+            let message = Arc::new(letter.message);
             if !queues.is_empty() {
-                self.enqueue(&queues, &Arc::new(letter.message));
+                self.enqueue(&queues, &message);
+            }
+            if !delayed.is_empty() {
+                let _ = self.schedule_delayed(&delayed, &keys, Some(&letter.headers), &message);
             }
         }
     }
@@ -1089,6 +1115,7 @@ impl Vhost {
             x.mark_deleted();
         }
         self.reply_queues.write().clear();
+        self.delayer.destroy();
     }
 
     /// Registers the hidden queue of a direct reply-to consumer under `key`.
@@ -1102,14 +1129,20 @@ impl Vhost {
 
     /// Finds the queues a message published to `exchange` goes to, following
     /// exchange-to-exchange bindings and alternate exchanges, each queue once.
-    /// `keys` is the routing key followed by any CC and BCC keys.
+    /// `keys` is the routing key followed by any CC and BCC keys. With `delayed`, a message
+    /// with a positive `x-delay` stops at the delayed exchanges it reaches, listed there, to
+    /// be scheduled; without, it is routed through them (it is due).
     pub fn route(
         &self,
         exchange: &Arc<Exchange>,
         keys: &[&[u8]],
         headers: Option<&FieldTable>,
         out: &mut Vec<Arc<Queue>>,
+        mut delayed: Option<&mut Vec<Arc<Exchange>>>,
     ) {
+        if delayed.is_some() && delay_of(headers).is_none() {
+            delayed = None;
+        }
         let mut seen: Vec<*const Exchange> = Vec::new();
         let mut work = vec![exchange.clone()];
         let mut dests = Vec::new();
@@ -1122,6 +1155,12 @@ impl Vhost {
             dests.clear();
             if x.name().is_empty() {
                 self.route_default(keys, out);
+                continue;
+            }
+            if x.is_delayed()
+                && let Some(d) = delayed.as_deref_mut()
+            {
+                d.push(x);
                 continue;
             }
             for key in keys {
@@ -1188,6 +1227,76 @@ impl Vhost {
 
     pub fn storage(&self) -> &Arc<Storage> {
         &self.storage
+    }
+
+    /// Schedules a message that reached delayed exchanges (see [`Vhost::route`]); returns
+    /// the flush epoch after which it is on disk (0: nothing to wait for), or `None` when it
+    /// could not be stored (a disk that cannot take it: logged, and the publisher is nacked).
+    pub fn schedule_delayed(
+        &self,
+        exchanges: &[Arc<Exchange>],
+        keys: &[&[u8]],
+        headers: Option<&FieldTable>,
+        message: &Message,
+    ) -> Option<u64> {
+        let Some(delay) = delay_of(headers) else {
+            return Some(0);
+        };
+        let me = self.me.upgrade()?;
+        let due = now_ms().max(message.arrived_ms) + delay;
+        let mut epoch = 0;
+        for x in exchanges {
+            let scheduled = Scheduled {
+                due,
+                exchange: x.name(),
+                keys,
+                message,
+                durable: message.persistent && x.spec.durable,
+            };
+            match self.delayer.schedule(&self.storage, &me, scheduled) {
+                Ok(e) => epoch = epoch.max(e),
+                Err(e) => {
+                    tracing::error!(vhost = %self.name, exchange = x.name(), error = %e, "cannot store a delayed message");
+                    return None;
+                }
+            }
+        }
+        Some(epoch)
+    }
+
+    /// Routes a delayed message whose time has come; returns the flush epoch after which its
+    /// copies are on disk. Its exchange gone, it is dropped.
+    pub fn deliver_due(&self, due: &Due) -> u64 {
+        let Some(x) = self.exchange(&due.exchange).filter(|x| x.is_delayed()) else {
+            tracing::debug!(vhost = %self.name, exchange = %due.exchange, "delayed exchange gone; its due message is dropped");
+            return 0;
+        };
+        let mut message = due.message.clone();
+        // It enters its queues now: TTLs (the queue's and its own `expiration`) count from
+        // here, as RabbitMQ counts them from when the plugin hands the message on.
+        let now = now_ms();
+        if let Some(expires) = message.expires_at_ms {
+            message.expires_at_ms = Some(expires + now.saturating_sub(message.arrived_ms));
+        }
+        message.arrived_ms = now;
+        let mut props = codec::decode_properties(&message.properties).unwrap_or_default();
+        let headers = props.headers().as_ref().map(delayed::negated);
+        if let Some(h) = &headers {
+            props = props.with_headers(h.clone());
+            message.properties = codec::encode_properties(&props);
+        }
+        let keys: Vec<&[u8]> = due.keys.iter().map(|k| &k[..]).collect();
+        let mut queues = Vec::new();
+        self.route(&x, &keys, headers.as_ref(), &mut queues, None);
+        if queues.is_empty() {
+            return 0;
+        }
+        self.enqueue(&queues, &Arc::new(message)).epoch
+    }
+
+    /// Delayed messages waiting in this vhost.
+    pub fn delayed_messages(&self) -> u64 {
+        self.delayer.len()
     }
 }
 

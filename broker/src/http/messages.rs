@@ -274,13 +274,23 @@ pub async fn publish(
         expires_at_ms,
     });
     let mut queues = Vec::new();
+    let mut delayed = Vec::new();
+    let keys = [routing_key.as_bytes()];
     v.route(
         &exchange,
-        &[routing_key.as_bytes()],
+        &keys,
         headers.as_ref(),
         &mut queues,
+        Some(&mut delayed),
     );
-    let outcome = v.enqueue(&queues, &message);
+    let mut outcome = v.enqueue(&queues, &message);
+    if !delayed.is_empty() {
+        let epoch = v
+            .schedule_delayed(&delayed, &keys, headers.as_ref(), &message)
+            .ok_or_else(|| ApiError::internal("cannot store the delayed message"))?;
+        outcome.taken += delayed.len();
+        outcome.epoch = outcome.epoch.max(epoch);
+    }
     if outcome.epoch > 0
         && let Some(flusher) = state.broker.storage.flusher()
     {

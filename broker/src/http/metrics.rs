@@ -590,6 +590,15 @@ pub fn render(state: &AppState, per_object: bool) -> prometheus::Result<Vec<u8>>
         crate::alarms::resident_memory() as f64,
     );
     out.gauge(
+        "warren_delayed_messages",
+        "Messages of delayed exchanges (x-delayed-message) waiting for their time",
+        broker
+            .vhosts()
+            .iter()
+            .map(|v| v.delayed_messages())
+            .sum::<u64>() as f64,
+    );
+    out.gauge(
         "rabbitmq_disk_space_available_bytes",
         "Disk space available in bytes",
         crate::alarms::free_disk(&broker.config.data_dir).unwrap_or(readings.disk_free) as f64,

@@ -93,10 +93,20 @@ fn delivered_marks_are_read_back() {
     for (name, store) in implementations(dir.path()) {
         let s = store.append(0, &message("a"), RecordKind::Persistent);
         store.append(1, &message("b"), RecordKind::Persistent);
-        store.mark_delivered(0, s.location);
+        store.mark_delivered(0, s.location, 0);
         let read = store.read(0, 2, 10, u64::MAX).messages;
         assert!(read[0].delivered, "{name}");
         assert!(!read[1].delivered, "{name}");
+        // A return is counted, and a later delivery keeps the count it is given.
+        store.mark_delivered(0, s.location, 2);
+        assert_eq!(
+            store.read(0, 1, 10, u64::MAX).messages[0].returned,
+            2,
+            "{name}"
+        );
+        store.mark_delivered(0, s.location, 3);
+        let read = store.read(0, 2, 10, u64::MAX).messages;
+        assert_eq!((read[0].returned, read[1].returned), (3, 0), "{name}");
     }
 }
 
@@ -184,7 +194,7 @@ fn removals_and_delivered_marks_survive_reopening() {
         let b = store.append(1, &message("delivered"), RecordKind::Persistent);
         store.append(2, &message("ready"), RecordKind::Persistent);
         store.remove(0, a.location);
-        store.mark_delivered(1, b.location);
+        store.mark_delivered(1, b.location, 4);
         settle(&*store, &flusher);
         flusher.shutdown();
     }
@@ -194,6 +204,11 @@ fn removals_and_delivered_marks_survive_reopening() {
     let read = store.read(0, 3, 10, u64::MAX).messages;
     assert_eq!(read.len(), 2);
     assert!(read[0].delivered && !read[1].delivered);
+    assert_eq!(
+        (read[0].returned, read[1].returned),
+        (4, 0),
+        "returns survive a restart"
+    );
 }
 
 fn only_file(dir: &Path, ext: &str) -> std::path::PathBuf {

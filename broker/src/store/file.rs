@@ -612,6 +612,7 @@ impl QueueStore for FileQueueStore {
             Slot {
                 kind,
                 flags: 0,
+                returned: 0,
                 seq,
                 segment,
                 offset,
@@ -634,7 +635,7 @@ impl QueueStore for FileQueueStore {
         Stored { location, epoch }
     }
 
-    fn mark_delivered(&self, seq: u64, at: Location) {
+    fn mark_delivered(&self, seq: u64, at: Location, returned: u16) {
         let mut st = self.state.lock();
         if st.destroyed || at.kind != RecordKind::Persistent {
             return;
@@ -642,6 +643,7 @@ impl QueueStore for FileQueueStore {
         let slot = match st.pending_slots.get(&seq) {
             Some(s) => Slot {
                 flags: s.flags | FLAG_DELIVERED,
+                returned,
                 ..*s
             },
             // A compacted record moved: `at` is stale and the mark is only a hint; skip it.
@@ -649,6 +651,7 @@ impl QueueStore for FileQueueStore {
             None => Slot {
                 kind: at.kind,
                 flags: FLAG_DELIVERED,
+                returned,
                 seq,
                 segment: at.segment,
                 offset: at.offset,
@@ -674,6 +677,7 @@ impl QueueStore for FileQueueStore {
             None => Slot {
                 kind: at.kind,
                 flags: FLAG_REMOVED,
+                returned: 0,
                 seq,
                 segment,
                 offset: at.offset,
@@ -740,6 +744,7 @@ impl QueueStore for FileQueueStore {
                                             body_len: slot.body_len,
                                         },
                                         delivered: slot.delivered(),
+                                        returned: slot.returned,
                                     });
                                 }
                                 _ => {

@@ -158,7 +158,11 @@ impl Flusher {
     }
 
     fn round(&self, epoch: u64, dirty: Vec<Weak<dyn Flushable>>) {
-        let stores: Vec<Arc<dyn Flushable>> = dirty.iter().filter_map(Weak::upgrade).collect();
+        let mut stores: Vec<Arc<dyn Flushable>> = dirty.iter().filter_map(Weak::upgrade).collect();
+        // A store registered twice (again after a failed round) is written once: a second
+        // `write_pending` would find nothing and forget what the first took.
+        stores.sort_by_key(|s| Arc::as_ptr(s).cast::<()>() as usize);
+        stores.dedup_by(|a, b| Arc::ptr_eq(a, b));
         let mut files = Vec::new();
         let mut failed = false;
         for store in &stores {

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 #[derive(Debug, Default)]
 pub struct MemoryQueueStore {
-    messages: Mutex<BTreeMap<u64, (Message, Location, bool)>>,
+    messages: Mutex<BTreeMap<u64, (Message, Location, bool, u16)>>,
 }
 
 impl MemoryQueueStore {
@@ -37,13 +37,14 @@ impl QueueStore for MemoryQueueStore {
         };
         self.messages
             .lock()
-            .insert(seq, (message.clone(), location, false));
+            .insert(seq, (message.clone(), location, false, 0));
         Stored { location, epoch: 0 }
     }
 
-    fn mark_delivered(&self, seq: u64, _at: Location) {
+    fn mark_delivered(&self, seq: u64, _at: Location, returned: u16) {
         if let Some(entry) = self.messages.lock().get_mut(&seq) {
             entry.2 = true;
+            entry.3 = returned;
         }
     }
 
@@ -58,7 +59,7 @@ impl QueueStore for MemoryQueueStore {
             ..ReadBatch::default()
         };
         let mut bytes = 0u64;
-        for (seq, (message, location, delivered)) in messages.range(from..until) {
+        for (seq, (message, location, delivered, returned)) in messages.range(from..until) {
             if batch.messages.len() >= max || bytes >= max_bytes {
                 batch.next = *seq;
                 break;
@@ -69,6 +70,7 @@ impl QueueStore for MemoryQueueStore {
                 message: message.clone(),
                 location: *location,
                 delivered: *delivered,
+                returned: *returned,
             });
         }
         batch

@@ -7,9 +7,11 @@
 //!   consumers catch up. [`file::FileQueueStore`] keeps them in segment files with a
 //!   slot-per-message index; [`memory::MemoryQueueStore`] keeps them in memory (tests, and
 //!   brokers without a data directory). Both pass the conformance suite in `conformance.rs`.
+//! - [`delayed`]: the messages of delayed exchanges until they are due.
 //! - [`flusher`]: group commit across all stores.
 
 pub mod definitions;
+pub mod delayed;
 pub mod file;
 pub mod flusher;
 pub mod memory;
@@ -22,6 +24,7 @@ pub use definitions::{DefinitionStore, Definitions, DefinitionsError};
 pub use record::RecordKind;
 
 use crate::broker::message::Message;
+use delayed::{DelayedOptions, DelayedStore};
 use file::{FileQueueStore, FileStoreOptions};
 use flusher::Flusher;
 use memory::MemoryQueueStore;
@@ -59,6 +62,8 @@ pub struct StoredMessage {
     pub location: Location,
     /// It was handed to a consumer before (its delivery was recorded).
     pub delivered: bool,
+    /// Times it came back unacknowledged, as last recorded.
+    pub returned: u16,
 }
 
 /// A batch read by [`QueueStore::read`].
@@ -93,8 +98,9 @@ pub trait QueueStore: Send + Sync + Debug {
     fn append(&self, seq: u64, message: &Message, kind: RecordKind) -> Stored;
 
     /// Records that the message was handed to a consumer, so that it comes back marked
-    /// redelivered after a restart.
-    fn mark_delivered(&self, seq: u64, at: Location);
+    /// redelivered after a restart, and the times it came back unacknowledged so far (kept
+    /// across restarts for `x-delivery-limit`).
+    fn mark_delivered(&self, seq: u64, at: Location, returned: u16);
 
     /// Forgets a message: acknowledged, dropped or purged.
     fn remove(&self, seq: u64, at: Location);
@@ -120,6 +126,7 @@ pub struct Storage {
     dir: Option<PathBuf>,
     flusher: Option<Arc<Flusher>>,
     options: FileStoreOptions,
+    delayed: DelayedOptions,
     next_transient: AtomicU64,
 }
 
@@ -140,8 +147,15 @@ impl Storage {
             dir: Some(data_dir.to_path_buf()),
             flusher: Some(Flusher::start(flush_interval)),
             options,
+            delayed: DelayedOptions::default(),
             next_transient: AtomicU64::new(0),
         })
+    }
+
+    /// Sets the tunables of delayed-message stores.
+    pub fn with_delayed_options(mut self, options: DelayedOptions) -> Self {
+        self.delayed = options;
+        self
     }
 
     /// Everything in memory: nothing survives a restart.
@@ -150,6 +164,7 @@ impl Storage {
             dir: None,
             flusher: None,
             options: FileStoreOptions::default(),
+            delayed: DelayedOptions::default(),
             next_transient: AtomicU64::new(0),
         }
     }
@@ -227,6 +242,53 @@ impl Storage {
             }
             _ => Ok(Arc::new(MemoryQueueStore::new())),
         }
+    }
+
+    /// The directory of a vhost's delayed messages.
+    fn delayed_dir(dir: &Path, vhost: &str) -> PathBuf {
+        let digest = Sha256::digest(vhost.as_bytes());
+        let name: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+        dir.join("delayed").join(name)
+    }
+
+    /// Opens a vhost's delayed-message store and recovers what it holds.
+    pub fn open_delayed(&self, vhost: &str) -> io::Result<Arc<DelayedStore>> {
+        let dir = self.dir.as_ref().map(|d| Self::delayed_dir(d, vhost));
+        if let Some(dir) = &dir {
+            std::fs::create_dir_all(dir)?;
+            let id = format!("{{\"vhost\":{}}}\n", serde_json::Value::from(vhost));
+            std::fs::write(dir.join("vhost.json"), id)?;
+        }
+        DelayedStore::open(dir.as_deref(), self.flusher.clone(), self.delayed)
+    }
+
+    /// Whether a vhost has delayed messages on disk from before this start.
+    pub fn has_delayed(&self, vhost: &str) -> bool {
+        self.dir
+            .as_ref()
+            .is_some_and(|d| Self::delayed_dir(d, vhost).exists())
+    }
+
+    /// Deletes the delayed-message stores of vhosts that no longer exist.
+    pub fn remove_stale_delayed(&self, vhosts: &[String]) -> io::Result<()> {
+        let Some(dir) = &self.dir else { return Ok(()) };
+        let root = dir.join("delayed");
+        if !root.exists() {
+            return Ok(());
+        }
+        let keep: std::collections::HashSet<PathBuf> =
+            vhosts.iter().map(|v| Self::delayed_dir(dir, v)).collect();
+        for entry in std::fs::read_dir(&root)? {
+            let path = entry?.path();
+            if keep.contains(&path) || !path.is_dir() {
+                continue;
+            }
+            tracing::info!(dir = %path.display(), "removing the delayed messages of a deleted vhost");
+            if let Err(e) = std::fs::remove_dir_all(&path) {
+                tracing::warn!(dir = %path.display(), error = %e, "cannot remove the delayed messages of a deleted vhost");
+            }
+        }
+        Ok(())
     }
 
     /// Deletes the stores of durable queues that no longer exist (`keep` lists the

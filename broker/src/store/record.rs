@@ -10,8 +10,10 @@
 //!
 //! An *index slot* (in an index file) is 32 bytes at a position given by the message's queue
 //! sequence number, so it can be found and rewritten without any in-memory map:
-//! `crc32 u32 | kind u8 | flags u8 | 0 u16 | seq u64 | segment u32 | offset u32 | record len u32 |
-//!  body len u32`. An all-zero slot was never written.
+//! `crc32 u32 | kind u8 | flags u8 | returned u16 | seq u64 | segment u32 | offset u32 |
+//!  record len u32 | body len u32`, `returned` counting the times the message came back
+//! unacknowledged (for `x-delivery-limit`; 0 in slots written before it was kept). An all-zero
+//! slot was never written.
 
 use crate::broker::message::{Message, ShortStr};
 use bytes::{BufMut, Bytes};
@@ -39,6 +41,8 @@ pub const FLAG_DELIVERED: u8 = 2;
 pub struct Slot {
     pub kind: RecordKind,
     pub flags: u8,
+    /// Times the message came back unacknowledged.
+    pub returned: u16,
     pub seq: u64,
     pub segment: u32,
     pub offset: u32,
@@ -59,6 +63,7 @@ impl Slot {
         let mut out = [0u8; SLOT_SIZE];
         out[4] = self.kind as u8;
         out[5] = self.flags;
+        out[6..8].copy_from_slice(&self.returned.to_be_bytes());
         out[8..16].copy_from_slice(&self.seq.to_be_bytes());
         out[16..20].copy_from_slice(&self.segment.to_be_bytes());
         out[20..24].copy_from_slice(&self.offset.to_be_bytes());
@@ -98,6 +103,7 @@ pub fn decode_slot(bytes: &[u8]) -> SlotRead {
     SlotRead::Valid(Slot {
         kind,
         flags: bytes[5],
+        returned: u16::from_be_bytes([bytes[6], bytes[7]]),
         seq: u64::from_be_bytes(bytes[8..16].try_into().expect("8 bytes")),
         segment: u32_at(16),
         offset: u32_at(20),
@@ -275,6 +281,7 @@ mod tests {
         let slot = Slot {
             kind: RecordKind::Persistent,
             flags: FLAG_DELIVERED,
+            returned: 513,
             seq: 7,
             segment: 3,
             offset: 4096,

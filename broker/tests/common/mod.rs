@@ -75,6 +75,11 @@ impl TestBroker {
         &self.running.as_ref().expect("an in-process broker").broker
     }
 
+    /// The data directory of an in-process broker.
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.config.as_ref().expect("an in-process broker").data_dir
+    }
+
     pub fn is_external(&self) -> bool {
         self.running.is_none()
     }
