@@ -355,6 +355,14 @@ fn a_mostly_dead_segment_is_compacted() {
     );
     let left = bodies(&*store, 0, 60);
     assert_eq!(left.len(), 10);
+    // A delivery (with a count of returns) of the moved message is still recorded, with the
+    // place it moved to (the location the queue holds is the old one).
+    store.mark_delivered(0, stored[0].location, 5);
+    settle(&*store, &flusher);
+    let first = &store.read(0, 1, 1, u64::MAX).messages[0];
+    assert!(first.delivered);
+    assert_eq!(first.returned, 5);
+    assert_eq!(first.message.body.len(), 300);
     // The moved message can still be removed; reopening finds what is left.
     store.remove(0, stored[0].location);
     settle(&*store, &flusher);

@@ -233,8 +233,10 @@ struct Snapshot {
 
 pub struct DelayedStore {
     dir: Option<PathBuf>,
-    /// Held while the manifest is written.
-    saving: Mutex<()>,
+    /// Held while files are written or deleted (by `settle`, `spill` and `destroy`), so that
+    /// a housekeeping job never touches the directory after `destroy` (a vhost re-created
+    /// with the same name gets the same directory).
+    io: Mutex<()>,
     flusher: Option<Arc<Flusher>>,
     options: DelayedOptions,
     me: Weak<DelayedStore>,
@@ -422,7 +424,7 @@ impl DelayedStore {
             dir: dir.filter(|_| flusher.is_some()).map(Path::to_path_buf),
             flusher,
             options,
-            saving: Mutex::new(()),
+            io: Mutex::new(()),
             me: me.clone(),
             inner: Mutex::new(inner),
         }))
@@ -444,7 +446,9 @@ impl DelayedStore {
             if s.durable
                 && let Some(f) = &self.flusher
             {
+                // A publisher waits for it: a round at once (group commit).
                 epoch = f.current_epoch();
+                f.want(epoch);
             }
         }
         let generation = st.generation;
@@ -543,6 +547,14 @@ impl DelayedStore {
             && let Err(e) = self.read_ahead(run, now)
         {
             tracing::error!(run = run.meta.id, error = %e, "cannot read delayed messages");
+            if matches!(
+                e.kind(),
+                io::ErrorKind::UnexpectedEof | io::ErrorKind::NotFound
+            ) {
+                // Shorter than the manifest says, or gone: what is left of it is lost.
+                run.read_at = run.meta.len;
+                run.meta.remaining = run.ahead.len() as u64;
+            }
             return None;
         }
         run.ahead.front().map(|(e, _)| e.due)
@@ -701,7 +713,7 @@ impl DelayedStore {
             Source::Buffer { generation } => st.settling.push_back((generation, seq, epoch)),
             Source::Run { id } => {
                 if let Some(run) = st.runs.iter_mut().find(|r| r.meta.id == id)
-                    && let Some(slot) = run.settling.iter_mut().find(|s| s.2 == seq)
+                    && let Some(slot) = run.settling.iter_mut().rev().find(|s| s.2 == seq)
                 {
                     slot.1 = epoch;
                 }
@@ -812,6 +824,10 @@ impl DelayedStore {
             due_for_save.then(|| self.snapshot(st))
         };
         let dir = self.dir.clone().expect("checked above");
+        let _io = self.io.lock();
+        if self.inner.lock().destroyed {
+            return Ok(());
+        }
         if let Some(snapshot) = snapshot {
             self.save(&dir, snapshot)?;
         }
@@ -865,9 +881,8 @@ impl DelayedStore {
         }
     }
 
-    /// Writes a snapshot of the manifest atomically; saves run one at a time, newest wins.
+    /// Writes a snapshot of the manifest atomically, newest wins; with `io` held.
     fn save(&self, dir: &Path, snapshot: Snapshot) -> io::Result<()> {
-        let _one_at_a_time = self.saving.lock();
         if self.inner.lock().saved_version > snapshot.runs_version {
             // A newer snapshot is on disk already.
             return Ok(());
@@ -927,9 +942,22 @@ impl DelayedStore {
             if st.spilling || st.destroyed {
                 return Ok(());
             }
-            if st.buffer.is_empty() {
-                // Nothing to write: closing the log generation is all there is to do.
-                if st.log.is_some() {
+            // What comes due while the run is written stays in memory anyway.
+            let soon = crate::broker::message::now_ms() + SPILL_MARGIN_MS;
+            let entries: Vec<Entry> = st
+                .buffer
+                .iter()
+                .filter(|b| b.0.entry.due > soon)
+                .map(|b| b.0.entry.clone())
+                .collect();
+            if entries.is_empty() {
+                // Nothing to write (all of it comes due within the margin): closing a long
+                // log generation is all there is to do.
+                if st
+                    .log
+                    .as_ref()
+                    .is_some_and(|(_, len)| *len > self.options.log_bytes)
+                {
                     st.generation += 1;
                     st.log = None;
                 }
@@ -941,16 +969,12 @@ impl DelayedStore {
             st.log = None;
             let id = st.next_run;
             st.next_run += 1;
-            // What comes due while the run is written stays in memory anyway.
-            let soon = crate::broker::message::now_ms() + SPILL_MARGIN_MS;
-            let entries: Vec<Entry> = st
-                .buffer
-                .iter()
-                .filter(|b| b.0.entry.due > soon)
-                .map(|b| b.0.entry.clone())
-                .collect();
             (id, max_generation, entries, soon)
         };
+        let _io = self.io.lock();
+        if self.inner.lock().destroyed {
+            return Ok(());
+        }
         entries.sort_by_key(|e| (e.due, e.seq));
         let written = (|| -> io::Result<u64> {
             let tmp = dir.join(format!("run-{id:016x}.tmp"));
@@ -1035,6 +1059,7 @@ impl DelayedStore {
 
     /// Deletes everything (the vhost is being deleted).
     pub fn destroy(&self) {
+        let _io = self.io.lock();
         let mut st = self.inner.lock();
         st.destroyed = true;
         st.buffer.clear();

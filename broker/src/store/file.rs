@@ -646,8 +646,24 @@ impl QueueStore for FileQueueStore {
                 returned,
                 ..*s
             },
-            // A compacted record moved: `at` is stale and the mark is only a hint; skip it.
-            None if st.moved.contains_key(&seq) => return,
+            // A compacted record moved: `at` is stale, so the slot on disk says where it is.
+            None if st.moved.contains_key(&seq) => {
+                let mut files = self.files.lock();
+                match self.read_slots(&st, &mut files, seq, seq + 1) {
+                    Ok(slots) => match slots.first() {
+                        Some((_, SlotRead::Valid(s))) if !s.removed() => Slot {
+                            flags: s.flags | FLAG_DELIVERED,
+                            returned,
+                            ..*s
+                        },
+                        _ => return,
+                    },
+                    Err(e) => {
+                        tracing::warn!(dir = %self.dir.display(), seq, error = %e, "cannot read a moved message's slot; its delivery is not recorded");
+                        return;
+                    }
+                }
+            }
             None => Slot {
                 kind: at.kind,
                 flags: FLAG_DELIVERED,
