@@ -382,3 +382,37 @@ fn messages_not_yet_flushed_can_be_read() {
     assert_eq!(bodies(&*store, 0, 1), ["in memory"]);
     flusher.shutdown();
 }
+
+#[test]
+fn segments_and_index_files_emptied_while_written_are_deleted_once_full() {
+    // Consumers that keep up: each message is gone before its segment (or index file) is
+    // full. The files must still go once writing moves on.
+    let dir = tempfile::tempdir().unwrap();
+    let options = FileStoreOptions {
+        segment_size: 4096,
+        ..FileStoreOptions::default()
+    };
+    let (store, _, flusher) = open(dir.path(), options);
+    let body = "z".repeat(200);
+    let total = super::file::SLOTS_PER_INDEX + 100;
+    for seq in 0..total {
+        let s = store.append(seq, &message(&body), RecordKind::Persistent);
+        store.remove(seq, s.location);
+        if seq % 10_000 == 0 {
+            settle(&*store, &flusher);
+        }
+    }
+    settle(&*store, &flusher);
+    assert!(
+        segment_count(dir.path()) <= 2,
+        "{} segments left",
+        segment_count(dir.path())
+    );
+    assert!(
+        !dir.path().join("0000000000000000.idx").exists(),
+        "the first index file went"
+    );
+    flusher.shutdown();
+    let (_, recovered, _) = open(dir.path(), options);
+    assert_eq!(recovered.count, 0);
+}

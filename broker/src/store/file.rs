@@ -269,8 +269,14 @@ impl FileQueueStore {
         if st.write_offset > 0
             && u64::from(st.write_offset) + len > u64::from(self.options.segment_size)
         {
+            let full = st.write_segment;
             st.write_segment += 1;
             st.write_offset = 0;
+            // Everything in it may be gone already (consumers keeping up): it was kept only
+            // while it was still being written to.
+            if st.segments.get(&full).is_some_and(|u| u.live == 0) {
+                Self::retire_segment(st, full);
+            }
         }
         let (segment, offset) = (st.write_segment, st.write_offset);
         st.segments.entry(segment).or_default().total_bytes += len;
@@ -300,8 +306,7 @@ impl FileQueueStore {
             u.live = u.live.saturating_sub(1);
             u.live_bytes = u.live_bytes.saturating_sub(u64::from(record_len));
             if u.live == 0 && segment != st.write_segment {
-                st.segments.remove(&segment);
-                st.dead_segments.push(segment);
+                Self::retire_segment(st, segment);
             }
         }
         let n = seq / SLOTS_PER_INDEX;
@@ -309,15 +314,29 @@ impl FileQueueStore {
             *live = live.saturating_sub(1);
             let complete = st.max_seq.is_some_and(|m| m >= (n + 1) * SLOTS_PER_INDEX);
             if *live == 0 && complete {
-                st.index_live.remove(&n);
-                st.dead_indexes.push(n);
-                // Its slots need not be written any more.
-                let range = n * SLOTS_PER_INDEX..(n + 1) * SLOTS_PER_INDEX;
-                let doomed: Vec<u64> = st.pending_slots.range(range).map(|(s, _)| *s).collect();
-                for s in doomed {
-                    st.pending_slots.remove(&s);
-                }
+                self.retire_index(st, n);
             }
+        }
+    }
+
+    /// A segment with nothing live left, and nothing more to come, is deleted after the next
+    /// sync. What of it is still to be written need not be: written after the deletion, it
+    /// would bring the file back for good.
+    fn retire_segment(st: &mut State, n: u32) {
+        st.segments.remove(&n);
+        st.dead_segments.push(n);
+        st.pending.retain(|c| c.segment != n);
+    }
+
+    /// An index file with no live slot left, and no slot still to come, is deleted.
+    fn retire_index(&self, st: &mut State, n: u64) {
+        st.index_live.remove(&n);
+        st.dead_indexes.push(n);
+        // Its slots need not be written any more.
+        let range = n * SLOTS_PER_INDEX..(n + 1) * SLOTS_PER_INDEX;
+        let doomed: Vec<u64> = st.pending_slots.range(range).map(|(s, _)| *s).collect();
+        for s in doomed {
+            st.pending_slots.remove(&s);
         }
     }
 
@@ -526,8 +545,7 @@ impl FileQueueStore {
             }
         }
         drop(files);
-        st.segments.remove(&segment);
-        st.dead_segments.push(segment);
+        Self::retire_segment(&mut st, segment);
         if moved_any || !st.dead_segments.is_empty() {
             self.register(&mut st);
         }
@@ -624,7 +642,24 @@ impl QueueStore for FileQueueStore {
         u.live += 1;
         u.live_bytes += u64::from(record_len);
         *st.index_live.entry(seq / SLOTS_PER_INDEX).or_default() += 1;
+        let before = st.max_seq;
         st.max_seq = Some(st.max_seq.map_or(seq, |m| m.max(seq)));
+        // The first slot of a new index file completes the ones before it: those whose
+        // slots are all removed already go now.
+        if let Some(before) = before
+            && seq / SLOTS_PER_INDEX > before / SLOTS_PER_INDEX
+        {
+            let current = seq / SLOTS_PER_INDEX;
+            let emptied: Vec<u64> = st
+                .index_live
+                .iter()
+                .filter(|(n, live)| **n < current && **live == 0)
+                .map(|(n, _)| *n)
+                .collect();
+            for n in emptied {
+                self.retire_index(&mut st, n);
+            }
+        }
         self.register(&mut st);
         // Read under the lock: a round that has not taken this store's data yet is still
         // this epoch's (see flusher.rs).
@@ -971,6 +1006,9 @@ impl Flushable for FileQueueStore {
                     .collect()
             });
             chunks.append(&mut st.pending);
+            // Not those of segments retired meanwhile (see `retire_segment`).
+            let live = &st.segments;
+            chunks.retain(|c| live.contains_key(&c.segment));
             st.pending = chunks;
             for (seq, slot) in slots.iter() {
                 st.pending_slots.entry(*seq).or_insert(*slot);
