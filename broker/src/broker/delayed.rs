@@ -151,21 +151,14 @@ impl Delayer {
     }
 
     fn start(&self, vhost: &Arc<Vhost>, store: &Arc<DelayedStore>) {
-        if self.started.load(Ordering::Acquire) {
-            return;
-        }
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        if self.started.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        handle.spawn(run(
-            Arc::downgrade(vhost),
-            store.clone(),
-            self.wake.clone(),
-            self.next_wake.clone(),
-        ));
+        super::expiry::spawn_once(&self.started, || {
+            run(
+                Arc::downgrade(vhost),
+                store.clone(),
+                self.wake.clone(),
+                self.next_wake.clone(),
+            )
+        });
     }
 }
 

@@ -41,6 +41,24 @@ impl Ord for Entry {
     }
 }
 
+/// Spawns the task `task` makes, once: the first call that finds a runtime sets `started`.
+/// Without a runtime (some unit tests) nothing is spawned and a later call tries again.
+pub(crate) fn spawn_once<F>(started: &AtomicBool, task: impl FnOnce() -> F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    if started.load(Ordering::Acquire) {
+        return;
+    }
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    if started.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    handle.spawn(task());
+}
+
 /// The deadlines of one vhost's queues.
 pub struct Expirer {
     heap: Mutex<BinaryHeap<Entry>>,
@@ -87,18 +105,9 @@ impl Expirer {
     /// The timer task, started with the first deadline (a vhost without TTLs has none). Without
     /// a runtime (some unit tests) queues still expire messages when they are next used.
     fn start(self: &Arc<Self>) {
-        if self.started.load(Ordering::Acquire) {
-            return;
-        }
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        if self.started.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let me = Arc::downgrade(self);
-        let wake = self.wake.clone();
-        handle.spawn(run(me, wake));
+        spawn_once(&self.started, || {
+            run(Arc::downgrade(self), self.wake.clone())
+        });
     }
 
     /// Takes the queues whose deadline has come; returns them and the next deadline.

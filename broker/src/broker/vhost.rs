@@ -1140,9 +1140,6 @@ impl Vhost {
         out: &mut Vec<Arc<Queue>>,
         mut delayed: Option<&mut Vec<Arc<Exchange>>>,
     ) {
-        if delayed.is_some() && delay_of(headers).is_none() {
-            delayed = None;
-        }
         let mut seen: Vec<*const Exchange> = Vec::new();
         let mut work = vec![exchange.clone()];
         let mut dests = Vec::new();
@@ -1159,6 +1156,7 @@ impl Vhost {
             }
             if x.is_delayed()
                 && let Some(d) = delayed.as_deref_mut()
+                && delay_of(headers).is_some()
             {
                 d.push(x);
                 continue;

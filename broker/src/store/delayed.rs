@@ -517,7 +517,8 @@ impl DelayedStore {
     }
 
     /// Bytes of scheduled messages held in memory.
-    pub fn memory_bytes(&self) -> usize {
+    #[cfg(test)]
+    fn memory_bytes(&self) -> usize {
         let st = self.inner.lock();
         st.buffer_bytes
             + st.runs

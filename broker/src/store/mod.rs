@@ -120,6 +120,11 @@ pub trait QueueStore: Send + Sync + Debug {
     fn durable_epoch(&self) -> u64;
 }
 
+/// A directory name from a digest: its first 16 bytes in hex.
+fn hex_name(digest: &[u8]) -> String {
+    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Where queues keep their messages: a data directory with a flusher, or memory only.
 #[derive(Debug)]
 pub struct Storage {
@@ -183,9 +188,7 @@ impl Storage {
         if level > 0 {
             h.update([0, level]);
         }
-        let digest = h.finalize();
-        let name: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-        dir.join("queues").join(name)
+        dir.join("queues").join(hex_name(&h.finalize()))
     }
 
     /// Opens the store of a durable queue and recovers its messages. With `fresh`, whatever
@@ -246,9 +249,8 @@ impl Storage {
 
     /// The directory of a vhost's delayed messages.
     fn delayed_dir(dir: &Path, vhost: &str) -> PathBuf {
-        let digest = Sha256::digest(vhost.as_bytes());
-        let name: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-        dir.join("delayed").join(name)
+        dir.join("delayed")
+            .join(hex_name(&Sha256::digest(vhost.as_bytes())))
     }
 
     /// Opens a vhost's delayed-message store and recovers what it holds.
