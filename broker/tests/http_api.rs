@@ -1763,6 +1763,34 @@ async fn health_checks_report_alarms_listeners_and_aliveness() {
 }
 
 #[tokio::test]
+async fn the_older_node_health_check_answers_as_in_rabbitmq_3_10() {
+    let (_b, api) = broker().await;
+    assert_eq!(
+        api.json("/api/healthchecks/node").await,
+        json!({"status": "ok"})
+    );
+    let node = api.json("/api/overview").await["node"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        api.json(&format!("/api/healthchecks/node/{}", urlencode(&node)))
+            .await,
+        json!({"status": "ok"})
+    );
+    assert_eq!(
+        api.get("/api/healthchecks/node/rabbit@nowhere")
+            .await
+            .error(404, "Object Not Found"),
+        "Not Found"
+    );
+    api.anonymous()
+        .get("/api/healthchecks/node")
+        .await
+        .status(401);
+}
+
+#[tokio::test]
 async fn a_drain_closes_clients_refuses_new_ones_and_fails_readiness_until_revived() {
     let (b, api) = broker().await;
     let conn = b.connect().await;

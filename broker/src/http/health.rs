@@ -1,4 +1,5 @@
-//! `/api/health/checks/*` and `/api/aliveness-test/{vhost}`: 200 `{"status":"ok"}` or 503
+//! `/api/health/checks/*`, RabbitMQ 3.10's older `/api/healthchecks/node` and
+//! `/api/aliveness-test/{vhost}`: 200 `{"status":"ok"}` or 503
 //! `{"status":"failed", ...}`, for load balancers and probes.
 
 use super::AppState;
@@ -51,6 +52,24 @@ pub async fn local_alarms(State(state): State<AppState>, _caller: Caller) -> Res
 /// Every vhost of a Warren node runs while the node does.
 pub async fn virtual_hosts(_state: State<AppState>, _caller: Caller) -> Response {
     ok(json!({"status": "ok"}))
+}
+
+/// RabbitMQ 3.10's `/api/healthchecks/node`: a running node is healthy.
+pub async fn node(_state: State<AppState>, _caller: Caller) -> Response {
+    ok(json!({"status": "ok"}))
+}
+
+/// `/api/healthchecks/node/{node}`: 404 for a node that is not this one, as RabbitMQ answers
+/// for a node it does not know.
+pub async fn named_node(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Path(node): Path<String>,
+) -> ApiResult<Response> {
+    if node != state.broker.config.node_name {
+        return Err(ApiError::not_found());
+    }
+    Ok(ok(json!({"status": "ok"})))
 }
 
 pub async fn single_node(_state: State<AppState>, _caller: Caller) -> Response {

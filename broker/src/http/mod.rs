@@ -219,6 +219,8 @@ pub fn management_router(state: AppState) -> Router {
         .route("/api/global-parameters", get(overview::empty_list))
         .route("/api/topic-permissions", get(overview::empty_list))
         .route("/api/feature-flags", get(overview::empty_list))
+        .route("/api/healthchecks/node", get(health::node))
+        .route("/api/healthchecks/node/{node}", get(health::named_node))
         .route("/api/health/checks/alarms", get(health::alarms))
         .route("/api/health/checks/local-alarms", get(health::local_alarms))
         .route(
