@@ -1014,6 +1014,71 @@ async fn an_amqp_clients_connection_and_channel_are_listed_and_closed() {
     let q = rc.get_queue_info("/", "work").await.expect("queue");
     assert_eq!(q.consumer_count, 1);
 
+    // Consumers carry `consumer_timeout`, which the crate (and rabbitmqadmin v2) requires.
+    let consumers = rc.list_consumers().await.expect("consumers");
+    assert_eq!(consumers.len(), 1);
+    assert_eq!(consumers[0].consumer_tag, "worker-1");
+    assert_eq!(consumers[0].queue.name, "work");
+    assert_eq!(consumers[0].prefetch_count, 5);
+    assert_eq!(consumers[0].delivery_ack_timeout, 1_800_000);
+    let details = consumers[0]
+        .channel_details
+        .as_ref()
+        .expect("channel details");
+    assert_eq!(details.connection_name, c.name);
+    assert_eq!(rc.list_consumers_in("/").await.expect("in /").len(), 1);
+
+    // Every other list endpoint decodes into the crate's types with objects present.
+    rc.create_vhost(&VirtualHostParams::named("lists"))
+        .await
+        .expect("vhost");
+    rc.declare_policy(&rabbitmq_http_client::requests::PolicyParams {
+        vhost: "/",
+        name: "lengths",
+        pattern: "^work$",
+        apply_to: rabbitmq_http_client::commons::PolicyTarget::Queues,
+        priority: 1,
+        definition: args(json!({"max-length": 100})).expect("an object"),
+    })
+    .await
+    .expect("policy");
+    assert_eq!(rc.list_policies().await.expect("policies").len(), 1);
+    assert_eq!(
+        rc.list_policies_in("/").await.expect("policies in /").len(),
+        1
+    );
+    rc.list_operator_policies()
+        .await
+        .expect("operator policies");
+    assert!(rc.list_vhosts().await.expect("vhosts").len() >= 2);
+    rc.list_users().await.expect("users");
+    rc.list_permissions().await.expect("permissions");
+    rc.list_nodes().await.expect("nodes");
+    assert!(!rc.list_exchanges().await.expect("exchanges").is_empty());
+    assert_eq!(rc.list_queues().await.expect("queues").len(), 1);
+    assert!(!rc.list_bindings().await.expect("bindings").is_empty());
+    rc.list_all_vhost_limits().await.expect("vhost limits");
+    rc.list_all_user_limits().await.expect("user limits");
+    let page = rabbitmq_http_client::commons::PaginationParams::first_page(2);
+    assert_eq!(
+        rc.list_exchanges_paged(&page).await.expect("a page").len(),
+        2
+    );
+    assert_eq!(rc.list_queues_paged(&page).await.expect("a page").len(), 1);
+    assert_eq!(
+        rc.list_connections_paged(&page)
+            .await
+            .expect("a page")
+            .len(),
+        1
+    );
+    assert_eq!(
+        rc.list_channels_paged(&page).await.expect("a page").len(),
+        1
+    );
+    // As in RabbitMQ 3.10, `/api/users` is not paged (so `list_users_paged` cannot decode it).
+    rc.list_vhosts_paged(&page).await.expect("a page");
+
     let of_guest = rc
         .list_user_connections("guest")
         .await

@@ -694,3 +694,38 @@ async fn vhost_definitions_export_and_import_into_another_vhost() {
     let queues = green_admin.table("list queues");
     assert_eq!(queues.one("name", "orders")["vhost"], "green");
 }
+
+#[tokio::test]
+async fn consumers_are_listed_with_their_delivery_timeout() {
+    use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+    use lapin::{Connection, ConnectionProperties};
+    let Some(bin) = rabbitmqadmin() else { return };
+    let broker = BrokerProcess::start();
+    let admin = Admin::new(&bin, &broker);
+    let conn = Connection::connect(&broker.uri(), ConnectionProperties::default())
+        .await
+        .expect("AMQP connection");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.queue_declare(
+        "jobs".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("queue");
+    let _consumer = ch
+        .basic_consume(
+            "jobs".into(),
+            "jobs-worker".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let consumers = admin.table("list consumers");
+    let row = consumers.one("consumer_tag", "jobs-worker");
+    assert_eq!(row["queue"], "jobs");
+    assert_eq!(row["manual_ack"], "true");
+    assert_eq!(row["delivery_ack_timeout"], "1800000");
+}

@@ -104,12 +104,14 @@ fn channel_details(state: &AppState, c: &ConnectionInfo, number: u16) -> Value {
 fn consumer_object(state: &AppState, c: &ConnectionInfo, s: &ChannelSnapshot, i: usize) -> Value {
     let k = &s.consumers[i];
     // A single-active-consumer queue: one consumer is active, the others wait.
-    let (active, status) = match state
-        .broker
-        .vhost(&c.vhost)
-        .and_then(|v| v.queue(&k.queue))
-        .filter(|q| q.single_active_consumer)
-    {
+    let queue = state.broker.vhost(&c.vhost).and_then(|v| v.queue(&k.queue));
+    // The timeout this consumer's deliveries are held to (RabbitMQ 3.13+ lists it, and
+    // rabbitmqadmin v2 requires it): the queue's `x-consumer-timeout`, else the node's; 0 is none.
+    let consumer_timeout = queue
+        .as_ref()
+        .and_then(|q| q.consumer_timeout())
+        .unwrap_or(state.broker.config.consumer_timeout);
+    let (active, status) = match queue.filter(|q| q.single_active_consumer) {
         Some(q) => match q.single_active_consumer() {
             Some(a) if *a.tag == *k.tag => (true, "single_active"),
             _ => (false, "waiting"),
@@ -123,6 +125,7 @@ fn consumer_object(state: &AppState, c: &ConnectionInfo, s: &ChannelSnapshot, i:
         "activity_status": status,
         "channel_details": channel_details(state, c, s.number),
         "consumer_tag": k.tag,
+        "consumer_timeout": consumer_timeout,
         "exclusive": k.exclusive,
         "prefetch_count": k.prefetch_count,
         "queue": {"name": k.queue, "vhost": c.vhost},
