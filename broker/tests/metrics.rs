@@ -423,7 +423,7 @@ async fn promtool_accepts_both_endpoints_with_objects_present() {
         BasicConsumeOptions::default(),
     )
     .await;
-    for path in ["/metrics", "/metrics/per-object"] {
+    for path in ["/metrics", "/metrics/per-object", ALL_DETAILED] {
         let m = scrape(&b, path).await;
         if path.ends_with("per-object") {
             // Label values are escaped as the text format requires.
@@ -472,5 +472,136 @@ async fn probes_answer_without_credentials_on_the_metrics_port() {
         assert_eq!(r.headers()["content-type"], "application/json");
         let body: serde_json::Value = r.json().await.unwrap();
         assert_eq!(body, serde_json::json!({"status": "ok"}), "{path}");
+    }
+}
+
+/// Every family `/metrics/detailed` serves.
+const ALL_DETAILED: &str = "/metrics/detailed?family=queue_coarse_metrics&family=queue_consumer_count&family=queue_metrics&family=connection_churn_metrics&family=node_coarse_metrics&family=node_metrics&family=channel_metrics&family=connection_coarse_metrics&family=connection_metrics&family=vhost_status&family=exchange_names&family=exchange_bindings";
+
+#[tokio::test]
+async fn detailed_metrics_serve_the_families_asked_for_limited_to_the_vhosts_named() {
+    let b = TestBroker::start().await;
+    let api = common::http::Api::new(&b);
+    api.put("/api/vhosts/detail%20vh", "{}").await.status(201);
+    let conn = b.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    declare(&ch, "in-default").await;
+    publish_confirmed(&ch, "in-default", 2).await;
+    let other = TestBroker::connect_uri(&b.uri_with_vhost("detail vh")).await;
+    let och = other.create_channel().await.unwrap();
+    declare(&och, "in-other").await;
+    let _consumer = consume(&och, "in-other", BasicConsumeOptions::default()).await;
+
+    // As the example ServiceMonitor of RabbitMQ scrapes it.
+    let m = scrape(
+        &b,
+        "/metrics/detailed?vhost=detail%20vh&family=queue_coarse_metrics&family=queue_consumer_count",
+    )
+    .await;
+    assert_eq!(m.content_type, "text/plain; version=0.0.4");
+    let other_q = "{vhost=\"detail vh\",queue=\"in-other\"}";
+    assert_eq!(
+        m.value(&format!("rabbitmq_detailed_queue_messages_ready{other_q}")),
+        0.0
+    );
+    assert_eq!(
+        m.value(&format!("rabbitmq_detailed_queue_messages{other_q}")),
+        0.0
+    );
+    assert_eq!(
+        m.value(&format!("rabbitmq_detailed_queue_consumers{other_q}")),
+        1.0
+    );
+    assert_eq!(m.types["rabbitmq_detailed_queue_messages_unacked"], "gauge");
+    assert!(!m.text.contains("in-default"), "{}", m.text);
+    // Only the families asked for, with the identity families first.
+    assert!(
+        m.samples
+            .keys()
+            .any(|k| k.starts_with("rabbitmq_identity_info"))
+    );
+    assert!(!m.types.contains_key("rabbitmq_queue_messages_ready"));
+    assert!(!m.types.contains_key("rabbitmq_detailed_queue_messages_ram"));
+
+    // Without vhost=, every vhost's queues.
+    let m = scrape(
+        &b,
+        "/metrics/detailed?family=queue_coarse_metrics&family=queue_metrics",
+    )
+    .await;
+    assert_eq!(
+        m.value("rabbitmq_detailed_queue_messages_ready{vhost=\"/\",queue=\"in-default\"}"),
+        2.0
+    );
+    assert_eq!(
+        m.value(
+            "rabbitmq_detailed_queue_consumer_capacity{vhost=\"detail vh\",queue=\"in-other\"}"
+        ),
+        1.0
+    );
+    // The other families, named as RabbitMQ names them.
+    let m = scrape(&b, ALL_DETAILED).await;
+    assert_eq!(
+        m.value("rabbitmq_cluster_vhost_status{vhost=\"detail vh\"}"),
+        1.0
+    );
+    assert_eq!(
+        m.value(
+            "rabbitmq_cluster_exchange_name{vhost=\"/\",exchange=\"amq.direct\",type=\"direct\"}"
+        ),
+        1.0
+    );
+    assert!(!m.text.contains("exchange=\"\""), "no default exchange");
+    assert_eq!(
+        m.types["rabbitmq_detailed_queues_declared_total"],
+        "counter"
+    );
+    assert_eq!(m.family("rabbitmq_detailed_connection_channels").len(), 2);
+    assert_eq!(m.family("rabbitmq_detailed_channel_consumers").len(), 2);
+    assert!(m.value("rabbitmq_detailed_process_open_fds") > 0.0);
+    // No family asked for: the identity families alone; an unknown one is ignored.
+    let m = scrape(&b, "/metrics/detailed?family=no_such_family").await;
+    assert_eq!(m.types.len(), 2, "{}", m.text);
+}
+
+#[tokio::test]
+async fn messages_published_over_http_are_counted_as_received_and_routed() {
+    let b = TestBroker::start().await;
+    let api = common::http::Api::new(&b);
+    api.put("/api/queues/%2F/http-published", "{}")
+        .await
+        .status(201);
+    let before = scrape(&b, "/metrics").await;
+    let global = |m: &Scrape, name: &str| {
+        m.value(&format!(
+            "rabbitmq_global_messages_{name}_total{{protocol=\"amqp091\"}}"
+        ))
+    };
+    for key in ["http-published", "nowhere"] {
+        api.post(
+            "/api/exchanges/%2F/amq.default/publish",
+            &format!(r#"{{"properties":{{}},"routing_key":"{key}","payload":"x","payload_encoding":"string"}}"#),
+        )
+        .await
+        .status(200);
+    }
+    let after = scrape(&b, "/metrics").await;
+    // As RabbitMQ counts them: published with confirms and `mandatory` by its plugin.
+    for (name, added) in [
+        ("received", 2.0),
+        ("received_confirm", 2.0),
+        ("confirmed", 2.0),
+        ("routed", 1.0),
+        ("unroutable_returned", 1.0),
+        ("unroutable_dropped", 0.0),
+    ] {
+        assert_eq!(
+            global(&after, name) - global(&before, name),
+            added,
+            "{name}"
+        );
     }
 }

@@ -261,6 +261,12 @@ impl Connections {
         }
     }
 
+    /// Adds messages handled on no channel of a client (the management API's publish) to the
+    /// node's counters, as RabbitMQ counts them on the channel its management plugin uses.
+    pub fn count_without_channel(&self, counts: &MessageCounts) {
+        self.closed.absorb(counts);
+    }
+
     /// The node's message counters since it started.
     pub fn totals(&self) -> MessageCounts {
         let open = self.open.read();

@@ -12,6 +12,7 @@ use crate::amqp::codec;
 use crate::auth::Access;
 use crate::broker::message::{Message, ShortStr};
 use crate::broker::queue::Delivered;
+use crate::broker::stats::MessageCounts;
 use crate::broker::vhost::describe;
 use amq_protocol::protocol::BasicProperties;
 use amq_protocol::types::ShortString;
@@ -283,6 +284,20 @@ pub async fn publish(
         &mut queues,
         Some(&mut delayed),
     );
+    // RabbitMQ publishes with confirms and `mandatory` on its plugin's channel: the node
+    // counts a received, confirmed message, routed or returned.
+    let routed = !queues.is_empty() || !delayed.is_empty();
+    state
+        .broker
+        .connections
+        .count_without_channel(&MessageCounts {
+            publish: 1,
+            publish_confirm: 1,
+            confirm: 1,
+            routed: u64::from(routed),
+            return_unroutable: u64::from(!routed),
+            ..MessageCounts::default()
+        });
     let mut outcome = v.enqueue(&queues, &message);
     if !delayed.is_empty() {
         let epoch = v

@@ -1,13 +1,15 @@
 //! Prometheus metrics with the names, types and labels of RabbitMQ's Prometheus plugin, so
 //! existing dashboards and alerts work: `/metrics` sums queue, channel and connection
-//! figures over the node (RabbitMQ's default), `/metrics/per-object` labels them by object.
+//! figures over the node (RabbitMQ's default), `/metrics/per-object` labels them by object,
+//! and `/metrics/detailed` serves the families a scrape asks for (`family=`), its queue
+//! families limited to the vhosts it names (`vhost=`), with the `rabbitmq_detailed_` names.
 //! The exposition format is the `prometheus` crate's text encoder.
 
 use super::AppState;
 use super::overview::{RABBITMQ_VERSION, max_fds};
 use crate::broker::stats::MessageCounts;
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -18,6 +20,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/metrics", get(aggregated))
         .route("/metrics/per-object", get(per_object))
+        .route("/metrics/detailed", get(detailed))
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .fallback(|| async { (StatusCode::NOT_FOUND, "Unknown Registry") })
@@ -73,9 +76,32 @@ async fn per_object(State(state): State<AppState>) -> Response {
     scrape(state, true).await
 }
 
+/// `/metrics/detailed?family=…&vhost=…`: the named families (unknown ones are ignored, as in
+/// RabbitMQ); with `vhost=`, the queue families only list those vhosts' queues.
+async fn detailed(State(state): State<AppState>, RawQuery(query): RawQuery) -> Response {
+    let mut families = Vec::new();
+    let mut vhosts = Vec::new();
+    for pair in query.as_deref().unwrap_or("").split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = value.replace('+', " ");
+        let value = percent_encoding::percent_decode_str(&value)
+            .decode_utf8_lossy()
+            .into_owned();
+        match key {
+            "family" => families.push(value),
+            "vhost" => vhosts.push(value),
+            _ => {}
+        }
+    }
+    encoded(tokio::task::spawn_blocking(move || render_detailed(&state, &families, &vhosts)).await)
+}
+
 async fn scrape(state: AppState, per_object: bool) -> Response {
     // A walk over every queue and channel: off the async workers.
-    let text = tokio::task::spawn_blocking(move || render(&state, per_object)).await;
+    encoded(tokio::task::spawn_blocking(move || render(&state, per_object)).await)
+}
+
+fn encoded(text: Result<prometheus::Result<Vec<u8>>, tokio::task::JoinError>) -> Response {
     match text {
         Ok(Ok(body)) => {
             ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
@@ -119,9 +145,10 @@ fn metric(labels: Labels, value: f64, kind: MetricType) -> Metric {
 }
 
 impl Families {
-    /// Adds a family; one with no samples is left out (the encoder refuses empty families).
+    /// Adds a family; one with no samples is left out (the encoder refuses empty families),
+    /// and so is one already added (two detailed families can share a metric).
     fn add(&mut self, name: &str, help: &str, kind: MetricType, metrics: Vec<Metric>) {
-        if metrics.is_empty() {
+        if metrics.is_empty() || self.0.iter().any(|f| f.name() == name) {
             return;
         }
         let mut f = MetricFamily::default();
@@ -470,13 +497,8 @@ const QUEUE_TYPES: &[&str] = &[
     "rabbit_stream_queue",
 ];
 
-/// Renders every family.
-pub fn render(state: &AppState, per_object: bool) -> prometheus::Result<Vec<u8>> {
-    let broker = &state.broker;
-    let mut out = Families::default();
-    let node = broker.config.node_name.as_str();
-
-    // Identity and the node.
+/// The two families every endpoint starts with.
+fn identity(out: &mut Families, node: &str) {
     out.add(
         "rabbitmq_build_info",
         "RabbitMQ & Erlang/OTP version info",
@@ -507,6 +529,14 @@ pub fn render(state: &AppState, per_object: bool) -> prometheus::Result<Vec<u8>>
             GAUGE,
         )],
     );
+}
+
+/// Renders every family.
+pub fn render(state: &AppState, per_object: bool) -> prometheus::Result<Vec<u8>> {
+    let broker = &state.broker;
+    let mut out = Families::default();
+    let node = broker.config.node_name.as_str();
+    identity(&mut out, node);
     let started = broker
         .started
         .duration_since(std::time::UNIX_EPOCH)
@@ -829,6 +859,385 @@ pub fn render(state: &AppState, per_object: bool) -> prometheus::Result<Vec<u8>>
     }
 
     let mut buf = Vec::with_capacity(64 * 1024);
+    TextEncoder::new().encode(&out.0, &mut buf)?;
+    Ok(buf)
+}
+
+// ----------------------------------------------------------------------------- /metrics/detailed
+
+/// A queue's figures, as the detailed queue families read them.
+struct QueueSample {
+    lengths: crate::broker::queue::QueueLengths,
+}
+
+type QueueSpec = (
+    &'static str,
+    &'static str,
+    MetricType,
+    fn(&QueueSample) -> f64,
+);
+
+fn consumer_capacity(q: &QueueSample) -> f64 {
+    if q.lengths.consumers > 0 { 1.0 } else { 0.0 }
+}
+
+/// The detailed queue families and their metrics, in RabbitMQ's order. Erlang's own figures
+/// (process reductions and memory) have no counterpart and are left out.
+const DETAILED_QUEUE_FAMILIES: &[(&str, &[QueueSpec])] = &[
+    (
+        "queue_coarse_metrics",
+        &[
+            (
+                "rabbitmq_detailed_queue_messages_ready",
+                "Messages ready to be delivered to consumers",
+                GAUGE,
+                |q| q.lengths.ready as f64,
+            ),
+            (
+                "rabbitmq_detailed_queue_messages_unacked",
+                "Messages delivered to consumers but not yet acknowledged",
+                GAUGE,
+                |q| q.lengths.unacked as f64,
+            ),
+            (
+                "rabbitmq_detailed_queue_messages",
+                "Sum of ready and unacknowledged messages - total queue depth",
+                GAUGE,
+                |q| (q.lengths.ready + q.lengths.unacked) as f64,
+            ),
+        ],
+    ),
+    (
+        "queue_consumer_count",
+        &[(
+            "rabbitmq_detailed_queue_consumers",
+            "Consumers on a queue",
+            GAUGE,
+            |q| q.lengths.consumers as f64,
+        )],
+    ),
+    (
+        "queue_metrics",
+        &[
+            (
+                "rabbitmq_detailed_queue_consumers",
+                "Consumers on a queue",
+                GAUGE,
+                |q| q.lengths.consumers as f64,
+            ),
+            (
+                "rabbitmq_detailed_queue_consumer_capacity",
+                "Consumer capacity",
+                GAUGE,
+                consumer_capacity,
+            ),
+            (
+                "rabbitmq_detailed_queue_consumer_utilisation",
+                "Same as consumer capacity",
+                GAUGE,
+                consumer_capacity,
+            ),
+            (
+                "rabbitmq_detailed_queue_messages_ram",
+                "Ready and unacknowledged messages stored in memory",
+                GAUGE,
+                |q| q.lengths.in_memory as f64,
+            ),
+            (
+                "rabbitmq_detailed_queue_messages_ready_ram",
+                "Ready messages stored in memory",
+                GAUGE,
+                |q| q.lengths.in_memory as f64,
+            ),
+            (
+                "rabbitmq_detailed_queue_messages_bytes",
+                "Size in bytes of ready and unacknowledged messages",
+                GAUGE,
+                |q| (q.lengths.ready_bytes + q.lengths.unacked_bytes) as f64,
+            ),
+            (
+                "rabbitmq_detailed_queue_messages_ready_bytes",
+                "Size in bytes of ready messages",
+                GAUGE,
+                |q| q.lengths.ready_bytes as f64,
+            ),
+            (
+                "rabbitmq_detailed_queue_messages_unacked_bytes",
+                "Size in bytes of all unacknowledged messages",
+                GAUGE,
+                |q| q.lengths.unacked_bytes as f64,
+            ),
+            (
+                "rabbitmq_detailed_queue_messages_paged_out",
+                "Messages paged out to disk",
+                GAUGE,
+                |q| q.lengths.ready.saturating_sub(q.lengths.in_memory) as f64,
+            ),
+        ],
+    ),
+];
+
+/// `rabbitmq_detailed_` + a name of the aggregated endpoint.
+fn detailed_name(name: &str) -> String {
+    format!(
+        "rabbitmq_detailed_{}",
+        name.strip_prefix("rabbitmq_").unwrap_or(name)
+    )
+}
+
+/// Renders the families `families` names; `vhosts`, if not empty, limits the queue families.
+pub fn render_detailed(
+    state: &AppState,
+    families: &[String],
+    vhosts: &[String],
+) -> prometheus::Result<Vec<u8>> {
+    let broker = &state.broker;
+    let mut out = Families::default();
+    identity(&mut out, broker.config.node_name.as_str());
+    let wants = |family: &str| families.iter().any(|f| f == family);
+
+    if wants("connection_churn_metrics") {
+        let churn = broker.churn.read();
+        for (name, help, value) in [
+            (
+                "connections_opened_total",
+                "Total number of connections opened",
+                churn.connection_created,
+            ),
+            (
+                "connections_closed_total",
+                "Total number of connections closed or terminated",
+                churn.connection_closed,
+            ),
+            (
+                "channels_opened_total",
+                "Total number of channels opened",
+                churn.channel_created,
+            ),
+            (
+                "channels_closed_total",
+                "Total number of channels closed",
+                churn.channel_closed,
+            ),
+            (
+                "queues_declared_total",
+                "Total number of queues declared",
+                churn.queue_declared,
+            ),
+            (
+                "queues_created_total",
+                "Total number of queues created",
+                churn.queue_created,
+            ),
+            (
+                "queues_deleted_total",
+                "Total number of queues deleted",
+                churn.queue_deleted,
+            ),
+        ] {
+            out.counter(&format!("rabbitmq_detailed_{name}"), help, value);
+        }
+    }
+    if wants("node_coarse_metrics") {
+        let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
+        let readings = broker.alarms.readings();
+        out.gauge(
+            "rabbitmq_detailed_process_open_fds",
+            "Open file descriptors",
+            fds as f64,
+        );
+        out.gauge(
+            "rabbitmq_detailed_process_open_tcp_sockets",
+            "Open TCP sockets",
+            broker.connections.list().len() as f64,
+        );
+        out.gauge(
+            "rabbitmq_detailed_process_resident_memory_bytes",
+            "Memory used in bytes",
+            crate::alarms::resident_memory() as f64,
+        );
+        out.gauge(
+            "rabbitmq_detailed_disk_space_available_bytes",
+            "Disk space available in bytes",
+            crate::alarms::free_disk(&broker.config.data_dir).unwrap_or(readings.disk_free) as f64,
+        );
+    }
+    if wants("node_metrics") {
+        let readings = broker.alarms.readings();
+        out.gauge(
+            "rabbitmq_detailed_process_max_fds",
+            "Open file descriptors limit",
+            max_fds() as f64,
+        );
+        out.gauge(
+            "rabbitmq_detailed_process_max_tcp_sockets",
+            "Open TCP sockets limit",
+            max_fds() as f64,
+        );
+        out.gauge(
+            "rabbitmq_detailed_resident_memory_limit_bytes",
+            "Memory high watermark in bytes",
+            readings.memory_limit as f64,
+        );
+        out.gauge(
+            "rabbitmq_detailed_disk_space_available_limit_bytes",
+            "Free disk space low watermark in bytes",
+            readings.disk_free_limit as f64,
+        );
+        out.gauge(
+            "rabbitmq_detailed_erlang_uptime_seconds",
+            "Node uptime",
+            broker.started.elapsed().map_or(0.0, |d| d.as_secs_f64()),
+        );
+    }
+
+    let queue_families: Vec<&[QueueSpec]> = DETAILED_QUEUE_FAMILIES
+        .iter()
+        .filter(|(family, _)| wants(family))
+        .map(|(_, specs)| *specs)
+        .collect();
+    if !queue_families.is_empty() {
+        let mut samples = Vec::new();
+        for v in broker.vhosts() {
+            if !vhosts.is_empty() && !vhosts.iter().any(|n| *n == *v.name) {
+                continue;
+            }
+            for q in v.queues() {
+                samples.push((
+                    v.name.to_string(),
+                    q.name().to_owned(),
+                    QueueSample {
+                        lengths: q.lengths(),
+                    },
+                ));
+            }
+        }
+        for specs in queue_families {
+            for (name, help, kind, read) in specs {
+                let metrics = samples
+                    .iter()
+                    .map(|(vhost, queue, sample)| {
+                        metric(&[("vhost", vhost), ("queue", queue)], read(sample), *kind)
+                    })
+                    .collect();
+                out.add(name, help, *kind, metrics);
+            }
+        }
+    }
+
+    let (want_channels, want_coarse, want_connections) = (
+        wants("channel_metrics"),
+        wants("connection_coarse_metrics"),
+        wants("connection_metrics"),
+    );
+    if want_channels || want_coarse || want_connections {
+        let mut channel_rows = Vec::new();
+        let mut coarse_rows = Vec::new();
+        let mut connection_rows = Vec::new();
+        for c in broker.connections.list() {
+            let chans = c.channels();
+            let [recv_oct, send_oct, recv_cnt, send_cnt] = c.traffic.read();
+            coarse_rows.push(Row {
+                labels: vec![("channel", c.name())],
+                values: vec![recv_oct as f64, send_oct as f64],
+            });
+            connection_rows.push(Row {
+                labels: vec![("channel", c.name())],
+                values: vec![recv_cnt as f64, send_cnt as f64, 0.0, chans.len() as f64],
+            });
+            if want_channels {
+                for ch in chans {
+                    let s = ch.snapshot();
+                    let consumer_prefetch: u32 = s.consumers.iter().map(|k| k.prefetch_count).sum();
+                    channel_rows.push(Row {
+                        labels: vec![("channel", format!("{} ({})", c.name(), s.number))],
+                        values: vec![
+                            s.consumers.len() as f64,
+                            s.messages_unacknowledged as f64,
+                            s.messages_unconfirmed as f64,
+                            s.messages_uncommitted as f64,
+                            s.acks_uncommitted as f64,
+                            f64::from(consumer_prefetch),
+                            f64::from(s.global_prefetch_count),
+                        ],
+                    });
+                }
+            }
+        }
+        let detailed = |specs: &[(&str, &'static str, MetricType)]| -> Vec<(String, &'static str, MetricType)> {
+            specs.iter().map(|(n, h, k)| (detailed_name(n), *h, *k)).collect()
+        };
+        if want_channels {
+            let specs = detailed(CHANNEL_GAUGES);
+            let specs: Vec<(&str, &str, MetricType)> =
+                specs.iter().map(|(n, h, k)| (n.as_str(), *h, *k)).collect();
+            object_families(&mut out, &specs, &channel_rows, true);
+        }
+        if want_coarse {
+            let specs = detailed(&CONNECTION_FAMILIES[..2]);
+            let specs: Vec<(&str, &str, MetricType)> =
+                specs.iter().map(|(n, h, k)| (n.as_str(), *h, *k)).collect();
+            object_families(&mut out, &specs, &coarse_rows, true);
+        }
+        if want_connections {
+            let specs = detailed(&CONNECTION_FAMILIES[2..]);
+            let specs: Vec<(&str, &str, MetricType)> =
+                specs.iter().map(|(n, h, k)| (n.as_str(), *h, *k)).collect();
+            object_families(&mut out, &specs, &connection_rows, true);
+        }
+    }
+
+    if wants("vhost_status") {
+        let metrics = broker
+            .vhosts()
+            .iter()
+            .map(|v| metric(&[("vhost", &*v.name)], 1.0, GAUGE))
+            .collect();
+        out.add(
+            "rabbitmq_cluster_vhost_status",
+            "Whether a given vhost is running",
+            GAUGE,
+            metrics,
+        );
+    }
+    let (want_bindings, want_names) = (wants("exchange_bindings"), wants("exchange_names"));
+    if want_bindings || want_names {
+        let mut bindings = Vec::new();
+        let mut names = Vec::new();
+        for v in broker.vhosts() {
+            for x in v.exchanges() {
+                // As RabbitMQ: the default exchange and the internal trace exchange are not listed.
+                if x.name().is_empty() || x.name().starts_with("amq.rabbitmq.") {
+                    continue;
+                }
+                let labels = [
+                    ("vhost", &*v.name),
+                    ("exchange", x.name()),
+                    ("type", x.spec.kind.as_str()),
+                ];
+                if want_bindings {
+                    bindings.push(metric(&labels, x.bindings().len() as f64, GAUGE));
+                }
+                if want_names {
+                    names.push(metric(&labels, 1.0, GAUGE));
+                }
+            }
+        }
+        out.add(
+            "rabbitmq_cluster_exchange_bindings",
+            "Number of bindings for an exchange. This value is cluster-wide.",
+            GAUGE,
+            bindings,
+        );
+        out.add(
+            "rabbitmq_cluster_exchange_name",
+            "Enumerates exchanges without any additional info. This value is cluster-wide. A cheaper alternative to `exchange_bindings`",
+            GAUGE,
+            names,
+        );
+    }
+
+    let mut buf = Vec::with_capacity(16 * 1024);
     TextEncoder::new().encode(&out.0, &mut buf)?;
     Ok(buf)
 }
