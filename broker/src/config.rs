@@ -22,6 +22,13 @@ pub struct Config {
     pub management_tls_listen: Option<SocketAddr>,
     /// Prometheus metrics listener (`/metrics`, `/metrics/per-object`).
     pub prometheus_listen: SocketAddr,
+    /// Milliseconds an HTTP connection (management API, HTTPS, Prometheus) may take to send
+    /// its next request's headers, idle time between keep-alive requests included; then it is
+    /// closed.
+    pub http_idle_timeout_ms: u64,
+    /// HTTP connections each HTTP listener serves at once; more wait to be accepted, so idle
+    /// or slow HTTP clients cannot use up the descriptors AMQP clients need.
+    pub http_max_connections: usize,
     /// PEM certificate chain for the TLS listeners, the server's certificate first.
     pub tls_cert_file: Option<PathBuf>,
     /// PEM private key of that certificate.
@@ -90,6 +97,8 @@ impl Default for Config {
             management_listen: "0.0.0.0:15672".parse().expect("valid default address"),
             management_tls_listen: None,
             prometheus_listen: "0.0.0.0:15692".parse().expect("valid default address"),
+            http_idle_timeout_ms: 60_000,
+            http_max_connections: 256,
             tls_cert_file: None,
             tls_key_file: None,
             tls_ca_file: None,
@@ -364,6 +373,11 @@ impl Config {
         if self.tls_verify_peer && self.tls_ca_file.is_none() {
             return Err(ConfigError::Invalid(
                 "tls_verify_peer needs tls_ca_file to verify client certificates against".into(),
+            ));
+        }
+        if self.http_idle_timeout_ms == 0 || self.http_max_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "http_idle_timeout_ms and http_max_connections must be at least 1".into(),
             ));
         }
         if self.stats_interval_ms < 100 {

@@ -5,7 +5,6 @@
 use crate::amqp::connection;
 use crate::broker::Broker;
 use crate::config::Config;
-use crate::http::auth::PeerAddr;
 use crate::http::tls::{self, TlsListener};
 use crate::http::{AppState, ListenerInfo, sampler::Sampler};
 use axum::extract::DefaultBodyLimit;
@@ -106,10 +105,6 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError>
     Ok((listener, bound))
 }
 
-async fn wait_for(mut shutdown: watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
-}
-
 /// Starts serving an already opened broker.
 pub async fn start_with(broker: Arc<Broker>) -> Result<RunningBroker, StartError> {
     let tls = tls_settings(&broker.config)?;
@@ -196,43 +191,31 @@ async fn serve(
 
     let api =
         crate::http::management_router(state.clone()).layer(DefaultBodyLimit::max(HTTP_BODY_LIMIT));
-    let mut http = Vec::new();
-    {
-        let app = api
-            .clone()
-            .into_make_service_with_connect_info::<PeerAddr>();
-        let stop = wait_for(watcher.clone());
-        http.push(tokio::spawn(async move {
-            if let Err(e) = axum::serve(management, app)
-                .with_graceful_shutdown(stop)
-                .await
-            {
-                tracing::error!(error = %e, "management listener failed");
-            }
-        }));
-    }
+    let limits = crate::http::serve::Limits {
+        idle_timeout: Duration::from_millis(config.http_idle_timeout_ms),
+        max_connections: config.http_max_connections,
+    };
+    let mut http = vec![tokio::spawn(crate::http::serve::serve(
+        management,
+        api.clone(),
+        limits,
+        watcher.clone(),
+    ))];
     let management_tls_addr = management_tls.as_ref().map(|(_, a)| *a);
     if let Some((l, _)) = management_tls {
-        let app = api.into_make_service_with_connect_info::<PeerAddr>();
-        let stop = wait_for(watcher.clone());
-        http.push(tokio::spawn(async move {
-            if let Err(e) = axum::serve(l, app).with_graceful_shutdown(stop).await {
-                tracing::error!(error = %e, "HTTPS management listener failed");
-            }
-        }));
+        http.push(tokio::spawn(crate::http::serve::serve(
+            l,
+            api,
+            limits,
+            watcher.clone(),
+        )));
     }
-    {
-        let app = crate::http::metrics::router(state);
-        let stop = wait_for(watcher.clone());
-        http.push(tokio::spawn(async move {
-            if let Err(e) = axum::serve(prometheus, app)
-                .with_graceful_shutdown(stop)
-                .await
-            {
-                tracing::error!(error = %e, "Prometheus listener failed");
-            }
-        }));
-    }
+    http.push(tokio::spawn(crate::http::serve::serve(
+        prometheus,
+        crate::http::metrics::router(state),
+        limits,
+        watcher.clone(),
+    )));
     tracing::info!(
         %amqp_addr,
         %management_addr,

@@ -1958,3 +1958,177 @@ async fn endpoints_for_features_warren_lacks_answer_empty_or_with_a_reason() {
     assert_eq!(code, 320);
     assert!(text.contains("Closed via management plugin"), "{text}");
 }
+
+// ------------------------------------------------------------------------ HTTP connections
+
+/// One HTTP/1.1 request on a raw connection; the answer's status and body (by
+/// `content-length`; chunked bodies are returned undecoded).
+async fn raw_request(
+    socket: &mut tokio::net::TcpStream,
+    head: &str,
+    body: Option<(&str, Duration)>,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    socket.write_all(head.as_bytes()).await.unwrap();
+    if let Some((body, pause)) = body {
+        // The body comes after a pause, as from a client that writes it separately.
+        socket.flush().await.unwrap();
+        tokio::time::sleep(pause).await;
+        socket.write_all(body.as_bytes()).await.unwrap();
+    }
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let header_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = within(5, socket.read(&mut chunk)).await.unwrap();
+        assert!(n > 0, "connection closed without a response");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..header_end]).to_string();
+    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    while buf.len() < header_end + length {
+        let n = within(5, socket.read(&mut chunk)).await.unwrap();
+        assert!(n > 0, "connection closed in the body");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    (
+        status,
+        String::from_utf8_lossy(&buf[header_end..header_end + length]).to_string(),
+    )
+}
+
+const AUTH: &str = "Authorization: Basic Z3Vlc3Q6Z3Vlc3Q=\r\n";
+
+#[tokio::test]
+async fn a_keep_alive_connection_carries_the_next_request_after_a_delete_with_a_body() {
+    let (b, api) = broker().await;
+    api.put("/api/exchanges/%2F/ka-x", r#"{"type":"direct"}"#)
+        .await
+        .status(201);
+    api.put("/api/exchanges/%2F/ka-x2", r#"{"type":"direct"}"#)
+        .await
+        .status(201);
+    api.put("/api/queues/%2F/ka-q", "{}").await.status(201);
+    api.post("/api/bindings/%2F/e/ka-x/q/ka-q", r#"{"routing_key":"k"}"#)
+        .await
+        .status(201);
+    api.post("/api/bindings/%2F/e/ka-x/e/ka-x2", r#"{"routing_key":"e"}"#)
+        .await
+        .status(201);
+    let addr = if b.is_external() {
+        api.base.trim_start_matches("http://").to_owned()
+    } else {
+        b.running().management_addr.to_string()
+    };
+    let mut socket = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let body = r#"{"vhost":"/","source":"ka-x","destination":"ka-q","destination_type":"q","properties_key":"k"}"#;
+    let head = format!(
+        "DELETE /api/bindings/%2F/e/ka-x/q/ka-q/k HTTP/1.1\r\nHost: {addr}\r\n{AUTH}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let (status, _) =
+        raw_request(&mut socket, &head, Some((body, Duration::from_millis(100)))).await;
+    assert_eq!(status, 204);
+    let head = format!("GET /api/whoami HTTP/1.1\r\nHost: {addr}\r\n{AUTH}\r\n");
+    let (status, text) = raw_request(&mut socket, &head, None).await;
+    assert_eq!(status, 200);
+    assert!(text.contains("guest"), "{text}");
+    // An exchange-to-exchange unbind, then a refused request with a body: still one connection.
+    let body = r#"{"properties_key":"e"}"#;
+    let head = format!(
+        "DELETE /api/bindings/%2F/e/ka-x/e/ka-x2/e HTTP/1.1\r\nHost: {addr}\r\n{AUTH}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let (status, _) =
+        raw_request(&mut socket, &head, Some((body, Duration::from_millis(100)))).await;
+    assert_eq!(status, 204);
+    let head = format!(
+        "PUT /api/queues/%2F/ka-q2 HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Basic Z3Vlc3Q6bm9wZQ==\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n"
+    );
+    let (status, _) =
+        raw_request(&mut socket, &head, Some(("{}", Duration::from_millis(100)))).await;
+    assert_eq!(status, 401);
+    let head = format!("GET /api/whoami HTTP/1.1\r\nHost: {addr}\r\n{AUTH}\r\n");
+    assert_eq!(raw_request(&mut socket, &head, None).await.0, 200);
+    for path in [
+        "/api/queues/%2F/ka-q",
+        "/api/exchanges/%2F/ka-x",
+        "/api/exchanges/%2F/ka-x2",
+    ] {
+        api.delete(path).await;
+    }
+}
+
+#[tokio::test]
+async fn idle_http_connections_are_closed_and_past_the_cap_wait_while_amqp_still_accepts() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let b = TestBroker::start_with(|c| {
+        c.http_idle_timeout_ms = 1000;
+        c.http_max_connections = 2;
+    })
+    .await;
+    if b.is_external() {
+        return;
+    }
+    let addr = b.running().management_addr;
+    // Two idle connections fill the cap.
+    let mut idle = Vec::new();
+    for _ in 0..2 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    // A third is not served while they are open...
+    let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!("GET /api/whoami HTTP/1.1\r\nHost: {addr}\r\n{AUTH}\r\n");
+    third.write_all(head.as_bytes()).await.unwrap();
+    let mut byte = [0u8; 1];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), third.read(&mut byte))
+            .await
+            .is_err(),
+        "a connection past the cap is not answered while the cap is full"
+    );
+    // ...but AMQP clients still connect.
+    let conn = b.connect().await;
+    assert!(conn.status().connected());
+    // The idle connections are closed by the broker after the timeout (end of stream)...
+    for s in &mut idle {
+        let n = within(5, s.read(&mut byte)).await.unwrap_or(0);
+        assert_eq!(n, 0, "an idle connection is closed");
+    }
+    // ...and the waiting one is then served.
+    let mut rest = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !String::from_utf8_lossy(&rest).contains("guest") {
+        let n = within(5, third.read(&mut chunk)).await.unwrap();
+        assert!(
+            n > 0,
+            "closed without an answer: {}",
+            String::from_utf8_lossy(&rest)
+        );
+        rest.extend_from_slice(&chunk[..n]);
+    }
+    assert!(String::from_utf8_lossy(&rest).starts_with("HTTP/1.1 200"));
+    // A connection that starts a request and never finishes its headers is closed too.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /api/whoami HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    within(5, slow.read_to_end(&mut answer)).await.unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
+    conn.close(200, "bye".into()).await.unwrap();
+}

@@ -24,6 +24,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .fallback(|| async { (StatusCode::NOT_FOUND, "Unknown Registry") })
+        .layer(axum::middleware::from_fn(super::serve::drain_unread_body))
         .with_state(state)
 }
 

@@ -15,15 +15,14 @@ mod overview;
 mod peers;
 mod policies;
 pub mod sampler;
+pub mod serve;
 pub mod tls;
 mod topology;
 mod users;
 mod vhosts;
 
 use crate::broker::Broker;
-use auth::PeerAddr;
 use axum::Router;
-use axum::extract::connect_info::Connected;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use error::ApiError;
@@ -46,18 +45,6 @@ pub struct AppState {
     pub listeners: Arc<Vec<ListenerInfo>>,
     /// True once the broker has begun to shut down (readiness then fails).
     pub stopping: tokio::sync::watch::Receiver<bool>,
-}
-
-impl Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>> for PeerAddr {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
-        PeerAddr(*stream.remote_addr())
-    }
-}
-
-impl Connected<axum::serve::IncomingStream<'_, tls::TlsListener>> for PeerAddr {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, tls::TlsListener>) -> Self {
-        PeerAddr(*stream.remote_addr())
-    }
 }
 
 async fn not_found() -> Response {
@@ -245,5 +232,6 @@ pub fn management_router(state: AppState) -> Router {
         )
         .route("/api/aliveness-test/{vhost}", get(health::aliveness))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn(serve::drain_unread_body))
         .with_state(state)
 }

@@ -1,0 +1,166 @@
+//! Serving the HTTP listeners (management API, HTTPS, Prometheus) with hyper directly, so
+//! that their connections are bounded: a cap on concurrent connections per listener (past it,
+//! new connections wait in the kernel's backlog and hold no descriptor of ours), a timeout for
+//! the next request's headers (which also ends idle keep-alive connections), and request
+//! bodies that a handler left unread are drained, so the connection stays usable.
+
+use super::auth::PeerAddr;
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, Request};
+use axum::middleware::Next;
+use axum::response::Response;
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use parking_lot::Mutex;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinSet;
+use tower_service::Service;
+
+/// The bounds of one HTTP listener's connections.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// How long a connection may take to send its next request's headers, idle time
+    /// between keep-alive requests included.
+    pub idle_timeout: Duration,
+    /// Connections served at once.
+    pub max_connections: usize,
+}
+
+/// The most bytes of an unread request body drained after its response; a larger one closes
+/// the connection instead (as hyper does on its own).
+const DRAIN_LIMIT: usize = 1024 * 1024;
+/// How long draining an unread body may take.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves `router` on `listener` until `stop` turns true, then lets the open connections
+/// finish their requests and close.
+pub async fn serve<L>(
+    mut listener: L,
+    router: Router,
+    limits: Limits,
+    mut stop: watch::Receiver<bool>,
+) where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+{
+    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let (closing, closing_rx) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    loop {
+        // Past the cap nothing is accepted: new connections wait in the backlog.
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            () = stopped(&mut stop) => break,
+        };
+        let (io, peer) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stopped(&mut stop) => break,
+        };
+        connections.spawn(serve_connection(
+            io,
+            peer,
+            router.clone(),
+            limits.idle_timeout,
+            closing_rx.clone(),
+            permit,
+        ));
+        while connections.try_join_next().is_some() {}
+    }
+    drop(listener);
+    let _ = closing.send(true);
+    while connections.join_next().await.is_some() {}
+}
+
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+async fn serve_connection<I>(
+    io: I,
+    peer: SocketAddr,
+    router: Router,
+    idle_timeout: Duration,
+    mut closing: watch::Receiver<bool>,
+    _permit: OwnedSemaphorePermit,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(PeerAddr(peer)));
+        let mut router = router.clone();
+        async move { router.call(req.map(Body::new)).await }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(idle_timeout);
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    let mut conn = std::pin::pin!(conn);
+    let closed = async move {
+        let _ = closing.wait_for(|c| *c).await;
+    };
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        () = closed => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "HTTP connection ended");
+    }
+}
+
+/// Middleware: a request body the handler did not read (a `DELETE` with a JSON body, a
+/// request refused before its body was looked at) is read to its end after the response is
+/// made, so the connection can carry the next request, as RabbitMQ's does.
+pub async fn drain_unread_body(req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    let shared = Arc::new(Mutex::new(Some(body)));
+    let req = Request::from_parts(parts, Body::new(SharedBody(shared.clone())));
+    let response = next.run(req).await;
+    let rest = shared.lock().take();
+    if let Some(rest) = rest
+        && !http_body::Body::is_end_stream(&rest)
+    {
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, axum::body::to_bytes(rest, DRAIN_LIMIT)).await;
+    }
+    response
+}
+
+/// The request body, read through a handle the middleware keeps.
+struct SharedBody(Arc<Mutex<Option<Body>>>);
+
+impl http_body::Body for SharedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        match self.0.lock().as_mut() {
+            Some(body) => Pin::new(body).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.lock().as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.0
+            .lock()
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
+    }
+}
