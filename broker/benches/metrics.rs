@@ -45,6 +45,9 @@ fn state(dir: &std::path::Path) -> AppState {
         sampler: Arc::new(Sampler::default()),
         listeners: Arc::new(Vec::new()),
         stopping: tokio::sync::watch::channel(false).1,
+        heavy_lists: Arc::new(tokio::sync::Semaphore::new(
+            warren_broker::http::HEAVY_LISTS,
+        )),
     }
 }
 

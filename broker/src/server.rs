@@ -173,6 +173,7 @@ async fn serve(
         sampler,
         listeners: Arc::new(listeners),
         stopping: watcher.clone(),
+        heavy_lists: Arc::new(tokio::sync::Semaphore::new(crate::http::HEAVY_LISTS)),
     };
 
     let mut acceptors = vec![tokio::spawn(accept_loop(

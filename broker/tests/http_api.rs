@@ -2132,3 +2132,105 @@ async fn idle_http_connections_are_closed_and_past_the_cap_wait_while_amqp_still
     );
     conn.close(200, "bye".into()).await.unwrap();
 }
+
+// ------------------------------------------------------------------------------- big lists
+
+#[tokio::test]
+async fn a_long_queue_list_is_streamed_and_pages_have_rabbitmqs_shape() {
+    let (b, api) = broker().await;
+    let vhost = unique("big-list");
+    api.put(&format!("/api/vhosts/{vhost}"), "{}")
+        .await
+        .status(201);
+    // An empty vhost: no pages, as in RabbitMQ.
+    let empty = api
+        .json(&format!("/api/queues/{vhost}?page=1&page_size=100"))
+        .await;
+    assert_eq!(
+        empty,
+        json!({"filtered_count": 0, "item_count": 0, "items": [], "page": 1, "page_count": 0, "page_size": 100, "total_count": 0})
+    );
+    let conn = TestBroker::connect_uri(&b.uri_with_vhost(&vhost)).await;
+    let ch = conn.create_channel().await.unwrap();
+    const QUEUES: usize = 300;
+    for i in 0..QUEUES {
+        ch.queue_declare(
+            format!("q{i:04}").as_str().into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    }
+    // The whole list is sent in pieces as it is rendered, not built first with a length.
+    let a = api.get(&format!("/api/queues/{vhost}")).await;
+    a.status(200);
+    assert_eq!(a.headers["content-type"], "application/json");
+    if !b.is_external() {
+        assert!(a.headers.get("content-length").is_none(), "{:?}", a.headers);
+        assert_eq!(a.headers["transfer-encoding"], "chunked");
+    }
+    let all = a.json();
+    let names: Vec<&str> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), QUEUES);
+    assert!(names.windows(2).all(|w| w[0] < w[1]), "sorted by name");
+    // Columns and sorting apply to the streamed list too.
+    let reversed = api
+        .json(&format!(
+            "/api/queues/{vhost}?columns=name&sort=name&sort_reverse=true"
+        ))
+        .await;
+    assert_eq!(reversed[0], json!({"name": format!("q{:04}", QUEUES - 1)}));
+    // A page, with RabbitMQ 3.10's fields.
+    let page = api
+        .json(&format!(
+            "/api/queues/{vhost}?page=1&page_size=100&name=q01&use_regex=false"
+        ))
+        .await;
+    let mut keys: Vec<&str> = page
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "filtered_count",
+            "item_count",
+            "items",
+            "page",
+            "page_count",
+            "page_size",
+            "total_count"
+        ]
+    );
+    assert_eq!(page["total_count"], QUEUES);
+    assert_eq!(
+        page["filtered_count"], 100,
+        "q0100..q0199: {}",
+        page["filtered_count"]
+    );
+    assert_eq!(page["page_count"], 1);
+    let page = api
+        .json(&format!("/api/queues/{vhost}?page=2&page_size=100"))
+        .await;
+    assert_eq!(page["item_count"], 100);
+    assert_eq!(page["page_count"], 3);
+    assert_eq!(page["items"][0]["name"], "q0100");
+    // Exchanges and bindings stream the same way.
+    let bindings = api.json(&format!("/api/bindings/{vhost}")).await;
+    assert_eq!(bindings.as_array().unwrap().len(), QUEUES);
+    let exchanges = api.json(&format!("/api/exchanges/{vhost}")).await;
+    assert_eq!(exchanges.as_array().unwrap().len(), 7);
+    conn.close(200, "bye".into()).await.unwrap();
+    api.delete(&format!("/api/vhosts/{vhost}"))
+        .await
+        .status(204);
+}

@@ -1,26 +1,50 @@
 //! The list features of RabbitMQ's management API: `sort` and `sort_reverse`, `columns`, and
-//! pagination (`page`, `page_size`, `name`, `use_regex`).
+//! pagination (`page`, `page_size`, `name`, `use_regex`). A list is rendered item by item as
+//! its body is sent, so a listing of many objects never holds all of their JSON at once.
 
 use super::error::{ApiError, ApiResult, ok};
-use axum::response::Response;
+use axum::body::{Body, Bytes};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use hyper::body::Frame;
 use serde_json::{Map, Value, json};
 use std::collections::HashMap;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::sync::OwnedSemaphorePermit;
 
 pub type Query = HashMap<String, String>;
 
 const MAX_PAGE_SIZE: usize = 500;
 const DEFAULT_PAGE_SIZE: usize = 100;
+/// Bytes of JSON rendered into one piece of a streamed list.
+const CHUNK_BYTES: usize = 32 * 1024;
 
 /// Answers a list as RabbitMQ does, with the query's sorting, paging and columns applied.
 /// Items are sorted by name unless the query says otherwise.
-pub fn respond(mut items: Vec<Value>, query: &Query) -> ApiResult<Response> {
-    let sort_key = query.get("sort").map(String::as_str).unwrap_or("name");
-    if !sort_key.is_empty() {
-        items.sort_by(|a, b| compare(lookup(a, sort_key), lookup(b, sort_key)));
-    }
-    if query.get("sort_reverse").is_some_and(|v| v == "true") {
-        items.reverse();
-    }
+pub fn respond(items: Vec<Value>, query: &Query) -> ApiResult<Response> {
+    respond_with(items, value_name, Value::clone, query, None)
+}
+
+fn value_name(v: &Value) -> &str {
+    v.get("name").and_then(Value::as_str).unwrap_or("")
+}
+
+/// Answers a list of objects that are rendered as JSON only as they are sent: `name` gives an
+/// item's name (for sorting and the `name` filter) without rendering it. `permit`, if any, is
+/// held until the body has been sent.
+pub fn respond_with<T, R>(
+    mut items: Vec<T>,
+    name: fn(&T) -> &str,
+    render: R,
+    query: &Query,
+    permit: Option<OwnedSemaphorePermit>,
+) -> ApiResult<Response>
+where
+    T: Send + Unpin + 'static,
+    R: Fn(&T) -> Value + Send + Sync + 'static,
+{
     let page = match query.get("page") {
         None => None,
         Some(p) => Some(
@@ -28,14 +52,44 @@ pub fn respond(mut items: Vec<Value>, query: &Query) -> ApiResult<Response> {
                 .map_err(|_| ApiError::bad_request("Pagination parameters are invalid"))?,
         ),
     };
-    let result = match page {
-        None => Value::Array(items.into_iter().map(|i| columns(i, query)).collect()),
-        Some(page) => paginate(items, page, query)?,
-    };
-    Ok(ok(result))
+    let sort_key = query.get("sort").map(String::as_str).unwrap_or("name");
+    if sort_key == "name" {
+        items.sort_by(|a, b| name(a).cmp(name(b)));
+    } else if !sort_key.is_empty() {
+        // Only the sort key of each item is kept, not the item's whole JSON.
+        let mut keyed: Vec<(Option<Value>, T)> = items
+            .into_iter()
+            .map(|i| (lookup(&render(&i), sort_key).cloned(), i))
+            .collect();
+        keyed.sort_by(|a, b| compare(a.0.as_ref(), b.0.as_ref()));
+        items = keyed.into_iter().map(|(_, i)| i).collect();
+    }
+    if query.get("sort_reverse").is_some_and(|v| v == "true") {
+        items.reverse();
+    }
+    let page_query = query.clone();
+    let query = query.clone();
+    let render = move |item: &T| columns(render(item), &query);
+    match page {
+        Some(page) => Ok(ok(paginate(items, name, &render, page, &page_query)?)),
+        None => Ok(stream(
+            items,
+            Box::new(move |item: &T, out: &mut dyn FnMut(Value)| out(render(item))),
+            permit,
+        )),
+    }
 }
 
-fn paginate(items: Vec<Value>, page: i64, query: &Query) -> ApiResult<Value> {
+/// What renders one item of a streamed list into one or more JSON objects.
+pub type RenderMany<T> = Box<dyn Fn(&T, &mut dyn FnMut(Value)) + Send + Sync>;
+
+fn paginate<T>(
+    items: Vec<T>,
+    name: fn(&T) -> &str,
+    render: &dyn Fn(&T) -> Value,
+    page: i64,
+    query: &Query,
+) -> ApiResult<Value> {
     let size = match query.get("page_size") {
         None => None,
         Some(s) => Some(
@@ -46,7 +100,7 @@ fn paginate(items: Vec<Value>, page: i64, query: &Query) -> ApiResult<Value> {
     let size_ok = size.is_none_or(|s| s >= 1 && s as usize <= MAX_PAGE_SIZE);
     if page < 1 || !size_ok {
         return Err(ApiError::new(
-            axum::http::StatusCode::BAD_REQUEST,
+            StatusCode::BAD_REQUEST,
             "invalid_pagination_parameters",
             format!(
                 "Invalid pagination parameters: page number {page}, page size {}",
@@ -56,7 +110,7 @@ fn paginate(items: Vec<Value>, page: i64, query: &Query) -> ApiResult<Value> {
     }
     let size = size.map_or(DEFAULT_PAGE_SIZE, |s| s as usize);
     let total = items.len();
-    let filtered: Vec<Value> = match query.get("name").filter(|n| !n.is_empty()) {
+    let filtered: Vec<T> = match query.get("name").filter(|n| !n.is_empty()) {
         None => items,
         Some(pattern) => {
             let matcher: Box<dyn Fn(&str) -> bool> =
@@ -68,28 +122,21 @@ fn paginate(items: Vec<Value>, page: i64, query: &Query) -> ApiResult<Value> {
                     let p = pattern.clone();
                     Box::new(move |s| s.contains(&p))
                 };
-            items
-                .into_iter()
-                .filter(|i| i.get("name").and_then(Value::as_str).is_some_and(&matcher))
-                .collect()
+            items.into_iter().filter(|i| matcher(name(i))).collect()
         }
     };
     let filtered_count = filtered.len();
-    let page_count = filtered_count.div_ceil(size).max(1);
+    // As in RabbitMQ: an empty list has no pages.
+    let page_count = filtered_count.div_ceil(size);
     let start = (page as usize - 1) * size;
     if start > 0 && start >= filtered_count {
         return Err(ApiError::new(
-            axum::http::StatusCode::BAD_REQUEST,
+            StatusCode::BAD_REQUEST,
             "page_out_of_range",
             format!("Page out of range, page: {page} page size: {size}, len: {filtered_count}"),
         ));
     }
-    let page_items: Vec<Value> = filtered
-        .into_iter()
-        .skip(start)
-        .take(size)
-        .map(|i| columns(i, query))
-        .collect();
+    let page_items: Vec<Value> = filtered.iter().skip(start).take(size).map(render).collect();
     Ok(json!({
         "filtered_count": filtered_count,
         "item_count": page_items.len(),
@@ -99,6 +146,109 @@ fn paginate(items: Vec<Value>, page: i64, query: &Query) -> ApiResult<Value> {
         "page_size": size,
         "total_count": total,
     }))
+}
+
+/// A JSON array whose items are rendered as the body is sent. A list that fits in one piece
+/// is sent whole, with its length.
+pub fn stream<T: Send + Unpin + 'static>(
+    items: Vec<T>,
+    render: RenderMany<T>,
+    permit: Option<OwnedSemaphorePermit>,
+) -> Response {
+    let mut body = ListBody {
+        items: items.into_iter(),
+        render,
+        opened: false,
+        started: false,
+        done: false,
+        _permit: permit,
+    };
+    let first = body.next_piece();
+    let body = if body.done {
+        Body::from(first)
+    } else {
+        Body::new(Prefixed {
+            first: Some(first),
+            rest: body,
+        })
+    };
+    (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+struct ListBody<T> {
+    items: std::vec::IntoIter<T>,
+    render: RenderMany<T>,
+    opened: bool,
+    /// An object has been written (the next one needs a comma).
+    started: bool,
+    done: bool,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl<T> ListBody<T> {
+    /// The next piece of the array: about [`CHUNK_BYTES`] of rendered items.
+    fn next_piece(&mut self) -> Bytes {
+        let mut buf = Vec::with_capacity(CHUNK_BYTES + CHUNK_BYTES / 4);
+        if !self.opened {
+            buf.push(b'[');
+            self.opened = true;
+        }
+        while buf.len() < CHUNK_BYTES {
+            let Some(item) = self.items.next() else {
+                buf.push(b']');
+                self.done = true;
+                self._permit = None;
+                break;
+            };
+            let started = &mut self.started;
+            (self.render)(&item, &mut |value| {
+                if *started {
+                    buf.push(b',');
+                }
+                *started = true;
+                // Writing a `Value` into a Vec cannot fail.
+                let _ = serde_json::to_writer(&mut buf, &value);
+            });
+        }
+        Bytes::from(buf)
+    }
+}
+
+/// The first piece (already rendered, to learn whether there are more) and then the rest.
+struct Prefixed<T> {
+    first: Option<Bytes>,
+    rest: ListBody<T>,
+}
+
+impl<T: Unpin> http_body::Body for Prefixed<T> {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        if let Some(first) = this.first.take() {
+            return Poll::Ready(Some(Ok(Frame::data(first))));
+        }
+        if this.rest.done {
+            return Poll::Ready(None);
+        }
+        Poll::Ready(Some(Ok(Frame::data(this.rest.next_piece()))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.rest.done
+    }
 }
 
 /// `a.b.c` in nested objects.
@@ -164,17 +314,47 @@ mod tests {
         assert_eq!(out, json!({"name": "q", "message_stats": {"publish": 3}}));
     }
 
+    fn page(items: Vec<Value>, page: i64, query: &Query) -> ApiResult<Value> {
+        paginate(items, value_name, &Value::clone, page, query)
+    }
+
     #[test]
     fn pages_and_their_errors() {
         let items: Vec<Value> = (0..4).map(|i| json!({"name": format!("q{i}")})).collect();
-        let page = paginate(items.clone(), 2, &q(&[("page_size", "3")])).unwrap();
-        assert_eq!(page["item_count"], 1);
-        assert_eq!(page["page_count"], 2);
-        assert_eq!(page["total_count"], 4);
-        assert!(paginate(items.clone(), 99, &q(&[("page_size", "2")])).is_err());
-        assert!(paginate(items.clone(), 0, &q(&[])).is_err());
-        assert!(paginate(items.clone(), 1, &q(&[("page_size", "600")])).is_err());
-        let filtered = paginate(items, 1, &q(&[("name", "q1")])).unwrap();
+        let p = page(items.clone(), 2, &q(&[("page_size", "3")])).unwrap();
+        assert_eq!(p["item_count"], 1);
+        assert_eq!(p["page_count"], 2);
+        assert_eq!(p["total_count"], 4);
+        assert!(page(items.clone(), 99, &q(&[("page_size", "2")])).is_err());
+        assert!(page(items.clone(), 0, &q(&[])).is_err());
+        assert!(page(items.clone(), 1, &q(&[("page_size", "600")])).is_err());
+        let filtered = page(items, 1, &q(&[("name", "q1")])).unwrap();
         assert_eq!(filtered["filtered_count"], 1);
+        assert_eq!(page(Vec::new(), 1, &q(&[])).unwrap()["page_count"], 0);
+    }
+
+    #[test]
+    fn a_long_list_is_rendered_piece_by_piece() {
+        let items: Vec<u32> = (0..10_000).collect();
+        let mut body = ListBody {
+            items: items.into_iter(),
+            render: Box::new(|i: &u32, out: &mut dyn FnMut(Value)| {
+                out(json!({"name": format!("item-{i}")}))
+            }),
+            opened: false,
+            started: false,
+            done: false,
+            _permit: None,
+        };
+        let mut pieces = Vec::new();
+        while !body.done {
+            pieces.push(body.next_piece());
+        }
+        assert!(pieces.len() > 1, "{}", pieces.len());
+        assert!(pieces.iter().all(|p| p.len() < 2 * CHUNK_BYTES));
+        let whole: Vec<u8> = pieces.concat();
+        let parsed: Vec<Value> = serde_json::from_slice(&whole).unwrap();
+        assert_eq!(parsed.len(), 10_000);
+        assert_eq!(parsed[9_999]["name"], "item-9999");
     }
 }

@@ -45,6 +45,23 @@ pub struct AppState {
     pub listeners: Arc<Vec<ListenerInfo>>,
     /// True once the broker has begun to shut down (readiness then fails).
     pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// Listings of many objects (queues, exchanges, bindings) being sent at once; more wait.
+    pub heavy_lists: Arc<tokio::sync::Semaphore>,
+}
+
+/// Listings of many objects sent at once: each holds a handle on every object it lists until
+/// its body has been sent.
+pub const HEAVY_LISTS: usize = 4;
+
+impl AppState {
+    /// A place among the [`HEAVY_LISTS`] listings being sent, waiting for one if need be.
+    pub async fn heavy_list_permit(&self) -> tokio::sync::OwnedSemaphorePermit {
+        self.heavy_lists
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed")
+    }
 }
 
 async fn not_found() -> Response {

@@ -6,7 +6,7 @@ use super::auth::Caller;
 use super::body::Fields;
 use super::error::{ApiError, ApiResult, created_or_updated, no_content, ok};
 use super::json::table_to_json;
-use super::list::{Query, respond};
+use super::list::{Query, respond_with, stream};
 use super::sampler::{Key, LENGTHS, QUEUE_STATS, queue_reading};
 use crate::auth::Access;
 use crate::auth::permissions::checked_name;
@@ -106,17 +106,26 @@ pub fn exchange_object(vhost: &str, x: &Exchange) -> Value {
     obj
 }
 
-fn list_exchanges(
+async fn list_exchanges(
     state: &AppState,
     caller: &Caller,
     one: Option<&str>,
     query: &Query,
 ) -> ApiResult<Response> {
-    let mut items = Vec::new();
-    for v in vhosts_for(state, caller, one)? {
-        items.extend(v.exchanges().iter().map(|x| exchange_object(&v.name, x)));
+    let vhosts = vhosts_for(state, caller, one)?;
+    let permit = state.heavy_list_permit().await;
+    let mut items: Vec<(Arc<str>, Arc<Exchange>)> = Vec::new();
+    for v in vhosts {
+        let vhost = v.name.clone();
+        items.extend(v.exchanges().into_iter().map(|x| (vhost.clone(), x)));
     }
-    respond(items, query)
+    respond_with(
+        items,
+        |(_, x)| x.name(),
+        |(vhost, x)| exchange_object(vhost, x),
+        query,
+        Some(permit),
+    )
 }
 
 pub async fn exchanges(
@@ -124,7 +133,7 @@ pub async fn exchanges(
     caller: Caller,
     QueryParams(query): QueryParams<Query>,
 ) -> ApiResult<Response> {
-    list_exchanges(&state, &caller, None, &query)
+    list_exchanges(&state, &caller, None, &query).await
 }
 
 pub async fn exchanges_in(
@@ -133,7 +142,7 @@ pub async fn exchanges_in(
     Path(vhost): Path<String>,
     QueryParams(query): QueryParams<Query>,
 ) -> ApiResult<Response> {
-    list_exchanges(&state, &caller, Some(&vhost), &query)
+    list_exchanges(&state, &caller, Some(&vhost), &query).await
 }
 
 pub async fn show_exchange(
@@ -316,21 +325,27 @@ pub fn queue_object(state: &AppState, vhost: &str, q: &Queue, detailed: bool) ->
     Value::Object(obj)
 }
 
-fn list_queues(
+async fn list_queues(
     state: &AppState,
     caller: &Caller,
     one: Option<&str>,
     query: &Query,
 ) -> ApiResult<Response> {
-    let mut items = Vec::new();
-    for v in vhosts_for(state, caller, one)? {
-        items.extend(
-            v.queues()
-                .iter()
-                .map(|q| queue_object(state, &v.name, q, false)),
-        );
+    let vhosts = vhosts_for(state, caller, one)?;
+    let permit = state.heavy_list_permit().await;
+    let mut items: Vec<(Arc<str>, Arc<Queue>)> = Vec::new();
+    for v in vhosts {
+        let vhost = v.name.clone();
+        items.extend(v.queues().into_iter().map(|q| (vhost.clone(), q)));
     }
-    respond(items, query)
+    let state = state.clone();
+    respond_with(
+        items,
+        |(_, q)| q.name(),
+        move |(vhost, q)| queue_object(&state, vhost, q, false),
+        query,
+        Some(permit),
+    )
 }
 
 pub async fn queues(
@@ -338,7 +353,7 @@ pub async fn queues(
     caller: Caller,
     QueryParams(query): QueryParams<Query>,
 ) -> ApiResult<Response> {
-    list_queues(&state, &caller, None, &query)
+    list_queues(&state, &caller, None, &query).await
 }
 
 pub async fn queues_in(
@@ -347,7 +362,7 @@ pub async fn queues_in(
     Path(vhost): Path<String>,
     QueryParams(query): QueryParams<Query>,
 ) -> ApiResult<Response> {
-    list_queues(&state, &caller, Some(&vhost), &query)
+    list_queues(&state, &caller, Some(&vhost), &query).await
 }
 
 pub async fn show_queue(
@@ -502,51 +517,100 @@ fn binding_object(
     })
 }
 
+fn implicit_binding(vhost: &str, q: &Queue) -> Value {
+    binding_object(
+        vhost,
+        "",
+        q.name(),
+        "queue",
+        q.name(),
+        &FieldTable::default(),
+    )
+}
+
+fn exchange_bindings(vhost: &str, x: &Exchange) -> Vec<Value> {
+    x.bindings()
+        .iter()
+        .map(|b| {
+            let kind = if b.destination.is_queue() {
+                "queue"
+            } else {
+                "exchange"
+            };
+            binding_object(
+                vhost,
+                x.name(),
+                b.destination.name(),
+                kind,
+                &b.routing_key,
+                &b.arguments,
+            )
+        })
+        .collect()
+}
+
 /// Every binding of a vhost, the default exchange's implicit ones first.
 fn vhost_bindings(v: &Vhost) -> Vec<Value> {
     let mut queues = v.queues();
     queues.sort_by(|a, b| a.name().cmp(b.name()));
     let mut out: Vec<Value> = queues
         .iter()
-        .map(|q| {
-            binding_object(
-                &v.name,
-                "",
-                q.name(),
-                "queue",
-                q.name(),
-                &FieldTable::default(),
-            )
-        })
+        .map(|q| implicit_binding(&v.name, q))
         .collect();
     let mut exchanges = v.exchanges();
     exchanges.sort_by(|a, b| a.name().cmp(b.name()));
     for x in exchanges {
-        for b in x.bindings() {
-            let kind = if b.destination.is_queue() {
-                "queue"
-            } else {
-                "exchange"
-            };
-            out.push(binding_object(
-                &v.name,
-                x.name(),
-                b.destination.name(),
-                kind,
-                &b.routing_key,
-                &b.arguments,
-            ));
-        }
+        out.extend(exchange_bindings(&v.name, &x));
     }
     out
 }
 
-pub async fn bindings(State(state): State<AppState>, caller: Caller) -> ApiResult<Response> {
+/// What a bindings listing renders as it is sent: a queue's implicit binding to the default
+/// exchange, or an exchange's bindings.
+enum BindingsOf {
+    Implicit(Arc<str>, Arc<Queue>),
+    Explicit(Arc<str>, Arc<Exchange>),
+}
+
+/// Every binding of the vhosts, each vhost's default-exchange bindings first, rendered only as
+/// the body is sent.
+async fn stream_bindings(state: &AppState, vhosts: Vec<Arc<Vhost>>) -> Response {
+    let permit = state.heavy_list_permit().await;
     let mut items = Vec::new();
-    for v in vhosts_for(&state, &caller, None)? {
-        items.extend(vhost_bindings(&v));
+    for v in vhosts {
+        let vhost = v.name.clone();
+        let mut queues = v.queues();
+        queues.sort_by(|a, b| a.name().cmp(b.name()));
+        items.extend(
+            queues
+                .into_iter()
+                .map(|q| BindingsOf::Implicit(vhost.clone(), q)),
+        );
+        let mut exchanges = v.exchanges();
+        exchanges.sort_by(|a, b| a.name().cmp(b.name()));
+        items.extend(
+            exchanges
+                .into_iter()
+                .map(|x| BindingsOf::Explicit(vhost.clone(), x)),
+        );
     }
-    Ok(ok(Value::Array(items)))
+    stream(
+        items,
+        Box::new(|item: &BindingsOf, out: &mut dyn FnMut(Value)| match item {
+            BindingsOf::Implicit(vhost, q) => out(implicit_binding(vhost, q)),
+            BindingsOf::Explicit(vhost, x) => {
+                for b in exchange_bindings(vhost, x) {
+                    out(b);
+                }
+            }
+        }),
+        Some(permit),
+    )
+}
+
+pub async fn bindings(State(state): State<AppState>, caller: Caller) -> ApiResult<Response> {
+    let vhosts = vhosts_for(&state, &caller, None)?;
+    Ok(stream_bindings(&state, vhosts).await)
 }
 
 pub async fn bindings_in(
@@ -555,7 +619,7 @@ pub async fn bindings_in(
     Path(vhost): Path<String>,
 ) -> ApiResult<Response> {
     let v = vhost_for(&state, &caller, &vhost)?;
-    Ok(ok(Value::Array(vhost_bindings(&v))))
+    Ok(stream_bindings(&state, vec![v]).await)
 }
 
 fn filtered(v: &Vhost, keep: impl Fn(&Value) -> bool) -> Value {
