@@ -48,6 +48,7 @@ fn state(dir: &std::path::Path) -> AppState {
         heavy_lists: Arc::new(tokio::sync::Semaphore::new(
             warren_broker::http::HEAVY_LISTS,
         )),
+        imports: Arc::new(tokio::sync::Mutex::new(())),
     }
 }
 

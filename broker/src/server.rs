@@ -174,6 +174,7 @@ async fn serve(
         listeners: Arc::new(listeners),
         stopping: watcher.clone(),
         heavy_lists: Arc::new(tokio::sync::Semaphore::new(crate::http::HEAVY_LISTS)),
+        imports: Arc::new(tokio::sync::Mutex::new(())),
     };
 
     let mut acceptors = vec![tokio::spawn(accept_loop(

@@ -2234,3 +2234,116 @@ async fn a_long_queue_list_is_streamed_and_pages_have_rabbitmqs_shape() {
         .await
         .status(204);
 }
+
+// ---------------------------------------------------------------------- definitions imports
+
+#[tokio::test]
+async fn definitions_with_stream_queues_global_parameters_or_dangling_bindings_are_refused_whole() {
+    let (_b, api) = broker().await;
+    let refused = |body: Value| {
+        let api = &api;
+        async move {
+            let r = api
+                .post("/api/definitions", &body.to_string())
+                .await
+                .error(400, "bad_request");
+            r.as_str().unwrap().to_owned()
+        }
+    };
+    let vhost = json!([{"name": "never-applied"}]);
+    let r = refused(json!({
+        "vhosts": vhost,
+        "queues": [{"name": "s", "vhost": "never-applied", "durable": true, "auto_delete": false, "arguments": {"x-queue-type": "stream"}}],
+    }))
+    .await;
+    assert!(r.contains("'s'") && r.contains("stream"), "{r}");
+    let r = refused(json!({
+        "vhosts": vhost,
+        "global_parameters": [{"name": "internal_cluster_id", "value": "rabbitmq-cluster-id-x"}, {"name": "some_setting", "value": 1}],
+    }))
+    .await;
+    assert!(r.contains("some_setting"), "{r}");
+    let r = refused(json!({
+        "vhosts": vhost,
+        "global_parameters": [{"name": "cluster_name", "value": "another-cluster"}],
+    }))
+    .await;
+    assert!(r.contains("cluster_name"), "{r}");
+    let r = refused(json!({
+        "vhosts": vhost,
+        "exchanges": [{"name": "x", "vhost": "never-applied", "type": "direct", "durable": true, "auto_delete": false, "internal": false, "arguments": {}}],
+        "bindings": [{"source": "x", "vhost": "never-applied", "destination": "missing", "destination_type": "queue", "routing_key": "", "arguments": {}}],
+    }))
+    .await;
+    assert!(r.contains("'missing'"), "{r}");
+    api.get("/api/vhosts/never-applied")
+        .await
+        .error(404, "Object Not Found");
+    // Bindings between objects the document declares, or that exist, are applied.
+    api.post(
+        "/api/definitions",
+        &json!({
+            "vhosts": [{"name": "applied"}],
+            "global_parameters": [{"name": "internal_cluster_id", "value": "rabbitmq-cluster-id-x"}],
+            "queues": [{"name": "q", "vhost": "applied", "durable": true, "auto_delete": false, "arguments": {}}],
+            "bindings": [{"source": "amq.direct", "vhost": "applied", "destination": "q", "destination_type": "queue", "routing_key": "k", "arguments": {}}],
+        })
+        .to_string(),
+    )
+    .await
+    .status(204);
+    let bindings = api.json("/api/queues/applied/q/bindings").await;
+    assert_eq!(bindings.as_array().unwrap().len(), 2, "{bindings}");
+}
+
+#[tokio::test]
+async fn a_second_definitions_import_while_one_runs_is_refused_with_409() {
+    use tokio::io::AsyncWriteExt;
+    let (b, api) = broker().await;
+    if b.is_external() {
+        return;
+    }
+    let addr = b.running().management_addr;
+    let first = json!({"vhosts": [{"name": "first-import"}]}).to_string();
+    // The first import's document arrives slowly: the import is under way meanwhile.
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /api/definitions HTTP/1.1\r\nHost: {addr}\r\n{AUTH}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        first.len()
+    );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    socket.write_all(&first.as_bytes()[..5]).await.unwrap();
+    socket.flush().await.unwrap();
+    let second = json!({"vhosts": [{"name": "second-import"}]}).to_string();
+    let mut refused = None;
+    for _ in 0..50 {
+        let a = api.post("/api/definitions", &second).await;
+        if a.status.as_u16() == 409 {
+            refused = Some(a);
+            break;
+        }
+        // The first request may not have reached its handler yet.
+        assert_eq!(a.status.as_u16(), 204, "{}", a.text);
+        api.delete("/api/vhosts/second-import").await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let refused = refused.expect("the second import is refused while the first runs");
+    assert!(
+        refused
+            .error(409, "conflict")
+            .as_str()
+            .unwrap()
+            .contains("in progress")
+    );
+    let (status, _) = raw_request(
+        &mut socket,
+        "",
+        Some((&first[5..], Duration::from_millis(0))),
+    )
+    .await;
+    assert_eq!(status, 204);
+    api.json("/api/vhosts/first-import").await;
+    // Once it has finished, the next import runs.
+    api.post("/api/definitions", &second).await.status(204);
+    api.json("/api/vhosts/second-import").await;
+}

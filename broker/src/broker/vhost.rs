@@ -1323,7 +1323,7 @@ const MAX_EXPIRY: i64 = u32::MAX as i64;
 
 /// Checks the queue arguments RabbitMQ checks when a queue is created, with its texts
 /// (`invalid arg 'x-max-length' for queue 'q' in vhost '/': {value_negative,-1}`).
-fn validate_queue_arguments(spec: &QueueSpec, vhost: &str) -> AmqpResult<()> {
+pub(crate) fn validate_queue_arguments(spec: &QueueSpec, vhost: &str) -> AmqpResult<()> {
     let what = describe("queue", &spec.name, vhost);
     let invalid = |key: &str, detail: String| {
         precondition_failed(format!("invalid arg '{key}' for {what}: {detail}"))

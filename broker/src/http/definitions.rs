@@ -1,7 +1,9 @@
 //! `/api/definitions`: export and import in RabbitMQ's format, so definitions move between
 //! RabbitMQ and Warren. An import is checked whole before anything is applied: what Warren
-//! cannot honour (operator policies, topic permissions, other hashing algorithms, quorum queues) is
-//! refused with a reason instead of being dropped.
+//! cannot honour (operator policies, topic permissions, other hashing algorithms, quorum and
+//! stream queues, shovel and federation parameters, global parameters, bindings of objects
+//! that will not exist) is refused with a reason instead of being dropped. One import runs at
+//! a time, on a blocking thread, and once begun it is applied whole even if its client leaves.
 
 use super::AppState;
 use super::auth::Caller;
@@ -19,8 +21,9 @@ use crate::broker::queue::QueueSpec;
 use crate::broker::vhost::{DestinationKind, Vhost};
 use amq_protocol::types::FieldTable;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
-use axum::response::Response;
+use axum::extract::{FromRequest, Path, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -226,6 +229,8 @@ struct Plan {
     queues: Vec<(String, QueueSpec)>,
     bindings: Vec<(String, String, String, DestinationKind, String, FieldTable)>,
     policies: Vec<(String, Policy)>,
+    /// The `cluster_name` global parameter, if the document has one.
+    cluster_name: Option<String>,
 }
 
 fn items<'a>(top: &'a Fields, key: &str) -> ApiResult<&'a [Value]> {
@@ -280,6 +285,29 @@ fn plan(state: &AppState, body: &[u8], vhost: Option<&str>) -> ApiResult<Plan> {
         ],
     )?;
     let mut plan = Plan::default();
+    for p in items(&top, "global_parameters")? {
+        let f = item(p, "a global parameter", &["name", "value"])?;
+        let name = required_string(&f, "a global parameter", "name")?;
+        match name.as_str() {
+            // Each RabbitMQ cluster's own identity: Warren has none to set, and importing
+            // another cluster's would not make this node that cluster.
+            "internal_cluster_id" => {}
+            "cluster_name" => {
+                let Some(value) = f.stringish("value")? else {
+                    return Err(ApiError::bad_request(
+                        "the global parameter cluster_name must be a string",
+                    ));
+                };
+                check_cluster_name(state, &value)?;
+                plan.cluster_name = Some(value);
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "global parameter '{other}' is not supported by Warren"
+                )));
+            }
+        }
+    }
     if !items(&top, "topic_permissions")?.is_empty() {
         return Err(ApiError::bad_request(
             "topic permissions are not supported by Warren",
@@ -538,16 +566,55 @@ fn plan(state: &AppState, body: &[u8], vhost: Option<&str>) -> ApiResult<Plan> {
                 "queue '{name}' is of type '{t}'; Warren's queues are classic"
             )));
         }
-        plan.queues.push((
-            v,
-            QueueSpec {
-                name,
-                durable: f.boolean("durable")?.unwrap_or(false),
-                exclusive: false,
-                auto_delete: f.boolean("auto_delete")?.unwrap_or(false),
-                arguments: f.table("arguments")?,
-            },
-        ));
+        let spec = QueueSpec {
+            name,
+            durable: f.boolean("durable")?.unwrap_or(false),
+            exclusive: false,
+            auto_delete: f.boolean("auto_delete")?.unwrap_or(false),
+            arguments: f.table("arguments")?,
+        };
+        // What declaring it would refuse (a stream queue, a bad argument) refuses the import.
+        crate::broker::vhost::validate_queue_arguments(&spec, &v).map_err(|e| {
+            ApiError::bad_request(format!("queue '{}' in vhost '{v}': {}", spec.name, e.text))
+        })?;
+        plan.queues.push((v, spec));
+    }
+    let mut known_objects = Objects::new();
+    if !items(&top, "bindings")?.is_empty() {
+        for v in state.broker.vhosts() {
+            let entry = known_objects.entry(v.name.to_string()).or_default();
+            entry
+                .0
+                .extend(v.exchanges().iter().map(|x| x.name().to_owned()));
+            entry
+                .1
+                .extend(v.queues().iter().map(|q| q.name().to_owned()));
+        }
+        for (v, x) in &plan.exchanges {
+            let entry = known_objects.entry(v.clone()).or_default();
+            entry.0.insert(x.name.clone());
+        }
+        for (v, q) in &plan.queues {
+            known_objects
+                .entry(v.clone())
+                .or_default()
+                .1
+                .insert(q.name.clone());
+        }
+        // A vhost the import creates has the built-in exchanges.
+        for (v, _, _) in &plan.vhosts {
+            let entry = known_objects.entry(v.clone()).or_default();
+            for x in [
+                "amq.direct",
+                "amq.fanout",
+                "amq.headers",
+                "amq.match",
+                "amq.topic",
+                "amq.rabbitmq.trace",
+            ] {
+                entry.0.insert(x.to_owned());
+            }
+        }
     }
     for b in items(&top, "bindings")? {
         let what = "a binding";
@@ -573,10 +640,28 @@ fn plan(state: &AppState, body: &[u8], vhost: Option<&str>) -> ApiResult<Plan> {
                 )));
             }
         };
+        let source = exchange_name(&required_string(&f, what, "source")?).to_owned();
+        let destination = required_string(&f, what, "destination")?;
+        // A binding whose ends will not exist would be skipped: refuse it instead.
+        let (exchanges, queues) = objects_of(&mut known_objects, &v);
+        if source.is_empty() || !exchanges.contains(&source) {
+            return Err(ApiError::bad_request(format!(
+                "binding source exchange '{source}' does not exist in vhost '{v}'"
+            )));
+        }
+        let (found, noun) = match kind {
+            DestinationKind::Queue => (queues.contains(&destination), "queue"),
+            DestinationKind::Exchange => (exchanges.contains(&destination), "exchange"),
+        };
+        if !found {
+            return Err(ApiError::bad_request(format!(
+                "binding destination {noun} '{destination}' does not exist in vhost '{v}'"
+            )));
+        }
         plan.bindings.push((
             v,
-            exchange_name(&required_string(&f, what, "source")?).to_owned(),
-            required_string(&f, what, "destination")?,
+            source,
+            destination,
             kind,
             f.stringish("routing_key")?.unwrap_or_default(),
             f.table("arguments")?,
@@ -585,8 +670,37 @@ fn plan(state: &AppState, body: &[u8], vhost: Option<&str>) -> ApiResult<Plan> {
     Ok(plan)
 }
 
+/// The exchanges and queues of a vhost once an import is applied: those it has and those the
+/// import declares.
+type Objects = BTreeMap<String, (BTreeSet<String>, BTreeSet<String>)>;
+
+fn objects_of<'a>(known: &'a mut Objects, vhost: &str) -> &'a (BTreeSet<String>, BTreeSet<String>) {
+    known.entry(vhost.to_owned()).or_default()
+}
+
+/// The `cluster_name` global parameter, checked before anything is applied. Warren's cluster
+/// name is its node name and cannot be changed here, so only that name is accepted; a
+/// settable cluster name checks (and [`apply_cluster_name`] applies) the new one here.
+fn check_cluster_name(state: &AppState, name: &str) -> ApiResult<()> {
+    let current = &state.broker.config.node_name;
+    if name == current {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "global parameter 'cluster_name' ('{name}') cannot be applied: this node's cluster name is '{current}' and cannot be changed by an import"
+        )))
+    }
+}
+
+/// Applies the `cluster_name` global parameter: today [`check_cluster_name`] has accepted
+/// only the name the node already has.
+fn apply_cluster_name(_state: &AppState, _name: &str) {}
+
 fn apply(state: &AppState, caller: &Caller, plan: Plan) -> ApiResult<()> {
     let b = &state.broker;
+    if let Some(name) = &plan.cluster_name {
+        apply_cluster_name(state, name);
+    }
     for (name, description, tags) in plan.vhosts {
         if b.put_vhost(&name, &description, tags)
             .map_err(admin_error)?
@@ -641,28 +755,59 @@ fn apply(state: &AppState, caller: &Caller, plan: Plan) -> ApiResult<()> {
     Ok(())
 }
 
+/// Reads the document and applies it, one import at a time: a second import while one runs
+/// gets 409. The body is read with the lock held (so an import is refused, not queued, while
+/// another's document is still arriving); checking and applying run on a blocking thread and
+/// finish even if the client has gone, so an import is never left half-applied.
+async fn run_import(
+    state: AppState,
+    caller: Caller,
+    request: Request,
+    vhost: Option<String>,
+) -> ApiResult<Response> {
+    let Ok(lock) = state.imports.clone().try_lock_owned() else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            "another definitions import is in progress; try again once it has finished",
+        ));
+    };
+    let body = match Bytes::from_request(request, &()).await {
+        Ok(body) => body,
+        Err(rejection) => return Ok(rejection.into_response()),
+    };
+    let applied = tokio::task::spawn_blocking(move || {
+        let _lock = lock;
+        let plan = plan(&state, &body, vhost.as_deref())?;
+        apply(&state, &caller, plan)
+    })
+    .await;
+    match applied {
+        Ok(result) => result.map(|()| no_content()),
+        Err(e) => Err(ApiError::internal(format!(
+            "definitions import failed: {e}"
+        ))),
+    }
+}
+
 pub async fn import(
     State(state): State<AppState>,
     caller: Caller,
-    body: Bytes,
+    request: Request,
 ) -> ApiResult<Response> {
     caller.require_admin()?;
-    let plan = plan(&state, &body, None)?;
-    apply(&state, &caller, plan)?;
-    Ok(no_content())
+    run_import(state, caller, request, None).await
 }
 
 pub async fn import_vhost(
     State(state): State<AppState>,
     caller: Caller,
     Path(vhost): Path<String>,
-    body: Bytes,
+    request: Request,
 ) -> ApiResult<Response> {
     caller.require_admin()?;
     if state.broker.vhost(&vhost).is_none() {
         return Err(ApiError::vhost_not_found());
     }
-    let plan = plan(&state, &body, Some(&vhost))?;
-    apply(&state, &caller, plan)?;
-    Ok(no_content())
+    run_import(state, caller, request, Some(vhost)).await
 }

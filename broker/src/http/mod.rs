@@ -47,6 +47,8 @@ pub struct AppState {
     pub stopping: tokio::sync::watch::Receiver<bool>,
     /// Listings of many objects (queues, exchanges, bindings) being sent at once; more wait.
     pub heavy_lists: Arc<tokio::sync::Semaphore>,
+    /// Held by the definitions import under way (one at a time).
+    pub imports: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Listings of many objects sent at once: each holds a handle on every object it lists until
