@@ -20,7 +20,7 @@ pub struct Config {
     pub management_listen: SocketAddr,
     /// Management HTTP API over TLS (HTTPS); needs `tls_cert_file` and `tls_key_file`.
     pub management_tls_listen: Option<SocketAddr>,
-    /// Prometheus metrics listener (`/metrics`, `/metrics/per-object`).
+    /// Prometheus metrics listener (`/metrics`, `/metrics/per-object`, `/metrics/detailed`).
     pub prometheus_listen: SocketAddr,
     /// Milliseconds an HTTP connection (management API, HTTPS, Prometheus) may take to send
     /// its next request's headers, idle time between keep-alive requests included; then it is

@@ -2130,6 +2130,21 @@ async fn idle_http_connections_are_closed_and_past_the_cap_wait_while_amqp_still
         text.is_empty() || text.starts_with("HTTP/1.1 408"),
         "{text}"
     );
+    // So is one whose body stops arriving: 408 with a reason, and nothing is applied.
+    let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "PUT /api/vhosts/stalled HTTP/1.1\r\nHost: {addr}\r\n{AUTH}Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
+    );
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    within(5, stalled.read_to_end(&mut answer)).await.unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("stopped arriving"), "{text}");
+    common::http::Api::new(&b)
+        .get("/api/vhosts/stalled")
+        .await
+        .error(404, "Object Not Found");
     conn.close(200, "bye".into()).await.unwrap();
 }
 

@@ -1,8 +1,9 @@
 //! Serving the HTTP listeners (management API, HTTPS, Prometheus) with hyper directly, so
 //! that their connections are bounded: a cap on concurrent connections per listener (past it,
 //! new connections wait in the kernel's backlog and hold no descriptor of ours), a timeout for
-//! the next request's headers (which also ends idle keep-alive connections), and request
-//! bodies that a handler left unread are drained, so the connection stays usable.
+//! the next request's headers (which also ends idle keep-alive connections) and for a request
+//! body that stops arriving, and request bodies that a handler left unread are drained, so the
+//! connection stays usable.
 
 use super::auth::PeerAddr;
 use axum::Router;
@@ -13,6 +14,7 @@ use axum::response::Response;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use parking_lot::Mutex;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -95,6 +97,7 @@ async fn serve_connection<I>(
 {
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         req.extensions_mut().insert(ConnectInfo(PeerAddr(peer)));
+        req.extensions_mut().insert(BodyIdleTimeout(idle_timeout));
         let mut router = router.clone();
         async move { router.call(req.map(Body::new)).await }
     });
@@ -119,25 +122,120 @@ async fn serve_connection<I>(
     }
 }
 
+/// How long a request body may go without sending a byte, as the connection's idle timeout.
+#[derive(Debug, Clone, Copy)]
+struct BodyIdleTimeout(Duration);
+
 /// Middleware: a request body the handler did not read (a `DELETE` with a JSON body, a
 /// request refused before its body was looked at) is read to its end after the response is
-/// made, so the connection can carry the next request, as RabbitMQ's does.
+/// made, so the connection can carry the next request, as RabbitMQ's does. A body that stops
+/// arriving for the connection's idle timeout fails the request with 408 and closes the
+/// connection, so a slow client cannot hold it open.
 pub async fn drain_unread_body(req: Request, next: Next) -> Response {
     let (parts, body) = req.into_parts();
-    let shared = Arc::new(Mutex::new(Some(body)));
+    let idle = parts.extensions.get::<BodyIdleTimeout>().map(|t| t.0);
+    let shared = Arc::new(Mutex::new(Some(IdleBody {
+        inner: body,
+        idle,
+        timer: None,
+        timed_out: false,
+    })));
     let req = Request::from_parts(parts, Body::new(SharedBody(shared.clone())));
     let response = next.run(req).await;
     let rest = shared.lock().take();
-    if let Some(rest) = rest
-        && !http_body::Body::is_end_stream(&rest)
-    {
-        let _ = tokio::time::timeout(DRAIN_TIMEOUT, axum::body::to_bytes(rest, DRAIN_LIMIT)).await;
+    let Some(mut rest) = rest else {
+        return response;
+    };
+    if !rest.timed_out && !http_body::Body::is_end_stream(&rest) {
+        let mut drained = 0usize;
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
+            while drained <= DRAIN_LIMIT {
+                match std::future::poll_fn(|cx| {
+                    http_body::Body::poll_frame(Pin::new(&mut rest), cx)
+                })
+                .await
+                {
+                    Some(Ok(frame)) => {
+                        drained += frame.data_ref().map_or(0, |d| d.len());
+                    }
+                    Some(Err(_)) | None => break,
+                }
+            }
+        })
+        .await;
+    }
+    if rest.timed_out {
+        let mut response = super::error::json_response(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            &serde_json::json!({
+                "error": "timeout",
+                "reason": "the request body stopped arriving",
+            }),
+        );
+        response.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+        return response;
     }
     response
 }
 
+/// A request body that fails once no data has come for its idle timeout.
+struct IdleBody {
+    inner: Body,
+    idle: Option<Duration>,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    timed_out: bool,
+}
+
+impl http_body::Body for IdleBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let this = self.get_mut();
+        if this.timed_out {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Pending => {
+                let Some(idle) = this.idle else {
+                    return Poll::Pending;
+                };
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                if timer.as_mut().poll(cx).is_ready() {
+                    this.timer = None;
+                    this.timed_out = true;
+                    return Poll::Ready(Some(Err(axum::Error::new(
+                        "the request body stopped arriving",
+                    ))));
+                }
+                Poll::Pending
+            }
+            ready => {
+                this.timer = None;
+                ready
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.timed_out || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// The request body, read through a handle the middleware keeps.
-struct SharedBody(Arc<Mutex<Option<Body>>>);
+struct SharedBody(Arc<Mutex<Option<IdleBody>>>);
 
 impl http_body::Body for SharedBody {
     type Data = Bytes;
