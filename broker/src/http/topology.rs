@@ -528,39 +528,49 @@ fn implicit_binding(vhost: &str, q: &Queue) -> Value {
     )
 }
 
-fn exchange_bindings(vhost: &str, x: &Exchange) -> Vec<Value> {
+/// An exchange's bindings whose destination type and destination `keep` accepts.
+fn exchange_bindings(
+    vhost: &str,
+    x: &Exchange,
+    keep: &dyn Fn(&str, &str, &str) -> bool,
+) -> Vec<Value> {
     x.bindings()
         .iter()
-        .map(|b| {
+        .filter_map(|b| {
             let kind = if b.destination.is_queue() {
                 "queue"
             } else {
                 "exchange"
             };
-            binding_object(
-                vhost,
-                x.name(),
-                b.destination.name(),
-                kind,
-                &b.routing_key,
-                &b.arguments,
-            )
+            keep(x.name(), kind, b.destination.name()).then(|| {
+                binding_object(
+                    vhost,
+                    x.name(),
+                    b.destination.name(),
+                    kind,
+                    &b.routing_key,
+                    &b.arguments,
+                )
+            })
         })
         .collect()
 }
 
-/// Every binding of a vhost, the default exchange's implicit ones first.
-fn vhost_bindings(v: &Vhost) -> Vec<Value> {
+/// The bindings of a vhost, the default exchange's implicit ones first, whose source,
+/// destination type and destination `keep` accepts: only those are rendered, so finding one
+/// queue's bindings does not render every binding of the vhost.
+fn vhost_bindings(v: &Vhost, keep: &dyn Fn(&str, &str, &str) -> bool) -> Vec<Value> {
     let mut queues = v.queues();
     queues.sort_by(|a, b| a.name().cmp(b.name()));
     let mut out: Vec<Value> = queues
         .iter()
+        .filter(|q| keep("", "queue", q.name()))
         .map(|q| implicit_binding(&v.name, q))
         .collect();
     let mut exchanges = v.exchanges();
     exchanges.sort_by(|a, b| a.name().cmp(b.name()));
     for x in exchanges {
-        out.extend(exchange_bindings(&v.name, &x));
+        out.extend(exchange_bindings(&v.name, &x, keep));
     }
     out
 }
@@ -599,7 +609,7 @@ async fn stream_bindings(state: &AppState, vhosts: Vec<Arc<Vhost>>) -> Response 
         Box::new(|item: &BindingsOf, out: &mut dyn FnMut(Value)| match item {
             BindingsOf::Implicit(vhost, q) => out(implicit_binding(vhost, q)),
             BindingsOf::Explicit(vhost, x) => {
-                for b in exchange_bindings(vhost, x) {
+                for b in exchange_bindings(vhost, x, &|_, _, _| true) {
                     out(b);
                 }
             }
@@ -622,8 +632,8 @@ pub async fn bindings_in(
     Ok(stream_bindings(&state, vec![v]).await)
 }
 
-fn filtered(v: &Vhost, keep: impl Fn(&Value) -> bool) -> Value {
-    Value::Array(vhost_bindings(v).into_iter().filter(|b| keep(b)).collect())
+fn filtered(v: &Vhost, keep: &dyn Fn(&str, &str, &str) -> bool) -> Value {
+    Value::Array(vhost_bindings(v, keep))
 }
 
 pub async fn exchange_bindings_source(
@@ -633,7 +643,7 @@ pub async fn exchange_bindings_source(
 ) -> ApiResult<Response> {
     let v = vhost_for(&state, &caller, &vhost)?;
     let name = exchange_name(&name).to_owned();
-    Ok(ok(filtered(&v, |b| b["source"] == name.as_str())))
+    Ok(ok(filtered(&v, &|source, _, _| source == name)))
 }
 
 pub async fn exchange_bindings_destination(
@@ -643,8 +653,8 @@ pub async fn exchange_bindings_destination(
 ) -> ApiResult<Response> {
     let v = vhost_for(&state, &caller, &vhost)?;
     let name = exchange_name(&name).to_owned();
-    Ok(ok(filtered(&v, |b| {
-        b["destination_type"] == "exchange" && b["destination"] == name.as_str()
+    Ok(ok(filtered(&v, &|_, kind, destination| {
+        kind == "exchange" && destination == name
     })))
 }
 
@@ -657,8 +667,8 @@ pub async fn queue_bindings(
     if v.queue(&name).is_none() {
         return Err(ApiError::not_found());
     }
-    Ok(ok(filtered(&v, |b| {
-        b["destination_type"] == "queue" && b["destination"] == name.as_str()
+    Ok(ok(filtered(&v, &|_, kind, destination| {
+        kind == "queue" && destination == name
     })))
 }
 
@@ -680,10 +690,8 @@ pub async fn bindings_between(
     let (_, type_name) = destination_kind(&kind)?;
     let v = vhost_for(&state, &caller, &vhost)?;
     let source = exchange_name(&source).to_owned();
-    Ok(ok(filtered(&v, |b| {
-        b["source"] == source.as_str()
-            && b["destination_type"] == type_name
-            && b["destination"] == destination.as_str()
+    Ok(ok(filtered(&v, &|s, kind, d| {
+        s == source && kind == type_name && d == destination
     })))
 }
 
@@ -707,12 +715,11 @@ fn find_binding(
     destination: &str,
     props: &str,
 ) -> Option<Value> {
-    vhost_bindings(v).into_iter().find(|b| {
-        b["source"] == source
-            && b["destination_type"] == type_name
-            && b["destination"] == destination
-            && b["properties_key"] == props
+    vhost_bindings(v, &|s, kind, d| {
+        s == source && kind == type_name && d == destination
     })
+    .into_iter()
+    .find(|b| b["properties_key"] == props)
 }
 
 pub async fn bind(
