@@ -587,3 +587,22 @@ async fn a_missing_dead_letter_exchange_drops_the_message() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(ready_count(&ch, &q).await, 0);
 }
+
+#[tokio::test]
+async fn a_passive_declare_renews_the_expiry_lease() {
+    let (_b, conn, _ch) = setup().await;
+    let q = unique("lease");
+    let ch = within(5, conn.create_channel()).await.unwrap();
+    declare(&ch, &q, args(&[("x-expires", AMQPValue::LongInt(1000))])).await;
+    // Looked at passively every 400 ms for 2 s: never unused for 1 s.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(
+            queue_exists(&conn, &q).await,
+            "a passive declare keeps the queue"
+        );
+    }
+    within(5, ch.queue_delete(q.as_str().into(), Default::default()))
+        .await
+        .unwrap();
+}

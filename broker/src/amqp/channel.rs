@@ -351,6 +351,8 @@ impl Channel {
                     // Unlike the other methods, a passive declare does not use the
                     // "last declared queue" shortcut for an empty name.
                     let q = vhost.existing_queue(d.queue.as_str(), s.connection_id)?;
+                    // As in RabbitMQ, a passive declare is a use: `x-expires` counts anew.
+                    q.touch();
                     let (m, c) = (q.message_count(), q.consumer_count());
                     (q, m, c)
                 } else {
