@@ -1075,6 +1075,9 @@ impl Queue {
         let next = {
             let mut st = self.state.lock();
             self.requeue_locked(&mut st, delivered, &mut dead);
+            // Requeued messages count against the length limits as new ones do: with
+            // drop-head, what goes is the head, where they went back (as in RabbitMQ).
+            self.trim_locked(&mut st, &mut dead);
             self.dispatch_locked(&mut st, &mut dead)
         };
         self.after(dead, next);
