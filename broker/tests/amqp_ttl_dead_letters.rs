@@ -606,3 +606,76 @@ async fn a_passive_declare_renews_the_expiry_lease() {
         .await
         .unwrap();
 }
+
+/// Publishes `body` to `queue` with `expiration` (milliseconds, as text).
+async fn publish_expiring(ch: &Channel, queue: &str, body: &[u8], expiration: &str) {
+    publish(
+        ch,
+        "",
+        queue,
+        body,
+        BasicProperties::default().with_expiration(expiration.into()),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_late_consumer_gets_no_message_whose_expiration_ran_out_behind_a_live_one() {
+    let (_b, conn, ch) = setup().await;
+    let q = unique("late");
+    declare(&ch, &q, FieldTable::default()).await;
+    publish_expiring(&ch, &q, b"one", "5000").await;
+    publish_expiring(&ch, &q, b"two", "100").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let consumer_ch = within(5, conn.create_channel()).await.unwrap();
+    let mut consumer = consume(
+        &consumer_ch,
+        &q,
+        BasicConsumeOptions {
+            no_ack: true,
+            ..BasicConsumeOptions::default()
+        },
+    )
+    .await;
+    assert_eq!(next_delivery(&mut consumer).await.data, b"one");
+    no_delivery(&mut consumer, 300).await;
+    assert_eq!(ready_count(&ch, &q).await, 0);
+}
+
+#[tokio::test]
+async fn a_late_consumer_or_get_finds_no_message_past_the_queue_ttl() {
+    let (_b, conn, ch) = setup().await;
+    let q = unique("late-ttl");
+    declare(&ch, &q, args(&[("x-message-ttl", AMQPValue::LongInt(100))])).await;
+    for body in [&b"a"[..], b"b", b"c"] {
+        publish(&ch, "", &q, body, BasicProperties::default()).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let consumer_ch = within(5, conn.create_channel()).await.unwrap();
+    let mut consumer = consume(&consumer_ch, &q, BasicConsumeOptions::default()).await;
+    no_delivery(&mut consumer, 300).await;
+    let q2 = unique("late-ttl-get");
+    declare(
+        &ch,
+        &q2,
+        args(&[("x-message-ttl", AMQPValue::LongInt(100))]),
+    )
+    .await;
+    publish(&ch, "", &q2, b"gone", BasicProperties::default()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(get(&ch, &q2).await.is_none());
+}
+
+#[tokio::test]
+async fn a_message_expires_behind_the_head_before_a_get_reaches_it() {
+    let (_b, _conn, ch) = setup().await;
+    let q = unique("behind");
+    declare(&ch, &q, FieldTable::default()).await;
+    publish_expiring(&ch, &q, b"one", "5000").await;
+    publish_expiring(&ch, &q, b"two", "100").await;
+    publish(&ch, "", &q, b"three", BasicProperties::default()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(get(&ch, &q).await.unwrap().delivery.data, b"one");
+    assert_eq!(get(&ch, &q).await.unwrap().delivery.data, b"three");
+    assert!(get(&ch, &q).await.is_none());
+}

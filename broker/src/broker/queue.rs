@@ -775,7 +775,7 @@ impl Queue {
                 return;
             }
             self.expire_locked(&mut st, now, &mut dead);
-            self.deliver_locked(&mut st);
+            self.deliver_locked(&mut st, &mut dead);
             (self.next_expiry_locked(&mut st), st.consumers.is_empty())
         };
         if let Some(expires) = self.expires()
@@ -855,7 +855,7 @@ impl Queue {
                     },
                     &self.stores,
                 );
-                self.deliver_locked(&mut st);
+                self.deliver_locked(&mut st, &mut dead);
                 let backlogged = st.ready.paging() && !st.consumers.is_empty();
                 if limits.max_length.is_some() || limits.max_bytes.is_some() {
                     self.trim_locked(&mut st, &mut dead);
@@ -902,20 +902,23 @@ impl Queue {
     /// when the new head expires.
     fn dispatch_locked(self: &Arc<Self>, st: &mut QueueState, dead: &mut Dead) -> Option<u64> {
         if !st.may_expire {
-            self.deliver_locked(st);
+            self.deliver_locked(st, dead);
             return None;
         }
         let now = now_ms();
         self.expire_locked(st, now, dead);
-        self.deliver_locked(st);
+        self.deliver_locked(st, dead);
         self.next_expiry_locked(st)
     }
 
-    /// Hands out ready messages to consumers with credit.
-    fn deliver_locked(self: &Arc<Self>, st: &mut QueueState) {
+    /// Hands out ready messages to consumers with credit. In a queue whose messages may
+    /// expire, each new head is looked at first: as in RabbitMQ, a consumer never gets a
+    /// message whose time ran out behind the one before it.
+    fn deliver_locked(self: &Arc<Self>, st: &mut QueueState, dead: &mut Dead) {
         if st.consumers.is_empty() || st.ready.is_empty() {
             return;
         }
+        let now = if st.may_expire { now_ms() } else { 0 };
         st.dispatch_pass += 1;
         let pass = st.dispatch_pass;
         let mut declined = 0;
@@ -941,6 +944,11 @@ impl Queue {
                 break;
             }
             let Some(i) = chosen else { break };
+            // The first head was looked at by the caller (and a message that expires at once
+            // goes to a consumer that takes it now); the ones after it are looked at here.
+            if st.may_expire && handed > 0 {
+                self.expire_locked(st, now, dead);
+            }
             let consumer = st.consumers[i].clone();
             let Some(msg) = st.ready.pop_front(&self.stores) else {
                 break;
@@ -1150,6 +1158,7 @@ impl Queue {
     /// Removes a consumer; returns true when this leaves an auto-delete queue with no
     /// consumers, so that the caller deletes the queue.
     pub fn remove_consumer(self: &Arc<Self>, consumer: &Arc<Consumer>) -> bool {
+        let mut dead = Vec::new();
         let (auto_delete, idle) = {
             let mut st = self.state.lock();
             let was_active = st
@@ -1160,13 +1169,16 @@ impl Queue {
             let idle = st.consumers.is_empty();
             if was_active && self.single_active_consumer && !idle {
                 // The next consumer takes over.
-                self.deliver_locked(&mut st);
+                self.deliver_locked(&mut st, &mut dead);
             }
             (
                 self.spec.auto_delete && st.had_consumer && idle && !self.is_deleted(),
                 idle,
             )
         };
+        if !dead.is_empty() {
+            self.after(dead, None);
+        }
         if idle && !auto_delete {
             // Unused from now: `x-expires` starts counting.
             self.touch();
