@@ -679,3 +679,42 @@ async fn a_message_expires_behind_the_head_before_a_get_reaches_it() {
     assert_eq!(get(&ch, &q).await.unwrap().delivery.data, b"three");
     assert!(get(&ch, &q).await.is_none());
 }
+
+/// A transaction publishes "one", waits past the TTL (400 ms), publishes "two" and commits:
+/// the TTL counts from the commit, when the messages enter the queue, so "one" is there to
+/// get.
+async fn transactional_publish_then_get(per_message: bool) {
+    let (_b, _conn, ch) = setup().await;
+    let q = unique("tx-ttl");
+    let arguments = if per_message {
+        FieldTable::default()
+    } else {
+        args(&[("x-message-ttl", AMQPValue::LongInt(400))])
+    };
+    declare(&ch, &q, arguments).await;
+    let props = if per_message {
+        BasicProperties::default().with_expiration("400".into())
+    } else {
+        BasicProperties::default()
+    };
+    within(5, ch.tx_select()).await.unwrap();
+    publish(&ch, "", &q, b"one", props.clone()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    publish(&ch, "", &q, b"two", props).await;
+    within(5, ch.tx_commit()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let first = get(&ch, &q).await.expect("a message");
+    assert_eq!(first.delivery.data, b"one");
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert!(get(&ch, &q).await.is_none(), "both expired by now");
+}
+
+#[tokio::test]
+async fn a_per_message_ttl_counts_from_the_commit_of_a_transaction() {
+    transactional_publish_then_get(true).await;
+}
+
+#[tokio::test]
+async fn a_queue_ttl_counts_from_the_commit_of_a_transaction() {
+    transactional_publish_then_get(false).await;
+}
