@@ -718,3 +718,118 @@ async fn a_per_message_ttl_counts_from_the_commit_of_a_transaction() {
 async fn a_queue_ttl_counts_from_the_commit_of_a_transaction() {
     transactional_publish_then_get(false).await;
 }
+
+/// An `x-death` entry as RabbitMQ before 3.5 wrote them: one entry per death, no count.
+fn legacy_death(queue: &str) -> AMQPValue {
+    let mut t = FieldTable::default();
+    t.insert("reason".into(), text("expired"));
+    t.insert("queue".into(), text(queue));
+    t.insert("exchange".into(), text("old-exchange"));
+    t.insert(
+        "routing-keys".into(),
+        AMQPValue::FieldArray(FieldArray::from(vec![text("k")])),
+    );
+    AMQPValue::FieldTable(t)
+}
+
+#[tokio::test]
+async fn x_death_entries_of_older_brokers_are_merged_by_queue_and_reason() {
+    let (_b, _conn, ch) = setup().await;
+    let (q, dlq) = (unique("merge"), unique("merge-dlq"));
+    with_dead_letters(&ch, &q, &dlq, &[("x-message-ttl", AMQPValue::LongInt(20))]).await;
+    let (old_a, old_b) = (unique("old-a"), unique("old-b"));
+    let mut entries = Vec::new();
+    for _ in 0..3 {
+        entries.push(legacy_death(&old_a));
+    }
+    entries.push(legacy_death(&old_b));
+    entries.push(legacy_death(&old_a));
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-death".into(),
+        AMQPValue::FieldArray(FieldArray::from(entries)),
+    );
+    publish(
+        &ch,
+        "",
+        &q,
+        b"old",
+        BasicProperties::default().with_headers(headers),
+    )
+    .await;
+    let dead = get_within(&ch, &dlq).await;
+    let d = deaths(&dead.delivery.properties);
+    let summary: Vec<(String, i64)> = d
+        .iter()
+        .map(|e| (as_text(e.inner().get("queue")).unwrap(), count(e)))
+        .collect();
+    // The new death first, then the old ones grouped, each group counting its entries (in
+    // the reverse order of their first appearance, as RabbitMQ groups them).
+    assert_eq!(
+        summary,
+        vec![(q.clone(), 1), (old_b.clone(), 1), (old_a.clone(), 4)]
+    );
+}
+
+#[tokio::test]
+async fn a_second_death_in_the_same_queue_for_the_same_reason_keeps_the_first_entry() {
+    let (_b, _conn, ch) = setup().await;
+    // q dead-letters through a fanout exchange back to itself.
+    let (x, q) = (unique("again-x"), unique("again"));
+    within(
+        5,
+        ch.exchange_declare(
+            x.as_str().into(),
+            lapin::ExchangeKind::Fanout,
+            lapin::options::ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .unwrap();
+    declare(&ch, &q, args(&[("x-dead-letter-exchange", text(&x))])).await;
+    within(
+        5,
+        ch.queue_bind(
+            q.as_str().into(),
+            x.as_str().into(),
+            "".into(),
+            lapin::options::QueueBindOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .unwrap();
+    publish(&ch, "", &q, b"again", BasicProperties::default()).await;
+    let mut last = None;
+    for _ in 0..3 {
+        let m = loop {
+            if let Some(m) = within(
+                5,
+                ch.basic_get(q.as_str().into(), BasicGetOptions { no_ack: false }),
+            )
+            .await
+            .unwrap()
+            {
+                break m;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        last = Some(m.delivery.properties.clone());
+        m.reject(BasicRejectOptions { requeue: false })
+            .await
+            .unwrap();
+    }
+    let d = deaths(&last.unwrap());
+    assert_eq!(d.len(), 1);
+    assert_eq!(count(&d[0]), 2);
+    // The entry of the first death, counted: its exchange is the one the message was first
+    // published to, not the dead-letter exchange it came back through.
+    assert_eq!(as_text(d[0].inner().get("exchange")).as_deref(), Some(""));
+    within(5, ch.queue_delete(q.as_str().into(), Default::default()))
+        .await
+        .unwrap();
+    within(5, ch.exchange_delete(x.as_str().into(), Default::default()))
+        .await
+        .unwrap();
+}
