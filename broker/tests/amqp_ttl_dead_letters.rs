@@ -772,6 +772,99 @@ async fn x_death_entries_of_older_brokers_are_merged_by_queue_and_reason() {
 }
 
 #[tokio::test]
+async fn persistent_messages_that_expired_while_the_broker_was_down_are_dead_lettered() {
+    let b = TestBroker::start().await;
+    if b.is_external() {
+        return;
+    }
+    // Names that sort the dead-letter queue last: it is recovered after the queues that
+    // dead-letter to it.
+    let tag = unique("down");
+    let (by_expiration, by_queue_ttl, dlq) = (
+        format!("a-exp-{tag}"),
+        format!("a-ttl-{tag}"),
+        format!("z-dlq-{tag}"),
+    );
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    {
+        let conn = b.connect().await;
+        let ch = within(5, conn.create_channel()).await.unwrap();
+        within(
+            5,
+            ch.queue_declare(dlq.as_str().into(), durable, FieldTable::default()),
+        )
+        .await
+        .unwrap();
+        for (q, ttl) in [(&by_expiration, None), (&by_queue_ttl, Some(300))] {
+            let mut pairs = vec![
+                ("x-dead-letter-exchange", text("")),
+                ("x-dead-letter-routing-key", text(&dlq)),
+            ];
+            if let Some(ttl) = ttl {
+                pairs.push(("x-message-ttl", AMQPValue::LongInt(ttl)));
+            }
+            within(
+                5,
+                ch.queue_declare(q.as_str().into(), durable, args(&pairs)),
+            )
+            .await
+            .unwrap();
+        }
+        within(5, ch.confirm_select(ConfirmSelectOptions::default()))
+            .await
+            .unwrap();
+        for (q, props) in [
+            (
+                &by_expiration,
+                BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_expiration("300".into()),
+            ),
+            (
+                &by_queue_ttl,
+                BasicProperties::default().with_delivery_mode(2),
+            ),
+        ] {
+            let confirm = within(
+                5,
+                ch.basic_publish(
+                    "".into(),
+                    q.as_str().into(),
+                    BasicPublishOptions::default(),
+                    q.as_bytes(),
+                    props,
+                ),
+            )
+            .await
+            .unwrap();
+            assert!(within(5, confirm).await.unwrap().is_ack());
+        }
+        conn.close(200, "bye".into()).await.unwrap();
+    }
+    // Down for longer than the TTLs.
+    let b = b.restart_after(Duration::from_millis(600)).await;
+    let conn = b.connect().await;
+    let ch = within(5, conn.create_channel()).await.unwrap();
+    let mut dead = Vec::new();
+    for _ in 0..2 {
+        let m = get_within(&ch, &dlq).await;
+        let d = deaths(&m.delivery.properties);
+        assert_eq!(
+            as_text(d[0].inner().get("reason")).as_deref(),
+            Some("expired")
+        );
+        dead.push(String::from_utf8(m.delivery.data).unwrap());
+    }
+    dead.sort();
+    assert_eq!(dead, vec![by_expiration.clone(), by_queue_ttl.clone()]);
+    assert_eq!(ready_count(&ch, &by_expiration).await, 0);
+    assert_eq!(ready_count(&ch, &by_queue_ttl).await, 0);
+}
+
+#[tokio::test]
 async fn a_second_death_in_the_same_queue_for_the_same_reason_keeps_the_first_entry() {
     let (_b, _conn, ch) = setup().await;
     // q dead-letters through a fanout exchange back to itself.

@@ -581,16 +581,23 @@ impl Queue {
     pub fn link(self: &Arc<Self>, links: Links) {
         let _ = self.links.set(links);
         self.touch();
-        // Recovered messages of a queue with a TTL expire on time, used or not. (Without a
-        // queue TTL, a recovered message's own `expiration` is looked at when the queue is
-        // next used: finding it would mean reading every recovered queue at start.)
+    }
+
+    /// Recovered messages expire on time, used or not: the head of each level is looked at
+    /// now (as RabbitMQ does when it recovers a queue), so that what expired while the broker
+    /// was down is dead-lettered at once. Called once the vhost has its exchanges, bindings
+    /// and policies back, for the dead letters to find their way. A queue with neither a TTL
+    /// nor a dead-letter exchange is not read now (that would bring a window of every such
+    /// queue into memory at start): its expired messages go when it is next used, and no
+    /// consumer or `basic.get` ever sees them.
+    pub fn expire_recovered(self: &Arc<Self>) {
         let next = {
             let mut st = self.state.lock();
-            if st.settings.features.message_ttl.is_some() {
-                self.next_expiry_locked(&mut st)
-            } else {
-                None
+            let features = &st.settings.features;
+            if features.message_ttl.is_none() && features.dead_letter.is_none() {
+                return;
             }
+            self.next_expiry_locked(&mut st)
         };
         if let Some(at) = next {
             self.schedule(at);

@@ -374,6 +374,7 @@ impl Vhost {
                     })
                 });
         }
+        let mut restored = Vec::new();
         for (name, q) in &defs.queues {
             if self.queues.read().contains_key(name) {
                 continue;
@@ -424,8 +425,8 @@ impl Vhost {
                 levels,
                 self.window,
             );
-            self.link(&queue);
-            self.queues.write().insert(name.clone(), queue);
+            self.queues.write().insert(name.clone(), queue.clone());
+            restored.push(queue);
         }
         for b in &defs.bindings {
             let Some(source) = self.exchange(&b.source) else {
@@ -444,7 +445,14 @@ impl Vhost {
                 });
             }
         }
+        // Linked once their dead letters have exchanges and bindings to go to.
+        for q in &restored {
+            self.link(q);
+        }
         self.reapply_policies();
+        for q in &restored {
+            q.expire_recovered();
+        }
         if let Some(me) = self.me.upgrade() {
             self.delayer.recover(&self.storage, &me);
         }

@@ -138,12 +138,19 @@ impl TestBroker {
 
     /// Stops the in-process broker cleanly and starts a new one on the same data directory
     /// (with a new ephemeral port: reconnect with the new `uri`). Warren only.
-    pub async fn restart(mut self) -> Self {
+    pub async fn restart(self) -> Self {
+        self.restart_after(Duration::ZERO).await
+    }
+
+    /// As [`TestBroker::restart`], the broker staying down for `pause` (for what happens
+    /// while it is down, such as messages expiring).
+    pub async fn restart_after(mut self, pause: Duration) -> Self {
         let running = self
             .running
             .take()
             .expect("restart needs an in-process broker");
         running.shutdown().await;
+        tokio::time::sleep(pause).await;
         let config = self.config.clone().expect("in-process broker has a config");
         let running = warren_broker::start(config)
             .await
