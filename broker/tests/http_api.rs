@@ -1637,11 +1637,11 @@ async fn definitions_that_cannot_be_honoured_are_refused_whole() {
     let r = api
         .post(
             "/api/definitions",
-            r#"{"queues":[{"name":"qq","vhost":"/","durable":true,"auto_delete":false,"arguments":{},"type":"quorum"}]}"#,
+            r#"{"queues":[{"name":"qq","vhost":"/","durable":true,"auto_delete":false,"arguments":{},"type":"stream"}]}"#,
         )
         .await
         .error(400, "bad_request");
-    assert!(r.as_str().unwrap().contains("quorum"), "{r}");
+    assert!(r.as_str().unwrap().contains("stream"), "{r}");
     // Nothing of the refused documents was applied.
     api.get("/api/vhosts/never")
         .await
@@ -1929,4 +1929,180 @@ async fn endpoints_for_features_warren_lacks_answer_empty_or_with_a_reason() {
     let (code, text) = errs.next().await;
     assert_eq!(code, 320);
     assert!(text.contains("Closed via management plugin"), "{text}");
+}
+
+// ---------------------------------------------------------------------------------- queue types
+
+/// The type and arguments `/api/queues/{vhost}/{name}` reports.
+async fn queue_type_of(api: &Api, vhost: &str, name: &str) -> (Value, Value) {
+    let o = api.json(&format!("/api/queues/{vhost}/{name}")).await;
+    (o["type"].clone(), o["arguments"].clone())
+}
+
+#[tokio::test]
+async fn a_queue_reports_the_type_it_was_declared_with_or_its_vhost_default() {
+    let (b, api) = broker().await;
+    let vhost = unique("dqt");
+    // `defaultqueuetype`, the key RabbitMQ 3.10 reads when it creates a vhost.
+    api.put(
+        &format!("/api/vhosts/{vhost}"),
+        r#"{"defaultqueuetype":"quorum"}"#,
+    )
+    .await
+    .status(201);
+    let v = api.json(&format!("/api/vhosts/{vhost}")).await;
+    assert_eq!(v["default_queue_type"], "quorum");
+    assert_eq!(v["metadata"]["default_queue_type"], "quorum");
+    let conn = TestBroker::connect_uri(&b.uri_with_vhost(&vhost)).await;
+    let ch = within(5, conn.create_channel()).await.unwrap();
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    let declared: [(&str, QueueDeclareOptions, FieldTable); 5] = [
+        (
+            "declared-quorum",
+            durable,
+            args(&[("x-queue-type", text("quorum"))]),
+        ),
+        ("plain", durable, FieldTable::default()),
+        (
+            "declared-classic",
+            durable,
+            args(&[("x-queue-type", text("classic"))]),
+        ),
+        (
+            "transient",
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        ),
+        (
+            "auto-delete",
+            QueueDeclareOptions {
+                auto_delete: true,
+                ..durable
+            },
+            FieldTable::default(),
+        ),
+    ];
+    for (name, options, arguments) in declared {
+        within(5, ch.queue_declare(name.into(), options, arguments))
+            .await
+            .unwrap_or_else(|e| panic!("declare {name}: {e}"));
+    }
+    // Redeclared without arguments, the queue that took the default type is the same queue.
+    within(
+        5,
+        ch.queue_declare("plain".into(), durable, FieldTable::default()),
+    )
+    .await
+    .expect("an equivalent redeclaration");
+    for (name, kind, arguments) in [
+        (
+            "declared-quorum",
+            "quorum",
+            json!({"x-queue-type": "quorum"}),
+        ),
+        ("plain", "quorum", json!({"x-queue-type": "quorum"})),
+        (
+            "declared-classic",
+            "classic",
+            json!({"x-queue-type": "classic"}),
+        ),
+        // A quorum queue cannot be transient or auto-delete: these stay classic.
+        ("transient", "classic", json!({})),
+        ("auto-delete", "classic", json!({})),
+    ] {
+        assert_eq!(
+            queue_type_of(&api, &vhost, name).await,
+            (json!(kind), arguments),
+            "{name}"
+        );
+    }
+    let listed = api.json(&format!("/api/queues/{vhost}")).await;
+    let plain = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["name"] == "plain")
+        .expect("listed");
+    assert_eq!(plain["type"], "quorum");
+    let defs = api.json(&format!("/api/definitions/{vhost}")).await;
+    let exported = defs["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["name"] == "plain")
+        .expect("exported");
+    assert_eq!(exported["arguments"], json!({"x-queue-type": "quorum"}));
+    let _ = conn.close(200, "bye".into()).await;
+    api.delete(&format!("/api/vhosts/{vhost}"))
+        .await
+        .status(204);
+}
+
+#[tokio::test]
+async fn a_vhost_default_queue_type_is_kept_exported_and_imported() {
+    let (b, api) = broker().await;
+    if b.is_external() {
+        // RabbitMQ 3.10 reads only `defaultqueuetype`, and exports vhosts by name only.
+        return;
+    }
+    api.put("/api/vhosts/dq", r#"{"default_queue_type":"quorum"}"#)
+        .await
+        .status(201);
+    // A PUT without it keeps it.
+    api.put("/api/vhosts/dq", r#"{"description":"d"}"#)
+        .await
+        .status(204);
+    let v = api.json("/api/vhosts/dq").await;
+    assert_eq!(v["default_queue_type"], "quorum");
+    assert_eq!(
+        v["metadata"],
+        json!({"description": "d", "tags": [], "default_queue_type": "quorum"})
+    );
+    assert_eq!(
+        api.json("/api/vhosts/%2F").await["default_queue_type"],
+        "undefined"
+    );
+    let r = api
+        .put("/api/vhosts/ds", r#"{"default_queue_type":"stream"}"#)
+        .await
+        .error(400, "bad_request");
+    assert!(r.as_str().unwrap().contains("stream"), "{r}");
+    let defs = api.json("/api/definitions").await;
+    let dq = defs["vhosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "dq")
+        .expect("exported")
+        .clone();
+    assert_eq!(dq["metadata"]["default_queue_type"], "quorum");
+    // Imported from the metadata, as RabbitMQ exports it, and applied to declarations.
+    api.post(
+        "/api/definitions",
+        r#"{"vhosts":[{"name":"imported","metadata":{"description":"","tags":[],"default_queue_type":"quorum"}}]}"#,
+    )
+    .await
+    .status(204);
+    assert_eq!(
+        api.json("/api/vhosts/imported").await["default_queue_type"],
+        "quorum"
+    );
+    api.put("/api/queues/imported/q", r#"{"durable":true}"#)
+        .await
+        .status(201);
+    assert_eq!(
+        queue_type_of(&api, "imported", "q").await,
+        (json!("quorum"), json!({"x-queue-type": "quorum"}))
+    );
+    // Kept across a restart.
+    let b = b.restart().await;
+    let api = Api::new(&b);
+    assert_eq!(
+        api.json("/api/vhosts/dq").await["default_queue_type"],
+        "quorum"
+    );
+    assert_eq!(queue_type_of(&api, "imported", "q").await.0, "quorum");
 }

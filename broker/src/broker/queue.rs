@@ -520,6 +520,12 @@ impl Queue {
         &self.spec.name
     }
 
+    /// The declared type, `x-queue-type` (classic without it). Every queue works as a
+    /// classic one (nothing is replicated), but reports the type it was declared with.
+    pub fn queue_type(&self) -> String {
+        argument_text(&self.spec.arguments, "x-queue-type").unwrap_or_else(|| "classic".into())
+    }
+
     /// The highest priority level: `x-max-priority`, 0 for a queue without priorities.
     pub fn top_level(&self) -> u8 {
         self.top

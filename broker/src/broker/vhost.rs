@@ -135,13 +135,16 @@ pub enum PolicyKind {
     Operator,
 }
 
-/// What a vhost is besides its topology: description, tags and limits.
+/// What a vhost is besides its topology: description, tags, limits and default queue type.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VhostMeta {
     pub description: String,
     pub tags: Vec<String>,
     /// `max-connections`, `max-queues`: a negative value means no limit, as in RabbitMQ.
     pub limits: std::collections::BTreeMap<String, i64>,
+    /// The type a queue declared without `x-queue-type` gets, where that type can have the
+    /// queue's properties (none: classic, RabbitMQ's "undefined").
+    pub default_queue_type: Option<String>,
 }
 
 impl VhostMeta {
@@ -306,6 +309,7 @@ impl Vhost {
             v.description = stored.description;
             v.tags = stored.tags;
             v.limits = stored.limits;
+            v.default_queue_type = stored.default_queue_type;
         })?;
         self.apply_throttles(&meta);
         *self.meta.write() = meta;
@@ -336,6 +340,7 @@ impl Vhost {
             description: defs.description.clone(),
             tags: defs.tags.clone(),
             limits: defs.limits.clone(),
+            default_queue_type: defs.default_queue_type.clone(),
         };
         self.apply_throttles(&meta);
         *self.meta.write() = meta;
@@ -777,6 +782,24 @@ impl Vhost {
         Ok(())
     }
 
+    /// The spec with the vhost's default queue type as its `x-queue-type` when it names none
+    /// and that type can have the queue's properties (a quorum queue is durable, neither
+    /// exclusive nor auto-delete), as RabbitMQ 3.10 declares it.
+    fn with_default_type(&self, mut spec: QueueSpec) -> QueueSpec {
+        if spec.arguments.inner().contains_key("x-queue-type") {
+            return spec;
+        }
+        let Some(t) = self.meta.read().default_queue_type.clone() else {
+            return spec;
+        };
+        if t == "quorum" && (!spec.durable || spec.exclusive || spec.auto_delete) {
+            return spec;
+        }
+        spec.arguments
+            .insert("x-queue-type".into(), AMQPValue::LongString(t.into()));
+        spec
+    }
+
     /// `queue.declare` (not passive). Returns the queue and whether it was created.
     pub fn declare_queue(
         &self,
@@ -785,6 +808,7 @@ impl Vhost {
     ) -> AmqpResult<(Arc<Queue>, bool)> {
         let _t = self.topology.lock();
         MessageStats::bump(&self.churn.queue_declared);
+        let spec = self.with_default_type(spec);
         let owner = spec.exclusive.then_some(connection);
         if let Some(q) = self.queue(&spec.name) {
             if q.owner != owner {

@@ -120,12 +120,17 @@ pub async fn export(State(state): State<AppState>, caller: Caller) -> ApiResult<
                 .iter()
                 .map(|v| {
                     let meta = v.meta();
-                    json!({
+                    let mut o = json!({
                         "name": v.name.as_ref(),
                         "description": meta.description,
                         "tags": meta.tags,
                         "metadata": {"description": meta.description, "tags": meta.tags},
-                    })
+                    });
+                    if let Some(t) = &meta.default_queue_type {
+                        o["default_queue_type"] = json!(t);
+                        o["metadata"]["default_queue_type"] = json!(t);
+                    }
+                    o
                 })
                 .collect(),
         ),
@@ -218,7 +223,8 @@ pub async fn export_vhost(
 
 #[derive(Debug, Default)]
 struct Plan {
-    vhosts: Vec<(String, String, Vec<String>)>,
+    /// Name, description, tags and default queue type.
+    vhosts: Vec<(String, String, Vec<String>, Option<String>)>,
     users: Vec<(String, Password, Vec<String>)>,
     permissions: Vec<(String, String, String, String, String)>,
     limits: Vec<(String, BTreeMap<String, i64>)>,
@@ -336,8 +342,21 @@ fn plan(state: &AppState, body: &[u8], vhost: Option<&str>) -> ApiResult<Plan> {
                     _ => Vec::new(),
                 },
             };
+            // Where RabbitMQ puts it: at the top (3.11 on) or in the metadata.
+            let default_queue_type = match f.string("default_queue_type")? {
+                Some(t) => Some(t),
+                None => meta
+                    .get("default_queue_type")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
+            };
+            let default_queue_type = match default_queue_type {
+                Some(t) => super::vhosts::queue_type_setting(&t)?,
+                None => None,
+            };
             known_vhosts.insert(name.clone());
-            plan.vhosts.push((name, description, tags));
+            plan.vhosts
+                .push((name, description, tags, default_queue_type));
         }
         for u in items(&top, "users")? {
             let f = item(
@@ -531,12 +550,20 @@ fn plan(state: &AppState, body: &[u8], vhost: Option<&str>) -> ApiResult<Plan> {
             })?;
         let v = vhost_of(&f, what)?;
         let name = required_string(&f, what, "name")?;
-        if let Some(t) = f.string("type")?
-            && t != "classic"
-        {
-            return Err(ApiError::bad_request(format!(
-                "queue '{name}' is of type '{t}'; Warren's queues are classic"
-            )));
+        let mut arguments = f.table("arguments")?;
+        if let Some(t) = f.string("type")? {
+            if !matches!(t.as_str(), "classic" | "quorum") {
+                return Err(ApiError::bad_request(format!(
+                    "queue '{name}' is of type '{t}'; Warren's queues are classic or quorum"
+                )));
+            }
+            // A quorum queue's type stands in its arguments, as a declared one has it.
+            if t == "quorum" && !arguments.inner().contains_key("x-queue-type") {
+                arguments.insert(
+                    "x-queue-type".into(),
+                    amq_protocol::types::AMQPValue::LongString(t.into()),
+                );
+            }
         }
         plan.queues.push((
             v,
@@ -545,7 +572,7 @@ fn plan(state: &AppState, body: &[u8], vhost: Option<&str>) -> ApiResult<Plan> {
                 durable: f.boolean("durable")?.unwrap_or(false),
                 exclusive: false,
                 auto_delete: f.boolean("auto_delete")?.unwrap_or(false),
-                arguments: f.table("arguments")?,
+                arguments,
             },
         ));
     }
@@ -587,8 +614,8 @@ fn plan(state: &AppState, body: &[u8], vhost: Option<&str>) -> ApiResult<Plan> {
 
 fn apply(state: &AppState, caller: &Caller, plan: Plan) -> ApiResult<()> {
     let b = &state.broker;
-    for (name, description, tags) in plan.vhosts {
-        if b.put_vhost(&name, &description, tags)
+    for (name, description, tags, default_queue_type) in plan.vhosts {
+        if b.put_vhost(&name, &description, tags, default_queue_type)
             .map_err(admin_error)?
         {
             b.set_permission(caller.name(), &name, ".*", ".*", ".*")

@@ -261,7 +261,7 @@ pub fn queue_object(state: &AppState, vhost: &str, q: &Queue, detailed: bool) ->
     obj.insert("name".into(), json!(q.name()));
     obj.insert("node".into(), json!(state.broker.config.node_name));
     obj.insert("state".into(), json!("running"));
-    obj.insert("type".into(), json!("classic"));
+    obj.insert("type".into(), json!(q.queue_type()));
     obj.insert("vhost".into(), json!(vhost));
     let in_memory = q.messages_in_memory() as u64;
     let lengths = q.lengths();

@@ -50,6 +50,9 @@ pub struct VhostDefinitions {
     /// `max-connections`, `max-queues`.
     #[serde(default)]
     pub limits: BTreeMap<String, i64>,
+    /// The type of a queue declared without `x-queue-type` (none: classic).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_queue_type: Option<String>,
     pub exchanges: BTreeMap<String, ExchangeDefinition>,
     pub queues: BTreeMap<String, QueueDefinition>,
     pub bindings: Vec<BindingDefinition>,
