@@ -383,3 +383,148 @@ async fn arguments_at_the_limit_survive_a_restart() {
         assert_eq!(q["arguments"], nested_json(LIMIT, arrays), "{name}");
     }
 }
+
+/// Publishes `n` persistent messages to `queue` through the default exchange, with priorities
+/// 0 to 5 in turn, and waits for every confirm.
+async fn publish_persistent(conn: &lapin::Connection, queue: &str, n: usize) {
+    use lapin::BasicProperties;
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(Default::default())
+        .await
+        .expect("confirm.select");
+    let mut confirms = Vec::new();
+    for i in 0..n {
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_priority((i % 6) as u8);
+        let c = ch
+            .basic_publish("".into(), queue.into(), Default::default(), b"m", props)
+            .await
+            .expect("basic.publish");
+        confirms.push(c);
+    }
+    for c in confirms {
+        let c = common::within(5, c).await.expect("confirm");
+        assert!(c.is_ack(), "{c:?}");
+    }
+}
+
+async fn declare_durable(ch: &lapin::Channel, name: &str, arguments: lapin::types::FieldTable) {
+    ch.queue_declare(
+        name.into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        arguments,
+    )
+    .await
+    .expect("queue.declare");
+}
+
+fn max_priority(n: i32) -> lapin::types::FieldTable {
+    common::args(&[("x-max-priority", lapin::types::AMQPValue::LongInt(n))])
+}
+
+/// Store directories are named from the vhost, the queue and the priority level: names that
+/// would join to the same bytes must not share one.
+#[tokio::test]
+async fn queues_whose_names_join_alike_keep_their_messages_apart() {
+    let broker = TestBroker::start().await;
+    if broker.is_external() {
+        return;
+    }
+    let conn = broker.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    declare_durable(&ch, "a\0q", Default::default()).await;
+    publish_persistent(&conn, "a\0q", 100).await;
+    declare_durable(&ch, "p", max_priority(5)).await;
+    publish_persistent(&conn, "p", 100).await;
+    // Queue `q` in vhost `/\0a`, and queues named after the levels of `p`.
+    let api = Api::new(&broker);
+    api.put("/api/vhosts/%2F%00a", "{}").await.status(201);
+    api.put("/api/queues/%2F%00a/q", r#"{"durable":true}"#)
+        .await
+        .status(201);
+    for level in 1..=5u8 {
+        declare_durable(&ch, &format!("p\0{}", level as char), Default::default()).await;
+    }
+    let _ = conn.close(200, "OK".into()).await;
+    let broker = broker.restart().await;
+    let conn = broker.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    assert_eq!(common::ready_count(&ch, "a\0q").await, 100);
+    assert_eq!(common::ready_count(&ch, "p").await, 100);
+    for level in 1..=5u8 {
+        assert_eq!(
+            common::ready_count(&ch, &format!("p\0{}", level as char)).await,
+            0
+        );
+    }
+}
+
+/// The store directory name that versions before length-prefixed names gave a queue.
+fn legacy_dir_name(vhost: &str, queue: &str, level: u8) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(vhost.as_bytes());
+    h.update([0]);
+    h.update(queue.as_bytes());
+    if level > 0 {
+        h.update([0, level]);
+    }
+    h.finalize()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A data directory written by an earlier version, whose store directories have the old
+/// names, still has its messages after the upgrade.
+#[tokio::test]
+async fn stores_under_legacy_directory_names_are_recovered() {
+    let broker = TestBroker::start().await;
+    if broker.is_external() {
+        return;
+    }
+    let conn = broker.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    declare_durable(&ch, "plain", Default::default()).await;
+    publish_persistent(&conn, "plain", 100).await;
+    declare_durable(&ch, "prio", max_priority(5)).await;
+    publish_persistent(&conn, "prio", 100).await;
+    let _ = conn.close(200, "OK".into()).await;
+    let broker = broker
+        .restart_after(|data| {
+            let queues = data.join("queues");
+            let mut renamed = 0;
+            for entry in std::fs::read_dir(&queues).unwrap() {
+                let path = entry.unwrap().path();
+                let owner: Value =
+                    serde_json::from_slice(&std::fs::read(path.join("queue.json")).unwrap())
+                        .unwrap();
+                let legacy = legacy_dir_name(
+                    owner["vhost"].as_str().unwrap(),
+                    owner["queue"].as_str().unwrap(),
+                    owner["priority"].as_u64().unwrap() as u8,
+                );
+                std::fs::rename(&path, queues.join(legacy)).unwrap();
+                renamed += 1;
+            }
+            assert!(
+                renamed >= 2,
+                "one store for `plain`, one or more for `prio`"
+            );
+        })
+        .await;
+    let conn = broker.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    assert_eq!(common::ready_count(&ch, "plain").await, 100);
+    assert_eq!(common::ready_count(&ch, "prio").await, 100);
+    // And once more: the renamed stores are found under their current names.
+    let _ = conn.close(200, "OK".into()).await;
+    let broker = broker.restart().await;
+    let conn = broker.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    assert_eq!(common::ready_count(&ch, "prio").await, 100);
+}

@@ -138,12 +138,19 @@ impl TestBroker {
 
     /// Stops the in-process broker cleanly and starts a new one on the same data directory
     /// (with a new ephemeral port: reconnect with the new `uri`). Warren only.
-    pub async fn restart(mut self) -> Self {
+    pub async fn restart(self) -> Self {
+        self.restart_after(|_| {}).await
+    }
+
+    /// As [`TestBroker::restart`], running `between` on the data directory while the broker
+    /// is stopped.
+    pub async fn restart_after(mut self, between: impl FnOnce(&std::path::Path)) -> Self {
         let running = self
             .running
             .take()
             .expect("restart needs an in-process broker");
         running.shutdown().await;
+        between(self.data_dir());
         let config = self.config.clone().expect("in-process broker has a config");
         let running = warren_broker::start(config)
             .await
