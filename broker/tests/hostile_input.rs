@@ -528,3 +528,59 @@ async fn stores_under_legacy_directory_names_are_recovered() {
     let ch = conn.create_channel().await.unwrap();
     assert_eq!(common::ready_count(&ch, "prio").await, 100);
 }
+
+/// Names longer than an AMQP short string are refused over HTTP, as RabbitMQ refuses long
+/// queue names; exchange, vhost and user names too, since no AMQP client could use them.
+#[tokio::test]
+async fn management_api_refuses_names_longer_than_amqp_allows() {
+    let broker = TestBroker::start().await;
+    if broker.is_external() {
+        return;
+    }
+    let api = Api::new(&broker);
+    let long = "n".repeat(256);
+    let cases = [
+        ("queue", format!("/api/queues/%2F/{long}"), "{}".to_owned()),
+        (
+            "exchange",
+            format!("/api/exchanges/%2F/{long}"),
+            r#"{"type":"direct"}"#.to_owned(),
+        ),
+        ("vhost", format!("/api/vhosts/{long}"), "{}".to_owned()),
+        (
+            "user",
+            format!("/api/users/{long}"),
+            r#"{"password":"p","tags":""}"#.to_owned(),
+        ),
+    ];
+    for (what, path, body) in &cases {
+        let reason = api.put(path, body).await.error(400, "bad_request");
+        assert_eq!(
+            reason,
+            format!("{what} should be less than 255 bytes, actually was 256\n")
+        );
+        api.get(path).await.status(404);
+    }
+    let huge = "q".repeat(10_000);
+    api.put(&format!("/api/queues/%2F/{huge}"), "{}")
+        .await
+        .error(400, "bad_request");
+    // 255 bytes is a name AMQP can carry.
+    let most = "m".repeat(255);
+    api.put(&format!("/api/queues/%2F/{most}"), "{}")
+        .await
+        .status(201);
+    // So is a definitions import.
+    let defs = json!({
+        "queues": [{ "name": long, "vhost": "/", "durable": true, "auto_delete": false,
+                     "arguments": {} }]
+    });
+    let reason = api
+        .post("/api/definitions", &defs.to_string())
+        .await
+        .error(400, "bad_request");
+    assert_eq!(
+        reason,
+        "queue should be less than 255 bytes, actually was 256\n"
+    );
+}

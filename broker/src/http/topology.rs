@@ -170,6 +170,7 @@ pub async fn put_exchange(
             "user_who_performed_action",
         ],
     )?;
+    ApiError::check_name("exchange", &name)?;
     let kind_name = f.string("type")?.unwrap_or_else(|| "direct".into());
     let durable = f.boolean("durable")?.unwrap_or(false);
     let auto_delete = f.boolean("auto_delete")?.unwrap_or(false);
@@ -378,6 +379,7 @@ pub async fn put_queue(
             "node",
         ],
     )?;
+    ApiError::check_name("queue", &name)?;
     let durable = f.boolean("durable")?.unwrap_or(false);
     let auto_delete = f.boolean("auto_delete")?.unwrap_or(false);
     if f.boolean("exclusive")? == Some(true) {

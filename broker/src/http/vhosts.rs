@@ -120,6 +120,7 @@ pub async fn put(
             )));
         }
     }
+    ApiError::check_name("vhost", &name)?;
     let description = f.string("description")?.unwrap_or_default();
     let tags = f.tags("tags")?.unwrap_or_default();
     let created = state
