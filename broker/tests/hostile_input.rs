@@ -584,3 +584,165 @@ async fn management_api_refuses_names_longer_than_amqp_allows() {
         "queue should be less than 255 bytes, actually was 256\n"
     );
 }
+
+/// RabbitMQ drops `\n` and `\r` from the exchange and queue names of declare, delete, bind
+/// and unbind, but not from those of publish, get, consume or purge.
+#[tokio::test]
+async fn line_feeds_and_returns_are_dropped_from_declared_names() {
+    use common::{assert_amqp_error, exchange_exists, queue_exists, unique};
+    use lapin::ExchangeKind;
+    use lapin::options::*;
+    use lapin::types::FieldTable;
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let x = unique("exchange");
+    let q = unique("queue");
+    ch.exchange_declare(
+        format!("{x}\n_test\n").as_str().into(),
+        ExchangeKind::Direct,
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("exchange.declare");
+    for name in [format!("{x}_test"), format!("\r{x}_test")] {
+        ch.exchange_declare(
+            name.as_str().into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("passive exchange.declare");
+    }
+    let x = format!("{x}_test");
+    let ok = ch
+        .queue_declare(
+            format!("{q}\r\n").as_str().into(),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("queue.declare");
+    assert_eq!(ok.name().as_str(), q);
+    ch.queue_declare(
+        format!("\n{q}").as_str().into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("passive queue.declare");
+    ch.queue_bind(
+        format!("{q}\n").as_str().into(),
+        format!("{x}\r").as_str().into(),
+        "k".into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("queue.bind");
+    ch.queue_unbind(
+        format!("\r{q}").as_str().into(),
+        format!("\n{x}").as_str().into(),
+        "k".into(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("queue.unbind");
+    ch.exchange_bind(
+        format!("{x}\n").as_str().into(),
+        "amq.direct\r".into(),
+        "k".into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("exchange.bind");
+    ch.exchange_unbind(
+        format!("\n{x}").as_str().into(),
+        "\namq.direct".into(),
+        "k".into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("exchange.unbind");
+    // Publish, get, consume and purge take the name as it is.
+    let no_queue = format!("NOT_FOUND - no queue '{q}\n' in vhost '/'");
+    let ch2 = conn.create_channel().await.unwrap();
+    assert_amqp_error(
+        ch2.basic_get(format!("{q}\n").as_str().into(), Default::default())
+            .await,
+        404,
+        &no_queue,
+    );
+    let ch2 = conn.create_channel().await.unwrap();
+    assert_amqp_error(
+        ch2.queue_purge(format!("{q}\n").as_str().into(), Default::default())
+            .await,
+        404,
+        &no_queue,
+    );
+    let ch2 = conn.create_channel().await.unwrap();
+    assert_amqp_error(
+        ch2.basic_consume(
+            format!("{q}\n").as_str().into(),
+            "".into(),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await,
+        404,
+        &no_queue,
+    );
+    let publisher = broker.connect().await;
+    let mut errs = common::errors(&publisher);
+    let ch2 = publisher.create_channel().await.unwrap();
+    ch2.basic_publish(
+        format!("{x}\n").as_str().into(),
+        "k".into(),
+        Default::default(),
+        b"m",
+        Default::default(),
+    )
+    .await
+    .expect("basic.publish is sent");
+    assert_eq!(
+        errs.next().await,
+        (404, format!("NOT_FOUND - no exchange '{x}\n' in vhost '/'"))
+    );
+    // Delete finds the stripped names.
+    ch.queue_delete(format!("{q}\n").as_str().into(), Default::default())
+        .await
+        .expect("queue.delete");
+    ch.exchange_delete(format!("{x}\r").as_str().into(), Default::default())
+        .await
+        .expect("exchange.delete");
+    assert!(!queue_exists(&conn, &q).await);
+    assert!(!exchange_exists(&conn, &x).await);
+}
+
+/// Over HTTP too, a declared queue or exchange loses its line feeds and returns.
+#[tokio::test]
+async fn management_api_drops_line_feeds_from_declared_names() {
+    let broker = TestBroker::start().await;
+    if broker.is_external() {
+        return;
+    }
+    let api = Api::new(&broker);
+    api.put("/api/queues/%2F/http%0Aq%0D", "{}")
+        .await
+        .status(201);
+    api.get("/api/queues/%2F/httpq").await.status(200);
+    api.put("/api/exchanges/%2F/http%0Ax", r#"{"type":"fanout"}"#)
+        .await
+        .status(201);
+    api.get("/api/exchanges/%2F/httpx").await.status(200);
+}

@@ -171,6 +171,8 @@ pub async fn put_exchange(
         ],
     )?;
     ApiError::check_name("exchange", &name)?;
+    // As over AMQP (and in RabbitMQ), a declared name loses its line feeds and returns.
+    let name = name.replace(['\n', '\r'], "");
     let kind_name = f.string("type")?.unwrap_or_else(|| "direct".into());
     let durable = f.boolean("durable")?.unwrap_or(false);
     let auto_delete = f.boolean("auto_delete")?.unwrap_or(false);
@@ -380,6 +382,7 @@ pub async fn put_queue(
         ],
     )?;
     ApiError::check_name("queue", &name)?;
+    let name = name.replace(['\n', '\r'], "");
     let durable = f.boolean("durable")?.unwrap_or(false);
     let auto_delete = f.boolean("auto_delete")?.unwrap_or(false);
     if f.boolean("exclusive")? == Some(true) {
