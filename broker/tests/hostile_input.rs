@@ -384,6 +384,52 @@ async fn arguments_at_the_limit_survive_a_restart() {
     }
 }
 
+/// A NaN or infinite float in arguments, or a policy value nested past the limit, once made a
+/// definitions file that no restart could read: they are refused.
+#[tokio::test]
+async fn what_definitions_json_cannot_hold_is_refused() {
+    let broker = TestBroker::start().await;
+    if broker.is_external() {
+        return;
+    }
+    for bad in [f64::NAN, f64::INFINITY] {
+        let mut arguments = 11u32.to_be_bytes().to_vec();
+        arguments.extend_from_slice(&[1, b'n', b'd']);
+        arguments.extend_from_slice(&bad.to_be_bytes());
+        let mut raw = Raw::open(&broker).await;
+        raw.send(&queue_declare("nan", true, &arguments)).await;
+        let close = raw.expect_connection_close().await;
+        assert_eq!(
+            (close.code, close.class_id, close.method_id),
+            (501, 50, 10),
+            "{close:?}"
+        );
+        assert!(
+            close.text.starts_with("FRAME_ERROR - cannot decode"),
+            "{close:?}"
+        );
+    }
+    let api = Api::new(&broker);
+    let body =
+        json!({ "pattern": "^p", "definition": { "ha-params": nested_json(LIMIT + 1, true) } });
+    let reason = api
+        .put("/api/policies/%2F/deep", &body.to_string())
+        .await
+        .error(400, "bad_request");
+    assert_eq!(
+        reason,
+        "Validation failed\n\n<<\"ha-params\">> nests lists and objects deeper than 32 levels\n"
+    );
+    let body = json!({ "pattern": "^p", "definition": { "ha-params": nested_json(LIMIT, true) } });
+    api.put("/api/policies/%2F/deep", &body.to_string())
+        .await
+        .status(201);
+    let broker = broker.restart().await;
+    let api = Api::new(&broker);
+    api.get("/api/policies/%2F/deep").await.status(200);
+    api.get("/api/queues/%2F/nan").await.status(404);
+}
+
 /// Publishes `n` persistent messages to `queue` through the default exchange, with priorities
 /// 0 to 5 in turn, and waits for every confirm.
 async fn publish_persistent(conn: &lapin::Connection, queue: &str, n: usize) {

@@ -131,12 +131,25 @@ pub fn decode_method(payload: &[u8]) -> Result<AMQPClass, MethodError> {
     // The generated parser recurses once per level of nesting: a hostile table would
     // overflow the stack, so its depth is checked first.
     if let Some(at) = table_offset(class_id, method_id, payload)
-        && payload.get(at..).is_some_and(table_too_deep)
+        && let Some(table) = payload.get(at..)
     {
-        return Err(MethodError::TooDeep {
-            class_id,
-            method_id,
-        });
+        match check_table(table) {
+            Ok(()) => {}
+            Err(TableFault::TooDeep) => {
+                return Err(MethodError::TooDeep {
+                    class_id,
+                    method_id,
+                });
+            }
+            // RabbitMQ cannot decode these either (Erlang has no such floats); and
+            // definitions.json could not store them.
+            Err(TableFault::NotFinite) => {
+                return Err(MethodError::Syntax {
+                    class_id,
+                    method_id,
+                });
+            }
+        }
     }
     match parse_class(payload) {
         // Trailing bytes after the arguments are an error too, as in RabbitMQ.
@@ -179,34 +192,48 @@ fn table_offset(class_id: u16, method_id: u16, payload: &[u8]) -> Option<usize> 
     Some(at + usize::from(bits))
 }
 
-/// What a scan of a field table's nesting found.
+/// Why a field table is refused before it is parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableFault {
+    /// Tables and arrays nested deeper than [`MAX_TABLE_DEPTH`].
+    TooDeep,
+    /// A float or double that is NaN or infinite.
+    NotFinite,
+}
+
+/// What a scan of a field table found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Nesting {
     Within,
-    TooDeep,
+    Fault(TableFault),
     /// Not a well-formed table: the scan stops where a parser would.
     Malformed,
 }
 
-/// Whether the field table at the start of `bytes` (with its length prefix) nests tables and
-/// arrays deeper than [`MAX_TABLE_DEPTH`]. The scan neither allocates nor recurses past that
-/// depth. Bytes that are not a table answer `false`: the parser then refuses them, having
+const TOO_DEEP: Nesting = Nesting::Fault(TableFault::TooDeep);
+
+/// Checks the field table at the start of `bytes` (with its length prefix) for what the
+/// broker refuses before parsing it. The scan neither allocates nor recurses deeper than
+/// [`MAX_TABLE_DEPTH`]. Bytes that are not a table pass: the parser then refuses them, having
 /// recursed no deeper than the scan did.
-pub fn table_too_deep(bytes: &[u8]) -> bool {
+pub fn check_table(bytes: &[u8]) -> Result<(), TableFault> {
     let Some(len) = bytes.get(..4) else {
-        return false;
+        return Ok(());
     };
     let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
-    match bytes.get(4..4usize.saturating_add(len)) {
-        Some(inner) => scan_table(inner, 1) == Nesting::TooDeep,
-        None => false,
+    match bytes
+        .get(4..4usize.saturating_add(len))
+        .map(|t| scan_table(t, 1))
+    {
+        Some(Nesting::Fault(fault)) => Err(fault),
+        _ => Ok(()),
     }
 }
 
 /// Scans the entries of a table at `depth` (without its length prefix).
 fn scan_table(b: &[u8], depth: usize) -> Nesting {
     if depth > MAX_TABLE_DEPTH {
-        return Nesting::TooDeep;
+        return TOO_DEEP;
     }
     let mut at = 0;
     while at < b.len() {
@@ -222,7 +249,7 @@ fn scan_table(b: &[u8], depth: usize) -> Nesting {
 /// Scans the values of an array at `depth` (without its length prefix).
 fn scan_array(b: &[u8], depth: usize) -> Nesting {
     if depth > MAX_TABLE_DEPTH {
-        return Nesting::TooDeep;
+        return TOO_DEEP;
     }
     let mut at = 0;
     while at < b.len() {
@@ -241,6 +268,19 @@ fn scan_value(b: &[u8], at: &mut usize, depth: usize) -> Nesting {
         return Nesting::Malformed;
     };
     *at += 1;
+    let finite = match kind {
+        b'f' => b
+            .get(*at..*at + 4)
+            .map(|f| f32::from_be_bytes([f[0], f[1], f[2], f[3]]).is_finite()),
+        b'd' => b
+            .get(*at..*at + 8)
+            .and_then(|f| f.try_into().ok())
+            .map(|f| f64::from_be_bytes(f).is_finite()),
+        _ => None,
+    };
+    if finite == Some(false) {
+        return Nesting::Fault(TableFault::NotFinite);
+    }
     let size = match kind {
         b't' | b'b' | b'B' => 1,
         b's' | b'u' | b'U' => 2,
@@ -413,7 +453,7 @@ pub fn scan_properties(raw: &[u8]) -> Option<PropertyScan> {
             13 => {
                 let len = u32::from_be_bytes(raw.get(at..at + 4)?.try_into().ok()?) as usize;
                 let end = at.checked_add(4 + len)?;
-                if end > raw.len() || table_too_deep(&raw[at..end]) {
+                if end > raw.len() || check_table(&raw[at..end]).is_err() {
                     return None;
                 }
                 scan.headers = Some(at..end);
@@ -977,9 +1017,10 @@ mod tests {
             let at = nested(MAX_TABLE_DEPTH, arrays);
             let parsed = amq_protocol::types::parsing::parse_field_table(&at[..]);
             assert!(matches!(parsed, Ok(([], _))), "a well-formed table");
-            assert!(!table_too_deep(&at));
-            assert!(table_too_deep(&nested(MAX_TABLE_DEPTH + 1, arrays)));
-            assert!(table_too_deep(&nested(100_000, arrays)));
+            assert_eq!(check_table(&at), Ok(()));
+            let too_deep = Err(TableFault::TooDeep);
+            assert_eq!(check_table(&nested(MAX_TABLE_DEPTH + 1, arrays)), too_deep);
+            assert_eq!(check_table(&nested(100_000, arrays)), too_deep);
             let mut declare = vec![0, 50, 0, 10, 0, 0, 1, b'q', 0];
             declare.extend_from_slice(&nested(100_000, arrays));
             assert_eq!(
@@ -995,8 +1036,35 @@ mod tests {
             assert_eq!(decode_properties(&header), None);
         }
         // Malformed bytes are left to the parser.
-        assert!(!table_too_deep(&[0, 0, 0, 3, 1, b'k', b'Z']));
-        assert!(!table_too_deep(&[0, 0, 0, 9, 1]));
+        assert_eq!(check_table(&[0, 0, 0, 3, 1, b'k', b'Z']), Ok(()));
+        assert_eq!(check_table(&[0, 0, 0, 9, 1]), Ok(()));
+    }
+
+    #[test]
+    fn floats_that_are_not_finite_are_refused() {
+        let table = |kind: u8, bytes: &[u8]| {
+            let mut t = ((bytes.len() + 3) as u32).to_be_bytes().to_vec();
+            t.extend_from_slice(&[1, b'n', kind]);
+            t.extend_from_slice(bytes);
+            t
+        };
+        for bad in [
+            table(b'd', &f64::NAN.to_be_bytes()),
+            table(b'd', &f64::INFINITY.to_be_bytes()),
+            table(b'f', &f32::NEG_INFINITY.to_be_bytes()),
+        ] {
+            assert_eq!(check_table(&bad), Err(TableFault::NotFinite));
+            let mut declare = vec![0, 50, 0, 10, 0, 0, 1, b'q', 0];
+            declare.extend_from_slice(&bad);
+            assert_eq!(
+                decode_method(&declare),
+                Err(MethodError::Syntax {
+                    class_id: 50,
+                    method_id: 10
+                })
+            );
+        }
+        assert_eq!(check_table(&table(b'd', &1.5f64.to_be_bytes())), Ok(()));
     }
 
     #[test]
