@@ -811,8 +811,6 @@ impl Channel {
     }
 }
 
-/// RabbitMQ's checks for binding and unbinding, in its order: write on the destination,
-/// neither side the default exchange, read on the source exchange.
 /// Drops line feeds and carriage returns from a name, as RabbitMQ does for the exchange and
 /// queue names of declare (passive too), delete, bind and unbind; never for those of
 /// `basic.publish`, `basic.get`, `basic.consume` or `queue.purge`.
@@ -822,6 +820,8 @@ pub fn strip_cr_lf(name: &mut ShortString) {
     }
 }
 
+/// RabbitMQ's checks for binding and unbinding, in its order: write on the destination,
+/// neither side the default exchange, read on the source exchange.
 fn binding_permitted(s: &Session, kind: &str, destination: &str, source: &str) -> AmqpResult<()> {
     s.check(kind, destination, Access::Write)?;
     if source.is_empty() || (kind == "exchange" && destination.is_empty()) {
