@@ -17,7 +17,7 @@ use crate::error::{
     not_found, precondition_failed,
 };
 use amq_protocol::protocol::{AMQPClass, basic, channel, confirm, exchange, queue, tx};
-use amq_protocol::types::{AMQPValue, FieldTable};
+use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use std::sync::Arc;
@@ -222,8 +222,21 @@ impl Channel {
             .ok_or_else(|| not_found("no previously declared queue"))
     }
 
-    fn exchange_method(&mut self, s: &mut Session, m: exchange::AMQPMethod) -> AmqpResult<()> {
+    fn exchange_method(&mut self, s: &mut Session, mut m: exchange::AMQPMethod) -> AmqpResult<()> {
         use exchange::AMQPMethod as M;
+        match &mut m {
+            M::Declare(d) => strip_cr_lf(&mut d.exchange),
+            M::Delete(d) => strip_cr_lf(&mut d.exchange),
+            M::Bind(b) => {
+                strip_cr_lf(&mut b.destination);
+                strip_cr_lf(&mut b.source);
+            }
+            M::Unbind(b) => {
+                strip_cr_lf(&mut b.destination);
+                strip_cr_lf(&mut b.source);
+            }
+            _ => {}
+        }
         let vhost = s.vhost.clone();
         if matches!(&m, M::Declare(d) if !d.passive) || matches!(m, M::Delete(_)) {
             vhost.throttle_declare()?;
@@ -334,8 +347,21 @@ impl Channel {
         Ok(())
     }
 
-    fn queue_method(&mut self, s: &mut Session, m: queue::AMQPMethod) -> AmqpResult<()> {
+    fn queue_method(&mut self, s: &mut Session, mut m: queue::AMQPMethod) -> AmqpResult<()> {
         use queue::AMQPMethod as M;
+        match &mut m {
+            M::Declare(d) => strip_cr_lf(&mut d.queue),
+            M::Delete(d) => strip_cr_lf(&mut d.queue),
+            M::Bind(b) => {
+                strip_cr_lf(&mut b.queue);
+                strip_cr_lf(&mut b.exchange);
+            }
+            M::Unbind(b) => {
+                strip_cr_lf(&mut b.queue);
+                strip_cr_lf(&mut b.exchange);
+            }
+            _ => {}
+        }
         let vhost = s.vhost.clone();
         if matches!(&m, M::Declare(d) if !d.passive) || matches!(m, M::Delete(_)) {
             vhost.throttle_declare()?;
@@ -784,6 +810,15 @@ impl Channel {
             q.requeue(run);
         }
         self.content = ContentState::Idle;
+    }
+}
+
+/// Drops line feeds and carriage returns from a name, as RabbitMQ does for the exchange and
+/// queue names of declare (passive too), delete, bind and unbind; never for those of
+/// `basic.publish`, `basic.get`, `basic.consume` or `queue.purge`.
+pub fn strip_cr_lf(name: &mut ShortString) {
+    if name.as_str().contains(['\n', '\r']) {
+        *name = name.as_str().replace(['\n', '\r'], "").into();
     }
 }
 

@@ -560,6 +560,18 @@ impl Connection {
                 format!("cannot decode {}", erlang_binary(&frame.payload[4..])),
             )
             .on(class_id, method_id),
+            // RabbitMQ has no limit; a malformed frame is the closest of its errors.
+            codec::MethodError::TooDeep {
+                class_id,
+                method_id,
+            } => AmqpError::new(
+                FRAME_ERROR,
+                format!(
+                    "field table nested deeper than {} levels",
+                    codec::MAX_TABLE_DEPTH
+                ),
+            )
+            .on(class_id, method_id),
             codec::MethodError::Truncated => AmqpError::new(
                 FRAME_ERROR,
                 format!("type 1, {}: unknown_frame", snippet(&frame.payload)),

@@ -170,6 +170,9 @@ pub async fn put_exchange(
             "user_who_performed_action",
         ],
     )?;
+    ApiError::check_name("exchange", &name)?;
+    // As over AMQP (and in RabbitMQ), a declared name loses its line feeds and returns.
+    let name = name.replace(['\n', '\r'], "");
     let kind_name = f.string("type")?.unwrap_or_else(|| "direct".into());
     let durable = f.boolean("durable")?.unwrap_or(false);
     let auto_delete = f.boolean("auto_delete")?.unwrap_or(false);
@@ -378,6 +381,8 @@ pub async fn put_queue(
             "node",
         ],
     )?;
+    ApiError::check_name("queue", &name)?;
+    let name = name.replace(['\n', '\r'], "");
     let durable = f.boolean("durable")?.unwrap_or(false);
     let auto_delete = f.boolean("auto_delete")?.unwrap_or(false);
     if f.boolean("exclusive")? == Some(true) {

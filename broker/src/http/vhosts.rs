@@ -121,6 +121,7 @@ pub async fn put(
             default_queue_type = default_queue_type.or(queue_type_setting(&t)?);
         }
     }
+    ApiError::check_name("vhost", &name)?;
     let description = f.string("description")?.unwrap_or_default();
     let tags = f.tags("tags")?.unwrap_or_default();
     let created = state
