@@ -171,13 +171,14 @@ impl Channel {
     fn dispatch(&mut self, s: &mut Session, method: AMQPClass) -> AmqpResult<()> {
         match method {
             AMQPClass::Channel(channel::AMQPMethod::Flow(m)) => {
-                self.shared.set_flow(m.active);
-                self.reply(AMQPClass::Channel(channel::AMQPMethod::FlowOk(
-                    channel::FlowOk { active: m.active },
-                )));
-                if m.active {
-                    self.wake_consumed_queues();
+                // RabbitMQ never pauses deliveries for a client: `active=false` closes the
+                // connection with 540, and clients (and their test suites) expect that.
+                if !m.active {
+                    return Err(AmqpError::new(NOT_IMPLEMENTED, "active=false"));
                 }
+                self.reply(AMQPClass::Channel(channel::AMQPMethod::FlowOk(
+                    channel::FlowOk { active: true },
+                )));
                 Ok(())
             }
             AMQPClass::Exchange(m) => self.exchange_method(s, m),

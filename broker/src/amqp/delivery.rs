@@ -22,8 +22,6 @@ pub struct ChannelConsumer {
 #[derive(Debug)]
 struct State {
     open: bool,
-    /// `channel.flow`: false stops deliveries.
-    flow: bool,
     next_tag: u64,
     /// In delivery-tag order.
     unacked: VecDeque<(u64, Delivered)>,
@@ -68,7 +66,6 @@ impl ChannelShared {
             cancel_notify,
             state: Mutex::new(State {
                 open: true,
-                flow: true,
                 next_tag: 1,
                 unacked: VecDeque::new(),
                 prefetch_global: 0,
@@ -110,10 +107,6 @@ impl ChannelShared {
             }
         }
         queues
-    }
-
-    pub fn set_flow(&self, active: bool) {
-        self.state.lock().flow = active;
     }
 
     pub fn set_prefetch_global(&self, count: u32) {
@@ -265,7 +258,7 @@ impl DeliverySink for ChannelShared {
         msg: QueuedMessage,
     ) -> Result<(), QueuedMessage> {
         let mut st = self.state.lock();
-        if !st.open || !st.flow {
+        if !st.open {
             return Err(msg);
         }
         if !consumer.no_ack
