@@ -523,6 +523,73 @@ async fn channel_flow_active_true_is_acknowledged_and_active_false_closes_with_5
     );
 }
 
+fn connection_close() -> Vec<u8> {
+    encode(&AMQPFrame::Method(
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+            reply_code: 200,
+            reply_text: "bye".into(),
+            class_id: 0,
+            method_id: 0,
+        })),
+    ))
+}
+
+async fn expect_close_ok(raw: &mut Raw, what: &str) {
+    let got = raw.method().await;
+    assert!(
+        matches!(
+            got,
+            Some((0, AMQPClass::Connection(connection::AMQPMethod::CloseOk(_))))
+        ),
+        "{what}: expected connection.close-ok, got {got:?}"
+    );
+}
+
+/// Several threads of a client may close one connection at once, each sending its own
+/// `connection.close` and waiting for its own `close-ok`: RabbitMQ answers every one of them
+/// and ignores anything else sent after the first, until the client drops the socket.
+#[tokio::test]
+async fn every_connection_close_of_a_client_gets_its_close_ok() {
+    let broker = TestBroker::start().await;
+    let mut raw = Raw::open(&broker).await;
+    let mut bytes = connection_close();
+    bytes.extend_from_slice(&connection_close());
+    raw.send(&bytes).await;
+    expect_close_ok(&mut raw, "first close").await;
+    expect_close_ok(&mut raw, "second close in the same write").await;
+    // Frames after the close are ignored; a later close is still answered.
+    let mut bytes = encode(&AMQPFrame::Method(
+        2,
+        AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+    ));
+    bytes.extend_from_slice(&encode(&AMQPFrame::Method(1, declare("after-close"))));
+    bytes.extend_from_slice(&connection_close());
+    raw.send(&bytes).await;
+    expect_close_ok(&mut raw, "close after other frames").await;
+}
+
+/// A `channel.close` racing the connection's close: the connection's close-ok still comes.
+#[tokio::test]
+async fn connection_close_after_a_channel_close_gets_its_close_ok() {
+    let broker = TestBroker::start().await;
+    let mut raw = Raw::open(&broker).await;
+    let mut bytes = connection_close();
+    bytes.extend_from_slice(&encode(&AMQPFrame::Method(
+        1,
+        AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
+            reply_code: 200,
+            reply_text: "bye".into(),
+            class_id: 0,
+            method_id: 0,
+        })),
+    )));
+    bytes.extend_from_slice(&connection_close());
+    raw.send(&bytes).await;
+    expect_close_ok(&mut raw, "first close").await;
+    expect_close_ok(&mut raw, "close after channel.close").await;
+}
+
 fn publish_frames(channel: u16, routing_key: &str, body: &[u8]) -> Vec<u8> {
     let mut bytes = encode(&AMQPFrame::Method(
         channel,
