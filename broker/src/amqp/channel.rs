@@ -671,6 +671,7 @@ impl Channel {
     }
 
     pub(super) fn apply_settle(&mut self, how: Settle, taken: Vec<(u64, Delivered)>) {
+        self.shared.released(&taken);
         if how == Settle::Ack {
             self.shared
                 .stats
