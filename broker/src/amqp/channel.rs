@@ -123,6 +123,15 @@ impl std::fmt::Debug for Channel {
     }
 }
 
+/// The `x-dead-letter-exchange` argument, when it is text.
+fn dead_letter_exchange(args: &FieldTable) -> Option<String> {
+    match args.inner().get("x-dead-letter-exchange")? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
 fn int_arg(args: &FieldTable, key: &str) -> Option<i64> {
     Some(match args.inner().get(key)? {
         AMQPValue::ShortShortInt(x) => (*x).into(),
@@ -366,6 +375,15 @@ impl Channel {
                         )));
                     }
                     s.check("queue", &name, Access::Configure)?;
+                    // As RabbitMQ, when a new queue names a dead-letter exchange: read on the
+                    // queue and write on that exchange, since its dead letters are published
+                    // there on the user's behalf.
+                    if let Some(dlx) = dead_letter_exchange(&d.arguments)
+                        && vhost.queue(&name).is_none()
+                    {
+                        s.check("queue", &name, Access::Read)?;
+                        s.check("exchange", &dlx, Access::Write)?;
+                    }
                     let (q, created) = vhost.declare_queue(
                         QueueSpec {
                             name,
