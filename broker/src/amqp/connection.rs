@@ -361,7 +361,7 @@ impl Connection {
                             _ = shutdown.changed() => self.force_close(),
                             () = durable_changed(&mut durable), if !self.waiting.is_empty() => self.flush_waiting(),
                             reason = closed_from_outside(&mut self.closed) => {
-                                self.fail(AmqpError::new(CONNECTION_FORCED, reason));
+                                self.close_from_outside(reason);
                             }
                             _ = ack_check.tick() => self.check_consumer_timeouts(),
                         }
@@ -428,8 +428,8 @@ impl Connection {
                 },
                 _ = shutdown.changed(), if !matches!(self.phase, Phase::Closing(_)) => self.force_close(),
                 () = durable_changed(&mut durable), if !self.waiting.is_empty() => self.flush_waiting(),
-                reason = closed_from_outside(&mut self.closed), if self.phase == Phase::Open => {
-                    self.fail(AmqpError::new(CONNECTION_FORCED, reason));
+                reason = closed_from_outside(&mut self.closed), if matches!(self.phase, Phase::Open | Phase::CloseOkSent(_)) => {
+                    self.close_from_outside(reason);
                 }
                 _ = ack_check.tick(), if self.phase == Phase::Open => self.check_consumer_timeouts(),
             }
@@ -454,6 +454,22 @@ impl Connection {
             ));
             e.channel = id;
             self.fail(e);
+        }
+    }
+
+    /// Closed through the management API or by its vhost's deletion: 320 with the reason.
+    /// A connection whose vhost went down is dropped at once, as RabbitMQ drops it, so its
+    /// client hears of it before the deletion is answered.
+    fn close_from_outside(&mut self, reason: String) {
+        if self.phase != Phase::Open {
+            // The client's own close was answered already: nothing more to say.
+            self.phase = Phase::Closed;
+            return;
+        }
+        let at_once = self.info.as_ref().is_some_and(|i| i.closes_at_once());
+        self.fail(AmqpError::new(CONNECTION_FORCED, reason));
+        if at_once {
+            self.phase = Phase::Closed;
         }
     }
 
