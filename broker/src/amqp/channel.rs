@@ -357,6 +357,12 @@ impl Channel {
                     self.reply_declare_ok(REPLY_TO, 0, 1, d.nowait);
                     return Ok(());
                 }
+                if d.passive && vhost.reply_queue(d.queue.as_str()).is_some() {
+                    // A generated reply-to name whose consumer is there exists for clients
+                    // (RabbitMQ answers for it: no messages, its one consumer).
+                    self.reply_declare_ok(d.queue.as_str(), 0, 1, d.nowait);
+                    return Ok(());
+                }
                 let (q, messages, consumers) = if d.passive {
                     // Unlike the other methods, a passive declare does not use the
                     // "last declared queue" shortcut for an empty name.
