@@ -928,8 +928,7 @@ async fn take_any(
 
 /// Asserts that none of `consumers` gets a delivery for a little while.
 async fn none_to_any(consumers: &mut futures::stream::SelectAll<Consumer>, case: &str) {
-    let got =
-        tokio::time::timeout(std::time::Duration::from_millis(150), consumers.next()).await;
+    let got = tokio::time::timeout(std::time::Duration::from_millis(150), consumers.next()).await;
     if let Ok(Some(Ok(d))) = got {
         panic!("{case}: unexpected delivery {:?}", body(&d));
     }
@@ -979,7 +978,11 @@ async fn channel_prefetch_round(
         let m = get(&ch, q, false).await.expect("get-ok beyond the window");
         got.push(m.delivery.delivery_tag);
     }
-    let last = first.iter().map(|d| d.delivery_tag).max().expect("deliveries");
+    let last = first
+        .iter()
+        .map(|d| d.delivery_tag)
+        .max()
+        .expect("deliveries");
     if multiple {
         ack(&ch, last, true).await;
     } else {

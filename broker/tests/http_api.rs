@@ -331,7 +331,9 @@ async fn deleting_a_vhost_drops_its_connections_before_it_is_answered() {
     use amq_protocol::protocol::{AMQPClass, queue};
     let (b, api) = broker().await;
     let vhost = unique("warren-test-gone");
-    api.put(&format!("/api/vhosts/{vhost}"), "{}").await.status(201);
+    api.put(&format!("/api/vhosts/{vhost}"), "{}")
+        .await
+        .status(201);
     api.put(
         &format!("/api/permissions/{vhost}/guest"),
         r#"{"configure":".*","write":".*","read":".*"}"#,
