@@ -940,20 +940,22 @@ async fn ack(ch: &Channel, tag: u64, multiple: bool) {
         .expect("basic.ack");
 }
 
-/// One round of the Java client's QoS permutations: a channel-wide window of `limit`
-/// deliveries over consumers of `queues` queues. The window holds exactly `limit`, a
+/// One round of the Java client's QoS permutations: a window of `limit` deliveries over
+/// consumers of `queues` queues (channel-wide with `global`, else each consumer's own). The window holds exactly `limit`, a
 /// `basic.get` does not count against it, and acks inside a transaction free it only at
 /// commit (a rollback puts them back; acking them again and committing frees it at once).
 async fn channel_prefetch_round(
     conn: &Connection,
+    global: bool,
     limit: u16,
     multiple: bool,
     tx: bool,
     queues: usize,
 ) {
-    let case = format!("limit {limit}, multiple {multiple}, tx {tx}, {queues} queue(s)");
+    let case =
+        format!("global {global}, limit {limit}, multiple {multiple}, tx {tx}, {queues} queue(s)");
     let ch = channel(conn).await;
-    qos(&ch, limit, true).await;
+    qos(&ch, limit, global).await;
     let mut names = Vec::new();
     let mut consumers = futures::stream::SelectAll::new();
     for _ in 0..queues {
@@ -1016,7 +1018,7 @@ async fn channel_prefetch_window_counts_consumer_deliveries_not_gets() {
     for limit in [1, 2] {
         for multiple in [false, true] {
             for queues in [1, 2] {
-                channel_prefetch_round(&conn, limit, multiple, false, queues).await;
+                channel_prefetch_round(&conn, true, limit, multiple, false, queues).await;
             }
         }
     }
@@ -1029,8 +1031,19 @@ async fn channel_prefetch_window_is_freed_by_committed_acks_after_a_rollback() {
     for limit in [1, 2] {
         for multiple in [false, true] {
             for queues in [1, 2] {
-                channel_prefetch_round(&conn, limit, multiple, true, queues).await;
+                channel_prefetch_round(&conn, true, limit, multiple, true, queues).await;
             }
+        }
+    }
+}
+
+#[tokio::test]
+async fn consumer_prefetch_window_is_freed_by_committed_acks_after_a_rollback() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    for limit in [1, 2] {
+        for multiple in [false, true] {
+            channel_prefetch_round(&conn, false, limit, multiple, true, 1).await;
         }
     }
 }
