@@ -123,6 +123,15 @@ impl std::fmt::Debug for Channel {
     }
 }
 
+/// The `x-dead-letter-exchange` argument, when it is text.
+fn dead_letter_exchange(args: &FieldTable) -> Option<String> {
+    match args.inner().get("x-dead-letter-exchange")? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
 fn int_arg(args: &FieldTable, key: &str) -> Option<i64> {
     Some(match args.inner().get(key)? {
         AMQPValue::ShortShortInt(x) => (*x).into(),
@@ -171,13 +180,14 @@ impl Channel {
     fn dispatch(&mut self, s: &mut Session, method: AMQPClass) -> AmqpResult<()> {
         match method {
             AMQPClass::Channel(channel::AMQPMethod::Flow(m)) => {
-                self.shared.set_flow(m.active);
-                self.reply(AMQPClass::Channel(channel::AMQPMethod::FlowOk(
-                    channel::FlowOk { active: m.active },
-                )));
-                if m.active {
-                    self.wake_consumed_queues();
+                // RabbitMQ never pauses deliveries for a client: `active=false` closes the
+                // connection with 540, and clients (and their test suites) expect that.
+                if !m.active {
+                    return Err(AmqpError::new(NOT_IMPLEMENTED, "active=false"));
                 }
+                self.reply(AMQPClass::Channel(channel::AMQPMethod::FlowOk(
+                    channel::FlowOk { active: true },
+                )));
                 Ok(())
             }
             AMQPClass::Exchange(m) => self.exchange_method(s, m),
@@ -373,6 +383,12 @@ impl Channel {
                     self.reply_declare_ok(REPLY_TO, 0, 1, d.nowait);
                     return Ok(());
                 }
+                if d.passive && vhost.reply_queue(d.queue.as_str()).is_some() {
+                    // A generated reply-to name whose consumer is there exists for clients
+                    // (RabbitMQ answers for it: no messages, its one consumer).
+                    self.reply_declare_ok(d.queue.as_str(), 0, 1, d.nowait);
+                    return Ok(());
+                }
                 let (q, messages, consumers) = if d.passive {
                     // Unlike the other methods, a passive declare does not use the
                     // "last declared queue" shortcut for an empty name.
@@ -393,6 +409,15 @@ impl Channel {
                         )));
                     }
                     s.check("queue", &name, Access::Configure)?;
+                    // As RabbitMQ, when a new queue names a dead-letter exchange: read on the
+                    // queue and write on that exchange, since its dead letters are published
+                    // there on the user's behalf.
+                    if let Some(dlx) = dead_letter_exchange(&d.arguments)
+                        && vhost.queue(&name).is_none()
+                    {
+                        s.check("queue", &name, Access::Read)?;
+                        s.check("exchange", &dlx, Access::Write)?;
+                    }
                     let (q, created) = vhost.declare_queue(
                         QueueSpec {
                             name,
@@ -698,6 +723,7 @@ impl Channel {
     }
 
     pub(super) fn apply_settle(&mut self, how: Settle, taken: Vec<(u64, Delivered)>) {
+        self.shared.released(&taken);
         if how == Settle::Ack {
             self.shared
                 .stats

@@ -29,6 +29,9 @@ use tokio::time::{Instant, timeout, timeout_at};
 
 /// How long the broker waits for `connection.close-ok` after sending `connection.close`.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the broker keeps a socket open after answering the client's `connection.close`,
+/// waiting for the client to drop it (RabbitMQ's 30 s closing timeout).
+const CLOSED_LINGER: Duration = Duration::from_secs(30);
 /// How often unacknowledged deliveries are checked against the consumer timeout.
 const ACK_CHECK: Duration = Duration::from_millis(500);
 /// How often a connection held by flow control looks again whether the queue still holds it
@@ -45,6 +48,11 @@ enum Phase {
     Open,
     /// We sent `connection.close`; waiting for `close-ok` until the deadline.
     Closing(Instant),
+    /// We answered the client's `connection.close`; until it drops the socket (or the
+    /// deadline), each further `connection.close` gets its `close-ok` too, as RabbitMQ does:
+    /// several threads of a client may close the same connection at once, each waiting for
+    /// its own reply.
+    CloseOkSent(Instant),
     Closed,
 }
 
@@ -55,7 +63,7 @@ impl Phase {
             Phase::AwaitTuneOk => "tuning",
             Phase::AwaitOpen => "opening",
             Phase::Open => "running",
-            Phase::Closing(_) => "closing",
+            Phase::Closing(_) | Phase::CloseOkSent(_) => "closing",
             Phase::Closed => "closed",
         }
     }
@@ -258,6 +266,9 @@ impl Connection {
         // last turn of this loop (timers turn it too).
         let mut last_heard = Instant::now();
         loop {
+            if self.phase == Phase::Closed {
+                return;
+            }
             // Everything already buffered is handled before reading more, except that during
             // an alarm a publish is left unread: the connection blocks before it.
             let alarm_on = alarms.borrow().any();
@@ -350,7 +361,7 @@ impl Connection {
                             _ = shutdown.changed() => self.force_close(),
                             () = durable_changed(&mut durable), if !self.waiting.is_empty() => self.flush_waiting(),
                             reason = closed_from_outside(&mut self.closed) => {
-                                self.fail(AmqpError::new(CONNECTION_FORCED, reason));
+                                self.close_from_outside(reason);
                             }
                             _ = ack_check.tick() => self.check_consumer_timeouts(),
                         }
@@ -384,7 +395,7 @@ impl Connection {
                     0 => None,
                     hb => Some(last_heard + Duration::from_secs(2 * u64::from(hb))),
                 },
-                Phase::Closing(deadline) => Some(deadline),
+                Phase::Closing(deadline) | Phase::CloseOkSent(deadline) => Some(deadline),
                 _ => Some(handshake_deadline),
             };
             buf.reserve(16 * 1024);
@@ -397,7 +408,7 @@ impl Connection {
             tokio::select! {
                 r = read => match r {
                     Ok(Ok(0)) | Ok(Err(_)) => {
-                        if !matches!(self.phase, Phase::Closing(_)) {
+                        if !matches!(self.phase, Phase::Closing(_) | Phase::CloseOkSent(_)) {
                             tracing::debug!(peer = %self.peer, "client closed the socket");
                         }
                         return;
@@ -409,7 +420,7 @@ impl Connection {
                     Err(_) => {
                         match self.phase {
                             Phase::Open => tracing::warn!(peer = %self.peer, "missed heartbeats from client, closing"),
-                            Phase::Closing(_) => {}
+                            Phase::Closing(_) | Phase::CloseOkSent(_) => {}
                             _ => tracing::info!(peer = %self.peer, "handshake timed out"),
                         }
                         return;
@@ -417,8 +428,8 @@ impl Connection {
                 },
                 _ = shutdown.changed(), if !matches!(self.phase, Phase::Closing(_)) => self.force_close(),
                 () = durable_changed(&mut durable), if !self.waiting.is_empty() => self.flush_waiting(),
-                reason = closed_from_outside(&mut self.closed), if self.phase == Phase::Open => {
-                    self.fail(AmqpError::new(CONNECTION_FORCED, reason));
+                reason = closed_from_outside(&mut self.closed), if matches!(self.phase, Phase::Open | Phase::CloseOkSent(_)) => {
+                    self.close_from_outside(reason);
                 }
                 _ = ack_check.tick(), if self.phase == Phase::Open => self.check_consumer_timeouts(),
             }
@@ -446,6 +457,22 @@ impl Connection {
         }
     }
 
+    /// Closed through the management API or by its vhost's deletion: 320 with the reason.
+    /// A connection whose vhost went down is dropped at once, as RabbitMQ drops it, so its
+    /// client hears of it before the deletion is answered.
+    fn close_from_outside(&mut self, reason: String) {
+        if self.phase != Phase::Open {
+            // The client's own close was answered already: nothing more to say.
+            self.phase = Phase::Closed;
+            return;
+        }
+        let at_once = self.info.as_ref().is_some_and(|i| i.closes_at_once());
+        self.fail(AmqpError::new(CONNECTION_FORCED, reason));
+        if at_once {
+            self.phase = Phase::Closed;
+        }
+    }
+
     /// Broker shutdown: tell the client why, then wait a little for its close-ok.
     fn force_close(&mut self) {
         if self.phase == Phase::Open {
@@ -459,6 +486,17 @@ impl Connection {
     }
 
     fn handle_frame(&mut self, frame: RawFrame) -> AmqpResult<()> {
+        if let Phase::CloseOkSent(_) = self.phase {
+            // The connection is over: only another `connection.close` gets an answer.
+            if frame.kind == FRAME_METHOD
+                && frame.channel == 0
+                && let Ok(AMQPClass::Connection(connection::AMQPMethod::Close(_))) =
+                    codec::decode_method(&frame.payload)
+            {
+                self.send_close_ok();
+            }
+            return Ok(());
+        }
         if let Phase::Closing(_) = self.phase {
             // Only the close handshake matters now.
             if frame.kind == FRAME_METHOD && frame.channel == 0 {
@@ -763,7 +801,9 @@ impl Connection {
             (Phase::AwaitOpen, M::Open(open)) => self.open(open),
             (_, M::Close(_)) => {
                 self.send_close_ok();
-                self.phase = Phase::Closed;
+                // Everything is released now; the socket stays open for the client to drop.
+                self.cleanup();
+                self.phase = Phase::CloseOkSent(Instant::now() + CLOSED_LINGER);
                 Ok(())
             }
             (Phase::Open, M::Blocked(_) | M::Unblocked(_)) => Ok(()),

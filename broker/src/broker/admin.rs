@@ -72,8 +72,8 @@ impl Broker {
         Ok(true)
     }
 
-    /// Deletes a vhost: its connections are closed (320), its queues and their messages,
-    /// exchanges, bindings and permissions removed.
+    /// Deletes a vhost: its connections are closed (320, the socket dropped at once), its
+    /// queues and their messages, exchanges, bindings and permissions removed.
     pub fn delete_vhost(&self, name: &str) -> Result<(), AdminError> {
         // The vhost leaves the node's sums and its queues' counters enter the retired ones in
         // one step under `retiring`, so a scrape never sees them twice or not at all.
@@ -86,7 +86,7 @@ impl Broker {
             v
         };
         for c in self.connections.in_vhost(name) {
-            c.force_close(&format!("vhost '{name}' is down"));
+            c.force_close_at_once(&format!("vhost '{name}' is down"));
         }
         v.remove_everything();
         self.users.clear_vhost(name);

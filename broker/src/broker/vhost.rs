@@ -1159,6 +1159,14 @@ impl Vhost {
         self.reply_queues.write().remove(key);
     }
 
+    /// The hidden queue behind a generated direct reply-to name (`amq.rabbitmq.reply-to.KEY`)
+    /// whose consumer is still there.
+    pub fn reply_queue(&self, name: &str) -> Option<Arc<Queue>> {
+        name.strip_prefix(REPLY_TO)
+            .and_then(|rest| rest.strip_prefix('.'))
+            .and_then(|k| self.reply_queues.read().get(k).cloned())
+    }
+
     /// Finds the queues a message published to `exchange` goes to, following
     /// exchange-to-exchange bindings and alternate exchanges, each queue once.
     /// `keys` is the routing key followed by any CC and BCC keys. With `delayed`, a message
@@ -1222,9 +1230,7 @@ impl Vhost {
                 continue;
             };
             let q = if name.starts_with(REPLY_TO) {
-                name.strip_prefix(REPLY_TO)
-                    .and_then(|rest| rest.strip_prefix('.'))
-                    .and_then(|k| self.reply_queues.read().get(k).cloned())
+                self.reply_queue(name)
             } else {
                 self.queue(name)
             };

@@ -155,7 +155,14 @@ pub async fn delete(
     Path(name): Path<String>,
 ) -> ApiResult<Response> {
     caller.require_admin()?;
+    let connections = state.broker.connections.in_vhost(&name);
     state.broker.delete_vhost(&name).map_err(admin_error)?;
+    // As RabbitMQ answers: once the vhost's connections are closed, so that a client told of
+    // the deletion has already been told of its connection's end.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    for c in connections {
+        let _ = tokio::time::timeout_at(deadline, c.ended()).await;
+    }
     Ok(no_content())
 }
 
