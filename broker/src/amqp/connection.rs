@@ -220,7 +220,7 @@ impl Connection {
         let mut props = FieldTable::default();
         let text = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()));
         props.insert("capabilities".into(), AMQPValue::FieldTable(caps));
-        props.insert("cluster_name".into(), text(&self.broker.config.node_name));
+        props.insert("cluster_name".into(), text(&self.broker.cluster_name()));
         props.insert("copyright".into(), text("Copyright (c) the Warren authors"));
         props.insert(
             "information".into(),

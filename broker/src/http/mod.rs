@@ -68,7 +68,10 @@ async fn not_found() -> Response {
 pub fn management_router(state: AppState) -> Router {
     Router::new()
         .route("/api/overview", get(overview::overview))
-        .route("/api/cluster-name", get(overview::cluster_name))
+        .route(
+            "/api/cluster-name",
+            get(overview::cluster_name).put(overview::put_cluster_name),
+        )
         .route("/api/whoami", get(overview::whoami))
         .route("/api/extensions", get(overview::extensions))
         .route("/api/nodes", get(overview::nodes))
@@ -216,7 +219,7 @@ pub fn management_router(state: AppState) -> Router {
                 .delete(policies::delete_operator),
         )
         .route("/api/parameters", get(overview::empty_list))
-        .route("/api/global-parameters", get(overview::empty_list))
+        .route("/api/global-parameters", get(overview::global_parameters))
         .route("/api/topic-permissions", get(overview::empty_list))
         .route("/api/feature-flags", get(overview::empty_list))
         .route("/api/health/checks/alarms", get(health::alarms))
