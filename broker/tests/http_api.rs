@@ -1785,9 +1785,15 @@ async fn a_drain_closes_clients_refuses_new_ones_and_fails_readiness_until_reviv
     let mgmt = b.running().management_addr;
     let wrong = warren_broker::drain::request(mgmt, "guest", "nope", Duration::from_secs(5)).await;
     assert!(wrong.unwrap_err().contains("HTTP 401"));
-    warren_broker::drain::request(mgmt, "guest", "guest", Duration::from_secs(15))
+    let drained = warren_broker::drain::request(mgmt, "guest", "guest", Duration::from_secs(15))
         .await
         .unwrap();
+    // It says what it did: the one client closed, none left.
+    assert_eq!((drained.closed, drained.remaining), (1, 0));
+    assert!(
+        drained.to_string().ends_with("closed 1 client connection"),
+        "{drained}"
+    );
     assert_eq!(
         closed.next().await,
         (

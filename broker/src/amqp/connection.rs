@@ -903,6 +903,13 @@ impl Connection {
         );
         self.broker.connections.add(info.clone());
         MessageStats::bump(&self.broker.churn.connection_created);
+        tracing::info!(
+            peer = %self.peer,
+            user = %info.user,
+            vhost = %info.vhost,
+            name = %info.client_name(),
+            "connection opened"
+        );
         self.info = Some(info);
         self.closed = Some(closed);
         self.session = Some(Session {
@@ -920,7 +927,6 @@ impl Connection {
             0,
             AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {})),
         );
-        tracing::debug!(peer = %self.peer, vhost = name, "connection open");
         Ok(())
     }
 
@@ -935,7 +941,14 @@ impl Connection {
     fn fail(&mut self, e: AmqpError) {
         let channel_id = e.channel;
         if e.scope == Scope::Channel && channel_id != 0 && self.phase == Phase::Open {
-            tracing::debug!(peer = %self.peer, channel = channel_id, error = %e, "closing channel");
+            tracing::warn!(
+                peer = %self.peer,
+                user = self.user.as_deref().unwrap_or_default(),
+                channel = channel_id,
+                code = e.code,
+                text = %e.reply_text(),
+                "channel error, closing the channel"
+            );
             if let (Some(channel), Some(session)) =
                 (self.channels.get_mut(&channel_id), self.session.as_ref())
             {
@@ -995,6 +1008,13 @@ impl Connection {
     /// deliveries) and exclusive queues.
     fn cleanup(&mut self) {
         if let Some(info) = self.info.take() {
+            tracing::info!(
+                peer = %self.peer,
+                user = %info.user,
+                vhost = %info.vhost,
+                name = %info.client_name(),
+                "connection closed"
+            );
             self.broker.connections.remove(info.id);
             MessageStats::bump(&self.broker.churn.connection_closed);
             let channels = self.channels.len() as u64;

@@ -143,11 +143,15 @@ impl Broker {
                 read: ".*".into(),
             };
             let name = config.default_user.clone();
-            if let Err(e) = store.update(|d| {
+            match store.update(|d| {
                 d.users.insert(name, user);
                 d.permissions.push(permission);
             }) {
-                tracing::error!(error = %e, "cannot store the default user");
+                Ok(()) => tracing::info!(
+                    user = %config.default_user,
+                    "first start: created the default user, an administrator with every permission on vhost /"
+                ),
+                Err(e) => tracing::error!(error = %e, "cannot store the default user"),
             }
             defs = store.snapshot();
         }
