@@ -17,7 +17,10 @@ async fn main() -> std::process::ExitCode {
     };
     if command == Some(Command::Drain) {
         return match warren_broker::drain::run(&config).await {
-            Ok(()) => std::process::ExitCode::SUCCESS,
+            Ok(drained) => {
+                println!("warren-broker drain: {drained}");
+                std::process::ExitCode::SUCCESS
+            }
             Err(e) => {
                 eprintln!("warren-broker drain: {e}");
                 std::process::ExitCode::FAILURE
@@ -31,7 +34,13 @@ async fn main() -> std::process::ExitCode {
             .with_env_filter(filter)
             .init();
     } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
+        // Logs go to stdout; colour codes only help a person watching a terminal, and would
+        // litter a file, a pipe or a log collector with escape sequences.
+        use std::io::IsTerminal;
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(std::io::stdout().is_terminal())
+            .init();
     }
     // Handlers first: a SIGTERM that arrives while the broker starts still stops it in order.
     use tokio::signal::unix::{SignalKind, signal};

@@ -1852,9 +1852,15 @@ async fn a_drain_closes_clients_refuses_new_ones_and_fails_readiness_until_reviv
     let mgmt = b.running().management_addr;
     let wrong = warren_broker::drain::request(mgmt, "guest", "nope", Duration::from_secs(5)).await;
     assert!(wrong.unwrap_err().contains("HTTP 401"));
-    warren_broker::drain::request(mgmt, "guest", "guest", Duration::from_secs(15))
+    let drained = warren_broker::drain::request(mgmt, "guest", "guest", Duration::from_secs(15))
         .await
         .unwrap();
+    // It says what it did: the one client closed, none left.
+    assert_eq!((drained.closed, drained.remaining), (1, 0));
+    assert!(
+        drained.to_string().ends_with("closed 1 client connection"),
+        "{drained}"
+    );
     assert_eq!(
         closed.next().await,
         (
@@ -2172,4 +2178,117 @@ async fn a_vhost_default_queue_type_is_kept_exported_and_imported() {
         "quorum"
     );
     assert_eq!(queue_type_of(&api, "imported", "q").await.0, "quorum");
+}
+
+// ------------------------------------------------------------------------------ cluster name
+
+async fn identity_line(b: &TestBroker) -> String {
+    let url = format!("http://{}/metrics", b.running().prometheus_addr);
+    let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+    text.lines()
+        .find(|l| l.starts_with("rabbitmq_identity_info{"))
+        .expect("rabbitmq_identity_info")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn the_cluster_name_setting_shows_in_overview_cluster_name_metrics_and_exports() {
+    let b = TestBroker::start_with(|c| c.cluster_name = Some("orders".into())).await;
+    let api = Api::new(&b);
+    assert_eq!(
+        api.json("/api/cluster-name").await,
+        json!({"name": "orders"})
+    );
+    let overview = api.json("/api/overview").await;
+    assert_eq!(overview["cluster_name"], "orders");
+    assert_eq!(overview["node"], b.broker().config.node_name);
+    let identity = identity_line(&b).await;
+    assert!(
+        identity.contains(r#"rabbitmq_cluster="orders""#),
+        "{identity}"
+    );
+    assert!(
+        identity.contains(&format!(
+            r#"rabbitmq_node="{}""#,
+            b.broker().config.node_name
+        )),
+        "{identity}"
+    );
+    let export = api.json("/api/definitions").await;
+    assert_eq!(
+        export["global_parameters"],
+        json!([{"name": "cluster_name", "value": "orders"}])
+    );
+}
+
+#[tokio::test]
+async fn put_cluster_name_renames_the_cluster_for_administrators_and_lasts_across_restarts() {
+    let (b, api) = broker().await;
+    // Unset, the node name stands for it, as in RabbitMQ; exports carry no cluster name.
+    assert_eq!(
+        api.json("/api/cluster-name").await["name"],
+        b.broker().config.node_name
+    );
+    assert_eq!(
+        api.json("/api/definitions").await["global_parameters"],
+        json!([])
+    );
+    api.put(
+        "/api/users/mon",
+        &json!({"password": "pw", "tags": "monitoring"}).to_string(),
+    )
+    .await
+    .status(201);
+    api.as_user("mon", "pw")
+        .put("/api/cluster-name", r#"{"name":"nope"}"#)
+        .await
+        .status(401);
+    assert_eq!(
+        api.put("/api/cluster-name", "{}")
+            .await
+            .error(400, "bad_request"),
+        "[{key_missing,name}]"
+    );
+    api.put("/api/cluster-name", r#"{"name":"shop"}"#)
+        .await
+        .status(204);
+    assert_eq!(api.json("/api/cluster-name").await, json!({"name": "shop"}));
+    assert_eq!(
+        api.json("/api/global-parameters").await,
+        json!([{"name": "cluster_name", "value": "shop"}])
+    );
+    let b = b.restart().await;
+    let api = Api::new(&b);
+    assert_eq!(api.json("/api/overview").await["cluster_name"], "shop");
+    assert!(
+        identity_line(&b)
+            .await
+            .contains(r#"rabbitmq_cluster="shop""#)
+    );
+}
+
+#[tokio::test]
+async fn a_definitions_import_sets_the_cluster_name_from_its_global_parameters() {
+    let (_b, api) = broker().await;
+    let doc = json!({
+        "global_parameters": [
+            {"name": "internal_cluster_id", "value": "rabbitmq-cluster-id-x"},
+            {"name": "cluster_name", "value": "imported"},
+        ],
+    });
+    api.post("/api/definitions", &doc.to_string())
+        .await
+        .status(204);
+    assert_eq!(
+        api.json("/api/cluster-name").await,
+        json!({"name": "imported"})
+    );
+    let bad = json!({"global_parameters": [{"name": "cluster_name", "value": 7}]});
+    api.post("/api/definitions", &bad.to_string())
+        .await
+        .status(400);
+    assert_eq!(
+        api.json("/api/cluster-name").await,
+        json!({"name": "imported"})
+    );
 }

@@ -228,7 +228,7 @@ impl Connection {
         let mut props = FieldTable::default();
         let text = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()));
         props.insert("capabilities".into(), AMQPValue::FieldTable(caps));
-        props.insert("cluster_name".into(), text(&self.broker.config.node_name));
+        props.insert("cluster_name".into(), text(&self.broker.cluster_name()));
         props.insert("copyright".into(), text("Copyright (c) the Warren authors"));
         props.insert(
             "information".into(),
@@ -955,6 +955,13 @@ impl Connection {
         );
         self.broker.connections.add(info.clone());
         MessageStats::bump(&self.broker.churn.connection_created);
+        tracing::info!(
+            peer = %self.peer,
+            user = %info.user,
+            vhost = %info.vhost,
+            name = %info.client_name(),
+            "connection opened"
+        );
         self.info = Some(info);
         self.closed = Some(closed);
         self.session = Some(Session {
@@ -972,7 +979,6 @@ impl Connection {
             0,
             AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {})),
         );
-        tracing::debug!(peer = %self.peer, vhost = name, "connection open");
         Ok(())
     }
 
@@ -987,7 +993,14 @@ impl Connection {
     fn fail(&mut self, e: AmqpError) {
         let channel_id = e.channel;
         if e.scope == Scope::Channel && channel_id != 0 && self.phase == Phase::Open {
-            tracing::debug!(peer = %self.peer, channel = channel_id, error = %e, "closing channel");
+            tracing::warn!(
+                peer = %self.peer,
+                user = self.user.as_deref().unwrap_or_default(),
+                channel = channel_id,
+                code = e.code,
+                text = %e.reply_text(),
+                "channel error, closing the channel"
+            );
             if let (Some(channel), Some(session)) =
                 (self.channels.get_mut(&channel_id), self.session.as_ref())
             {
@@ -1047,6 +1060,13 @@ impl Connection {
     /// deliveries) and exclusive queues.
     fn cleanup(&mut self) {
         if let Some(info) = self.info.take() {
+            tracing::info!(
+                peer = %self.peer,
+                user = %info.user,
+                vhost = %info.vhost,
+                name = %info.client_name(),
+                "connection closed"
+            );
             self.broker.connections.remove(info.id);
             MessageStats::bump(&self.broker.churn.connection_closed);
             let channels = self.channels.len() as u64;

@@ -197,6 +197,16 @@ impl ConnectionInfo {
         format!("{} -> {}", self.peer, self.local)
     }
 
+    /// The name the client gave the connection (`connection_name` in its properties), or "".
+    pub fn client_name(&self) -> String {
+        match self.client_properties.inner().get("connection_name") {
+            Some(amq_protocol::types::AMQPValue::LongString(n)) => {
+                String::from_utf8_lossy(n.as_bytes()).into_owned()
+            }
+            _ => String::new(),
+        }
+    }
+
     pub fn set_state(&self, state: ConnectionState) {
         self.state.store(state as u8, Ordering::Relaxed);
     }

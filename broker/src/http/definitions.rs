@@ -152,7 +152,13 @@ pub async fn export(State(state): State<AppState>, caller: Caller) -> ApiResult<
         "parameters".into(),
         Value::Array(vhosts.iter().filter_map(|v| limits_parameter(v)).collect()),
     );
-    out.insert("global_parameters".into(), json!([]));
+    let cluster_name = b
+        .cluster_name_if_set()
+        .map(|name| json!({"name": "cluster_name", "value": name}));
+    out.insert(
+        "global_parameters".into(),
+        json!(Vec::from_iter(cluster_name)),
+    );
     out.insert(
         "policies".into(),
         Value::Array(
@@ -232,6 +238,8 @@ struct Plan {
     queues: Vec<(String, QueueSpec)>,
     bindings: Vec<(String, String, String, DestinationKind, String, FieldTable)>,
     policies: Vec<(String, Policy)>,
+    /// From the `cluster_name` global parameter.
+    cluster_name: Option<String>,
 }
 
 fn items<'a>(top: &'a Fields, key: &str) -> ApiResult<&'a [Value]> {
@@ -438,6 +446,16 @@ fn plan(state: &AppState, body: &[u8], vhost: Option<&str>) -> ApiResult<Plan> {
             Err(ApiError::bad_request(json!(["no_such_vhost", v])))
         }
     };
+    // Of RabbitMQ's global parameters only the cluster name means something here; others
+    // (such as `internal_cluster_id`) are passed over, as before.
+    for p in items(&top, "global_parameters")? {
+        let f = item(p, "a global parameter", &["name", "value"])?;
+        if vhost.is_none() && f.string("name")?.as_deref() == Some("cluster_name") {
+            plan.cluster_name = Some(f.string("value")?.ok_or_else(|| {
+                ApiError::bad_request("the cluster_name global parameter needs a string value")
+            })?);
+        }
+    }
     for p in items(&top, "parameters")? {
         let f = item(p, "a parameter", &["value", "vhost", "component", "name"])?;
         let component = required_string(&f, "a parameter", "component")?;
@@ -626,6 +644,20 @@ fn plan(state: &AppState, body: &[u8], vhost: Option<&str>) -> ApiResult<Plan> {
 
 fn apply(state: &AppState, caller: &Caller, plan: Plan) -> ApiResult<()> {
     let b = &state.broker;
+    let started = std::time::Instant::now();
+    let counts = (
+        plan.vhosts.len(),
+        plan.users.len(),
+        plan.permissions.len(),
+        plan.policies.len(),
+        plan.exchanges.len(),
+        plan.queues.len(),
+        plan.bindings.len(),
+    );
+    if let Some(name) = &plan.cluster_name {
+        b.set_cluster_name(name)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+    }
     for (name, description, tags, default_queue_type) in plan.vhosts {
         if b.put_vhost(&name, &description, tags, default_queue_type)
             .map_err(admin_error)?
@@ -677,6 +709,19 @@ fn apply(state: &AppState, caller: &Caller, plan: Plan) -> ApiResult<()> {
             tracing::warn!(%vhost, %source, %destination, error = %e, "definitions import: binding skipped");
         }
     }
+    let (vhosts, users, permissions, policies, exchanges, queues, bindings) = counts;
+    tracing::info!(
+        user = caller.name(),
+        vhosts,
+        users,
+        permissions,
+        policies,
+        exchanges,
+        queues,
+        bindings,
+        duration_ms = started.elapsed().as_millis() as u64,
+        "definitions imported"
+    );
     Ok(())
 }
 

@@ -475,6 +475,7 @@ pub fn render(state: &AppState, per_object: bool) -> prometheus::Result<Vec<u8>>
     let broker = &state.broker;
     let mut out = Families::default();
     let node = broker.config.node_name.as_str();
+    let cluster = broker.cluster_name();
 
     // Identity and the node.
     out.add(
@@ -500,7 +501,7 @@ pub fn render(state: &AppState, per_object: bool) -> prometheus::Result<Vec<u8>>
         vec![metric(
             &[
                 ("rabbitmq_node", node),
-                ("rabbitmq_cluster", node),
+                ("rabbitmq_cluster", cluster.as_str()),
                 ("rabbitmq_cluster_permanent_id", node),
             ],
             1.0,

@@ -20,6 +20,10 @@ pub struct Definitions {
     pub users: BTreeMap<String, UserDefinition>,
     #[serde(default)]
     pub permissions: Vec<PermissionDefinition>,
+    /// The cluster name set through the management API or a definitions import (RabbitMQ's
+    /// `cluster_name` global parameter); unset, the configuration's applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_name: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
