@@ -20,6 +20,7 @@ use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -36,6 +37,13 @@ const ACK_CHECK: Duration = Duration::from_millis(500);
 const FLOW_RECHECK: Duration = Duration::from_millis(50);
 /// Frame size limit before tuning (connection.start-ok may carry large client properties).
 const HANDSHAKE_FRAME_MAX: u32 = 131_072;
+/// How much a connection blocked by an alarm is read ahead of the publish it stopped at: its
+/// heartbeats and its close are heard, while its publishes cost no more than this.
+const BLOCKED_READ_AHEAD: usize = 64 * 1024;
+/// How often the socket of a blocked connection read ahead that far is looked at for a close.
+const BLOCKED_PROBE: Duration = Duration::from_millis(250);
+/// How often such a connection is sent a heartbeat, to make a client that is gone reset it.
+const BLOCKED_NUDGE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -104,7 +112,8 @@ struct Connection {
 
 /// Serves one client socket until it closes. Returns when the connection is over and every
 /// resource it held (channels, consumers, exclusive queues) is released.
-/// `tls` is the protocol version and cipher suite of a TLS connection.
+/// `tls` is the protocol version and cipher suite of a TLS connection; `probe`, a duplicate of
+/// the socket's descriptor, lets a connection that is not being read still see its client go.
 pub async fn serve<S>(
     stream: S,
     peer: SocketAddr,
@@ -112,11 +121,12 @@ pub async fn serve<S>(
     broker: Arc<Broker>,
     shutdown: watch::Receiver<bool>,
     tls: Option<(String, String)>,
+    probe: Option<OwnedFd>,
 ) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (reader, writer) = tokio::io::split(stream);
-    serve_halves(reader, writer, peer, local, broker, shutdown, tls).await;
+    serve_halves(reader, writer, peer, local, broker, shutdown, tls, probe).await;
 }
 
 /// [`serve`] for a plain TCP socket, whose halves need no lock between them.
@@ -127,10 +137,12 @@ pub async fn serve_tcp(
     shutdown: watch::Receiver<bool>,
 ) {
     let local = stream.local_addr().unwrap_or(peer);
+    let probe = stream.as_fd().try_clone_to_owned().ok();
     let (reader, writer) = stream.into_split();
-    serve_halves(reader, writer, peer, local, broker, shutdown, None).await;
+    serve_halves(reader, writer, peer, local, broker, shutdown, None, probe).await;
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve_halves<R, W>(
     mut reader: R,
     mut writer: W,
@@ -139,6 +151,7 @@ async fn serve_halves<R, W>(
     broker: Arc<Broker>,
     shutdown: watch::Receiver<bool>,
     tls: Option<(String, String)>,
+    probe: Option<OwnedFd>,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -195,7 +208,7 @@ async fn serve_halves<R, W>(
         closed: None,
     };
     conn.send_start();
-    conn.run(&mut reader, shutdown, handshake).await;
+    conn.run(&mut reader, shutdown, handshake, probe).await;
     conn.cleanup();
     conn.out.send(Outbound::Close);
     let _ = writer_task.await;
@@ -246,6 +259,7 @@ impl Connection {
         reader: &mut R,
         mut shutdown: watch::Receiver<bool>,
         handshake: Duration,
+        probe: Option<OwnedFd>,
     ) {
         let mut buf = BytesMut::with_capacity(64 * 1024);
         let handshake_deadline = Instant::now() + handshake;
@@ -257,6 +271,8 @@ impl Connection {
         // The heartbeat deadline counts from the last bytes the client sent, not from the
         // last turn of this loop (timers turn it too).
         let mut last_heard = Instant::now();
+        // When a heartbeat was last sent to a blocked client to see whether it is still there.
+        let mut last_nudge = Instant::now();
         loop {
             // Everything already buffered is handled before reading more, except that during
             // an alarm a publish is left unread: the connection blocks before it.
@@ -299,10 +315,65 @@ impl Connection {
                     }
                     self.blocked = true;
                     self.set_state(ConnectionState::Blocked);
+                    // Its publishes wait unread in `buf`, but the client is still read a
+                    // little ahead, to hear its heartbeats and its close; past that, the
+                    // socket itself is watched, so that a publisher that gives up and goes
+                    // away does not leave its connection behind.
+                    let read_ahead = buf.len() < BLOCKED_READ_AHEAD;
+                    if read_ahead {
+                        buf.reserve(16 * 1024);
+                    } else {
+                        // Its bytes are waiting on us: the client is as good as heard.
+                        last_heard = Instant::now();
+                    }
+                    let deadline = self.heartbeat_deadline(last_heard);
+                    let read = async {
+                        match deadline {
+                            Some(d) => timeout_at(d, reader.read_buf(&mut buf)).await,
+                            None => Ok(reader.read_buf(&mut buf).await),
+                        }
+                    };
                     tokio::select! {
                         _ = alarms.changed() => {}
                         _ = shutdown.changed() => self.force_close(),
                         () = durable_changed(&mut durable), if !self.waiting.is_empty() => self.flush_waiting(),
+                        reason = closed_from_outside(&mut self.closed) => {
+                            self.fail(AmqpError::new(CONNECTION_FORCED, reason));
+                        }
+                        _ = ack_check.tick() => self.check_consumer_timeouts(),
+                        r = read, if read_ahead => match r {
+                            Ok(Ok(0)) | Ok(Err(_)) => {
+                                tracing::debug!(peer = %self.peer, "blocked client closed the socket");
+                                return;
+                            }
+                            Ok(Ok(n)) => {
+                                last_heard = Instant::now();
+                                self.traffic.received(n);
+                            }
+                            Err(_) => {
+                                tracing::warn!(peer = %self.peer, "missed heartbeats from blocked client, closing");
+                                return;
+                            }
+                        },
+                        () = tokio::time::sleep(BLOCKED_PROBE), if !read_ahead => {
+                            if peer_gone(probe.as_ref()) || self.out.is_closed() {
+                                tracing::debug!(peer = %self.peer, "blocked client closed the socket");
+                                return;
+                            }
+                            // A client that closed with publishes still unsent has its close
+                            // stuck behind them, unread here; a write makes its system answer
+                            // with a reset, which the probe sees. A heartbeat is harmless to a
+                            // client that is still there.
+                            if last_nudge.elapsed() >= BLOCKED_NUDGE {
+                                last_nudge = Instant::now();
+                                let mut frame = BytesMut::new();
+                                codec::encode_heartbeat(&mut frame);
+                                self.out.send(Outbound::Raw(frame.freeze()));
+                            }
+                        }
+                    }
+                    if self.phase == Phase::Closed {
+                        return;
                     }
                     continue;
                 }
@@ -380,10 +451,7 @@ impl Connection {
                 continue;
             }
             let deadline = match self.phase {
-                Phase::Open => match self.heartbeat.load(Ordering::Relaxed) {
-                    0 => None,
-                    hb => Some(last_heard + Duration::from_secs(2 * u64::from(hb))),
-                },
+                Phase::Open => self.heartbeat_deadline(last_heard),
                 Phase::Closing(deadline) => Some(deadline),
                 _ => Some(handshake_deadline),
             };
@@ -422,6 +490,15 @@ impl Connection {
                 }
                 _ = ack_check.tick(), if self.phase == Phase::Open => self.check_consumer_timeouts(),
             }
+        }
+    }
+
+    /// When an open connection whose client was last heard at `last_heard` has missed its
+    /// heartbeats (two intervals of silence, as RabbitMQ counts them); never without them.
+    fn heartbeat_deadline(&self, last_heard: Instant) -> Option<Instant> {
+        match self.heartbeat.load(Ordering::Relaxed) {
+            0 => None,
+            hb => Some(last_heard + Duration::from_secs(2 * u64::from(hb))),
         }
     }
 
@@ -1030,6 +1107,24 @@ async fn closed_from_outside(closed: &mut Option<watch::Receiver<Option<String>>
         if rx.changed().await.is_err() {
             return std::future::pending().await;
         }
+    }
+}
+
+/// Whether the client closed or reset the socket whose descriptor `probe` duplicates, even
+/// with bytes of its still unread before the close.
+fn peer_gone(probe: Option<&OwnedFd>) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let Some(fd) = probe else { return false };
+    let mut fds = [PollFd::new(fd, PollFlags::RDHUP)];
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    match poll(&mut fds, Some(&now)) {
+        Ok(_) => fds[0]
+            .revents()
+            .intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR),
+        Err(_) => false,
     }
 }
 

@@ -1,0 +1,212 @@
+//! Resources the broker must keep bounded whatever clients do: publishers blocked by an alarm
+//! still go away when their clients do or when they are closed from outside.
+mod common;
+
+use amq_protocol::frame::AMQPFrame;
+use amq_protocol::protocol::{AMQPClass, basic, connection, queue};
+use amq_protocol::types::FieldTable;
+use common::TestBroker;
+use common::http::Api;
+use common::raw::{Raw, encode};
+use std::time::Duration;
+use tokio::io::AsyncReadExt;
+
+fn declare(name: &str) -> AMQPClass {
+    AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+        queue: name.into(),
+        passive: false,
+        durable: false,
+        exclusive: false,
+        auto_delete: false,
+        nowait: false,
+        arguments: FieldTable::default(),
+    }))
+}
+
+fn publish_frames(channel: u16, routing_key: &str, body: &[u8]) -> Vec<u8> {
+    let mut bytes = encode(&AMQPFrame::Method(
+        channel,
+        AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+            exchange: "".into(),
+            routing_key: routing_key.into(),
+            mandatory: false,
+            immediate: false,
+        })),
+    ));
+    let mut header = vec![2u8];
+    header.extend_from_slice(&channel.to_be_bytes());
+    header.extend_from_slice(&14u32.to_be_bytes());
+    header.extend_from_slice(&[0, 60, 0, 0]);
+    header.extend_from_slice(&(body.len() as u64).to_be_bytes());
+    header.extend_from_slice(&[0, 0, 0xCE]);
+    bytes.extend_from_slice(&header);
+    bytes.push(3);
+    bytes.extend_from_slice(&channel.to_be_bytes());
+    bytes.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    bytes.extend_from_slice(body);
+    bytes.push(0xCE);
+    bytes
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A raw publisher on queue `q` that published once, and was then told `connection.blocked`
+/// on its second publish. The memory alarm must already be on.
+async fn blocked_publisher(broker: &TestBroker, q: &str) -> Raw {
+    let mut raw = Raw::open(broker).await;
+    raw.send(&publish_frames(1, q, b"blocked")).await;
+    let (ch, m) = common::within(5, raw.method()).await.expect("blocked");
+    assert_eq!(ch, 0);
+    assert!(
+        matches!(m, AMQPClass::Connection(connection::AMQPMethod::Blocked(_))),
+        "expected connection.blocked, got {m:?}"
+    );
+    raw
+}
+
+async fn connection_names(api: &Api) -> Vec<String> {
+    api.json("/api/connections")
+        .await
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|c| c["name"].as_str().expect("a name").to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn blocked_publishers_that_drop_their_sockets_are_cleaned_up() {
+    let broker = TestBroker::start().await;
+    if broker.is_external() {
+        return;
+    }
+    let api = Api::new(&broker);
+    let q = common::unique("blocked-gone");
+    let mut first = Raw::open(&broker).await;
+    first.send_method(1, declare(&q)).await;
+    first.method().await.expect("declare-ok");
+    drop(first);
+    broker.broker().alarms.set_memory_limit(1);
+    let mut publishers = Vec::new();
+    for _ in 0..6 {
+        publishers.push(blocked_publisher(&broker, &q).await);
+    }
+    common::eventually("six blocked connections", || async {
+        connection_names(&api).await.len() == 6
+    })
+    .await;
+    // Some publishers go on publishing while blocked (far more than the broker reads ahead)
+    // before they give up; the others give up at once.
+    let body = vec![0u8; 32 * 1024];
+    for raw in publishers.iter_mut().take(3) {
+        for _ in 0..16 {
+            let frames = publish_frames(1, &q, &body);
+            let sent = tokio::time::timeout(
+                Duration::from_millis(200),
+                tokio::io::AsyncWriteExt::write_all(&mut raw.socket, &frames),
+            )
+            .await;
+            if sent.is_err() {
+                break;
+            }
+        }
+    }
+    // One half-closes: it must see the broker close its side, i.e. the socket was let go.
+    let mut half = publishers.pop().expect("a publisher");
+    tokio::io::AsyncWriteExt::shutdown(&mut half.socket)
+        .await
+        .expect("half-closes");
+    drop(publishers);
+    common::eventually(
+        "blocked connections whose clients left are gone",
+        || async { connection_names(&api).await.is_empty() },
+    )
+    .await;
+    assert_eq!(broker.broker().connections.count(), 0);
+    let mut rest = Vec::new();
+    let read = common::within(5, half.socket.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the broker closed the socket: {read:?}");
+    broker.broker().alarms.set_memory_limit(0);
+}
+
+#[tokio::test]
+async fn a_forced_close_reaches_a_blocked_publisher_with_connection_forced() {
+    let broker = TestBroker::start().await;
+    if broker.is_external() {
+        return;
+    }
+    let api = Api::new(&broker);
+    let q = common::unique("blocked-forced");
+    broker.broker().alarms.set_memory_limit(1);
+    let mut raw = blocked_publisher(&broker, &q).await;
+    let names = connection_names(&api).await;
+    assert_eq!(names.len(), 1);
+    api.delete(&format!("/api/connections/{}", urlencode(&names[0])))
+        .await
+        .status(204);
+    let close = common::within(5, raw.expect_connection_close()).await;
+    assert_eq!(close.code, 320);
+    assert_eq!(
+        close.text,
+        "CONNECTION_FORCED - Closed via management plugin"
+    );
+    common::eventually("the forced connection is gone", || async {
+        connection_names(&api).await.is_empty()
+    })
+    .await;
+    broker.broker().alarms.set_memory_limit(0);
+}
+
+#[tokio::test]
+async fn a_blocked_publisher_that_falls_silent_misses_its_heartbeats() {
+    let broker = TestBroker::start().await;
+    if broker.is_external() {
+        return;
+    }
+    let mut raw = Raw::connect(&broker).await;
+    raw.send(common::raw::HEADER).await;
+    raw.method().await.expect("connection.start");
+    raw.start_ok("guest", "guest", true).await;
+    raw.method().await.expect("connection.tune");
+    raw.send_method(
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::TuneOk(connection::TuneOk {
+            channel_max: 16,
+            frame_max: 131_072,
+            heartbeat: 1,
+        })),
+    )
+    .await;
+    raw.send_method(
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::Open(connection::Open {
+            virtual_host: "/".into(),
+        })),
+    )
+    .await;
+    raw.method().await.expect("connection.open-ok");
+    raw.open_channel(1).await;
+    broker.broker().alarms.set_memory_limit(1);
+    let q = common::unique("blocked-silent");
+    raw.send(&publish_frames(1, &q, b"blocked")).await;
+    let (_, m) = raw.method().await.expect("connection.blocked");
+    assert!(matches!(
+        m,
+        AMQPClass::Connection(connection::AMQPMethod::Blocked(_))
+    ));
+    // No heartbeats from here on, and the socket stays open: after two intervals the broker
+    // gives up on the client.
+    assert_eq!(broker.broker().connections.count(), 1);
+    common::eventually("the silent blocked connection is closed", || async {
+        broker.broker().connections.count() == 0
+    })
+    .await;
+    broker.broker().alarms.set_memory_limit(0);
+}
