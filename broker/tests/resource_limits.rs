@@ -1,5 +1,6 @@
 //! Resources the broker must keep bounded whatever clients do: publishers blocked by an alarm
-//! still go away when their clients do or when they are closed from outside.
+//! still go away when their clients do or when they are closed from outside; a consumer that
+//! never acks cannot pull a backlog from disk into memory.
 mod common;
 
 use amq_protocol::frame::AMQPFrame;
@@ -209,4 +210,138 @@ async fn a_blocked_publisher_that_falls_silent_misses_its_heartbeats() {
     })
     .await;
     broker.broker().alarms.set_memory_limit(0);
+}
+
+#[tokio::test]
+async fn a_consumer_with_unlimited_prefetch_that_never_acks_holds_a_bounded_backlog() {
+    // A small window: a queue keeps 8 messages (8 KiB) in memory and hands out 16 times
+    // that many messages, 4 times that many bytes, unacknowledged (32 of 1 KiB).
+    let broker = TestBroker::start_with(|c| {
+        c.queue_window_messages = 8;
+        c.queue_window_bytes = 8 * 1024;
+    })
+    .await;
+    if broker.is_external() {
+        return;
+    }
+    use futures::StreamExt;
+    use lapin::BasicProperties;
+    use lapin::options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
+        QueueDeclareOptions,
+    };
+    const BACKLOG: u64 = 400;
+    const IN_FLIGHT: u64 = 32;
+    let conn = broker.connect().await;
+    let pch = common::within(5, conn.create_channel())
+        .await
+        .expect("channel");
+    let q = common::unique("never-acked");
+    common::within(
+        5,
+        pch.queue_declare(
+            q.as_str().into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .expect("declare");
+    common::within(5, pch.confirm_select(ConfirmSelectOptions::default()))
+        .await
+        .expect("confirm.select");
+    let body = vec![1u8; 1024];
+    let mut confirms = Vec::new();
+    for _ in 0..BACKLOG {
+        confirms.push(
+            common::within(
+                5,
+                pch.basic_publish(
+                    "".into(),
+                    q.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    BasicProperties::default(),
+                ),
+            )
+            .await
+            .expect("publish"),
+        );
+    }
+    for c in confirms {
+        common::within(5, c).await.expect("confirm");
+    }
+    let queue = broker
+        .broker()
+        .vhost("/")
+        .expect("vhost")
+        .queue(&q)
+        .expect("queue");
+    assert!(queue.lengths().in_memory <= 8, "the backlog is on disk");
+    // No basic.qos: unlimited prefetch. The consumer never acks.
+    let cch = common::within(5, conn.create_channel())
+        .await
+        .expect("channel");
+    let mut consumer = common::within(
+        5,
+        cch.basic_consume(
+            q.as_str().into(),
+            "hoarder".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .expect("consume");
+    let mut received = Vec::new();
+    while (received.len() as u64) < IN_FLIGHT {
+        let d = common::within(5, consumer.next())
+            .await
+            .expect("a delivery")
+            .expect("a delivery");
+        received.push(d);
+    }
+    // Nothing more comes while none is acknowledged.
+    let more = tokio::time::timeout(Duration::from_millis(300), consumer.next()).await;
+    assert!(more.is_err(), "a delivery beyond the bound: {more:?}");
+    let l = queue.lengths();
+    assert_eq!(l.unacked, IN_FLIGHT);
+    assert_eq!(l.ready, BACKLOG - IN_FLIGHT);
+    assert!(
+        l.in_memory <= 8,
+        "ready in memory: {} (the window is 8)",
+        l.in_memory
+    );
+    // Acknowledgements let more out, as many as were acknowledged.
+    for d in received.drain(..4) {
+        common::within(5, d.acker.ack(BasicAckOptions::default()))
+            .await
+            .expect("ack");
+    }
+    for _ in 0..4 {
+        let d = common::within(5, consumer.next())
+            .await
+            .expect("a delivery")
+            .expect("a delivery");
+        received.push(d);
+    }
+    common::eventually("the bound holds after acks", || async {
+        queue.lengths().unacked == IN_FLIGHT
+    })
+    .await;
+    // Returned unacknowledged, they go back to memory, no more than were in flight.
+    common::within(5, cch.close(200, "bye".into()))
+        .await
+        .expect("close");
+    common::eventually("the deliveries are back", || async {
+        queue.lengths().ready == BACKLOG - 4
+    })
+    .await;
+    let l = queue.lengths();
+    assert!(
+        l.in_memory <= 8 + IN_FLIGHT,
+        "ready in memory after the requeue: {}",
+        l.in_memory
+    );
+    let _ = conn.close(200, "bye".into()).await;
 }
