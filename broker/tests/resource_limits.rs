@@ -1,6 +1,7 @@
 //! Resources the broker must keep bounded whatever clients do: publishers blocked by an alarm
-//! still go away when their clients do or when they are closed from outside; a consumer that
-//! never acks cannot pull a backlog from disk into memory.
+//! still go away when their clients do or when they are closed from outside; the disk alarm
+//! keeps up with a fast publisher; a disk that cannot be written does not keep the broker from
+//! stopping; a consumer that never acks cannot pull a backlog from disk into memory.
 mod common;
 
 use amq_protocol::frame::AMQPFrame;
@@ -210,6 +211,123 @@ async fn a_blocked_publisher_that_falls_silent_misses_its_heartbeats() {
     })
     .await;
     broker.broker().alarms.set_memory_limit(0);
+}
+
+/// A store whose every write fails, as on a full disk.
+struct FullDisk;
+
+impl warren_broker::store::flusher::Flushable for FullDisk {
+    fn write_pending(&self) -> std::io::Result<Vec<std::sync::Arc<std::fs::File>>> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::StorageFull,
+            "No space left on device",
+        ))
+    }
+    fn after_sync(&self) {}
+    fn failed(&self) {}
+}
+
+#[tokio::test]
+async fn shutdown_finishes_when_the_last_flush_cannot_write() {
+    let broker = TestBroker::start().await;
+    if broker.is_external() {
+        return;
+    }
+    let full: std::sync::Arc<dyn warren_broker::store::flusher::Flushable> =
+        std::sync::Arc::new(FullDisk);
+    let flusher = broker
+        .broker()
+        .storage
+        .flusher()
+        .expect("a broker with a data directory")
+        .clone();
+    flusher.register(std::sync::Arc::downgrade(&full));
+    flusher.hurry();
+    common::eventually("the flusher fails to write", || async {
+        flusher
+            .stats
+            .errors
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    })
+    .await;
+    // The failed data waits to be written again when the broker is asked to stop: one last
+    // try, and the broker stops without it, well within the grace period of each step.
+    common::within(4, broker.stop()).await;
+    drop(full);
+}
+
+#[tokio::test]
+async fn the_disk_alarm_blocks_a_fast_publisher_before_it_fills_the_room_left() {
+    let broker = TestBroker::start().await;
+    if broker.is_external() {
+        return;
+    }
+    use lapin::BasicProperties;
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+    const MIB: u64 = 1024 * 1024;
+    // The limit leaves this much room above free space as it is now.
+    const ROOM: u64 = 16 * MIB;
+    let alarms = broker.broker().alarms.clone();
+    let free = warren_broker::alarms::free_disk(broker.data_dir()).expect("free disk");
+    alarms.set_disk_free_limit(free - ROOM);
+    assert!(!alarms.state().disk, "room is left");
+    let conn = broker.connect().await;
+    let ch = common::within(5, conn.create_channel())
+        .await
+        .expect("channel");
+    let q = common::unique("disk-filler");
+    common::within(
+        5,
+        ch.queue_declare(
+            q.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .expect("declare");
+    common::within(5, ch.confirm_select(ConfirmSelectOptions::default()))
+        .await
+        .expect("confirm.select");
+    let body = vec![7u8; 256 * 1024];
+    let mut published = 0u64;
+    // Persistent messages, each confirmed (so on disk) before the next, until the alarm.
+    while !alarms.state().disk && published < 8 * ROOM {
+        let confirm = common::within(
+            5,
+            ch.basic_publish(
+                "".into(),
+                q.as_str().into(),
+                BasicPublishOptions::default(),
+                &body,
+                BasicProperties::default().with_delivery_mode(2),
+            ),
+        )
+        .await
+        .expect("publish");
+        if tokio::time::timeout(Duration::from_secs(3), confirm)
+            .await
+            .is_err()
+        {
+            assert!(alarms.state().disk, "a confirm stalled without an alarm");
+            break;
+        }
+        published += body.len() as u64;
+    }
+    assert!(alarms.state().disk, "the disk alarm fired");
+    // The room, give or take what the rest of the machine wrote or freed meanwhile.
+    assert!(
+        published <= ROOM + 8 * MIB,
+        "the alarm fired only after {} MiB were written into {} MiB of room",
+        published / MIB,
+        ROOM / MIB
+    );
+    alarms.set_disk_free_limit(0);
+    let _ = common::within(5, conn.close(200, "bye".into())).await;
 }
 
 #[tokio::test]

@@ -171,6 +171,15 @@ impl Broker {
             memory_limit,
             config.disk_free_limit,
         );
+        if let Some(flusher) = storage.flusher() {
+            // Free disk is checked as fast as the stores use it, not only on the timer.
+            let alarms = Arc::downgrade(&alarms);
+            flusher.observe_writes(Box::new(move |bytes| {
+                if let Some(a) = alarms.upgrade() {
+                    a.disk_written(bytes);
+                }
+            }));
+        }
         let churn = Arc::new(stats::Churn::default());
         let broker = Self {
             churn: churn.clone(),
