@@ -2,14 +2,19 @@
 //! free-disk limit, connections that publish are told `connection.blocked` and are not read
 //! from until the alarm clears (`connection.unblocked`); consumers keep draining meanwhile.
 //!
+//! Memory is what the process has in use: the allocator's count of allocated bytes when the
+//! binary registered a way to read it ([`set_memory_probe`]), resident memory otherwise. Resident
+//! memory keeps what the allocator freed but has not given back, so an alarm read from it may
+//! never clear after a burst of connections or messages is over.
+//!
 //! Free disk is checked on a timer, and also as the stores write: the flusher reports the bytes
 //! of each round, and a check runs once half of the room left above the limit has been written,
 //! so a fast publisher cannot fill the disk between two ticks.
 
 use parking_lot::Mutex;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -63,6 +68,24 @@ pub struct Alarms {
     /// Checks come from the monitor and from the flusher: one at a time, so that an older
     /// reading never overwrites a newer one.
     checking: Mutex<()>,
+}
+
+/// The allocator's count of bytes in use, if the binary registered one.
+static MEMORY_PROBE: OnceLock<fn() -> Option<u64>> = OnceLock::new();
+
+/// Registers how to read the bytes the allocator has handed out and not had back (the binary
+/// does, for the allocator it installs). Later registrations are ignored.
+pub fn set_memory_probe(probe: fn() -> Option<u64>) {
+    let _ = MEMORY_PROBE.set(probe);
+}
+
+/// The memory this process has in use, in bytes: the allocator's count when one is
+/// registered, else resident memory.
+pub fn memory_in_use() -> u64 {
+    MEMORY_PROBE
+        .get()
+        .and_then(|probe| probe())
+        .unwrap_or_else(resident_memory)
 }
 
 /// Resident memory of this process, in bytes.
@@ -161,7 +184,7 @@ impl Alarms {
     /// Measures memory and disk and raises or clears the alarms.
     pub fn check(&self) {
         let _one = self.checking.lock();
-        let memory_used = resident_memory();
+        let memory_used = memory_in_use();
         let memory_limit = self.memory_limit.load(Ordering::Relaxed);
         let disk_free_limit = self.disk_free_limit.load(Ordering::Relaxed);
         let written = self.written.load(Ordering::Relaxed);
