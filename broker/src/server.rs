@@ -292,8 +292,7 @@ async fn accept_loop(
                 Ok((None, Some(tls), peer)) => {
                     let local = tls.get_ref().0.local_addr().unwrap_or(peer);
                     let details = tls::describe(&tls);
-                    let probe = std::os::fd::AsFd::as_fd(tls.get_ref().0).try_clone_to_owned().ok();
-                    connections.spawn(connection::serve(tls, peer, local, broker.clone(), shutdown.clone(), Some(details), probe));
+                    connections.spawn(connection::serve(tls, peer, local, broker.clone(), shutdown.clone(), Some(details)));
                 }
                 Ok(_) => {}
                 Err(e) => {

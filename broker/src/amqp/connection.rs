@@ -112,8 +112,7 @@ struct Connection {
 
 /// Serves one client socket until it closes. Returns when the connection is over and every
 /// resource it held (channels, consumers, exclusive queues) is released.
-/// `tls` is the protocol version and cipher suite of a TLS connection; `probe`, a duplicate of
-/// the socket's descriptor, lets a connection that is not being read still see its client go.
+/// `tls` is the protocol version and cipher suite of a TLS connection.
 pub async fn serve<S>(
     stream: S,
     peer: SocketAddr,
@@ -121,13 +120,29 @@ pub async fn serve<S>(
     broker: Arc<Broker>,
     shutdown: watch::Receiver<bool>,
     tls: Option<(String, String)>,
-    probe: Option<OwnedFd>,
 ) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (reader, writer) = tokio::io::split(stream);
-    serve_halves(reader, writer, peer, local, broker, shutdown, tls, probe).await;
+    serve_halves(reader, writer, peer, local, broker, shutdown, tls).await;
 }
+
+/// The read half of a client's stream.
+trait ClientReader: AsyncRead + Unpin + Send + 'static {
+    /// A duplicate of the socket's descriptor, to watch for the client's close while the
+    /// stream is not read (none where the stream does not show its socket).
+    fn socket(&self) -> Option<OwnedFd> {
+        None
+    }
+}
+
+impl ClientReader for tokio::net::tcp::OwnedReadHalf {
+    fn socket(&self) -> Option<OwnedFd> {
+        self.as_ref().as_fd().try_clone_to_owned().ok()
+    }
+}
+
+impl<S: AsyncRead + Send + 'static> ClientReader for tokio::io::ReadHalf<S> {}
 
 /// [`serve`] for a plain TCP socket, whose halves need no lock between them.
 pub async fn serve_tcp(
@@ -137,12 +152,10 @@ pub async fn serve_tcp(
     shutdown: watch::Receiver<bool>,
 ) {
     let local = stream.local_addr().unwrap_or(peer);
-    let probe = stream.as_fd().try_clone_to_owned().ok();
     let (reader, writer) = stream.into_split();
-    serve_halves(reader, writer, peer, local, broker, shutdown, None, probe).await;
+    serve_halves(reader, writer, peer, local, broker, shutdown, None).await;
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn serve_halves<R, W>(
     mut reader: R,
     mut writer: W,
@@ -151,9 +164,8 @@ async fn serve_halves<R, W>(
     broker: Arc<Broker>,
     shutdown: watch::Receiver<bool>,
     tls: Option<(String, String)>,
-    probe: Option<OwnedFd>,
 ) where
-    R: AsyncRead + Unpin + Send + 'static,
+    R: ClientReader,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let mut header = [0u8; 8];
@@ -208,7 +220,7 @@ async fn serve_halves<R, W>(
         closed: None,
     };
     conn.send_start();
-    conn.run(&mut reader, shutdown, handshake, probe).await;
+    conn.run(&mut reader, shutdown, handshake).await;
     conn.cleanup();
     conn.out.send(Outbound::Close);
     let _ = writer_task.await;
@@ -254,12 +266,11 @@ impl Connection {
         );
     }
 
-    async fn run<R: AsyncRead + Unpin>(
+    async fn run<R: ClientReader>(
         &mut self,
         reader: &mut R,
         mut shutdown: watch::Receiver<bool>,
         handshake: Duration,
-        probe: Option<OwnedFd>,
     ) {
         let mut buf = BytesMut::with_capacity(64 * 1024);
         let handshake_deadline = Instant::now() + handshake;
@@ -273,6 +284,9 @@ impl Connection {
         let mut last_heard = Instant::now();
         // When a heartbeat was last sent to a blocked client to see whether it is still there.
         let mut last_nudge = Instant::now();
+        // The socket, watched while the connection is blocked and not read (taken then only:
+        // a descriptor more for every connection would halve how many the node can take).
+        let mut probe: Option<OwnedFd> = None;
         loop {
             // Everything already buffered is handled before reading more, except that during
             // an alarm a publish is left unread: the connection blocks before it.
@@ -325,6 +339,9 @@ impl Connection {
                     } else {
                         // Its bytes are waiting on us: the client is as good as heard.
                         last_heard = Instant::now();
+                        if probe.is_none() {
+                            probe = reader.socket();
+                        }
                     }
                     let deadline = self.heartbeat_deadline(last_heard);
                     let read = async {
@@ -362,8 +379,8 @@ impl Connection {
                             }
                             // A client that closed with publishes still unsent has its close
                             // stuck behind them, unread here; a write makes its system answer
-                            // with a reset, which the probe sees. A heartbeat is harmless to a
-                            // client that is still there.
+                            // with a reset, which the probe (or the writer, failing) sees. A
+                            // heartbeat is harmless to a client that is still there.
                             if last_nudge.elapsed() >= BLOCKED_NUDGE {
                                 last_nudge = Instant::now();
                                 let mut frame = BytesMut::new();
@@ -378,6 +395,7 @@ impl Connection {
                     continue;
                 }
                 if std::mem::take(&mut self.blocked) {
+                    probe = None;
                     self.set_state(ConnectionState::Running);
                     if self.capabilities.blocked {
                         self.out.method(
