@@ -20,6 +20,7 @@ use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -39,6 +40,13 @@ const ACK_CHECK: Duration = Duration::from_millis(500);
 const FLOW_RECHECK: Duration = Duration::from_millis(50);
 /// Frame size limit before tuning (connection.start-ok may carry large client properties).
 const HANDSHAKE_FRAME_MAX: u32 = 131_072;
+/// How much a connection blocked by an alarm is read ahead of the publish it stopped at: its
+/// heartbeats and its close are heard, while its publishes cost no more than this.
+const BLOCKED_READ_AHEAD: usize = 64 * 1024;
+/// How often the socket of a blocked connection read ahead that far is looked at for a close.
+const BLOCKED_PROBE: Duration = Duration::from_millis(250);
+/// How often such a connection is sent a heartbeat, to make a client that is gone reset it.
+const BLOCKED_NUDGE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -127,6 +135,23 @@ pub async fn serve<S>(
     serve_halves(reader, writer, peer, local, broker, shutdown, tls).await;
 }
 
+/// The read half of a client's stream.
+trait ClientReader: AsyncRead + Unpin + Send + 'static {
+    /// A duplicate of the socket's descriptor, to watch for the client's close while the
+    /// stream is not read (none where the stream does not show its socket).
+    fn socket(&self) -> Option<OwnedFd> {
+        None
+    }
+}
+
+impl ClientReader for tokio::net::tcp::OwnedReadHalf {
+    fn socket(&self) -> Option<OwnedFd> {
+        self.as_ref().as_fd().try_clone_to_owned().ok()
+    }
+}
+
+impl<S: AsyncRead + Send + 'static> ClientReader for tokio::io::ReadHalf<S> {}
+
 /// [`serve`] for a plain TCP socket, whose halves need no lock between them.
 pub async fn serve_tcp(
     stream: tokio::net::TcpStream,
@@ -148,7 +173,7 @@ async fn serve_halves<R, W>(
     shutdown: watch::Receiver<bool>,
     tls: Option<(String, String)>,
 ) where
-    R: AsyncRead + Unpin + Send + 'static,
+    R: ClientReader,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let mut header = [0u8; 8];
@@ -249,7 +274,7 @@ impl Connection {
         );
     }
 
-    async fn run<R: AsyncRead + Unpin>(
+    async fn run<R: ClientReader>(
         &mut self,
         reader: &mut R,
         mut shutdown: watch::Receiver<bool>,
@@ -265,6 +290,11 @@ impl Connection {
         // The heartbeat deadline counts from the last bytes the client sent, not from the
         // last turn of this loop (timers turn it too).
         let mut last_heard = Instant::now();
+        // When a heartbeat was last sent to a blocked client to see whether it is still there.
+        let mut last_nudge = Instant::now();
+        // The socket, watched while the connection is blocked and not read (taken then only:
+        // a descriptor more for every connection would halve how many the node can take).
+        let mut probe: Option<OwnedFd> = None;
         loop {
             if self.phase == Phase::Closed {
                 return;
@@ -310,14 +340,73 @@ impl Connection {
                     }
                     self.blocked = true;
                     self.set_state(ConnectionState::Blocked);
+                    // Its publishes wait unread in `buf`, but the client is still read a
+                    // little ahead, to hear its heartbeats and its close; past that, the
+                    // socket itself is watched, so that a publisher that gives up and goes
+                    // away does not leave its connection behind.
+                    let read_ahead = buf.len() < BLOCKED_READ_AHEAD;
+                    if read_ahead {
+                        buf.reserve(16 * 1024);
+                    } else {
+                        // Its bytes are waiting on us: the client is as good as heard.
+                        last_heard = Instant::now();
+                        if probe.is_none() {
+                            probe = reader.socket();
+                        }
+                    }
+                    let deadline = self.heartbeat_deadline(last_heard);
+                    let read = async {
+                        match deadline {
+                            Some(d) => timeout_at(d, reader.read_buf(&mut buf)).await,
+                            None => Ok(reader.read_buf(&mut buf).await),
+                        }
+                    };
                     tokio::select! {
                         _ = alarms.changed() => {}
                         _ = shutdown.changed() => self.force_close(),
                         () = durable_changed(&mut durable), if !self.waiting.is_empty() => self.flush_waiting(),
+                        reason = closed_from_outside(&mut self.closed) => {
+                            self.fail(AmqpError::new(CONNECTION_FORCED, reason));
+                        }
+                        _ = ack_check.tick() => self.check_consumer_timeouts(),
+                        r = read, if read_ahead => match r {
+                            Ok(Ok(0)) | Ok(Err(_)) => {
+                                tracing::debug!(peer = %self.peer, "blocked client closed the socket");
+                                return;
+                            }
+                            Ok(Ok(n)) => {
+                                last_heard = Instant::now();
+                                self.traffic.received(n);
+                            }
+                            Err(_) => {
+                                tracing::warn!(peer = %self.peer, "missed heartbeats from blocked client, closing");
+                                return;
+                            }
+                        },
+                        () = tokio::time::sleep(BLOCKED_PROBE), if !read_ahead => {
+                            if peer_gone(probe.as_ref()) || self.out.is_closed() {
+                                tracing::debug!(peer = %self.peer, "blocked client closed the socket");
+                                return;
+                            }
+                            // A client that closed with publishes still unsent has its close
+                            // stuck behind them, unread here; a write makes its system answer
+                            // with a reset, which the probe (or the writer, failing) sees. A
+                            // heartbeat is harmless to a client that is still there.
+                            if last_nudge.elapsed() >= BLOCKED_NUDGE {
+                                last_nudge = Instant::now();
+                                let mut frame = BytesMut::new();
+                                codec::encode_heartbeat(&mut frame);
+                                self.out.send(Outbound::Raw(frame.freeze()));
+                            }
+                        }
+                    }
+                    if self.phase == Phase::Closed {
+                        return;
                     }
                     continue;
                 }
                 if std::mem::take(&mut self.blocked) {
+                    probe = None;
                     self.set_state(ConnectionState::Running);
                     if self.capabilities.blocked {
                         self.out.method(
@@ -391,10 +480,7 @@ impl Connection {
                 continue;
             }
             let deadline = match self.phase {
-                Phase::Open => match self.heartbeat.load(Ordering::Relaxed) {
-                    0 => None,
-                    hb => Some(last_heard + Duration::from_secs(2 * u64::from(hb))),
-                },
+                Phase::Open => self.heartbeat_deadline(last_heard),
                 Phase::Closing(deadline) | Phase::CloseOkSent(deadline) => Some(deadline),
                 _ => Some(handshake_deadline),
             };
@@ -433,6 +519,15 @@ impl Connection {
                 }
                 _ = ack_check.tick(), if self.phase == Phase::Open => self.check_consumer_timeouts(),
             }
+        }
+    }
+
+    /// When an open connection whose client was last heard at `last_heard` has missed its
+    /// heartbeats (two intervals of silence, as RabbitMQ counts them); never without them.
+    fn heartbeat_deadline(&self, last_heard: Instant) -> Option<Instant> {
+        match self.heartbeat.load(Ordering::Relaxed) {
+            0 => None,
+            hb => Some(last_heard + Duration::from_secs(2 * u64::from(hb))),
         }
     }
 
@@ -1102,6 +1197,24 @@ async fn closed_from_outside(closed: &mut Option<watch::Receiver<Option<String>>
         if rx.changed().await.is_err() {
             return std::future::pending().await;
         }
+    }
+}
+
+/// Whether the client closed or reset the socket whose descriptor `probe` duplicates, even
+/// with bytes of its still unread before the close.
+fn peer_gone(probe: Option<&OwnedFd>) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let Some(fd) = probe else { return false };
+    let mut fds = [PollFd::new(fd, PollFlags::RDHUP)];
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    match poll(&mut fds, Some(&now)) {
+        Ok(_) => fds[0]
+            .revents()
+            .intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR),
+        Err(_) => false,
     }
 }
 

@@ -178,6 +178,15 @@ impl Broker {
             memory_limit,
             config.disk_free_limit,
         );
+        if let Some(flusher) = storage.flusher() {
+            // Free disk is checked as fast as the stores use it, not only on the timer.
+            let alarms = Arc::downgrade(&alarms);
+            flusher.observe_writes(Box::new(move |bytes| {
+                if let Some(a) = alarms.upgrade() {
+                    a.disk_written(bytes);
+                }
+            }));
+        }
         let churn = Arc::new(stats::Churn::default());
         // As RabbitMQ: the configured name applies at every start; one set at run time lasts
         // until the next start that configures another.

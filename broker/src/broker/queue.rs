@@ -157,6 +157,10 @@ struct QueueState {
     unacked: u64,
     /// Body bytes of the unacknowledged messages.
     unacked_bytes: u64,
+    /// The most handed out unacknowledged at a time ([`Window::in_flight`]): without it, a
+    /// consumer with unlimited prefetch that does not ack would pull the whole backlog from
+    /// disk into memory.
+    in_flight: Window,
     /// Sorted by priority, highest first; round-robin within a priority.
     consumers: Vec<Arc<Consumer>>,
     dispatch_pass: u64,
@@ -492,6 +496,7 @@ impl Queue {
                 next_seq,
                 unacked: 0,
                 unacked_bytes: 0,
+                in_flight: window.in_flight(),
                 consumers: Vec::new(),
                 dispatch_pass: 0,
                 had_consumer: false,
@@ -944,11 +949,13 @@ impl Queue {
         let mut handed = 0;
         while declined < candidates && !st.ready.is_empty() {
             let mut chosen = None;
+            let in_flight_full = st.unacked >= st.in_flight.messages as u64
+                || st.unacked_bytes >= st.in_flight.bytes;
             for (i, c) in st.consumers.iter().enumerate().take(candidates) {
                 if c.skipped_in.load(Ordering::Relaxed) == pass {
                     continue;
                 }
-                if !c.has_credit() {
+                if !c.has_credit() || (in_flight_full && !c.no_ack) {
                     c.skipped_in.store(pass, Ordering::Relaxed);
                     declined += 1;
                     continue;

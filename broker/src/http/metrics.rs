@@ -591,6 +591,11 @@ pub fn render(state: &AppState, per_object: bool) -> prometheus::Result<Vec<u8>>
         crate::alarms::resident_memory() as f64,
     );
     out.gauge(
+        "warren_memory_used_bytes",
+        "Memory in use as the memory alarm counts it (allocated bytes; resident memory without allocator statistics)",
+        readings.memory_used as f64,
+    );
+    out.gauge(
         "warren_delayed_messages",
         "Messages of delayed exchanges (x-delayed-message) waiting for their time",
         broker
