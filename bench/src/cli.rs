@@ -250,10 +250,10 @@ impl Config {
         if !a.rate.is_finite() || a.rate < 0.0 {
             return Err("--rate must be a number >= 0".into());
         }
-        if let Some(t) = a.time {
-            if !t.is_finite() || t <= 0.0 {
-                return Err("--time must be > 0 seconds".into());
-            }
+        if let Some(t) = a.time
+            && (!t.is_finite() || t <= 0.0)
+        {
+            return Err("--time must be > 0 seconds".into());
         }
         if a.multi_ack_every == 0 {
             return Err("--multi-ack-every must be >= 1".into());
@@ -307,13 +307,13 @@ impl Config {
             }
             (None, None, None) => vec![DEFAULT_QUEUE.to_string()],
         };
-        if let Some(n) = a.fanout_queues {
-            if queues.len() != n as usize {
-                return Err(format!(
-                    "--fanout-queues {n} but the queue pattern gives {} queues",
-                    queues.len()
-                ));
-            }
+        if let Some(n) = a.fanout_queues
+            && queues.len() != n as usize
+        {
+            return Err(format!(
+                "--fanout-queues {n} but the queue pattern gives {} queues",
+                queues.len()
+            ));
         }
 
         let consumers = a.consumers.unwrap_or(match a.fanout_queues {

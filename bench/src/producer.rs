@@ -196,14 +196,14 @@ async fn publish(
         if ctx.stop.is_set() || spec.pmessages.is_some_and(|n| sent >= n) {
             break;
         }
-        if let Some(limiter) = limiter.as_mut() {
-            if let Some(lead) = limiter.pause(sent, start.elapsed()) {
-                tokio::select! {
-                    _ = tokio::time::sleep(lead) => {}
-                    _ = ctx.stop.wait() => break 'publishing,
-                }
-                continue;
+        if let Some(limiter) = limiter.as_mut()
+            && let Some(lead) = limiter.pause(sent, start.elapsed())
+        {
+            tokio::select! {
+                _ = tokio::time::sleep(lead) => {}
+                _ = ctx.stop.wait() => break 'publishing,
             }
+            continue;
         }
         if confirming {
             // Count what is already confirmed, then wait while the window is full.
@@ -284,7 +284,7 @@ async fn publish(
                 confirms.push(confirmed(confirm, ts));
             }
         }
-        if spec.mandatory && !confirming && sent % RETURN_DRAIN_EVERY == 0 {
+        if spec.mandatory && !confirming && sent.is_multiple_of(RETURN_DRAIN_EVERY) {
             count_returns(&channel, &ctx.counters).await?;
         }
     }

@@ -147,13 +147,12 @@ pub async fn cleanup(ch: &Channel, declared: &Declared) -> Vec<String> {
             warnings.push(format!("deleting queue {q:?} failed: {e}"));
         }
     }
-    if let Some(x) = &declared.exchange {
-        if let Err(e) = ch
+    if let Some(x) = &declared.exchange
+        && let Err(e) = ch
             .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
             .await
-        {
-            warnings.push(format!("deleting exchange {x:?} failed: {e}"));
-        }
+    {
+        warnings.push(format!("deleting exchange {x:?} failed: {e}"));
     }
     warnings
 }

@@ -1,11 +1,20 @@
 //! Memory and disk alarms, as RabbitMQ has them: above the memory high-watermark, or below the
 //! free-disk limit, connections that publish are told `connection.blocked` and are not read
 //! from until the alarm clears (`connection.unblocked`); consumers keep draining meanwhile.
+//!
+//! Memory is what the process has in use: the allocator's count of allocated bytes when the
+//! binary registered a way to read it ([`set_memory_probe`]), resident memory otherwise. Resident
+//! memory keeps what the allocator freed but has not given back, so an alarm read from it may
+//! never clear after a burst of connections or messages is over.
+//!
+//! Free disk is checked on a timer, and also as the stores write: the flusher reports the bytes
+//! of each round, and a check runs once half of the room left above the limit has been written,
+//! so a fast publisher cannot fill the disk between two ticks.
 
 use parking_lot::Mutex;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -41,6 +50,10 @@ pub struct Readings {
     pub disk_free_limit: u64,
 }
 
+/// Checks of free disk space are never further apart than this many bytes written once the
+/// room above the limit is small.
+const DISK_CHECK_MIN_BYTES: u64 = 1024 * 1024;
+
 #[derive(Debug)]
 pub struct Alarms {
     data_dir: PathBuf,
@@ -48,6 +61,31 @@ pub struct Alarms {
     disk_free_limit: AtomicU64,
     state: watch::Sender<AlarmState>,
     readings: Mutex<Readings>,
+    /// Bytes the stores have written since start.
+    written: AtomicU64,
+    /// When `written` reaches this, free disk is checked again.
+    next_disk_check: AtomicU64,
+    /// Checks come from the monitor and from the flusher: one at a time, so that an older
+    /// reading never overwrites a newer one.
+    checking: Mutex<()>,
+}
+
+/// The allocator's count of bytes in use, if the binary registered one.
+static MEMORY_PROBE: OnceLock<fn() -> Option<u64>> = OnceLock::new();
+
+/// Registers how to read the bytes the allocator has handed out and not had back (the binary
+/// does, for the allocator it installs). Later registrations are ignored.
+pub fn set_memory_probe(probe: fn() -> Option<u64>) {
+    let _ = MEMORY_PROBE.set(probe);
+}
+
+/// The memory this process has in use, in bytes: the allocator's count when one is
+/// registered, else resident memory.
+pub fn memory_in_use() -> u64 {
+    MEMORY_PROBE
+        .get()
+        .and_then(|probe| probe())
+        .unwrap_or_else(resident_memory)
 }
 
 /// Resident memory of this process, in bytes.
@@ -106,7 +144,19 @@ impl Alarms {
             disk_free_limit: AtomicU64::new(disk_free_limit),
             state,
             readings: Mutex::new(Readings::default()),
+            written: AtomicU64::new(0),
+            next_disk_check: AtomicU64::new(0),
+            checking: Mutex::new(()),
         })
+    }
+
+    /// Counts bytes written to the data directory, checking free space again when enough
+    /// were written since the last check for the disk to be near its limit.
+    pub fn disk_written(&self, bytes: u64) {
+        let total = self.written.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        if total >= self.next_disk_check.load(Ordering::Relaxed) {
+            self.check();
+        }
     }
 
     pub fn state(&self) -> AlarmState {
@@ -133,10 +183,18 @@ impl Alarms {
 
     /// Measures memory and disk and raises or clears the alarms.
     pub fn check(&self) {
-        let memory_used = resident_memory();
+        let _one = self.checking.lock();
+        let memory_used = memory_in_use();
         let memory_limit = self.memory_limit.load(Ordering::Relaxed);
         let disk_free_limit = self.disk_free_limit.load(Ordering::Relaxed);
+        let written = self.written.load(Ordering::Relaxed);
         let disk_free = free_disk(&self.data_dir).unwrap_or(u64::MAX);
+        // Half the room left: the next check comes before the limit can be passed by much.
+        let room = disk_free.saturating_sub(disk_free_limit) / 2;
+        self.next_disk_check.store(
+            written.saturating_add(room.max(DISK_CHECK_MIN_BYTES)),
+            Ordering::Relaxed,
+        );
         *self.readings.lock() = Readings {
             memory_used,
             memory_limit,

@@ -21,13 +21,43 @@ pub fn local_address(listen: SocketAddr) -> SocketAddr {
     SocketAddr::new(ip, listen.port())
 }
 
+/// What a drain did, as the broker reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// Client connections closed.
+    pub closed: u64,
+    /// Client connections still open when the broker stopped waiting for them.
+    pub remaining: u64,
+}
+
+impl std::fmt::Display for Drained {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let plural = |n: u64| if n == 1 { "" } else { "s" };
+        write!(
+            f,
+            "maintenance mode on: new clients are refused and readiness fails; closed {} client connection{}",
+            self.closed,
+            plural(self.closed)
+        )?;
+        if self.remaining > 0 {
+            write!(
+                f,
+                "; {} connection{} still open",
+                self.remaining,
+                plural(self.remaining)
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// Asks the broker at `addr` to drain, as `user`; waits up to `timeout` for the answer.
 pub async fn request(
     addr: SocketAddr,
     user: &str,
     password: &str,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<Drained, String> {
     let exchange = async {
         let mut stream = tokio::net::TcpStream::connect(addr)
             .await
@@ -52,12 +82,17 @@ pub async fn request(
             .nth(1)
             .and_then(|s| s.parse::<u16>().ok())
             .ok_or_else(|| format!("{addr}: not an HTTP answer"))?;
-        if status == 204 {
-            Ok(())
-        } else {
-            let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().trim();
-            Err(format!("the broker refused to drain: HTTP {status} {body}"))
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().trim();
+        if status != 200 {
+            return Err(format!("the broker refused to drain: HTTP {status} {body}"));
         }
+        let answer: serde_json::Value = serde_json::from_str(body)
+            .map_err(|e| format!("{addr}: unexpected answer to a drain ({e}): {body}"))?;
+        let count = |key: &str| answer[key].as_u64().unwrap_or(0);
+        Ok(Drained {
+            closed: count("closed"),
+            remaining: count("remaining"),
+        })
     };
     tokio::time::timeout(timeout, exchange)
         .await
@@ -65,7 +100,7 @@ pub async fn request(
 }
 
 /// Drains the broker that `config` describes, as its default user.
-pub async fn run(config: &Config) -> Result<(), String> {
+pub async fn run(config: &Config) -> Result<Drained, String> {
     request(
         local_address(config.management_listen),
         &config.default_user,

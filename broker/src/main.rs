@@ -4,8 +4,23 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use warren_broker::config::{Command, Config, Flags};
 
+// jemalloc, for its statistics: the memory alarm reads the bytes in use from it, where resident
+// memory would keep counting what was freed and not given back.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// Bytes allocated and not yet freed, as jemalloc last counted them (its statistics are
+/// refreshed by advancing its epoch).
+fn allocated() -> Option<u64> {
+    tikv_jemalloc_ctl::epoch::advance().ok()?;
+    tikv_jemalloc_ctl::stats::allocated::read()
+        .ok()
+        .map(|bytes| bytes as u64)
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    warren_broker::alarms::set_memory_probe(allocated);
     let flags = Flags::parse();
     let command = flags.command;
     let config = match Config::load(flags) {
@@ -17,7 +32,10 @@ async fn main() -> std::process::ExitCode {
     };
     if command == Some(Command::Drain) {
         return match warren_broker::drain::run(&config).await {
-            Ok(()) => std::process::ExitCode::SUCCESS,
+            Ok(drained) => {
+                println!("warren-broker drain: {drained}");
+                std::process::ExitCode::SUCCESS
+            }
             Err(e) => {
                 eprintln!("warren-broker drain: {e}");
                 std::process::ExitCode::FAILURE
@@ -31,7 +49,13 @@ async fn main() -> std::process::ExitCode {
             .with_env_filter(filter)
             .init();
     } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
+        // Logs go to stdout; colour codes only help a person watching a terminal, and would
+        // litter a file, a pipe or a log collector with escape sequences.
+        use std::io::IsTerminal;
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(std::io::stdout().is_terminal())
+            .init();
     }
     // Handlers first: a SIGTERM that arrives while the broker starts still stops it in order.
     use tokio::signal::unix::{SignalKind, signal};

@@ -70,8 +70,12 @@ impl RunningBroker {
         for b in self.background {
             b.abort();
         }
+        // The flusher gives up a last round that fails; this bounds a write that hangs.
         let storage = self.broker.storage.clone();
-        let _ = tokio::task::spawn_blocking(move || storage.shutdown()).await;
+        let flushed = tokio::task::spawn_blocking(move || storage.shutdown());
+        if tokio::time::timeout(SHUTDOWN_GRACE, flushed).await.is_err() {
+            tracing::error!("storage still writing after the grace period, stopping without it");
+        }
     }
 }
 

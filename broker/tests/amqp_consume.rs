@@ -907,3 +907,194 @@ async fn recover_without_requeue_closes_the_connection_with_not_implemented() {
     })
     .await;
 }
+
+/// Waits for `n` deliveries from any of `consumers`.
+async fn take_any(
+    consumers: &mut futures::stream::SelectAll<Consumer>,
+    n: usize,
+    case: &str,
+) -> Vec<Delivery> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let d = tokio::time::timeout(std::time::Duration::from_secs(5), consumers.next())
+            .await
+            .unwrap_or_else(|_| panic!("{case}: delivery {} of {n} never came", i + 1))
+            .expect("consumers end")
+            .expect("delivery");
+        out.push(d);
+    }
+    out
+}
+
+/// Asserts that none of `consumers` gets a delivery for a little while.
+async fn none_to_any(consumers: &mut futures::stream::SelectAll<Consumer>, case: &str) {
+    let got = tokio::time::timeout(std::time::Duration::from_millis(150), consumers.next()).await;
+    if let Ok(Some(Ok(d))) = got {
+        panic!("{case}: unexpected delivery {:?}", body(&d));
+    }
+}
+
+async fn ack(ch: &Channel, tag: u64, multiple: bool) {
+    within(5, ch.basic_ack(tag, BasicAckOptions { multiple }))
+        .await
+        .expect("basic.ack");
+}
+
+/// One round of the Java client's QoS permutations: a window of `limit` deliveries over
+/// consumers of `queues` queues (channel-wide with `global`, else each consumer's own). The window holds exactly `limit`, a
+/// `basic.get` does not count against it, and acks inside a transaction free it only at
+/// commit (a rollback puts them back; acking them again and committing frees it at once).
+async fn channel_prefetch_round(
+    conn: &Connection,
+    global: bool,
+    limit: u16,
+    multiple: bool,
+    tx: bool,
+    queues: usize,
+) {
+    let case =
+        format!("global {global}, limit {limit}, multiple {multiple}, tx {tx}, {queues} queue(s)");
+    let ch = channel(conn).await;
+    qos(&ch, limit, global).await;
+    let mut names = Vec::new();
+    let mut consumers = futures::stream::SelectAll::new();
+    for _ in 0..queues {
+        let q = exclusive_queue(&ch, "").await;
+        consumers.push(consume(&ch, &q, Default::default()).await);
+        names.push(q);
+    }
+    let bodies: Vec<String> = (0..2 * usize::from(limit) + queues + 1)
+        .map(|i| i.to_string())
+        .collect();
+    let bodies: Vec<&str> = bodies.iter().map(String::as_str).collect();
+    for q in &names {
+        fill(conn, q, &bodies).await;
+    }
+    if tx {
+        within(5, ch.tx_select()).await.expect("tx.select");
+    }
+    let first = take_any(&mut consumers, limit.into(), &case).await;
+    none_to_any(&mut consumers, &case).await;
+    let mut got = Vec::new();
+    for q in &names {
+        let m = get(&ch, q, false).await.expect("get-ok beyond the window");
+        got.push(m.delivery.delivery_tag);
+    }
+    let last = first
+        .iter()
+        .map(|d| d.delivery_tag)
+        .max()
+        .expect("deliveries");
+    if multiple {
+        ack(&ch, last, true).await;
+    } else {
+        for d in &first {
+            ack(&ch, d.delivery_tag, false).await;
+        }
+    }
+    if tx {
+        none_to_any(&mut consumers, &case).await;
+        within(5, ch.tx_rollback()).await.expect("tx.rollback");
+        none_to_any(&mut consumers, &case).await;
+        ack(&ch, last, true).await;
+        within(5, ch.tx_commit()).await.expect("tx.commit");
+    }
+    take_any(&mut consumers, limit.into(), &case).await;
+    none_to_any(&mut consumers, &case).await;
+    for tag in got {
+        ack(&ch, tag, false).await;
+    }
+    if tx {
+        within(5, ch.tx_commit()).await.expect("tx.commit");
+    }
+    none_to_any(&mut consumers, &case).await;
+    within(5, ch.close(200, "OK".into())).await.expect("close");
+}
+
+#[tokio::test]
+async fn channel_prefetch_window_counts_consumer_deliveries_not_gets() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    for limit in [1, 2] {
+        for multiple in [false, true] {
+            for queues in [1, 2] {
+                channel_prefetch_round(&conn, true, limit, multiple, false, queues).await;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn channel_prefetch_window_is_freed_by_committed_acks_after_a_rollback() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    for limit in [1, 2] {
+        for multiple in [false, true] {
+            for queues in [1, 2] {
+                channel_prefetch_round(&conn, true, limit, multiple, true, queues).await;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn consumer_prefetch_window_is_freed_by_committed_acks_after_a_rollback() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    for limit in [1, 2] {
+        for multiple in [false, true] {
+            channel_prefetch_round(&conn, false, limit, multiple, true, 1).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_full_channel_prefetch_window_holds_back_no_ack_consumers_too() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = channel(&conn).await;
+    qos(&ch, 1, true).await;
+    let qa = exclusive_queue(&ch, "").await;
+    let mut acking = consume(&ch, &qa, Default::default()).await;
+    fill(&conn, &qa, &["a1", "a2"]).await;
+    let a1 = next_delivery(&mut acking).await;
+    assert_eq!(body(&a1), "a1");
+    let qb = exclusive_queue(&ch, "").await;
+    let no_ack = BasicConsumeOptions {
+        no_ack: true,
+        ..Default::default()
+    };
+    let mut free = consume(&ch, &qb, no_ack).await;
+    fill(&conn, &qb, &["b1"]).await;
+    no_delivery(&mut free, 500).await;
+    no_delivery(&mut acking, 50).await;
+    // Room again: a2 fills the window at once (b1 may get through first, or must wait).
+    ack(&ch, a1.delivery_tag, false).await;
+    let a2 = next_delivery(&mut acking).await;
+    assert_eq!(body(&a2), "a2");
+    ack(&ch, a2.delivery_tag, false).await;
+    assert_eq!(body(&next_delivery(&mut free).await), "b1");
+}
+
+#[tokio::test]
+async fn no_ack_deliveries_do_not_count_against_the_channel_prefetch() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = channel(&conn).await;
+    let qa = exclusive_queue(&ch, "").await;
+    let no_ack = BasicConsumeOptions {
+        no_ack: true,
+        ..Default::default()
+    };
+    let mut free = consume(&ch, &qa, no_ack).await;
+    qos(&ch, 1, true).await;
+    fill(&conn, &qa, &["a1", "a2"]).await;
+    let got = take(&mut free, 2).await;
+    assert_eq!(got.iter().map(body).collect::<Vec<_>>(), ["a1", "a2"]);
+    // A consumer that acknowledges, started later on the channel, still has the whole window.
+    let qb = exclusive_queue(&ch, "").await;
+    let mut acking = consume(&ch, &qb, Default::default()).await;
+    fill(&conn, &qb, &["b1", "b2"]).await;
+    assert_eq!(body(&next_delivery(&mut acking).await), "b1");
+    no_delivery(&mut acking, 300).await;
+}

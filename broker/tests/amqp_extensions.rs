@@ -487,3 +487,98 @@ async fn mandatory_publish_routed_only_by_bcc_is_not_returned() {
     );
     assert_eq!(ready_count(&ch, &q).await, 1);
 }
+
+/// The Java client's DirectReplyTo round trip: the requester reads its own request with
+/// basic.get, declares the generated reply-to name passively from another channel (it exists,
+/// with its one consumer), and a confirmed reply reaches the reply consumer. A forged name
+/// does not exist.
+#[tokio::test]
+async fn generated_reply_to_name_can_be_declared_passively_and_answered() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = channel(&conn).await;
+    let no_ack = BasicConsumeOptions {
+        no_ack: true,
+        ..Default::default()
+    };
+    let mut replies = within(
+        5,
+        ch.basic_consume(REPLY_TO.into(), "".into(), no_ack, FieldTable::default()),
+    )
+    .await
+    .expect("consume amq.rabbitmq.reply-to");
+    let service = exclusive_queue(&ch, "").await;
+    within(
+        5,
+        ch.basic_publish(
+            "".into(),
+            service.as_str().into(),
+            Default::default(),
+            b"request",
+            BasicProperties::default().with_reply_to(REPLY_TO.into()),
+        ),
+    )
+    .await
+    .expect("publish request");
+    let request = get(&ch, &service).await.expect("the request");
+    let reply_to = request
+        .properties
+        .reply_to()
+        .clone()
+        .expect("reply_to")
+        .to_string();
+
+    let other = channel(&conn).await;
+    let ok = within(
+        5,
+        other.queue_declare(
+            reply_to.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .expect("passive declare of the generated name");
+    assert_eq!(ok.name().as_str(), reply_to);
+    assert_eq!((ok.message_count(), ok.consumer_count()), (0, 1));
+
+    within(5, ch.confirm_select(ConfirmSelectOptions::default()))
+        .await
+        .expect("confirm.select");
+    let confirm = within(
+        5,
+        ch.basic_publish(
+            "".into(),
+            reply_to.as_str().into(),
+            Default::default(),
+            b"response",
+            BasicProperties::default(),
+        ),
+    )
+    .await
+    .expect("publish reply");
+    assert!(within(5, confirm).await.expect("confirm").is_ack());
+    assert_eq!(next_delivery(&mut replies).await.data, b"response");
+
+    let forged = format!("{}xxxxx", &reply_to[..reply_to.len() - 5]);
+    let res = within(
+        5,
+        other.queue_declare(
+            forged.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await;
+    assert_amqp_error(
+        res,
+        404,
+        &format!("NOT_FOUND - no queue '{forged}' in vhost '/'"),
+    );
+}

@@ -197,3 +197,60 @@ async fn a_vhost_without_permissions_is_refused_at_connection_open() {
         "NOT_ALLOWED - access to vhost '/' refused for user 'nobody'",
     );
 }
+
+#[tokio::test]
+async fn declaring_a_queue_with_a_dead_letter_exchange_needs_read_on_it_and_write_on_the_exchange()
+{
+    let Some((broker, conn)) = broker_with_limited_user().await else {
+        return;
+    };
+    let declare = |name: &'static str, dlx: &'static str| {
+        let conn = &conn;
+        async move {
+            let ch = within(5, conn.create_channel()).await.expect("channel");
+            within(
+                5,
+                ch.queue_declare(
+                    name.into(),
+                    QueueDeclareOptions::default(),
+                    args(&[("x-dead-letter-exchange", text(dlx))]),
+                ),
+            )
+            .await
+        }
+    };
+    // Dead letters would be published to the exchange as this user: write is needed there.
+    assert_amqp_error(
+        declare("app.out", "app.dlx").await,
+        403,
+        &refused("exchange", "app.dlx"),
+    );
+    assert_amqp_error(
+        declare("app.out", "").await,
+        403,
+        &refused("exchange", "amq.default"),
+    );
+    // Read on the queue is checked first.
+    assert_amqp_error(
+        declare("app.in", "app.dlx").await,
+        403,
+        &refused("queue", "app.in"),
+    );
+    declare("app.out", "app.in").await.expect("allowed");
+    // Only a new queue is checked: redeclaring one that exists is not refused.
+    let admin = broker.connect().await;
+    let ch = within(5, admin.create_channel()).await.expect("channel");
+    within(
+        5,
+        ch.queue_declare(
+            "app.other".into(),
+            QueueDeclareOptions::default(),
+            args(&[("x-dead-letter-exchange", text("app.dlx"))]),
+        ),
+    )
+    .await
+    .expect("guest declares");
+    declare("app.other", "app.dlx")
+        .await
+        .expect("redeclaring an existing queue");
+}

@@ -989,3 +989,115 @@ async fn deleting_a_queue_cancels_its_consumers_and_drops_its_messages() {
     let end = within(5, consumer.next()).await;
     assert!(end.is_none(), "consumer cancelled by the server: {end:?}");
 }
+
+/// All ready messages of `queue`, taken with `basic.get`.
+async fn drain(ch: &Channel, queue: &str) -> Vec<String> {
+    let mut bodies = Vec::new();
+    while let Some(m) = within(
+        5,
+        ch.basic_get(queue.into(), BasicGetOptions { no_ack: true }),
+    )
+    .await
+    .expect("get")
+    {
+        bodies.push(String::from_utf8(m.delivery.data).unwrap());
+    }
+    bodies
+}
+
+/// Fills a queue of `x-max-length` `max`, takes its messages unacknowledged, fills it again
+/// and requeues what it took: the length limit still holds, and (drop-head) the requeued
+/// messages, back at the head, are what it drops. Returns the queue's messages and the
+/// dead-letter queue's, if `dead_letters`.
+async fn requeue_into_a_full_queue(max: i32, dead_letters: bool) -> (Vec<String>, Vec<String>) {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = channel(&conn).await;
+    let name = unique("q-requeue-full");
+    let dlq = unique("q-requeue-full-dlq");
+    let mut arguments = int_arg("x-max-length", max);
+    if dead_letters {
+        declare(&ch, &dlq, Default::default(), FieldTable::default())
+            .await
+            .expect("declare the dead-letter queue");
+        arguments.insert("x-dead-letter-exchange".into(), text(""));
+        arguments.insert("x-dead-letter-routing-key".into(), text(&dlq));
+    }
+    declare(&ch, &name, Default::default(), arguments)
+        .await
+        .expect("declare with x-max-length");
+    let publish_all = |prefix: &'static str| {
+        let (ch, name) = (ch.clone(), name.clone());
+        async move {
+            for i in 0..max {
+                publish_to(&ch, &name, format!("{prefix}{i}").as_bytes()).await;
+            }
+        }
+    };
+    publish_all("old").await;
+    let mut tags = Vec::new();
+    for _ in 0..max {
+        let m = within(
+            5,
+            ch.basic_get(name.as_str().into(), BasicGetOptions { no_ack: false }),
+        )
+        .await
+        .expect("get")
+        .expect("a message");
+        tags.push(m.delivery.delivery_tag);
+    }
+    publish_all("new").await;
+    let nack = |tag: u64, multiple: bool| {
+        ch.basic_nack(
+            tag,
+            lapin::options::BasicNackOptions {
+                multiple,
+                requeue: true,
+            },
+        )
+    };
+    within(5, nack(tags[0], false)).await.expect("nack");
+    if max > 1 {
+        within(5, nack(tags[tags.len() - 1], true))
+            .await
+            .expect("nack multiple");
+    }
+    let kept = drain(&ch, &name).await;
+    let dead = if dead_letters {
+        // Dead letters are routed after the nack's work: wait (bounded) for them.
+        for _ in 0..50 {
+            if ready_count(&ch, &dlq).await >= max as u32 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        drain(&ch, &dlq).await
+    } else {
+        Vec::new()
+    };
+    let _ = delete_queue(&ch, &name).await;
+    if dead_letters {
+        let _ = delete_queue(&ch, &dlq).await;
+    }
+    (kept, dead)
+}
+
+#[tokio::test]
+async fn requeueing_into_a_full_queue_keeps_its_length_limit() {
+    for max in 1..=3 {
+        let (kept, _) = requeue_into_a_full_queue(max, false).await;
+        let expected: Vec<String> = (0..max).map(|i| format!("new{i}")).collect();
+        assert_eq!(kept, expected, "x-max-length {max}");
+    }
+}
+
+#[tokio::test]
+async fn requeueing_into_a_full_queue_dead_letters_the_requeued_messages() {
+    for max in 1..=3 {
+        let (kept, dead) = requeue_into_a_full_queue(max, true).await;
+        let new: Vec<String> = (0..max).map(|i| format!("new{i}")).collect();
+        let old: Vec<String> = (0..max).map(|i| format!("old{i}")).collect();
+        assert_eq!(kept, new, "x-max-length {max}");
+        assert_eq!(dead, old, "x-max-length {max}: the requeued messages");
+    }
+}

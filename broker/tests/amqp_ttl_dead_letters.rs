@@ -587,3 +587,342 @@ async fn a_missing_dead_letter_exchange_drops_the_message() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(ready_count(&ch, &q).await, 0);
 }
+
+#[tokio::test]
+async fn a_passive_declare_renews_the_expiry_lease() {
+    let (_b, conn, _ch) = setup().await;
+    let q = unique("lease");
+    let ch = within(5, conn.create_channel()).await.unwrap();
+    declare(&ch, &q, args(&[("x-expires", AMQPValue::LongInt(1000))])).await;
+    // Looked at passively every 400 ms for 2 s: never unused for 1 s.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(
+            queue_exists(&conn, &q).await,
+            "a passive declare keeps the queue"
+        );
+    }
+    within(5, ch.queue_delete(q.as_str().into(), Default::default()))
+        .await
+        .unwrap();
+}
+
+/// Publishes `body` to `queue` with `expiration` (milliseconds, as text).
+async fn publish_expiring(ch: &Channel, queue: &str, body: &[u8], expiration: &str) {
+    publish(
+        ch,
+        "",
+        queue,
+        body,
+        BasicProperties::default().with_expiration(expiration.into()),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_late_consumer_gets_no_message_whose_expiration_ran_out_behind_a_live_one() {
+    let (_b, conn, ch) = setup().await;
+    let q = unique("late");
+    declare(&ch, &q, FieldTable::default()).await;
+    publish_expiring(&ch, &q, b"one", "5000").await;
+    publish_expiring(&ch, &q, b"two", "100").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let consumer_ch = within(5, conn.create_channel()).await.unwrap();
+    let mut consumer = consume(
+        &consumer_ch,
+        &q,
+        BasicConsumeOptions {
+            no_ack: true,
+            ..BasicConsumeOptions::default()
+        },
+    )
+    .await;
+    assert_eq!(next_delivery(&mut consumer).await.data, b"one");
+    no_delivery(&mut consumer, 300).await;
+    assert_eq!(ready_count(&ch, &q).await, 0);
+}
+
+#[tokio::test]
+async fn a_late_consumer_or_get_finds_no_message_past_the_queue_ttl() {
+    let (_b, conn, ch) = setup().await;
+    let q = unique("late-ttl");
+    declare(&ch, &q, args(&[("x-message-ttl", AMQPValue::LongInt(100))])).await;
+    for body in [&b"a"[..], b"b", b"c"] {
+        publish(&ch, "", &q, body, BasicProperties::default()).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let consumer_ch = within(5, conn.create_channel()).await.unwrap();
+    let mut consumer = consume(&consumer_ch, &q, BasicConsumeOptions::default()).await;
+    no_delivery(&mut consumer, 300).await;
+    let q2 = unique("late-ttl-get");
+    declare(
+        &ch,
+        &q2,
+        args(&[("x-message-ttl", AMQPValue::LongInt(100))]),
+    )
+    .await;
+    publish(&ch, "", &q2, b"gone", BasicProperties::default()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(get(&ch, &q2).await.is_none());
+}
+
+#[tokio::test]
+async fn a_message_expires_behind_the_head_before_a_get_reaches_it() {
+    let (_b, _conn, ch) = setup().await;
+    let q = unique("behind");
+    declare(&ch, &q, FieldTable::default()).await;
+    publish_expiring(&ch, &q, b"one", "5000").await;
+    publish_expiring(&ch, &q, b"two", "100").await;
+    publish(&ch, "", &q, b"three", BasicProperties::default()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(get(&ch, &q).await.unwrap().delivery.data, b"one");
+    assert_eq!(get(&ch, &q).await.unwrap().delivery.data, b"three");
+    assert!(get(&ch, &q).await.is_none());
+}
+
+/// A transaction publishes "one", waits past the TTL (400 ms), publishes "two" and commits:
+/// the TTL counts from the commit, when the messages enter the queue, so "one" is there to
+/// get.
+async fn transactional_publish_then_get(per_message: bool) {
+    let (_b, _conn, ch) = setup().await;
+    let q = unique("tx-ttl");
+    let arguments = if per_message {
+        FieldTable::default()
+    } else {
+        args(&[("x-message-ttl", AMQPValue::LongInt(400))])
+    };
+    declare(&ch, &q, arguments).await;
+    let props = if per_message {
+        BasicProperties::default().with_expiration("400".into())
+    } else {
+        BasicProperties::default()
+    };
+    within(5, ch.tx_select()).await.unwrap();
+    publish(&ch, "", &q, b"one", props.clone()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    publish(&ch, "", &q, b"two", props).await;
+    within(5, ch.tx_commit()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let first = get(&ch, &q).await.expect("a message");
+    assert_eq!(first.delivery.data, b"one");
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert!(get(&ch, &q).await.is_none(), "both expired by now");
+}
+
+#[tokio::test]
+async fn a_per_message_ttl_counts_from_the_commit_of_a_transaction() {
+    transactional_publish_then_get(true).await;
+}
+
+#[tokio::test]
+async fn a_queue_ttl_counts_from_the_commit_of_a_transaction() {
+    transactional_publish_then_get(false).await;
+}
+
+/// An `x-death` entry as RabbitMQ before 3.5 wrote them: one entry per death, no count.
+fn legacy_death(queue: &str) -> AMQPValue {
+    let mut t = FieldTable::default();
+    t.insert("reason".into(), text("expired"));
+    t.insert("queue".into(), text(queue));
+    t.insert("exchange".into(), text("old-exchange"));
+    t.insert(
+        "routing-keys".into(),
+        AMQPValue::FieldArray(FieldArray::from(vec![text("k")])),
+    );
+    AMQPValue::FieldTable(t)
+}
+
+#[tokio::test]
+async fn x_death_entries_of_older_brokers_are_merged_by_queue_and_reason() {
+    let (_b, _conn, ch) = setup().await;
+    let (q, dlq) = (unique("merge"), unique("merge-dlq"));
+    with_dead_letters(&ch, &q, &dlq, &[("x-message-ttl", AMQPValue::LongInt(20))]).await;
+    let (old_a, old_b) = (unique("old-a"), unique("old-b"));
+    let mut entries = Vec::new();
+    for _ in 0..3 {
+        entries.push(legacy_death(&old_a));
+    }
+    entries.push(legacy_death(&old_b));
+    entries.push(legacy_death(&old_a));
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-death".into(),
+        AMQPValue::FieldArray(FieldArray::from(entries)),
+    );
+    publish(
+        &ch,
+        "",
+        &q,
+        b"old",
+        BasicProperties::default().with_headers(headers),
+    )
+    .await;
+    let dead = get_within(&ch, &dlq).await;
+    let d = deaths(&dead.delivery.properties);
+    let summary: Vec<(String, i64)> = d
+        .iter()
+        .map(|e| (as_text(e.inner().get("queue")).unwrap(), count(e)))
+        .collect();
+    // The new death first, then the old ones grouped, each group counting its entries (in
+    // the reverse order of their first appearance, as RabbitMQ groups them).
+    assert_eq!(
+        summary,
+        vec![(q.clone(), 1), (old_b.clone(), 1), (old_a.clone(), 4)]
+    );
+}
+
+#[tokio::test]
+async fn persistent_messages_that_expired_while_the_broker_was_down_are_dead_lettered() {
+    let b = TestBroker::start().await;
+    if b.is_external() {
+        return;
+    }
+    // Names that sort the dead-letter queue last: it is recovered after the queues that
+    // dead-letter to it.
+    let tag = unique("down");
+    let (by_expiration, by_queue_ttl, dlq) = (
+        format!("a-exp-{tag}"),
+        format!("a-ttl-{tag}"),
+        format!("z-dlq-{tag}"),
+    );
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    {
+        let conn = b.connect().await;
+        let ch = within(5, conn.create_channel()).await.unwrap();
+        within(
+            5,
+            ch.queue_declare(dlq.as_str().into(), durable, FieldTable::default()),
+        )
+        .await
+        .unwrap();
+        for (q, ttl) in [(&by_expiration, None), (&by_queue_ttl, Some(300))] {
+            let mut pairs = vec![
+                ("x-dead-letter-exchange", text("")),
+                ("x-dead-letter-routing-key", text(&dlq)),
+            ];
+            if let Some(ttl) = ttl {
+                pairs.push(("x-message-ttl", AMQPValue::LongInt(ttl)));
+            }
+            within(
+                5,
+                ch.queue_declare(q.as_str().into(), durable, args(&pairs)),
+            )
+            .await
+            .unwrap();
+        }
+        within(5, ch.confirm_select(ConfirmSelectOptions::default()))
+            .await
+            .unwrap();
+        for (q, props) in [
+            (
+                &by_expiration,
+                BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_expiration("300".into()),
+            ),
+            (
+                &by_queue_ttl,
+                BasicProperties::default().with_delivery_mode(2),
+            ),
+        ] {
+            let confirm = within(
+                5,
+                ch.basic_publish(
+                    "".into(),
+                    q.as_str().into(),
+                    BasicPublishOptions::default(),
+                    q.as_bytes(),
+                    props,
+                ),
+            )
+            .await
+            .unwrap();
+            assert!(within(5, confirm).await.unwrap().is_ack());
+        }
+        conn.close(200, "bye".into()).await.unwrap();
+    }
+    // Down for longer than the TTLs.
+    let b = b.restart_after(Duration::from_millis(600)).await;
+    let conn = b.connect().await;
+    let ch = within(5, conn.create_channel()).await.unwrap();
+    let mut dead = Vec::new();
+    for _ in 0..2 {
+        let m = get_within(&ch, &dlq).await;
+        let d = deaths(&m.delivery.properties);
+        assert_eq!(
+            as_text(d[0].inner().get("reason")).as_deref(),
+            Some("expired")
+        );
+        dead.push(String::from_utf8(m.delivery.data).unwrap());
+    }
+    dead.sort();
+    assert_eq!(dead, vec![by_expiration.clone(), by_queue_ttl.clone()]);
+    assert_eq!(ready_count(&ch, &by_expiration).await, 0);
+    assert_eq!(ready_count(&ch, &by_queue_ttl).await, 0);
+}
+
+#[tokio::test]
+async fn a_second_death_in_the_same_queue_for_the_same_reason_keeps_the_first_entry() {
+    let (_b, _conn, ch) = setup().await;
+    // q dead-letters through a fanout exchange back to itself.
+    let (x, q) = (unique("again-x"), unique("again"));
+    within(
+        5,
+        ch.exchange_declare(
+            x.as_str().into(),
+            lapin::ExchangeKind::Fanout,
+            lapin::options::ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .unwrap();
+    declare(&ch, &q, args(&[("x-dead-letter-exchange", text(&x))])).await;
+    within(
+        5,
+        ch.queue_bind(
+            q.as_str().into(),
+            x.as_str().into(),
+            "".into(),
+            lapin::options::QueueBindOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .unwrap();
+    publish(&ch, "", &q, b"again", BasicProperties::default()).await;
+    let mut last = None;
+    for _ in 0..3 {
+        let m = loop {
+            if let Some(m) = within(
+                5,
+                ch.basic_get(q.as_str().into(), BasicGetOptions { no_ack: false }),
+            )
+            .await
+            .unwrap()
+            {
+                break m;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        last = Some(m.delivery.properties.clone());
+        m.reject(BasicRejectOptions { requeue: false })
+            .await
+            .unwrap();
+    }
+    let d = deaths(&last.unwrap());
+    assert_eq!(d.len(), 1);
+    assert_eq!(count(&d[0]), 2);
+    // The entry of the first death, counted: its exchange is the one the message was first
+    // published to, not the dead-letter exchange it came back through.
+    assert_eq!(as_text(d[0].inner().get("exchange")).as_deref(), Some(""));
+    within(5, ch.queue_delete(q.as_str().into(), Default::default()))
+        .await
+        .unwrap();
+    within(5, ch.exchange_delete(x.as_str().into(), Default::default()))
+        .await
+        .unwrap();
+}

@@ -25,7 +25,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-use warren_broker::config::{Config, ConfigError, Flags};
+use warren_broker::config::{Config, ConfigError, Flags, Settings};
 
 // --------------------------------------------------------------------------- certificates
 
@@ -761,7 +761,10 @@ fn tls_listeners_without_certificate_and_key_are_refused_by_validation() {
 
     // The same through flags (and so the environment), as the binary loads them.
     let err = Config::load(Flags {
-        amqps_listen: Some(addr),
+        settings: Settings {
+            amqps_listen: Some(addr),
+            ..Settings::default()
+        },
         ..Flags::default()
     })
     .expect_err("AMQPS without a certificate");

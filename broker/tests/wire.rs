@@ -495,82 +495,99 @@ async fn amqplain_login_is_accepted() {
 }
 
 #[tokio::test]
-async fn channel_flow_pauses_and_resumes_deliveries() {
+async fn channel_flow_active_true_is_acknowledged_and_active_false_closes_with_540() {
     let broker = TestBroker::start().await;
     let mut raw = Raw::open(&broker).await;
-    let q = common::unique("flow");
-    raw.send_method(1, declare(&q)).await;
-    raw.method().await.expect("declare-ok");
-    raw.send_method(
-        1,
-        AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
-            queue: q.as_str().into(),
-            consumer_tag: "c".into(),
-            no_local: false,
-            no_ack: true,
-            exclusive: false,
-            nowait: false,
-            arguments: FieldTable::default(),
-        })),
-    )
-    .await;
-    raw.method().await.expect("consume-ok");
-    raw.send_method(
-        1,
-        AMQPClass::Channel(channel::AMQPMethod::Flow(channel::Flow { active: false })),
-    )
-    .await;
-    let (_, ok) = raw.method().await.expect("flow-ok");
-    assert_eq!(
-        ok,
-        AMQPClass::Channel(channel::AMQPMethod::FlowOk(channel::FlowOk {
-            active: false
-        }))
-    );
-    // Publish on channel 2 while channel 1 is paused: nothing may arrive on channel 1.
-    raw.open_channel(2).await;
-    let publish = AMQPFrame::Method(
-        2,
-        AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
-            exchange: "".into(),
-            routing_key: q.as_str().into(),
-            mandatory: false,
-            immediate: false,
-        })),
-    );
-    let mut bytes = encode(&publish);
-    // Content header: class 60, weight 0, body size 2, no properties; then the body.
-    bytes.extend_from_slice(&[
-        2, 0, 2, 0, 0, 0, 14, 0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0xCE,
-    ]);
-    bytes.extend_from_slice(&[3, 0, 2, 0, 0, 0, 2, b'h', b'i', 0xCE]);
-    raw.send(&bytes).await;
-    // A round trip on channel 2 proves the publish was handled before we look.
-    raw.send_method(2, declare(&q)).await;
-    let (ch, m) = raw.method().await.expect("declare-ok");
-    assert_eq!(ch, 2);
-    let AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok)) = m else {
-        panic!("expected declare-ok, got {m:?}");
-    };
-    assert_eq!(ok.message_count, 1, "the message waits in the queue");
     raw.send_method(
         1,
         AMQPClass::Channel(channel::AMQPMethod::Flow(channel::Flow { active: true })),
     )
     .await;
-    let (_, ok) = raw.method().await.expect("flow-ok");
+    let (ch, ok) = raw.method().await.expect("flow-ok");
+    assert_eq!(ch, 1);
     assert_eq!(
         ok,
         AMQPClass::Channel(channel::AMQPMethod::FlowOk(channel::FlowOk {
             active: true
         }))
     );
-    let (ch, deliver) = raw.method().await.expect("delivery after flow resumes");
-    assert_eq!(ch, 1);
-    assert!(matches!(
-        deliver,
-        AMQPClass::Basic(basic::AMQPMethod::Deliver(_))
+    // RabbitMQ does not let a client pause its deliveries: the whole connection goes.
+    raw.send_method(
+        1,
+        AMQPClass::Channel(channel::AMQPMethod::Flow(channel::Flow { active: false })),
+    )
+    .await;
+    assert_eq!(
+        raw.expect_connection_close().await,
+        close(540, "NOT_IMPLEMENTED - active=false", 20, 20)
+    );
+}
+
+fn connection_close() -> Vec<u8> {
+    encode(&AMQPFrame::Method(
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+            reply_code: 200,
+            reply_text: "bye".into(),
+            class_id: 0,
+            method_id: 0,
+        })),
+    ))
+}
+
+async fn expect_close_ok(raw: &mut Raw, what: &str) {
+    let got = raw.method().await;
+    assert!(
+        matches!(
+            got,
+            Some((0, AMQPClass::Connection(connection::AMQPMethod::CloseOk(_))))
+        ),
+        "{what}: expected connection.close-ok, got {got:?}"
+    );
+}
+
+/// Several threads of a client may close one connection at once, each sending its own
+/// `connection.close` and waiting for its own `close-ok`: RabbitMQ answers every one of them
+/// and ignores anything else sent after the first, until the client drops the socket.
+#[tokio::test]
+async fn every_connection_close_of_a_client_gets_its_close_ok() {
+    let broker = TestBroker::start().await;
+    let mut raw = Raw::open(&broker).await;
+    let mut bytes = connection_close();
+    bytes.extend_from_slice(&connection_close());
+    raw.send(&bytes).await;
+    expect_close_ok(&mut raw, "first close").await;
+    expect_close_ok(&mut raw, "second close in the same write").await;
+    // Frames after the close are ignored; a later close is still answered.
+    let mut bytes = encode(&AMQPFrame::Method(
+        2,
+        AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
     ));
+    bytes.extend_from_slice(&encode(&AMQPFrame::Method(1, declare("after-close"))));
+    bytes.extend_from_slice(&connection_close());
+    raw.send(&bytes).await;
+    expect_close_ok(&mut raw, "close after other frames").await;
+}
+
+/// A `channel.close` racing the connection's close: the connection's close-ok still comes.
+#[tokio::test]
+async fn connection_close_after_a_channel_close_gets_its_close_ok() {
+    let broker = TestBroker::start().await;
+    let mut raw = Raw::open(&broker).await;
+    let mut bytes = connection_close();
+    bytes.extend_from_slice(&encode(&AMQPFrame::Method(
+        1,
+        AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
+            reply_code: 200,
+            reply_text: "bye".into(),
+            class_id: 0,
+            method_id: 0,
+        })),
+    )));
+    bytes.extend_from_slice(&connection_close());
+    raw.send(&bytes).await;
+    expect_close_ok(&mut raw, "first close").await;
+    expect_close_ok(&mut raw, "close after channel.close").await;
 }
 
 fn publish_frames(channel: u16, routing_key: &str, body: &[u8]) -> Vec<u8> {

@@ -180,3 +180,186 @@ fn durable_topology_and_persistent_messages_survive_a_restart_and_transient_ones
         assert!(missing.is_err(), "transient queue is gone");
     });
 }
+
+/// Runs `warren-broker` with text logs on a pipe and collects what it prints until the AMQP
+/// listener is up.
+fn text_log_until_started(data_dir: &std::path::Path) -> Vec<u8> {
+    use std::io::Read;
+    let mut child = std::process::Command::new(warren_e2e::broker_bin())
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args([
+            "--amqp-listen=127.0.0.1:0",
+            "--management-listen=127.0.0.1:0",
+            "--prometheus-listen=127.0.0.1:0",
+            "--log-format=text",
+        ])
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn warren-broker");
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut out = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !String::from_utf8_lossy(&out).contains("AMQP listener started") {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(chunk) => out.extend(chunk),
+            Err(_) => break,
+        }
+    }
+    let _ = child.kill();
+    let mut stderr = Vec::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_end(&mut stderr);
+    }
+    let _ = child.wait();
+    out.extend(stderr);
+    out
+}
+
+#[test]
+fn text_logs_on_a_pipe_carry_no_colour_codes_and_tell_of_the_default_user() {
+    let data = tempfile::tempdir().expect("data dir");
+    let out = text_log_until_started(data.path());
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.contains("AMQP listener started"), "{text}");
+    assert!(
+        !out.contains(&0x1b),
+        "escape sequences in piped logs: {text}"
+    );
+    assert!(
+        text.contains("created the default user") && text.contains("user=guest"),
+        "{text}"
+    );
+    // Only the first start creates it.
+    let again = String::from_utf8_lossy(&text_log_until_started(data.path())).into_owned();
+    assert!(!again.contains("created the default user"), "{again}");
+}
+
+/// Waits (bounded) for log lines containing every one of `wanted`, each in one line.
+fn wait_for_log_lines(broker: &BrokerProcess, log: &mut Vec<String>, wanted: &[&[&str]]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        log.extend(broker.drain_log());
+        let missing: Vec<_> = wanted
+            .iter()
+            .filter(|parts| !log.iter().any(|l| parts.iter().all(|p| l.contains(p))))
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no log line with {missing:?} in:\n{}",
+            log.join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn connections_channel_errors_api_changes_and_imports_are_logged() {
+    let broker = BrokerProcess::start();
+    let rt = runtime();
+    let api = format!("http://{}", broker.management_addr);
+    rt.block_on(async {
+        let conn = tokio::time::timeout(
+            Duration::from_secs(10),
+            Connection::connect(
+                &broker.uri(),
+                ConnectionProperties::default().with_connection_name("orders-worker".into()),
+            ),
+        )
+        .await
+        .expect("connect in time")
+        .expect("connect");
+        let ch = conn.create_channel().await.expect("channel");
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let missing = ch
+            .queue_declare("no-such-queue".into(), passive, FieldTable::default())
+            .await;
+        assert!(missing.is_err());
+        let http = reqwest::Client::new();
+        let put = http
+            .put(format!("{api}/api/vhosts/logged-vhost"))
+            .basic_auth("guest", Some("guest"))
+            .send()
+            .await
+            .expect("PUT vhost");
+        assert_eq!(put.status(), 201);
+        let import = http
+            .post(format!("{api}/api/definitions"))
+            .basic_auth("guest", Some("guest"))
+            .header("content-type", "application/json")
+            .body(r#"{"queues":[{"name":"imported-q","vhost":"/","durable":true,"auto_delete":false,"arguments":{}}]}"#)
+            .send()
+            .await
+            .expect("import");
+        assert!(import.status().is_success(), "{}", import.status());
+        conn.close(200, "bye".into()).await.expect("close");
+    });
+    let mut log = Vec::new();
+    wait_for_log_lines(
+        &broker,
+        &mut log,
+        &[
+            &[
+                "connection opened",
+                "\"user\":\"guest\"",
+                "\"vhost\":\"/\"",
+                "orders-worker",
+                "127.0.0.1:",
+            ],
+            &[
+                "channel error",
+                "\"code\":404",
+                "no-such-queue",
+                "\"channel\":1",
+            ],
+            &[
+                "management API change",
+                "\"method\":\"PUT\"",
+                "/api/vhosts/logged-vhost",
+                "\"user\":\"guest\"",
+                "\"status\":201",
+            ],
+            &["definitions imported", "\"queues\":1", "duration_ms"],
+            &["connection closed", "orders-worker"],
+        ],
+    );
+}
+
+#[test]
+fn drain_says_how_many_clients_it_closed() {
+    let broker = BrokerProcess::start();
+    let rt = runtime();
+    let conn = rt.block_on(connect(&broker.uri()));
+    let out = std::process::Command::new(warren_e2e::broker_bin())
+        .arg(format!("--management-listen={}", broker.management_addr))
+        .arg("drain")
+        .output()
+        .expect("run warren-broker drain");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("closed 1 client connection"), "{stdout}");
+    drop(conn);
+}

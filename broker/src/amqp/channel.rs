@@ -17,7 +17,7 @@ use crate::error::{
     not_found, precondition_failed,
 };
 use amq_protocol::protocol::{AMQPClass, basic, channel, confirm, exchange, queue, tx};
-use amq_protocol::types::{AMQPValue, FieldTable};
+use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use std::sync::Arc;
@@ -123,6 +123,15 @@ impl std::fmt::Debug for Channel {
     }
 }
 
+/// The `x-dead-letter-exchange` argument, when it is text.
+fn dead_letter_exchange(args: &FieldTable) -> Option<String> {
+    match args.inner().get("x-dead-letter-exchange")? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
 fn int_arg(args: &FieldTable, key: &str) -> Option<i64> {
     Some(match args.inner().get(key)? {
         AMQPValue::ShortShortInt(x) => (*x).into(),
@@ -171,13 +180,14 @@ impl Channel {
     fn dispatch(&mut self, s: &mut Session, method: AMQPClass) -> AmqpResult<()> {
         match method {
             AMQPClass::Channel(channel::AMQPMethod::Flow(m)) => {
-                self.shared.set_flow(m.active);
-                self.reply(AMQPClass::Channel(channel::AMQPMethod::FlowOk(
-                    channel::FlowOk { active: m.active },
-                )));
-                if m.active {
-                    self.wake_consumed_queues();
+                // RabbitMQ never pauses deliveries for a client: `active=false` closes the
+                // connection with 540, and clients (and their test suites) expect that.
+                if !m.active {
+                    return Err(AmqpError::new(NOT_IMPLEMENTED, "active=false"));
                 }
+                self.reply(AMQPClass::Channel(channel::AMQPMethod::FlowOk(
+                    channel::FlowOk { active: true },
+                )));
                 Ok(())
             }
             AMQPClass::Exchange(m) => self.exchange_method(s, m),
@@ -222,8 +232,21 @@ impl Channel {
             .ok_or_else(|| not_found("no previously declared queue"))
     }
 
-    fn exchange_method(&mut self, s: &mut Session, m: exchange::AMQPMethod) -> AmqpResult<()> {
+    fn exchange_method(&mut self, s: &mut Session, mut m: exchange::AMQPMethod) -> AmqpResult<()> {
         use exchange::AMQPMethod as M;
+        match &mut m {
+            M::Declare(d) => strip_cr_lf(&mut d.exchange),
+            M::Delete(d) => strip_cr_lf(&mut d.exchange),
+            M::Bind(b) => {
+                strip_cr_lf(&mut b.destination);
+                strip_cr_lf(&mut b.source);
+            }
+            M::Unbind(b) => {
+                strip_cr_lf(&mut b.destination);
+                strip_cr_lf(&mut b.source);
+            }
+            _ => {}
+        }
         let vhost = s.vhost.clone();
         if matches!(&m, M::Declare(d) if !d.passive) || matches!(m, M::Delete(_)) {
             vhost.throttle_declare()?;
@@ -334,8 +357,21 @@ impl Channel {
         Ok(())
     }
 
-    fn queue_method(&mut self, s: &mut Session, m: queue::AMQPMethod) -> AmqpResult<()> {
+    fn queue_method(&mut self, s: &mut Session, mut m: queue::AMQPMethod) -> AmqpResult<()> {
         use queue::AMQPMethod as M;
+        match &mut m {
+            M::Declare(d) => strip_cr_lf(&mut d.queue),
+            M::Delete(d) => strip_cr_lf(&mut d.queue),
+            M::Bind(b) => {
+                strip_cr_lf(&mut b.queue);
+                strip_cr_lf(&mut b.exchange);
+            }
+            M::Unbind(b) => {
+                strip_cr_lf(&mut b.queue);
+                strip_cr_lf(&mut b.exchange);
+            }
+            _ => {}
+        }
         let vhost = s.vhost.clone();
         if matches!(&m, M::Declare(d) if !d.passive) || matches!(m, M::Delete(_)) {
             vhost.throttle_declare()?;
@@ -347,10 +383,18 @@ impl Channel {
                     self.reply_declare_ok(REPLY_TO, 0, 1, d.nowait);
                     return Ok(());
                 }
+                if d.passive && vhost.reply_queue(d.queue.as_str()).is_some() {
+                    // A generated reply-to name whose consumer is there exists for clients
+                    // (RabbitMQ answers for it: no messages, its one consumer).
+                    self.reply_declare_ok(d.queue.as_str(), 0, 1, d.nowait);
+                    return Ok(());
+                }
                 let (q, messages, consumers) = if d.passive {
                     // Unlike the other methods, a passive declare does not use the
                     // "last declared queue" shortcut for an empty name.
                     let q = vhost.existing_queue(d.queue.as_str(), s.connection_id)?;
+                    // As in RabbitMQ, a passive declare is a use: `x-expires` counts anew.
+                    q.touch();
                     let (m, c) = (q.message_count(), q.consumer_count());
                     (q, m, c)
                 } else {
@@ -365,6 +409,15 @@ impl Channel {
                         )));
                     }
                     s.check("queue", &name, Access::Configure)?;
+                    // As RabbitMQ, when a new queue names a dead-letter exchange: read on the
+                    // queue and write on that exchange, since its dead letters are published
+                    // there on the user's behalf.
+                    if let Some(dlx) = dead_letter_exchange(&d.arguments)
+                        && vhost.queue(&name).is_none()
+                    {
+                        s.check("queue", &name, Access::Read)?;
+                        s.check("exchange", &dlx, Access::Write)?;
+                    }
                     let (q, created) = vhost.declare_queue(
                         QueueSpec {
                             name,
@@ -670,6 +723,7 @@ impl Channel {
     }
 
     pub(super) fn apply_settle(&mut self, how: Settle, taken: Vec<(u64, Delivered)>) {
+        self.shared.released(&taken);
         if how == Settle::Ack {
             self.shared
                 .stats
@@ -782,6 +836,15 @@ impl Channel {
             q.requeue(run);
         }
         self.content = ContentState::Idle;
+    }
+}
+
+/// Drops line feeds and carriage returns from a name, as RabbitMQ does for the exchange and
+/// queue names of declare (passive too), delete, bind and unbind; never for those of
+/// `basic.publish`, `basic.get`, `basic.consume` or `queue.purge`.
+pub fn strip_cr_lf(name: &mut ShortString) {
+    if name.as_str().contains(['\n', '\r']) {
+        *name = name.as_str().replace(['\n', '\r'], "").into();
     }
 }
 

@@ -111,6 +111,8 @@ pub enum MethodError {
     Unknown { class_id: u16, method_id: u16 },
     /// The ids are known but the arguments do not parse.
     Syntax { class_id: u16, method_id: u16 },
+    /// The arguments hold a field table nested deeper than [`MAX_TABLE_DEPTH`].
+    TooDeep { class_id: u16, method_id: u16 },
 }
 
 /// Decodes a method frame's payload.
@@ -126,6 +128,29 @@ pub fn decode_method(payload: &[u8]) -> Result<AMQPClass, MethodError> {
             method_id,
         });
     }
+    // The generated parser recurses once per level of nesting: a hostile table would
+    // overflow the stack, so its depth is checked first.
+    if let Some(at) = table_offset(class_id, method_id, payload)
+        && let Some(table) = payload.get(at..)
+    {
+        match check_table(table) {
+            Ok(()) => {}
+            Err(TableFault::TooDeep) => {
+                return Err(MethodError::TooDeep {
+                    class_id,
+                    method_id,
+                });
+            }
+            // RabbitMQ cannot decode these either (Erlang has no such floats); and
+            // definitions.json could not store them.
+            Err(TableFault::NotFinite) => {
+                return Err(MethodError::Syntax {
+                    class_id,
+                    method_id,
+                });
+            }
+        }
+    }
     match parse_class(payload) {
         // Trailing bytes after the arguments are an error too, as in RabbitMQ.
         Ok(([], class)) => Ok(class),
@@ -134,6 +159,155 @@ pub fn decode_method(payload: &[u8]) -> Result<AMQPClass, MethodError> {
             method_id,
         }),
     }
+}
+
+/// How deeply field tables and arrays may nest, the outermost table being level 1. RabbitMQ
+/// sets no limit, but a parser that recurses per level (as `amq-protocol`'s does) must have
+/// one. Real clients nest two or three levels (capabilities in the client properties, x-death
+/// tables in an array in the headers), so 32 leaves ample room; and every table accepted must
+/// be readable back from definitions.json, where a level takes two levels of JSON (the value's
+/// type and its contents), a leaf up to two more, under six enclosing objects, and serde_json
+/// reads 128: 32 levels take at most 6 + 2 * 32 + 2 = 72.
+pub const MAX_TABLE_DEPTH: usize = 32;
+
+/// Where the field table in a method's arguments starts, for the methods that carry one.
+/// The offset may lie past the payload's end when the arguments are truncated.
+fn table_offset(class_id: u16, method_id: u16, payload: &[u8]) -> Option<usize> {
+    // The short strings after the reserved ticket, and whether an octet of bits follows them.
+    let (strings, bits) = match (class_id, method_id) {
+        (10, 10) => return Some(6), // connection.start: after the two version octets
+        (10, 11) => return Some(4), // connection.start-ok: first
+        (40, 10) => (2, true),
+        (40, 30) | (40, 40) => (3, true),
+        (50, 10) => (1, true),
+        (50, 20) => (3, true),
+        (50, 50) => (3, false),
+        (60, 20) => (2, true),
+        _ => return None,
+    };
+    let mut at = 6usize;
+    for _ in 0..strings {
+        at += 1 + *payload.get(at)? as usize;
+    }
+    Some(at + usize::from(bits))
+}
+
+/// Why a field table is refused before it is parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableFault {
+    /// Tables and arrays nested deeper than [`MAX_TABLE_DEPTH`].
+    TooDeep,
+    /// A float or double that is NaN or infinite.
+    NotFinite,
+}
+
+/// What a scan of a field table found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Nesting {
+    Within,
+    Fault(TableFault),
+    /// Not a well-formed table: the scan stops where a parser would.
+    Malformed,
+}
+
+const TOO_DEEP: Nesting = Nesting::Fault(TableFault::TooDeep);
+
+/// Checks the field table at the start of `bytes` (with its length prefix) for what the
+/// broker refuses before parsing it. The scan neither allocates nor recurses deeper than
+/// [`MAX_TABLE_DEPTH`]. Bytes that are not a table pass: the parser then refuses them, having
+/// recursed no deeper than the scan did.
+pub fn check_table(bytes: &[u8]) -> Result<(), TableFault> {
+    let Some(len) = bytes.get(..4) else {
+        return Ok(());
+    };
+    let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+    match bytes
+        .get(4..4usize.saturating_add(len))
+        .map(|t| scan_table(t, 1))
+    {
+        Some(Nesting::Fault(fault)) => Err(fault),
+        _ => Ok(()),
+    }
+}
+
+/// Scans the entries of a table at `depth` (without its length prefix).
+fn scan_table(b: &[u8], depth: usize) -> Nesting {
+    if depth > MAX_TABLE_DEPTH {
+        return TOO_DEEP;
+    }
+    let mut at = 0;
+    while at < b.len() {
+        at += 1 + b[at] as usize; // the key
+        match scan_value(b, &mut at, depth) {
+            Nesting::Within => {}
+            other => return other,
+        }
+    }
+    Nesting::Within
+}
+
+/// Scans the values of an array at `depth` (without its length prefix).
+fn scan_array(b: &[u8], depth: usize) -> Nesting {
+    if depth > MAX_TABLE_DEPTH {
+        return TOO_DEEP;
+    }
+    let mut at = 0;
+    while at < b.len() {
+        match scan_value(b, &mut at, depth) {
+            Nesting::Within => {}
+            other => return other,
+        }
+    }
+    Nesting::Within
+}
+
+/// Steps over one typed value inside a table or array at `depth`, with the type letters
+/// `amq-protocol` reads.
+fn scan_value(b: &[u8], at: &mut usize, depth: usize) -> Nesting {
+    let Some(&kind) = b.get(*at) else {
+        return Nesting::Malformed;
+    };
+    *at += 1;
+    let finite = match kind {
+        b'f' => b
+            .get(*at..*at + 4)
+            .map(|f| f32::from_be_bytes([f[0], f[1], f[2], f[3]]).is_finite()),
+        b'd' => b
+            .get(*at..*at + 8)
+            .and_then(|f| f.try_into().ok())
+            .map(|f| f64::from_be_bytes(f).is_finite()),
+        _ => None,
+    };
+    if finite == Some(false) {
+        return Nesting::Fault(TableFault::NotFinite);
+    }
+    let size = match kind {
+        b't' | b'b' | b'B' => 1,
+        b's' | b'u' | b'U' => 2,
+        b'I' | b'i' | b'f' => 4,
+        b'D' => 5,
+        b'l' | b'L' | b'd' | b'T' => 8,
+        b'V' => 0,
+        b'S' | b'x' | b'F' | b'A' => {
+            let Some(len) = b.get(*at..*at + 4) else {
+                return Nesting::Malformed;
+            };
+            let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+            let start = *at + 4;
+            let Some(inner) = start.checked_add(len).and_then(|end| b.get(start..end)) else {
+                return Nesting::Malformed;
+            };
+            *at = start + len;
+            return match kind {
+                b'F' => scan_table(inner, depth + 1),
+                b'A' => scan_array(inner, depth + 1),
+                _ => Nesting::Within,
+            };
+        }
+        _ => return Nesting::Malformed,
+    };
+    *at += size;
+    Nesting::Within
 }
 
 fn is_known_method(class_id: u16, method_id: u16) -> bool {
@@ -279,7 +453,7 @@ pub fn scan_properties(raw: &[u8]) -> Option<PropertyScan> {
             13 => {
                 let len = u32::from_be_bytes(raw.get(at..at + 4)?.try_into().ok()?) as usize;
                 let end = at.checked_add(4 + len)?;
-                if end > raw.len() {
+                if end > raw.len() || check_table(&raw[at..end]).is_err() {
                     return None;
                 }
                 scan.headers = Some(at..end);
@@ -373,6 +547,8 @@ pub fn decode_ack(payload: &[u8]) -> Option<AckArgs> {
 
 /// Decodes a content header's property flags and list.
 pub fn decode_properties(raw: &[u8]) -> Option<BasicProperties> {
+    // The scan refuses headers nested too deep for the generated parser.
+    scan_properties(raw)?;
     match parse_properties(raw) {
         Ok(([], p)) => Some(p),
         _ => None,
@@ -809,6 +985,86 @@ mod tests {
         let mut buf = BytesMut::from(&[9u8, 0, 0, 0, 0, 0, 0, FRAME_END][..]);
         let frame = next_frame(&mut buf, 131072).unwrap().unwrap();
         assert_eq!(frame.kind, 9);
+    }
+
+    /// A table nested `depth` levels deep (the outermost is 1): tables in tables, or arrays
+    /// in arrays under the outermost table. Built in one pass, outside in.
+    fn nested(depth: usize, arrays: bool) -> Vec<u8> {
+        let entry = |level: usize| -> &'static [u8] {
+            match (arrays, level) {
+                (true, 1) => b"\x01kA",
+                (true, _) => b"A",
+                (false, _) => b"\x01kF",
+            }
+        };
+        // The length each level announces: its entry's header and the level inside it.
+        let mut lengths = vec![0u32; depth + 1];
+        for level in (1..depth).rev() {
+            lengths[level] = (entry(level).len() + 4) as u32 + lengths[level + 1];
+        }
+        let mut out = Vec::with_capacity(lengths[1] as usize + 4);
+        for (level, length) in lengths.iter().enumerate().take(depth).skip(1) {
+            out.extend_from_slice(&length.to_be_bytes());
+            out.extend_from_slice(entry(level));
+        }
+        out.extend_from_slice(&[0, 0, 0, 0]);
+        out
+    }
+
+    #[test]
+    fn tables_nested_past_the_limit_are_refused_without_recursing() {
+        for arrays in [false, true] {
+            let at = nested(MAX_TABLE_DEPTH, arrays);
+            let parsed = amq_protocol::types::parsing::parse_field_table(&at[..]);
+            assert!(matches!(parsed, Ok(([], _))), "a well-formed table");
+            assert_eq!(check_table(&at), Ok(()));
+            let too_deep = Err(TableFault::TooDeep);
+            assert_eq!(check_table(&nested(MAX_TABLE_DEPTH + 1, arrays)), too_deep);
+            assert_eq!(check_table(&nested(100_000, arrays)), too_deep);
+            let mut declare = vec![0, 50, 0, 10, 0, 0, 1, b'q', 0];
+            declare.extend_from_slice(&nested(100_000, arrays));
+            assert_eq!(
+                decode_method(&declare),
+                Err(MethodError::TooDeep {
+                    class_id: 50,
+                    method_id: 10
+                })
+            );
+            let mut header = vec![0x20, 0];
+            header.extend_from_slice(&nested(100_000, arrays));
+            assert_eq!(scan_properties(&header), None);
+            assert_eq!(decode_properties(&header), None);
+        }
+        // Malformed bytes are left to the parser.
+        assert_eq!(check_table(&[0, 0, 0, 3, 1, b'k', b'Z']), Ok(()));
+        assert_eq!(check_table(&[0, 0, 0, 9, 1]), Ok(()));
+    }
+
+    #[test]
+    fn floats_that_are_not_finite_are_refused() {
+        let table = |kind: u8, bytes: &[u8]| {
+            let mut t = ((bytes.len() + 3) as u32).to_be_bytes().to_vec();
+            t.extend_from_slice(&[1, b'n', kind]);
+            t.extend_from_slice(bytes);
+            t
+        };
+        for bad in [
+            table(b'd', &f64::NAN.to_be_bytes()),
+            table(b'd', &f64::INFINITY.to_be_bytes()),
+            table(b'f', &f32::NEG_INFINITY.to_be_bytes()),
+        ] {
+            assert_eq!(check_table(&bad), Err(TableFault::NotFinite));
+            let mut declare = vec![0, 50, 0, 10, 0, 0, 1, b'q', 0];
+            declare.extend_from_slice(&bad);
+            assert_eq!(
+                decode_method(&declare),
+                Err(MethodError::Syntax {
+                    class_id: 50,
+                    method_id: 10
+                })
+            );
+        }
+        assert_eq!(check_table(&table(b'd', &1.5f64.to_be_bytes())), Ok(()));
     }
 
     #[test]

@@ -20,6 +20,7 @@ use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -29,6 +30,9 @@ use tokio::time::{Instant, timeout, timeout_at};
 
 /// How long the broker waits for `connection.close-ok` after sending `connection.close`.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the broker keeps a socket open after answering the client's `connection.close`,
+/// waiting for the client to drop it (RabbitMQ's 30 s closing timeout).
+const CLOSED_LINGER: Duration = Duration::from_secs(30);
 /// How often unacknowledged deliveries are checked against the consumer timeout.
 const ACK_CHECK: Duration = Duration::from_millis(500);
 /// How often a connection held by flow control looks again whether the queue still holds it
@@ -36,6 +40,13 @@ const ACK_CHECK: Duration = Duration::from_millis(500);
 const FLOW_RECHECK: Duration = Duration::from_millis(50);
 /// Frame size limit before tuning (connection.start-ok may carry large client properties).
 const HANDSHAKE_FRAME_MAX: u32 = 131_072;
+/// How much a connection blocked by an alarm is read ahead of the publish it stopped at: its
+/// heartbeats and its close are heard, while its publishes cost no more than this.
+const BLOCKED_READ_AHEAD: usize = 64 * 1024;
+/// How often the socket of a blocked connection read ahead that far is looked at for a close.
+const BLOCKED_PROBE: Duration = Duration::from_millis(250);
+/// How often such a connection is sent a heartbeat, to make a client that is gone reset it.
+const BLOCKED_NUDGE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -45,6 +56,11 @@ enum Phase {
     Open,
     /// We sent `connection.close`; waiting for `close-ok` until the deadline.
     Closing(Instant),
+    /// We answered the client's `connection.close`; until it drops the socket (or the
+    /// deadline), each further `connection.close` gets its `close-ok` too, as RabbitMQ does:
+    /// several threads of a client may close the same connection at once, each waiting for
+    /// its own reply.
+    CloseOkSent(Instant),
     Closed,
 }
 
@@ -55,7 +71,7 @@ impl Phase {
             Phase::AwaitTuneOk => "tuning",
             Phase::AwaitOpen => "opening",
             Phase::Open => "running",
-            Phase::Closing(_) => "closing",
+            Phase::Closing(_) | Phase::CloseOkSent(_) => "closing",
             Phase::Closed => "closed",
         }
     }
@@ -119,6 +135,23 @@ pub async fn serve<S>(
     serve_halves(reader, writer, peer, local, broker, shutdown, tls).await;
 }
 
+/// The read half of a client's stream.
+trait ClientReader: AsyncRead + Unpin + Send + 'static {
+    /// A duplicate of the socket's descriptor, to watch for the client's close while the
+    /// stream is not read (none where the stream does not show its socket).
+    fn socket(&self) -> Option<OwnedFd> {
+        None
+    }
+}
+
+impl ClientReader for tokio::net::tcp::OwnedReadHalf {
+    fn socket(&self) -> Option<OwnedFd> {
+        self.as_ref().as_fd().try_clone_to_owned().ok()
+    }
+}
+
+impl<S: AsyncRead + Send + 'static> ClientReader for tokio::io::ReadHalf<S> {}
+
 /// [`serve`] for a plain TCP socket, whose halves need no lock between them.
 pub async fn serve_tcp(
     stream: tokio::net::TcpStream,
@@ -140,7 +173,7 @@ async fn serve_halves<R, W>(
     shutdown: watch::Receiver<bool>,
     tls: Option<(String, String)>,
 ) where
-    R: AsyncRead + Unpin + Send + 'static,
+    R: ClientReader,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let mut header = [0u8; 8];
@@ -220,7 +253,7 @@ impl Connection {
         let mut props = FieldTable::default();
         let text = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()));
         props.insert("capabilities".into(), AMQPValue::FieldTable(caps));
-        props.insert("cluster_name".into(), text(&self.broker.config.node_name));
+        props.insert("cluster_name".into(), text(&self.broker.cluster_name()));
         props.insert("copyright".into(), text("Copyright (c) the Warren authors"));
         props.insert(
             "information".into(),
@@ -241,7 +274,7 @@ impl Connection {
         );
     }
 
-    async fn run<R: AsyncRead + Unpin>(
+    async fn run<R: ClientReader>(
         &mut self,
         reader: &mut R,
         mut shutdown: watch::Receiver<bool>,
@@ -257,7 +290,15 @@ impl Connection {
         // The heartbeat deadline counts from the last bytes the client sent, not from the
         // last turn of this loop (timers turn it too).
         let mut last_heard = Instant::now();
+        // When a heartbeat was last sent to a blocked client to see whether it is still there.
+        let mut last_nudge = Instant::now();
+        // The socket, watched while the connection is blocked and not read (taken then only:
+        // a descriptor more for every connection would halve how many the node can take).
+        let mut probe: Option<OwnedFd> = None;
         loop {
+            if self.phase == Phase::Closed {
+                return;
+            }
             // Everything already buffered is handled before reading more, except that during
             // an alarm a publish is left unread: the connection blocks before it.
             let alarm_on = alarms.borrow().any();
@@ -299,14 +340,73 @@ impl Connection {
                     }
                     self.blocked = true;
                     self.set_state(ConnectionState::Blocked);
+                    // Its publishes wait unread in `buf`, but the client is still read a
+                    // little ahead, to hear its heartbeats and its close; past that, the
+                    // socket itself is watched, so that a publisher that gives up and goes
+                    // away does not leave its connection behind.
+                    let read_ahead = buf.len() < BLOCKED_READ_AHEAD;
+                    if read_ahead {
+                        buf.reserve(16 * 1024);
+                    } else {
+                        // Its bytes are waiting on us: the client is as good as heard.
+                        last_heard = Instant::now();
+                        if probe.is_none() {
+                            probe = reader.socket();
+                        }
+                    }
+                    let deadline = self.heartbeat_deadline(last_heard);
+                    let read = async {
+                        match deadline {
+                            Some(d) => timeout_at(d, reader.read_buf(&mut buf)).await,
+                            None => Ok(reader.read_buf(&mut buf).await),
+                        }
+                    };
                     tokio::select! {
                         _ = alarms.changed() => {}
                         _ = shutdown.changed() => self.force_close(),
                         () = durable_changed(&mut durable), if !self.waiting.is_empty() => self.flush_waiting(),
+                        reason = closed_from_outside(&mut self.closed) => {
+                            self.fail(AmqpError::new(CONNECTION_FORCED, reason));
+                        }
+                        _ = ack_check.tick() => self.check_consumer_timeouts(),
+                        r = read, if read_ahead => match r {
+                            Ok(Ok(0)) | Ok(Err(_)) => {
+                                tracing::debug!(peer = %self.peer, "blocked client closed the socket");
+                                return;
+                            }
+                            Ok(Ok(n)) => {
+                                last_heard = Instant::now();
+                                self.traffic.received(n);
+                            }
+                            Err(_) => {
+                                tracing::warn!(peer = %self.peer, "missed heartbeats from blocked client, closing");
+                                return;
+                            }
+                        },
+                        () = tokio::time::sleep(BLOCKED_PROBE), if !read_ahead => {
+                            if peer_gone(probe.as_ref()) || self.out.is_closed() {
+                                tracing::debug!(peer = %self.peer, "blocked client closed the socket");
+                                return;
+                            }
+                            // A client that closed with publishes still unsent has its close
+                            // stuck behind them, unread here; a write makes its system answer
+                            // with a reset, which the probe (or the writer, failing) sees. A
+                            // heartbeat is harmless to a client that is still there.
+                            if last_nudge.elapsed() >= BLOCKED_NUDGE {
+                                last_nudge = Instant::now();
+                                let mut frame = BytesMut::new();
+                                codec::encode_heartbeat(&mut frame);
+                                self.out.send(Outbound::Raw(frame.freeze()));
+                            }
+                        }
+                    }
+                    if self.phase == Phase::Closed {
+                        return;
                     }
                     continue;
                 }
                 if std::mem::take(&mut self.blocked) {
+                    probe = None;
                     self.set_state(ConnectionState::Running);
                     if self.capabilities.blocked {
                         self.out.method(
@@ -350,7 +450,7 @@ impl Connection {
                             _ = shutdown.changed() => self.force_close(),
                             () = durable_changed(&mut durable), if !self.waiting.is_empty() => self.flush_waiting(),
                             reason = closed_from_outside(&mut self.closed) => {
-                                self.fail(AmqpError::new(CONNECTION_FORCED, reason));
+                                self.close_from_outside(reason);
                             }
                             _ = ack_check.tick() => self.check_consumer_timeouts(),
                         }
@@ -380,11 +480,8 @@ impl Connection {
                 continue;
             }
             let deadline = match self.phase {
-                Phase::Open => match self.heartbeat.load(Ordering::Relaxed) {
-                    0 => None,
-                    hb => Some(last_heard + Duration::from_secs(2 * u64::from(hb))),
-                },
-                Phase::Closing(deadline) => Some(deadline),
+                Phase::Open => self.heartbeat_deadline(last_heard),
+                Phase::Closing(deadline) | Phase::CloseOkSent(deadline) => Some(deadline),
                 _ => Some(handshake_deadline),
             };
             buf.reserve(16 * 1024);
@@ -397,7 +494,7 @@ impl Connection {
             tokio::select! {
                 r = read => match r {
                     Ok(Ok(0)) | Ok(Err(_)) => {
-                        if !matches!(self.phase, Phase::Closing(_)) {
+                        if !matches!(self.phase, Phase::Closing(_) | Phase::CloseOkSent(_)) {
                             tracing::debug!(peer = %self.peer, "client closed the socket");
                         }
                         return;
@@ -409,7 +506,7 @@ impl Connection {
                     Err(_) => {
                         match self.phase {
                             Phase::Open => tracing::warn!(peer = %self.peer, "missed heartbeats from client, closing"),
-                            Phase::Closing(_) => {}
+                            Phase::Closing(_) | Phase::CloseOkSent(_) => {}
                             _ => tracing::info!(peer = %self.peer, "handshake timed out"),
                         }
                         return;
@@ -417,11 +514,20 @@ impl Connection {
                 },
                 _ = shutdown.changed(), if !matches!(self.phase, Phase::Closing(_)) => self.force_close(),
                 () = durable_changed(&mut durable), if !self.waiting.is_empty() => self.flush_waiting(),
-                reason = closed_from_outside(&mut self.closed), if self.phase == Phase::Open => {
-                    self.fail(AmqpError::new(CONNECTION_FORCED, reason));
+                reason = closed_from_outside(&mut self.closed), if matches!(self.phase, Phase::Open | Phase::CloseOkSent(_)) => {
+                    self.close_from_outside(reason);
                 }
                 _ = ack_check.tick(), if self.phase == Phase::Open => self.check_consumer_timeouts(),
             }
+        }
+    }
+
+    /// When an open connection whose client was last heard at `last_heard` has missed its
+    /// heartbeats (two intervals of silence, as RabbitMQ counts them); never without them.
+    fn heartbeat_deadline(&self, last_heard: Instant) -> Option<Instant> {
+        match self.heartbeat.load(Ordering::Relaxed) {
+            0 => None,
+            hb => Some(last_heard + Duration::from_secs(2 * u64::from(hb))),
         }
     }
 
@@ -446,6 +552,22 @@ impl Connection {
         }
     }
 
+    /// Closed through the management API or by its vhost's deletion: 320 with the reason.
+    /// A connection whose vhost went down is dropped at once, as RabbitMQ drops it, so its
+    /// client hears of it before the deletion is answered.
+    fn close_from_outside(&mut self, reason: String) {
+        if self.phase != Phase::Open {
+            // The client's own close was answered already: nothing more to say.
+            self.phase = Phase::Closed;
+            return;
+        }
+        let at_once = self.info.as_ref().is_some_and(|i| i.closes_at_once());
+        self.fail(AmqpError::new(CONNECTION_FORCED, reason));
+        if at_once {
+            self.phase = Phase::Closed;
+        }
+    }
+
     /// Broker shutdown: tell the client why, then wait a little for its close-ok.
     fn force_close(&mut self) {
         if self.phase == Phase::Open {
@@ -459,6 +581,17 @@ impl Connection {
     }
 
     fn handle_frame(&mut self, frame: RawFrame) -> AmqpResult<()> {
+        if let Phase::CloseOkSent(_) = self.phase {
+            // The connection is over: only another `connection.close` gets an answer.
+            if frame.kind == FRAME_METHOD
+                && frame.channel == 0
+                && let Ok(AMQPClass::Connection(connection::AMQPMethod::Close(_))) =
+                    codec::decode_method(&frame.payload)
+            {
+                self.send_close_ok();
+            }
+            return Ok(());
+        }
         if let Phase::Closing(_) = self.phase {
             // Only the close handshake matters now.
             if frame.kind == FRAME_METHOD && frame.channel == 0 {
@@ -558,6 +691,18 @@ impl Connection {
             } => AmqpError::new(
                 FRAME_ERROR,
                 format!("cannot decode {}", erlang_binary(&frame.payload[4..])),
+            )
+            .on(class_id, method_id),
+            // RabbitMQ has no limit; a malformed frame is the closest of its errors.
+            codec::MethodError::TooDeep {
+                class_id,
+                method_id,
+            } => AmqpError::new(
+                FRAME_ERROR,
+                format!(
+                    "field table nested deeper than {} levels",
+                    codec::MAX_TABLE_DEPTH
+                ),
             )
             .on(class_id, method_id),
             codec::MethodError::Truncated => AmqpError::new(
@@ -751,7 +896,9 @@ impl Connection {
             (Phase::AwaitOpen, M::Open(open)) => self.open(open),
             (_, M::Close(_)) => {
                 self.send_close_ok();
-                self.phase = Phase::Closed;
+                // Everything is released now; the socket stays open for the client to drop.
+                self.cleanup();
+                self.phase = Phase::CloseOkSent(Instant::now() + CLOSED_LINGER);
                 Ok(())
             }
             (Phase::Open, M::Blocked(_) | M::Unblocked(_)) => Ok(()),
@@ -903,6 +1050,13 @@ impl Connection {
         );
         self.broker.connections.add(info.clone());
         MessageStats::bump(&self.broker.churn.connection_created);
+        tracing::info!(
+            peer = %self.peer,
+            user = %info.user,
+            vhost = %info.vhost,
+            name = %info.client_name(),
+            "connection opened"
+        );
         self.info = Some(info);
         self.closed = Some(closed);
         self.session = Some(Session {
@@ -920,7 +1074,6 @@ impl Connection {
             0,
             AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {})),
         );
-        tracing::debug!(peer = %self.peer, vhost = name, "connection open");
         Ok(())
     }
 
@@ -935,7 +1088,14 @@ impl Connection {
     fn fail(&mut self, e: AmqpError) {
         let channel_id = e.channel;
         if e.scope == Scope::Channel && channel_id != 0 && self.phase == Phase::Open {
-            tracing::debug!(peer = %self.peer, channel = channel_id, error = %e, "closing channel");
+            tracing::warn!(
+                peer = %self.peer,
+                user = self.user.as_deref().unwrap_or_default(),
+                channel = channel_id,
+                code = e.code,
+                text = %e.reply_text(),
+                "channel error, closing the channel"
+            );
             if let (Some(channel), Some(session)) =
                 (self.channels.get_mut(&channel_id), self.session.as_ref())
             {
@@ -995,6 +1155,13 @@ impl Connection {
     /// deliveries) and exclusive queues.
     fn cleanup(&mut self) {
         if let Some(info) = self.info.take() {
+            tracing::info!(
+                peer = %self.peer,
+                user = %info.user,
+                vhost = %info.vhost,
+                name = %info.client_name(),
+                "connection closed"
+            );
             self.broker.connections.remove(info.id);
             MessageStats::bump(&self.broker.churn.connection_closed);
             let channels = self.channels.len() as u64;
@@ -1030,6 +1197,24 @@ async fn closed_from_outside(closed: &mut Option<watch::Receiver<Option<String>>
         if rx.changed().await.is_err() {
             return std::future::pending().await;
         }
+    }
+}
+
+/// Whether the client closed or reset the socket whose descriptor `probe` duplicates, even
+/// with bytes of its still unread before the close.
+fn peer_gone(probe: Option<&OwnedFd>) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let Some(fd) = probe else { return false };
+    let mut fds = [PollFd::new(fd, PollFlags::RDHUP)];
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    match poll(&mut fds, Some(&now)) {
+        Ok(_) => fds[0]
+            .revents()
+            .intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR),
+        Err(_) => false,
     }
 }
 

@@ -22,13 +22,15 @@ pub struct ChannelConsumer {
 #[derive(Debug)]
 struct State {
     open: bool,
-    /// `channel.flow`: false stops deliveries.
-    flow: bool,
     next_tag: u64,
     /// In delivery-tag order.
     unacked: VecDeque<(u64, Delivered)>,
     /// `basic.qos` with global=true: a limit on unacked deliveries across the channel.
     prefetch_global: u32,
+    /// What that limit counts, as RabbitMQ's limiter does: deliveries to consumers that
+    /// acknowledge, until they are settled for good. `basic.get` deliveries do not count, and
+    /// acks inside a transaction free nothing until it commits.
+    limited: usize,
     consumers: HashMap<Arc<str>, ChannelConsumer>,
 }
 
@@ -68,10 +70,10 @@ impl ChannelShared {
             cancel_notify,
             state: Mutex::new(State {
                 open: true,
-                flow: true,
                 next_tag: 1,
                 unacked: VecDeque::new(),
                 prefetch_global: 0,
+                limited: 0,
                 consumers: HashMap::new(),
             }),
             stats: MessageStats::default(),
@@ -112,16 +114,22 @@ impl ChannelShared {
         queues
     }
 
-    pub fn set_flow(&self, active: bool) {
-        self.state.lock().flow = active;
-    }
-
     pub fn set_prefetch_global(&self, count: u32) {
         self.state.lock().prefetch_global = count;
     }
 
     pub fn prefetch_global(&self) -> u32 {
         self.state.lock().prefetch_global
+    }
+
+    /// Deliveries to consumers were settled for good (acked, rejected, requeued): they no
+    /// longer count against the channel-wide prefetch.
+    pub fn released(&self, settled: &[(u64, Delivered)]) {
+        let n = settled.iter().filter(|(_, d)| d.consumer.is_some()).count();
+        if n > 0 {
+            let mut st = self.state.lock();
+            st.limited = st.limited.saturating_sub(n);
+        }
     }
 
     pub fn unacked_count(&self) -> usize {
@@ -212,6 +220,7 @@ impl ChannelShared {
     pub fn shut(&self) -> (Vec<ChannelConsumer>, Vec<(u64, Delivered)>) {
         let mut st = self.state.lock();
         st.open = false;
+        st.limited = 0;
         let consumers = st.consumers.drain().map(|(_, c)| c).collect();
         let unacked = st.unacked.drain(..).collect();
         (consumers, unacked)
@@ -265,13 +274,12 @@ impl DeliverySink for ChannelShared {
         msg: QueuedMessage,
     ) -> Result<(), QueuedMessage> {
         let mut st = self.state.lock();
-        if !st.open || !st.flow {
+        if !st.open {
             return Err(msg);
         }
-        if !consumer.no_ack
-            && st.prefetch_global != 0
-            && st.unacked.len() >= st.prefetch_global as usize
-        {
+        // A full channel-wide window holds back no-ack consumers too (they do not count
+        // against it), as RabbitMQ's limiter does.
+        if st.prefetch_global != 0 && st.limited >= st.prefetch_global as usize {
             return Err(msg);
         }
         if self.out.defer_delivery(queue) {
@@ -295,6 +303,7 @@ impl DeliverySink for ChannelShared {
             message: msg.message.clone(),
         });
         if !consumer.no_ack {
+            st.limited += 1;
             st.unacked.push_back((
                 tag,
                 Delivered {

@@ -573,15 +573,19 @@ impl Channel {
     /// `commit-ok` (0: none).
     pub(super) fn commit(&mut self, s: &mut Session, tx: Transaction) -> u64 {
         let mut epoch = 0;
+        let now = now_ms();
         for p in tx.publishes {
             let keys: Vec<&[u8]> = p.keys.iter().map(|k| &k[..]).collect();
+            let mut message = p.message;
+            // Its queues take it now: TTLs count from the commit.
+            Arc::make_mut(&mut message).enters_at(now);
             let outcome = self.route(
                 s,
                 &p.exchange,
                 &keys,
                 p.headers.as_ref(),
                 p.mandatory,
-                p.message,
+                message,
             );
             epoch = epoch.max(outcome.epoch);
             if !outcome.backlogged.is_empty() {

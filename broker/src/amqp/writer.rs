@@ -120,6 +120,11 @@ impl ConnectionOutput {
         self.send(Outbound::Method(channel, method));
     }
 
+    /// Whether the writer has stopped (the socket failed, or the connection is closing).
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
     pub fn set_frame_max(&self, frame_max: u32) {
         self.frame_max.store(frame_max, Ordering::Relaxed);
     }

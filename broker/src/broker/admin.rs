@@ -35,16 +35,21 @@ impl Broker {
     }
 
     /// Creates a vhost, or updates its description and tags. Returns whether it was created.
+    /// `default_queue_type`: `None` leaves an existing vhost's as it is.
     pub fn put_vhost(
         &self,
         name: &str,
         description: &str,
         tags: Vec<String>,
+        default_queue_type: Option<String>,
     ) -> Result<bool, AdminError> {
         if let Some(v) = self.vhost(name) {
             let mut meta = v.meta();
             meta.description = description.to_owned();
             meta.tags = tags;
+            if default_queue_type.is_some() {
+                meta.default_queue_type = default_queue_type;
+            }
             v.set_meta(meta).map_err(|e| AdminError::Internal(e.text))?;
             return Ok(false);
         }
@@ -59,6 +64,7 @@ impl Broker {
             description: description.to_owned(),
             tags,
             limits: Default::default(),
+            default_queue_type,
         })
         .map_err(|e| AdminError::Internal(e.text))?;
         self.vhosts.write().insert(name.to_owned(), v);
@@ -66,8 +72,8 @@ impl Broker {
         Ok(true)
     }
 
-    /// Deletes a vhost: its connections are closed (320), its queues and their messages,
-    /// exchanges, bindings and permissions removed.
+    /// Deletes a vhost: its connections are closed (320, the socket dropped at once), its
+    /// queues and their messages, exchanges, bindings and permissions removed.
     pub fn delete_vhost(&self, name: &str) -> Result<(), AdminError> {
         // The vhost leaves the node's sums and its queues' counters enter the retired ones in
         // one step under `retiring`, so a scrape never sees them twice or not at all.
@@ -80,7 +86,7 @@ impl Broker {
             v
         };
         for c in self.connections.in_vhost(name) {
-            c.force_close(&format!("vhost '{name}' is down"));
+            c.force_close_at_once(&format!("vhost '{name}' is down"));
         }
         v.remove_everything();
         self.users.clear_vhost(name);

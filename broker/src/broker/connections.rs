@@ -8,7 +8,7 @@ use parking_lot::RwLock;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use tokio::sync::watch;
 
 /// Bytes and frames through a connection's socket.
@@ -105,6 +105,8 @@ pub struct ConnectionInfo {
     channels: RwLock<BTreeMap<u16, Arc<dyn ChannelView>>>,
     /// Set to a reason to make the connection close itself with 320.
     close: watch::Sender<Option<String>>,
+    /// The close drops the socket at once instead of waiting for `close-ok`.
+    close_at_once: AtomicBool,
     state: AtomicU8,
 }
 
@@ -183,6 +185,7 @@ impl ConnectionInfo {
                 traffic,
                 channels: RwLock::new(BTreeMap::new()),
                 close,
+                close_at_once: AtomicBool::new(false),
                 state: AtomicU8::new(ConnectionState::Running as u8),
             }),
             closed,
@@ -192,6 +195,16 @@ impl ConnectionInfo {
     /// RabbitMQ's name for a connection: `peer -> local`.
     pub fn name(&self) -> String {
         format!("{} -> {}", self.peer, self.local)
+    }
+
+    /// The name the client gave the connection (`connection_name` in its properties), or "".
+    pub fn client_name(&self) -> String {
+        match self.client_properties.inner().get("connection_name") {
+            Some(amq_protocol::types::AMQPValue::LongString(n)) => {
+                String::from_utf8_lossy(n.as_bytes()).into_owned()
+            }
+            _ => String::new(),
+        }
     }
 
     pub fn set_state(&self, state: ConnectionState) {
@@ -217,6 +230,22 @@ impl ConnectionInfo {
     /// Asks the connection to close with 320 CONNECTION_FORCED and `reason`.
     pub fn force_close(&self, reason: &str) {
         self.close.send_replace(Some(reason.to_owned()));
+    }
+
+    /// As [`ConnectionInfo::force_close`], then the socket is dropped at once without
+    /// waiting for `close-ok`: what RabbitMQ does to the connections of a vhost that goes down.
+    pub fn force_close_at_once(&self, reason: &str) {
+        self.close_at_once.store(true, Ordering::Release);
+        self.force_close(reason);
+    }
+
+    pub fn closes_at_once(&self) -> bool {
+        self.close_at_once.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the connection has ended and its socket is closed.
+    pub async fn ended(&self) {
+        self.close.closed().await;
     }
 }
 

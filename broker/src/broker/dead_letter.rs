@@ -124,6 +124,38 @@ fn field(t: &FieldTable, key: &str) -> Option<String> {
     t.inner().get(key).and_then(text)
 }
 
+fn count_of(t: &FieldTable) -> Option<i64> {
+    t.inner().get("count").and_then(super::headers::integer)
+}
+
+/// One entry per queue and reason. RabbitMQ before 3.5 (and clients that copied its headers)
+/// wrote an entry per death, without counts: as RabbitMQ 3.10 does, the first entry of each
+/// queue and reason stands for them all, counting them when it has no count of its own, and
+/// the groups come in the reverse order of their first entries.
+fn grouped(history: Vec<FieldTable>) -> Vec<FieldTable> {
+    if history.len() < 2 {
+        return history;
+    }
+    let key = |d: &FieldTable| (field(d, "queue"), field(d, "reason"));
+    let keys: Vec<_> = history.iter().map(key).collect();
+    let mut out: Vec<FieldTable> = Vec::new();
+    for (i, mut d) in history.into_iter().enumerate() {
+        if keys[..i].contains(&keys[i]) {
+            continue;
+        }
+        if count_of(&d).is_none() {
+            let n = keys.iter().filter(|k| **k == keys[i]).count();
+            d.insert(
+                ShortString::from("count"),
+                AMQPValue::LongLongInt(i64::try_from(n).unwrap_or(i64::MAX)),
+            );
+        }
+        out.push(d);
+    }
+    out.reverse();
+    out
+}
+
 /// The message `queue` gives up on for `reason`, as it goes to `target`'s exchange.
 pub fn dead_letter(
     message: &Message,
@@ -172,18 +204,15 @@ pub fn dead_letter(
     if let Some(e) = props.expiration() {
         entry.insert(ShortString::from("original-expiration"), long(e.as_str()));
     }
-    let mut history = deaths(&headers);
-    // The same queue and reason again: one entry, its count up, moved to the front.
+    let mut history = grouped(deaths(&headers));
+    // The same queue and reason again: that entry, as it was but for its count one up, moved
+    // to the front (RabbitMQ keeps the first death's time, exchange and routing keys).
     if let Some(at) = history.iter().position(|d| {
         field(d, "queue").as_deref() == Some(queue)
             && field(d, "reason").as_deref() == Some(reason.as_str())
     }) {
-        let old = history.remove(at);
-        let count = match old.inner().get("count") {
-            Some(AMQPValue::LongLongInt(n)) => *n,
-            Some(AMQPValue::LongInt(n)) => i64::from(*n),
-            _ => 0,
-        };
+        entry = history.remove(at);
+        let count = count_of(&entry).unwrap_or(0);
         entry.insert(
             ShortString::from("count"),
             AMQPValue::LongLongInt(count + 1),
@@ -335,6 +364,40 @@ mod tests {
             field(&third.headers, "x-first-death-queue").as_deref(),
             Some("q1")
         );
+    }
+
+    #[test]
+    fn per_death_entries_of_older_brokers_are_grouped_by_queue_and_reason() {
+        let old = |q: &str, count: Option<i64>| {
+            let mut t = FieldTable::default();
+            t.insert("queue".into(), long(q));
+            t.insert("reason".into(), long("expired"));
+            if let Some(n) = count {
+                t.insert("count".into(), AMQPValue::LongLongInt(n));
+            }
+            AMQPValue::FieldTable(t)
+        };
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(FieldArray::from(vec![
+                old("a", None),
+                old("b", Some(7)),
+                old("a", None),
+                old("c", None),
+                old("b", None),
+                old("a", None),
+            ])),
+        );
+        let m = message(BasicProperties::default().with_headers(headers));
+        let d = dead_letter(&m, "b", DeathReason::Expired, &target(None), 1000);
+        let summary: Vec<(String, i64)> = x_death(&d)
+            .iter()
+            .map(|e| (field(e, "queue").unwrap(), count_of(e).unwrap()))
+            .collect();
+        // b's first entry keeps its own count and takes this death; a counts its three
+        // entries; the rest in the reverse order of first appearance.
+        assert_eq!(summary, [("b".into(), 8), ("c".into(), 1), ("a".into(), 3)]);
     }
 
     #[test]

@@ -102,4 +102,14 @@ impl Message {
     pub fn size(&self) -> usize {
         self.body.len() + self.properties.len()
     }
+
+    /// The message enters its queues at `now` rather than when it arrived (a transaction's
+    /// commit): its TTLs, the queue's and its own `expiration`, count from `now`, as in
+    /// RabbitMQ, where they count from when a queue takes the message.
+    pub fn enters_at(&mut self, now: u64) {
+        if let Some(expires) = self.expires_at_ms {
+            self.expires_at_ms = Some(expires + now.saturating_sub(self.arrived_ms));
+        }
+        self.arrived_ms = self.arrived_ms.max(now);
+    }
 }

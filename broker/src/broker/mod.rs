@@ -53,6 +53,9 @@ pub struct Broker {
     /// Maintenance mode (a drain before the broker stops): client connections are closed and
     /// new ones refused, and readiness fails, so clients move to other brokers.
     pub draining: std::sync::atomic::AtomicBool,
+    /// The cluster name when one was set (the `cluster_name` setting, else one stored by the
+    /// management API or a definitions import); unset, the node name stands for it.
+    cluster_name: RwLock<Option<String>>,
     /// The in-memory window every queue gets.
     window: Window,
     vhosts: RwLock<HashMap<String, Arc<Vhost>>>,
@@ -140,11 +143,15 @@ impl Broker {
                 read: ".*".into(),
             };
             let name = config.default_user.clone();
-            if let Err(e) = store.update(|d| {
+            match store.update(|d| {
                 d.users.insert(name, user);
                 d.permissions.push(permission);
             }) {
-                tracing::error!(error = %e, "cannot store the default user");
+                Ok(()) => tracing::info!(
+                    user = %config.default_user,
+                    "first start: created the default user, an administrator with every permission on vhost /"
+                ),
+                Err(e) => tracing::error!(error = %e, "cannot store the default user"),
             }
             defs = store.snapshot();
         }
@@ -171,8 +178,21 @@ impl Broker {
             memory_limit,
             config.disk_free_limit,
         );
+        if let Some(flusher) = storage.flusher() {
+            // Free disk is checked as fast as the stores use it, not only on the timer.
+            let alarms = Arc::downgrade(&alarms);
+            flusher.observe_writes(Box::new(move |bytes| {
+                if let Some(a) = alarms.upgrade() {
+                    a.disk_written(bytes);
+                }
+            }));
+        }
         let churn = Arc::new(stats::Churn::default());
+        // As RabbitMQ: the configured name applies at every start; one set at run time lasts
+        // until the next start that configures another.
+        let cluster_name = config.cluster_name.clone().or(defs.cluster_name.clone());
         let broker = Self {
+            cluster_name: RwLock::new(cluster_name),
             churn: churn.clone(),
             started: std::time::SystemTime::now(),
             config,
@@ -207,6 +227,28 @@ impl Broker {
 
     pub fn vhosts(&self) -> Vec<Arc<Vhost>> {
         self.vhosts.read().values().cloned().collect()
+    }
+
+    /// The cluster's name as clients and tools see it.
+    pub fn cluster_name(&self) -> String {
+        self.cluster_name
+            .read()
+            .clone()
+            .unwrap_or_else(|| self.config.node_name.clone())
+    }
+
+    /// The cluster name when one was set, for a definitions export.
+    pub fn cluster_name_if_set(&self) -> Option<String> {
+        self.cluster_name.read().clone()
+    }
+
+    /// Renames the cluster, durably (RabbitMQ's `set_cluster_name`).
+    pub fn set_cluster_name(&self, name: &str) -> Result<(), DefinitionsError> {
+        let mut current = self.cluster_name.write();
+        self.definitions
+            .update(|d| d.cluster_name = Some(name.to_owned()))?;
+        *current = Some(name.to_owned());
+        Ok(())
     }
 
     pub fn next_connection_id(&self) -> u64 {

@@ -6,6 +6,7 @@
 
 use super::headers::{integer, text};
 use super::vhost::PolicyKind;
+use crate::amqp::codec::MAX_TABLE_DEPTH;
 use amq_protocol::types::{AMQPValue, FieldTable, LongString};
 use serde_json::{Map, Value};
 use std::sync::Arc;
@@ -388,6 +389,14 @@ fn validate_definition(definition: &Map<String, Value>) -> Result<(), String> {
         return Err(not_recognised(unknown));
     }
     for (key, value) in definition {
+        // Keys whose values Warren ignores take any JSON; each must still read back from
+        // definitions.json, whose parser stops at 128 levels.
+        if json_depth(value) > MAX_TABLE_DEPTH {
+            return Err(format!(
+                "{} nests lists and objects deeper than {MAX_TABLE_DEPTH} levels",
+                term(&Value::String(key.clone()))
+            ));
+        }
         let (ok, what) = match key.as_str() {
             "message-ttl" => (non_negative(value), "message TTL"),
             "expires" => (value.as_i64().is_some_and(|n| n >= 1), "queue expiry"),
@@ -412,6 +421,15 @@ fn validate_definition(definition: &Map<String, Value>) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// How many levels of lists and objects a value nests (0 for a scalar).
+fn json_depth(v: &Value) -> usize {
+    match v {
+        Value::Array(a) => 1 + a.iter().map(json_depth).max().unwrap_or(0),
+        Value::Object(o) => 1 + o.values().map(json_depth).max().unwrap_or(0),
+        _ => 0,
+    }
 }
 
 fn non_negative(v: &Value) -> bool {
@@ -548,6 +566,14 @@ mod tests {
         assert_eq!(
             bad(json!({"max-lenght": 1, "foo": "x"})),
             "Validation failed\n\n[{<<\"foo\">>,<<\"x\">>},{<<\"max-lenght\">>,1}] are not recognised policy settings\n"
+        );
+        let mut deep = json!(1);
+        for _ in 0..33 {
+            deep = json!([deep]);
+        }
+        assert_eq!(
+            bad(json!({ "ha-params": deep })),
+            "Validation failed\n\n<<\"ha-params\">> nests lists and objects deeper than 32 levels\n"
         );
         assert_eq!(
             bad(json!({"message-ttl": -1})),

@@ -157,6 +157,10 @@ struct QueueState {
     unacked: u64,
     /// Body bytes of the unacknowledged messages.
     unacked_bytes: u64,
+    /// The most handed out unacknowledged at a time ([`Window::in_flight`]): without it, a
+    /// consumer with unlimited prefetch that does not ack would pull the whole backlog from
+    /// disk into memory.
+    in_flight: Window,
     /// Sorted by priority, highest first; round-robin within a priority.
     consumers: Vec<Arc<Consumer>>,
     dispatch_pass: u64,
@@ -492,6 +496,7 @@ impl Queue {
                 next_seq,
                 unacked: 0,
                 unacked_bytes: 0,
+                in_flight: window.in_flight(),
                 consumers: Vec::new(),
                 dispatch_pass: 0,
                 had_consumer: false,
@@ -518,6 +523,12 @@ impl Queue {
 
     pub fn name(&self) -> &str {
         &self.spec.name
+    }
+
+    /// The declared type, `x-queue-type` (classic without it). Every queue works as a
+    /// classic one (nothing is replicated), but reports the type it was declared with.
+    pub fn queue_type(&self) -> String {
+        argument_text(&self.spec.arguments, "x-queue-type").unwrap_or_else(|| "classic".into())
     }
 
     /// The highest priority level: `x-max-priority`, 0 for a queue without priorities.
@@ -581,16 +592,23 @@ impl Queue {
     pub fn link(self: &Arc<Self>, links: Links) {
         let _ = self.links.set(links);
         self.touch();
-        // Recovered messages of a queue with a TTL expire on time, used or not. (Without a
-        // queue TTL, a recovered message's own `expiration` is looked at when the queue is
-        // next used: finding it would mean reading every recovered queue at start.)
+    }
+
+    /// Recovered messages expire on time, used or not: the head of each level is looked at
+    /// now (as RabbitMQ does when it recovers a queue), so that what expired while the broker
+    /// was down is dead-lettered at once. Called once the vhost has its exchanges, bindings
+    /// and policies back, for the dead letters to find their way. A queue with neither a TTL
+    /// nor a dead-letter exchange is not read now (that would bring a window of every such
+    /// queue into memory at start): its expired messages go when it is next used, and no
+    /// consumer or `basic.get` ever sees them.
+    pub fn expire_recovered(self: &Arc<Self>) {
         let next = {
             let mut st = self.state.lock();
-            if st.settings.features.message_ttl.is_some() {
-                self.next_expiry_locked(&mut st)
-            } else {
-                None
+            let features = &st.settings.features;
+            if features.message_ttl.is_none() && features.dead_letter.is_none() {
+                return;
             }
+            self.next_expiry_locked(&mut st)
         };
         if let Some(at) = next {
             self.schedule(at);
@@ -775,7 +793,7 @@ impl Queue {
                 return;
             }
             self.expire_locked(&mut st, now, &mut dead);
-            self.deliver_locked(&mut st);
+            self.deliver_locked(&mut st, &mut dead);
             (self.next_expiry_locked(&mut st), st.consumers.is_empty())
         };
         if let Some(expires) = self.expires()
@@ -855,7 +873,7 @@ impl Queue {
                     },
                     &self.stores,
                 );
-                self.deliver_locked(&mut st);
+                self.deliver_locked(&mut st, &mut dead);
                 let backlogged = st.ready.paging() && !st.consumers.is_empty();
                 if limits.max_length.is_some() || limits.max_bytes.is_some() {
                     self.trim_locked(&mut st, &mut dead);
@@ -902,20 +920,23 @@ impl Queue {
     /// when the new head expires.
     fn dispatch_locked(self: &Arc<Self>, st: &mut QueueState, dead: &mut Dead) -> Option<u64> {
         if !st.may_expire {
-            self.deliver_locked(st);
+            self.deliver_locked(st, dead);
             return None;
         }
         let now = now_ms();
         self.expire_locked(st, now, dead);
-        self.deliver_locked(st);
+        self.deliver_locked(st, dead);
         self.next_expiry_locked(st)
     }
 
-    /// Hands out ready messages to consumers with credit.
-    fn deliver_locked(self: &Arc<Self>, st: &mut QueueState) {
+    /// Hands out ready messages to consumers with credit. In a queue whose messages may
+    /// expire, each new head is looked at first: as in RabbitMQ, a consumer never gets a
+    /// message whose time ran out behind the one before it.
+    fn deliver_locked(self: &Arc<Self>, st: &mut QueueState, dead: &mut Dead) {
         if st.consumers.is_empty() || st.ready.is_empty() {
             return;
         }
+        let now = if st.may_expire { now_ms() } else { 0 };
         st.dispatch_pass += 1;
         let pass = st.dispatch_pass;
         let mut declined = 0;
@@ -928,11 +949,13 @@ impl Queue {
         let mut handed = 0;
         while declined < candidates && !st.ready.is_empty() {
             let mut chosen = None;
+            let in_flight_full = st.unacked >= st.in_flight.messages as u64
+                || st.unacked_bytes >= st.in_flight.bytes;
             for (i, c) in st.consumers.iter().enumerate().take(candidates) {
                 if c.skipped_in.load(Ordering::Relaxed) == pass {
                     continue;
                 }
-                if !c.has_credit() {
+                if !c.has_credit() || (in_flight_full && !c.no_ack) {
                     c.skipped_in.store(pass, Ordering::Relaxed);
                     declined += 1;
                     continue;
@@ -941,6 +964,11 @@ impl Queue {
                 break;
             }
             let Some(i) = chosen else { break };
+            // The first head was looked at by the caller (and a message that expires at once
+            // goes to a consumer that takes it now); the ones after it are looked at here.
+            if st.may_expire && handed > 0 {
+                self.expire_locked(st, now, dead);
+            }
             let consumer = st.consumers[i].clone();
             let Some(msg) = st.ready.pop_front(&self.stores) else {
                 break;
@@ -1075,6 +1103,9 @@ impl Queue {
         let next = {
             let mut st = self.state.lock();
             self.requeue_locked(&mut st, delivered, &mut dead);
+            // Requeued messages count against the length limits as new ones do: with
+            // drop-head, what goes is the head, where they went back (as in RabbitMQ).
+            self.trim_locked(&mut st, &mut dead);
             self.dispatch_locked(&mut st, &mut dead)
         };
         self.after(dead, next);
@@ -1147,6 +1178,7 @@ impl Queue {
     /// Removes a consumer; returns true when this leaves an auto-delete queue with no
     /// consumers, so that the caller deletes the queue.
     pub fn remove_consumer(self: &Arc<Self>, consumer: &Arc<Consumer>) -> bool {
+        let mut dead = Vec::new();
         let (auto_delete, idle) = {
             let mut st = self.state.lock();
             let was_active = st
@@ -1157,13 +1189,16 @@ impl Queue {
             let idle = st.consumers.is_empty();
             if was_active && self.single_active_consumer && !idle {
                 // The next consumer takes over.
-                self.deliver_locked(&mut st);
+                self.deliver_locked(&mut st, &mut dead);
             }
             (
                 self.spec.auto_delete && st.had_consumer && idle && !self.is_deleted(),
                 idle,
             )
         };
+        if !dead.is_empty() {
+            self.after(dead, None);
+        }
         if idle && !auto_delete {
             // Unused from now: `x-expires` starts counting.
             self.touch();

@@ -19,6 +19,22 @@ pub struct Window {
     pub bytes: u64,
 }
 
+/// How many times the window a queue lets consumers hold unacknowledged: its deliveries in
+/// flight are bounded in memory as its backlog is, whatever prefetch its consumers asked for
+/// (0, unlimited, included). More go out as acknowledgements come back.
+const IN_FLIGHT_MESSAGES: usize = 16;
+const IN_FLIGHT_BYTES: u64 = 4;
+
+impl Window {
+    /// The most a queue hands out unacknowledged at a time.
+    pub fn in_flight(&self) -> Window {
+        Window {
+            messages: self.messages.saturating_mul(IN_FLIGHT_MESSAGES),
+            bytes: self.bytes.saturating_mul(IN_FLIGHT_BYTES),
+        }
+    }
+}
+
 impl Default for Window {
     fn default() -> Self {
         Self {

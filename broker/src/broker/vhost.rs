@@ -135,13 +135,16 @@ pub enum PolicyKind {
     Operator,
 }
 
-/// What a vhost is besides its topology: description, tags and limits.
+/// What a vhost is besides its topology: description, tags, limits and default queue type.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VhostMeta {
     pub description: String,
     pub tags: Vec<String>,
     /// `max-connections`, `max-queues`: a negative value means no limit, as in RabbitMQ.
     pub limits: std::collections::BTreeMap<String, i64>,
+    /// The type a queue declared without `x-queue-type` gets, where that type can have the
+    /// queue's properties (none: classic, RabbitMQ's "undefined").
+    pub default_queue_type: Option<String>,
 }
 
 impl VhostMeta {
@@ -306,6 +309,7 @@ impl Vhost {
             v.description = stored.description;
             v.tags = stored.tags;
             v.limits = stored.limits;
+            v.default_queue_type = stored.default_queue_type;
         })?;
         self.apply_throttles(&meta);
         *self.meta.write() = meta;
@@ -336,6 +340,7 @@ impl Vhost {
             description: defs.description.clone(),
             tags: defs.tags.clone(),
             limits: defs.limits.clone(),
+            default_queue_type: defs.default_queue_type.clone(),
         };
         self.apply_throttles(&meta);
         *self.meta.write() = meta;
@@ -374,6 +379,7 @@ impl Vhost {
                     })
                 });
         }
+        let mut restored = Vec::new();
         for (name, q) in &defs.queues {
             if self.queues.read().contains_key(name) {
                 continue;
@@ -424,8 +430,8 @@ impl Vhost {
                 levels,
                 self.window,
             );
-            self.link(&queue);
-            self.queues.write().insert(name.clone(), queue);
+            self.queues.write().insert(name.clone(), queue.clone());
+            restored.push(queue);
         }
         for b in &defs.bindings {
             let Some(source) = self.exchange(&b.source) else {
@@ -444,7 +450,14 @@ impl Vhost {
                 });
             }
         }
+        // Linked once their dead letters have exchanges and bindings to go to.
+        for q in &restored {
+            self.link(q);
+        }
         self.reapply_policies();
+        for q in &restored {
+            q.expire_recovered();
+        }
         if let Some(me) = self.me.upgrade() {
             self.delayer.recover(&self.storage, &me);
         }
@@ -769,6 +782,24 @@ impl Vhost {
         Ok(())
     }
 
+    /// The spec with the vhost's default queue type as its `x-queue-type` when it names none
+    /// and that type can have the queue's properties (a quorum queue is durable, neither
+    /// exclusive nor auto-delete), as RabbitMQ 3.10 declares it.
+    fn with_default_type(&self, mut spec: QueueSpec) -> QueueSpec {
+        if spec.arguments.inner().contains_key("x-queue-type") {
+            return spec;
+        }
+        let Some(t) = self.meta.read().default_queue_type.clone() else {
+            return spec;
+        };
+        if t == "quorum" && (!spec.durable || spec.exclusive || spec.auto_delete) {
+            return spec;
+        }
+        spec.arguments
+            .insert("x-queue-type".into(), AMQPValue::LongString(t.into()));
+        spec
+    }
+
     /// `queue.declare` (not passive). Returns the queue and whether it was created.
     pub fn declare_queue(
         &self,
@@ -777,6 +808,7 @@ impl Vhost {
     ) -> AmqpResult<(Arc<Queue>, bool)> {
         let _t = self.topology.lock();
         MessageStats::bump(&self.churn.queue_declared);
+        let spec = self.with_default_type(spec);
         let owner = spec.exclusive.then_some(connection);
         if let Some(q) = self.queue(&spec.name) {
             if q.owner != owner {
@@ -1127,6 +1159,14 @@ impl Vhost {
         self.reply_queues.write().remove(key);
     }
 
+    /// The hidden queue behind a generated direct reply-to name (`amq.rabbitmq.reply-to.KEY`)
+    /// whose consumer is still there.
+    pub fn reply_queue(&self, name: &str) -> Option<Arc<Queue>> {
+        name.strip_prefix(REPLY_TO)
+            .and_then(|rest| rest.strip_prefix('.'))
+            .and_then(|k| self.reply_queues.read().get(k).cloned())
+    }
+
     /// Finds the queues a message published to `exchange` goes to, following
     /// exchange-to-exchange bindings and alternate exchanges, each queue once.
     /// `keys` is the routing key followed by any CC and BCC keys. With `delayed`, a message
@@ -1190,9 +1230,7 @@ impl Vhost {
                 continue;
             };
             let q = if name.starts_with(REPLY_TO) {
-                name.strip_prefix(REPLY_TO)
-                    .and_then(|rest| rest.strip_prefix('.'))
-                    .and_then(|k| self.reply_queues.read().get(k).cloned())
+                self.reply_queue(name)
             } else {
                 self.queue(name)
             };

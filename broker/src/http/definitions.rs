@@ -1,9 +1,10 @@
 //! `/api/definitions`: export and import in RabbitMQ's format, so definitions move between
 //! RabbitMQ and Warren. An import is checked whole before anything is applied: what Warren
-//! cannot honour (operator policies, topic permissions, other hashing algorithms, quorum and
-//! stream queues, shovel and federation parameters, global parameters, bindings of objects
-//! that will not exist) is refused with a reason instead of being dropped. One import runs at
-//! a time, on a blocking thread, and once begun it is applied whole even if its client leaves.
+//! cannot honour (operator policies, topic permissions, other hashing algorithms, stream
+//! queues, shovel and federation parameters, global parameters other than the cluster name,
+//! bindings of objects that will not exist) is refused with a reason instead of being dropped.
+//! One import runs at a time, on a blocking thread, and once begun it is applied whole even if
+//! its client leaves.
 
 use super::AppState;
 use super::auth::Caller;
@@ -123,12 +124,17 @@ pub async fn export(State(state): State<AppState>, caller: Caller) -> ApiResult<
                 .iter()
                 .map(|v| {
                     let meta = v.meta();
-                    json!({
+                    let mut o = json!({
                         "name": v.name.as_ref(),
                         "description": meta.description,
                         "tags": meta.tags,
                         "metadata": {"description": meta.description, "tags": meta.tags},
-                    })
+                    });
+                    if let Some(t) = &meta.default_queue_type {
+                        o["default_queue_type"] = json!(t);
+                        o["metadata"]["default_queue_type"] = json!(t);
+                    }
+                    o
                 })
                 .collect(),
         ),
@@ -150,7 +156,13 @@ pub async fn export(State(state): State<AppState>, caller: Caller) -> ApiResult<
         "parameters".into(),
         Value::Array(vhosts.iter().filter_map(|v| limits_parameter(v)).collect()),
     );
-    out.insert("global_parameters".into(), json!([]));
+    let cluster_name = b
+        .cluster_name_if_set()
+        .map(|name| json!({"name": "cluster_name", "value": name}));
+    out.insert(
+        "global_parameters".into(),
+        json!(Vec::from_iter(cluster_name)),
+    );
     out.insert(
         "policies".into(),
         Value::Array(
@@ -221,7 +233,8 @@ pub async fn export_vhost(
 
 #[derive(Debug, Default)]
 struct Plan {
-    vhosts: Vec<(String, String, Vec<String>)>,
+    /// Name, description, tags and default queue type.
+    vhosts: Vec<(String, String, Vec<String>, Option<String>)>,
     users: Vec<(String, Password, Vec<String>)>,
     permissions: Vec<(String, String, String, String, String)>,
     limits: Vec<(String, BTreeMap<String, i64>)>,
@@ -229,7 +242,7 @@ struct Plan {
     queues: Vec<(String, QueueSpec)>,
     bindings: Vec<(String, String, String, DestinationKind, String, FieldTable)>,
     policies: Vec<(String, Policy)>,
-    /// The `cluster_name` global parameter, if the document has one.
+    /// The `cluster_name` global parameter, if the document has one (whole imports only).
     cluster_name: Option<String>,
 }
 
@@ -292,14 +305,14 @@ fn plan(state: &AppState, body: &[u8], vhost: Option<&str>) -> ApiResult<Plan> {
             // Each RabbitMQ cluster's own identity: Warren has none to set, and importing
             // another cluster's would not make this node that cluster.
             "internal_cluster_id" => {}
+            // Applied by a whole import; a vhost's import leaves the cluster alone.
             "cluster_name" => {
-                let Some(value) = f.stringish("value")? else {
-                    return Err(ApiError::bad_request(
-                        "the global parameter cluster_name must be a string",
-                    ));
-                };
-                check_cluster_name(state, &value)?;
-                plan.cluster_name = Some(value);
+                let value = f.string("value")?.ok_or_else(|| {
+                    ApiError::bad_request("the cluster_name global parameter needs a string value")
+                })?;
+                if vhost.is_none() {
+                    plan.cluster_name = Some(value);
+                }
             }
             other => {
                 return Err(ApiError::bad_request(format!(
@@ -364,8 +377,21 @@ fn plan(state: &AppState, body: &[u8], vhost: Option<&str>) -> ApiResult<Plan> {
                     _ => Vec::new(),
                 },
             };
+            // Where RabbitMQ puts it: at the top (3.11 on) or in the metadata.
+            let default_queue_type = match f.string("default_queue_type")? {
+                Some(t) => Some(t),
+                None => meta
+                    .get("default_queue_type")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
+            };
+            let default_queue_type = match default_queue_type {
+                Some(t) => super::vhosts::queue_type_setting(&t)?,
+                None => None,
+            };
             known_vhosts.insert(name.clone());
-            plan.vhosts.push((name, description, tags));
+            plan.vhosts
+                .push((name, description, tags, default_queue_type));
         }
         for u in items(&top, "users")? {
             let f = item(
@@ -559,19 +585,27 @@ fn plan(state: &AppState, body: &[u8], vhost: Option<&str>) -> ApiResult<Plan> {
             })?;
         let v = vhost_of(&f, what)?;
         let name = required_string(&f, what, "name")?;
-        if let Some(t) = f.string("type")?
-            && t != "classic"
-        {
-            return Err(ApiError::bad_request(format!(
-                "queue '{name}' is of type '{t}'; Warren's queues are classic"
-            )));
+        let mut arguments = f.table("arguments")?;
+        if let Some(t) = f.string("type")? {
+            if !matches!(t.as_str(), "classic" | "quorum") {
+                return Err(ApiError::bad_request(format!(
+                    "queue '{name}' is of type '{t}'; Warren's queues are classic or quorum"
+                )));
+            }
+            // A quorum queue's type stands in its arguments, as a declared one has it.
+            if t == "quorum" && !arguments.inner().contains_key("x-queue-type") {
+                arguments.insert(
+                    "x-queue-type".into(),
+                    amq_protocol::types::AMQPValue::LongString(t.into()),
+                );
+            }
         }
         let spec = QueueSpec {
             name,
             durable: f.boolean("durable")?.unwrap_or(false),
             exclusive: false,
             auto_delete: f.boolean("auto_delete")?.unwrap_or(false),
-            arguments: f.table("arguments")?,
+            arguments,
         };
         // What declaring it would refuse (a stream queue, a bad argument) refuses the import.
         crate::broker::vhost::validate_queue_arguments(&spec, &v).map_err(|e| {
@@ -602,7 +636,7 @@ fn plan(state: &AppState, body: &[u8], vhost: Option<&str>) -> ApiResult<Plan> {
                 .insert(q.name.clone());
         }
         // A vhost the import creates has the built-in exchanges.
-        for (v, _, _) in &plan.vhosts {
+        for (v, _, _, _) in &plan.vhosts {
             let entry = known_objects.entry(v.clone()).or_default();
             for x in [
                 "amq.direct",
@@ -667,6 +701,18 @@ fn plan(state: &AppState, body: &[u8], vhost: Option<&str>) -> ApiResult<Plan> {
             f.table("arguments")?,
         ));
     }
+    for (name, _, _, _) in &plan.vhosts {
+        ApiError::check_name("vhost", name)?;
+    }
+    for (name, _, _) in &plan.users {
+        ApiError::check_name("user", name)?;
+    }
+    for (_, x) in &plan.exchanges {
+        ApiError::check_name("exchange", &x.name)?;
+    }
+    for (_, q) in &plan.queues {
+        ApiError::check_name("queue", &q.name)?;
+    }
     Ok(plan)
 }
 
@@ -678,31 +724,24 @@ fn objects_of<'a>(known: &'a mut Objects, vhost: &str) -> &'a (BTreeSet<String>,
     known.entry(vhost.to_owned()).or_default()
 }
 
-/// The `cluster_name` global parameter, checked before anything is applied. Warren's cluster
-/// name is its node name and cannot be changed here, so only that name is accepted; a
-/// settable cluster name checks (and [`apply_cluster_name`] applies) the new one here.
-fn check_cluster_name(state: &AppState, name: &str) -> ApiResult<()> {
-    let current = &state.broker.config.node_name;
-    if name == current {
-        Ok(())
-    } else {
-        Err(ApiError::bad_request(format!(
-            "global parameter 'cluster_name' ('{name}') cannot be applied: this node's cluster name is '{current}' and cannot be changed by an import"
-        )))
-    }
-}
-
-/// Applies the `cluster_name` global parameter: today [`check_cluster_name`] has accepted
-/// only the name the node already has.
-fn apply_cluster_name(_state: &AppState, _name: &str) {}
-
 fn apply(state: &AppState, caller: &Caller, plan: Plan) -> ApiResult<()> {
     let b = &state.broker;
+    let started = std::time::Instant::now();
+    let counts = (
+        plan.vhosts.len(),
+        plan.users.len(),
+        plan.permissions.len(),
+        plan.policies.len(),
+        plan.exchanges.len(),
+        plan.queues.len(),
+        plan.bindings.len(),
+    );
     if let Some(name) = &plan.cluster_name {
-        apply_cluster_name(state, name);
+        b.set_cluster_name(name)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
     }
-    for (name, description, tags) in plan.vhosts {
-        if b.put_vhost(&name, &description, tags)
+    for (name, description, tags, default_queue_type) in plan.vhosts {
+        if b.put_vhost(&name, &description, tags, default_queue_type)
             .map_err(admin_error)?
         {
             b.set_permission(caller.name(), &name, ".*", ".*", ".*")
@@ -752,6 +791,19 @@ fn apply(state: &AppState, caller: &Caller, plan: Plan) -> ApiResult<()> {
             tracing::warn!(%vhost, %source, %destination, error = %e, "definitions import: binding skipped");
         }
     }
+    let (vhosts, users, permissions, policies, exchanges, queues, bindings) = counts;
+    tracing::info!(
+        user = caller.name(),
+        vhosts,
+        users,
+        permissions,
+        policies,
+        exchanges,
+        queues,
+        bindings,
+        duration_ms = started.elapsed().as_millis() as u64,
+        "definitions imported"
+    );
     Ok(())
 }
 

@@ -53,6 +53,19 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", reason)
     }
 
+    /// Refuses a name that AMQP could never carry (a short string holds 255 bytes), in
+    /// RabbitMQ's words for queue names. RabbitMQ refuses only those; Warren refuses exchange,
+    /// vhost and user names too, since no AMQP client could use them.
+    pub fn check_name(what: &str, name: &str) -> ApiResult<()> {
+        if name.len() > 255 {
+            return Err(Self::bad_request(format!(
+                "{what} should be less than 255 bytes, actually was {}\n",
+                name.len()
+            )));
+        }
+        Ok(())
+    }
+
     /// RabbitMQ's list of missing keys: `[{key_missing,read}]`.
     pub fn keys_missing(keys: &[&str]) -> Self {
         let listed: Vec<String> = keys

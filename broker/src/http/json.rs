@@ -3,6 +3,7 @@
 //! 64-bit `long`s, as RabbitMQ makes them.
 
 use super::error::ApiError;
+use crate::amqp::codec::MAX_TABLE_DEPTH;
 use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString};
 use serde_json::{Map, Number, Value};
 
@@ -50,7 +51,13 @@ pub struct Unrepresentable {
     pub why: &'static str,
 }
 
-pub fn json_to_value(v: &Value) -> Result<AMQPValue, &'static str> {
+/// Why a table or array is refused: it nests deeper than AMQP frames may
+/// (see [`MAX_TABLE_DEPTH`]).
+const TOO_DEEP: &str = "tables and arrays nested deeper than 32 levels";
+const _: () = assert!(MAX_TABLE_DEPTH == 32, "TOO_DEEP names the limit");
+
+/// A value inside a table or array at `depth`.
+fn value_at(v: &Value, depth: usize) -> Result<AMQPValue, &'static str> {
     Ok(match v {
         Value::Null => AMQPValue::Void,
         Value::Bool(b) => AMQPValue::Boolean(*b),
@@ -65,19 +72,39 @@ pub fn json_to_value(v: &Value) -> Result<AMQPValue, &'static str> {
         }
         Value::String(s) => AMQPValue::LongString(LongString::from(s.as_bytes())),
         Value::Array(items) => {
+            if depth >= MAX_TABLE_DEPTH {
+                return Err(TOO_DEEP);
+            }
             let mut a = FieldArray::default();
             for item in items {
-                a.push(json_to_value(item)?);
+                a.push(value_at(item, depth + 1)?);
             }
             AMQPValue::FieldArray(a)
         }
-        Value::Object(o) => AMQPValue::FieldTable(
-            json_to_table(o).map_err(|_| "nested value has no AMQP equivalent")?,
-        ),
+        Value::Object(o) => AMQPValue::FieldTable(table_at(o, depth + 1).map_err(|e| {
+            if e.why == TOO_DEEP {
+                TOO_DEEP
+            } else {
+                "nested value has no AMQP equivalent"
+            }
+        })?),
     })
 }
 
+/// A JSON object as a field table; like a table on the wire, it may nest no deeper than
+/// [`MAX_TABLE_DEPTH`].
 pub fn json_to_table(o: &Map<String, Value>) -> Result<FieldTable, Unrepresentable> {
+    table_at(o, 1)
+}
+
+/// A table at `depth` (the outermost is 1).
+fn table_at(o: &Map<String, Value>, depth: usize) -> Result<FieldTable, Unrepresentable> {
+    if depth > MAX_TABLE_DEPTH {
+        return Err(Unrepresentable {
+            key: String::new(),
+            why: TOO_DEEP,
+        });
+    }
     let mut t = FieldTable::default();
     for (k, v) in o {
         if k.len() > 255 {
@@ -86,7 +113,7 @@ pub fn json_to_table(o: &Map<String, Value>) -> Result<FieldTable, Unrepresentab
                 why: "key longer than 255 bytes",
             });
         }
-        let value = json_to_value(v).map_err(|why| Unrepresentable {
+        let value = value_at(v, depth).map_err(|why| Unrepresentable {
             key: k.clone(),
             why,
         })?;

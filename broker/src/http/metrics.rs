@@ -499,7 +499,7 @@ const QUEUE_TYPES: &[&str] = &[
 ];
 
 /// The two families every endpoint starts with.
-fn identity(out: &mut Families, node: &str) {
+fn identity(out: &mut Families, node: &str, cluster: &str) {
     out.add(
         "rabbitmq_build_info",
         "RabbitMQ & Erlang/OTP version info",
@@ -523,7 +523,7 @@ fn identity(out: &mut Families, node: &str) {
         vec![metric(
             &[
                 ("rabbitmq_node", node),
-                ("rabbitmq_cluster", node),
+                ("rabbitmq_cluster", cluster),
                 ("rabbitmq_cluster_permanent_id", node),
             ],
             1.0,
@@ -537,7 +537,7 @@ pub fn render(state: &AppState, per_object: bool) -> prometheus::Result<Vec<u8>>
     let broker = &state.broker;
     let mut out = Families::default();
     let node = broker.config.node_name.as_str();
-    identity(&mut out, node);
+    identity(&mut out, node, &broker.cluster_name());
     let started = broker
         .started
         .duration_since(std::time::UNIX_EPOCH)
@@ -619,6 +619,11 @@ pub fn render(state: &AppState, per_object: bool) -> prometheus::Result<Vec<u8>>
         "rabbitmq_process_resident_memory_bytes",
         "Memory used in bytes",
         crate::alarms::resident_memory() as f64,
+    );
+    out.gauge(
+        "warren_memory_used_bytes",
+        "Memory in use as the memory alarm counts it (allocated bytes; resident memory without allocator statistics)",
+        readings.memory_used as f64,
     );
     out.gauge(
         "warren_delayed_messages",
@@ -994,7 +999,11 @@ pub fn render_detailed(
 ) -> prometheus::Result<Vec<u8>> {
     let broker = &state.broker;
     let mut out = Families::default();
-    identity(&mut out, broker.config.node_name.as_str());
+    identity(
+        &mut out,
+        broker.config.node_name.as_str(),
+        &broker.cluster_name(),
+    );
     let wants = |family: &str| families.iter().any(|f| f == family);
 
     if wants("connection_churn_metrics") {

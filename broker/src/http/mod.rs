@@ -74,7 +74,10 @@ async fn not_found() -> Response {
 pub fn management_router(state: AppState) -> Router {
     Router::new()
         .route("/api/overview", get(overview::overview))
-        .route("/api/cluster-name", get(overview::cluster_name))
+        .route(
+            "/api/cluster-name",
+            get(overview::cluster_name).put(overview::put_cluster_name),
+        )
         .route("/api/whoami", get(overview::whoami))
         .route("/api/extensions", get(overview::extensions))
         .route("/api/nodes", get(overview::nodes))
@@ -222,7 +225,7 @@ pub fn management_router(state: AppState) -> Router {
                 .delete(policies::delete_operator),
         )
         .route("/api/parameters", get(overview::empty_list))
-        .route("/api/global-parameters", get(overview::empty_list))
+        .route("/api/global-parameters", get(overview::global_parameters))
         .route("/api/topic-permissions", get(overview::empty_list))
         .route("/api/feature-flags", get(overview::empty_list))
         .route("/api/healthchecks/node", get(health::node))
@@ -252,5 +255,45 @@ pub fn management_router(state: AppState) -> Router {
         .route("/api/aliveness-test/{vhost}", get(health::aliveness))
         .fallback(not_found)
         .layer(axum::middleware::from_fn(serve::drain_unread_body))
+        // Outside the draining, so that a body that stopped arriving is logged with its 408.
+        .layer(axum::middleware::from_fn(log_changes))
         .with_state(state)
+}
+
+/// Logs each request that may change something (every method but GET, HEAD and OPTIONS):
+/// who asked for what, and how it ended. Reads are not logged: monitoring polls them.
+async fn log_changes(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use axum::http::Method;
+    let method = request.method().clone();
+    if matches!(method, Method::GET | Method::HEAD | Method::OPTIONS) {
+        return next.run(request).await;
+    }
+    let path = request.uri().path().to_owned();
+    let user = basic_user(request.headers()).unwrap_or_default();
+    let response = next.run(request).await;
+    tracing::info!(
+        %method,
+        path,
+        user,
+        status = response.status().as_u16(),
+        "management API change"
+    );
+    response
+}
+
+/// The user name of an HTTP Basic `Authorization` header (never the password).
+fn basic_user(headers: &axum::http::HeaderMap) -> Option<String> {
+    use base64::Engine;
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let encoded = value
+        .strip_prefix("Basic ")
+        .or_else(|| value.strip_prefix("basic "))?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    Some(decoded.split_once(':')?.0.to_owned())
 }

@@ -2,9 +2,11 @@
 
 use super::AppState;
 use super::auth::Caller;
-use super::error::{ApiError, ApiResult, ok};
+use super::body::Fields;
+use super::error::{ApiError, ApiResult, no_content, ok};
 use super::list::{Query, columns};
 use super::sampler::{Key, LENGTHS, NODE_STATS, node_reading};
+use axum::body::Bytes;
 use axum::extract::{Path, Query as QueryParams, State};
 use axum::response::Response;
 use serde_json::{Map, Value, json};
@@ -96,7 +98,7 @@ pub async fn overview(
         "product_version": env!("CARGO_PKG_VERSION"),
         "product_name": "Warren",
         "rabbitmq_version": RABBITMQ_VERSION,
-        "cluster_name": broker.config.node_name,
+        "cluster_name": broker.cluster_name(),
         "erlang_version": "n/a",
         "erlang_full_version": "n/a",
         "release_series_support_status": "supported",
@@ -121,7 +123,34 @@ pub async fn overview(
 }
 
 pub async fn cluster_name(State(state): State<AppState>, _caller: Caller) -> Response {
-    ok(json!({"name": state.broker.config.node_name}))
+    ok(json!({"name": state.broker.cluster_name()}))
+}
+
+/// `/api/global-parameters`: the cluster name, when one was set, as RabbitMQ lists it.
+pub async fn global_parameters(State(state): State<AppState>, _caller: Caller) -> Response {
+    let name = state.broker.cluster_name_if_set();
+    ok(json!(Vec::from_iter(
+        name.map(|n| json!({"name": "cluster_name", "value": n}))
+    )))
+}
+
+/// Renames the cluster (administrators only), as RabbitMQ: `{"name": …}`, 204 No Content.
+pub async fn put_cluster_name(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: Bytes,
+) -> ApiResult<Response> {
+    caller.require_admin()?;
+    let f = Fields::from_body(&body, &["name"])?;
+    f.require(&["name"])?;
+    let name = f
+        .string("name")?
+        .ok_or_else(|| ApiError::bad_request("name must be a string"))?;
+    state
+        .broker
+        .set_cluster_name(&name)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(no_content())
 }
 
 pub async fn whoami(_state: State<AppState>, caller: Caller) -> Response {

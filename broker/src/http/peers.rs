@@ -278,7 +278,8 @@ pub const DRAIN_REASON: &str = "Node was put into maintenance mode";
 
 /// `POST /api/warren/drain` (administrators; Warren's own, as RabbitMQ drains only from its
 /// CLI): maintenance mode. New clients are refused, readiness fails, every client connection
-/// is closed with 320 and RabbitMQ's reason; answers 204 once they are gone (or after 10 s).
+/// is closed with 320 and RabbitMQ's reason. Once they are gone (or after 10 s) it answers
+/// `{"closed": n, "remaining": m}`: connections closed, and any still open.
 /// Run before a broker stops (the StatefulSet's preStop) so clients move elsewhere first.
 pub async fn drain(State(state): State<AppState>, caller: Caller) -> ApiResult<Response> {
     if !caller.is_admin() {
@@ -288,15 +289,23 @@ pub async fn drain(State(state): State<AppState>, caller: Caller) -> ApiResult<R
     broker
         .draining
         .store(true, std::sync::atomic::Ordering::SeqCst);
-    tracing::info!("maintenance mode: closing client connections");
-    for c in broker.connections.list() {
+    let clients = broker.connections.list();
+    tracing::info!(
+        user = caller.name(),
+        connections = clients.len(),
+        "maintenance mode: closing client connections"
+    );
+    for c in &clients {
         c.force_close(DRAIN_REASON);
     }
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     while broker.connections.count() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    Ok(no_content())
+    // What `warren-broker drain` reports: the clients told to leave, and any still here.
+    let remaining = broker.connections.count();
+    let closed = clients.len().saturating_sub(remaining);
+    Ok(ok(json!({"closed": closed, "remaining": remaining})))
 }
 
 /// `DELETE /api/warren/drain`: leaves maintenance mode (RabbitMQ's `revive`).

@@ -179,6 +179,9 @@ pub async fn put_exchange(
             "user_who_performed_action",
         ],
     )?;
+    ApiError::check_name("exchange", &name)?;
+    // As over AMQP (and in RabbitMQ), a declared name loses its line feeds and returns.
+    let name = name.replace(['\n', '\r'], "");
     let kind_name = f.string("type")?.unwrap_or_else(|| "direct".into());
     let durable = f.boolean("durable")?.unwrap_or(false);
     let auto_delete = f.boolean("auto_delete")?.unwrap_or(false);
@@ -270,7 +273,7 @@ pub fn queue_object(state: &AppState, vhost: &str, q: &Queue, detailed: bool) ->
     obj.insert("name".into(), json!(q.name()));
     obj.insert("node".into(), json!(state.broker.config.node_name));
     obj.insert("state".into(), json!("running"));
-    obj.insert("type".into(), json!("classic"));
+    obj.insert("type".into(), json!(q.queue_type()));
     obj.insert("vhost".into(), json!(vhost));
     let in_memory = q.messages_in_memory() as u64;
     let lengths = q.lengths();
@@ -393,6 +396,8 @@ pub async fn put_queue(
             "node",
         ],
     )?;
+    ApiError::check_name("queue", &name)?;
+    let name = name.replace(['\n', '\r'], "");
     let durable = f.boolean("durable")?.unwrap_or(false);
     let auto_delete = f.boolean("auto_delete")?.unwrap_or(false);
     if f.boolean("exclusive")? == Some(true) {

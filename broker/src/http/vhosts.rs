@@ -29,11 +29,15 @@ fn vhost_object(state: &AppState, v: &Vhost) -> Value {
     obj.insert("name".into(), json!(v.name.as_ref()));
     obj.insert("description".into(), json!(meta.description));
     obj.insert("tags".into(), json!(meta.tags));
-    obj.insert("default_queue_type".into(), json!("undefined"));
     obj.insert(
-        "metadata".into(),
-        json!({"description": meta.description, "tags": meta.tags}),
+        "default_queue_type".into(),
+        json!(meta.default_queue_type.as_deref().unwrap_or("undefined")),
     );
+    let mut metadata = json!({"description": meta.description, "tags": meta.tags});
+    if let Some(t) = &meta.default_queue_type {
+        metadata["default_queue_type"] = json!(t);
+    }
+    obj.insert("metadata".into(), metadata);
     obj.insert("tracing".into(), json!(false));
     obj.insert("cluster_state".into(), json!({node.as_str(): "running"}));
     // Lengths and message counters summed over the vhost's queues; traffic over its connections.
@@ -111,20 +115,18 @@ pub async fn put(
             "tracing (the firehose) is not supported by Warren",
         ));
     }
+    let mut default_queue_type = None;
     for key in ["default_queue_type", "defaultqueuetype"] {
-        if let Some(t) = f.string(key)?
-            && !matches!(t.as_str(), "classic" | "undefined" | "")
-        {
-            return Err(ApiError::bad_request(format!(
-                "default queue type '{t}' is not supported; Warren's queues are classic"
-            )));
+        if let Some(t) = f.string(key)? {
+            default_queue_type = default_queue_type.or(queue_type_setting(&t)?);
         }
     }
+    ApiError::check_name("vhost", &name)?;
     let description = f.string("description")?.unwrap_or_default();
     let tags = f.tags("tags")?.unwrap_or_default();
     let created = state
         .broker
-        .put_vhost(&name, &description, tags)
+        .put_vhost(&name, &description, tags, default_queue_type)
         .map_err(admin_error)?;
     if created {
         // As RabbitMQ: the user who creates a vhost may use it.
@@ -136,13 +138,31 @@ pub async fn put(
     Ok(created_or_updated(created))
 }
 
+/// A vhost's `default_queue_type` as given: classic or quorum (`undefined` or empty: none).
+pub fn queue_type_setting(t: &str) -> ApiResult<Option<String>> {
+    match t {
+        "classic" | "quorum" => Ok(Some(t.to_owned())),
+        "undefined" | "" => Ok(None),
+        _ => Err(ApiError::bad_request(format!(
+            "default queue type '{t}' is not supported; Warren's queues are classic or quorum"
+        ))),
+    }
+}
+
 pub async fn delete(
     State(state): State<AppState>,
     caller: Caller,
     Path(name): Path<String>,
 ) -> ApiResult<Response> {
     caller.require_admin()?;
+    let connections = state.broker.connections.in_vhost(&name);
     state.broker.delete_vhost(&name).map_err(admin_error)?;
+    // As RabbitMQ answers: once the vhost's connections are closed, so that a client told of
+    // the deletion has already been told of its connection's end.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    for c in connections {
+        let _ = tokio::time::timeout_at(deadline, c.ended()).await;
+    }
     Ok(no_content())
 }
 

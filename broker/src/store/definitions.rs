@@ -20,6 +20,10 @@ pub struct Definitions {
     pub users: BTreeMap<String, UserDefinition>,
     #[serde(default)]
     pub permissions: Vec<PermissionDefinition>,
+    /// The cluster name set through the management API or a definitions import (RabbitMQ's
+    /// `cluster_name` global parameter); unset, the configuration's applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_name: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -50,6 +54,9 @@ pub struct VhostDefinitions {
     /// `max-connections`, `max-queues`.
     #[serde(default)]
     pub limits: BTreeMap<String, i64>,
+    /// The type of a queue declared without `x-queue-type` (none: classic).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_queue_type: Option<String>,
     pub exchanges: BTreeMap<String, ExchangeDefinition>,
     pub queues: BTreeMap<String, QueueDefinition>,
     pub bindings: Vec<BindingDefinition>,
@@ -222,6 +229,64 @@ mod tests {
         let again = DefinitionStore::open(dir.path()).unwrap();
         assert_eq!(again.snapshot(), store.snapshot());
         assert!(again.snapshot().vhosts["/"].queues.contains_key("q"));
+    }
+
+    /// A table nested as deep as the wire accepts, levels alternating between tables and
+    /// arrays (or all tables), around the leaf that takes the most JSON levels.
+    fn deepest(alternate: bool) -> FieldTable {
+        use crate::amqp::codec::MAX_TABLE_DEPTH;
+        use amq_protocol::types::{AMQPValue, DecimalValue, FieldArray};
+        let mut value = AMQPValue::DecimalValue(DecimalValue { scale: 2, value: 7 });
+        for level in (2..=MAX_TABLE_DEPTH).rev() {
+            value = if alternate && level % 2 == 0 {
+                AMQPValue::FieldArray(FieldArray::from(vec![value]))
+            } else {
+                let mut t = FieldTable::default();
+                t.insert("k".into(), value);
+                AMQPValue::FieldTable(t)
+            };
+        }
+        let mut top = FieldTable::default();
+        top.insert("k".into(), value);
+        top
+    }
+
+    #[test]
+    fn arguments_nested_to_the_wire_limit_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DefinitionStore::open(dir.path()).unwrap();
+        store
+            .update(|d| {
+                let v = d.vhosts.entry("/".into()).or_default();
+                for (name, alternate) in [("q", true), ("r", false)] {
+                    v.queues.insert(
+                        name.into(),
+                        QueueDefinition {
+                            auto_delete: false,
+                            arguments: deepest(alternate),
+                        },
+                    );
+                    v.exchanges.insert(
+                        name.into(),
+                        ExchangeDefinition {
+                            kind: "headers".into(),
+                            auto_delete: false,
+                            internal: false,
+                            arguments: deepest(alternate),
+                        },
+                    );
+                    v.bindings.push(BindingDefinition {
+                        source: name.into(),
+                        destination: name.into(),
+                        destination_type: "queue".into(),
+                        routing_key: String::new(),
+                        arguments: deepest(alternate),
+                    });
+                }
+            })
+            .unwrap();
+        let again = DefinitionStore::open(dir.path()).unwrap();
+        assert_eq!(again.snapshot(), store.snapshot());
     }
 
     #[test]

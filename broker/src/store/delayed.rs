@@ -1236,6 +1236,9 @@ impl Flushable for DelayedStore {
         let result = (|| -> io::Result<()> {
             for c in &chunks {
                 c.file.write_all_at(&c.data, c.offset)?;
+                if let Some(f) = &self.flusher {
+                    f.wrote(c.data.len() as u64);
+                }
                 if !files.iter().any(|f| Arc::ptr_eq(f, &c.file)) {
                     files.push(c.file.clone());
                 }

@@ -922,6 +922,7 @@ impl Flushable for FileQueueStore {
         for c in chunks.iter() {
             let f = self.segment_file(&mut files, c.segment)?;
             f.write_all_at(&c.data, u64::from(c.offset))?;
+            self.flusher.wrote(c.data.len() as u64);
             add(f, &mut to_sync);
         }
         // Consecutive slots of one index file go out in one write.

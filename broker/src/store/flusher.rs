@@ -6,6 +6,11 @@
 //! is locked; a round first advances the epoch, then takes each dirty store's pending data under
 //! the same lock, so everything stamped with the old epoch is in the round. When the round's
 //! syncs have returned, the old epoch is published as durable.
+//!
+//! The bytes each round writes are reported to an observer (the disk alarm), so that free space
+//! is checked as fast as it is used rather than on a timer. A failing disk is logged when it
+//! starts failing and when it recovers, not on every retry; at shutdown, one last round is
+//! tried and what it cannot write is given up, so that a full disk cannot hold the process.
 
 use parking_lot::{Condvar, Mutex};
 use std::fs::File;
@@ -25,6 +30,9 @@ pub trait Flushable: Send + Sync {
     /// The round failed: keep what `write_pending` took, to write it again next round.
     fn failed(&self);
 }
+
+/// Told how many bytes a round wrote.
+pub type WriteObserver = Box<dyn Fn(u64) + Send + Sync>;
 
 #[derive(Default)]
 struct State {
@@ -53,6 +61,9 @@ pub struct Flusher {
     interval: Duration,
     pub stats: FlushStats,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// Bytes written by the round in progress (stores add theirs).
+    round_bytes: AtomicU64,
+    observer: Mutex<Option<WriteObserver>>,
 }
 
 impl std::fmt::Debug for Flusher {
@@ -76,6 +87,8 @@ impl Flusher {
             interval,
             stats: FlushStats::default(),
             thread: Mutex::new(None),
+            round_bytes: AtomicU64::new(0),
+            observer: Mutex::new(None),
         });
         let worker = flusher.clone();
         let handle = std::thread::Builder::new()
@@ -122,7 +135,19 @@ impl Flusher {
         self.want(self.current_epoch());
     }
 
-    /// Writes and syncs everything pending, then stops the thread.
+    /// Sets what is told the bytes each round writes.
+    pub fn observe_writes(&self, observer: WriteObserver) {
+        *self.observer.lock() = Some(observer);
+    }
+
+    /// Counts bytes a store wrote in the round in progress; call from `write_pending`.
+    pub fn wrote(&self, bytes: u64) {
+        self.round_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Writes and syncs everything pending, then stops the thread. If that last round fails
+    /// (a full disk), what it could not write is lost: logged once, and the thread stops all
+    /// the same.
     pub fn shutdown(&self) {
         self.state.lock().stop = true;
         self.wake.notify_one();
@@ -132,6 +157,8 @@ impl Flusher {
     }
 
     fn run(&self) {
+        // Whether the last round failed: a failing disk is logged once, not on every retry.
+        let mut failing = false;
         loop {
             let dirty = {
                 let mut st = self.state.lock();
@@ -153,45 +180,69 @@ impl Flusher {
                 let round = self.epoch.fetch_add(1, Ordering::SeqCst);
                 (round, std::mem::take(&mut st.dirty))
             };
-            self.round(dirty.0, dirty.1);
+            let (epoch, dirty) = dirty;
+            match self.round(epoch, &dirty) {
+                Ok(()) => {
+                    if std::mem::take(&mut failing) {
+                        tracing::info!("writing messages to disk works again");
+                    }
+                }
+                Err(e) => {
+                    let mut st = self.state.lock();
+                    if st.stop {
+                        tracing::error!(error = %e, "cannot write messages to disk at shutdown: stopping without them");
+                        return;
+                    }
+                    if !std::mem::replace(&mut failing, true) {
+                        tracing::error!(error = %e, "cannot write messages to disk: retrying until it works");
+                    }
+                    // Tried again after a pause (a full disk also raises the disk alarm
+                    // meanwhile), or once more at once if a shutdown comes.
+                    let retry = std::time::Instant::now() + Duration::from_millis(100);
+                    while !st.stop && !self.wake.wait_until(&mut st, retry).timed_out() {}
+                    st.dirty.extend(dirty);
+                }
+            }
         }
     }
 
-    fn round(&self, epoch: u64, dirty: Vec<Weak<dyn Flushable>>) {
+    /// Writes and syncs what the stores have pending. On failure, nothing of the round is
+    /// durable: the stores have taken their data back, and `dirty` is to be tried again.
+    fn round(&self, epoch: u64, dirty: &[Weak<dyn Flushable>]) -> io::Result<()> {
         let mut stores: Vec<Arc<dyn Flushable>> = dirty.iter().filter_map(Weak::upgrade).collect();
         // A store registered twice (again after a failed round) is written once: a second
         // `write_pending` would find nothing and forget what the first took.
         stores.sort_by_key(|s| Arc::as_ptr(s).cast::<()>() as usize);
         stores.dedup_by(|a, b| Arc::ptr_eq(a, b));
         let mut files = Vec::new();
-        let mut failed = false;
+        let mut error = None;
         for store in &stores {
             match store.write_pending() {
                 Ok(f) => files.extend(f),
                 Err(e) => {
-                    failed = true;
-                    tracing::error!(error = %e, "cannot write messages to disk");
+                    error.get_or_insert(e);
                 }
             }
         }
         if let Err(e) = sync_all(&files) {
-            failed = true;
-            tracing::error!(error = %e, "cannot sync messages to disk");
+            error.get_or_insert(e);
         }
         self.stats.rounds.fetch_add(1, Ordering::Relaxed);
         self.stats
             .fsyncs
             .fetch_add(files.len() as u64, Ordering::Relaxed);
-        if failed {
-            // Nothing of this round is durable: the stores take their data back and the
-            // round is tried again (a full disk also raises the disk alarm meanwhile).
+        let written = self.round_bytes.swap(0, Ordering::Relaxed);
+        if written > 0
+            && let Some(observe) = &*self.observer.lock()
+        {
+            observe(written);
+        }
+        if let Some(e) = error {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
             for store in &stores {
                 store.failed();
             }
-            std::thread::sleep(Duration::from_millis(100));
-            self.state.lock().dirty.extend(dirty);
-            return;
+            return Err(e);
         }
         self.durable.send_replace(epoch);
         for store in &stores {
@@ -202,6 +253,7 @@ impl Flusher {
                 tracing::error!("reclaiming a queue store's space failed");
             }
         }
+        Ok(())
     }
 }
 
@@ -224,5 +276,79 @@ fn sync_all(files: &[Arc<File>]) -> io::Result<()> {
                 .collect::<io::Result<Vec<()>>>()
                 .map(|_| ())
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store whose every write fails, as on a full disk.
+    struct FullDisk;
+
+    impl Flushable for FullDisk {
+        fn write_pending(&self) -> io::Result<Vec<Arc<File>>> {
+            Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                "No space left on device",
+            ))
+        }
+        fn after_sync(&self) {}
+        fn failed(&self) {}
+    }
+
+    #[test]
+    fn shutdown_gives_up_a_last_round_that_cannot_write() {
+        let flusher = Flusher::start(Duration::from_millis(5));
+        let full: Arc<dyn Flushable> = Arc::new(FullDisk);
+        flusher.register(Arc::downgrade(&full));
+        flusher.hurry();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while flusher.stats.errors.load(Ordering::Relaxed) < 2 {
+            assert!(std::time::Instant::now() < deadline, "no round failed");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let (done, stopped) = std::sync::mpsc::channel();
+        let stopping = flusher.clone();
+        std::thread::spawn(move || {
+            stopping.shutdown();
+            let _ = done.send(());
+        });
+        assert!(
+            stopped.recv_timeout(Duration::from_secs(5)).is_ok(),
+            "the flusher stops although its last round failed"
+        );
+    }
+
+    #[test]
+    fn each_round_reports_the_bytes_it_wrote() {
+        struct Wrote(Arc<Flusher>);
+        impl Flushable for Wrote {
+            fn write_pending(&self) -> io::Result<Vec<Arc<File>>> {
+                self.0.wrote(1000);
+                Ok(Vec::new())
+            }
+            fn after_sync(&self) {}
+            fn failed(&self) {}
+        }
+        let flusher = Flusher::start(Duration::from_millis(5));
+        let seen = Arc::new(AtomicU64::new(0));
+        let counter = seen.clone();
+        flusher.observe_writes(Box::new(move |n| {
+            counter.fetch_add(n, Ordering::Relaxed);
+        }));
+        let store: Arc<dyn Flushable> = Arc::new(Wrote(flusher.clone()));
+        for _ in 0..3 {
+            let epoch = flusher.current_epoch();
+            flusher.register(Arc::downgrade(&store));
+            flusher.want(epoch);
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while flusher.durable_epoch() < epoch {
+                assert!(std::time::Instant::now() < deadline, "no round ran");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        flusher.shutdown();
+        assert_eq!(seen.load(Ordering::Relaxed), 3000);
     }
 }

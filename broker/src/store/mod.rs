@@ -125,6 +125,77 @@ fn hex_name(digest: &[u8]) -> String {
     digest[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The name of a durable queue's store directory: a digest of its vhost, name and priority
+/// level. Names may hold any character, NUL included, so each part is length-prefixed: no
+/// two queues (or levels) can share a directory.
+fn durable_dir_name(vhost: &str, queue: &str, level: u8) -> String {
+    let mut h = Sha256::new();
+    h.update(b"queue\0");
+    h.update((vhost.len() as u64).to_be_bytes());
+    h.update(vhost.as_bytes());
+    h.update((queue.len() as u64).to_be_bytes());
+    h.update(queue.as_bytes());
+    h.update([level]);
+    hex_name(&h.finalize())
+}
+
+/// The name the store directory had in earlier versions: vhost and queue joined by a NUL
+/// (and a NUL and the level after them for a level above 0), which names could forge.
+fn legacy_durable_dir_name(vhost: &str, queue: &str, level: u8) -> String {
+    let mut h = Sha256::new();
+    h.update(vhost.as_bytes());
+    h.update([0]);
+    h.update(queue.as_bytes());
+    if level > 0 {
+        h.update([0, level]);
+    }
+    hex_name(&h.finalize())
+}
+
+/// Who a store directory belongs to, as its `queue.json` says.
+#[derive(serde::Deserialize)]
+struct StoreOwner {
+    vhost: String,
+    queue: String,
+    priority: u8,
+}
+
+/// Renames the store directories of earlier versions to their current names, so that their
+/// messages are found. Each directory names its owner in `queue.json`; one whose name is not
+/// the legacy name of that owner is left alone (it is not from an earlier version).
+fn migrate_legacy_dirs(queues: &Path) -> io::Result<()> {
+    let mut renamed = false;
+    for entry in std::fs::read_dir(queues)? {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let Ok(bytes) = std::fs::read(path.join("queue.json")) else {
+            continue;
+        };
+        let Ok(owner) = serde_json::from_slice::<StoreOwner>(&bytes) else {
+            continue;
+        };
+        let current = durable_dir_name(&owner.vhost, &owner.queue, owner.priority);
+        if name == current
+            || name != legacy_durable_dir_name(&owner.vhost, &owner.queue, owner.priority)
+        {
+            continue;
+        }
+        let target = queues.join(&current);
+        if target.exists() {
+            continue;
+        }
+        tracing::info!(from = %path.display(), to = %target.display(), "renaming a queue store to its current name");
+        std::fs::rename(&path, &target)?;
+        renamed = true;
+    }
+    if renamed {
+        std::fs::File::open(queues)?.sync_all()?;
+    }
+    Ok(())
+}
+
 /// Where queues keep their messages: a data directory with a flusher, or memory only.
 #[derive(Debug)]
 pub struct Storage {
@@ -148,6 +219,7 @@ impl Storage {
             std::fs::remove_dir_all(&transient)?;
         }
         std::fs::create_dir_all(data_dir.join("queues"))?;
+        migrate_legacy_dirs(&data_dir.join("queues"))?;
         Ok(Self {
             dir: Some(data_dir.to_path_buf()),
             flusher: Some(Flusher::start(flush_interval)),
@@ -181,14 +253,8 @@ impl Storage {
     /// The directory of a durable queue's store; a priority queue has one per priority level
     /// (level 0 is the queue's own).
     fn durable_dir(&self, dir: &Path, vhost: &str, queue: &str, level: u8) -> PathBuf {
-        let mut h = Sha256::new();
-        h.update(vhost.as_bytes());
-        h.update([0]);
-        h.update(queue.as_bytes());
-        if level > 0 {
-            h.update([0, level]);
-        }
-        dir.join("queues").join(hex_name(&h.finalize()))
+        dir.join("queues")
+            .join(durable_dir_name(vhost, queue, level))
     }
 
     /// Opens the store of a durable queue and recovers its messages. With `fresh`, whatever

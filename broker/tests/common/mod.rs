@@ -138,12 +138,34 @@ impl TestBroker {
 
     /// Stops the in-process broker cleanly and starts a new one on the same data directory
     /// (with a new ephemeral port: reconnect with the new `uri`). Warren only.
-    pub async fn restart(mut self) -> Self {
+    pub async fn restart(self) -> Self {
+        self.restart_between(Duration::ZERO, |_| {}).await
+    }
+
+    /// As [`TestBroker::restart`], the broker staying down for `pause` (for what happens
+    /// while it is down, such as messages expiring).
+    pub async fn restart_after(self, pause: Duration) -> Self {
+        self.restart_between(pause, |_| {}).await
+    }
+
+    /// As [`TestBroker::restart`], running `between` on the data directory while the broker
+    /// is stopped.
+    pub async fn restart_editing(self, between: impl FnOnce(&std::path::Path)) -> Self {
+        self.restart_between(Duration::ZERO, between).await
+    }
+
+    async fn restart_between(
+        mut self,
+        pause: Duration,
+        between: impl FnOnce(&std::path::Path),
+    ) -> Self {
         let running = self
             .running
             .take()
             .expect("restart needs an in-process broker");
         running.shutdown().await;
+        tokio::time::sleep(pause).await;
+        between(self.data_dir());
         let config = self.config.clone().expect("in-process broker has a config");
         let running = warren_broker::start(config)
             .await

@@ -150,6 +150,23 @@ impl Raw {
         channel_max: Option<u16>,
         frame_max: Option<u32>,
     ) -> (Self, connection::Start, connection::Tune) {
+        Self::handshake_in(broker, "/", channel_max, frame_max).await
+    }
+
+    /// Runs the handshake on `vhost` and opens channel 1.
+    pub async fn open_in(broker: &TestBroker, vhost: &str) -> Self {
+        let (mut raw, _, _) = Self::handshake_in(broker, vhost, None, None).await;
+        raw.open_channel(1).await;
+        raw
+    }
+
+    /// [`Raw::handshake`] on `vhost`.
+    pub async fn handshake_in(
+        broker: &TestBroker,
+        vhost: &str,
+        channel_max: Option<u16>,
+        frame_max: Option<u32>,
+    ) -> (Self, connection::Start, connection::Tune) {
         let mut raw = Self::connect(broker).await;
         raw.send(HEADER).await;
         let (_, start) = raw.method().await.expect("connection.start");
@@ -173,7 +190,7 @@ impl Raw {
         raw.send_method(
             0,
             AMQPClass::Connection(connection::AMQPMethod::Open(connection::Open {
-                virtual_host: "/".into(),
+                virtual_host: vhost.into(),
             })),
         )
         .await;

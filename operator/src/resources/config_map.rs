@@ -51,6 +51,12 @@ pub fn warren_toml(instance: &Instance) -> Result<String, ConfigError> {
     put("management_listen", listen(MANAGEMENT_PORT));
     put("prometheus_listen", listen(METRICS_PORT));
     put("log_format", toml::Value::String("json".into()));
+    // One name for all the Instance's brokers, so dashboards group their pods as one cluster
+    // (`rabbitmq_identity_info{rabbitmq_cluster}`); `spec.config` may give another.
+    put(
+        "cluster_name",
+        toml::Value::String(instance.metadata.name.clone().unwrap_or_default()),
+    );
     if let Some(tls) = &instance.spec.tls {
         put("amqps_listen", listen(AMQPS_PORT));
         put("management_tls_listen", listen(MANAGEMENT_TLS_PORT));
@@ -155,6 +161,7 @@ mod tests {
         assert_eq!(config["prometheus_listen"].as_str(), Some("0.0.0.0:15692"));
         assert_eq!(config["data_dir"].as_str(), Some("/var/lib/warren"));
         assert!(!config.contains_key("amqps_listen"));
+        assert_eq!(config["cluster_name"].as_str(), Some("demo"));
         assert_eq!(
             data["peers"],
             "demo-0.demo-nodes.shop.svc\ndemo-1.demo-nodes.shop.svc\n"
@@ -208,6 +215,9 @@ mod tests {
         assert_eq!(config["heartbeat"].as_integer(), Some(30));
         assert_eq!(config["memory_high_watermark"].as_float(), Some(0.6));
         assert_eq!(config["log_format"].as_str(), Some("text"));
+        let renamed = warren_toml(&instance("  config:\n    cluster_name: shop-events\n")).unwrap();
+        let renamed: toml::Table = toml::from_str(&renamed).unwrap();
+        assert_eq!(renamed["cluster_name"].as_str(), Some("shop-events"));
         assert_eq!(
             warren_toml(&instance("  config:\n    amqp_listen: 0.0.0.0:1\n")).unwrap_err(),
             ConfigError::Owned("amqp_listen".into())
@@ -232,6 +242,7 @@ mod tests {
         let config =
             warren_broker::Config::from_toml(&text, std::path::Path::new("warren.toml")).unwrap();
         assert_eq!(config.heartbeat, 30);
+        assert_eq!(config.cluster_name.as_deref(), Some("demo"));
         assert_eq!(config.amqp_listen, "0.0.0.0:5672".parse().unwrap());
         assert!(config.tls_verify_peer);
         assert!(config.validate().is_ok());

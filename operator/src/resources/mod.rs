@@ -13,7 +13,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::Resource;
 use std::collections::BTreeMap;
 
-/// Ports of a broker, as DESIGN.md gives them.
+/// Ports of a broker: RabbitMQ's own, so that clients, tools and dashboards made for RabbitMQ
+/// find it where they expect.
 pub const AMQP_PORT: i32 = 5672;
 pub const AMQPS_PORT: i32 = 5671;
 pub const MANAGEMENT_PORT: i32 = 15672;

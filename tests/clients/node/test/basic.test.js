@@ -406,3 +406,40 @@ test('prefetch one delivers one message until ack', async (t) => {
   );
   ch.ack(got[1]);
 });
+
+// amqplib writes connection.close ahead of publishes still queued in its
+// channels, as its own callback-API suite does when it closes a connection
+// right after filling a channel's buffer. The broker must answer close-ok and
+// ignore what follows until the client drops the socket, as RabbitMQ does;
+// dropping it at once left the client writing into a closed socket (EPIPE) and
+// waiting forever for its close to complete.
+test('closing a connection right after a burst of publishes completes (callback API)', async () => {
+  const cb = require('amqplib/callback_api');
+  const conn = await new Promise((resolve, reject) => {
+    cb.connect(h.AMQP_URL, { timeout: 5000 }, (err, c) => (err ? reject(err) : resolve(c)));
+  });
+  const errors = [];
+  conn.on('error', (err) => errors.push(err));
+  try {
+    const ch = await new Promise((resolve, reject) => {
+      conn.createChannel((err, c) => (err ? reject(err) : resolve(c)));
+    });
+    const queue = await new Promise((resolve, reject) => {
+      ch.assertQueue('', { exclusive: true }, (err, ok) => (err ? reject(err) : resolve(ok.queue)));
+    });
+    let sent = 0;
+    while (sent < 100000 && ch.sendToQueue(queue, Buffer.from('abcdefghij'))) sent++;
+    assert.ok(sent > 0);
+    const closing = new Promise((resolve, reject) => {
+      conn.close((err) => (err ? reject(err) : resolve()));
+    });
+    await h.withTimeout(closing, h.WAIT_MS, 'connection.close-ok');
+    assert.deepEqual(
+      errors.map((e) => e.message),
+      [],
+    );
+  } finally {
+    conn.connection.stream.destroy();
+    if (conn.connection.heartbeater) conn.connection.heartbeater.clear();
+  }
+});
