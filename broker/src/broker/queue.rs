@@ -9,7 +9,7 @@
 use super::dead_letter::{DeadLetterTarget, DeathReason};
 use super::expiry::Expirer;
 use super::message::{Message, now_ms};
-use super::policy::{Policy, effective_arguments};
+use super::policy::{Policy, QueueKind, effective_arguments};
 use super::ready::{LazyStore, Levels, Window, delivered, forget, must_persist};
 use super::stats::MessageStats;
 use super::vhost::Vhost;
@@ -532,8 +532,8 @@ impl Queue {
 
     /// The declared type, `x-queue-type` (classic without it). Every queue works as a
     /// classic one (nothing is replicated), but reports the type it was declared with.
-    pub fn queue_type(&self) -> String {
-        argument_text(&self.spec.arguments, "x-queue-type").unwrap_or_else(|| "classic".into())
+    pub fn queue_type(&self) -> &'static str {
+        QueueKind::of(&self.spec.arguments).as_str()
     }
 
     /// The highest priority level: `x-max-priority`, 0 for a queue without priorities.
