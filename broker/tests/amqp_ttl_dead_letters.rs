@@ -7,8 +7,9 @@ mod common;
 
 use common::*;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
-    BasicRejectOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldArray, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
@@ -925,4 +926,102 @@ async fn a_second_death_in_the_same_queue_for_the_same_reason_keeps_the_first_en
     within(5, ch.exchange_delete(x.as_str().into(), Default::default()))
         .await
         .unwrap();
+}
+
+/// A channel with room for `prefetch` unacknowledged messages.
+async fn channel_with_prefetch(conn: &Connection, prefetch: u16) -> Channel {
+    let ch = within(5, conn.create_channel()).await.unwrap();
+    within(5, ch.basic_qos(prefetch, BasicQosOptions::default()))
+        .await
+        .expect("basic.qos");
+    ch
+}
+
+#[tokio::test]
+async fn a_prefetching_consumer_gets_no_message_expired_between_live_ones() {
+    let (_b, conn, ch) = setup().await;
+    let q = unique("prefetch");
+    declare(&ch, &q, FieldTable::default()).await;
+    publish_expiring(&ch, &q, b"one", "5000").await;
+    publish_expiring(&ch, &q, b"two", "100").await;
+    publish(&ch, "", &q, b"three", BasicProperties::default()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let consumer_ch = channel_with_prefetch(&conn, 10).await;
+    let mut consumer = consume(&consumer_ch, &q, BasicConsumeOptions::default()).await;
+    assert_eq!(next_delivery(&mut consumer).await.data, b"one");
+    assert_eq!(next_delivery(&mut consumer).await.data, b"three");
+    no_delivery(&mut consumer, 300).await;
+}
+
+#[tokio::test]
+async fn a_prefetching_consumer_of_a_priority_queue_gets_no_message_expired_behind_a_live_one() {
+    let (_b, conn, ch) = setup().await;
+    let q = unique("prefetch-prio");
+    declare(&ch, &q, args(&[("x-max-priority", AMQPValue::LongInt(5))])).await;
+    let with = |priority: u8, expiration: Option<&str>| {
+        let props = BasicProperties::default().with_priority(priority);
+        match expiration {
+            Some(e) => props.with_expiration(e.into()),
+            None => props,
+        }
+    };
+    // Each level's head lives; an expired message waits behind it in levels 5 and 1.
+    for (body, priority, expiration) in [
+        (&b"high-long"[..], 5, Some("5000")),
+        (b"high-short", 5, Some("100")),
+        (b"low-long", 1, Some("5000")),
+        (b"low-short", 1, Some("100")),
+        (b"low-live", 1, None),
+        (b"zero-live", 0, None),
+    ] {
+        publish(&ch, "", &q, body, with(priority, expiration)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let consumer_ch = channel_with_prefetch(&conn, 10).await;
+    let mut consumer = consume(&consumer_ch, &q, BasicConsumeOptions::default()).await;
+    for body in [&b"high-long"[..], b"low-long", b"low-live", b"zero-live"] {
+        assert_eq!(next_delivery(&mut consumer).await.data, body);
+    }
+    no_delivery(&mut consumer, 300).await;
+}
+
+#[tokio::test]
+async fn a_single_active_consumer_taking_over_leaves_the_next_message_to_expire_on_time() {
+    let (b, conn, ch) = setup().await;
+    if b.is_external() {
+        // RabbitMQ 3.10 hands the next consumer nothing at a basic.cancel (only at the queue's
+        // next publish, ack or requeue), so there is no takeover to look at.
+        return;
+    }
+    let q = unique("sac-ttl");
+    let dlq = unique("sac-ttl-dlq");
+    with_dead_letters(
+        &ch,
+        &q,
+        &dlq,
+        &[("x-single-active-consumer", AMQPValue::Boolean(true))],
+    )
+    .await;
+    let first_ch = channel_with_prefetch(&conn, 1).await;
+    let mut first = consume(&first_ch, &q, BasicConsumeOptions::default()).await;
+    publish(&ch, "", &q, b"held", BasicProperties::default()).await;
+    assert_eq!(next_delivery(&mut first).await.data, b"held");
+    // Behind a message that never expires, one that does: no deadline for it yet.
+    publish(&ch, "", &q, b"next", BasicProperties::default()).await;
+    publish_expiring(&ch, &q, b"short", "300").await;
+    let second_ch = channel_with_prefetch(&conn, 1).await;
+    let mut second = consume(&second_ch, &q, BasicConsumeOptions::default()).await;
+    no_delivery(&mut second, 100).await;
+    within(
+        5,
+        first_ch.basic_cancel(first.tag(), BasicCancelOptions::default()),
+    )
+    .await
+    .expect("basic.cancel");
+    // The takeover: the second consumer gets "next", and "short", now at the head, expires
+    // while that consumer holds it.
+    assert_eq!(next_delivery(&mut second).await.data, b"next");
+    let dead = get_within(&ch, &dlq).await;
+    assert_eq!(dead.delivery.data, b"short");
+    no_delivery(&mut second, 100).await;
 }

@@ -2615,6 +2615,112 @@ async fn a_vhost_default_queue_type_is_kept_exported_and_imported() {
     assert_eq!(queue_type_of(&api, "imported", "q").await.0, "quorum");
 }
 
+#[tokio::test]
+async fn imported_queues_do_not_take_the_vhost_default_queue_type() {
+    let (_b, api) = broker().await;
+    let vhost = unique("dqt-import");
+    api.put(
+        &format!("/api/vhosts/{vhost}"),
+        r#"{"defaultqueuetype":"quorum"}"#,
+    )
+    .await
+    .status(201);
+    let queue = |name: &str, extra: Value| {
+        let mut q = json!({"name": name, "vhost": vhost, "durable": true,
+            "auto_delete": false, "arguments": {}});
+        for (k, v) in extra.as_object().unwrap() {
+            q[k] = v.clone();
+        }
+        q
+    };
+    let defs = json!({"queues": [
+        queue("typed-classic", json!({"type": "classic"})),
+        queue("untyped", json!({})),
+        queue("argued-classic", json!({"arguments": {"x-queue-type": "classic"}})),
+    ]});
+    api.post("/api/definitions", &defs.to_string())
+        .await
+        .status(204);
+    // As RabbitMQ 3.10 imports them: classic, whatever the vhost's default.
+    for (name, arguments) in [
+        ("typed-classic", json!({})),
+        ("untyped", json!({})),
+        ("argued-classic", json!({"x-queue-type": "classic"})),
+    ] {
+        assert_eq!(
+            queue_type_of(&api, &vhost, name).await,
+            (json!("classic"), arguments),
+            "{name}"
+        );
+    }
+    api.delete(&format!("/api/vhosts/{vhost}"))
+        .await
+        .status(204);
+}
+
+#[tokio::test]
+async fn a_vhost_default_queue_type_can_change_and_be_taken_away() {
+    let (b, api) = broker().await;
+    if b.is_external() {
+        // RabbitMQ 3.10 keeps an existing vhost's default queue type as it is.
+        return;
+    }
+    let vhost = unique("dqt-change");
+    api.put(&format!("/api/vhosts/{vhost}"), "{}")
+        .await
+        .status(201);
+    let conn = TestBroker::connect_uri(&b.uri_with_vhost(&vhost)).await;
+    let ch = within(5, conn.create_channel()).await.unwrap();
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    let declare = |name: &'static str| {
+        let ch = ch.clone();
+        async move {
+            within(
+                5,
+                ch.queue_declare(name.into(), durable, FieldTable::default()),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("declare {name}: {e}"));
+        }
+    };
+    declare("before").await;
+    api.put(
+        &format!("/api/vhosts/{vhost}"),
+        r#"{"default_queue_type":"quorum"}"#,
+    )
+    .await
+    .status(204);
+    // A queue made before the default is redeclared as it is; a new one takes the default.
+    declare("before").await;
+    declare("during").await;
+    declare("during").await;
+    api.put(
+        &format!("/api/vhosts/{vhost}"),
+        r#"{"default_queue_type":"undefined"}"#,
+    )
+    .await
+    .status(204);
+    assert_eq!(
+        api.json(&format!("/api/vhosts/{vhost}")).await["default_queue_type"],
+        "undefined"
+    );
+    declare("after").await;
+    for (name, kind) in [
+        ("before", "classic"),
+        ("during", "quorum"),
+        ("after", "classic"),
+    ] {
+        assert_eq!(queue_type_of(&api, &vhost, name).await.0, kind, "{name}");
+    }
+    let _ = conn.close(200, "bye".into()).await;
+    api.delete(&format!("/api/vhosts/{vhost}"))
+        .await
+        .status(204);
+}
+
 // ------------------------------------------------------------------------------ cluster name
 
 async fn identity_line(b: &TestBroker) -> String {

@@ -35,20 +35,21 @@ impl Broker {
     }
 
     /// Creates a vhost, or updates its description and tags. Returns whether it was created.
-    /// `default_queue_type`: `None` leaves an existing vhost's as it is.
+    /// `default_queue_type`: `None` leaves an existing vhost's as it is, `Some(None)` takes it
+    /// away.
     pub fn put_vhost(
         &self,
         name: &str,
         description: &str,
         tags: Vec<String>,
-        default_queue_type: Option<String>,
+        default_queue_type: Option<Option<String>>,
     ) -> Result<bool, AdminError> {
         if let Some(v) = self.vhost(name) {
             let mut meta = v.meta();
             meta.description = description.to_owned();
             meta.tags = tags;
-            if default_queue_type.is_some() {
-                meta.default_queue_type = default_queue_type;
+            if let Some(t) = default_queue_type {
+                meta.default_queue_type = t;
             }
             v.set_meta(meta).map_err(|e| AdminError::Internal(e.text))?;
             return Ok(false);
@@ -64,7 +65,7 @@ impl Broker {
             description: description.to_owned(),
             tags,
             limits: Default::default(),
-            default_queue_type,
+            default_queue_type: default_queue_type.flatten(),
         })
         .map_err(|e| AdminError::Internal(e.text))?;
         self.vhosts.write().insert(name.to_owned(), v);

@@ -10,6 +10,8 @@ use crate::amqp::codec;
 use amq_protocol::protocol::BasicProperties;
 use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use bytes::Bytes;
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 
 /// Why a message was dead-lettered (the `reason` of its `x-death` entry).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,29 +133,46 @@ fn count_of(t: &FieldTable) -> Option<i64> {
 /// One entry per queue and reason. RabbitMQ before 3.5 (and clients that copied its headers)
 /// wrote an entry per death, without counts: as RabbitMQ 3.10 does, the first entry of each
 /// queue and reason stands for them all, counting them when it has no count of its own, and
-/// the groups come in the reverse order of their first entries.
-fn grouped(history: Vec<FieldTable>) -> Vec<FieldTable> {
-    if history.len() < 2 {
-        return history;
-    }
+/// the groups come in the reverse order of their first entries. Also returns where the entry
+/// for `queue` and `reason` is. One pass over the entries: the header comes from clients, and
+/// may hold thousands of them.
+fn grouped(
+    history: Vec<FieldTable>,
+    queue: &str,
+    reason: &str,
+) -> (Vec<FieldTable>, Option<usize>) {
+    let wanted = (Some(queue.to_owned()), Some(reason.to_owned()));
     let key = |d: &FieldTable| (field(d, "queue"), field(d, "reason"));
-    let keys: Vec<_> = history.iter().map(key).collect();
+    if history.len() < 2 {
+        let at = history.iter().position(|d| key(d) == wanted);
+        return (history, at);
+    }
+    // Each group's first entry (its index in `out`) and size.
+    let mut groups: HashMap<(Option<String>, Option<String>), (usize, usize)> =
+        HashMap::with_capacity(history.len());
     let mut out: Vec<FieldTable> = Vec::new();
-    for (i, mut d) in history.into_iter().enumerate() {
-        if keys[..i].contains(&keys[i]) {
-            continue;
+    for d in history {
+        match groups.entry(key(&d)) {
+            Entry::Occupied(mut g) => g.get_mut().1 += 1,
+            Entry::Vacant(g) => {
+                g.insert((out.len(), 1));
+                out.push(d);
+            }
         }
-        if count_of(&d).is_none() {
-            let n = keys.iter().filter(|k| **k == keys[i]).count();
+    }
+    for &(first, n) in groups.values() {
+        let d = &mut out[first];
+        if count_of(d).is_none() {
             d.insert(
                 ShortString::from("count"),
                 AMQPValue::LongLongInt(i64::try_from(n).unwrap_or(i64::MAX)),
             );
         }
-        out.push(d);
     }
+    let last = out.len() - 1;
     out.reverse();
-    out
+    let at = groups.get(&wanted).map(|&(first, _)| last - first);
+    (out, at)
 }
 
 /// The message `queue` gives up on for `reason`, as it goes to `target`'s exchange.
@@ -204,18 +223,16 @@ pub fn dead_letter(
     if let Some(e) = props.expiration() {
         entry.insert(ShortString::from("original-expiration"), long(e.as_str()));
     }
-    let mut history = grouped(deaths(&headers));
+    let (mut history, found) = grouped(deaths(&headers), queue, reason.as_str());
     // The same queue and reason again: that entry, as it was but for its count one up, moved
     // to the front (RabbitMQ keeps the first death's time, exchange and routing keys).
-    if let Some(at) = history.iter().position(|d| {
-        field(d, "queue").as_deref() == Some(queue)
-            && field(d, "reason").as_deref() == Some(reason.as_str())
-    }) {
+    if let Some(at) = found {
         entry = history.remove(at);
+        // The count may come from a client: it stops at the largest one.
         let count = count_of(&entry).unwrap_or(0);
         entry.insert(
             ShortString::from("count"),
-            AMQPValue::LongLongInt(count + 1),
+            AMQPValue::LongLongInt(count.saturating_add(1)),
         );
     }
     history.insert(0, entry);
@@ -398,6 +415,47 @@ mod tests {
         // b's first entry keeps its own count and takes this death; a counts its three
         // entries; the rest in the reverse order of first appearance.
         assert_eq!(summary, [("b".into(), 8), ("c".into(), 1), ("a".into(), 3)]);
+    }
+
+    #[test]
+    fn a_header_of_thousands_of_distinct_entries_is_merged_in_one_pass() {
+        let entry = |q: String| {
+            let mut t = FieldTable::default();
+            t.insert("queue".into(), long(&q));
+            t.insert("reason".into(), long("rejected"));
+            AMQPValue::FieldTable(t)
+        };
+        // 7,000 distinct queues, the last one twice: each a group of its own but that one.
+        let mut entries: Vec<AMQPValue> = (0..7_000).map(|i| entry(format!("q{i}"))).collect();
+        entries.push(entry("q6999".into()));
+        let mut headers = FieldTable::default();
+        headers.insert("x-death".into(), AMQPValue::FieldArray(entries.into()));
+        let m = message(BasicProperties::default().with_headers(headers));
+        let d = dead_letter(&m, "q3", DeathReason::Rejected, &target(None), 1000);
+        let history = x_death(&d);
+        assert_eq!(history.len(), 7_000);
+        let summary = |e: &FieldTable| (field(e, "queue").unwrap(), count_of(e).unwrap());
+        assert_eq!(summary(&history[0]), ("q3".into(), 2));
+        assert_eq!(summary(&history[1]), ("q6999".into(), 2));
+        assert_eq!(summary(&history[6_999]), ("q0".into(), 1));
+    }
+
+    #[test]
+    fn a_count_at_the_largest_integer_stays_there() {
+        let mut t = FieldTable::default();
+        t.insert("queue".into(), long("q"));
+        t.insert("reason".into(), long("expired"));
+        t.insert("count".into(), AMQPValue::LongLongInt(i64::MAX));
+        for others in [0, 1] {
+            let mut entries = vec![AMQPValue::FieldTable(t.clone())];
+            // Alone, and among others (grouped).
+            entries.extend((0..others).map(|_| AMQPValue::FieldTable(FieldTable::default())));
+            let mut headers = FieldTable::default();
+            headers.insert("x-death".into(), AMQPValue::FieldArray(entries.into()));
+            let m = message(BasicProperties::default().with_headers(headers));
+            let d = dead_letter(&m, "q", DeathReason::Expired, &target(None), 1000);
+            assert_eq!(count_of(&x_death(&d)[0]), Some(i64::MAX));
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! to the name that sorts first); a queue's own `x-` arguments win over its policy's keys.
 //! Policies are re-applied to every queue and exchange of the vhost when they change.
 
-use super::headers::{integer, text};
+use super::headers::integer;
 use super::vhost::PolicyKind;
 use crate::amqp::codec::MAX_TABLE_DEPTH;
 use amq_protocol::types::{AMQPValue, FieldTable, LongString};
@@ -105,12 +105,27 @@ pub enum QueueKind {
 }
 
 impl QueueKind {
+    /// The type `x-queue-type` names, classic without it. Nothing is copied: the
+    /// management API asks this of every queue it lists.
     pub fn of(arguments: &FieldTable) -> Self {
-        let kind = arguments.inner().get("x-queue-type").and_then(text);
-        match kind.as_deref().unwrap_or_default() {
-            "quorum" => QueueKind::Quorum,
-            "stream" => QueueKind::Stream,
+        let kind: &[u8] = match arguments.inner().get("x-queue-type") {
+            Some(AMQPValue::LongString(s)) => s.as_bytes(),
+            Some(AMQPValue::ShortString(s)) => s.as_str().as_bytes(),
+            _ => b"",
+        };
+        match kind {
+            b"quorum" => QueueKind::Quorum,
+            b"stream" => QueueKind::Stream,
             _ => QueueKind::Classic,
+        }
+    }
+
+    /// The type's name, as `x-queue-type` and the management API give it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueKind::Classic => "classic",
+            QueueKind::Quorum => "quorum",
+            QueueKind::Stream => "stream",
         }
     }
 }

@@ -9,7 +9,7 @@
 use super::dead_letter::{DeadLetterTarget, DeathReason};
 use super::expiry::Expirer;
 use super::message::{Message, now_ms};
-use super::policy::{Policy, effective_arguments};
+use super::policy::{Policy, QueueKind, effective_arguments};
 use super::ready::{LazyStore, Levels, Window, delivered, forget, must_persist};
 use super::stats::MessageStats;
 use super::vhost::Vhost;
@@ -179,15 +179,25 @@ struct QueueState {
 /// Most TTL changes a queue remembers; messages older than the oldest use it.
 const TTL_HISTORY: usize = 16;
 
-impl QueueState {
-    /// The TTL a message that arrived at `arrived_ms` has in this queue.
-    fn ttl_at(&self, arrived_ms: u64) -> Option<u64> {
-        self.ttls
-            .iter()
-            .rev()
-            .find(|(from, _)| *from <= arrived_ms)
-            .or(self.ttls.first())
-            .and_then(|(_, ttl)| *ttl)
+/// The TTL a message that arrived at `arrived_ms` has in a queue that had `ttls`.
+fn ttl_in(ttls: &[(u64, Option<u64>)], arrived_ms: u64) -> Option<u64> {
+    ttls.iter()
+        .rev()
+        .find(|(from, _)| *from <= arrived_ms)
+        .or(ttls.first())
+        .and_then(|(_, ttl)| *ttl)
+}
+
+/// When `m` expires in a queue that had `ttls`: the queue's TTL from its arrival, or its own
+/// `expiration`, whichever comes first.
+fn expiry_in(ttls: &[(u64, Option<u64>)], m: &Message) -> Option<u64> {
+    let by_queue = Some(m.arrived_ms)
+        .filter(|a| *a > 0)
+        .and_then(|a| ttl_in(ttls, a))
+        .map(|ttl| m.arrived_ms.saturating_add(ttl));
+    match (by_queue, m.expires_at_ms) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 
@@ -527,8 +537,8 @@ impl Queue {
 
     /// The declared type, `x-queue-type` (classic without it). Every queue works as a
     /// classic one (nothing is replicated), but reports the type it was declared with.
-    pub fn queue_type(&self) -> String {
-        argument_text(&self.spec.arguments, "x-queue-type").unwrap_or_else(|| "classic".into())
+    pub fn queue_type(&self) -> &'static str {
+        QueueKind::of(&self.spec.arguments).as_str()
     }
 
     /// The highest priority level: `x-max-priority`, 0 for a queue without priorities.
@@ -696,48 +706,63 @@ impl Queue {
         }
     }
 
-    /// When `m` expires in this queue: the queue's TTL from its arrival, or its own
-    /// `expiration`, whichever comes first.
-    fn expiry(st: &QueueState, m: &Message) -> Option<u64> {
-        let by_queue = Some(m.arrived_ms)
-            .filter(|a| *a > 0)
-            .and_then(|a| st.ttl_at(a))
-            .map(|ttl| m.arrived_ms.saturating_add(ttl));
-        match (by_queue, m.expires_at_ms) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
-    }
-
     /// Drops the expired messages at the head of the queue (RabbitMQ expires messages when
     /// they reach the head) and returns when the new head expires first.
     fn expire_locked(&self, st: &mut QueueState, now: u64, dead: &mut Dead) -> Option<u64> {
         if !st.may_expire {
             return None;
         }
-        let dead_letter = st.settings.features.dead_letter.is_some();
         let mut next: Option<u64> = None;
         // Each priority level expires from its own head, as in RabbitMQ.
-        for (l, store) in self.stores.iter().enumerate() {
-            while let Some(front) = st.ready.lists_mut()[l].front(store) {
-                let message = front.message.clone();
-                let at = Self::expiry(st, &message);
-                if let Some(at) = at.filter(|at| *at > now) {
-                    next = Some(next.map_or(at, |n| n.min(at)));
-                }
-                if at.is_none_or(|at| at > now) {
-                    break;
-                }
-                let Some(m) = st.ready.lists_mut()[l].pop_front(store) else {
-                    break;
-                };
-                forget(store, m.seq, m.location);
-                if dead_letter {
-                    dead.push((m, DeathReason::Expired));
-                }
+        for l in 0..self.stores.len() {
+            if let Some(at) = self.expire_level_locked(st, l, now, dead) {
+                next = Some(next.map_or(at, |n| n.min(at)));
             }
         }
         next
+    }
+
+    /// Drops the expired messages at the head of priority level `l`; returns when its new
+    /// head expires.
+    fn expire_level_locked(
+        &self,
+        st: &mut QueueState,
+        l: usize,
+        now: u64,
+        dead: &mut Dead,
+    ) -> Option<u64> {
+        let dead_letter = st.settings.features.dead_letter.is_some();
+        let store = &self.stores[l];
+        let QueueState { ready, ttls, .. } = st;
+        let list = &mut ready.lists_mut()[l];
+        loop {
+            let at = expiry_in(ttls, &list.front(store)?.message);
+            if at.is_none_or(|at| at > now) {
+                return at;
+            }
+            let m = list.pop_front(store)?;
+            forget(store, m.seq, m.location);
+            if dead_letter {
+                dead.push((m, DeathReason::Expired));
+            }
+        }
+    }
+
+    /// Takes the next message to deliver, once the expired messages at the head of its level
+    /// are dropped (and those of the levels below, as far as that empties the way to them).
+    fn pop_live_locked(
+        &self,
+        st: &mut QueueState,
+        now: u64,
+        dead: &mut Dead,
+    ) -> Option<QueuedMessage> {
+        loop {
+            let l = st.ready.top(&self.stores)?;
+            self.expire_level_locked(st, l, now, dead);
+            if let Some(m) = st.ready.lists_mut()[l].pop_front(&self.stores[l]) {
+                return Some(m);
+            }
+        }
     }
 
     /// When the message now at the head of a level expires first.
@@ -746,12 +771,12 @@ impl Queue {
             return None;
         }
         let mut next: Option<u64> = None;
+        let QueueState { ready, ttls, .. } = st;
         for (l, store) in self.stores.iter().enumerate() {
-            let Some(front) = st.ready.lists_mut()[l].front(store) else {
+            let Some(front) = ready.lists_mut()[l].front(store) else {
                 continue;
             };
-            let message = front.message.clone();
-            if let Some(at) = Self::expiry(st, &message) {
+            if let Some(at) = expiry_in(ttls, &front.message) {
                 next = Some(next.map_or(at, |n| n.min(at)));
             }
         }
@@ -793,7 +818,7 @@ impl Queue {
                 return;
             }
             self.expire_locked(&mut st, now, &mut dead);
-            self.deliver_locked(&mut st, &mut dead);
+            self.deliver_locked(&mut st, now, &mut dead);
             (self.next_expiry_locked(&mut st), st.consumers.is_empty())
         };
         if let Some(expires) = self.expires()
@@ -873,7 +898,7 @@ impl Queue {
                     },
                     &self.stores,
                 );
-                self.deliver_locked(&mut st, &mut dead);
+                self.deliver_locked(&mut st, now, &mut dead);
                 let backlogged = st.ready.paging() && !st.consumers.is_empty();
                 if limits.max_length.is_some() || limits.max_bytes.is_some() {
                     self.trim_locked(&mut st, &mut dead);
@@ -920,23 +945,23 @@ impl Queue {
     /// when the new head expires.
     fn dispatch_locked(self: &Arc<Self>, st: &mut QueueState, dead: &mut Dead) -> Option<u64> {
         if !st.may_expire {
-            self.deliver_locked(st, dead);
+            self.deliver_locked(st, 0, dead);
             return None;
         }
         let now = now_ms();
         self.expire_locked(st, now, dead);
-        self.deliver_locked(st, dead);
+        self.deliver_locked(st, now, dead);
         self.next_expiry_locked(st)
     }
 
     /// Hands out ready messages to consumers with credit. In a queue whose messages may
     /// expire, each new head is looked at first: as in RabbitMQ, a consumer never gets a
-    /// message whose time ran out behind the one before it.
-    fn deliver_locked(self: &Arc<Self>, st: &mut QueueState, dead: &mut Dead) {
+    /// message whose time ran out behind the one before it. `now` is the time of the caller's
+    /// look at the head (any value when messages cannot expire).
+    fn deliver_locked(self: &Arc<Self>, st: &mut QueueState, now: u64, dead: &mut Dead) {
         if st.consumers.is_empty() || st.ready.is_empty() {
             return;
         }
-        let now = if st.may_expire { now_ms() } else { 0 };
         st.dispatch_pass += 1;
         let pass = st.dispatch_pass;
         let mut declined = 0;
@@ -965,12 +990,15 @@ impl Queue {
             }
             let Some(i) = chosen else { break };
             // The first head was looked at by the caller (and a message that expires at once
-            // goes to a consumer that takes it now); the ones after it are looked at here.
-            if st.may_expire && handed > 0 {
-                self.expire_locked(st, now, dead);
-            }
+            // goes to a consumer that takes it now); the ones after it are looked at here,
+            // only at the level the next message comes from.
             let consumer = st.consumers[i].clone();
-            let Some(msg) = st.ready.pop_front(&self.stores) else {
+            let popped = if st.may_expire && handed > 0 {
+                self.pop_live_locked(st, now, dead)
+            } else {
+                st.ready.pop_front(&self.stores)
+            };
+            let Some(msg) = popped else {
                 break;
             };
             let (seq, location, redelivered, returned) =
@@ -1179,6 +1207,7 @@ impl Queue {
     /// consumers, so that the caller deletes the queue.
     pub fn remove_consumer(self: &Arc<Self>, consumer: &Arc<Consumer>) -> bool {
         let mut dead = Vec::new();
+        let mut next = None;
         let (auto_delete, idle) = {
             let mut st = self.state.lock();
             let was_active = st
@@ -1188,16 +1217,16 @@ impl Queue {
             st.consumers.retain(|c| !Arc::ptr_eq(c, consumer));
             let idle = st.consumers.is_empty();
             if was_active && self.single_active_consumer && !idle {
-                // The next consumer takes over.
-                self.deliver_locked(&mut st, &mut dead);
+                // The next consumer takes over, of the messages that have not expired.
+                next = self.dispatch_locked(&mut st, &mut dead);
             }
             (
                 self.spec.auto_delete && st.had_consumer && idle && !self.is_deleted(),
                 idle,
             )
         };
-        if !dead.is_empty() {
-            self.after(dead, None);
+        if !dead.is_empty() || next.is_some() {
+            self.after(dead, next);
         }
         if idle && !auto_delete {
             // Unused from now: `x-expires` starts counting.

@@ -381,7 +381,7 @@ impl Levels {
     }
 
     /// The highest level with a message, reading its next batch from its store if needed.
-    fn top(&mut self, stores: &[LazyStore]) -> Option<usize> {
+    pub fn top(&mut self, stores: &[LazyStore]) -> Option<usize> {
         (0..self.lists.len())
             .rev()
             .find(|&l| self.lists[l].front(&stores[l]).is_some())

@@ -26,6 +26,7 @@ use crate::store::delayed::{Due, Scheduled};
 use crate::store::{Recovered, Storage};
 use amq_protocol::types::{AMQPValue, FieldTable};
 use parking_lot::{Mutex, RwLock};
+use std::borrow::Cow;
 use std::sync::{Arc, Weak};
 
 /// Queue arguments whose values must match when a queue is declared again (RabbitMQ's
@@ -782,21 +783,26 @@ impl Vhost {
         Ok(())
     }
 
-    /// The spec with the vhost's default queue type as its `x-queue-type` when it names none
-    /// and that type can have the queue's properties (a quorum queue is durable, neither
-    /// exclusive nor auto-delete), as RabbitMQ 3.10 declares it.
+    /// The vhost's default queue type, if it has one that can have the queue's properties (a
+    /// quorum queue is durable, neither exclusive nor auto-delete).
+    fn default_type_for(&self, spec: &QueueSpec) -> Option<String> {
+        let t = self.meta.read().default_queue_type.clone()?;
+        if t == "quorum" && quorum_refuses(spec).is_some() {
+            return None;
+        }
+        Some(t)
+    }
+
+    /// The spec with the vhost's default queue type as its `x-queue-type` when it names none,
+    /// as RabbitMQ 3.10 declares it.
     fn with_default_type(&self, mut spec: QueueSpec) -> QueueSpec {
         if spec.arguments.inner().contains_key("x-queue-type") {
             return spec;
         }
-        let Some(t) = self.meta.read().default_queue_type.clone() else {
-            return spec;
-        };
-        if t == "quorum" && (!spec.durable || spec.exclusive || spec.auto_delete) {
-            return spec;
+        if let Some(t) = self.default_type_for(&spec) {
+            spec.arguments
+                .insert("x-queue-type".into(), AMQPValue::LongString(t.into()));
         }
-        spec.arguments
-            .insert("x-queue-type".into(), AMQPValue::LongString(t.into()));
         spec
     }
 
@@ -806,9 +812,24 @@ impl Vhost {
         spec: QueueSpec,
         connection: u64,
     ) -> AmqpResult<(Arc<Queue>, bool)> {
+        self.declare_queue_with(spec, connection, true)
+    }
+
+    /// A queue of imported definitions, declared as `declare_queue` does but without the
+    /// vhost's default queue type: RabbitMQ 3.10 imports a queue without `x-queue-type` as a
+    /// classic one, whatever its vhost's default.
+    pub fn import_queue(&self, spec: QueueSpec) -> AmqpResult<(Arc<Queue>, bool)> {
+        self.declare_queue_with(spec, 0, false)
+    }
+
+    fn declare_queue_with(
+        &self,
+        spec: QueueSpec,
+        connection: u64,
+        default_type: bool,
+    ) -> AmqpResult<(Arc<Queue>, bool)> {
         let _t = self.topology.lock();
         MessageStats::bump(&self.churn.queue_declared);
-        let spec = self.with_default_type(spec);
         let owner = spec.exclusive.then_some(connection);
         if let Some(q) = self.queue(&spec.name) {
             if q.owner != owner {
@@ -828,15 +849,26 @@ impl Vhost {
                     ));
                 }
             }
-            check_args_equivalent(
-                &what,
-                &q.spec.arguments,
-                &spec.arguments,
-                EQUIVALENT_QUEUE_ARGS,
-            )?;
+            // The queue is compared with what the client sent: in a vhost with a default
+            // type, a declaration without one is of the queue's own type, whatever the
+            // default was when the queue was made (or is now).
+            let mut sent = Cow::Borrowed(&spec.arguments);
+            if default_type
+                && !spec.arguments.inner().contains_key("x-queue-type")
+                && self.default_type_for(&spec).is_some()
+                && let Some(t) = q.spec.arguments.inner().get("x-queue-type")
+            {
+                sent.to_mut().insert("x-queue-type".into(), t.clone());
+            }
+            check_args_equivalent(&what, &q.spec.arguments, &sent, EQUIVALENT_QUEUE_ARGS)?;
             q.touch();
             return Ok((q, false));
         }
+        let spec = if default_type {
+            self.with_default_type(spec)
+        } else {
+            spec
+        };
         validate_queue_arguments(&spec, &self.name)?;
         if let Some(max) = self.meta.read().limit("max-queues")
             && self.queues.read().len() as u64 >= max
@@ -1471,23 +1503,27 @@ pub(crate) fn validate_queue_arguments(spec: &QueueSpec, vhost: &str) -> AmqpRes
             _ => {}
         }
     }
-    if queue_type == "quorum" {
-        let property = if !spec.durable {
-            Some("non-durable")
-        } else if spec.exclusive {
-            Some("exclusive-owner")
-        } else if spec.auto_delete {
-            Some("auto-delete")
-        } else {
-            None
-        };
-        if let Some(p) = property {
-            return Err(precondition_failed(format!(
-                "invalid property '{p}' for {what}"
-            )));
-        }
+    if queue_type == "quorum"
+        && let Some(p) = quorum_refuses(spec)
+    {
+        return Err(precondition_failed(format!(
+            "invalid property '{p}' for {what}"
+        )));
     }
     Ok(())
+}
+
+/// The property a quorum queue cannot have that `spec` has, in RabbitMQ's words, if any.
+fn quorum_refuses(spec: &QueueSpec) -> Option<&'static str> {
+    if !spec.durable {
+        Some("non-durable")
+    } else if spec.exclusive {
+        Some("exclusive-owner")
+    } else if spec.auto_delete {
+        Some("auto-delete")
+    } else {
+        None
+    }
 }
 
 /// Whether two policy choices are the same policy, in the same version.

@@ -231,10 +231,14 @@ pub async fn export_vhost(
 
 // ------------------------------------------------------------------------------------- import
 
+/// A vhost's default queue type as imported: `None` leaves it as it is, `Some(None)` takes it
+/// away.
+type DefaultQueueType = Option<Option<String>>;
+
 #[derive(Debug, Default)]
 struct Plan {
     /// Name, description, tags and default queue type.
-    vhosts: Vec<(String, String, Vec<String>, Option<String>)>,
+    vhosts: Vec<(String, String, Vec<String>, DefaultQueueType)>,
     users: Vec<(String, Password, Vec<String>)>,
     permissions: Vec<(String, String, String, String, String)>,
     limits: Vec<(String, BTreeMap<String, i64>)>,
@@ -386,7 +390,7 @@ fn plan(state: &AppState, body: &[u8], vhost: Option<&str>) -> ApiResult<Plan> {
                     .map(str::to_owned),
             };
             let default_queue_type = match default_queue_type {
-                Some(t) => super::vhosts::queue_type_setting(&t)?,
+                Some(t) => Some(super::vhosts::queue_type_setting(&t)?),
                 None => None,
             };
             known_vhosts.insert(name.clone());
@@ -779,7 +783,7 @@ fn apply(state: &AppState, caller: &Caller, plan: Plan) -> ApiResult<()> {
     for (vhost, spec) in plan.queues {
         if let Some(v) = b.vhost(&vhost) {
             let name = spec.name.clone();
-            if let Err(e) = v.declare_queue(spec, 0) {
+            if let Err(e) = v.import_queue(spec) {
                 tracing::warn!(%vhost, queue = %name, error = %e, "definitions import: queue left as it is");
             }
         }

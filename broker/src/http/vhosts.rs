@@ -115,10 +115,12 @@ pub async fn put(
             "tracing (the firehose) is not supported by Warren",
         ));
     }
-    let mut default_queue_type = None;
+    // Given as `undefined` (or empty), the default is taken away; not given, it is kept.
+    let mut default_queue_type: Option<Option<String>> = None;
     for key in ["default_queue_type", "defaultqueuetype"] {
         if let Some(t) = f.string(key)? {
-            default_queue_type = default_queue_type.or(queue_type_setting(&t)?);
+            let setting = queue_type_setting(&t)?;
+            default_queue_type = Some(default_queue_type.flatten().or(setting));
         }
     }
     ApiError::check_name("vhost", &name)?;
