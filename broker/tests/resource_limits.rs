@@ -268,6 +268,79 @@ async fn shutdown_finishes_when_the_last_flush_cannot_write() {
     drop(full);
 }
 
+/// A store whose write hangs until it is released, as on a disk that stopped answering.
+struct HungDisk {
+    entered: std::sync::Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    release: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl warren_broker::store::flusher::Flushable for HungDisk {
+    fn write_pending(&self) -> std::io::Result<Vec<std::sync::Arc<std::fs::File>>> {
+        if let Some(entered) = self.entered.lock().unwrap().take() {
+            let _ = entered.send(());
+        }
+        // Bounded, so that a failing test cannot leave the thread behind for ever.
+        let _ = self
+            .release
+            .lock()
+            .unwrap()
+            .recv_timeout(Duration::from_secs(60));
+        Ok(Vec::new())
+    }
+    fn after_sync(&self) {}
+    fn failed(&self) {}
+}
+
+/// The whole of a process's end, runtime included: a write that hangs must not hold it.
+#[test]
+fn a_write_that_hangs_does_not_keep_the_broker_from_stopping() {
+    if std::env::var("WARREN_TEST_AMQP_URL").is_ok_and(|u| !u.is_empty()) {
+        return;
+    }
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel::<()>();
+    let hung: std::sync::Arc<dyn warren_broker::store::flusher::Flushable> =
+        std::sync::Arc::new(HungDisk {
+            entered: std::sync::Mutex::new(Some(entered_tx)),
+            release: std::sync::Mutex::new(release_rx),
+        });
+    let (stopped_tx, stopped) = std::sync::mpsc::channel();
+    let store = hung.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        runtime.block_on(async move {
+            let broker = TestBroker::start().await;
+            let flusher = broker
+                .broker()
+                .storage
+                .flusher()
+                .expect("a broker with a data directory")
+                .clone();
+            flusher.register(std::sync::Arc::downgrade(&store));
+            flusher.hurry();
+            let _ = tokio::task::spawn_blocking(move || {
+                entered.recv_timeout(Duration::from_secs(5))
+            })
+            .await;
+            broker.stop().await;
+        });
+        // As when `main` returns: the runtime goes, and with it whatever it still waits for.
+        drop(runtime);
+        let _ = stopped_tx.send(());
+    });
+    let result = stopped.recv_timeout(Duration::from_secs(15));
+    let _ = release.send(());
+    drop(hung);
+    assert!(
+        result.is_ok(),
+        "the broker and its runtime stopped within the grace period"
+    );
+}
+
 #[tokio::test]
 async fn the_disk_alarm_blocks_a_fast_publisher_before_it_fills_the_room_left() {
     let broker = TestBroker::start().await;
