@@ -177,6 +177,56 @@ async fn a_forced_close_reaches_a_blocked_publisher_with_connection_forced() {
     broker.broker().alarms.set_memory_limit(0);
 }
 
+/// A vhost that goes drops its connections at once, blocked publishers among them: no
+/// close-ok is waited for.
+#[tokio::test]
+async fn deleting_its_vhost_drops_a_blocked_publisher_at_once() {
+    let broker = TestBroker::start().await;
+    if broker.is_external() {
+        return;
+    }
+    let api = Api::new(&broker);
+    let vhost = common::unique("blocked-vhost");
+    api.put(&format!("/api/vhosts/{vhost}"), "{}")
+        .await
+        .status(201);
+    api.put(
+        &format!("/api/permissions/{vhost}/guest"),
+        r#"{"configure":".*","write":".*","read":".*"}"#,
+    )
+    .await
+    .status(204);
+    broker.broker().alarms.set_memory_limit(1);
+    let mut raw = Raw::open_in(&broker, &vhost).await;
+    raw.send(&publish_frames(1, "q", b"blocked")).await;
+    let (_, m) = common::within(5, raw.method()).await.expect("blocked");
+    assert!(
+        matches!(m, AMQPClass::Connection(connection::AMQPMethod::Blocked(_))),
+        "expected connection.blocked, got {m:?}"
+    );
+    // Answered once the vhost's connections are gone: within the 3 s the broker would give
+    // the client to answer its close, had it not dropped the socket at once.
+    common::within(2, api.delete(&format!("/api/vhosts/{vhost}")))
+        .await
+        .status(204);
+    let (ch, close) = common::within(5, raw.method())
+        .await
+        .expect("connection.close");
+    let AMQPClass::Connection(connection::AMQPMethod::Close(close)) = close else {
+        panic!("expected connection.close, got {close:?}");
+    };
+    assert_eq!((ch, close.reply_code), (0, 320));
+    assert_eq!(
+        close.reply_text.as_str(),
+        format!("CONNECTION_FORCED - vhost '{vhost}' is down")
+    );
+    assert!(
+        common::within(5, raw.frame()).await.is_none(),
+        "the socket is closed without waiting for close-ok"
+    );
+    broker.broker().alarms.set_memory_limit(0);
+}
+
 #[tokio::test]
 async fn a_blocked_publisher_that_falls_silent_misses_its_heartbeats() {
     let broker = TestBroker::start().await;

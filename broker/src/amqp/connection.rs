@@ -366,7 +366,7 @@ impl Connection {
                         _ = shutdown.changed() => self.force_close(),
                         () = durable_changed(&mut durable), if !self.waiting.is_empty() => self.flush_waiting(),
                         reason = closed_from_outside(&mut self.closed) => {
-                            self.fail(AmqpError::new(CONNECTION_FORCED, reason));
+                            self.close_from_outside(reason);
                         }
                         _ = ack_check.tick() => self.check_consumer_timeouts(),
                         r = read, if read_ahead => match r {
