@@ -227,6 +227,38 @@ async fn deleting_its_vhost_drops_a_blocked_publisher_at_once() {
     broker.broker().alarms.set_memory_limit(0);
 }
 
+/// After close-ok the broker answers further closes only while its answers are read: a
+/// client that sends closes and never reads is still read (until the linger ends), so its
+/// writes go through instead of leaving a connection that waits for ever on a full socket.
+#[tokio::test]
+async fn closes_sent_after_close_ok_by_a_client_that_never_reads_are_not_all_answered() {
+    let broker = TestBroker::start().await;
+    if broker.is_external() {
+        return;
+    }
+    let mut raw = Raw::open(&broker).await;
+    let close = encode(&AMQPFrame::Method(
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+            reply_code: 200,
+            reply_text: "".into(),
+            class_id: 0,
+            method_id: 0,
+        })),
+    ));
+    raw.send(&close).await;
+    // Far more answers (64 bytes each, as the output counts them) than the output holds
+    // before it is backed up (8 MiB), with the sockets' buffers on top.
+    let batch: Vec<u8> = close.repeat(16 * 1024);
+    let sent = common::within(20, async {
+        for _ in 0..48 {
+            raw.send(&batch).await;
+        }
+    })
+    .await;
+    let () = sent;
+}
+
 #[tokio::test]
 async fn a_blocked_publisher_that_falls_silent_misses_its_heartbeats() {
     let broker = TestBroker::start().await;
@@ -372,10 +404,9 @@ fn a_write_that_hangs_does_not_keep_the_broker_from_stopping() {
                 .clone();
             flusher.register(std::sync::Arc::downgrade(&store));
             flusher.hurry();
-            let _ = tokio::task::spawn_blocking(move || {
-                entered.recv_timeout(Duration::from_secs(5))
-            })
-            .await;
+            let _ =
+                tokio::task::spawn_blocking(move || entered.recv_timeout(Duration::from_secs(5)))
+                    .await;
             broker.stop().await;
         });
         // As when `main` returns: the runtime goes, and with it whatever it still waits for.

@@ -231,7 +231,12 @@ async fn serve_halves<R, W>(
     conn.run(&mut reader, shutdown, handshake).await;
     conn.cleanup();
     conn.out.send(Outbound::Close);
-    let _ = writer_task.await;
+    // What is still queued is flushed for a client that reads it; one that does not cannot
+    // keep the socket open.
+    let mut writer_task = writer_task;
+    if timeout(CLOSE_TIMEOUT, &mut writer_task).await.is_err() {
+        writer_task.abort();
+    }
 }
 
 impl Connection {
@@ -471,11 +476,29 @@ impl Connection {
                 }
                 self.set_state(ConnectionState::Running);
             }
-            if self.out.is_backed_up() {
-                // The client is not reading what we send: stop reading what it sends.
+            // After close-ok nothing more is answered to a client that does not read: it is
+            // read on, and dropped when the linger ends.
+            if self.out.is_backed_up() && !matches!(self.phase, Phase::CloseOkSent(_)) {
+                // The client is not reading what we send: stop reading what it sends. A
+                // closing connection still ends on time, and one closed from outside closes.
+                let deadline = match self.phase {
+                    Phase::Open => None,
+                    Phase::Closing(deadline) | Phase::CloseOkSent(deadline) => Some(deadline),
+                    _ => Some(handshake_deadline),
+                };
+                let ends = async {
+                    match deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     () = self.out.wait_drained() => {}
                     _ = shutdown.changed() => { self.force_close(); }
+                    reason = closed_from_outside(&mut self.closed), if self.phase == Phase::Open => {
+                        self.close_from_outside(reason);
+                    }
+                    () = ends => return,
                 }
                 continue;
             }
@@ -582,8 +605,11 @@ impl Connection {
 
     fn handle_frame(&mut self, frame: RawFrame) -> AmqpResult<()> {
         if let Phase::CloseOkSent(_) = self.phase {
-            // The connection is over: only another `connection.close` gets an answer.
+            // The connection is over: only another `connection.close` gets an answer, and
+            // only while the client reads them: one sending closes without reading must not
+            // pile up answers.
             if frame.kind == FRAME_METHOD
+                && !self.out.is_backed_up()
                 && frame.channel == 0
                 && let Ok(AMQPClass::Connection(connection::AMQPMethod::Close(_))) =
                     codec::decode_method(&frame.payload)
