@@ -6,7 +6,7 @@ use super::delivery::{ChannelConsumer, ChannelShared, UnknownTag};
 use super::publish::{Confirms, ContentState, Transaction};
 use super::writer::ConnectionOutput;
 use crate::auth::Access;
-use crate::auth::permissions::checked_name;
+use crate::auth::permissions::{checked_name, dead_letter_checks};
 use crate::broker::Broker;
 use crate::broker::exchange::{ExchangeKind, ExchangeSpec};
 use crate::broker::queue::{ConsumeRefused, Consumer, Delivered, Queue, QueueSpec};
@@ -124,14 +124,6 @@ impl std::fmt::Debug for Channel {
 }
 
 /// The `x-dead-letter-exchange` argument, when it is text.
-fn dead_letter_exchange(args: &FieldTable) -> Option<String> {
-    match args.inner().get("x-dead-letter-exchange")? {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
-        _ => None,
-    }
-}
-
 fn int_arg(args: &FieldTable, key: &str) -> Option<i64> {
     Some(match args.inner().get(key)? {
         AMQPValue::ShortShortInt(x) => (*x).into(),
@@ -409,14 +401,10 @@ impl Channel {
                         )));
                     }
                     s.check("queue", &name, Access::Configure)?;
-                    // As RabbitMQ, when a new queue names a dead-letter exchange: read on the
-                    // queue and write on that exchange, since its dead letters are published
-                    // there on the user's behalf.
-                    if let Some(dlx) = dead_letter_exchange(&d.arguments)
-                        && vhost.queue(&name).is_none()
+                    let exists = vhost.queue(&name).is_some();
+                    for (kind, resource, access) in dead_letter_checks(&name, exists, &d.arguments)
                     {
-                        s.check("queue", &name, Access::Read)?;
-                        s.check("exchange", &dlx, Access::Write)?;
+                        s.check(kind, &resource, access)?;
                     }
                     let (q, created) = vhost.declare_queue(
                         QueueSpec {
