@@ -375,11 +375,17 @@ impl Channel {
                     self.reply_declare_ok(REPLY_TO, 0, 1, d.nowait);
                     return Ok(());
                 }
-                if d.passive && vhost.reply_queue(d.queue.as_str()).is_some() {
+                if d.queue.as_str().starts_with(REPLY_TO) {
                     // A generated reply-to name whose consumer is there exists for clients
-                    // (RabbitMQ answers for it: no messages, its one consumer).
-                    self.reply_declare_ok(d.queue.as_str(), 0, 1, d.nowait);
-                    return Ok(());
+                    // (RabbitMQ answers for it: no messages, its one consumer); any other
+                    // name under the prefix does not. Passive or not, as RabbitMQ matches it.
+                    if vhost.reply_queue(d.queue.as_str()).is_some() {
+                        self.reply_declare_ok(d.queue.as_str(), 0, 1, d.nowait);
+                        return Ok(());
+                    }
+                    if !d.passive {
+                        vhost.existing_queue(d.queue.as_str(), s.connection_id)?;
+                    }
                 }
                 let (q, messages, consumers) = if d.passive {
                     // Unlike the other methods, a passive declare does not use the
