@@ -2,8 +2,8 @@
 //! free-disk limit, connections that publish are told `connection.blocked` and are not read
 //! from until the alarm clears (`connection.unblocked`); consumers keep draining meanwhile.
 //!
-//! Memory is what the process has in use: the allocator's count of allocated bytes when the
-//! binary registered a way to read it ([`set_memory_probe`]), resident memory otherwise. Resident
+//! Memory is what the process has in use: the allocator's count of bytes in pages holding live
+//! data when the binary registered a way to read it ([`set_memory_probe`]), resident memory otherwise. Resident
 //! memory keeps what the allocator freed but has not given back, so an alarm read from it may
 //! never clear after a burst of connections or messages is over.
 //!

@@ -17,9 +17,10 @@ use tokio::io::AsyncReadExt;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-fn allocated() -> Option<u64> {
+/// What the broker binary's memory probe reads: bytes in pages holding live allocations.
+fn active() -> Option<u64> {
     tikv_jemalloc_ctl::epoch::advance().ok()?;
-    tikv_jemalloc_ctl::stats::allocated::read()
+    tikv_jemalloc_ctl::stats::active::read()
         .ok()
         .map(|bytes| bytes as u64)
 }
@@ -635,7 +636,7 @@ async fn the_memory_alarm_clears_once_memory_in_use_falls_back() {
     if broker.is_external() {
         return;
     }
-    warren_broker::alarms::set_memory_probe(allocated);
+    warren_broker::alarms::set_memory_probe(active);
     const MIB: u64 = 1024 * 1024;
     let api = Api::new(&broker);
     let alarms = broker.broker().alarms.clone();
@@ -646,7 +647,7 @@ async fn the_memory_alarm_clears_once_memory_in_use_falls_back() {
     raw.send(&publish_frames(1, &q, b"before")).await;
     raw.send_method(1, declare(&q)).await;
     raw.method().await.expect("declare-ok");
-    let base = allocated().expect("jemalloc statistics");
+    let base = active().expect("jemalloc statistics");
     alarms.set_memory_limit(base + 96 * MIB);
     assert!(!alarms.state().memory, "below the watermark");
     // Memory in small blocks, as connections and messages take it; one block in 64 outlives
