@@ -182,7 +182,8 @@ impl Alarms {
     pub fn disk_written(&self, bytes: u64) {
         let total = self.written.fetch_add(bytes, Ordering::Relaxed) + bytes;
         if total >= self.next_disk_check.load(Ordering::Relaxed) {
-            self.check();
+            // Disk only: the writer is the flusher, and memory can wait for the timer.
+            self.check_some(false);
         }
     }
 
@@ -210,8 +211,18 @@ impl Alarms {
 
     /// Measures memory and disk and raises or clears the alarms.
     pub fn check(&self) {
+        self.check_some(true);
+    }
+
+    /// Measures disk, and memory too with `memory` (else its last reading stands), and
+    /// raises or clears the alarms.
+    fn check_some(&self, memory: bool) {
         let _one = self.checking.lock();
-        let memory_used = memory_in_use();
+        let memory_used = if memory {
+            memory_in_use()
+        } else {
+            self.readings.lock().memory_used
+        };
         let memory_limit = self.memory_limit.load(Ordering::Relaxed);
         let disk_free_limit = self.disk_free_limit.load(Ordering::Relaxed);
         let written = self.written.load(Ordering::Relaxed);
