@@ -700,9 +700,10 @@ impl Channel {
 
     /// Settles deliveries named by an ack, nack or reject.
     pub(super) fn settle(&mut self, tag: u64, multiple: bool, how: Settle) -> AmqpResult<()> {
+        // In a transaction they are settled, and leave the prefetch, at commit.
         let taken = self
             .shared
-            .take_unacked(tag, multiple)
+            .take_unacked(tag, multiple, self.tx.is_none())
             .map_err(|UnknownTag(t)| precondition_failed(format!("unknown delivery tag {t}")))?;
         if let Some(tx) = &mut self.tx {
             self.shared
@@ -712,12 +713,21 @@ impl Channel {
             tx.settles.push((how, taken));
             return Ok(());
         }
-        self.apply_settle(how, taken);
+        self.apply_settle(how, taken, true);
         Ok(())
     }
 
-    pub(super) fn apply_settle(&mut self, how: Settle, taken: Vec<(u64, Delivered)>) {
-        self.shared.released(&taken);
+    /// Settles deliveries taken from the unacknowledged ones; `released` when taking them
+    /// already took them off the channel-wide prefetch.
+    pub(super) fn apply_settle(
+        &mut self,
+        how: Settle,
+        taken: Vec<(u64, Delivered)>,
+        released: bool,
+    ) {
+        if !released {
+            self.shared.released(&taken);
+        }
         if how == Settle::Ack {
             self.shared
                 .stats
@@ -741,8 +751,8 @@ impl Channel {
         if !requeue {
             return Err(AmqpError::new(NOT_IMPLEMENTED, "requeue=false"));
         }
-        let taken = self.shared.take_unacked(0, true).unwrap_or_default();
-        self.apply_settle(Settle::Reject { requeue: true }, taken);
+        let taken = self.shared.take_unacked(0, true, true).unwrap_or_default();
+        self.apply_settle(Settle::Reject { requeue: true }, taken, true);
         Ok(())
     }
 
