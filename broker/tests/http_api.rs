@@ -372,7 +372,7 @@ async fn deleting_a_vhost_drops_its_connections_before_it_is_answered() {
     api.delete(&format!("/api/vhosts/{vhost}"))
         .await
         .status(204);
-    let (ch, close) = within(1, raw.method()).await.expect("connection.close");
+    let (ch, close) = within(5, raw.method()).await.expect("connection.close");
     let AMQPClass::Connection(amq_protocol::protocol::connection::AMQPMethod::Close(close)) = close
     else {
         panic!("expected connection.close, got {close:?}");
@@ -387,7 +387,7 @@ async fn deleting_a_vhost_drops_its_connections_before_it_is_answered() {
         assert_eq!(text, down);
     }
     // No close-ok is awaited: the socket is already closed.
-    assert!(within(1, raw.frame()).await.is_none(), "socket closed");
+    assert!(within(5, raw.frame()).await.is_none(), "socket closed");
 }
 
 /// A queue declared over HTTP with a dead-letter exchange needs what it needs over AMQP:
