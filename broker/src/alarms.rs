@@ -2,8 +2,8 @@
 //! free-disk limit, connections that publish are told `connection.blocked` and are not read
 //! from until the alarm clears (`connection.unblocked`); consumers keep draining meanwhile.
 //!
-//! Memory is what the process has in use: the allocator's count of allocated bytes when the
-//! binary registered a way to read it ([`set_memory_probe`]), resident memory otherwise. Resident
+//! Memory is what the process has in use: the allocator's count of bytes in pages holding live
+//! data when the binary registered a way to read it ([`set_memory_probe`]), resident memory otherwise. Resident
 //! memory keeps what the allocator freed but has not given back, so an alarm read from it may
 //! never clear after a burst of connections or messages is over.
 //!
@@ -54,7 +54,6 @@ pub struct Readings {
 /// room above the limit is small.
 const DISK_CHECK_MIN_BYTES: u64 = 1024 * 1024;
 
-#[derive(Debug)]
 pub struct Alarms {
     data_dir: PathBuf,
     memory_limit: AtomicU64,
@@ -68,6 +67,22 @@ pub struct Alarms {
     /// Checks come from the monitor and from the flusher: one at a time, so that an older
     /// reading never overwrites a newer one.
     checking: Mutex<()>,
+    /// Reads free disk space instead of the data directory's file system (tests feed in
+    /// what they want the disk to look like).
+    free_disk_probe: Mutex<Option<FreeDiskProbe>>,
+}
+
+/// Reads the free disk space, in bytes.
+pub type FreeDiskProbe = Box<dyn Fn() -> Option<u64> + Send + Sync>;
+
+impl std::fmt::Debug for Alarms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Alarms")
+            .field("data_dir", &self.data_dir)
+            .field("state", &self.state())
+            .field("readings", &self.readings())
+            .finish()
+    }
 }
 
 /// The allocator's count of bytes in use, if the binary registered one.
@@ -147,7 +162,19 @@ impl Alarms {
             written: AtomicU64::new(0),
             next_disk_check: AtomicU64::new(0),
             checking: Mutex::new(()),
+            free_disk_probe: Mutex::new(None),
         })
+    }
+
+    /// Reads free disk space with `probe` from now on, instead of from the file system.
+    pub fn set_free_disk_probe(&self, probe: FreeDiskProbe) {
+        *self.free_disk_probe.lock() = Some(probe);
+        self.check();
+    }
+
+    /// Bytes the stores have written since start.
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
     }
 
     /// Counts bytes written to the data directory, checking free space again when enough
@@ -155,7 +182,8 @@ impl Alarms {
     pub fn disk_written(&self, bytes: u64) {
         let total = self.written.fetch_add(bytes, Ordering::Relaxed) + bytes;
         if total >= self.next_disk_check.load(Ordering::Relaxed) {
-            self.check();
+            // Disk only: the writer is the flusher, and memory can wait for the timer.
+            self.check_some(false);
         }
     }
 
@@ -183,12 +211,26 @@ impl Alarms {
 
     /// Measures memory and disk and raises or clears the alarms.
     pub fn check(&self) {
+        self.check_some(true);
+    }
+
+    /// Measures disk, and memory too with `memory` (else its last reading stands), and
+    /// raises or clears the alarms.
+    fn check_some(&self, memory: bool) {
         let _one = self.checking.lock();
-        let memory_used = memory_in_use();
+        let memory_used = if memory {
+            memory_in_use()
+        } else {
+            self.readings.lock().memory_used
+        };
         let memory_limit = self.memory_limit.load(Ordering::Relaxed);
         let disk_free_limit = self.disk_free_limit.load(Ordering::Relaxed);
         let written = self.written.load(Ordering::Relaxed);
-        let disk_free = free_disk(&self.data_dir).unwrap_or(u64::MAX);
+        let disk_free = match &*self.free_disk_probe.lock() {
+            Some(probe) => probe(),
+            None => free_disk(&self.data_dir),
+        }
+        .unwrap_or(u64::MAX);
         // Half the room left: the next check comes before the limit can be passed by much.
         let room = disk_free.saturating_sub(disk_free_limit) / 2;
         self.next_disk_check.store(

@@ -4,23 +4,24 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use warren_broker::config::{Command, Config, Flags};
 
-// jemalloc, for its statistics: the memory alarm reads the bytes in use from it, where resident
+// jemalloc, for its statistics: the memory alarm reads the memory in use from it, where resident
 // memory would keep counting what was freed and not given back.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// Bytes allocated and not yet freed, as jemalloc last counted them (its statistics are
-/// refreshed by advancing its epoch).
-fn allocated() -> Option<u64> {
+/// Bytes in pages holding live allocations, as jemalloc last counted them (its statistics
+/// are refreshed by advancing its epoch): what the heap really takes, fragmentation included,
+/// and still less once the data is freed, unlike resident memory.
+fn active() -> Option<u64> {
     tikv_jemalloc_ctl::epoch::advance().ok()?;
-    tikv_jemalloc_ctl::stats::allocated::read()
+    tikv_jemalloc_ctl::stats::active::read()
         .ok()
         .map(|bytes| bytes as u64)
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    warren_broker::alarms::set_memory_probe(allocated);
+    warren_broker::alarms::set_memory_probe(active);
     let flags = Flags::parse();
     let command = flags.command;
     let config = match Config::load(flags) {

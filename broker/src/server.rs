@@ -70,11 +70,26 @@ impl RunningBroker {
         for b in self.background {
             b.abort();
         }
-        // The flusher gives up a last round that fails; this bounds a write that hangs.
+        // The flusher gives up a last round that fails; this bounds a write that hangs. A
+        // thread of its own, not the runtime's blocking pool: dropping the runtime waits for
+        // every blocking task without limit, so a hung write would still hold the process.
         let storage = self.broker.storage.clone();
-        let flushed = tokio::task::spawn_blocking(move || storage.shutdown());
-        if tokio::time::timeout(SHUTDOWN_GRACE, flushed).await.is_err() {
-            tracing::error!("storage still writing after the grace period, stopping without it");
+        let (done, flushed) = tokio::sync::oneshot::channel();
+        let started = std::thread::Builder::new()
+            .name("warren-shutdown".into())
+            .spawn(move || {
+                storage.shutdown();
+                let _ = done.send(());
+            });
+        match started {
+            Ok(_) => {
+                if tokio::time::timeout(SHUTDOWN_GRACE, flushed).await.is_err() {
+                    tracing::error!(
+                        "storage still writing after the grace period, stopping without it"
+                    );
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot start the last flush"),
         }
     }
 }

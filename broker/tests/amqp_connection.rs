@@ -257,3 +257,58 @@ async fn closing_a_connection_releases_its_exclusive_queues() {
     })
     .await;
 }
+
+/// After the client's close is answered, the socket stays open for the client to drop:
+/// whatever else it sends meanwhile is ignored (only a further close is answered), and
+/// once it drops the socket the broker ends the connection too.
+#[tokio::test]
+async fn a_lingering_socket_ignores_frames_and_ends_when_the_client_drops_it() {
+    use amq_protocol::protocol::{channel, queue};
+    let broker = TestBroker::start().await;
+    let mut raw = Raw::open(&broker).await;
+    let close = AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+        reply_code: 200,
+        reply_text: "bye".into(),
+        class_id: 0,
+        method_id: 0,
+    }));
+    raw.send_method(0, close.clone()).await;
+    let (ch, m) = within(5, raw.method()).await.expect("close-ok");
+    assert_eq!(ch, 0);
+    assert!(
+        matches!(m, AMQPClass::Connection(connection::AMQPMethod::CloseOk(_))),
+        "expected close-ok, got {m:?}"
+    );
+    // A channel, a declare on the closed channel: nothing is answered.
+    raw.send_method(
+        2,
+        AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+    )
+    .await;
+    raw.send_method(
+        1,
+        AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+            queue: unique("lingering").as_str().into(),
+            passive: false,
+            durable: false,
+            exclusive: false,
+            auto_delete: false,
+            nowait: false,
+            arguments: FieldTable::default(),
+        })),
+    )
+    .await;
+    raw.send_method(0, close).await;
+    let (ch, m) = within(5, raw.method()).await.expect("a second close-ok");
+    assert_eq!(ch, 0);
+    assert!(
+        matches!(m, AMQPClass::Connection(connection::AMQPMethod::CloseOk(_))),
+        "only the close is answered, got {m:?}"
+    );
+    use tokio::io::AsyncWriteExt;
+    raw.socket.shutdown().await.expect("shutdown");
+    assert!(
+        within(5, raw.frame()).await.is_none(),
+        "the broker ends the socket once the client has dropped it"
+    );
+}

@@ -582,3 +582,74 @@ async fn generated_reply_to_name_can_be_declared_passively_and_answered() {
         &format!("NOT_FOUND - no queue '{forged}' in vhost '/'"),
     );
 }
+
+/// RabbitMQ answers a declare of a generated reply-to name the same whether it is passive or
+/// not: the name exists while its consumer is there (no messages, one consumer), and any
+/// other name under `amq.rabbitmq.reply-to` does not (404, not 403 for the reserved prefix).
+#[tokio::test]
+async fn generated_reply_to_name_is_matched_by_a_declare_that_is_not_passive() {
+    let broker = TestBroker::start().await;
+    let conn = broker.connect().await;
+    let ch = channel(&conn).await;
+    let no_ack = BasicConsumeOptions {
+        no_ack: true,
+        ..Default::default()
+    };
+    let _replies = within(
+        5,
+        ch.basic_consume(REPLY_TO.into(), "".into(), no_ack, FieldTable::default()),
+    )
+    .await
+    .expect("consume amq.rabbitmq.reply-to");
+    let service = exclusive_queue(&ch, "").await;
+    within(
+        5,
+        ch.basic_publish(
+            "".into(),
+            service.as_str().into(),
+            Default::default(),
+            b"request",
+            BasicProperties::default().with_reply_to(REPLY_TO.into()),
+        ),
+    )
+    .await
+    .expect("publish request");
+    let request = get(&ch, &service).await.expect("the request");
+    let reply_to = request
+        .properties
+        .reply_to()
+        .clone()
+        .expect("reply_to")
+        .to_string();
+    let other = channel(&conn).await;
+    let ok = within(
+        5,
+        other.queue_declare(
+            reply_to.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .expect("declare of the generated name");
+    assert_eq!(ok.name().as_str(), reply_to);
+    assert_eq!((ok.message_count(), ok.consumer_count()), (0, 1));
+    let unknown = format!("{REPLY_TO}.no-such-key");
+    let res = within(
+        5,
+        other.queue_declare(
+            unknown.as_str().into(),
+            lapin::options::QueueDeclareOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await;
+    assert_amqp_error(
+        res,
+        404,
+        &format!("NOT_FOUND - no queue '{unknown}' in vhost '/'"),
+    );
+}

@@ -17,9 +17,10 @@ use tokio::io::AsyncReadExt;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-fn allocated() -> Option<u64> {
+/// What the broker binary's memory probe reads: bytes in pages holding live allocations.
+fn active() -> Option<u64> {
     tikv_jemalloc_ctl::epoch::advance().ok()?;
-    tikv_jemalloc_ctl::stats::allocated::read()
+    tikv_jemalloc_ctl::stats::active::read()
         .ok()
         .map(|bytes| bytes as u64)
 }
@@ -177,6 +178,88 @@ async fn a_forced_close_reaches_a_blocked_publisher_with_connection_forced() {
     broker.broker().alarms.set_memory_limit(0);
 }
 
+/// A vhost that goes drops its connections at once, blocked publishers among them: no
+/// close-ok is waited for.
+#[tokio::test]
+async fn deleting_its_vhost_drops_a_blocked_publisher_at_once() {
+    let broker = TestBroker::start().await;
+    if broker.is_external() {
+        return;
+    }
+    let api = Api::new(&broker);
+    let vhost = common::unique("blocked-vhost");
+    api.put(&format!("/api/vhosts/{vhost}"), "{}")
+        .await
+        .status(201);
+    api.put(
+        &format!("/api/permissions/{vhost}/guest"),
+        r#"{"configure":".*","write":".*","read":".*"}"#,
+    )
+    .await
+    .status(204);
+    broker.broker().alarms.set_memory_limit(1);
+    let mut raw = Raw::open_in(&broker, &vhost).await;
+    raw.send(&publish_frames(1, "q", b"blocked")).await;
+    let (_, m) = common::within(5, raw.method()).await.expect("blocked");
+    assert!(
+        matches!(m, AMQPClass::Connection(connection::AMQPMethod::Blocked(_))),
+        "expected connection.blocked, got {m:?}"
+    );
+    // Answered once the vhost's connections are gone: within the 3 s the broker would give
+    // the client to answer its close, had it not dropped the socket at once.
+    common::within(2, api.delete(&format!("/api/vhosts/{vhost}")))
+        .await
+        .status(204);
+    let (ch, close) = common::within(5, raw.method())
+        .await
+        .expect("connection.close");
+    let AMQPClass::Connection(connection::AMQPMethod::Close(close)) = close else {
+        panic!("expected connection.close, got {close:?}");
+    };
+    assert_eq!((ch, close.reply_code), (0, 320));
+    assert_eq!(
+        close.reply_text.as_str(),
+        format!("CONNECTION_FORCED - vhost '{vhost}' is down")
+    );
+    assert!(
+        common::within(5, raw.frame()).await.is_none(),
+        "the socket is closed without waiting for close-ok"
+    );
+    broker.broker().alarms.set_memory_limit(0);
+}
+
+/// After close-ok the broker answers further closes only while its answers are read: a
+/// client that sends closes and never reads is still read (until the linger ends), so its
+/// writes go through instead of leaving a connection that waits for ever on a full socket.
+#[tokio::test]
+async fn closes_sent_after_close_ok_by_a_client_that_never_reads_are_not_all_answered() {
+    let broker = TestBroker::start().await;
+    if broker.is_external() {
+        return;
+    }
+    let mut raw = Raw::open(&broker).await;
+    let close = encode(&AMQPFrame::Method(
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+            reply_code: 200,
+            reply_text: "".into(),
+            class_id: 0,
+            method_id: 0,
+        })),
+    ));
+    raw.send(&close).await;
+    // Far more answers (64 bytes each, as the output counts them) than the output holds
+    // before it is backed up (8 MiB), with the sockets' buffers on top.
+    let batch: Vec<u8> = close.repeat(16 * 1024);
+    let sent = common::within(20, async {
+        for _ in 0..48 {
+            raw.send(&batch).await;
+        }
+    })
+    .await;
+    let () = sent;
+}
+
 #[tokio::test]
 async fn a_blocked_publisher_that_falls_silent_misses_its_heartbeats() {
     let broker = TestBroker::start().await;
@@ -216,6 +299,57 @@ async fn a_blocked_publisher_that_falls_silent_misses_its_heartbeats() {
     ));
     // No heartbeats from here on, and the socket stays open: after two intervals the broker
     // gives up on the client.
+    assert_eq!(broker.broker().connections.count(), 1);
+    common::eventually("the silent blocked connection is closed", || async {
+        broker.broker().connections.count() == 0
+    })
+    .await;
+    broker.broker().alarms.set_memory_limit(0);
+}
+
+/// As above, when the client sent more than the broker reads ahead while it is blocked.
+#[tokio::test]
+async fn a_blocked_publisher_read_ahead_to_the_limit_that_falls_silent_misses_its_heartbeats() {
+    let broker = TestBroker::start().await;
+    if broker.is_external() {
+        return;
+    }
+    let mut raw = Raw::connect(&broker).await;
+    raw.send(common::raw::HEADER).await;
+    raw.method().await.expect("connection.start");
+    raw.start_ok("guest", "guest", true).await;
+    raw.method().await.expect("connection.tune");
+    raw.send_method(
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::TuneOk(connection::TuneOk {
+            channel_max: 16,
+            frame_max: 131_072,
+            heartbeat: 1,
+        })),
+    )
+    .await;
+    raw.send_method(
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::Open(connection::Open {
+            virtual_host: "/".into(),
+        })),
+    )
+    .await;
+    raw.method().await.expect("connection.open-ok");
+    raw.open_channel(1).await;
+    broker.broker().alarms.set_memory_limit(1);
+    let q = common::unique("blocked-silent");
+    raw.send(&publish_frames(1, &q, b"blocked")).await;
+    let (_, m) = raw.method().await.expect("connection.blocked");
+    assert!(matches!(
+        m,
+        AMQPClass::Connection(connection::AMQPMethod::Blocked(_))
+    ));
+    // More than the broker reads ahead of a blocked publish: the rest waits unread on the
+    // socket. No heartbeats from here on, and the socket stays open: after two intervals
+    // the broker gives up on the client all the same.
+    let more = publish_frames(1, &q, &[0u8; 16 * 1024]).repeat(12);
+    raw.send(&more).await;
     assert_eq!(broker.broker().connections.count(), 1);
     common::eventually("the silent blocked connection is closed", || async {
         broker.broker().connections.count() == 0
@@ -268,6 +402,78 @@ async fn shutdown_finishes_when_the_last_flush_cannot_write() {
     drop(full);
 }
 
+/// A store whose write hangs until it is released, as on a disk that stopped answering.
+struct HungDisk {
+    entered: std::sync::Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    release: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl warren_broker::store::flusher::Flushable for HungDisk {
+    fn write_pending(&self) -> std::io::Result<Vec<std::sync::Arc<std::fs::File>>> {
+        if let Some(entered) = self.entered.lock().unwrap().take() {
+            let _ = entered.send(());
+        }
+        // Bounded, so that a failing test cannot leave the thread behind for ever.
+        let _ = self
+            .release
+            .lock()
+            .unwrap()
+            .recv_timeout(Duration::from_secs(60));
+        Ok(Vec::new())
+    }
+    fn after_sync(&self) {}
+    fn failed(&self) {}
+}
+
+/// The whole of a process's end, runtime included: a write that hangs must not hold it.
+#[test]
+fn a_write_that_hangs_does_not_keep_the_broker_from_stopping() {
+    if std::env::var("WARREN_TEST_AMQP_URL").is_ok_and(|u| !u.is_empty()) {
+        return;
+    }
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel::<()>();
+    let hung: std::sync::Arc<dyn warren_broker::store::flusher::Flushable> =
+        std::sync::Arc::new(HungDisk {
+            entered: std::sync::Mutex::new(Some(entered_tx)),
+            release: std::sync::Mutex::new(release_rx),
+        });
+    let (stopped_tx, stopped) = std::sync::mpsc::channel();
+    let store = hung.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        runtime.block_on(async move {
+            let broker = TestBroker::start().await;
+            let flusher = broker
+                .broker()
+                .storage
+                .flusher()
+                .expect("a broker with a data directory")
+                .clone();
+            flusher.register(std::sync::Arc::downgrade(&store));
+            flusher.hurry();
+            let _ =
+                tokio::task::spawn_blocking(move || entered.recv_timeout(Duration::from_secs(5)))
+                    .await;
+            broker.stop().await;
+        });
+        // As when `main` returns: the runtime goes, and with it whatever it still waits for.
+        drop(runtime);
+        let _ = stopped_tx.send(());
+    });
+    let result = stopped.recv_timeout(Duration::from_secs(15));
+    let _ = release.send(());
+    drop(hung);
+    assert!(
+        result.is_ok(),
+        "the broker and its runtime stopped within the grace period"
+    );
+}
+
 #[tokio::test]
 async fn the_disk_alarm_blocks_a_fast_publisher_before_it_fills_the_room_left() {
     let broker = TestBroker::start().await;
@@ -277,11 +483,17 @@ async fn the_disk_alarm_blocks_a_fast_publisher_before_it_fills_the_room_left() 
     use lapin::BasicProperties;
     use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
     const MIB: u64 = 1024 * 1024;
-    // The limit leaves this much room above free space as it is now.
+    // The limit leaves this much room above free space as it is now; free space is what the
+    // stores write taken from a disk of its own, whatever else the machine writes or frees.
     const ROOM: u64 = 16 * MIB;
+    const FREE: u64 = 1024 * MIB;
     let alarms = broker.broker().alarms.clone();
-    let free = warren_broker::alarms::free_disk(broker.data_dir()).expect("free disk");
-    alarms.set_disk_free_limit(free - ROOM);
+    let counted = std::sync::Arc::downgrade(&alarms);
+    let base = FREE + alarms.written();
+    alarms.set_free_disk_probe(Box::new(move || {
+        Some(base.saturating_sub(counted.upgrade()?.written()))
+    }));
+    alarms.set_disk_free_limit(FREE - ROOM);
     assert!(!alarms.state().disk, "room is left");
     let conn = broker.connect().await;
     let ch = common::within(5, conn.create_channel())
@@ -330,7 +542,7 @@ async fn the_disk_alarm_blocks_a_fast_publisher_before_it_fills_the_room_left() 
         published += body.len() as u64;
     }
     assert!(alarms.state().disk, "the disk alarm fired");
-    // The room, give or take what the rest of the machine wrote or freed meanwhile.
+    // The room, give or take the last checks' steps.
     assert!(
         published <= ROOM + 8 * MIB,
         "the alarm fired only after {} MiB were written into {} MiB of room",
@@ -481,7 +693,7 @@ async fn the_memory_alarm_clears_once_memory_in_use_falls_back() {
     if broker.is_external() {
         return;
     }
-    warren_broker::alarms::set_memory_probe(allocated);
+    warren_broker::alarms::set_memory_probe(active);
     const MIB: u64 = 1024 * 1024;
     let api = Api::new(&broker);
     let alarms = broker.broker().alarms.clone();
@@ -492,7 +704,7 @@ async fn the_memory_alarm_clears_once_memory_in_use_falls_back() {
     raw.send(&publish_frames(1, &q, b"before")).await;
     raw.send_method(1, declare(&q)).await;
     raw.method().await.expect("declare-ok");
-    let base = allocated().expect("jemalloc statistics");
+    let base = active().expect("jemalloc statistics");
     alarms.set_memory_limit(base + 96 * MIB);
     assert!(!alarms.state().memory, "below the watermark");
     // Memory in small blocks, as connections and messages take it; one block in 64 outlives

@@ -6,7 +6,7 @@ use super::delivery::{ChannelConsumer, ChannelShared, UnknownTag};
 use super::publish::{Confirms, ContentState, Transaction};
 use super::writer::ConnectionOutput;
 use crate::auth::Access;
-use crate::auth::permissions::checked_name;
+use crate::auth::permissions::{checked_name, dead_letter_checks};
 use crate::broker::Broker;
 use crate::broker::exchange::{ExchangeKind, ExchangeSpec};
 use crate::broker::queue::{ConsumeRefused, Consumer, Delivered, Queue, QueueSpec};
@@ -124,14 +124,6 @@ impl std::fmt::Debug for Channel {
 }
 
 /// The `x-dead-letter-exchange` argument, when it is text.
-fn dead_letter_exchange(args: &FieldTable) -> Option<String> {
-    match args.inner().get("x-dead-letter-exchange")? {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
-        _ => None,
-    }
-}
-
 fn int_arg(args: &FieldTable, key: &str) -> Option<i64> {
     Some(match args.inner().get(key)? {
         AMQPValue::ShortShortInt(x) => (*x).into(),
@@ -383,11 +375,17 @@ impl Channel {
                     self.reply_declare_ok(REPLY_TO, 0, 1, d.nowait);
                     return Ok(());
                 }
-                if d.passive && vhost.reply_queue(d.queue.as_str()).is_some() {
+                if d.queue.as_str().starts_with(REPLY_TO) {
                     // A generated reply-to name whose consumer is there exists for clients
-                    // (RabbitMQ answers for it: no messages, its one consumer).
-                    self.reply_declare_ok(d.queue.as_str(), 0, 1, d.nowait);
-                    return Ok(());
+                    // (RabbitMQ answers for it: no messages, its one consumer); any other
+                    // name under the prefix does not. Passive or not, as RabbitMQ matches it.
+                    if vhost.reply_queue(d.queue.as_str()).is_some() {
+                        self.reply_declare_ok(d.queue.as_str(), 0, 1, d.nowait);
+                        return Ok(());
+                    }
+                    if !d.passive {
+                        vhost.existing_queue(d.queue.as_str(), s.connection_id)?;
+                    }
                 }
                 let (q, messages, consumers) = if d.passive {
                     // Unlike the other methods, a passive declare does not use the
@@ -409,14 +407,10 @@ impl Channel {
                         )));
                     }
                     s.check("queue", &name, Access::Configure)?;
-                    // As RabbitMQ, when a new queue names a dead-letter exchange: read on the
-                    // queue and write on that exchange, since its dead letters are published
-                    // there on the user's behalf.
-                    if let Some(dlx) = dead_letter_exchange(&d.arguments)
-                        && vhost.queue(&name).is_none()
+                    let exists = vhost.queue(&name).is_some();
+                    for (kind, resource, access) in dead_letter_checks(&name, exists, &d.arguments)
                     {
-                        s.check("queue", &name, Access::Read)?;
-                        s.check("exchange", &dlx, Access::Write)?;
+                        s.check(kind, &resource, access)?;
                     }
                     let (q, created) = vhost.declare_queue(
                         QueueSpec {
@@ -706,9 +700,10 @@ impl Channel {
 
     /// Settles deliveries named by an ack, nack or reject.
     pub(super) fn settle(&mut self, tag: u64, multiple: bool, how: Settle) -> AmqpResult<()> {
+        // In a transaction they are settled, and leave the prefetch, at commit.
         let taken = self
             .shared
-            .take_unacked(tag, multiple)
+            .take_unacked(tag, multiple, self.tx.is_none())
             .map_err(|UnknownTag(t)| precondition_failed(format!("unknown delivery tag {t}")))?;
         if let Some(tx) = &mut self.tx {
             self.shared
@@ -718,12 +713,21 @@ impl Channel {
             tx.settles.push((how, taken));
             return Ok(());
         }
-        self.apply_settle(how, taken);
+        self.apply_settle(how, taken, true);
         Ok(())
     }
 
-    pub(super) fn apply_settle(&mut self, how: Settle, taken: Vec<(u64, Delivered)>) {
-        self.shared.released(&taken);
+    /// Settles deliveries taken from the unacknowledged ones; `released` when taking them
+    /// already took them off the channel-wide prefetch.
+    pub(super) fn apply_settle(
+        &mut self,
+        how: Settle,
+        taken: Vec<(u64, Delivered)>,
+        released: bool,
+    ) {
+        if !released {
+            self.shared.released(&taken);
+        }
         if how == Settle::Ack {
             self.shared
                 .stats
@@ -747,8 +751,8 @@ impl Channel {
         if !requeue {
             return Err(AmqpError::new(NOT_IMPLEMENTED, "requeue=false"));
         }
-        let taken = self.shared.take_unacked(0, true).unwrap_or_default();
-        self.apply_settle(Settle::Reject { requeue: true }, taken);
+        let taken = self.shared.take_unacked(0, true, true).unwrap_or_default();
+        self.apply_settle(Settle::Reject { requeue: true }, taken, true);
         Ok(())
     }
 

@@ -231,7 +231,12 @@ async fn serve_halves<R, W>(
     conn.run(&mut reader, shutdown, handshake).await;
     conn.cleanup();
     conn.out.send(Outbound::Close);
-    let _ = writer_task.await;
+    // What is still queued is flushed for a client that reads it; one that does not cannot
+    // keep the socket open.
+    let mut writer_task = writer_task;
+    if timeout(CLOSE_TIMEOUT, &mut writer_task).await.is_err() {
+        writer_task.abort();
+    }
 }
 
 impl Connection {
@@ -295,6 +300,8 @@ impl Connection {
         // The socket, watched while the connection is blocked and not read (taken then only:
         // a descriptor more for every connection would halve how many the node can take).
         let mut probe: Option<OwnedFd> = None;
+        // The bytes the client had sent and not been read at the last look through `probe`.
+        let mut unread_seen: Option<u64> = None;
         loop {
             if self.phase == Phase::Closed {
                 return;
@@ -348,17 +355,24 @@ impl Connection {
                     if read_ahead {
                         buf.reserve(16 * 1024);
                     } else {
-                        // Its bytes are waiting on us: the client is as good as heard.
-                        last_heard = Instant::now();
                         if probe.is_none() {
                             probe = reader.socket();
+                            unread_seen = unread(probe.as_ref());
+                        }
+                        if probe.is_none() {
+                            // Nothing to watch (TLS): its bytes wait on us, so the client
+                            // is as good as heard.
+                            last_heard = Instant::now();
                         }
                     }
                     let deadline = self.heartbeat_deadline(last_heard);
+                    // No more than the read-ahead, however much room `buf` has spare.
+                    let room = BLOCKED_READ_AHEAD.saturating_sub(buf.len()) as u64;
                     let read = async {
+                        let mut ahead = (&mut *reader).take(room);
                         match deadline {
-                            Some(d) => timeout_at(d, reader.read_buf(&mut buf)).await,
-                            None => Ok(reader.read_buf(&mut buf).await),
+                            Some(d) => timeout_at(d, ahead.read_buf(&mut buf)).await,
+                            None => Ok(ahead.read_buf(&mut buf).await),
                         }
                     };
                     tokio::select! {
@@ -366,7 +380,7 @@ impl Connection {
                         _ = shutdown.changed() => self.force_close(),
                         () = durable_changed(&mut durable), if !self.waiting.is_empty() => self.flush_waiting(),
                         reason = closed_from_outside(&mut self.closed) => {
-                            self.fail(AmqpError::new(CONNECTION_FORCED, reason));
+                            self.close_from_outside(reason);
                         }
                         _ = ack_check.tick() => self.check_consumer_timeouts(),
                         r = read, if read_ahead => match r {
@@ -386,6 +400,18 @@ impl Connection {
                         () = tokio::time::sleep(BLOCKED_PROBE), if !read_ahead => {
                             if peer_gone(probe.as_ref()) || self.out.is_closed() {
                                 tracing::debug!(peer = %self.peer, "blocked client closed the socket");
+                                return;
+                            }
+                            // Heard while not read: its bytes still arrive, unread.
+                            let now_unread = unread(probe.as_ref());
+                            if now_unread != unread_seen {
+                                unread_seen = now_unread;
+                                last_heard = Instant::now();
+                            }
+                            if probe.is_some()
+                                && self.heartbeat_deadline(last_heard).is_some_and(|d| Instant::now() >= d)
+                            {
+                                tracing::warn!(peer = %self.peer, "missed heartbeats from blocked client, closing");
                                 return;
                             }
                             // A client that closed with publishes still unsent has its close
@@ -471,11 +497,29 @@ impl Connection {
                 }
                 self.set_state(ConnectionState::Running);
             }
-            if self.out.is_backed_up() {
-                // The client is not reading what we send: stop reading what it sends.
+            // After close-ok nothing more is answered to a client that does not read: it is
+            // read on, and dropped when the linger ends.
+            if self.out.is_backed_up() && !matches!(self.phase, Phase::CloseOkSent(_)) {
+                // The client is not reading what we send: stop reading what it sends. A
+                // closing connection still ends on time, and one closed from outside closes.
+                let deadline = match self.phase {
+                    Phase::Open => None,
+                    Phase::Closing(deadline) | Phase::CloseOkSent(deadline) => Some(deadline),
+                    _ => Some(handshake_deadline),
+                };
+                let ends = async {
+                    match deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     () = self.out.wait_drained() => {}
                     _ = shutdown.changed() => { self.force_close(); }
+                    reason = closed_from_outside(&mut self.closed), if self.phase == Phase::Open => {
+                        self.close_from_outside(reason);
+                    }
+                    () = ends => return,
                 }
                 continue;
             }
@@ -582,8 +626,11 @@ impl Connection {
 
     fn handle_frame(&mut self, frame: RawFrame) -> AmqpResult<()> {
         if let Phase::CloseOkSent(_) = self.phase {
-            // The connection is over: only another `connection.close` gets an answer.
+            // The connection is over: only another `connection.close` gets an answer, and
+            // only while the client reads them: one sending closes without reading must not
+            // pile up answers.
             if frame.kind == FRAME_METHOD
+                && !self.out.is_backed_up()
                 && frame.channel == 0
                 && let Ok(AMQPClass::Connection(connection::AMQPMethod::Close(_))) =
                     codec::decode_method(&frame.payload)
@@ -1205,17 +1252,36 @@ async fn closed_from_outside(closed: &mut Option<watch::Receiver<Option<String>>
 fn peer_gone(probe: Option<&OwnedFd>) -> bool {
     use rustix::event::{PollFd, PollFlags, Timespec, poll};
     let Some(fd) = probe else { return false };
-    let mut fds = [PollFd::new(fd, PollFlags::RDHUP)];
+    // A half-close with bytes still unread shows as RDHUP where there is one; elsewhere only
+    // a full close or a reset (HUP, ERR) is seen.
+    #[cfg(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "freebsd",
+        target_os = "illumos"
+    ))]
+    let watched = PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR;
+    #[cfg(not(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "freebsd",
+        target_os = "illumos"
+    )))]
+    let watched = PollFlags::HUP | PollFlags::ERR;
+    let mut fds = [PollFd::new(fd, watched)];
     let now = Timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     match poll(&mut fds, Some(&now)) {
-        Ok(_) => fds[0]
-            .revents()
-            .intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR),
+        Ok(_) => fds[0].revents().intersects(watched),
         Err(_) => false,
     }
+}
+
+/// How many bytes the client has sent that wait unread on the socket `probe` duplicates.
+fn unread(probe: Option<&OwnedFd>) -> Option<u64> {
+    rustix::io::ioctl_fionread(probe?).ok()
 }
 
 /// Resolves when the durable flush epoch changes (never, for a broker without a disk).

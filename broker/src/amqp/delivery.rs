@@ -186,25 +186,34 @@ impl ChannelShared {
     }
 
     /// Takes the deliveries an ack, nack or reject names: `tag` alone, or with `multiple`
-    /// every delivery up to it (and with tag 0, all of them), as RabbitMQ does.
+    /// every delivery up to it (and with tag 0, all of them), as RabbitMQ does. With
+    /// `release`, they are settled for good and leave the channel-wide prefetch under the
+    /// same lock (as [`ChannelShared::released`] would, one lock less per ack).
     pub fn take_unacked(
         &self,
         tag: u64,
         multiple: bool,
+        release: bool,
     ) -> Result<Vec<(u64, Delivered)>, UnknownTag> {
         let mut st = self.state.lock();
-        if multiple && tag == 0 {
-            return Ok(st.unacked.drain(..).collect());
-        }
-        let at = st
-            .unacked
-            .binary_search_by_key(&tag, |(t, _)| *t)
-            .map_err(|_| UnknownTag(tag))?;
-        if multiple {
-            Ok(st.unacked.drain(..=at).collect())
+        let taken: Vec<(u64, Delivered)> = if multiple && tag == 0 {
+            st.unacked.drain(..).collect()
         } else {
-            Ok(st.unacked.remove(at).into_iter().collect())
+            let at = st
+                .unacked
+                .binary_search_by_key(&tag, |(t, _)| *t)
+                .map_err(|_| UnknownTag(tag))?;
+            if multiple {
+                st.unacked.drain(..=at).collect()
+            } else {
+                st.unacked.remove(at).into_iter().collect()
+            }
+        };
+        if release {
+            let n = taken.iter().filter(|(_, d)| d.consumer.is_some()).count();
+            st.limited = st.limited.saturating_sub(n);
         }
+        Ok(taken)
     }
 
     /// Puts deliveries back among the unacknowledged ones (a rolled-back transaction).

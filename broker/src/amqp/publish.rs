@@ -593,7 +593,7 @@ impl Channel {
             }
         }
         for (how, taken) in tx.settles {
-            self.apply_settle(how, taken);
+            self.apply_settle(how, taken, false);
         }
         epoch
     }

@@ -107,6 +107,30 @@ pub fn checked_name<'a>(kind: &str, name: &'a str) -> &'a str {
     }
 }
 
+/// What declaring a queue needs beyond configure on it, in the order RabbitMQ checks it: a
+/// new queue that names a dead-letter exchange needs read on itself and write on that
+/// exchange, since its dead letters are published there on the declaring user's behalf.
+/// Shared by AMQP and HTTP declarations, so neither lets a queue bypass the other's check.
+pub fn dead_letter_checks(
+    queue: &str,
+    exists: bool,
+    arguments: &amq_protocol::types::FieldTable,
+) -> Vec<(&'static str, String, Access)> {
+    use amq_protocol::types::AMQPValue;
+    let dlx = match arguments.inner().get("x-dead-letter-exchange") {
+        Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        Some(AMQPValue::ShortString(s)) => s.as_str().to_owned(),
+        _ => return Vec::new(),
+    };
+    if exists {
+        return Vec::new();
+    }
+    vec![
+        ("queue", queue.to_owned(), Access::Read),
+        ("exchange", dlx, Access::Write),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -622,7 +622,7 @@ pub fn render(state: &AppState, per_object: bool) -> prometheus::Result<Vec<u8>>
     );
     out.gauge(
         "warren_memory_used_bytes",
-        "Memory in use as the memory alarm counts it (allocated bytes; resident memory without allocator statistics)",
+        "Memory in use as the memory alarm counts it (bytes in pages holding live data; resident memory without allocator statistics)",
         readings.memory_used as f64,
     );
     out.gauge(

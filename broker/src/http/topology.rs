@@ -414,6 +414,12 @@ pub async fn put_queue(
         return Err(ApiError::access_refused());
     }
     check(&state, &caller, &vhost, "queue", &name, Access::Configure)?;
+    let exists = v.queue(&name).is_some();
+    for (kind, resource, access) in
+        crate::auth::permissions::dead_letter_checks(&name, exists, &arguments)
+    {
+        check(&state, &caller, &vhost, kind, &resource, access)?;
+    }
     let (_, created) = v
         .declare_queue(
             QueueSpec {

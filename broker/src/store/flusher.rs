@@ -8,7 +8,8 @@
 //! syncs have returned, the old epoch is published as durable.
 //!
 //! The bytes each round writes are reported to an observer (the disk alarm), so that free space
-//! is checked as fast as it is used rather than on a timer. A failing disk is logged when it
+//! is checked as fast as it is used rather than on a timer; after the round is published as
+//! durable, so that the check does not delay confirms. A failing disk is logged when it
 //! starts failing and when it recovers, not on every retry; at shutdown, one last round is
 //! tried and what it cannot write is given up, so that a full disk cannot hold the process.
 
@@ -231,17 +232,12 @@ impl Flusher {
         self.stats
             .fsyncs
             .fetch_add(files.len() as u64, Ordering::Relaxed);
-        let written = self.round_bytes.swap(0, Ordering::Relaxed);
-        if written > 0
-            && let Some(observe) = &*self.observer.lock()
-        {
-            observe(written);
-        }
         if let Some(e) = error {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
             for store in &stores {
                 store.failed();
             }
+            self.report_written();
             return Err(e);
         }
         self.durable.send_replace(epoch);
@@ -253,7 +249,19 @@ impl Flusher {
                 tracing::error!("reclaiming a queue store's space failed");
             }
         }
+        // Told once the round is durable: publishers' confirms do not wait for the check.
+        self.report_written();
         Ok(())
+    }
+
+    /// Tells the observer what the round wrote.
+    fn report_written(&self) {
+        let written = self.round_bytes.swap(0, Ordering::Relaxed);
+        if written > 0
+            && let Some(observe) = &*self.observer.lock()
+        {
+            observe(written);
+        }
     }
 }
 
@@ -317,6 +325,45 @@ mod tests {
         assert!(
             stopped.recv_timeout(Duration::from_secs(5)).is_ok(),
             "the flusher stops although its last round failed"
+        );
+    }
+
+    #[test]
+    fn a_round_is_durable_before_its_bytes_are_reported() {
+        struct Wrote(Arc<Flusher>);
+        impl Flushable for Wrote {
+            fn write_pending(&self) -> io::Result<Vec<Arc<File>>> {
+                self.0.wrote(1000);
+                Ok(Vec::new())
+            }
+            fn after_sync(&self) {}
+            fn failed(&self) {}
+        }
+        let flusher = Flusher::start(Duration::from_millis(5));
+        // An observer that takes its time (a slow disk check): held until released.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let held = Mutex::new(held);
+        flusher.observe_writes(Box::new(move |_| {
+            let _ = held.lock().recv_timeout(Duration::from_secs(10));
+        }));
+        let store: Arc<dyn Flushable> = Arc::new(Wrote(flusher.clone()));
+        let epoch = flusher.current_epoch();
+        flusher.register(Arc::downgrade(&store));
+        flusher.want(epoch);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut durable = false;
+        while std::time::Instant::now() < deadline {
+            if flusher.durable_epoch() >= epoch {
+                durable = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let _ = release.send(());
+        flusher.shutdown();
+        assert!(
+            durable,
+            "the round was published as durable while its observer ran"
         );
     }
 
