@@ -307,57 +307,6 @@ async fn a_blocked_publisher_that_falls_silent_misses_its_heartbeats() {
     broker.broker().alarms.set_memory_limit(0);
 }
 
-/// As above, when the client sent more than the broker reads ahead while it is blocked.
-#[tokio::test]
-async fn a_blocked_publisher_read_ahead_to_the_limit_that_falls_silent_misses_its_heartbeats() {
-    let broker = TestBroker::start().await;
-    if broker.is_external() {
-        return;
-    }
-    let mut raw = Raw::connect(&broker).await;
-    raw.send(common::raw::HEADER).await;
-    raw.method().await.expect("connection.start");
-    raw.start_ok("guest", "guest", true).await;
-    raw.method().await.expect("connection.tune");
-    raw.send_method(
-        0,
-        AMQPClass::Connection(connection::AMQPMethod::TuneOk(connection::TuneOk {
-            channel_max: 16,
-            frame_max: 131_072,
-            heartbeat: 1,
-        })),
-    )
-    .await;
-    raw.send_method(
-        0,
-        AMQPClass::Connection(connection::AMQPMethod::Open(connection::Open {
-            virtual_host: "/".into(),
-        })),
-    )
-    .await;
-    raw.method().await.expect("connection.open-ok");
-    raw.open_channel(1).await;
-    broker.broker().alarms.set_memory_limit(1);
-    let q = common::unique("blocked-silent");
-    raw.send(&publish_frames(1, &q, b"blocked")).await;
-    let (_, m) = raw.method().await.expect("connection.blocked");
-    assert!(matches!(
-        m,
-        AMQPClass::Connection(connection::AMQPMethod::Blocked(_))
-    ));
-    // More than the broker reads ahead of a blocked publish: the rest waits unread on the
-    // socket. No heartbeats from here on, and the socket stays open: after two intervals
-    // the broker gives up on the client all the same.
-    let more = publish_frames(1, &q, &[0u8; 16 * 1024]).repeat(12);
-    raw.send(&more).await;
-    assert_eq!(broker.broker().connections.count(), 1);
-    common::eventually("the silent blocked connection is closed", || async {
-        broker.broker().connections.count() == 0
-    })
-    .await;
-    broker.broker().alarms.set_memory_limit(0);
-}
-
 /// A store whose every write fails, as on a full disk.
 struct FullDisk;
 

@@ -300,8 +300,6 @@ impl Connection {
         // The socket, watched while the connection is blocked and not read (taken then only:
         // a descriptor more for every connection would halve how many the node can take).
         let mut probe: Option<OwnedFd> = None;
-        // The bytes the client had sent and not been read at the last look through `probe`.
-        let mut unread_seen: Option<u64> = None;
         loop {
             if self.phase == Phase::Closed {
                 return;
@@ -355,14 +353,12 @@ impl Connection {
                     if read_ahead {
                         buf.reserve(16 * 1024);
                     } else {
+                        // Its bytes are waiting on us: the client is as good as heard (as
+                        // RabbitMQ, which checks no heartbeats of a blocked publisher; one that
+                        // vanished is found by the heartbeats sent to it failing).
+                        last_heard = Instant::now();
                         if probe.is_none() {
                             probe = reader.socket();
-                            unread_seen = unread(probe.as_ref());
-                        }
-                        if probe.is_none() {
-                            // Nothing to watch (TLS): its bytes wait on us, so the client
-                            // is as good as heard.
-                            last_heard = Instant::now();
                         }
                     }
                     let deadline = self.heartbeat_deadline(last_heard);
@@ -400,18 +396,6 @@ impl Connection {
                         () = tokio::time::sleep(BLOCKED_PROBE), if !read_ahead => {
                             if peer_gone(probe.as_ref()) || self.out.is_closed() {
                                 tracing::debug!(peer = %self.peer, "blocked client closed the socket");
-                                return;
-                            }
-                            // Heard while not read: its bytes still arrive, unread.
-                            let now_unread = unread(probe.as_ref());
-                            if now_unread != unread_seen {
-                                unread_seen = now_unread;
-                                last_heard = Instant::now();
-                            }
-                            if probe.is_some()
-                                && self.heartbeat_deadline(last_heard).is_some_and(|d| Instant::now() >= d)
-                            {
-                                tracing::warn!(peer = %self.peer, "missed heartbeats from blocked client, closing");
                                 return;
                             }
                             // A client that closed with publishes still unsent has its close
@@ -1277,11 +1261,6 @@ fn peer_gone(probe: Option<&OwnedFd>) -> bool {
         Ok(_) => fds[0].revents().intersects(watched),
         Err(_) => false,
     }
-}
-
-/// How many bytes the client has sent that wait unread on the socket `probe` duplicates.
-fn unread(probe: Option<&OwnedFd>) -> Option<u64> {
-    rustix::io::ioctl_fionread(probe?).ok()
 }
 
 /// Resolves when the durable flush epoch changes (never, for a broker without a disk).
