@@ -526,7 +526,9 @@ fn legacy_dir_name(vhost: &str, queue: &str, level: u8) -> String {
 }
 
 /// A data directory written by an earlier version, whose store directories have the old
-/// names, still has its messages after the upgrade.
+/// names, still has its messages after the upgrade, whatever their `queue.json` says: in
+/// the format of versions before priority queues (no `priority`), or empty (cut short by
+/// a crash).
 #[tokio::test]
 async fn stores_under_legacy_directory_names_are_recovered() {
     let broker = TestBroker::start().await;
@@ -554,6 +556,17 @@ async fn stores_under_legacy_directory_names_are_recovered() {
                     owner["queue"].as_str().unwrap(),
                     owner["priority"].as_u64().unwrap() as u8,
                 );
+                let level = owner["priority"].as_u64().unwrap();
+                let old_format = if level == 0 && owner["queue"] == "prio" {
+                    // What versions before priority queues wrote.
+                    format!(
+                        "{{\"vhost\":{},\"queue\":{}}}\n",
+                        owner["vhost"], owner["queue"]
+                    )
+                } else {
+                    String::new()
+                };
+                std::fs::write(path.join("queue.json"), old_format).unwrap();
                 std::fs::rename(&path, queues.join(legacy)).unwrap();
                 renamed += 1;
             }

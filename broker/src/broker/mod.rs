@@ -82,6 +82,24 @@ impl Broker {
             memory_bytes: usize::try_from(config.delayed_memory_bytes).unwrap_or(usize::MAX),
             ..DelayedOptions::default()
         });
+        // Before any queue opens its store: the stores of earlier versions get their current
+        // names, found by way of the definitions.
+        let defined: Vec<(String, String, u8)> = store
+            .snapshot()
+            .vhosts
+            .iter()
+            .flat_map(|(v, defs)| {
+                defs.queues
+                    .iter()
+                    .map(|(q, def)| (v.clone(), q.clone(), queue::top_level(&def.arguments)))
+            })
+            .collect();
+        storage
+            .migrate_legacy(&defined)
+            .map_err(|source| DefinitionsError::Io {
+                path: config.data_dir.clone(),
+                source,
+            })?;
         let broker = Self::with_store(config, store, Arc::new(storage));
         let durable: Vec<(String, String, u8)> = broker
             .vhosts()
