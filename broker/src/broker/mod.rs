@@ -94,12 +94,21 @@ impl Broker {
                     .map(|(q, def)| (v.clone(), q.clone(), queue::top_level(&def.arguments)))
             })
             .collect();
-        storage
+        let renamed = storage
             .migrate_legacy(&defined)
             .map_err(|source| DefinitionsError::Io {
                 path: config.data_dir.clone(),
                 source,
             })?;
+        if renamed > 0 {
+            // One-way: an earlier version would take the renamed stores for those of deleted
+            // queues and delete them.
+            tracing::warn!(
+                stores = renamed,
+                data_dir = %config.data_dir.display(),
+                "queue stores renamed to the current layout; an earlier version started on this data directory would delete them and their messages"
+            );
+        }
         let broker = Self::with_store(config, store, Arc::new(storage));
         let durable: Vec<(String, String, u8)> = broker
             .vhosts()
