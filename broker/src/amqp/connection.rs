@@ -1054,7 +1054,8 @@ impl Connection {
             peer = %self.peer,
             user = %info.user,
             vhost = %info.vhost,
-            name = %info.client_name(),
+            // Debug: escaped, so that a client cannot forge log lines.
+            name = ?info.client_name(),
             "connection opened"
         );
         self.info = Some(info);
@@ -1093,7 +1094,7 @@ impl Connection {
                 user = self.user.as_deref().unwrap_or_default(),
                 channel = channel_id,
                 code = e.code,
-                text = %e.reply_text(),
+                text = ?e.reply_text(),
                 "channel error, closing the channel"
             );
             if let (Some(channel), Some(session)) =
@@ -1159,7 +1160,8 @@ impl Connection {
                 peer = %self.peer,
                 user = %info.user,
                 vhost = %info.vhost,
-                name = %info.client_name(),
+                // Debug: escaped, so that a client cannot forge log lines.
+            name = ?info.client_name(),
                 "connection closed"
             );
             self.broker.connections.remove(info.id);
