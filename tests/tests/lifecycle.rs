@@ -376,6 +376,25 @@ fn connections_channel_errors_api_changes_and_imports_are_logged() {
             .await;
         assert!(missing.is_err());
         let http = reqwest::Client::new();
+        // Messages over HTTP change no definition: not logged as changes.
+        for (path, body) in [
+            (
+                "/api/exchanges/%2F/amq.default/publish",
+                r#"{"properties":{},"routing_key":"nowhere","payload":"x","payload_encoding":"string"}"#,
+            ),
+            (
+                "/api/queues/%2F/imported-q/get",
+                r#"{"count":1,"ackmode":"ack_requeue_true","encoding":"auto"}"#,
+            ),
+        ] {
+            http.post(format!("{api}{path}"))
+                .basic_auth("guest", Some("guest"))
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .expect("POST");
+        }
         let put = http
             .put(format!("{api}/api/vhosts/logged-vhost"))
             .basic_auth("guest", Some("guest"))
@@ -423,6 +442,11 @@ fn connections_channel_errors_api_changes_and_imports_are_logged() {
             &["connection closed", "orders-worker"],
         ],
     );
+    let messaging: Vec<_> = log
+        .iter()
+        .filter(|l| l.contains("management API") && (l.contains("/publish") || l.contains("/get")))
+        .collect();
+    assert!(messaging.is_empty(), "{messaging:?}");
 }
 
 #[test]
