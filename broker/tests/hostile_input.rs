@@ -818,7 +818,9 @@ async fn line_feeds_and_returns_are_dropped_from_declared_names() {
     assert!(!exchange_exists(&conn, &x).await);
 }
 
-/// Over HTTP too, a declared queue or exchange loses its line feeds and returns.
+/// Over HTTP too, a declared queue or exchange loses its line feeds and returns, and so do
+/// the names a binding is made between; deletes take names as they are (RabbitMQ 3.10 does
+/// the same).
 #[tokio::test]
 async fn management_api_drops_line_feeds_from_declared_names() {
     let broker = TestBroker::start().await;
@@ -834,4 +836,19 @@ async fn management_api_drops_line_feeds_from_declared_names() {
         .await
         .status(201);
     api.get("/api/exchanges/%2F/httpx").await.status(200);
+    api.post(
+        "/api/bindings/%2F/e/http%0Ax/q/http%0Dq%0A",
+        r#"{"routing_key":"k"}"#,
+    )
+    .await
+    .status(201);
+    api.get("/api/bindings/%2F/e/httpx/q/httpq/k")
+        .await
+        .status(200);
+    api.delete("/api/bindings/%2F/e/http%0Ax/q/httpq/k")
+        .await
+        .status(404);
+    api.delete("/api/queues/%2F/http%0Aq").await.status(404);
+    api.delete("/api/exchanges/%2F/http%0Ax").await.status(404);
+    api.delete("/api/queues/%2F/httpq").await.status(204);
 }
