@@ -438,8 +438,20 @@ impl ContentHeader {
 }
 
 /// Locates the properties in a content header's property flags and list (the 14 properties
-/// of class basic, in the spec's order). `None` when the list does not match its flags.
+/// of class basic, in the spec's order). `None` when the list does not match its flags, or
+/// its headers table is one the broker refuses ([`check_table`]).
 pub fn scan_properties(raw: &[u8]) -> Option<PropertyScan> {
+    locate(raw, true)
+}
+
+/// [`scan_properties`] without walking the headers table: for the properties of a message
+/// the broker already admitted, read on the way through a queue, where the headers are only
+/// stepped over and never parsed.
+pub fn locate_properties(raw: &[u8]) -> Option<PropertyScan> {
+    locate(raw, false)
+}
+
+fn locate(raw: &[u8], check_headers: bool) -> Option<PropertyScan> {
     let flags = u16::from_be_bytes([*raw.first()?, *raw.get(1)?]);
     if flags & 0b11 != 0 {
         // Continuation bit or reserved bits: basic has no more than 14 properties.
@@ -464,7 +476,7 @@ pub fn scan_properties(raw: &[u8]) -> Option<PropertyScan> {
             13 => {
                 let len = u32::from_be_bytes(raw.get(at..at + 4)?.try_into().ok()?) as usize;
                 let end = at.checked_add(4 + len)?;
-                if end > raw.len() || check_table(&raw[at..end]).is_err() {
+                if end > raw.len() || (check_headers && check_table(&raw[at..end]).is_err()) {
                     return None;
                 }
                 scan.headers = Some(at..end);
@@ -1045,6 +1057,13 @@ mod tests {
             header.extend_from_slice(&nested(100_000, arrays));
             assert_eq!(scan_properties(&header), None);
             assert_eq!(decode_properties(&header), None);
+            // Locating a priority steps over the headers without walking them.
+            let mut header = vec![0x28, 0];
+            header.extend_from_slice(&nested(100_000, arrays));
+            header.push(7);
+            assert_eq!(scan_properties(&header), None);
+            let located = locate_properties(&header).expect("located");
+            assert_eq!(located.priority, Some(7));
         }
     }
 
