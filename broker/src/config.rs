@@ -326,11 +326,6 @@ impl Config {
         Ok(flags.settings.over(file).apply(Self::default()))
     }
 
-    /// The cluster name this configuration gives: `cluster_name`, else the node name.
-    pub fn default_cluster_name(&self) -> &str {
-        self.cluster_name.as_deref().unwrap_or(&self.node_name)
-    }
-
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.frame_max != 0 && self.frame_max < crate::amqp::codec::FRAME_MIN_SIZE {
             return Err(ConfigError::Invalid(format!(

@@ -184,6 +184,17 @@ fn durable_topology_and_persistent_messages_survive_a_restart_and_transient_ones
 /// Runs `warren-broker` with text logs on a pipe and collects what it prints until the AMQP
 /// listener is up.
 fn text_log_until_started(data_dir: &std::path::Path) -> Vec<u8> {
+    text_log_of_session(data_dir, |_| {}, "AMQP listener started")
+}
+
+/// Runs `warren-broker` with text logs on a pipe; once the AMQP listener is up, runs
+/// `session` with its address, then collects what the broker prints until `until` (or
+/// 30 s in all).
+fn text_log_of_session(
+    data_dir: &std::path::Path,
+    session: impl FnOnce(&str),
+    until: &str,
+) -> Vec<u8> {
     use std::io::Read;
     let mut child = std::process::Command::new(warren_e2e::broker_bin())
         .arg("--data-dir")
@@ -212,12 +223,26 @@ fn text_log_until_started(data_dir: &std::path::Path) -> Vec<u8> {
     });
     let mut out = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !String::from_utf8_lossy(&out).contains("AMQP listener started") {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(chunk) => out.extend(chunk),
-            Err(_) => break,
+    let read_until = |out: &mut Vec<u8>, wanted: &str| {
+        while !String::from_utf8_lossy(out).contains(wanted) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(chunk) => out.extend(chunk),
+                Err(_) => return false,
+            }
         }
+        true
+    };
+    if read_until(&mut out, "AMQP listener started") {
+        let text = String::from_utf8_lossy(&out).into_owned();
+        let addr = text
+            .split("amqp_addr=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_default()
+            .to_owned();
+        session(&addr);
+        read_until(&mut out, until);
     }
     let _ = child.kill();
     let mut stderr = Vec::new();
@@ -246,6 +271,62 @@ fn text_logs_on_a_pipe_carry_no_colour_codes_and_tell_of_the_default_user() {
     // Only the first start creates it.
     let again = String::from_utf8_lossy(&text_log_until_started(data.path())).into_owned();
     assert!(!again.contains("created the default user"), "{again}");
+}
+
+/// What a client names its connection, or a queue it asks for, cannot forge log lines or send
+/// escape sequences to the terminal: text logs show such values escaped.
+#[test]
+fn client_supplied_text_cannot_forge_log_lines_or_send_escape_sequences() {
+    let data = tempfile::tempdir().expect("data dir");
+    let out = text_log_of_session(
+        data.path(),
+        |addr| {
+            runtime().block_on(async {
+                let conn = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    Connection::connect(
+                        &format!("amqp://guest:guest@{addr}/%2f"),
+                        ConnectionProperties::default()
+                            .with_connection_name("worker\nFORGED-NAME\x1b[31m".into()),
+                    ),
+                )
+                .await
+                .expect("connect in time")
+                .expect("connect");
+                let ch = conn.create_channel().await.expect("channel");
+                let passive = QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                };
+                let missing = ch
+                    .queue_declare(
+                        "q\nFORGED-TEXT\x1b[2J".into(),
+                        passive,
+                        FieldTable::default(),
+                    )
+                    .await;
+                assert!(missing.is_err());
+                conn.close(200, "bye".into()).await.expect("close");
+            })
+        },
+        "connection closed",
+    );
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.contains("connection closed"), "{text}");
+    assert!(
+        text.contains("FORGED-TEXT"),
+        "the channel error is logged: {text}"
+    );
+    assert!(
+        !text.lines().any(|l| l.starts_with("FORGED")
+            || l.starts_with("\x1b")
+            || l.starts_with(" in vhost")),
+        "a client's text began a log line: {text}"
+    );
+    assert!(
+        !out.contains(&0x1b),
+        "escape sequences in the logs: {text:?}"
+    );
 }
 
 /// Waits (bounded) for log lines containing every one of `wanted`, each in one line.
@@ -295,6 +376,25 @@ fn connections_channel_errors_api_changes_and_imports_are_logged() {
             .await;
         assert!(missing.is_err());
         let http = reqwest::Client::new();
+        // Messages over HTTP change no definition: not logged as changes.
+        for (path, body) in [
+            (
+                "/api/exchanges/%2F/amq.default/publish",
+                r#"{"properties":{},"routing_key":"nowhere","payload":"x","payload_encoding":"string"}"#,
+            ),
+            (
+                "/api/queues/%2F/imported-q/get",
+                r#"{"count":1,"ackmode":"ack_requeue_true","encoding":"auto"}"#,
+            ),
+        ] {
+            http.post(format!("{api}{path}"))
+                .basic_auth("guest", Some("guest"))
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .expect("POST");
+        }
         let put = http
             .put(format!("{api}/api/vhosts/logged-vhost"))
             .basic_auth("guest", Some("guest"))
@@ -342,6 +442,11 @@ fn connections_channel_errors_api_changes_and_imports_are_logged() {
             &["connection closed", "orders-worker"],
         ],
     );
+    let messaging: Vec<_> = log
+        .iter()
+        .filter(|l| l.contains("management API") && (l.contains("/publish") || l.contains("/get")))
+        .collect();
+    assert!(messaging.is_empty(), "{messaging:?}");
 }
 
 #[test]

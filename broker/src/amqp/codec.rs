@@ -142,8 +142,9 @@ pub fn decode_method(payload: &[u8]) -> Result<AMQPClass, MethodError> {
                 });
             }
             // RabbitMQ cannot decode these either (Erlang has no such floats); and
-            // definitions.json could not store them.
-            Err(TableFault::NotFinite) => {
+            // definitions.json could not store them. Malformed tables get the answer the
+            // parser would have given.
+            Err(TableFault::NotFinite | TableFault::Malformed) => {
                 return Err(MethodError::Syntax {
                     class_id,
                     method_id,
@@ -199,6 +200,9 @@ pub enum TableFault {
     TooDeep,
     /// A float or double that is NaN or infinite.
     NotFinite,
+    /// Not a well-formed table (an unknown field type, a length past its end). Refused by
+    /// the scan itself, so that the parser never reads what the scan did not check.
+    Malformed,
 }
 
 /// What a scan of a field table found.
@@ -214,19 +218,20 @@ const TOO_DEEP: Nesting = Nesting::Fault(TableFault::TooDeep);
 
 /// Checks the field table at the start of `bytes` (with its length prefix) for what the
 /// broker refuses before parsing it. The scan neither allocates nor recurses deeper than
-/// [`MAX_TABLE_DEPTH`]. Bytes that are not a table pass: the parser then refuses them, having
-/// recursed no deeper than the scan did.
+/// [`MAX_TABLE_DEPTH`]. Bytes that are not a table are refused too: handing them to the
+/// parser would leave it to the parser to stop where the scan stopped.
 pub fn check_table(bytes: &[u8]) -> Result<(), TableFault> {
     let Some(len) = bytes.get(..4) else {
-        return Ok(());
+        return Err(TableFault::Malformed);
     };
     let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
     match bytes
         .get(4..4usize.saturating_add(len))
         .map(|t| scan_table(t, 1))
     {
+        Some(Nesting::Within) => Ok(()),
         Some(Nesting::Fault(fault)) => Err(fault),
-        _ => Ok(()),
+        Some(Nesting::Malformed) | None => Err(TableFault::Malformed),
     }
 }
 
@@ -238,6 +243,9 @@ fn scan_table(b: &[u8], depth: usize) -> Nesting {
     let mut at = 0;
     while at < b.len() {
         at += 1 + b[at] as usize; // the key
+        if at > b.len() {
+            return Nesting::Malformed;
+        }
         match scan_value(b, &mut at, depth) {
             Nesting::Within => {}
             other => return other,
@@ -307,6 +315,9 @@ fn scan_value(b: &[u8], at: &mut usize, depth: usize) -> Nesting {
         _ => return Nesting::Malformed,
     };
     *at += size;
+    if *at > b.len() {
+        return Nesting::Malformed;
+    }
     Nesting::Within
 }
 
@@ -427,8 +438,20 @@ impl ContentHeader {
 }
 
 /// Locates the properties in a content header's property flags and list (the 14 properties
-/// of class basic, in the spec's order). `None` when the list does not match its flags.
+/// of class basic, in the spec's order). `None` when the list does not match its flags, or
+/// its headers table is one the broker refuses ([`check_table`]).
 pub fn scan_properties(raw: &[u8]) -> Option<PropertyScan> {
+    locate(raw, true)
+}
+
+/// [`scan_properties`] without walking the headers table: for the properties of a message
+/// the broker already admitted, read on the way through a queue, where the headers are only
+/// stepped over and never parsed.
+pub fn locate_properties(raw: &[u8]) -> Option<PropertyScan> {
+    locate(raw, false)
+}
+
+fn locate(raw: &[u8], check_headers: bool) -> Option<PropertyScan> {
     let flags = u16::from_be_bytes([*raw.first()?, *raw.get(1)?]);
     if flags & 0b11 != 0 {
         // Continuation bit or reserved bits: basic has no more than 14 properties.
@@ -453,7 +476,7 @@ pub fn scan_properties(raw: &[u8]) -> Option<PropertyScan> {
             13 => {
                 let len = u32::from_be_bytes(raw.get(at..at + 4)?.try_into().ok()?) as usize;
                 let end = at.checked_add(4 + len)?;
-                if end > raw.len() || check_table(&raw[at..end]).is_err() {
+                if end > raw.len() || (check_headers && check_table(&raw[at..end]).is_err()) {
                     return None;
                 }
                 scan.headers = Some(at..end);
@@ -1034,10 +1057,53 @@ mod tests {
             header.extend_from_slice(&nested(100_000, arrays));
             assert_eq!(scan_properties(&header), None);
             assert_eq!(decode_properties(&header), None);
+            // Locating a priority steps over the headers without walking them.
+            let mut header = vec![0x28, 0];
+            header.extend_from_slice(&nested(100_000, arrays));
+            header.push(7);
+            assert_eq!(scan_properties(&header), None);
+            let located = locate_properties(&header).expect("located");
+            assert_eq!(located.priority, Some(7));
         }
-        // Malformed bytes are left to the parser.
-        assert_eq!(check_table(&[0, 0, 0, 3, 1, b'k', b'Z']), Ok(()));
-        assert_eq!(check_table(&[0, 0, 0, 9, 1]), Ok(()));
+    }
+
+    /// The scan refuses malformed bytes itself rather than stop there and leave the rest (a
+    /// sibling nested 100,000 deep) to the recursive parser.
+    #[test]
+    fn malformed_tables_are_refused_by_the_scan() {
+        let malformed = Err(TableFault::Malformed);
+        assert_eq!(check_table(&[0, 0, 0, 3, 1, b'k', b'Z']), malformed);
+        assert_eq!(check_table(&[0, 0, 0, 9, 1]), malformed);
+        assert_eq!(
+            check_table(&[0, 0, 0, 2, 5, b'k']),
+            malformed,
+            "key past the end"
+        );
+        assert_eq!(
+            check_table(&[0, 0, 0, 3, 1, b'k', b'I']),
+            malformed,
+            "value past the end"
+        );
+        assert_eq!(check_table(&[0, 0]), malformed);
+        for arrays in [false, true] {
+            let mut content = vec![1, b'a', b'F', 0, 0, 0, 3, 1, b'k', b'Z', 1, b'b', b'F'];
+            content.extend_from_slice(&nested(100_000, arrays));
+            let mut table = (content.len() as u32).to_be_bytes().to_vec();
+            table.extend_from_slice(&content);
+            assert_eq!(check_table(&table), malformed);
+            let mut declare = vec![0, 50, 0, 10, 0, 0, 1, b'q', 0];
+            declare.extend_from_slice(&table);
+            assert_eq!(
+                decode_method(&declare),
+                Err(MethodError::Syntax {
+                    class_id: 50,
+                    method_id: 10
+                })
+            );
+            let mut header = vec![0x20, 0];
+            header.extend_from_slice(&table);
+            assert_eq!(scan_properties(&header), None);
+        }
     }
 
     #[test]

@@ -1085,7 +1085,8 @@ impl Connection {
             peer = %self.peer,
             user = %info.user,
             vhost = %info.vhost,
-            name = %info.client_name(),
+            // Debug: escaped, so that a client cannot forge log lines.
+            name = ?info.client_name(),
             "connection opened"
         );
         self.info = Some(info);
@@ -1124,7 +1125,7 @@ impl Connection {
                 user = self.user.as_deref().unwrap_or_default(),
                 channel = channel_id,
                 code = e.code,
-                text = %e.reply_text(),
+                text = ?e.reply_text(),
                 "channel error, closing the channel"
             );
             if let (Some(channel), Some(session)) =
@@ -1190,7 +1191,8 @@ impl Connection {
                 peer = %self.peer,
                 user = %info.user,
                 vhost = %info.vhost,
-                name = %info.client_name(),
+                // Debug: escaped, so that a client cannot forge log lines.
+            name = ?info.client_name(),
                 "connection closed"
             );
             self.broker.connections.remove(info.id);

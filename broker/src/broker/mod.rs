@@ -56,6 +56,9 @@ pub struct Broker {
     /// The cluster name when one was set (the `cluster_name` setting, else one stored by the
     /// management API or a definitions import); unset, the node name stands for it.
     cluster_name: RwLock<Option<String>>,
+    /// Taken by a rename for its synced write, so that renames reach disk and memory in the
+    /// same order while readers of the name are not held up.
+    renaming: parking_lot::Mutex<()>,
     /// The in-memory window every queue gets.
     window: Window,
     vhosts: RwLock<HashMap<String, Arc<Vhost>>>,
@@ -82,6 +85,33 @@ impl Broker {
             memory_bytes: usize::try_from(config.delayed_memory_bytes).unwrap_or(usize::MAX),
             ..DelayedOptions::default()
         });
+        // Before any queue opens its store: the stores of earlier versions get their current
+        // names, found by way of the definitions.
+        let defined: Vec<(String, String, u8)> = store
+            .snapshot()
+            .vhosts
+            .iter()
+            .flat_map(|(v, defs)| {
+                defs.queues
+                    .iter()
+                    .map(|(q, def)| (v.clone(), q.clone(), queue::top_level(&def.arguments)))
+            })
+            .collect();
+        let renamed = storage
+            .migrate_legacy(&defined)
+            .map_err(|source| DefinitionsError::Io {
+                path: config.data_dir.clone(),
+                source,
+            })?;
+        if renamed > 0 {
+            // One-way: an earlier version would take the renamed stores for those of deleted
+            // queues and delete them.
+            tracing::warn!(
+                stores = renamed,
+                data_dir = %config.data_dir.display(),
+                "queue stores renamed to the current layout; an earlier version started on this data directory would delete them and their messages"
+            );
+        }
         let broker = Self::with_store(config, store, Arc::new(storage));
         let durable: Vec<(String, String, u8)> = broker
             .vhosts()
@@ -193,6 +223,7 @@ impl Broker {
         let cluster_name = config.cluster_name.clone().or(defs.cluster_name.clone());
         let broker = Self {
             cluster_name: RwLock::new(cluster_name),
+            renaming: parking_lot::Mutex::new(()),
             churn: churn.clone(),
             started: std::time::SystemTime::now(),
             config,
@@ -244,10 +275,10 @@ impl Broker {
 
     /// Renames the cluster, durably (RabbitMQ's `set_cluster_name`).
     pub fn set_cluster_name(&self, name: &str) -> Result<(), DefinitionsError> {
-        let mut current = self.cluster_name.write();
+        let _renaming = self.renaming.lock();
         self.definitions
             .update(|d| d.cluster_name = Some(name.to_owned()))?;
-        *current = Some(name.to_owned());
+        *self.cluster_name.write() = Some(name.to_owned());
         Ok(())
     }
 

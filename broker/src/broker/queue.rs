@@ -555,7 +555,8 @@ impl Queue {
         if self.top == 0 {
             return 0;
         }
-        crate::amqp::codec::scan_properties(&message.properties)
+        // Admitted messages only: the headers were checked when the message came in.
+        crate::amqp::codec::locate_properties(&message.properties)
             .and_then(|s| s.priority)
             .unwrap_or(0)
             .min(self.top)

@@ -102,6 +102,46 @@ impl Caller {
     }
 }
 
+/// The user name and password of an HTTP Basic `Authorization` header.
+pub(super) struct BasicCredentials {
+    decoded: String,
+    colon: usize,
+}
+
+impl BasicCredentials {
+    pub(super) fn user(&self) -> &str {
+        &self.decoded[..self.colon]
+    }
+
+    pub(super) fn password(&self) -> &str {
+        &self.decoded[self.colon + 1..]
+    }
+}
+
+/// Why an `Authorization` header gives no Basic credentials: RabbitMQ answers invalid base64
+/// with 400, anything else with 401.
+pub(super) enum NoCredentials {
+    NotBase64,
+    Invalid,
+}
+
+/// Reads an HTTP Basic `Authorization` header value.
+pub(super) fn basic_credentials(
+    value: &axum::http::HeaderValue,
+) -> Result<BasicCredentials, NoCredentials> {
+    let value = value.to_str().map_err(|_| NoCredentials::Invalid)?;
+    let encoded = value
+        .strip_prefix("Basic ")
+        .or_else(|| value.strip_prefix("basic "))
+        .ok_or(NoCredentials::Invalid)?;
+    let decoded = B64
+        .decode(encoded.trim())
+        .map_err(|_| NoCredentials::NotBase64)?;
+    let decoded = String::from_utf8(decoded).map_err(|_| NoCredentials::Invalid)?;
+    let colon = decoded.find(':').ok_or(NoCredentials::Invalid)?;
+    Ok(BasicCredentials { decoded, colon })
+}
+
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
@@ -109,18 +149,11 @@ impl FromRequestParts<AppState> for Caller {
         let Some(value) = parts.headers.get(AUTHORIZATION) else {
             return Err(ApiError::NoCredentials);
         };
-        let value = value.to_str().map_err(|_| ApiError::LoginFailed)?;
-        let Some(encoded) = value
-            .strip_prefix("Basic ")
-            .or_else(|| value.strip_prefix("basic "))
-        else {
-            return Err(ApiError::LoginFailed);
-        };
-        let decoded = B64
-            .decode(encoded.trim())
-            .map_err(|_| ApiError::Empty(StatusCode::BAD_REQUEST))?;
-        let decoded = String::from_utf8(decoded).map_err(|_| ApiError::LoginFailed)?;
-        let (name, password) = decoded.split_once(':').ok_or(ApiError::LoginFailed)?;
+        let credentials = basic_credentials(value).map_err(|e| match e {
+            NoCredentials::NotBase64 => ApiError::Empty(StatusCode::BAD_REQUEST),
+            NoCredentials::Invalid => ApiError::LoginFailed,
+        })?;
+        let (name, password) = (credentials.user(), credentials.password());
         let peer = parts
             .extensions
             .get::<ConnectInfo<PeerAddr>>()

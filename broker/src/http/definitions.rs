@@ -708,9 +708,6 @@ fn plan(state: &AppState, body: &[u8], vhost: Option<&str>) -> ApiResult<Plan> {
     for (name, _, _, _) in &plan.vhosts {
         ApiError::check_name("vhost", name)?;
     }
-    for (name, _, _) in &plan.users {
-        ApiError::check_name("user", name)?;
-    }
     for (_, x) in &plan.exchanges {
         ApiError::check_name("exchange", &x.name)?;
     }

@@ -54,8 +54,9 @@ impl ApiError {
     }
 
     /// Refuses a name that AMQP could never carry (a short string holds 255 bytes), in
-    /// RabbitMQ's words for queue names. RabbitMQ refuses only those; Warren refuses exchange,
-    /// vhost and user names too, since no AMQP client could use them.
+    /// RabbitMQ's words for queue names. RabbitMQ refuses only those; Warren refuses exchange
+    /// and vhost names too, since no AMQP client could use them. User names are not short
+    /// strings (SASL PLAIN carries them in a long string): any length is accepted.
     pub fn check_name(what: &str, name: &str) -> ApiResult<()> {
         if name.len() > 255 {
             return Err(Self::bad_request(format!(

@@ -262,6 +262,8 @@ pub fn management_router(state: AppState) -> Router {
 
 /// Logs each request that may change something (every method but GET, HEAD and OPTIONS):
 /// who asked for what, and how it ended. Reads are not logged: monitoring polls them.
+/// Publishing and getting messages over HTTP (POSTs that change no definition, and that
+/// tools may make in a loop) are logged at debug level only.
 async fn log_changes(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
     use axum::http::Method;
     let method = request.method().clone();
@@ -269,31 +271,26 @@ async fn log_changes(request: axum::extract::Request, next: axum::middleware::Ne
         return next.run(request).await;
     }
     let path = request.uri().path().to_owned();
+    // Names are percent-encoded, so a `/` always separates segments.
+    let messaging = method == Method::POST
+        && matches!(
+            path.split('/').collect::<Vec<_>>()[..],
+            ["", "api", "exchanges", _, _, "publish"] | ["", "api", "queues", _, _, "get"]
+        );
     let user = basic_user(request.headers()).unwrap_or_default();
     let response = next.run(request).await;
-    tracing::info!(
-        %method,
-        path,
-        user,
-        status = response.status().as_u16(),
-        "management API change"
-    );
+    let status = response.status().as_u16();
+    if messaging {
+        tracing::debug!(%method, path, user, status, "management API message operation");
+    } else {
+        tracing::info!(%method, path, user, status, "management API change");
+    }
     response
 }
 
 /// The user name of an HTTP Basic `Authorization` header (never the password).
 fn basic_user(headers: &axum::http::HeaderMap) -> Option<String> {
-    use base64::Engine;
-    let value = headers
-        .get(axum::http::header::AUTHORIZATION)?
-        .to_str()
-        .ok()?;
-    let encoded = value
-        .strip_prefix("Basic ")
-        .or_else(|| value.strip_prefix("basic "))?;
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(encoded.trim())
-        .ok()?;
-    let decoded = String::from_utf8(decoded).ok()?;
-    Some(decoded.split_once(':')?.0.to_owned())
+    let value = headers.get(axum::http::header::AUTHORIZATION)?;
+    let credentials = auth::basic_credentials(value).ok()?;
+    Some(credentials.user().to_owned())
 }

@@ -755,6 +755,10 @@ pub async fn bind(
     let routing_key = f.stringish("routing_key")?.unwrap_or_default();
     let arguments = f.table("arguments")?;
     let v = vhost_for(&state, &caller, &vhost)?;
+    // As AMQP's queue.bind and exchange.bind (and RabbitMQ's API, which uses them), line
+    // feeds and returns are dropped from the names; the routing key keeps them.
+    let source = source.replace(['\n', '\r'], "");
+    let destination = destination.replace(['\n', '\r'], "");
     let source = exchange_name(&source);
     if source.is_empty() {
         return Err(ApiError::access_refused());

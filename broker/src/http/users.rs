@@ -119,7 +119,6 @@ pub async fn put(
             "limits",
         ],
     )?;
-    ApiError::check_name("user", &name)?;
     let Some(tags) = f.tags("tags")? else {
         return Err(ApiError::bad_request("tags_not_present"));
     };

@@ -152,48 +152,102 @@ fn legacy_durable_dir_name(vhost: &str, queue: &str, level: u8) -> String {
     hex_name(&h.finalize())
 }
 
-/// Who a store directory belongs to, as its `queue.json` says.
+/// Who a store directory belongs to, as its `queue.json` says. Versions before priority
+/// queues wrote no `priority` (every store was level 0).
 #[derive(serde::Deserialize)]
 struct StoreOwner {
     vhost: String,
     queue: String,
+    #[serde(default)]
     priority: u8,
 }
 
+/// The `(vhost, queue, level)` of every store the durable queues in `keep` (`(vhost, queue,
+/// top level)`) have.
+fn kept_levels(keep: &[(String, String, u8)]) -> impl Iterator<Item = (&str, &str, u8)> {
+    keep.iter()
+        .flat_map(|(v, q, top)| (0..=*top).map(move |l| (v.as_str(), q.as_str(), l)))
+}
+
 /// Renames the store directories of earlier versions to their current names, so that their
-/// messages are found. Each directory names its owner in `queue.json`; one whose name is not
-/// the legacy name of that owner is left alone (it is not from an earlier version).
-fn migrate_legacy_dirs(queues: &Path) -> io::Result<()> {
-    let mut renamed = false;
+/// messages are found. It goes by the definitions (`keep`, as [`Storage::remove_stale`]), not
+/// by what the directories say of themselves: `queue.json` may be missing, empty, truncated or
+/// in an older format. It is read only when the legacy names of two kept queues coincide
+/// (names could forge them), to tell whose the directory is; when it cannot tell, the
+/// directory is left where it is (and [`Storage::remove_stale`] keeps it). Returns how many
+/// directories were renamed. One directory listing: cheap enough to run at every start.
+fn migrate_legacy_dirs(queues: &Path, keep: &[(String, String, u8)]) -> io::Result<usize> {
+    let mut present = std::collections::HashSet::new();
     for entry in std::fs::read_dir(queues)? {
-        let path = entry?.path();
-        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-            continue;
-        };
-        let Ok(bytes) = std::fs::read(path.join("queue.json")) else {
-            continue;
-        };
-        let Ok(owner) = serde_json::from_slice::<StoreOwner>(&bytes) else {
-            continue;
-        };
-        let current = durable_dir_name(&owner.vhost, &owner.queue, owner.priority);
-        if name == current
-            || name != legacy_durable_dir_name(&owner.vhost, &owner.queue, owner.priority)
-        {
-            continue;
+        if let Ok(name) = entry?.file_name().into_string() {
+            present.insert(name);
         }
-        let target = queues.join(&current);
-        if target.exists() {
+    }
+    if present.is_empty() {
+        return Ok(0);
+    }
+    let current: std::collections::HashSet<String> = kept_levels(keep)
+        .map(|(v, q, l)| durable_dir_name(v, q, l))
+        .collect();
+    // Legacy directories on disk whose current name is missing, with the queue levels that
+    // could own them.
+    let mut claims: std::collections::BTreeMap<String, Vec<(&str, &str, u8)>> = Default::default();
+    for (v, q, l) in kept_levels(keep) {
+        let legacy = legacy_durable_dir_name(v, q, l);
+        if present.contains(&legacy) && !current.contains(&legacy) {
+            claims.entry(legacy).or_default().push((v, q, l));
+        }
+    }
+    let mut renamed = 0;
+    for (legacy, owners) in claims {
+        let path = queues.join(&legacy);
+        let owner = if let [only] = owners[..] {
+            Some(only)
+        } else {
+            std::fs::read(path.join("queue.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<StoreOwner>(&b).ok())
+                .and_then(|o| {
+                    owners
+                        .iter()
+                        .copied()
+                        .find(|&(v, q, l)| v == o.vhost && q == o.queue && l == o.priority)
+                })
+        };
+        let Some((vhost, queue, level)) = owner else {
+            tracing::warn!(dir = %path.display(), "a queue store of an earlier version could belong to several queues and says to none of them; left where it is");
+            continue;
+        };
+        let target = queues.join(durable_dir_name(vhost, queue, level));
+        if present.contains(&durable_dir_name(vhost, queue, level)) {
+            tracing::warn!(dir = %path.display(), current = %target.display(), "a queue store of an earlier version is left where it is: the queue already has a store under its current name");
             continue;
         }
         tracing::info!(from = %path.display(), to = %target.display(), "renaming a queue store to its current name");
         std::fs::rename(&path, &target)?;
-        renamed = true;
+        renamed += 1;
     }
-    if renamed {
+    if renamed > 0 {
         std::fs::File::open(queues)?.sync_all()?;
     }
-    Ok(())
+    Ok(renamed)
+}
+
+/// Writes a store's `queue.json` (who it belongs to) unless it already says so: replaced
+/// whole through a synced temporary file, so that a crash leaves the old or the new text.
+fn write_owner(dir: &Path, id: &str) -> io::Result<()> {
+    let path = dir.join("queue.json");
+    if std::fs::read(&path).is_ok_and(|old| old == id.as_bytes()) {
+        return Ok(());
+    }
+    let tmp = dir.join("queue.json.tmp");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(id.as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &path)
 }
 
 /// Where queues keep their messages: a data directory with a flusher, or memory only.
@@ -219,7 +273,6 @@ impl Storage {
             std::fs::remove_dir_all(&transient)?;
         }
         std::fs::create_dir_all(data_dir.join("queues"))?;
-        migrate_legacy_dirs(&data_dir.join("queues"))?;
         Ok(Self {
             dir: Some(data_dir.to_path_buf()),
             flusher: Some(Flusher::start(flush_interval)),
@@ -227,6 +280,16 @@ impl Storage {
             delayed: DelayedOptions::default(),
             next_transient: AtomicU64::new(0),
         })
+    }
+
+    /// Renames the stores that earlier versions kept under other directory names, for the
+    /// durable queues in `keep` (`(vhost, queue, top level)`, as [`Storage::remove_stale`]).
+    /// Must run before any of them is opened. Returns how many were renamed.
+    pub fn migrate_legacy(&self, keep: &[(String, String, u8)]) -> io::Result<usize> {
+        match &self.dir {
+            Some(dir) => migrate_legacy_dirs(&dir.join("queues"), keep),
+            None => Ok(0),
+        }
     }
 
     /// Sets the tunables of delayed-message stores.
@@ -289,7 +352,7 @@ impl Storage {
                     serde_json::Value::from(vhost),
                     serde_json::Value::from(queue)
                 );
-                std::fs::write(path.join("queue.json"), id)?;
+                write_owner(&path, &id)?;
                 Ok((store, recovered))
             }
             _ => Ok((Arc::new(MemoryQueueStore::new()), Recovered::default())),
@@ -361,19 +424,27 @@ impl Storage {
 
     /// Deletes the stores of durable queues that no longer exist (`keep` lists the
     /// `(vhost, queue, top level)` of those that do: a priority queue keeps a store for each
-    /// level from 0 to its top one).
+    /// level from 0 to its top one). A directory under the name an earlier version gave a kept
+    /// queue is not deleted (its messages may be that queue's): it is reported.
     pub fn remove_stale(&self, keep: &[(String, String, u8)]) -> io::Result<()> {
         let Some(dir) = &self.dir else { return Ok(()) };
-        let keep: std::collections::HashSet<PathBuf> = keep
-            .iter()
-            .flat_map(|(v, q, top)| (0..=*top).map(move |l| self.durable_dir(dir, v, q, l)))
+        let keep_dirs: std::collections::HashSet<PathBuf> = kept_levels(keep)
+            .map(|(v, q, l)| self.durable_dir(dir, v, q, l))
+            .collect();
+        let legacy: std::collections::HashSet<PathBuf> = kept_levels(keep)
+            .map(|(v, q, l)| dir.join("queues").join(legacy_durable_dir_name(v, q, l)))
             .collect();
         for entry in std::fs::read_dir(dir.join("queues"))? {
             let path = entry?.path();
-            if !keep.contains(&path) {
-                tracing::info!(dir = %path.display(), "removing the store of a deleted queue");
-                std::fs::remove_dir_all(&path)?;
+            if keep_dirs.contains(&path) {
+                continue;
             }
+            if legacy.contains(&path) {
+                tracing::warn!(dir = %path.display(), "a queue store of an earlier version could not be renamed to its current name; kept, its messages are not recovered");
+                continue;
+            }
+            tracing::info!(dir = %path.display(), "removing the store of a deleted queue");
+            std::fs::remove_dir_all(&path)?;
         }
         Ok(())
     }
@@ -383,5 +454,46 @@ impl Storage {
         if let Some(f) = &self.flusher {
             f.shutdown();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keep(queues: &[(&str, &str)]) -> Vec<(String, String, u8)> {
+        queues
+            .iter()
+            .map(|(v, q)| (v.to_string(), q.to_string(), 0))
+            .collect()
+    }
+
+    /// Two kept queues whose legacy names coincide: the directory's `queue.json` says whose
+    /// it is; when it cannot, the directory stays, and is not deleted as stale.
+    #[test]
+    fn colliding_legacy_directories_go_by_queue_json_and_are_never_deleted() {
+        let data = tempfile::tempdir().unwrap();
+        let storage =
+            Storage::open(data.path(), Duration::from_millis(5), Default::default()).unwrap();
+        let queues = data.path().join("queues");
+        // `/` + `a\0b` and `/\0a` + `b` had the same directory.
+        let kept = keep(&[("/", "a\0b"), ("/\0a", "b")]);
+        let legacy = queues.join(legacy_durable_dir_name("/", "a\0b", 0));
+        assert_eq!(legacy, queues.join(legacy_durable_dir_name("/\0a", "b", 0)));
+        std::fs::create_dir(&legacy).unwrap();
+        std::fs::write(legacy.join("queue.json"), "").unwrap();
+        assert_eq!(storage.migrate_legacy(&kept).unwrap(), 0);
+        storage.remove_stale(&kept).unwrap();
+        assert!(legacy.exists(), "an undecided legacy directory is kept");
+
+        std::fs::write(
+            legacy.join("queue.json"),
+            r#"{"vhost":"/\u0000a","queue":"b"}"#,
+        )
+        .unwrap();
+        assert_eq!(storage.migrate_legacy(&kept).unwrap(), 1);
+        assert!(queues.join(durable_dir_name("/\0a", "b", 0)).exists());
+        assert!(!legacy.exists());
+        storage.shutdown();
     }
 }
