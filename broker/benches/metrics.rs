@@ -48,6 +48,7 @@ fn state(dir: &std::path::Path) -> AppState {
         heavy_lists: Arc::new(tokio::sync::Semaphore::new(
             warren_broker::http::HEAVY_LISTS,
         )),
+        list_wait: Duration::from_secs(60),
         imports: Arc::new(tokio::sync::Mutex::new(())),
     }
 }

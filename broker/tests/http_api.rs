@@ -2833,3 +2833,49 @@ async fn a_definitions_import_sets_the_cluster_name_from_its_global_parameters()
         json!({"name": "imported"})
     );
 }
+
+#[tokio::test]
+async fn clients_that_stop_reading_long_lists_do_not_block_other_lists() {
+    use tokio::io::AsyncWriteExt;
+    let b = TestBroker::start_with(|c| c.http_idle_timeout_ms = 1000).await;
+    if b.is_external() {
+        return;
+    }
+    // A list far larger than what the sockets buffer for a client that reads nothing.
+    let vhost = b.broker().vhost("/").unwrap();
+    for i in 0..20000 {
+        vhost
+            .declare_queue(
+                warren_broker::broker::queue::QueueSpec {
+                    name: format!("stalled.list.queue.{i:05}"),
+                    durable: false,
+                    exclusive: false,
+                    auto_delete: false,
+                    arguments: FieldTable::default(),
+                },
+                0,
+            )
+            .unwrap();
+    }
+    let addr = b.running().management_addr;
+    // As many clients as there are listing places ask for it and never read the answer.
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut s = socket.connect(addr).await.unwrap();
+        let head = format!("GET /api/queues HTTP/1.1\r\nHost: {addr}\r\n{AUTH}\r\n");
+        s.write_all(head.as_bytes()).await.unwrap();
+        stalled.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Another listing is still answered: once the stalled ones have timed out, or with 503.
+    let api = Api::new(&b);
+    let a = within(10, api.get("/api/queues?columns=name")).await;
+    let status = a.status.as_u16();
+    assert!(status == 200 || status == 503, "{status}");
+    if status == 503 {
+        assert!(a.json()["reason"].is_string());
+    }
+    drop(stalled);
+}

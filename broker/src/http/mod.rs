@@ -47,6 +47,9 @@ pub struct AppState {
     pub stopping: tokio::sync::watch::Receiver<bool>,
     /// Listings of many objects (queues, exchanges, bindings) being sent at once; more wait.
     pub heavy_lists: Arc<tokio::sync::Semaphore>,
+    /// How long a listing waits for a place among them before it is answered 503 (the
+    /// listeners' idle timeout, after which a stalled reader's listing has been ended).
+    pub list_wait: std::time::Duration,
     /// Held by the definitions import under way (one at a time).
     pub imports: Arc<tokio::sync::Mutex<()>>,
 }
@@ -56,13 +59,17 @@ pub struct AppState {
 pub const HEAVY_LISTS: usize = 4;
 
 impl AppState {
-    /// A place among the [`HEAVY_LISTS`] listings being sent, waiting for one if need be.
-    pub async fn heavy_list_permit(&self) -> tokio::sync::OwnedSemaphorePermit {
-        self.heavy_lists
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed")
+    /// A place among the [`HEAVY_LISTS`] listings being sent, waiting for one up to
+    /// `list_wait`; past that the request is answered 503, so it never waits without end.
+    pub async fn heavy_list_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        match tokio::time::timeout(self.list_wait, self.heavy_lists.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                "too many long listings are being sent at once; try again later",
+            )),
+        }
     }
 }
 

@@ -113,7 +113,7 @@ async fn list_exchanges(
     query: &Query,
 ) -> ApiResult<Response> {
     let vhosts = vhosts_for(state, caller, one)?;
-    let permit = state.heavy_list_permit().await;
+    let permit = state.heavy_list_permit().await?;
     let mut items: Vec<(Arc<str>, Arc<Exchange>)> = Vec::new();
     for v in vhosts {
         let vhost = v.name.clone();
@@ -335,7 +335,7 @@ async fn list_queues(
     query: &Query,
 ) -> ApiResult<Response> {
     let vhosts = vhosts_for(state, caller, one)?;
-    let permit = state.heavy_list_permit().await;
+    let permit = state.heavy_list_permit().await?;
     let mut items: Vec<(Arc<str>, Arc<Queue>)> = Vec::new();
     for v in vhosts {
         let vhost = v.name.clone();
@@ -589,8 +589,8 @@ enum BindingsOf {
 
 /// Every binding of the vhosts, each vhost's default-exchange bindings first, rendered only as
 /// the body is sent.
-async fn stream_bindings(state: &AppState, vhosts: Vec<Arc<Vhost>>) -> Response {
-    let permit = state.heavy_list_permit().await;
+async fn stream_bindings(state: &AppState, vhosts: Vec<Arc<Vhost>>) -> ApiResult<Response> {
+    let permit = state.heavy_list_permit().await?;
     let mut items = Vec::new();
     for v in vhosts {
         let vhost = v.name.clone();
@@ -609,7 +609,7 @@ async fn stream_bindings(state: &AppState, vhosts: Vec<Arc<Vhost>>) -> Response 
                 .map(|x| BindingsOf::Explicit(vhost.clone(), x)),
         );
     }
-    stream(
+    Ok(stream(
         items,
         Box::new(|item: &BindingsOf, out: &mut dyn FnMut(Value)| match item {
             BindingsOf::Implicit(vhost, q) => out(implicit_binding(vhost, q)),
@@ -620,12 +620,12 @@ async fn stream_bindings(state: &AppState, vhosts: Vec<Arc<Vhost>>) -> Response 
             }
         }),
         Some(permit),
-    )
+    ))
 }
 
 pub async fn bindings(State(state): State<AppState>, caller: Caller) -> ApiResult<Response> {
     let vhosts = vhosts_for(&state, &caller, None)?;
-    Ok(stream_bindings(&state, vhosts).await)
+    stream_bindings(&state, vhosts).await
 }
 
 pub async fn bindings_in(
@@ -634,7 +634,7 @@ pub async fn bindings_in(
     Path(vhost): Path<String>,
 ) -> ApiResult<Response> {
     let v = vhost_for(&state, &caller, &vhost)?;
-    Ok(stream_bindings(&state, vec![v]).await)
+    stream_bindings(&state, vec![v]).await
 }
 
 fn filtered(v: &Vhost, keep: &dyn Fn(&str, &str, &str) -> bool) -> Value {
