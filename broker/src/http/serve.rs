@@ -43,13 +43,63 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves `router` on `listener` until `stop` turns true, then lets the open connections
 /// finish their requests and close.
-pub async fn serve<L>(
+pub async fn serve<L>(listener: L, router: Router, limits: Limits, stop: watch::Receiver<bool>)
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+{
+    serve_with(
+        listener,
+        |io, _| async move { Some(io) },
+        router,
+        limits,
+        stop,
+    )
+    .await;
+}
+
+/// Serves `router` over HTTPS: each connection's TLS handshake is made on its own task once
+/// it has a place under the cap (so handshakes count against it, and finished ones never
+/// wait holding a descriptor), and within the idle timeout, as a request's headers are.
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    router: Router,
+    limits: Limits,
+    stop: watch::Receiver<bool>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let timeout = limits.idle_timeout;
+    let handshake = move |io: tokio::net::TcpStream, peer: SocketAddr| {
+        let acceptor = acceptor.clone();
+        async move {
+            let _ = io.set_nodelay(true);
+            match tokio::time::timeout(timeout, acceptor.accept(io)).await {
+                Ok(Ok(tls)) => Some(tls),
+                Ok(Err(e)) => {
+                    tracing::info!(%peer, error = %e, "TLS handshake failed");
+                    None
+                }
+                Err(_) => {
+                    tracing::info!(%peer, "TLS handshake timed out");
+                    None
+                }
+            }
+        }
+    };
+    serve_with(listener, handshake, router, limits, stop).await;
+}
+
+async fn serve_with<L, H, F, I>(
     mut listener: L,
+    handshake: H,
     router: Router,
     limits: Limits,
     mut stop: watch::Receiver<bool>,
 ) where
     L: axum::serve::Listener<Addr = SocketAddr>,
+    H: Fn(L::Io, SocketAddr) -> F,
+    F: Future<Output = Option<I>> + Send + 'static,
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let (closing, closing_rx) = watch::channel(false);
@@ -67,14 +117,14 @@ pub async fn serve<L>(
             accepted = listener.accept() => accepted,
             () = stopped(&mut stop) => break,
         };
-        connections.spawn(serve_connection(
-            io,
-            peer,
-            router.clone(),
-            limits.idle_timeout,
-            closing_rx.clone(),
-            permit,
-        ));
+        let ready = handshake(io, peer);
+        let router = router.clone();
+        let closing = closing_rx.clone();
+        connections.spawn(async move {
+            if let Some(io) = ready.await {
+                serve_connection(io, peer, router, limits.idle_timeout, closing, permit).await;
+            }
+        });
         while connections.try_join_next().is_some() {}
     }
     drop(listener);
