@@ -2879,3 +2879,21 @@ async fn clients_that_stop_reading_long_lists_do_not_block_other_lists() {
     }
     drop(stalled);
 }
+
+#[tokio::test]
+async fn a_page_far_past_the_end_is_out_of_range_as_in_rabbitmq() {
+    let (_b, api) = broker().await;
+    for page in ["9223372036854775807", "99999999999999999999999"] {
+        let reason = api
+            .get(&format!("/api/exchanges?page={page}&page_size=100"))
+            .await
+            .error(400, "page_out_of_range");
+        let reason = reason.as_str().unwrap();
+        assert!(
+            reason.starts_with(&format!(
+                "Page out of range, page: {page} page size: 100, len: "
+            )),
+            "{reason}"
+        );
+    }
+}

@@ -47,8 +47,10 @@ where
 {
     let page = match query.get("page") {
         None => None,
+        // Wider than any list's page count, so that a huge page (which RabbitMQ answers as
+        // out of range) is not taken for a malformed one.
         Some(p) => Some(
-            p.parse::<i64>()
+            p.parse::<i128>()
                 .map_err(|_| ApiError::bad_request("Pagination parameters are invalid"))?,
         ),
     };
@@ -87,7 +89,7 @@ fn paginate<T>(
     items: Vec<T>,
     name: fn(&T) -> &str,
     render: &dyn Fn(&T) -> Value,
-    page: i64,
+    page: i128,
     query: &Query,
 ) -> ApiResult<Value> {
     let size = match query.get("page_size") {
@@ -128,20 +130,23 @@ fn paginate<T>(
     let filtered_count = filtered.len();
     // As in RabbitMQ: an empty list has no pages.
     let page_count = filtered_count.div_ceil(size);
-    let start = (page as usize - 1) * size;
-    if start > 0 && start >= filtered_count {
+    // Checked: a page far past the end must not wrap round to a real one.
+    let start = usize::try_from(page - 1)
+        .ok()
+        .and_then(|p| p.checked_mul(size));
+    let Some(start) = start.filter(|&s| s == 0 || s < filtered_count) else {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "page_out_of_range",
             format!("Page out of range, page: {page} page size: {size}, len: {filtered_count}"),
         ));
-    }
+    };
     let page_items: Vec<Value> = filtered.iter().skip(start).take(size).map(render).collect();
     Ok(json!({
         "filtered_count": filtered_count,
         "item_count": page_items.len(),
         "items": page_items,
-        "page": page,
+        "page": start / size + 1,
         "page_count": page_count,
         "page_size": size,
         "total_count": total,
@@ -314,7 +319,7 @@ mod tests {
         assert_eq!(out, json!({"name": "q", "message_stats": {"publish": 3}}));
     }
 
-    fn page(items: Vec<Value>, page: i64, query: &Query) -> ApiResult<Value> {
+    fn page(items: Vec<Value>, page: i128, query: &Query) -> ApiResult<Value> {
         paginate(items, value_name, &Value::clone, page, query)
     }
 
@@ -328,6 +333,14 @@ mod tests {
         assert!(page(items.clone(), 99, &q(&[("page_size", "2")])).is_err());
         assert!(page(items.clone(), 0, &q(&[])).is_err());
         assert!(page(items.clone(), 1, &q(&[("page_size", "600")])).is_err());
+        let huge = page(items.clone(), i64::MAX.into(), &q(&[("page_size", "100")]));
+        let huge = huge.unwrap_err().into_response();
+        assert_eq!(huge.status(), StatusCode::BAD_REQUEST);
+        let huge = page(items.clone(), i128::MAX, &q(&[("page_size", "500")]));
+        assert_eq!(
+            huge.unwrap_err().into_response().status(),
+            StatusCode::BAD_REQUEST
+        );
         let filtered = page(items, 1, &q(&[("name", "q1")])).unwrap();
         assert_eq!(filtered["filtered_count"], 1);
         assert_eq!(page(Vec::new(), 1, &q(&[])).unwrap()["page_count"], 0);
