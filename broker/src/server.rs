@@ -178,6 +178,7 @@ async fn serve(
         stopping: watcher.clone(),
         heavy_lists: Arc::new(tokio::sync::Semaphore::new(crate::http::HEAVY_LISTS)),
         list_wait: Duration::from_millis(config.http_idle_timeout_ms),
+        heavy_scrapes: Arc::new(tokio::sync::Semaphore::new(crate::http::HEAVY_SCRAPES)),
         imports: Arc::new(tokio::sync::Mutex::new(())),
     };
 
