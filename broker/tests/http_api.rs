@@ -2897,3 +2897,29 @@ async fn a_page_far_past_the_end_is_out_of_range_as_in_rabbitmq() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_definitions_document_still_arriving_does_not_hold_up_other_imports() {
+    use tokio::io::AsyncWriteExt;
+    let (b, api) = broker().await;
+    if b.is_external() {
+        return;
+    }
+    let addr = b.running().management_addr;
+    // One client starts an import and sends its document slowly...
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /api/definitions HTTP/1.1\r\nHost: {addr}\r\n{AUTH}Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{"
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // ...while another's complete document is imported.
+    let vhost = unique("import-beside-slow");
+    let defs = json!({"vhosts": [{"name": vhost}]});
+    api.post("/api/definitions", &defs.to_string())
+        .await
+        .status(204);
+    api.get(&format!("/api/vhosts/{vhost}")).await.status(200);
+    api.delete(&format!("/api/vhosts/{vhost}")).await;
+    drop(slow);
+}

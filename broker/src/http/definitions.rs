@@ -812,25 +812,25 @@ fn apply(state: &AppState, caller: &Caller, plan: Plan) -> ApiResult<()> {
 }
 
 /// Reads the document and applies it, one import at a time: a second import while one runs
-/// gets 409. The body is read with the lock held (so an import is refused, not queued, while
-/// another's document is still arriving); checking and applying run on a blocking thread and
-/// finish even if the client has gone, so an import is never left half-applied.
+/// gets 409. The (size-limited) body is read before the lock is tried, so a client slow to
+/// send its document holds up no other import; checking and applying run on a blocking
+/// thread and finish even if the client has gone.
 async fn run_import(
     state: AppState,
     caller: Caller,
     request: Request,
     vhost: Option<String>,
 ) -> ApiResult<Response> {
+    let body = match Bytes::from_request(request, &()).await {
+        Ok(body) => body,
+        Err(rejection) => return Ok(rejection.into_response()),
+    };
     let Ok(lock) = state.imports.clone().try_lock_owned() else {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "conflict",
             "another definitions import is in progress; try again once it has finished",
         ));
-    };
-    let body = match Bytes::from_request(request, &()).await {
-        Ok(body) => body,
-        Err(rejection) => return Ok(rejection.into_response()),
     };
     let applied = tokio::task::spawn_blocking(move || {
         let _lock = lock;
