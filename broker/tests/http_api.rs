@@ -2923,3 +2923,31 @@ async fn a_definitions_document_still_arriving_does_not_hold_up_other_imports() 
     api.delete(&format!("/api/vhosts/{vhost}")).await;
     drop(slow);
 }
+
+#[tokio::test]
+async fn a_refused_request_with_a_large_or_expected_body_is_answered_at_once_and_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let b = TestBroker::start().await;
+    if b.is_external() {
+        return;
+    }
+    let addr = b.running().management_addr;
+    for extra in [
+        "Content-Length: 50000000\r\n",
+        "Content-Length: 100\r\nExpect: 100-continue\r\n",
+    ] {
+        let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "PUT /api/queues/%2F/never HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Basic Z3Vlc3Q6bm9wZQ==\r\nContent-Type: application/json\r\n{extra}\r\n"
+        );
+        socket.write_all(head.as_bytes()).await.unwrap();
+        // The body is never sent: the refusal comes without waiting for it (or asking for
+        // it with 100 Continue), and the connection is closed after it.
+        let mut answer = Vec::new();
+        within(2, socket.read_to_end(&mut answer)).await.unwrap();
+        let text = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+        assert!(text.starts_with("http/1.1 401"), "{extra}: {text}");
+        assert!(text.contains("connection: close"), "{extra}: {text}");
+    }
+    b.stop().await;
+}

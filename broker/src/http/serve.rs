@@ -270,8 +270,21 @@ struct BodyIdleTimeout(Duration);
 /// made, so the connection can carry the next request, as RabbitMQ's does. A body that stops
 /// arriving for the connection's idle timeout fails the request with 408 and closes the
 /// connection, so a slow client cannot hold it open.
+///
+/// A body that announces more than the drain limit, or waits for `100 Continue` before it is
+/// sent, is not drained: the response goes out at once with `Connection: close` (draining
+/// would hold it back, and reading the body would ask the client to send it all).
 pub async fn drain_unread_body(req: Request, next: Next) -> Response {
     let (parts, body) = req.into_parts();
+    let too_long = parts
+        .headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .is_some_and(|n| n > DRAIN_LIMIT as u64);
+    let expects_continue = parts
+        .headers
+        .get(axum::http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     let idle = parts.extensions.get::<BodyIdleTimeout>().map(|t| t.0);
     let shared = Arc::new(Mutex::new(Some(IdleBody {
         inner: body,
@@ -285,6 +298,14 @@ pub async fn drain_unread_body(req: Request, next: Next) -> Response {
     let Some(mut rest) = rest else {
         return response;
     };
+    if !rest.timed_out && !http_body::Body::is_end_stream(&rest) && (too_long || expects_continue) {
+        let mut response = response;
+        response.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+        return response;
+    }
     if !rest.timed_out && !http_body::Body::is_end_stream(&rest) {
         let mut drained = 0usize;
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
