@@ -2951,3 +2951,48 @@ async fn a_refused_request_with_a_large_or_expected_body_is_answered_at_once_and
     }
     b.stop().await;
 }
+
+#[tokio::test]
+async fn an_exchange_with_many_bindings_is_listed_in_pieces() {
+    let (b, api) = broker().await;
+    if b.is_external() {
+        return;
+    }
+    let vhost = unique("many-bindings");
+    api.put(&format!("/api/vhosts/{vhost}"), "{}")
+        .await
+        .status(201);
+    api.put(&format!("/api/exchanges/{vhost}/x"), r#"{"type":"direct"}"#)
+        .await
+        .status(201);
+    api.put(&format!("/api/queues/{vhost}/q"), "{}")
+        .await
+        .status(201);
+    let v = b.broker().vhost(&vhost).unwrap();
+    const BINDINGS: usize = 2000;
+    for i in 0..BINDINGS {
+        v.bind(
+            "x",
+            "q",
+            warren_broker::broker::vhost::DestinationKind::Queue,
+            &format!("key.{i:05}"),
+            &FieldTable::default(),
+            0,
+        )
+        .unwrap();
+    }
+    // One exchange's bindings are not rendered in one piece: the body is sent chunked.
+    let a = api.get(&format!("/api/bindings/{vhost}")).await;
+    a.status(200);
+    assert!(a.headers.get("content-length").is_none(), "{:?}", a.headers);
+    let all = a.json();
+    let all = all.as_array().unwrap();
+    assert_eq!(
+        all.len(),
+        BINDINGS + 1,
+        "the default binding and the explicit ones"
+    );
+    assert_eq!(all[0]["source"], "");
+    assert_eq!(all[1]["routing_key"], "key.00000");
+    api.delete(&format!("/api/vhosts/{vhost}")).await;
+}

@@ -75,7 +75,7 @@ where
     match page {
         Some(page) => Ok(ok(paginate(items, name, &render, page, &page_query)?)),
         None => Ok(stream(
-            items,
+            items.into_iter(),
             Box::new(move |item: &T, out: &mut dyn FnMut(Value)| out(render(item))),
             permit,
         )),
@@ -153,15 +153,15 @@ fn paginate<T>(
     }))
 }
 
-/// A JSON array whose items are rendered as the body is sent. A list that fits in one piece
-/// is sent whole, with its length.
+/// A JSON array whose items are rendered as the body is sent (and taken from `items` only
+/// then). A list that fits in one piece is sent whole, with its length.
 pub fn stream<T: Send + Unpin + 'static>(
-    items: Vec<T>,
+    items: impl Iterator<Item = T> + Send + 'static,
     render: RenderMany<T>,
     permit: Option<OwnedSemaphorePermit>,
 ) -> Response {
     let mut body = ListBody {
-        items: items.into_iter(),
+        items: Box::new(items),
         render,
         opened: false,
         started: false,
@@ -189,7 +189,7 @@ pub fn stream<T: Send + Unpin + 'static>(
 }
 
 struct ListBody<T> {
-    items: std::vec::IntoIter<T>,
+    items: Box<dyn Iterator<Item = T> + Send>,
     render: RenderMany<T>,
     opened: bool,
     /// An object has been written (the next one needs a comma).
@@ -350,7 +350,7 @@ mod tests {
     fn a_long_list_is_rendered_piece_by_piece() {
         let items: Vec<u32> = (0..10_000).collect();
         let mut body = ListBody {
-            items: items.into_iter(),
+            items: Box::new(items.into_iter()),
             render: Box::new(|i: &u32, out: &mut dyn FnMut(Value)| {
                 out(json!({"name": format!("item-{i}")}))
             }),
