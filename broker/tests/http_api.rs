@@ -2498,58 +2498,6 @@ async fn definitions_with_stream_queues_global_parameters_or_dangling_bindings_a
 }
 
 #[tokio::test]
-async fn a_second_definitions_import_while_one_runs_is_refused_with_409() {
-    use tokio::io::AsyncWriteExt;
-    let (b, api) = broker().await;
-    if b.is_external() {
-        return;
-    }
-    let addr = b.running().management_addr;
-    let first = json!({"vhosts": [{"name": "first-import"}]}).to_string();
-    // The first import's document arrives slowly: the import is under way meanwhile.
-    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let head = format!(
-        "POST /api/definitions HTTP/1.1\r\nHost: {addr}\r\n{AUTH}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        first.len()
-    );
-    socket.write_all(head.as_bytes()).await.unwrap();
-    socket.write_all(&first.as_bytes()[..5]).await.unwrap();
-    socket.flush().await.unwrap();
-    let second = json!({"vhosts": [{"name": "second-import"}]}).to_string();
-    let mut refused = None;
-    for _ in 0..50 {
-        let a = api.post("/api/definitions", &second).await;
-        if a.status.as_u16() == 409 {
-            refused = Some(a);
-            break;
-        }
-        // The first request may not have reached its handler yet.
-        assert_eq!(a.status.as_u16(), 204, "{}", a.text);
-        api.delete("/api/vhosts/second-import").await;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let refused = refused.expect("the second import is refused while the first runs");
-    assert!(
-        refused
-            .error(409, "conflict")
-            .as_str()
-            .unwrap()
-            .contains("in progress")
-    );
-    let (status, _) = raw_request(
-        &mut socket,
-        "",
-        Some((&first[5..], Duration::from_millis(0))),
-    )
-    .await;
-    assert_eq!(status, 204);
-    api.json("/api/vhosts/first-import").await;
-    // Once it has finished, the next import runs.
-    api.post("/api/definitions", &second).await.status(204);
-    api.json("/api/vhosts/second-import").await;
-}
-
-#[tokio::test]
 async fn a_vhost_default_queue_type_is_kept_exported_and_imported() {
     let (b, api) = broker().await;
     if b.is_external() {
