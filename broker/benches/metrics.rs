@@ -48,6 +48,10 @@ fn state(dir: &std::path::Path) -> AppState {
         heavy_lists: Arc::new(tokio::sync::Semaphore::new(
             warren_broker::http::HEAVY_LISTS,
         )),
+        list_wait: Duration::from_secs(60),
+        heavy_scrapes: Arc::new(tokio::sync::Semaphore::new(
+            warren_broker::http::HEAVY_SCRAPES,
+        )),
         imports: Arc::new(tokio::sync::Mutex::new(())),
     }
 }

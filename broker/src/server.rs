@@ -166,14 +166,13 @@ async fn serve(
     }
     let mut management_tls = None;
     if let (Some(addr), Some(tls)) = (config.management_tls_listen, &tls_config) {
+        // Its handshakes are made under the HTTPS listener's connection cap, not here.
         let (l, bound) = bind(addr).await?;
-        let l = TlsListener::new(l, tls.clone(), handshake)
-            .map_err(|source| StartError::Listen { addr, source })?;
         listeners.push(ListenerInfo {
             protocol: "https",
             addr: bound,
         });
-        management_tls = Some((l, bound));
+        management_tls = Some((l, tls.clone(), bound));
     }
 
     let (shutdown, watcher) = watch::channel(false);
@@ -193,6 +192,8 @@ async fn serve(
         listeners: Arc::new(listeners),
         stopping: watcher.clone(),
         heavy_lists: Arc::new(tokio::sync::Semaphore::new(crate::http::HEAVY_LISTS)),
+        list_wait: Duration::from_millis(config.http_idle_timeout_ms),
+        heavy_scrapes: Arc::new(tokio::sync::Semaphore::new(crate::http::HEAVY_SCRAPES)),
         imports: Arc::new(tokio::sync::Mutex::new(())),
     };
 
@@ -222,10 +223,11 @@ async fn serve(
         limits,
         watcher.clone(),
     ))];
-    let management_tls_addr = management_tls.as_ref().map(|(_, a)| *a);
-    if let Some((l, _)) = management_tls {
-        http.push(tokio::spawn(crate::http::serve::serve(
+    let management_tls_addr = management_tls.as_ref().map(|(_, _, a)| *a);
+    if let Some((l, tls, _)) = management_tls {
+        http.push(tokio::spawn(crate::http::serve::serve_tls(
             l,
+            tls,
             api,
             limits,
             watcher.clone(),

@@ -2547,58 +2547,6 @@ async fn definitions_with_stream_queues_global_parameters_or_dangling_bindings_a
 }
 
 #[tokio::test]
-async fn a_second_definitions_import_while_one_runs_is_refused_with_409() {
-    use tokio::io::AsyncWriteExt;
-    let (b, api) = broker().await;
-    if b.is_external() {
-        return;
-    }
-    let addr = b.running().management_addr;
-    let first = json!({"vhosts": [{"name": "first-import"}]}).to_string();
-    // The first import's document arrives slowly: the import is under way meanwhile.
-    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let head = format!(
-        "POST /api/definitions HTTP/1.1\r\nHost: {addr}\r\n{AUTH}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        first.len()
-    );
-    socket.write_all(head.as_bytes()).await.unwrap();
-    socket.write_all(&first.as_bytes()[..5]).await.unwrap();
-    socket.flush().await.unwrap();
-    let second = json!({"vhosts": [{"name": "second-import"}]}).to_string();
-    let mut refused = None;
-    for _ in 0..50 {
-        let a = api.post("/api/definitions", &second).await;
-        if a.status.as_u16() == 409 {
-            refused = Some(a);
-            break;
-        }
-        // The first request may not have reached its handler yet.
-        assert_eq!(a.status.as_u16(), 204, "{}", a.text);
-        api.delete("/api/vhosts/second-import").await;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let refused = refused.expect("the second import is refused while the first runs");
-    assert!(
-        refused
-            .error(409, "conflict")
-            .as_str()
-            .unwrap()
-            .contains("in progress")
-    );
-    let (status, _) = raw_request(
-        &mut socket,
-        "",
-        Some((&first[5..], Duration::from_millis(0))),
-    )
-    .await;
-    assert_eq!(status, 204);
-    api.json("/api/vhosts/first-import").await;
-    // Once it has finished, the next import runs.
-    api.post("/api/definitions", &second).await.status(204);
-    api.json("/api/vhosts/second-import").await;
-}
-
-#[tokio::test]
 async fn a_vhost_default_queue_type_is_kept_exported_and_imported() {
     let (b, api) = broker().await;
     if b.is_external() {
@@ -2881,4 +2829,191 @@ async fn a_definitions_import_sets_the_cluster_name_from_its_global_parameters()
         api.json("/api/cluster-name").await,
         json!({"name": "imported"})
     );
+}
+
+#[tokio::test]
+async fn clients_that_stop_reading_long_lists_do_not_block_other_lists() {
+    use tokio::io::AsyncWriteExt;
+    let b = TestBroker::start_with(|c| c.http_idle_timeout_ms = 1000).await;
+    if b.is_external() {
+        return;
+    }
+    // A list far larger than what the sockets buffer for a client that reads nothing.
+    let vhost = b.broker().vhost("/").unwrap();
+    for i in 0..20000 {
+        vhost
+            .declare_queue(
+                warren_broker::broker::queue::QueueSpec {
+                    name: format!("stalled.list.queue.{i:05}"),
+                    durable: false,
+                    exclusive: false,
+                    auto_delete: false,
+                    arguments: FieldTable::default(),
+                },
+                0,
+            )
+            .unwrap();
+    }
+    let addr = b.running().management_addr;
+    // As many clients as there are listing places ask for it and never read the answer.
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut s = socket.connect(addr).await.unwrap();
+        let head = format!("GET /api/queues HTTP/1.1\r\nHost: {addr}\r\n{AUTH}\r\n");
+        s.write_all(head.as_bytes()).await.unwrap();
+        stalled.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Another listing is still answered: once the stalled ones have timed out, or with 503.
+    let api = Api::new(&b);
+    let a = within(10, api.get("/api/queues?columns=name")).await;
+    let status = a.status.as_u16();
+    assert!(status == 200 || status == 503, "{status}");
+    if status == 503 {
+        assert!(a.json()["reason"].is_string());
+    }
+    drop(stalled);
+}
+
+#[tokio::test]
+async fn a_page_far_past_the_end_is_out_of_range_as_in_rabbitmq() {
+    let (_b, api) = broker().await;
+    for page in ["9223372036854775807", "99999999999999999999999"] {
+        let reason = api
+            .get(&format!("/api/exchanges?page={page}&page_size=100"))
+            .await
+            .error(400, "page_out_of_range");
+        let reason = reason.as_str().unwrap();
+        assert!(
+            reason.starts_with(&format!(
+                "Page out of range, page: {page} page size: 100, len: "
+            )),
+            "{reason}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_definitions_document_still_arriving_does_not_hold_up_other_imports() {
+    use tokio::io::AsyncWriteExt;
+    let (b, api) = broker().await;
+    if b.is_external() {
+        return;
+    }
+    let addr = b.running().management_addr;
+    // One client starts an import and sends its document slowly...
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /api/definitions HTTP/1.1\r\nHost: {addr}\r\n{AUTH}Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{"
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // ...while another's complete document is imported.
+    let vhost = unique("import-beside-slow");
+    let defs = json!({"vhosts": [{"name": vhost}]});
+    api.post("/api/definitions", &defs.to_string())
+        .await
+        .status(204);
+    api.get(&format!("/api/vhosts/{vhost}")).await.status(200);
+    api.delete(&format!("/api/vhosts/{vhost}")).await;
+    drop(slow);
+}
+
+#[tokio::test]
+async fn a_refused_request_with_a_large_or_expected_body_is_answered_at_once_and_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let b = TestBroker::start().await;
+    if b.is_external() {
+        return;
+    }
+    let addr = b.running().management_addr;
+    for extra in [
+        "Content-Length: 50000000\r\n",
+        "Content-Length: 100\r\nExpect: 100-continue\r\n",
+    ] {
+        let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "PUT /api/queues/%2F/never HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Basic Z3Vlc3Q6bm9wZQ==\r\nContent-Type: application/json\r\n{extra}\r\n"
+        );
+        socket.write_all(head.as_bytes()).await.unwrap();
+        // The body is never sent: the refusal comes without waiting for it (or asking for
+        // it with 100 Continue), and the connection is closed after it.
+        let mut answer = Vec::new();
+        within(2, socket.read_to_end(&mut answer)).await.unwrap();
+        let text = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+        assert!(text.starts_with("http/1.1 401"), "{extra}: {text}");
+        assert!(text.contains("connection: close"), "{extra}: {text}");
+    }
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn an_exchange_with_many_bindings_is_listed_in_pieces() {
+    let (b, api) = broker().await;
+    if b.is_external() {
+        return;
+    }
+    let vhost = unique("many-bindings");
+    api.put(&format!("/api/vhosts/{vhost}"), "{}")
+        .await
+        .status(201);
+    api.put(&format!("/api/exchanges/{vhost}/x"), r#"{"type":"direct"}"#)
+        .await
+        .status(201);
+    api.put(&format!("/api/queues/{vhost}/q"), "{}")
+        .await
+        .status(201);
+    let v = b.broker().vhost(&vhost).unwrap();
+    const BINDINGS: usize = 2000;
+    for i in 0..BINDINGS {
+        v.bind(
+            "x",
+            "q",
+            warren_broker::broker::vhost::DestinationKind::Queue,
+            &format!("key.{i:05}"),
+            &FieldTable::default(),
+            0,
+        )
+        .unwrap();
+    }
+    // One exchange's bindings are not rendered in one piece: the body is sent in chunks of
+    // a few tens of kilobytes.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = b.running().management_addr;
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "GET /api/bindings/{vhost} HTTP/1.1\r\nHost: {addr}\r\n{AUTH}Connection: close\r\n\r\n"
+    );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    within(10, socket.read_to_end(&mut raw)).await.unwrap();
+    let header_end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8_lossy(&raw[..header_end]).to_ascii_lowercase();
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+    let (mut rest, mut body, mut sizes) = (&raw[header_end..], Vec::new(), Vec::new());
+    loop {
+        let line_end = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&rest[..line_end]).unwrap(), 16).unwrap();
+        if size == 0 {
+            break;
+        }
+        sizes.push(size);
+        body.extend_from_slice(&rest[line_end + 2..line_end + 2 + size]);
+        rest = &rest[line_end + 2 + size + 2..];
+    }
+    assert!(sizes.len() > 2, "{sizes:?}");
+    assert!(sizes.iter().all(|&s| s < 100_000), "{sizes:?}");
+    let all: Value = serde_json::from_slice(&body).unwrap();
+    let all = all.as_array().unwrap();
+    assert_eq!(
+        all.len(),
+        BINDINGS + 1,
+        "the default binding and the explicit ones"
+    );
+    assert_eq!(all[0]["source"], "");
+    assert_eq!(all[1]["routing_key"], "key.00000");
+    api.delete(&format!("/api/vhosts/{vhost}")).await;
 }

@@ -506,6 +506,60 @@ async fn https_management_answers_with_basic_auth() {
 }
 
 #[tokio::test]
+async fn https_handshakes_count_against_the_connection_cap_and_time_out_like_idle_requests() {
+    let pki = Pki::new();
+    let b = tls_broker(&pki, |p, c| {
+        p.listen(c);
+        c.http_max_connections = 1;
+        c.http_idle_timeout_ms = 1000;
+        c.handshake_timeout = 60;
+    })
+    .await;
+    let addr = https_addr(&b);
+    let connector = raw_connector(&pki.ca, None);
+    let name = ServerName::IpAddress(addr.ip().into());
+    // A client that connects and never starts its handshake takes the only place...
+    let mut stalled = TcpStream::connect(addr).await.expect("connect");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // ...so another client's handshake is not answered while it is open...
+    let waiting = TcpStream::connect(addr).await.expect("connect");
+    assert!(
+        tokio::time::timeout(
+            Duration::from_millis(300),
+            connector.connect(name.clone(), waiting)
+        )
+        .await
+        .is_err(),
+        "a handshake past the cap was answered"
+    );
+    // ...until the stalled one is closed, after the idle timeout rather than the AMQP
+    // handshake timeout...
+    let mut buf = [0u8; 16];
+    let read = within(5, stalled.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "stalled connection not closed: {read:?}"
+    );
+    // ...and then a client is served.
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let mut tls = within(5, connector.connect(name, tcp))
+        .await
+        .expect("handshake once a place is free");
+    tls.write_all(
+        format!(
+            "GET /api/whoami HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Basic Z3Vlc3Q6Z3Vlc3Q=\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    let _ = within(5, tls.read_to_end(&mut answer)).await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+}
+
+#[tokio::test]
 async fn https_refuses_a_client_that_does_not_trust_the_ca() {
     let pki = Pki::new();
     let b = tls_broker(&pki, Pki::listen).await;

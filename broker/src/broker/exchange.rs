@@ -336,6 +336,11 @@ impl Exchange {
         self.routes.read().bindings.clone()
     }
 
+    /// How many bindings it has, without copying them.
+    pub fn binding_count(&self) -> usize {
+        self.routes.read().bindings.len()
+    }
+
     pub fn has_bindings(&self) -> bool {
         !self.routes.read().bindings.is_empty()
     }

@@ -725,6 +725,41 @@ fn objects_of<'a>(known: &'a mut Objects, vhost: &str) -> &'a (BTreeSet<String>,
     known.entry(vhost.to_owned()).or_default()
 }
 
+/// What has been applied so far, with `done` of the step under way.
+fn progress(applied: &[String], done: usize, step: &str) -> Vec<String> {
+    let mut p = applied.to_vec();
+    p.push(format!("{done} {step}"));
+    p
+}
+
+/// An error that stopped the import at `what`, naming what it had applied before.
+fn stopped(e: ApiError, what: &str, applied: &[String]) -> ApiError {
+    match e {
+        ApiError::Json {
+            status,
+            error,
+            reason,
+        } => {
+            let reason = reason
+                .as_str()
+                .map_or_else(|| reason.to_string(), str::to_owned);
+            let before = if applied.is_empty() {
+                "nothing".to_owned()
+            } else {
+                applied.join(", ")
+            };
+            ApiError::new(
+                status,
+                error,
+                format!(
+                    "definitions import stopped at {what}: {reason}; applied before it: {before}"
+                ),
+            )
+        }
+        other => other,
+    }
+}
+
 fn apply(state: &AppState, caller: &Caller, plan: Plan) -> ApiResult<()> {
     let b = &state.broker;
     let started = std::time::Instant::now();
@@ -737,37 +772,82 @@ fn apply(state: &AppState, caller: &Caller, plan: Plan) -> ApiResult<()> {
         plan.queues.len(),
         plan.bindings.len(),
     );
+    // The plan was checked whole, but a storage error can still stop it half-way: the error
+    // then says what had been applied before it.
+    let mut applied: Vec<String> = Vec::new();
     if let Some(name) = &plan.cluster_name {
-        b.set_cluster_name(name)
-            .map_err(|e| ApiError::internal(e.to_string()))?;
+        b.set_cluster_name(name).map_err(|e| {
+            stopped(
+                ApiError::internal(e.to_string()),
+                "the cluster name",
+                &applied,
+            )
+        })?;
+        applied.push("the cluster name".into());
     }
+    let mut done = 0;
     for (name, description, tags, default_queue_type) in plan.vhosts {
+        let what = format!("vhost {name}");
         if b.put_vhost(&name, &description, tags, default_queue_type)
-            .map_err(admin_error)?
+            .map_err(|e| stopped(admin_error(e), &what, &progress(&applied, done, "vhosts")))?
         {
             b.set_permission(caller.name(), &name, ".*", ".*", ".*")
-                .map_err(admin_error)?;
+                .map_err(|e| stopped(admin_error(e), &what, &progress(&applied, done, "vhosts")))?;
         }
+        done += 1;
     }
+    applied.push(format!("{done} vhosts"));
+    done = 0;
     for (name, password, tags) in plan.users {
-        b.put_user(&name, password, tags).map_err(admin_error)?;
+        b.put_user(&name, password, tags).map_err(|e| {
+            stopped(
+                admin_error(e),
+                &format!("user {name}"),
+                &progress(&applied, done, "users"),
+            )
+        })?;
+        done += 1;
     }
+    applied.push(format!("{done} users"));
+    done = 0;
     for (user, vhost, c, w, r) in plan.permissions {
-        b.set_permission(&user, &vhost, &c, &w, &r)
-            .map_err(admin_error)?;
+        b.set_permission(&user, &vhost, &c, &w, &r).map_err(|e| {
+            stopped(
+                admin_error(e),
+                &format!("the permissions of {user} in vhost {vhost}"),
+                &progress(&applied, done, "permissions"),
+            )
+        })?;
+        done += 1;
     }
+    applied.push(format!("{done} permissions"));
     for (vhost, limits) in plan.limits {
         for (k, n) in limits {
-            b.set_vhost_limit(&vhost, &k, Some(n))
-                .map_err(admin_error)?;
+            b.set_vhost_limit(&vhost, &k, Some(n)).map_err(|e| {
+                stopped(
+                    admin_error(e),
+                    &format!("limit {k} of vhost {vhost}"),
+                    &applied,
+                )
+            })?;
         }
     }
+    applied.push("the vhost limits".into());
+    done = 0;
     for (vhost, policy) in plan.policies {
         if let Some(v) = b.vhost(&vhost) {
-            v.set_policy(policy)
-                .map_err(|e| ApiError::internal(e.text))?;
+            let what = format!("policy {} in vhost {vhost}", policy.name);
+            v.set_policy(policy).map_err(|e| {
+                stopped(
+                    ApiError::internal(e.text),
+                    &what,
+                    &progress(&applied, done, "policies"),
+                )
+            })?;
         }
+        done += 1;
     }
+    applied.push(format!("{done} policies"));
     // As RabbitMQ: an object that exists already with other attributes is left as it is.
     for (vhost, spec) in plan.exchanges {
         if let Some(v) = b.vhost(&vhost) {
@@ -809,25 +889,25 @@ fn apply(state: &AppState, caller: &Caller, plan: Plan) -> ApiResult<()> {
 }
 
 /// Reads the document and applies it, one import at a time: a second import while one runs
-/// gets 409. The body is read with the lock held (so an import is refused, not queued, while
-/// another's document is still arriving); checking and applying run on a blocking thread and
-/// finish even if the client has gone, so an import is never left half-applied.
+/// gets 409. The (size-limited) body is read before the lock is tried, so a client slow to
+/// send its document holds up no other import; checking and applying run on a blocking
+/// thread and finish even if the client has gone.
 async fn run_import(
     state: AppState,
     caller: Caller,
     request: Request,
     vhost: Option<String>,
 ) -> ApiResult<Response> {
+    let body = match Bytes::from_request(request, &()).await {
+        Ok(body) => body,
+        Err(rejection) => return Ok(rejection.into_response()),
+    };
     let Ok(lock) = state.imports.clone().try_lock_owned() else {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "conflict",
             "another definitions import is in progress; try again once it has finished",
         ));
-    };
-    let body = match Bytes::from_request(request, &()).await {
-        Ok(body) => body,
-        Err(rejection) => return Ok(rejection.into_response()),
     };
     let applied = tokio::task::spawn_blocking(move || {
         let _lock = lock;
@@ -863,4 +943,22 @@ pub async fn import_vhost(
         return Err(ApiError::vhost_not_found());
     }
     run_import(state, caller, request, Some(vhost)).await
+}
+
+#[cfg(test)]
+mod import_errors {
+    use super::*;
+
+    #[test]
+    fn an_import_stopped_part_way_says_where_and_what_was_applied() {
+        let applied = progress(&["the cluster name".to_owned()], 2, "vhosts");
+        let e = stopped(ApiError::internal("disk full"), "vhost v3", &applied);
+        let ApiError::Json { reason, .. } = e else {
+            panic!("{e:?}");
+        };
+        assert_eq!(
+            reason,
+            "definitions import stopped at vhost v3: disk full; applied before it: the cluster name, 2 vhosts"
+        );
+    }
 }

@@ -47,8 +47,10 @@ where
 {
     let page = match query.get("page") {
         None => None,
+        // Wider than any list's page count, so that a huge page (which RabbitMQ answers as
+        // out of range) is not taken for a malformed one.
         Some(p) => Some(
-            p.parse::<i64>()
+            p.parse::<i128>()
                 .map_err(|_| ApiError::bad_request("Pagination parameters are invalid"))?,
         ),
     };
@@ -73,7 +75,7 @@ where
     match page {
         Some(page) => Ok(ok(paginate(items, name, &render, page, &page_query)?)),
         None => Ok(stream(
-            items,
+            items.into_iter(),
             Box::new(move |item: &T, out: &mut dyn FnMut(Value)| out(render(item))),
             permit,
         )),
@@ -87,7 +89,7 @@ fn paginate<T>(
     items: Vec<T>,
     name: fn(&T) -> &str,
     render: &dyn Fn(&T) -> Value,
-    page: i64,
+    page: i128,
     query: &Query,
 ) -> ApiResult<Value> {
     let size = match query.get("page_size") {
@@ -128,35 +130,38 @@ fn paginate<T>(
     let filtered_count = filtered.len();
     // As in RabbitMQ: an empty list has no pages.
     let page_count = filtered_count.div_ceil(size);
-    let start = (page as usize - 1) * size;
-    if start > 0 && start >= filtered_count {
+    // Checked: a page far past the end must not wrap round to a real one.
+    let start = usize::try_from(page - 1)
+        .ok()
+        .and_then(|p| p.checked_mul(size));
+    let Some(start) = start.filter(|&s| s == 0 || s < filtered_count) else {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "page_out_of_range",
             format!("Page out of range, page: {page} page size: {size}, len: {filtered_count}"),
         ));
-    }
+    };
     let page_items: Vec<Value> = filtered.iter().skip(start).take(size).map(render).collect();
     Ok(json!({
         "filtered_count": filtered_count,
         "item_count": page_items.len(),
         "items": page_items,
-        "page": page,
+        "page": start / size + 1,
         "page_count": page_count,
         "page_size": size,
         "total_count": total,
     }))
 }
 
-/// A JSON array whose items are rendered as the body is sent. A list that fits in one piece
-/// is sent whole, with its length.
+/// A JSON array whose items are rendered as the body is sent (and taken from `items` only
+/// then). A list that fits in one piece is sent whole, with its length.
 pub fn stream<T: Send + Unpin + 'static>(
-    items: Vec<T>,
+    items: impl Iterator<Item = T> + Send + 'static,
     render: RenderMany<T>,
     permit: Option<OwnedSemaphorePermit>,
 ) -> Response {
     let mut body = ListBody {
-        items: items.into_iter(),
+        items: Box::new(items),
         render,
         opened: false,
         started: false,
@@ -184,7 +189,7 @@ pub fn stream<T: Send + Unpin + 'static>(
 }
 
 struct ListBody<T> {
-    items: std::vec::IntoIter<T>,
+    items: Box<dyn Iterator<Item = T> + Send>,
     render: RenderMany<T>,
     opened: bool,
     /// An object has been written (the next one needs a comma).
@@ -314,7 +319,7 @@ mod tests {
         assert_eq!(out, json!({"name": "q", "message_stats": {"publish": 3}}));
     }
 
-    fn page(items: Vec<Value>, page: i64, query: &Query) -> ApiResult<Value> {
+    fn page(items: Vec<Value>, page: i128, query: &Query) -> ApiResult<Value> {
         paginate(items, value_name, &Value::clone, page, query)
     }
 
@@ -328,6 +333,14 @@ mod tests {
         assert!(page(items.clone(), 99, &q(&[("page_size", "2")])).is_err());
         assert!(page(items.clone(), 0, &q(&[])).is_err());
         assert!(page(items.clone(), 1, &q(&[("page_size", "600")])).is_err());
+        let huge = page(items.clone(), i64::MAX.into(), &q(&[("page_size", "100")]));
+        let huge = huge.unwrap_err().into_response();
+        assert_eq!(huge.status(), StatusCode::BAD_REQUEST);
+        let huge = page(items.clone(), i128::MAX, &q(&[("page_size", "500")]));
+        assert_eq!(
+            huge.unwrap_err().into_response().status(),
+            StatusCode::BAD_REQUEST
+        );
         let filtered = page(items, 1, &q(&[("name", "q1")])).unwrap();
         assert_eq!(filtered["filtered_count"], 1);
         assert_eq!(page(Vec::new(), 1, &q(&[])).unwrap()["page_count"], 0);
@@ -337,7 +350,7 @@ mod tests {
     fn a_long_list_is_rendered_piece_by_piece() {
         let items: Vec<u32> = (0..10_000).collect();
         let mut body = ListBody {
-            items: items.into_iter(),
+            items: Box::new(items.into_iter()),
             render: Box::new(|i: &u32, out: &mut dyn FnMut(Value)| {
                 out(json!({"name": format!("item-{i}")}))
             }),

@@ -94,17 +94,45 @@ async fn detailed(State(state): State<AppState>, RawQuery(query): RawQuery) -> R
             _ => {}
         }
     }
-    encoded(tokio::task::spawn_blocking(move || render_detailed(&state, &families, &vhosts)).await)
+    // Every listed queue's metrics and then the whole text are held: a few at a time.
+    let permit = match state.heavy_scrape_permit().await {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    encoded(
+        tokio::task::spawn_blocking(move || render_detailed(&state, &families, &vhosts)).await,
+        Some(permit),
+    )
 }
 
 async fn scrape(state: AppState, per_object: bool) -> Response {
+    // Per object, every queue's metrics and then the whole text are held: a few at a time.
+    let permit = if per_object {
+        match state.heavy_scrape_permit().await {
+            Ok(p) => Some(p),
+            Err(e) => return e.into_response(),
+        }
+    } else {
+        None
+    };
     // A walk over every queue and channel: off the async workers.
-    encoded(tokio::task::spawn_blocking(move || render(&state, per_object)).await)
+    encoded(
+        tokio::task::spawn_blocking(move || render(&state, per_object)).await,
+        permit,
+    )
 }
 
-fn encoded(text: Result<prometheus::Result<Vec<u8>>, tokio::task::JoinError>) -> Response {
+/// The scrape's text, with `permit` held until it has been handed over whole.
+fn encoded(
+    text: Result<prometheus::Result<Vec<u8>>, tokio::task::JoinError>,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+) -> Response {
     match text {
         Ok(Ok(body)) => {
+            let body = axum::body::Body::new(Scraped {
+                text: Some(body.into()),
+                _permit: permit,
+            });
             ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
         }
         Ok(Err(e)) => {
@@ -112,6 +140,33 @@ fn encoded(text: Result<prometheus::Result<Vec<u8>>, tokio::task::JoinError>) ->
             StatusCode::INTERNAL_SERVER_ERROR.into_response()
         }
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// A scrape's text, holding its place until the body is done.
+struct Scraped {
+    text: Option<axum::body::Bytes>,
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl http_body::Body for Scraped {
+    type Data = axum::body::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        std::task::Poll::Ready(this.text.take().map(|t| Ok(http_body::Frame::data(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.text.is_none()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.text.as_ref().map_or(0, |t| t.len() as u64))
     }
 }
 
@@ -1226,7 +1281,7 @@ pub fn render_detailed(
                     ("type", x.spec.kind.as_str()),
                 ];
                 if want_bindings {
-                    bindings.push(metric(&labels, x.bindings().len() as f64, GAUGE));
+                    bindings.push(metric(&labels, x.binding_count() as f64, GAUGE));
                 }
                 if want_names {
                     names.push(metric(&labels, 1.0, GAUGE));

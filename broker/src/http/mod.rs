@@ -47,6 +47,12 @@ pub struct AppState {
     pub stopping: tokio::sync::watch::Receiver<bool>,
     /// Listings of many objects (queues, exchanges, bindings) being sent at once; more wait.
     pub heavy_lists: Arc<tokio::sync::Semaphore>,
+    /// How long a listing waits for a place among them before it is answered 503 (the
+    /// listeners' idle timeout, after which a stalled reader's listing has been ended).
+    pub list_wait: std::time::Duration,
+    /// Per-object and detailed Prometheus scrapes being rendered and sent at once (each
+    /// holds every queue's metrics and then the whole text); more wait.
+    pub heavy_scrapes: Arc<tokio::sync::Semaphore>,
     /// Held by the definitions import under way (one at a time).
     pub imports: Arc<tokio::sync::Mutex<()>>,
 }
@@ -55,14 +61,35 @@ pub struct AppState {
 /// its body has been sent.
 pub const HEAVY_LISTS: usize = 4;
 
+/// Per-object and detailed Prometheus scrapes rendered at once.
+pub const HEAVY_SCRAPES: usize = 2;
+
 impl AppState {
-    /// A place among the [`HEAVY_LISTS`] listings being sent, waiting for one if need be.
-    pub async fn heavy_list_permit(&self) -> tokio::sync::OwnedSemaphorePermit {
-        self.heavy_lists
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed")
+    /// A place among the [`HEAVY_LISTS`] listings being sent, waiting for one up to
+    /// `list_wait`; past that the request is answered 503, so it never waits without end.
+    pub async fn heavy_list_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        place(&self.heavy_lists, self.list_wait, "long listings").await
+    }
+
+    /// A place among the [`HEAVY_SCRAPES`], as [`heavy_list_permit`](Self::heavy_list_permit).
+    pub async fn heavy_scrape_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        place(&self.heavy_scrapes, self.list_wait, "per-object scrapes").await
+    }
+}
+
+/// A permit of `places`, waiting at most `wait`; then 503 with a reason naming `what`.
+async fn place(
+    places: &Arc<tokio::sync::Semaphore>,
+    wait: std::time::Duration,
+    what: &str,
+) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    match tokio::time::timeout(wait, places.clone().acquire_owned()).await {
+        Ok(Ok(permit)) => Ok(permit),
+        _ => Err(ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            format!("too many {what} are being sent at once; try again later"),
+        )),
     }
 }
 
@@ -293,4 +320,31 @@ fn basic_user(headers: &axum::http::HeaderMap) -> Option<String> {
     let value = headers.get(axum::http::header::AUTHORIZATION)?;
     let credentials = auth::basic_credentials(value).ok()?;
     Some(credentials.user().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_request_waiting_too_long_for_a_place_is_answered_503() {
+        let places = Arc::new(tokio::sync::Semaphore::new(1));
+        let held = place(&places, std::time::Duration::from_millis(10), "things")
+            .await
+            .unwrap();
+        let refused = place(&places, std::time::Duration::from_millis(10), "things")
+            .await
+            .unwrap_err()
+            .into_response();
+        assert_eq!(
+            refused.status(),
+            axum::http::StatusCode::SERVICE_UNAVAILABLE
+        );
+        drop(held);
+        assert!(
+            place(&places, std::time::Duration::from_millis(10), "things")
+                .await
+                .is_ok()
+        );
+    }
 }

@@ -2,7 +2,8 @@
 //! that their connections are bounded: a cap on concurrent connections per listener (past it,
 //! new connections wait in the kernel's backlog and hold no descriptor of ours), a timeout for
 //! the next request's headers (which also ends idle keep-alive connections) and for a request
-//! body that stops arriving, and request bodies that a handler left unread are drained, so the
+//! body that stops arriving, a timeout for a response the client stops reading (which ends
+//! the connection, so a long listing's place is given back), and request bodies that a handler left unread are drained, so the
 //! connection stays usable.
 
 use super::auth::PeerAddr;
@@ -42,13 +43,63 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves `router` on `listener` until `stop` turns true, then lets the open connections
 /// finish their requests and close.
-pub async fn serve<L>(
+pub async fn serve<L>(listener: L, router: Router, limits: Limits, stop: watch::Receiver<bool>)
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+{
+    serve_with(
+        listener,
+        |io, _| async move { Some(io) },
+        router,
+        limits,
+        stop,
+    )
+    .await;
+}
+
+/// Serves `router` over HTTPS: each connection's TLS handshake is made on its own task once
+/// it has a place under the cap (so handshakes count against it, and finished ones never
+/// wait holding a descriptor), and within the idle timeout, as a request's headers are.
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    router: Router,
+    limits: Limits,
+    stop: watch::Receiver<bool>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let timeout = limits.idle_timeout;
+    let handshake = move |io: tokio::net::TcpStream, peer: SocketAddr| {
+        let acceptor = acceptor.clone();
+        async move {
+            let _ = io.set_nodelay(true);
+            match tokio::time::timeout(timeout, acceptor.accept(io)).await {
+                Ok(Ok(tls)) => Some(tls),
+                Ok(Err(e)) => {
+                    tracing::info!(%peer, error = %e, "TLS handshake failed");
+                    None
+                }
+                Err(_) => {
+                    tracing::info!(%peer, "TLS handshake timed out");
+                    None
+                }
+            }
+        }
+    };
+    serve_with(listener, handshake, router, limits, stop).await;
+}
+
+async fn serve_with<L, H, F, I>(
     mut listener: L,
+    handshake: H,
     router: Router,
     limits: Limits,
     mut stop: watch::Receiver<bool>,
 ) where
     L: axum::serve::Listener<Addr = SocketAddr>,
+    H: Fn(L::Io, SocketAddr) -> F,
+    F: Future<Output = Option<I>> + Send + 'static,
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let (closing, closing_rx) = watch::channel(false);
@@ -66,14 +117,14 @@ pub async fn serve<L>(
             accepted = listener.accept() => accepted,
             () = stopped(&mut stop) => break,
         };
-        connections.spawn(serve_connection(
-            io,
-            peer,
-            router.clone(),
-            limits.idle_timeout,
-            closing_rx.clone(),
-            permit,
-        ));
+        let ready = handshake(io, peer);
+        let router = router.clone();
+        let closing = closing_rx.clone();
+        connections.spawn(async move {
+            if let Some(io) = ready.await {
+                serve_connection(io, peer, router, limits.idle_timeout, closing, permit).await;
+            }
+        });
         while connections.try_join_next().is_some() {}
     }
     drop(listener);
@@ -105,6 +156,11 @@ async fn serve_connection<I>(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(idle_timeout);
+    let io = WriteTimeout {
+        inner: io,
+        timeout: idle_timeout,
+        timer: None,
+    };
     let conn = builder.serve_connection(TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);
     let closed = async move {
@@ -122,6 +178,89 @@ async fn serve_connection<I>(
     }
 }
 
+/// A connection whose writes fail once the client has taken nothing for the timeout: hyper
+/// only times out reading headers, and a response (a long listing holding one of the few
+/// listing places) sent to a client that stopped reading would otherwise wait for ever.
+struct WriteTimeout<I> {
+    inner: I,
+    timeout: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<I> WriteTimeout<I> {
+    /// Turns a write still pending after the timeout into an error.
+    fn deadline<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        if poll.is_ready() {
+            self.timer = None;
+            return poll;
+        }
+        let timeout = self.timeout;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if timer.as_mut().poll(cx).is_ready() {
+            self.timer = None;
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client stopped reading the response",
+            )));
+        }
+        Poll::Pending
+    }
+}
+
+impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for WriteTimeout<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteTimeout<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.deadline(cx, poll)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.deadline(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_flush(cx);
+        this.deadline(cx, poll)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.deadline(cx, poll)
+    }
+}
+
 /// How long a request body may go without sending a byte, as the connection's idle timeout.
 #[derive(Debug, Clone, Copy)]
 struct BodyIdleTimeout(Duration);
@@ -131,8 +270,21 @@ struct BodyIdleTimeout(Duration);
 /// made, so the connection can carry the next request, as RabbitMQ's does. A body that stops
 /// arriving for the connection's idle timeout fails the request with 408 and closes the
 /// connection, so a slow client cannot hold it open.
+///
+/// A body that announces more than the drain limit, or waits for `100 Continue` before it is
+/// sent, is not drained: the response goes out at once with `Connection: close` (draining
+/// would hold it back, and reading the body would ask the client to send it all).
 pub async fn drain_unread_body(req: Request, next: Next) -> Response {
     let (parts, body) = req.into_parts();
+    let too_long = parts
+        .headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .is_some_and(|n| n > DRAIN_LIMIT as u64);
+    let expects_continue = parts
+        .headers
+        .get(axum::http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     let idle = parts.extensions.get::<BodyIdleTimeout>().map(|t| t.0);
     let shared = Arc::new(Mutex::new(Some(IdleBody {
         inner: body,
@@ -146,6 +298,14 @@ pub async fn drain_unread_body(req: Request, next: Next) -> Response {
     let Some(mut rest) = rest else {
         return response;
     };
+    if !rest.timed_out && !http_body::Body::is_end_stream(&rest) && (too_long || expects_continue) {
+        let mut response = response;
+        response.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+        return response;
+    }
     if !rest.timed_out && !http_body::Body::is_end_stream(&rest) {
         let mut drained = 0usize;
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {

@@ -10,7 +10,7 @@ use super::list::{Query, respond_with, stream};
 use super::sampler::{Key, LENGTHS, QUEUE_STATS, queue_reading};
 use crate::auth::Access;
 use crate::auth::permissions::checked_name;
-use crate::broker::exchange::{Destination, Exchange, ExchangeKind, ExchangeSpec};
+use crate::broker::exchange::{Binding, Destination, Exchange, ExchangeKind, ExchangeSpec};
 use crate::broker::queue::{Queue, QueueSpec};
 use crate::broker::vhost::{DestinationKind, Vhost};
 use crate::error::{ACCESS_REFUSED, AmqpError, NOT_FOUND};
@@ -113,7 +113,7 @@ async fn list_exchanges(
     query: &Query,
 ) -> ApiResult<Response> {
     let vhosts = vhosts_for(state, caller, one)?;
-    let permit = state.heavy_list_permit().await;
+    let permit = state.heavy_list_permit().await?;
     let mut items: Vec<(Arc<str>, Arc<Exchange>)> = Vec::new();
     for v in vhosts {
         let vhost = v.name.clone();
@@ -335,7 +335,7 @@ async fn list_queues(
     query: &Query,
 ) -> ApiResult<Response> {
     let vhosts = vhosts_for(state, caller, one)?;
-    let permit = state.heavy_list_permit().await;
+    let permit = state.heavy_list_permit().await?;
     let mut items: Vec<(Arc<str>, Arc<Queue>)> = Vec::new();
     for v in vhosts {
         let vhost = v.name.clone();
@@ -590,48 +590,69 @@ fn vhost_bindings(v: &Vhost, keep: &dyn Fn(&str, &str, &str) -> bool) -> Vec<Val
 /// exchange, or an exchange's bindings.
 enum BindingsOf {
     Implicit(Arc<str>, Arc<Queue>),
-    Explicit(Arc<str>, Arc<Exchange>),
+    Explicit(Arc<str>, Arc<Exchange>, Binding),
 }
 
 /// Every binding of the vhosts, each vhost's default-exchange bindings first, rendered only as
-/// the body is sent.
-async fn stream_bindings(state: &AppState, vhosts: Vec<Arc<Vhost>>) -> Response {
-    let permit = state.heavy_list_permit().await;
-    let mut items = Vec::new();
+/// the body is sent. Each binding is an item of its own, taken from its exchange only when
+/// the body gets there, so an exchange with very many bindings is sent in many pieces.
+async fn stream_bindings(state: &AppState, vhosts: Vec<Arc<Vhost>>) -> ApiResult<Response> {
+    let permit = state.heavy_list_permit().await?;
+    let mut implicit = Vec::new();
+    let mut explicit = Vec::new();
     for v in vhosts {
         let vhost = v.name.clone();
         let mut queues = v.queues();
         queues.sort_by(|a, b| a.name().cmp(b.name()));
-        items.extend(
-            queues
-                .into_iter()
-                .map(|q| BindingsOf::Implicit(vhost.clone(), q)),
-        );
         let mut exchanges = v.exchanges();
         exchanges.sort_by(|a, b| a.name().cmp(b.name()));
-        items.extend(
-            exchanges
-                .into_iter()
-                .map(|x| BindingsOf::Explicit(vhost.clone(), x)),
-        );
+        implicit.push((vhost.clone(), queues));
+        explicit.push((vhost, exchanges));
     }
-    stream(
+    // Vhost by vhost: its implicit bindings, then its exchanges' bindings.
+    let items =
+        implicit
+            .into_iter()
+            .zip(explicit)
+            .flat_map(|((vhost, queues), (same, exchanges))| {
+                let implicit = queues
+                    .into_iter()
+                    .map(move |q| BindingsOf::Implicit(vhost.clone(), q));
+                let explicit = exchanges.into_iter().flat_map(move |x| {
+                    let vhost = same.clone();
+                    x.bindings()
+                        .into_iter()
+                        .map(move |b| BindingsOf::Explicit(vhost.clone(), x.clone(), b))
+                });
+                implicit.chain(explicit)
+            });
+    Ok(stream(
         items,
         Box::new(|item: &BindingsOf, out: &mut dyn FnMut(Value)| match item {
             BindingsOf::Implicit(vhost, q) => out(implicit_binding(vhost, q)),
-            BindingsOf::Explicit(vhost, x) => {
-                for b in exchange_bindings(vhost, x, &|_, _, _| true) {
-                    out(b);
-                }
+            BindingsOf::Explicit(vhost, x, b) => {
+                let kind = if b.destination.is_queue() {
+                    "queue"
+                } else {
+                    "exchange"
+                };
+                out(binding_object(
+                    vhost,
+                    x.name(),
+                    b.destination.name(),
+                    kind,
+                    &b.routing_key,
+                    &b.arguments,
+                ));
             }
         }),
         Some(permit),
-    )
+    ))
 }
 
 pub async fn bindings(State(state): State<AppState>, caller: Caller) -> ApiResult<Response> {
     let vhosts = vhosts_for(&state, &caller, None)?;
-    Ok(stream_bindings(&state, vhosts).await)
+    stream_bindings(&state, vhosts).await
 }
 
 pub async fn bindings_in(
@@ -640,7 +661,7 @@ pub async fn bindings_in(
     Path(vhost): Path<String>,
 ) -> ApiResult<Response> {
     let v = vhost_for(&state, &caller, &vhost)?;
-    Ok(stream_bindings(&state, vec![v]).await)
+    stream_bindings(&state, vec![v]).await
 }
 
 fn filtered(v: &Vhost, keep: &dyn Fn(&str, &str, &str) -> bool) -> Value {
