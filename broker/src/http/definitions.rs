@@ -962,3 +962,58 @@ mod import_errors {
         );
     }
 }
+
+#[cfg(test)]
+mod one_import_at_a_time {
+    use super::*;
+    use crate::config::Config;
+    use crate::http::sampler::Sampler;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    fn state(data: &std::path::Path) -> AppState {
+        let broker = crate::broker::Broker::open(Config {
+            data_dir: data.to_path_buf(),
+            ..Config::default()
+        })
+        .expect("broker opens");
+        let (_, stopping) = tokio::sync::watch::channel(false);
+        AppState {
+            broker,
+            sampler: Arc::new(Sampler::default()),
+            listeners: Arc::new(Vec::new()),
+            stopping,
+            heavy_lists: Arc::new(tokio::sync::Semaphore::new(crate::http::HEAVY_LISTS)),
+            list_wait: Duration::from_secs(1),
+            heavy_scrapes: Arc::new(tokio::sync::Semaphore::new(crate::http::HEAVY_SCRAPES)),
+            imports: Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+
+    fn import_of_one_queue() -> Request {
+        Request::new(axum::body::Body::from(
+            r#"{"queues":[{"name":"q","vhost":"/","durable":true,"auto_delete":false,"arguments":{}}]}"#,
+        ))
+    }
+
+    #[tokio::test]
+    async fn an_import_while_another_runs_is_refused_with_409_and_applies_nothing() {
+        let data = tempfile::tempdir().unwrap();
+        let state = state(data.path());
+        let caller = Caller {
+            user: state.broker.users.get("guest").expect("the default user"),
+        };
+        let running = state.imports.clone().try_lock_owned().unwrap();
+        let refused = run_import(state.clone(), caller.clone(), import_of_one_queue(), None)
+            .await
+            .expect_err("refused while another import runs");
+        assert_eq!(refused.status(), StatusCode::CONFLICT);
+        assert!(state.broker.vhost("/").unwrap().queue("q").is_none());
+        drop(running);
+        let done = run_import(state.clone(), caller, import_of_one_queue(), None)
+            .await
+            .expect("applied once the other import is over");
+        assert_eq!(done.status(), StatusCode::NO_CONTENT);
+        assert!(state.broker.vhost("/").unwrap().queue("q").is_some());
+    }
+}
