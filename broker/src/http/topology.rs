@@ -25,8 +25,12 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 
-/// An AMQP refusal as the management API reports it.
+/// An AMQP refusal as the management API reports it; what the broker could not answer now
+/// (a node or a majority out of reach, no answer in time) is 503 whatever its AMQP code.
 pub fn amqp_error(e: AmqpError) -> ApiError {
+    if e.is_transient() {
+        return ApiError::unavailable(e.text);
+    }
     match e.code {
         ACCESS_REFUSED => ApiError::access_refused(),
         NOT_FOUND => ApiError::not_found_because(e.text),
@@ -859,6 +863,39 @@ pub async fn unbind(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_keep_their_status_and_transient_failures_are_503() {
+        let status = |e: AmqpError| amqp_error(e).status();
+        assert_eq!(
+            status(crate::error::not_found("no queue 'q' in vhost '/'")),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            status(crate::error::precondition_failed("inequivalent arg")),
+            StatusCode::BAD_REQUEST
+        );
+        for e in [
+            AmqpError::queue_down("/", "q", "warren@n1"),
+            AmqpError::no_majority("declare queue 'q' in vhost '/'"),
+            AmqpError::not_leader("declare queue 'q' in vhost '/'", None),
+            AmqpError::timed_out("declare queue 'q' in vhost '/'"),
+        ] {
+            assert_eq!(status(e), StatusCode::SERVICE_UNAVAILABLE);
+        }
+        let admin = |e: AmqpError| crate::http::vhosts::admin_error(e.into()).status();
+        assert_eq!(
+            admin(AmqpError::timed_out("create vhost 'v'")),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            admin(AmqpError::new(
+                crate::error::INTERNAL_ERROR,
+                "cannot write definitions"
+            )),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+    }
 
     #[test]
     fn properties_keys_quote_as_rabbitmq() {
