@@ -11,6 +11,7 @@ pub mod headers;
 pub mod message;
 pub mod policy;
 pub mod queue;
+pub mod queue_ref;
 pub mod ready;
 pub mod stats;
 pub mod throttle;
@@ -119,7 +120,7 @@ impl Broker {
             .flat_map(|v| {
                 v.queues()
                     .into_iter()
-                    .filter(|q| q.spec.durable)
+                    .filter(|q| q.durable())
                     .map(|q| (v.name.to_string(), q.name().to_owned(), q.top_level()))
                     .collect::<Vec<_>>()
             })
