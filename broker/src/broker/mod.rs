@@ -1,5 +1,6 @@
 //! Routing and queues, with no I/O: vhosts hold exchanges, bindings and queues; queues hand
 //! messages to consumers through the [`queue::DeliverySink`] the AMQP layer implements.
+//! Everything outside the queue module holds a queue by its [`queue_ref::QueueRef`] handle.
 
 pub mod admin;
 pub mod connections;

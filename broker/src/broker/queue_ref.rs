@@ -54,10 +54,10 @@ impl Hash for QueueRef {
 }
 
 impl QueueRef {
-    /// The identity of the queue behind the handle (for equality, hashing and ordering by
-    /// queue); never dereferenced.
+    /// The identity of the queue behind the handle, for equality and hashing; never
+    /// dereferenced.
     #[inline]
-    pub fn addr(&self) -> usize {
+    fn addr(&self) -> usize {
         match self {
             Self::Local(q) => Arc::as_ptr(q) as usize,
         }
