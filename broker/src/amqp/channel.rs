@@ -9,7 +9,8 @@ use crate::auth::Access;
 use crate::auth::permissions::{checked_name, dead_letter_checks};
 use crate::broker::Broker;
 use crate::broker::exchange::{ExchangeKind, ExchangeSpec};
-use crate::broker::queue::{ConsumeRefused, Consumer, Delivered, Queue, QueueSpec};
+use crate::broker::queue::{ConsumeRefused, Consumer, Delivered, QueueSpec};
+use crate::broker::queue_ref::QueueRef;
 use crate::broker::stats::MessageStats;
 use crate::broker::vhost::{DestinationKind, REPLY_TO, Vhost, describe};
 use crate::error::{
@@ -34,10 +35,10 @@ pub struct Session {
     /// The client's `consumer_cancel_notify` capability.
     pub cancel_notify: bool,
     /// Exclusive queues declared on this connection, deleted when it closes.
-    pub exclusive_queues: Vec<Arc<Queue>>,
+    pub exclusive_queues: Vec<QueueRef>,
     /// Queues this connection published to whose backlog is on disk while consumers take
     /// from them: flow control looks at them before reading more from the client.
-    pub flow: Vec<Arc<Queue>>,
+    pub flow: Vec<QueueRef>,
 }
 
 /// Most queues a connection remembers for flow control between two reads.
@@ -45,9 +46,9 @@ const FLOW_QUEUES: usize = 8;
 
 impl Session {
     /// Remembers queues a publish found backlogged, for flow control.
-    pub fn note_backlogged(&mut self, queues: Vec<Arc<Queue>>) {
+    pub fn note_backlogged(&mut self, queues: Vec<QueueRef>) {
         for q in queues {
-            if self.flow.len() < FLOW_QUEUES && !self.flow.iter().any(|f| Arc::ptr_eq(f, &q)) {
+            if self.flow.len() < FLOW_QUEUES && !self.flow.contains(&q) {
                 self.flow.push(q);
             }
         }
@@ -106,8 +107,8 @@ pub struct Channel {
     /// The spec's "most recently declared queue", used when a queue name is left empty.
     last_queue: Option<String>,
     /// Direct reply-to: the key of this channel's reply consumer, and its hidden queue.
-    pub(super) reply_to: Option<(String, Arc<Queue>)>,
-    pub(super) route_buf: Vec<Arc<Queue>>,
+    pub(super) reply_to: Option<(String, QueueRef)>,
+    pub(super) route_buf: Vec<QueueRef>,
     /// Committed transactions whose `commit-ok` waits for these flush epochs.
     pub(super) commits_waiting: std::collections::VecDeque<u64>,
     /// The exchange last published to, by name, and the users generation its write
@@ -423,7 +424,7 @@ impl Channel {
                         },
                         s.connection_id,
                     )?;
-                    if created && q.owner.is_some() {
+                    if created && q.owner().is_some() {
                         s.exclusive_queues.push(q.clone());
                     }
                     let (m, c) = (q.message_count(), q.consumer_count());
@@ -690,7 +691,7 @@ impl Channel {
             s.vhost.remove_queue(&entry.queue);
         }
         if let Some((key, q)) = &self.reply_to
-            && Arc::ptr_eq(q, &entry.queue)
+            && *q == entry.queue
         {
             s.vhost.remove_reply_queue(key);
             q.delete(false, false).ok();
@@ -868,7 +869,7 @@ fn binding_permitted(s: &Session, kind: &str, destination: &str, source: &str) -
 fn runs_by_queue(taken: Vec<(u64, Delivered)>) -> Vec<Vec<Delivered>> {
     let mut runs: Vec<Vec<Delivered>> = Vec::new();
     for (_, d) in taken {
-        match runs.iter_mut().find(|r| Arc::ptr_eq(&r[0].queue, &d.queue)) {
+        match runs.iter_mut().find(|r| r[0].queue == d.queue) {
             Some(run) => run.push(d),
             None => runs.push(vec![d]),
         }

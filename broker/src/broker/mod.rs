@@ -1,5 +1,6 @@
 //! Routing and queues, with no I/O: vhosts hold exchanges, bindings and queues; queues hand
 //! messages to consumers through the [`queue::DeliverySink`] the AMQP layer implements.
+//! Everything outside the queue module holds a queue by its [`queue_ref::QueueRef`] handle.
 
 pub mod admin;
 pub mod connections;
@@ -11,6 +12,7 @@ pub mod headers;
 pub mod message;
 pub mod policy;
 pub mod queue;
+pub mod queue_ref;
 pub mod ready;
 pub mod stats;
 pub mod throttle;
@@ -119,7 +121,7 @@ impl Broker {
             .flat_map(|v| {
                 v.queues()
                     .into_iter()
-                    .filter(|q| q.spec.durable)
+                    .filter(|q| q.durable())
                     .map(|q| (v.name.to_string(), q.name().to_owned(), q.top_level()))
                     .collect::<Vec<_>>()
             })

@@ -11,6 +11,7 @@ use super::headers::{type_name, value_text, values_equal};
 use super::message::{Message, now_ms};
 use super::policy::{self, Policy, QueueKind};
 use super::queue::{DeleteRefused, Enqueued, Links, Queue, QueueSpec, QueuedMessage, top_level};
+use super::queue_ref::QueueRef;
 use super::ready::{LazyStore, Window};
 use super::stats::{Churn, MessageStats};
 use super::throttle::{TOO_MANY_REQUESTS, Throttle};
@@ -90,7 +91,7 @@ pub struct EnqueueOutcome {
     pub epoch: u64,
     /// Queues that took it with their backlog on disk and consumers taking from them: the
     /// publisher may be made to wait (flow control).
-    pub backlogged: Vec<Arc<Queue>>,
+    pub backlogged: Vec<QueueRef>,
 }
 
 /// The pseudo-queue of direct reply-to.
@@ -106,9 +107,9 @@ pub enum DestinationKind {
 pub struct Vhost {
     pub name: Arc<str>,
     exchanges: RwLock<FastMap<String, Arc<Exchange>>>,
-    queues: RwLock<FastMap<String, Arc<Queue>>>,
+    queues: RwLock<FastMap<String, QueueRef>>,
     /// Direct reply-to: the hidden queue behind each `amq.rabbitmq.reply-to.<key>` name.
-    reply_queues: RwLock<FastMap<String, Arc<Queue>>>,
+    reply_queues: RwLock<FastMap<String, QueueRef>>,
     /// Serialises changes to the topology so that checks and changes are atomic.
     topology: Mutex<()>,
     store: Arc<DefinitionStore>,
@@ -291,7 +292,7 @@ impl Vhost {
     }
 
     /// Connects a new queue to this vhost's dead-letter routing and timers.
-    fn link(&self, q: &Arc<Queue>) {
+    fn link(&self, q: &QueueRef) {
         q.link(Links {
             vhost: self.me.clone(),
             expirer: self.expirer.clone(),
@@ -418,7 +419,7 @@ impl Vhost {
                 };
                 levels.push(level);
             }
-            let queue = Queue::recovered_levels(
+            let queue = QueueRef::from(Queue::recovered_levels(
                 QueueSpec {
                     name: name.clone(),
                     durable: true,
@@ -430,7 +431,7 @@ impl Vhost {
                 None,
                 levels,
                 self.window,
-            );
+            ));
             self.queues.write().insert(name.clone(), queue.clone());
             restored.push(queue);
         }
@@ -576,9 +577,9 @@ impl Vhost {
     /// Gives every queue and exchange the policies that now apply to it (callers hold the
     /// topology lock). Objects whose policies did not change are left alone.
     fn reapply_policies(&self) {
-        let queues: Vec<Arc<Queue>> = self.queues.read().values().cloned().collect();
+        let queues: Vec<QueueRef> = self.queues.read().values().cloned().collect();
         for q in queues {
-            let (policy, operator) = self.policies_for_queue(q.name(), &q.spec.arguments);
+            let (policy, operator) = self.policies_for_queue(q.name(), q.arguments());
             let now = q.settings();
             if !same_policy(now.policy.as_ref(), policy.as_ref())
                 || !same_policy(now.operator.as_ref(), operator.as_ref())
@@ -621,11 +622,11 @@ impl Vhost {
         self.exchanges.read().values().cloned().collect()
     }
 
-    pub fn queue(&self, name: &str) -> Option<Arc<Queue>> {
+    pub fn queue(&self, name: &str) -> Option<QueueRef> {
         self.queues.read().get(name).cloned()
     }
 
-    pub fn queues(&self) -> Vec<Arc<Queue>> {
+    pub fn queues(&self) -> Vec<QueueRef> {
         self.queues.read().values().cloned().collect()
     }
 
@@ -637,7 +638,7 @@ impl Vhost {
 
     /// A queue that must exist and that `connection` may use (an exclusive queue belongs to
     /// the connection that declared it): 404 or 405 otherwise.
-    pub fn existing_queue(&self, name: &str, connection: u64) -> AmqpResult<Arc<Queue>> {
+    pub fn existing_queue(&self, name: &str, connection: u64) -> AmqpResult<QueueRef> {
         let q = self
             .queue(name)
             .ok_or_else(|| not_found(format!("no {}", self.describe("queue", name))))?;
@@ -645,8 +646,8 @@ impl Vhost {
         Ok(q)
     }
 
-    fn check_exclusive_access(&self, q: &Queue, connection: u64) -> AmqpResult<()> {
-        match q.owner {
+    fn check_exclusive_access(&self, q: &QueueRef, connection: u64) -> AmqpResult<()> {
+        match q.owner() {
             Some(owner) if owner != connection => Err(self.locked(q.name())),
             _ => Ok(()),
         }
@@ -807,18 +808,14 @@ impl Vhost {
     }
 
     /// `queue.declare` (not passive). Returns the queue and whether it was created.
-    pub fn declare_queue(
-        &self,
-        spec: QueueSpec,
-        connection: u64,
-    ) -> AmqpResult<(Arc<Queue>, bool)> {
+    pub fn declare_queue(&self, spec: QueueSpec, connection: u64) -> AmqpResult<(QueueRef, bool)> {
         self.declare_queue_with(spec, connection, true)
     }
 
     /// A queue of imported definitions, declared as `declare_queue` does but without the
     /// vhost's default queue type: RabbitMQ 3.10 imports a queue without `x-queue-type` as a
     /// classic one, whatever its vhost's default.
-    pub fn import_queue(&self, spec: QueueSpec) -> AmqpResult<(Arc<Queue>, bool)> {
+    pub fn import_queue(&self, spec: QueueSpec) -> AmqpResult<(QueueRef, bool)> {
         self.declare_queue_with(spec, 0, false)
     }
 
@@ -827,18 +824,18 @@ impl Vhost {
         spec: QueueSpec,
         connection: u64,
         default_type: bool,
-    ) -> AmqpResult<(Arc<Queue>, bool)> {
+    ) -> AmqpResult<(QueueRef, bool)> {
         let _t = self.topology.lock();
         MessageStats::bump(&self.churn.queue_declared);
         let owner = spec.exclusive.then_some(connection);
         if let Some(q) = self.queue(&spec.name) {
-            if q.owner != owner {
+            if q.owner() != owner {
                 return Err(self.locked(&spec.name));
             }
             let what = self.describe("queue", &spec.name);
             for (key, have, want) in [
-                ("durable", q.spec.durable, spec.durable),
-                ("auto_delete", q.spec.auto_delete, spec.auto_delete),
+                ("durable", q.durable(), spec.durable),
+                ("auto_delete", q.auto_delete(), spec.auto_delete),
             ] {
                 if have != want {
                     return Err(inequivalent(
@@ -856,11 +853,11 @@ impl Vhost {
             if default_type
                 && !spec.arguments.inner().contains_key("x-queue-type")
                 && self.default_type_for(&spec).is_some()
-                && let Some(t) = q.spec.arguments.inner().get("x-queue-type")
+                && let Some(t) = q.arguments().inner().get("x-queue-type")
             {
                 sent.to_mut().insert("x-queue-type".into(), t.clone());
             }
-            check_args_equivalent(&what, &q.spec.arguments, &sent, EQUIVALENT_QUEUE_ARGS)?;
+            check_args_equivalent(&what, q.arguments(), &sent, EQUIVALENT_QUEUE_ARGS)?;
             q.touch();
             return Ok((q, false));
         }
@@ -912,7 +909,13 @@ impl Vhost {
             )]
         };
         let (policy, operator) = self.policies_for_queue(&spec.name, &spec.arguments);
-        let q = Queue::recovered_levels(spec, self.name.clone(), owner, levels, self.window);
+        let q = QueueRef::from(Queue::recovered_levels(
+            spec,
+            self.name.clone(),
+            owner,
+            levels,
+            self.window,
+        ));
         if policy.is_some() || operator.is_some() {
             q.set_policies(policy, operator);
         }
@@ -949,7 +952,7 @@ impl Vhost {
 
     /// Deletes a queue whatever its state: auto-delete after the last consumer, exclusive
     /// queues when their connection closes.
-    pub fn remove_queue(&self, q: &Arc<Queue>) {
+    pub fn remove_queue(&self, q: &QueueRef) {
         let _t = self.topology.lock();
         if q.delete(false, false).is_ok()
             && let Err(e) = self.forget_queue_locked(q)
@@ -958,14 +961,14 @@ impl Vhost {
         }
     }
 
-    fn forget_queue_locked(&self, q: &Arc<Queue>) -> AmqpResult<()> {
+    fn forget_queue_locked(&self, q: &QueueRef) -> AmqpResult<()> {
         {
             let _retiring = self.churn.retiring.write();
             let mut queues = self.queues.write();
-            if queues.get(q.name()).is_some_and(|cur| Arc::ptr_eq(cur, q)) {
+            if queues.get(q.name()).is_some_and(|cur| cur == q) {
                 queues.remove(q.name());
                 MessageStats::bump(&self.churn.queue_deleted);
-                self.churn.retired_queues.absorb(&q.stats.read());
+                self.churn.retired_queues.absorb(&q.message_counts());
             }
         }
         let dest = Destination::Queue(q.clone());
@@ -975,7 +978,7 @@ impl Vhost {
                 emptied.push(x);
             }
         }
-        if q.spec.durable && q.owner.is_none() {
+        if q.durable() && q.owner().is_none() {
             let name = q.name().to_owned();
             self.persist(|v| {
                 v.queues.remove(&name);
@@ -1039,7 +1042,7 @@ impl Vhost {
             .map_err(precondition_failed)?;
         let durable = src.spec.durable
             && match &dst {
-                Destination::Queue(q) => q.spec.durable && q.owner.is_none(),
+                Destination::Queue(q) => q.durable() && q.owner().is_none(),
                 Destination::Exchange(x) => x.spec.durable,
             };
         let binding = Binding {
@@ -1090,24 +1093,21 @@ impl Vhost {
     }
 
     /// A queue outside the vhost's namespace (the hidden queue of direct reply-to).
-    pub fn hidden_queue(&self, spec: QueueSpec, owner: Option<u64>) -> Arc<Queue> {
-        let q = Queue::new(
+    pub fn hidden_queue(&self, spec: QueueSpec, owner: Option<u64>) -> QueueRef {
+        let q = QueueRef::from(Queue::new(
             spec,
             self.name.clone(),
             owner,
             LazyStore::deferred(self.storage.clone()),
             self.window,
-        );
+        ));
         self.link(&q);
         q
     }
 
     /// A queue unused for its `x-expires` goes, messages and all, as in RabbitMQ.
-    pub fn expire_queue(&self, q: &Arc<Queue>) {
-        if self
-            .queue(q.name())
-            .is_some_and(|current| Arc::ptr_eq(&current, q))
-        {
+    pub fn expire_queue(&self, q: &QueueRef) {
+        if self.queue(q.name()).is_some_and(|current| &current == q) {
             tracing::info!(vhost = %self.name, queue = q.name(), "queue expired (x-expires)");
             self.remove_queue(q);
         }
@@ -1115,7 +1115,7 @@ impl Vhost {
 
     /// Routes the messages `from` gave up on to its dead-letter exchange. A missing exchange
     /// drops them, as in RabbitMQ; so does a cycle of queues with no rejection in it.
-    pub fn dead_letter(&self, from: &Arc<Queue>, dead: Vec<(QueuedMessage, DeathReason)>) {
+    pub fn dead_letter(&self, from: &QueueRef, dead: Vec<(QueuedMessage, DeathReason)>) {
         let settings = from.settings();
         let Some(target) = &settings.features.dead_letter else {
             return;
@@ -1160,7 +1160,7 @@ impl Vhost {
     /// the broker's map). Counts made after this are not kept: the queues are going.
     pub fn retire_counters(&self) {
         for q in self.queues.read().values() {
-            self.churn.retired_queues.absorb(&q.stats.read());
+            self.churn.retired_queues.absorb(&q.message_counts());
         }
     }
 
@@ -1183,7 +1183,7 @@ impl Vhost {
     }
 
     /// Registers the hidden queue of a direct reply-to consumer under `key`.
-    pub fn add_reply_queue(&self, key: &str, q: Arc<Queue>) {
+    pub fn add_reply_queue(&self, key: &str, q: QueueRef) {
         self.reply_queues.write().insert(key.to_owned(), q);
     }
 
@@ -1193,7 +1193,7 @@ impl Vhost {
 
     /// The hidden queue behind a generated direct reply-to name (`amq.rabbitmq.reply-to.KEY`)
     /// whose consumer is still there.
-    pub fn reply_queue(&self, name: &str) -> Option<Arc<Queue>> {
+    pub fn reply_queue(&self, name: &str) -> Option<QueueRef> {
         name.strip_prefix(REPLY_TO)
             .and_then(|rest| rest.strip_prefix('.'))
             .and_then(|k| self.reply_queues.read().get(k).cloned())
@@ -1209,7 +1209,7 @@ impl Vhost {
         exchange: &Arc<Exchange>,
         keys: &[&[u8]],
         headers: Option<&FieldTable>,
-        out: &mut Vec<Arc<Queue>>,
+        out: &mut Vec<QueueRef>,
         mut delayed: Option<&mut Vec<Arc<Exchange>>>,
     ) {
         let mut seen: Vec<*const Exchange> = Vec::new();
@@ -1245,7 +1245,7 @@ impl Vhost {
             for d in dests.drain(..) {
                 match d {
                     Destination::Queue(q) => {
-                        if !out.iter().any(|o| Arc::ptr_eq(o, &q)) {
+                        if !out.contains(&q) {
                             out.push(q);
                         }
                     }
@@ -1256,7 +1256,7 @@ impl Vhost {
     }
 
     /// The default exchange: every queue is bound under its own name.
-    fn route_default(&self, keys: &[&[u8]], out: &mut Vec<Arc<Queue>>) {
+    fn route_default(&self, keys: &[&[u8]], out: &mut Vec<QueueRef>) {
         for key in keys {
             let Ok(name) = std::str::from_utf8(key) else {
                 continue;
@@ -1267,7 +1267,7 @@ impl Vhost {
                 self.queue(name)
             };
             if let Some(q) = q
-                && !out.iter().any(|o| Arc::ptr_eq(o, &q))
+                && !out.contains(&q)
             {
                 out.push(q);
             }
@@ -1275,7 +1275,7 @@ impl Vhost {
     }
 
     /// Delivers a routed message to its queues.
-    pub fn enqueue(&self, queues: &[Arc<Queue>], message: &Arc<Message>) -> EnqueueOutcome {
+    pub fn enqueue(&self, queues: &[QueueRef], message: &Arc<Message>) -> EnqueueOutcome {
         let mut outcome = EnqueueOutcome::default();
         for q in queues {
             match q.publish(message.clone()) {

@@ -50,13 +50,13 @@ fn topology(v: &Vhost, with_vhost: bool) -> (Vec<Value>, Vec<Value>, Vec<Value>)
     queues.sort_by(|a, b| a.name().cmp(b.name()));
     let qs = queues
         .iter()
-        .filter(|q| q.owner.is_none())
+        .filter(|q| q.owner().is_none())
         .map(|q| {
             tag(json!({
                 "name": q.name(),
-                "durable": q.spec.durable,
-                "auto_delete": q.spec.auto_delete,
-                "arguments": table_to_json(&q.spec.arguments),
+                "durable": q.durable(),
+                "auto_delete": q.auto_delete(),
+                "arguments": table_to_json(q.arguments()),
             }))
         })
         .collect();
@@ -84,7 +84,7 @@ fn topology(v: &Vhost, with_vhost: bool) -> (Vec<Value>, Vec<Value>, Vec<Value>)
         for b in x.bindings() {
             // Bindings to an exclusive queue go with it.
             if let crate::broker::exchange::Destination::Queue(q) = &b.destination
-                && q.owner.is_some()
+                && q.owner().is_some()
             {
                 continue;
             }

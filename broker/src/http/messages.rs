@@ -399,7 +399,7 @@ fn readable_queue(
     caller: &Caller,
     vhost: &str,
     name: &str,
-) -> ApiResult<std::sync::Arc<crate::broker::queue::Queue>> {
+) -> ApiResult<crate::broker::queue_ref::QueueRef> {
     caller.require_vhost(state, vhost)?;
     let v = state.broker.vhost(vhost).ok_or_else(ApiError::not_found)?;
     check(state, caller, vhost, "queue", name, Access::Read)?;
