@@ -972,11 +972,12 @@ mod one_import_at_a_time {
     use std::time::Duration;
 
     fn state(data: &std::path::Path) -> AppState {
-        let broker = crate::broker::Broker::open(Config {
+        let config = Config {
             data_dir: data.to_path_buf(),
             ..Config::default()
-        })
-        .expect("broker opens");
+        };
+        let cluster = crate::cluster::Cluster::new(&config).expect("cluster secret");
+        let broker = crate::broker::Broker::open(config).expect("broker opens");
         let (_, stopping) = tokio::sync::watch::channel(false);
         AppState {
             broker,
@@ -987,6 +988,7 @@ mod one_import_at_a_time {
             list_wait: Duration::from_secs(1),
             heavy_scrapes: Arc::new(tokio::sync::Semaphore::new(crate::http::HEAVY_SCRAPES)),
             imports: Arc::new(tokio::sync::Mutex::new(())),
+            cluster,
         }
     }
 

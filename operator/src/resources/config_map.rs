@@ -1,8 +1,8 @@
 //! The ConfigMap with each broker's `warren.toml` and the list of its peers.
 
 use super::{
-    AMQP_PORT, AMQPS_PORT, CONFIG_DIR, DATA_DIR, MANAGEMENT_PORT, MANAGEMENT_TLS_PORT,
-    METRICS_PORT, TLS_DIR, config_map_name, owned_meta, peer_hosts,
+    AMQP_PORT, AMQPS_PORT, CLUSTER_PORT, CONFIG_DIR, DATA_DIR, MANAGEMENT_PORT,
+    MANAGEMENT_TLS_PORT, METRICS_PORT, TLS_DIR, config_map_name, owned_meta, peer_hosts,
 };
 use crate::crd::Instance;
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -50,6 +50,7 @@ pub fn warren_toml(instance: &Instance) -> Result<String, ConfigError> {
     put("amqp_listen", listen(AMQP_PORT));
     put("management_listen", listen(MANAGEMENT_PORT));
     put("prometheus_listen", listen(METRICS_PORT));
+    put("cluster_listen", listen(CLUSTER_PORT));
     put("log_format", toml::Value::String("json".into()));
     // One name for all the Instance's brokers, so dashboards group their pods as one cluster
     // (`rabbitmq_identity_info{rabbitmq_cluster}`); `spec.config` may give another.

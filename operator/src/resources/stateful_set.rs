@@ -3,7 +3,7 @@
 //! non-root security context and, unless the Instance says otherwise, brokers spread over nodes.
 
 use super::config_map::{config_file, warren_toml};
-use super::service::ports;
+use super::service::node_ports;
 use super::{
     CONFIG_DIR, DATA_DIR, Defaults, TLS_DIR, config_map_name, default_user_secret_name,
     headless_service_name, labels, name_of, namespace_of, owned_meta, selector_labels,
@@ -129,7 +129,7 @@ pub fn stateful_set(
         headless_service_name(instance),
         namespace_of(instance)
     );
-    let container_ports = ports(instance)
+    let container_ports = node_ports(instance)
         .into_iter()
         .map(|p| ContainerPort {
             name: p.name,
