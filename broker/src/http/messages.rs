@@ -284,19 +284,26 @@ pub async fn publish(
         &mut Vec::new(),
     );
     // RabbitMQ publishes with confirms and `mandatory` on its plugin's channel: the node
-    // counts a received, confirmed message, routed or returned.
+    // counts a received message, routed or returned, and confirmed unless it was nacked.
     let routed = outcome.routed();
+    let confirmed = !outcome.rejected;
     state
         .broker
         .connections
         .count_without_channel(&MessageCounts {
             publish: 1,
             publish_confirm: 1,
-            confirm: 1,
+            confirm: u64::from(confirmed),
             routed: u64::from(routed),
             return_unroutable: u64::from(!routed),
             ..MessageCounts::default()
         });
+    if !confirmed {
+        // The words of RabbitMQ's management plugin on a nack.
+        return Err(ApiError::bad_request(
+            "rejected Unable to publish message. Check queue limits.",
+        ));
+    }
     // Answer once the message is safe, as a confirmed publish would.
     let _ = tokio::time::timeout(DURABLE_WAIT, outcome.ticket.wait(&state.broker.storage)).await;
     Ok(ok(json!({"routed": outcome.taken > 0})))
