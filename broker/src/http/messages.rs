@@ -284,21 +284,18 @@ pub async fn publish(
         &mut Vec::new(),
     );
     // RabbitMQ publishes with confirms and `mandatory` on its plugin's channel: the node
-    // counts a received message, routed or returned, and confirmed unless it was nacked.
+    // counts a received message, routed or returned, and confirmed once it is safe unless
+    // it was nacked.
     let routed = outcome.routed();
-    let confirmed = !outcome.rejected;
-    state
-        .broker
-        .connections
-        .count_without_channel(&MessageCounts {
-            publish: 1,
-            publish_confirm: 1,
-            confirm: u64::from(confirmed),
-            routed: u64::from(routed),
-            return_unroutable: u64::from(!routed),
-            ..MessageCounts::default()
-        });
-    if !confirmed {
+    let connections = &state.broker.connections;
+    connections.count_without_channel(&MessageCounts {
+        publish: 1,
+        publish_confirm: 1,
+        routed: u64::from(routed),
+        return_unroutable: u64::from(!routed),
+        ..MessageCounts::default()
+    });
+    if outcome.rejected {
         // The words of RabbitMQ's management plugin on a nack.
         return Err(ApiError::bad_request(
             "rejected Unable to publish message. Check queue limits.",
@@ -306,6 +303,10 @@ pub async fn publish(
     }
     // Answer once the message is safe, as a confirmed publish would.
     let _ = tokio::time::timeout(DURABLE_WAIT, outcome.ticket.wait(&state.broker.storage)).await;
+    connections.count_without_channel(&MessageCounts {
+        confirm: 1,
+        ..MessageCounts::default()
+    });
     Ok(ok(json!({"routed": outcome.taken > 0})))
 }
 
