@@ -660,4 +660,26 @@ async fn a_publish_over_http_refused_by_a_full_queue_is_rejected_and_not_confirm
     }
     let q = api.json("/api/queues/%2F/http-full").await;
     assert_eq!(q["messages"], 1, "{q}");
+    // Refused by one target, it is rejected even though another took it.
+    api.put("/api/exchanges/%2F/http-fan", r#"{"type":"fanout"}"#)
+        .await
+        .status(201);
+    api.put("/api/queues/%2F/http-room", "{}").await.status(201);
+    for q in ["http-full", "http-room"] {
+        api.post(&format!("/api/bindings/%2F/e/http-fan/q/{q}"), "{}")
+            .await
+            .status(201);
+    }
+    let a = api
+        .post(
+            "/api/exchanges/%2F/http-fan/publish",
+            r#"{"properties":{},"routing_key":"","payload":"x","payload_encoding":"string"}"#,
+        )
+        .await;
+    assert_eq!(
+        a.error(400, "bad_request"),
+        "rejected Unable to publish message. Check queue limits."
+    );
+    let q = api.json("/api/queues/%2F/http-room").await;
+    assert_eq!(q["messages"], 1, "{q}");
 }
