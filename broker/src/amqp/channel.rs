@@ -17,6 +17,7 @@ use crate::error::{
     AmqpError, AmqpResult, COMMAND_INVALID, NOT_ALLOWED, NOT_IMPLEMENTED, access_refused,
     not_found, precondition_failed,
 };
+use crate::store::durability::{Progress, Ticket};
 use amq_protocol::protocol::{AMQPClass, basic, channel, confirm, exchange, queue, tx};
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 use base64::Engine;
@@ -73,12 +74,9 @@ impl Session {
         )))
     }
 
-    /// The newest flush epoch on disk.
-    pub fn durable_epoch(&self) -> u64 {
-        self.broker
-            .storage
-            .flusher()
-            .map_or(u64::MAX, |f| f.durable_epoch())
+    /// How far durability has got: which tickets are done.
+    pub fn progress(&self) -> Progress {
+        Progress::of(&self.broker.storage)
     }
 }
 
@@ -109,8 +107,8 @@ pub struct Channel {
     /// Direct reply-to: the key of this channel's reply consumer, and its hidden queue.
     pub(super) reply_to: Option<(String, QueueRef)>,
     pub(super) route_buf: Vec<QueueRef>,
-    /// Committed transactions whose `commit-ok` waits for these flush epochs.
-    pub(super) commits_waiting: std::collections::VecDeque<u64>,
+    /// Committed transactions whose `commit-ok` waits for these tickets.
+    pub(super) commits_waiting: std::collections::VecDeque<Ticket>,
     /// The exchange last published to, by name, and the users generation its write
     /// permission was checked at.
     pub(super) exchange_cache: Option<(bytes::Bytes, Arc<crate::broker::exchange::Exchange>, u64)>,
@@ -785,10 +783,10 @@ impl Channel {
                     .replace(Transaction::default())
                     .ok_or_else(|| precondition_failed("channel is not transactional"))?;
                 self.clear_uncommitted();
-                let epoch = self.commit(s, tx);
+                let ticket = self.commit(s, tx);
                 // commit-ok promises the messages are on disk: it may have to wait.
-                if epoch > s.durable_epoch() {
-                    self.commits_waiting.push_back(epoch);
+                if !ticket.is_done(s.progress()) {
+                    self.commits_waiting.push_back(ticket);
                 } else {
                     self.reply(AMQPClass::Tx(M::CommitOk(tx::CommitOk {})));
                 }

@@ -11,6 +11,7 @@ use super::message::now_ms;
 use super::vhost::Vhost;
 use crate::store::Storage;
 use crate::store::delayed::{DelayedStore, Scheduled};
+use crate::store::durability::{ProgressWatch, Ticket};
 use amq_protocol::types::{AMQPValue, FieldTable};
 use parking_lot::Mutex;
 use std::io;
@@ -112,13 +113,13 @@ impl Delayer {
         }
     }
 
-    /// Schedules a message; returns the flush epoch it is on disk after (0: none).
+    /// Schedules a message; returns the ticket done once it is on disk.
     pub fn schedule(
         &self,
         storage: &Storage,
         vhost: &Arc<Vhost>,
         scheduled: Scheduled<'_>,
-    ) -> io::Result<u64> {
+    ) -> io::Result<Ticket> {
         let store = self.store(storage, &vhost.name)?;
         let due = scheduled.due;
         let epoch = store.schedule(scheduled)?;
@@ -127,7 +128,7 @@ impl Delayer {
         if wake_at == 0 || due < wake_at || store.wants_spill() {
             self.wake.notify_one();
         }
-        Ok(epoch)
+        Ok(Ticket::flushed(epoch))
     }
 
     /// Messages waiting.
@@ -171,9 +172,7 @@ async fn run(
     wake: Arc<Notify>,
     next_wake: Arc<AtomicU64>,
 ) {
-    let mut durable = vhost
-        .upgrade()
-        .and_then(|v| v.storage().flusher().map(|f| f.subscribe()));
+    let mut durable = vhost.upgrade().map(|v| ProgressWatch::new(v.storage()));
     let housekeeping = Arc::new(AtomicBool::new(false));
     loop {
         if store.is_destroyed() {
@@ -184,8 +183,8 @@ async fn run(
             let Some(v) = vhost.upgrade() else { return };
             let due = store.take_due(now_ms(), BATCH);
             for d in &due {
-                let epoch = v.deliver_due(d);
-                store.routed(d, epoch);
+                let ticket = v.deliver_due(d);
+                store.routed(d, ticket);
             }
             due.len()
         };

@@ -14,6 +14,7 @@ use super::queue_ref::QueueRef;
 use super::ready::{LazyStore, Levels, Window, delivered, forget, must_persist};
 use super::stats::MessageStats;
 use super::vhost::Vhost;
+use crate::store::durability::Ticket;
 use crate::store::{Location, RecordKind, Recovered, Storage};
 use amq_protocol::types::{AMQPValue, FieldTable};
 use parking_lot::Mutex;
@@ -340,10 +341,10 @@ impl Limits {
 /// What became of a message offered to a queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Enqueued {
-    /// Taken; if `epoch` is not 0 the message is durable once that flush epoch is.
+    /// Taken; the message is safe once `ticket` is done.
     /// `backlogged`: the queue's backlog has spilled to disk while it has consumers, so the
     /// publisher may be asked to wait (flow control).
-    Accepted { epoch: u64, backlogged: bool },
+    Accepted { ticket: Ticket, backlogged: bool },
     /// Refused by `x-overflow: reject-publish`; the publisher is nacked.
     Rejected,
     /// The queue was deleted meanwhile.
@@ -852,7 +853,7 @@ impl Queue {
     /// Appends a message and hands out what consumers can take, then applies the length
     /// limits: the oldest ready messages are dropped (`drop-head`, the default), or with
     /// `reject-publish` a full queue refuses the new one. A persistent message on a durable
-    /// queue is written to the store first; the returned epoch says when it is on disk.
+    /// queue is written to the store first; the returned ticket says when it is on disk.
     /// Expired messages at the head go first, and a message that expires at once (TTL 0) is
     /// kept only if a consumer took it.
     pub(super) fn publish(self: &Arc<Self>, me: &QueueRef, message: Arc<Message>) -> Enqueued {
@@ -887,14 +888,14 @@ impl Queue {
                 let seq = st.next_seq[usize::from(level)];
                 st.next_seq[usize::from(level)] += 1;
                 MessageStats::bump(&self.stats.publish);
-                let (location, epoch) = if must_persist(self.spec.durable, &message) {
+                let (location, ticket) = if must_persist(self.spec.durable, &message) {
                     let stored =
                         self.store(level)
                             .get()
                             .append(seq, &message, RecordKind::Persistent);
-                    (Some(stored.location), stored.epoch)
+                    (Some(stored.location), Ticket::flushed(stored.epoch))
                 } else {
-                    (None, 0)
+                    (None, Ticket::Done)
                 };
                 st.ready.push_back(
                     QueuedMessage {
@@ -917,7 +918,7 @@ impl Queue {
                 } else {
                     None
                 };
-                (Enqueued::Accepted { epoch, backlogged }, next)
+                (Enqueued::Accepted { ticket, backlogged }, next)
             }
         };
         if !dead.is_empty() || next.is_some() {
@@ -1611,7 +1612,7 @@ mod tests {
             assert_eq!(
                 q.publish(msg()),
                 Enqueued::Accepted {
-                    epoch: 0,
+                    ticket: Ticket::Done,
                     backlogged: false
                 }
             );
@@ -1638,7 +1639,7 @@ mod tests {
         assert_eq!(
             q.publish(msg()),
             Enqueued::Accepted {
-                epoch: 0,
+                ticket: Ticket::Done,
                 backlogged: false
             }
         );

@@ -24,6 +24,7 @@ use crate::store::definitions::{
     BindingDefinition, ExchangeDefinition, PolicyDefinition, QueueDefinition, VhostDefinitions,
 };
 use crate::store::delayed::{Due, Scheduled};
+use crate::store::durability::Ticket;
 use crate::store::{Recovered, Storage};
 use amq_protocol::types::{AMQPValue, FieldTable};
 use parking_lot::{Mutex, RwLock};
@@ -80,18 +81,46 @@ const SYSTEM_EXCHANGES: &[(&str, ExchangeKind, bool)] = &[
     ("amq.rabbitmq.trace", ExchangeKind::Topic, true),
 ];
 
-/// What became of a routed message.
+/// Where a message handed to [`Vhost::publish`] comes from: what routing does differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A publisher (AMQP, the management API, the aliveness check): a message with a
+    /// positive `x-delay` stops at the delayed exchanges it reaches, to be scheduled.
+    Publisher,
+    /// Dead-lettered for `reason`: as a publisher's, except that, unless it was rejected,
+    /// queues it has already died in are left out (a cycle).
+    DeadLetter(DeathReason),
+    /// A delayed message now due: it passes through delayed exchanges.
+    Due,
+}
+
+/// What became of a published message.
 #[derive(Debug, Clone, Default)]
-pub struct EnqueueOutcome {
-    /// Queues that took it.
+pub struct PublishOutcome {
+    /// Queues it was routed to.
+    pub queues: usize,
+    /// Delayed exchanges that hold it until it is due.
+    pub delayed: usize,
+    /// Queues that took it, and delayed exchanges that scheduled it.
     pub taken: usize,
-    /// A full queue with `x-overflow: reject-publish` refused it (the publisher is nacked).
+    /// A full queue with `x-overflow: reject-publish` refused it, or a delayed exchange could
+    /// not store it (the publisher is nacked).
     pub rejected: bool,
-    /// The flush epoch after which every durable copy is on disk (0: nothing to wait for).
-    pub epoch: u64,
+    /// Done once every copy is safe.
+    pub ticket: Ticket,
     /// Queues that took it with their backlog on disk and consumers taking from them: the
     /// publisher may be made to wait (flow control).
     pub backlogged: Vec<QueueRef>,
+}
+
+impl PublishOutcome {
+    /// Whether it found a queue or a delayed exchange (else it is unroutable: returned to a
+    /// mandatory publisher, dropped otherwise). Scheduled counts as routed: whether a queue
+    /// takes it is known only when it is due (RabbitMQ's plugin returns every mandatory
+    /// delayed message instead).
+    pub fn routed(&self) -> bool {
+        self.queues > 0 || self.delayed > 0
+    }
 }
 
 /// The pseudo-queue of direct reply-to.
@@ -1130,28 +1159,14 @@ impl Vhost {
             let letter =
                 dead_letter::dead_letter(&queued.message, from.name(), reason, target, now);
             let keys: Vec<&[u8]> = letter.keys.iter().map(|k| &k[..]).collect();
-            queues.clear();
-            let mut delayed = Vec::new();
-            self.route(
+            self.publish(
                 &exchange,
                 &keys,
                 Some(&letter.headers),
+                &Arc::new(letter.message),
+                Origin::DeadLetter(reason),
                 &mut queues,
-                Some(&mut delayed),
             );
-            if reason != DeathReason::Rejected {
-                queues.retain(|q| !dead_letter::is_cycle(&letter.headers, q.name()));
-            }
-            if queues.is_empty() && delayed.is_empty() {
-                continue;
-            }
-            let message = Arc::new(letter.message);
-            if !queues.is_empty() {
-                self.enqueue(&queues, &message);
-            }
-            if !delayed.is_empty() {
-                let _ = self.schedule_delayed(&delayed, &keys, Some(&letter.headers), &message);
-            }
         }
     }
 
@@ -1274,14 +1289,58 @@ impl Vhost {
         }
     }
 
+    /// Publishes a message to `exchange`: the one way a message enters queues. Routes it
+    /// (see [`Vhost::route`]; `keys` is the routing key followed by any CC and BCC keys),
+    /// schedules it at the delayed exchanges it stops at, and hands it to its queues.
+    /// `queues` is a buffer the caller keeps from one publish to the next, so that routing
+    /// allocates nothing; it is left empty. What differs by caller (permissions, mandatory
+    /// returns, counters, confirms) stays with the caller.
+    pub fn publish(
+        &self,
+        exchange: &Arc<Exchange>,
+        keys: &[&[u8]],
+        headers: Option<&FieldTable>,
+        message: &Arc<Message>,
+        origin: Origin,
+        queues: &mut Vec<QueueRef>,
+    ) -> PublishOutcome {
+        queues.clear();
+        // Allocates only when the message reaches a delayed exchange.
+        let mut delayed = Vec::new();
+        let hold = (origin != Origin::Due).then_some(&mut delayed);
+        self.route(exchange, keys, headers, queues, hold);
+        if let Origin::DeadLetter(reason) = origin
+            && reason != DeathReason::Rejected
+            && let Some(h) = headers
+        {
+            queues.retain(|q| !dead_letter::is_cycle(h, q.name()));
+        }
+        let mut outcome = self.enqueue(queues, message);
+        queues.clear();
+        if !delayed.is_empty() {
+            outcome.delayed = delayed.len();
+            match self.schedule_delayed(&delayed, keys, headers, message) {
+                Some(ticket) => {
+                    outcome.taken += delayed.len();
+                    outcome.ticket = outcome.ticket.and(ticket);
+                }
+                None => outcome.rejected = true,
+            }
+        }
+        outcome
+    }
+
     /// Delivers a routed message to its queues.
-    pub fn enqueue(&self, queues: &[QueueRef], message: &Arc<Message>) -> EnqueueOutcome {
-        let mut outcome = EnqueueOutcome::default();
+    fn enqueue(&self, queues: &[QueueRef], message: &Arc<Message>) -> PublishOutcome {
+        let mut outcome = PublishOutcome {
+            queues: queues.len(),
+            ..PublishOutcome::default()
+        };
         for q in queues {
             match q.publish(message.clone()) {
-                Enqueued::Accepted { epoch, backlogged } => {
+                Enqueued::Accepted { ticket, backlogged } => {
                     outcome.taken += 1;
-                    outcome.epoch = outcome.epoch.max(epoch);
+                    outcome.ticket = outcome.ticket.and(ticket);
                     if backlogged {
                         outcome.backlogged.push(q.clone());
                     }
@@ -1298,21 +1357,21 @@ impl Vhost {
     }
 
     /// Schedules a message that reached delayed exchanges (see [`Vhost::route`]); returns
-    /// the flush epoch after which it is on disk (0: nothing to wait for), or `None` when it
-    /// could not be stored (a disk that cannot take it: logged, and the publisher is nacked).
-    pub fn schedule_delayed(
+    /// the ticket done once it is on disk, or `None` when it could not be stored (a disk
+    /// that cannot take it: logged, and the publisher is nacked).
+    fn schedule_delayed(
         &self,
         exchanges: &[Arc<Exchange>],
         keys: &[&[u8]],
         headers: Option<&FieldTable>,
         message: &Message,
-    ) -> Option<u64> {
+    ) -> Option<Ticket> {
         let Some(delay) = delay_of(headers) else {
-            return Some(0);
+            return Some(Ticket::Done);
         };
         let me = self.me.upgrade()?;
         let due = now_ms().max(message.arrived_ms) + delay;
-        let mut epoch = 0;
+        let mut ticket = Ticket::Done;
         for x in exchanges {
             let scheduled = Scheduled {
                 due,
@@ -1322,22 +1381,22 @@ impl Vhost {
                 durable: message.persistent && x.spec.durable,
             };
             match self.delayer.schedule(&self.storage, &me, scheduled) {
-                Ok(e) => epoch = epoch.max(e),
+                Ok(t) => ticket = ticket.and(t),
                 Err(e) => {
                     tracing::error!(vhost = %self.name, exchange = x.name(), error = %e, "cannot store a delayed message");
                     return None;
                 }
             }
         }
-        Some(epoch)
+        Some(ticket)
     }
 
-    /// Routes a delayed message whose time has come; returns the flush epoch after which its
-    /// copies are on disk. Its exchange gone, it is dropped.
-    pub fn deliver_due(&self, due: &Due) -> u64 {
+    /// Routes a delayed message whose time has come; returns the ticket done once its copies
+    /// are on disk. Its exchange gone, it is dropped.
+    pub fn deliver_due(&self, due: &Due) -> Ticket {
         let Some(x) = self.exchange(&due.exchange).filter(|x| x.is_delayed()) else {
             tracing::debug!(vhost = %self.name, exchange = %due.exchange, "delayed exchange gone; its due message is dropped");
-            return 0;
+            return Ticket::Done;
         };
         let mut message = due.message.clone();
         // It enters its queues now: TTLs (the queue's and its own `expiration`) count from
@@ -1355,11 +1414,15 @@ impl Vhost {
         }
         let keys: Vec<&[u8]> = due.keys.iter().map(|k| &k[..]).collect();
         let mut queues = Vec::new();
-        self.route(&x, &keys, headers.as_ref(), &mut queues, None);
-        if queues.is_empty() {
-            return 0;
-        }
-        self.enqueue(&queues, &Arc::new(message)).epoch
+        self.publish(
+            &x,
+            &keys,
+            headers.as_ref(),
+            &Arc::new(message),
+            Origin::Due,
+            &mut queues,
+        )
+        .ticket
     }
 
     /// Delayed messages waiting in this vhost.
