@@ -446,8 +446,29 @@ fn concurrent_appends_share_one_sync() {
     assert_eq!(synced, 1);
 }
 
+/// Appends `count` entries to each store from its own task, starting at `first`; gives the
+/// stores back.
+async fn append_from_tasks(stores: Vec<Store>, first: u64, count: u64) -> Vec<Store> {
+    let tasks: Vec<_> = stores
+        .into_iter()
+        .map(|mut s| {
+            tokio::spawn(async move {
+                for i in first..first + count {
+                    s.blocking_append([entry(1, i, "x")]).await.unwrap();
+                }
+                s
+            })
+        })
+        .collect();
+    let mut stores = Vec::new();
+    for t in tasks {
+        stores.push(t.await.unwrap());
+    }
+    stores
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn many_groups_appending_at_once_all_complete_with_fewer_syncs() {
+async fn groups_appending_at_once_share_syncs() {
     let dir = tempfile::tempdir().unwrap();
     let log = open(dir.path(), RaftLogOptions::default());
     const GROUPS: u64 = 32;
@@ -459,29 +480,135 @@ async fn many_groups_appending_at_once_all_complete_with_fewer_syncs() {
         s.save_vote(&Vote::new(1, g)).await.unwrap();
         stores.push(s);
     }
-    let fsyncs = log.stats().fsyncs.load(Ordering::Relaxed);
-    let tasks: Vec<_> = stores
-        .into_iter()
-        .map(|mut s| {
-            tokio::spawn(async move {
-                for i in 1..=EACH {
-                    s.blocking_append([entry(1, i, "x")]).await.unwrap();
-                }
-                s
-            })
-        })
-        .collect();
-    let mut stores = Vec::new();
-    for t in tasks {
-        stores.push(t.await.unwrap());
-    }
-    let synced = log.stats().fsyncs.load(Ordering::Relaxed) - fsyncs;
+    let stats = log.stats();
+    // Every group appends while the writer is held: one sync covers them all.
+    let fsyncs = stats.fsyncs.load(Ordering::Relaxed);
+    let paused = log.pause_writer();
+    let tasks = tokio::spawn(append_from_tasks(stores, 1, 1));
+    wait_for("every group's append", || {
+        stats.entries.load(Ordering::Relaxed) == GROUPS
+    });
+    drop(paused);
+    let stores = tasks.await.unwrap();
+    assert_eq!(stats.fsyncs.load(Ordering::Relaxed) - fsyncs, 1);
+    // Left to run freely, each sync still covers whatever arrived while the last one ran.
+    let fsyncs = stats.fsyncs.load(Ordering::Relaxed);
+    let stores = append_from_tasks(stores, 2, EACH).await;
+    let synced = stats.fsyncs.load(Ordering::Relaxed) - fsyncs;
     let appends = GROUPS * EACH;
     eprintln!("group commit, {GROUPS} groups: {appends} appends, {synced} fsync(s)");
     assert!(synced <= appends);
     for mut s in stores {
-        assert_eq!(entries(&mut s, 1..EACH + 1).await.len() as u64, EACH);
+        assert_eq!(entries(&mut s, 1..EACH + 2).await.len() as u64, EACH + 1);
     }
+}
+
+/// A network to no one: a single-node group never sends anything.
+struct NoNetwork;
+
+type RpcResult<T, E = openraft::error::RaftError<u64>> =
+    Result<T, openraft::error::RPCError<u64, BasicNode, E>>;
+
+fn unreachable<E: std::error::Error>() -> openraft::error::RPCError<u64, BasicNode, E> {
+    let e = io::Error::other("single-node test cluster");
+    openraft::error::RPCError::Unreachable(openraft::error::Unreachable::new(&e))
+}
+
+impl openraft::RaftNetworkFactory<TestConfig> for NoNetwork {
+    type Network = NoNetwork;
+
+    async fn new_client(&mut self, _target: u64, _node: &BasicNode) -> NoNetwork {
+        NoNetwork
+    }
+}
+
+impl openraft::RaftNetwork<TestConfig> for NoNetwork {
+    async fn append_entries(
+        &mut self,
+        _rpc: openraft::raft::AppendEntriesRequest<TestConfig>,
+        _option: openraft::network::RPCOption,
+    ) -> RpcResult<openraft::raft::AppendEntriesResponse<u64>> {
+        Err(unreachable())
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        _rpc: openraft::raft::InstallSnapshotRequest<TestConfig>,
+        _option: openraft::network::RPCOption,
+    ) -> RpcResult<
+        openraft::raft::InstallSnapshotResponse<u64>,
+        openraft::error::RaftError<u64, openraft::error::InstallSnapshotError>,
+    > {
+        Err(unreachable())
+    }
+
+    async fn vote(
+        &mut self,
+        _rpc: openraft::raft::VoteRequest<u64>,
+        _option: openraft::network::RPCOption,
+    ) -> RpcResult<openraft::raft::VoteResponse<u64>> {
+        Err(unreachable())
+    }
+}
+
+async fn start_node(log: &RaftLog, sm: StateMachine) -> openraft::Raft<TestConfig> {
+    let config = openraft::Config::default()
+        .validate()
+        .expect("valid config");
+    openraft::Raft::new(
+        1,
+        Arc::new(config),
+        NoNetwork,
+        store(log, METADATA_GROUP).await,
+        sm,
+    )
+    .await
+    .expect("raft starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_node_group_commits_and_replays_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let timeout = Some(Duration::from_secs(10));
+    let last = {
+        let log = open(dir.path(), RaftLogOptions::default());
+        let raft = start_node(&log, StateMachine::default()).await;
+        raft.initialize(std::collections::BTreeSet::from([1u64]))
+            .await
+            .expect("initialized");
+        let mut last = 0;
+        for data in ["vhost /", "user guest", "queue q1"] {
+            last = raft
+                .client_write(data.to_string())
+                .await
+                .expect("committed")
+                .log_id
+                .index;
+        }
+        raft.shutdown().await.expect("shut down");
+        last
+    };
+    // A fresh state machine: the committed entries are applied again from the log.
+    let log = open(dir.path(), RaftLogOptions::default());
+    let sm = StateMachine::default();
+    let raft = start_node(&log, sm.clone()).await;
+    raft.wait(timeout)
+        .applied_index_at_least(Some(last), "entries applied again")
+        .await
+        .expect("applied");
+    assert_eq!(
+        sm.0.lock().unwrap().applied.data,
+        ["vhost /", "user guest", "queue q1"]
+    );
+    // And the node leads again and takes new writes.
+    raft.wait(timeout)
+        .current_leader(1, "leader again")
+        .await
+        .expect("leader");
+    raft.client_write("exchange x".to_string())
+        .await
+        .expect("committed");
+    raft.shutdown().await.expect("shut down");
 }
 
 #[test]
