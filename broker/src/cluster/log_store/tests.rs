@@ -576,6 +576,10 @@ async fn a_single_node_group_commits_and_replays_after_a_restart() {
         raft.initialize(std::collections::BTreeSet::from([1u64]))
             .await
             .expect("initialized");
+        raft.wait(timeout)
+            .current_leader(1, "elected")
+            .await
+            .expect("leader");
         let mut last = 0;
         for data in ["vhost /", "user guest", "queue q1"] {
             last = raft
