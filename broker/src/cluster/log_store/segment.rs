@@ -153,9 +153,9 @@ pub struct Damaged {
 }
 
 /// Reads every record of a segment in order, passing each with its offset and length. A
-/// damaged record is a torn tail when its length runs past the end of the file, or when
-/// nothing but zeros follows it (a crash can leave a file longer than what reached it);
-/// anything else is [`Damaged`].
+/// damaged record (cut short, garbled length or checksum) is a torn tail when no good record
+/// starts anywhere after it: a crash can only have torn what was written last, and may leave
+/// the file longer than what reached it. Anything else is [`Damaged`].
 pub fn scan(
     path: &Path,
     mut each: impl FnMut(Record, u64, u32),
@@ -167,47 +167,50 @@ pub fn scan(
     let mut buf = Vec::new();
     while offset < size {
         let left = size - offset;
-        if left < (HEADER + FIXED) as u64 {
-            return Ok(Ok(ScanEnd::TornTail(offset)));
+        let mut record = None;
+        if left >= (HEADER + FIXED) as u64 {
+            buf.resize(HEADER, 0);
+            reader.read_exact(&mut buf)?;
+            let len = u32::from_be_bytes(buf[4..8].try_into().expect("4 bytes")) as u64;
+            let total = HEADER as u64 + len;
+            if len >= FIXED as u64 && total <= left {
+                buf.resize(total as usize, 0);
+                reader.read_exact(&mut buf[HEADER..])?;
+                record = decode(&buf);
+            }
         }
-        buf.resize(HEADER, 0);
-        reader.read_exact(&mut buf)?;
-        let len = u32::from_be_bytes(buf[4..8].try_into().expect("4 bytes")) as u64;
-        let total = HEADER as u64 + len;
-        if total > left {
-            return Ok(Ok(ScanEnd::TornTail(offset)));
-        }
-        let record = if len < FIXED as u64 {
-            None
-        } else {
-            buf.resize(total as usize, 0);
-            reader.read_exact(&mut buf[HEADER..])?;
-            decode(&buf)
-        };
         let Some(record) = record else {
-            let after = left - buf.len() as u64;
-            return Ok(if only_zeros(&mut reader, after)? {
-                Ok(ScanEnd::TornTail(offset))
-            } else {
+            return Ok(if good_record_after(reader.get_ref(), offset + 1, size)? {
                 Err(Damaged { offset })
+            } else {
+                Ok(ScanEnd::TornTail(offset))
             });
         };
+        let total = buf.len();
         each(record, offset, total as u32);
-        offset += total;
+        offset += total as u64;
     }
     Ok(Ok(ScanEnd::Clean))
 }
 
-/// Whether the next `n` bytes are all zero.
-fn only_zeros(reader: &mut impl Read, mut n: u64) -> io::Result<bool> {
-    let mut chunk = [0u8; 4096];
-    while n > 0 {
-        let take = n.min(chunk.len() as u64) as usize;
-        reader.read_exact(&mut chunk[..take])?;
-        if chunk[..take].iter().any(|b| *b != 0) {
-            return Ok(false);
-        }
-        n -= take as u64;
+/// Whether a good record starts at any offset in `from..size` (a damaged file is rare, and its
+/// damaged part is usually short: the whole rest is read at once).
+fn good_record_after(file: &File, from: u64, size: u64) -> io::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    if from >= size {
+        return Ok(false);
     }
-    Ok(true)
+    let mut rest = vec![0u8; (size - from) as usize];
+    file.read_exact_at(&mut rest, from)?;
+    let min = HEADER + FIXED;
+    for at in 0..rest.len().saturating_sub(min - 1) {
+        let len = u32::from_be_bytes(rest[at + 4..at + 8].try_into().expect("4 bytes")) as usize;
+        if len >= FIXED
+            && at + HEADER + len <= rest.len()
+            && decode(&rest[at..at + HEADER + len]).is_some()
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }

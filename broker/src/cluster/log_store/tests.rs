@@ -326,6 +326,20 @@ async fn zeros_after_the_last_record_are_a_torn_tail() {
     assert_eq!(std::fs::metadata(file).unwrap().len(), len);
 }
 
+/// Offsets of the entry records in a segment.
+fn entry_offsets(file: &Path) -> Vec<u64> {
+    let mut offsets = Vec::new();
+    let end = segment::scan(file, |r, offset, _| {
+        if r.kind == Kind::Entry {
+            offsets.push(offset);
+        }
+    })
+    .unwrap()
+    .unwrap();
+    assert_eq!(end, segment::ScanEnd::Clean);
+    offsets
+}
+
 #[tokio::test]
 async fn a_damaged_record_in_the_middle_is_an_error_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
@@ -339,16 +353,49 @@ async fn a_damaged_record_in_the_middle_is_an_error_naming_the_file() {
         }
     }
     let file = segments(dir.path())[0].clone();
-    let mut bytes = std::fs::read(&file).unwrap();
-    let middle = bytes.len() / 2;
-    bytes[middle] ^= 0x55;
-    std::fs::write(&file, &bytes).unwrap();
-    let err = RaftLog::open(dir.path(), RaftLogOptions::default()).unwrap_err();
-    assert!(matches!(err, RaftLogError::Damaged { .. }), "{err}");
-    let message = err.to_string();
-    assert!(message.contains(&*file.to_string_lossy()), "{message}");
-    // Nothing was cut: the file is as it was found.
-    assert_eq!(std::fs::read(&file).unwrap(), bytes);
+    let good = std::fs::read(&file).unwrap();
+    let third = entry_offsets(&file)[2] as usize;
+    // A flipped bit in the body, then in the length field (which no longer says where the
+    // next record is): either way the good records after it show it is no torn tail.
+    for at in [third + 30, third + 6] {
+        let mut bytes = good.clone();
+        bytes[at] ^= 0x55;
+        std::fs::write(&file, &bytes).unwrap();
+        let err = RaftLog::open(dir.path(), RaftLogOptions::default()).unwrap_err();
+        assert!(
+            matches!(err, RaftLogError::Damaged { offset, .. } if offset == third as u64),
+            "{err}"
+        );
+        let message = err.to_string();
+        assert!(message.contains(&*file.to_string_lossy()), "{message}");
+        // Nothing was cut: the file is as it was found.
+        assert_eq!(std::fs::read(&file).unwrap(), bytes);
+    }
+}
+
+#[tokio::test]
+async fn a_torn_last_header_is_cut_too() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = open(dir.path(), RaftLogOptions::default());
+        let mut s = store(&log, METADATA_GROUP).await;
+        for i in 1..=3 {
+            s.blocking_append([entry(1, i, "x")]).await.unwrap();
+        }
+    }
+    let file = segments(dir.path())[0].clone();
+    let last = entry_offsets(&file)[2];
+    // Only 5 bytes of the last record's header reached the disk.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(last + 5)
+        .unwrap();
+    let log = open(dir.path(), RaftLogOptions::default());
+    let mut s = store(&log, METADATA_GROUP).await;
+    assert_eq!(entries(&mut s, 0..10).await.len(), 2);
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), last);
 }
 
 #[tokio::test]
