@@ -1,6 +1,6 @@
 //! The Raft log on disk: openraft's log storage ([`RaftLogStorage`]) for one Raft group, over
-//! the log that all groups of a node share ([`RaftLog`], in `shared.rs`; its file format is in
-//! `segment.rs`).
+//! the log that all groups of a node share ([`RaftLog`], in `shared.rs`, its writer thread in
+//! `shared/writer.rs`; the file format is in `segment.rs`).
 //!
 //! A node opens its log once, then one [`LogStore`] per group; the store goes to openraft
 //! together with the group's state machine (a separate [`openraft::storage::RaftStateMachine`])
@@ -15,9 +15,14 @@
 //! Entries, votes and log ids are stored as JSON (openraft's own serde forms), so the store
 //! works with any type config whose entries serialize. Votes are on disk before `save_vote`
 //! returns; appended entries are readable at once and reported to openraft (its append
-//! callback) when the batch they went out in is synced. The committed log id and purges are
-//! written in order with everything else but not waited for: losing the last of them to a
-//! crash only means applying or keeping a little more log again.
+//! callback) when the batch they went out in is synced. Truncations, purges and the committed
+//! log id are written in order with everything else but not waited for: anything openraft
+//! waits for afterwards (a vote, an append) is synced after them, and losing the last of them
+//! to a crash only means keeping or applying a little more log again.
+//!
+//! After a write or sync error the log takes nothing more (every call fails, and openraft
+//! stops the group): what a failed `fsync` left on disk is unknown until the node restarts
+//! and reads its files back.
 
 mod segment;
 mod shared;

@@ -79,8 +79,6 @@ pub enum RaftLogError {
         what: &'static str,
         message: String,
     },
-    #[error("raft log unavailable: {0}")]
-    Failed(String),
 }
 
 /// Where an entry's record is, and its payload while it is cached.
