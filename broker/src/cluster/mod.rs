@@ -7,9 +7,12 @@
 //! the link dialed by the node with the smaller name is kept. A peer address that turns out
 //! to be this node is remembered and not dialed again, so every node can be given the same
 //! list. A node alone is a cluster of one; it runs the same code with no peers.
+//!
+//! The Raft log that every Raft group of a node writes to is in [`log_store`].
 
 pub mod handshake;
 pub mod link;
+pub mod log_store;
 pub mod secret;
 
 use crate::config::Config;
