@@ -50,6 +50,12 @@ pub fn config_map_name(instance: &Instance) -> String {
     format!("{}-config", name_of(instance))
 }
 
+/// The Secret with the cluster secret the Instance's brokers prove to each other. Apart from
+/// the default user's Secret, which applications mount: they have no business with it.
+pub fn cluster_secret_name(instance: &Instance) -> String {
+    format!("{}-cluster-secret", name_of(instance))
+}
+
 pub fn default_user_secret_name(instance: &Instance) -> String {
     instance
         .spec
