@@ -11,33 +11,18 @@ use super::expiry::Expirer;
 use super::message::{Message, now_ms};
 use super::policy::{Policy, QueueKind, effective_arguments};
 use super::queue_ref::QueueRef;
-use super::ready::{LazyStore, Levels, Window, delivered, forget, must_persist};
+use super::ready::{
+    LazyStore, Levels, QueuedMessage, Window, delivered, forget, must_persist, with_delivery_count,
+};
 use super::stats::MessageStats;
 use super::vhost::Vhost;
 use crate::store::durability::Ticket;
-use crate::store::{Location, RecordKind, Recovered, Storage};
+use crate::store::{RecordKind, Recovered, Storage};
 use amq_protocol::types::{AMQPValue, FieldTable};
 use parking_lot::Mutex;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
-
-/// A message in a queue, with its place in the queue's order.
-#[derive(Debug, Clone)]
-pub struct QueuedMessage {
-    /// Position in the queue's publish order; requeued messages go back to their place.
-    pub seq: u64,
-    pub message: Arc<Message>,
-    pub redelivered: bool,
-    /// Where the message is in the queue's store, if it was written there (persistent, or
-    /// paged out of memory).
-    pub location: Option<Location>,
-    /// Times it came back unacknowledged (for `x-delivery-limit`; stored with a persistent
-    /// message's index slot, so it survives a restart).
-    pub returned: u32,
-    /// Its priority level in a priority queue (0 otherwise): which list and store hold it.
-    pub level: u8,
-}
 
 /// Where a queue hands messages for a consumer: implemented by the AMQP channel.
 pub trait DeliverySink: Send + Sync {
@@ -1341,21 +1326,6 @@ fn release(st: &mut QueueState, d: &Delivered) {
         .saturating_sub(d.msg.message.body.len() as u64);
     if let Some(c) = &d.consumer {
         c.unacked.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// The message with the `x-delivery-count` header (times it was returned), as quorum queues
-/// report it.
-pub(crate) fn with_delivery_count(m: &Message, count: u32) -> Message {
-    let props = crate::amqp::codec::decode_properties(&m.properties).unwrap_or_default();
-    let mut headers = props.headers().clone().unwrap_or_default();
-    headers.insert(
-        "x-delivery-count".into(),
-        AMQPValue::LongLongInt(i64::from(count)),
-    );
-    Message {
-        properties: crate::amqp::codec::encode_properties(&props.with_headers(headers)),
-        ..m.clone()
     }
 }
 

@@ -9,10 +9,10 @@ use super::exchange::{Binding, Destination, Exchange, ExchangeKind, ExchangeSpec
 use super::expiry::Expirer;
 use super::headers::{type_name, value_text, values_equal};
 use super::message::{Message, now_ms};
-use super::policy::{self, Policy, QueueKind};
-use super::queue::{DeleteRefused, Enqueued, Links, Queue, QueueSpec, QueuedMessage, top_level};
+use super::policy::{self, Policy, PolicyKind, QueueKind};
+use super::queue::{DeleteRefused, Enqueued, Links, Queue, QueueSpec, top_level};
 use super::queue_ref::QueueRef;
-use super::ready::{LazyStore, Window};
+use super::ready::{LazyStore, QueuedMessage, Window};
 use super::stats::{Churn, MessageStats};
 use super::throttle::{TOO_MANY_REQUESTS, Throttle};
 use crate::amqp::codec;
@@ -157,13 +157,6 @@ pub struct Vhost {
     operator_policies: RwLock<Vec<Arc<Policy>>>,
     /// The messages of its delayed exchanges, until they are due.
     delayer: Delayer,
-}
-
-/// Policies or operator policies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PolicyKind {
-    Policy,
-    Operator,
 }
 
 /// What a vhost is besides its topology: description, tags, limits and default queue type.
