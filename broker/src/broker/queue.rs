@@ -7,7 +7,7 @@
 //! No lock is ever held across an `.await`. Lock order: queue, then channel; never the reverse.
 
 use super::dead_letter::{DeadLetterTarget, DeathReason};
-use super::expiry::Expirer;
+use super::expiry::{Expirer, Timed};
 use super::message::{Message, now_ms};
 use super::policy::{Policy, QueueKind, effective_arguments};
 use super::queue_ref::QueueRef;
@@ -15,7 +15,6 @@ use super::ready::{
     LazyStore, Levels, QueuedMessage, Window, delivered, forget, must_persist, with_delivery_count,
 };
 use super::stats::MessageStats;
-use super::vhost::Vhost;
 use crate::store::durability::Ticket;
 use crate::store::{RecordKind, Recovered, Storage};
 use amq_protocol::types::{AMQPValue, FieldTable};
@@ -277,12 +276,22 @@ impl Features {
     }
 }
 
+/// What a queue asks of the vhost that holds it. Called only when messages die or the queue
+/// expires, never to publish, deliver or acknowledge, so the queue holds it as a trait object.
+pub trait QueueOwner: Send + Sync {
+    /// Routes the messages `from` gave up on to its dead-letter exchange.
+    fn dead_letter(&self, from: &QueueRef, dead: Vec<(QueuedMessage, DeathReason)>);
+
+    /// Deletes `q`, unused for its `x-expires`, if it is still the queue of that name.
+    fn expire_queue(&self, q: &QueueRef);
+}
+
 /// What a queue reaches beyond itself: its vhost (where dead letters are routed, and which
 /// deletes the queue when it expires) and the vhost's timers.
 #[derive(Debug, Clone)]
 pub struct Links {
-    pub vhost: Weak<Vhost>,
-    pub expirer: Arc<Expirer>,
+    pub vhost: Weak<dyn QueueOwner>,
+    pub expirer: Arc<Expirer<Queue>>,
 }
 
 /// Length limits from `x-max-length`, `x-max-length-bytes` and `x-overflow`.
@@ -1326,6 +1335,12 @@ fn release(st: &mut QueueState, d: &Delivered) {
         .saturating_sub(d.msg.message.body.len() as u64);
     if let Some(c) = &d.consumer {
         c.unacked.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Timed for Queue {
+    fn on_timer(self: &Arc<Self>) {
+        Queue::on_timer(self);
     }
 }
 
