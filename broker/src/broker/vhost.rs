@@ -2,11 +2,11 @@
 //! RabbitMQ's reply codes and texts), and routing across exchange-to-exchange bindings and
 //! alternate exchanges.
 
-use super::FastMap;
 use super::dead_letter::{self, DeathReason};
 use super::delayed::{self, DelayedOwner, Delayer, delay_of};
 use super::exchange::{Binding, Destination, Exchange, ExchangeKind, ExchangeSpec};
 use super::expiry::Expirer;
+use super::fast_map::FastMap;
 use super::headers::{type_name, value_text, values_equal};
 use super::message::{Message, now_ms};
 use super::policy::{self, Policy, PolicyKind, QueueKind};
