@@ -153,3 +153,38 @@ async fn run<T: Timed>(me: Weak<Expirer<T>>, wake: Arc<Notify>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Probe(u8);
+
+    impl Timed for Probe {
+        fn on_timer(self: &Arc<Self>) {}
+    }
+
+    #[test]
+    fn due_targets_come_out_once_each_and_dropped_ones_not_at_all() {
+        let expirer = Arc::new(Expirer::<Probe>::default());
+        let (a, b, gone) = (Arc::new(Probe(1)), Arc::new(Probe(2)), Arc::new(Probe(3)));
+        expirer.schedule(10, &a);
+        expirer.schedule(20, &a);
+        expirer.schedule(15, &b);
+        expirer.schedule(100, &b);
+        expirer.schedule(5, &gone);
+        drop(gone);
+        let (due, next) = expirer.due(20);
+        let mut woken: Vec<u8> = due.iter().map(|p| p.0).collect();
+        woken.sort_unstable();
+        assert_eq!(woken, [1, 2]);
+        assert_eq!(next, Some(100));
+        let (due, next) = expirer.due(99);
+        assert!(due.is_empty());
+        assert_eq!(next, Some(100));
+        let (due, next) = expirer.due(100);
+        assert_eq!(due.len(), 1);
+        assert!(Arc::ptr_eq(&due[0], &b));
+        assert_eq!(next, None);
+    }
+}
