@@ -23,10 +23,9 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;
 use warren_broker::broker::message::Message;
-use warren_broker::broker::queue::{
-    Consumer, Delivered, DeliverySink, Enqueued, Queue, QueueSpec, QueuedMessage,
-};
+use warren_broker::broker::queue::{Consumer, Delivered, DeliverySink, Enqueued, Queue, QueueSpec};
 use warren_broker::broker::queue_ref::QueueRef;
+use warren_broker::broker::ready::QueuedMessage;
 
 const N: usize = 10_000;
 const ACK_EVERY: usize = 100;

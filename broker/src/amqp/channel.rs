@@ -1,14 +1,17 @@
 //! A channel as its connection's reader task drives it: method handlers for the exchange,
 //! queue, basic, tx and confirm classes, with RabbitMQ's checks, reply codes and texts.
-//! Publishing (content assembly, routing, confirms, transactions) lives in `publish.rs`.
+//! The publishing state a channel holds (content being assembled, confirms, a transaction) is
+//! declared here; publishing itself (content assembly, routing, confirms, transactions) lives
+//! in `publish.rs`, which builds on this file.
 
+use super::codec::{ContentHeader, PublishArgs};
 use super::delivery::{ChannelConsumer, ChannelShared, UnknownTag};
-use super::publish::{Confirms, ContentState, Transaction};
 use super::writer::ConnectionOutput;
 use crate::auth::Access;
 use crate::auth::permissions::{checked_name, dead_letter_checks};
 use crate::broker::Broker;
-use crate::broker::exchange::{ExchangeKind, ExchangeSpec};
+use crate::broker::exchange::{Exchange, ExchangeKind, ExchangeSpec};
+use crate::broker::message::Message;
 use crate::broker::queue::{ConsumeRefused, Consumer, Delivered, QueueSpec};
 use crate::broker::queue_ref::QueueRef;
 use crate::broker::stats::MessageStats;
@@ -22,6 +25,8 @@ use amq_protocol::protocol::{AMQPClass, basic, channel, confirm, exchange, queue
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::{Bytes, BytesMut};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -91,6 +96,59 @@ pub fn generated_name(prefix: &str) -> String {
 pub enum Settle {
     Ack,
     Reject { requeue: bool },
+}
+
+/// Where the channel is in receiving a message's frames. One lives in each channel, so the
+/// size of the `Body` variant costs nothing, while boxing it would cost an allocation per
+/// message.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Default)]
+pub enum ContentState {
+    #[default]
+    Idle,
+    /// `basic.publish` seen; the content header comes next.
+    Header(PublishArgs),
+    /// Header seen; body frames until `remaining` is zero.
+    Body {
+        args: PublishArgs,
+        header: ContentHeader,
+        /// Body frames joined, once there is more than one.
+        joined: Option<BytesMut>,
+        remaining: u64,
+    },
+}
+
+/// Publisher confirm bookkeeping. A message is confirmed once it is routed and its durability
+/// ticket is done (if it went to a durable queue as a persistent message, once the flush round
+/// that covers it has synced it to disk). Confirms go out in publish order, as few
+/// `basic.ack`s with `multiple` as possible: a message whose ticket is done waits for those
+/// published before it.
+#[derive(Debug, Default)]
+pub struct Confirms {
+    /// Sequence number of the last message published in confirm mode.
+    pub(super) last_seq: u64,
+    /// Published and not yet confirmed, in order: (sequence number, the ticket it waits for,
+    /// whether it is nacked).
+    pub(super) waiting: VecDeque<(u64, Ticket, bool)>,
+    /// Every message up to this one has been acked or nacked to the client.
+    pub(super) sent_upto: u64,
+}
+
+/// A message published inside a transaction, routed at commit.
+#[derive(Debug)]
+pub struct TxPublish {
+    pub(super) exchange: Arc<Exchange>,
+    pub(super) keys: Vec<Bytes>,
+    pub(super) headers: Option<FieldTable>,
+    pub(super) mandatory: bool,
+    pub(super) message: Arc<Message>,
+}
+
+/// What a transaction holds until commit.
+#[derive(Debug, Default)]
+pub struct Transaction {
+    pub(super) publishes: Vec<TxPublish>,
+    pub settles: Vec<(Settle, Vec<(u64, Delivered)>)>,
 }
 
 pub struct Channel {

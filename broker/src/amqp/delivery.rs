@@ -4,8 +4,9 @@
 
 use super::writer::{ConnectionOutput, Outbound};
 use crate::broker::connections::{ChannelSnapshot, ChannelView, ConsumerSnapshot};
-use crate::broker::queue::{Consumer, Delivered, DeliverySink, QueuedMessage};
+use crate::broker::queue::{Consumer, Delivered, DeliverySink};
 use crate::broker::queue_ref::QueueRef;
+use crate::broker::ready::QueuedMessage;
 use crate::broker::stats::MessageStats;
 use amq_protocol::protocol::{AMQPClass, basic};
 use parking_lot::Mutex;

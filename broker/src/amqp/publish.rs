@@ -6,13 +6,12 @@
 //! publisher encoded them, and re-encoded only when the broker must change them (BCC removed,
 //! direct reply-to address filled in).
 
-use super::channel::{Channel, Session, Settle};
+use super::channel::{Channel, Confirms, ContentState, Session, Transaction, TxPublish};
 use super::codec::{self, ContentHeader, PublishArgs};
 use super::writer::Outbound;
 use crate::auth::Access;
 use crate::broker::exchange::Exchange;
 use crate::broker::message::{Message, ShortStr, now_ms};
-use crate::broker::queue::Delivered;
 use crate::broker::stats::MessageStats;
 use crate::broker::vhost::{Origin, PublishOutcome, REPLY_TO, describe};
 use crate::error::{
@@ -23,47 +22,10 @@ use crate::store::durability::{Progress, Ticket};
 use amq_protocol::protocol::{AMQPClass, tx};
 use amq_protocol::types::{AMQPValue, FieldTable};
 use bytes::{Bytes, BytesMut};
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 const PUBLISH: (u16, u16) = (60, 40);
-
-/// Where the channel is in receiving a message's frames. One lives in each channel, so the
-/// size of the `Body` variant costs nothing, while boxing it would cost an allocation per
-/// message.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug, Default)]
-pub enum ContentState {
-    #[default]
-    Idle,
-    /// `basic.publish` seen; the content header comes next.
-    Header(PublishArgs),
-    /// Header seen; body frames until `remaining` is zero.
-    Body {
-        args: PublishArgs,
-        header: ContentHeader,
-        /// Body frames joined, once there is more than one.
-        joined: Option<BytesMut>,
-        remaining: u64,
-    },
-}
-
-/// Publisher confirm bookkeeping. A message is confirmed once it is routed and its durability
-/// ticket is done (if it went to a durable queue as a persistent message, once the flush round
-/// that covers it has synced it to disk). Confirms go out in publish order, as few
-/// `basic.ack`s with `multiple` as possible: a message whose ticket is done waits for those
-/// published before it.
-#[derive(Debug, Default)]
-pub struct Confirms {
-    /// Sequence number of the last message published in confirm mode.
-    last_seq: u64,
-    /// Published and not yet confirmed, in order: (sequence number, the ticket it waits for,
-    /// whether it is nacked).
-    waiting: VecDeque<(u64, Ticket, bool)>,
-    /// Every message up to this one has been acked or nacked to the client.
-    sent_upto: u64,
-}
 
 impl Confirms {
     /// Whether a confirm waits for a ticket not done at `progress`.
@@ -107,23 +69,6 @@ impl Confirms {
         });
         self.sent_upto = upto;
     }
-}
-
-/// A message published inside a transaction, routed at commit.
-#[derive(Debug)]
-pub struct TxPublish {
-    exchange: Arc<Exchange>,
-    keys: Vec<Bytes>,
-    headers: Option<FieldTable>,
-    mandatory: bool,
-    message: Arc<Message>,
-}
-
-/// What a transaction holds until commit.
-#[derive(Debug, Default)]
-pub struct Transaction {
-    publishes: Vec<TxPublish>,
-    pub settles: Vec<(Settle, Vec<(u64, Delivered)>)>,
 }
 
 /// Bodies up to this size are copied out of the read buffer they arrived in.

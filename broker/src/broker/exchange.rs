@@ -1,7 +1,7 @@
 //! Exchanges are data, not tasks: each holds a binding table shaped for its type, and routing
 //! is a synchronous lookup run on the publishing connection's task under a read lock.
 
-use super::FastMap;
+use super::fast_map::FastMap;
 use super::headers::HeadersMatch;
 use super::message::ShortStr;
 use super::policy::Policy;

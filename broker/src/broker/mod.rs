@@ -8,6 +8,7 @@ pub mod dead_letter;
 pub mod delayed;
 pub mod exchange;
 pub mod expiry;
+pub mod fast_map;
 pub mod headers;
 pub mod message;
 pub mod policy;
@@ -33,10 +34,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use vhost::Vhost;
-
-/// Maps keyed by names on the publish path (exchange and queue names, routing keys): foldhash,
-/// randomly seeded per map like the standard hasher, but several times faster on short keys.
-pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// The broker's shared state: one per process.
 #[derive(Debug)]

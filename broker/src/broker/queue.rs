@@ -7,37 +7,21 @@
 //! No lock is ever held across an `.await`. Lock order: queue, then channel; never the reverse.
 
 use super::dead_letter::{DeadLetterTarget, DeathReason};
-use super::expiry::Expirer;
+use super::expiry::{Expirer, Timed};
 use super::message::{Message, now_ms};
 use super::policy::{Policy, QueueKind, effective_arguments};
 use super::queue_ref::QueueRef;
-use super::ready::{LazyStore, Levels, Window, delivered, forget, must_persist};
+use super::ready::{
+    LazyStore, Levels, QueuedMessage, Window, delivered, forget, must_persist, with_delivery_count,
+};
 use super::stats::MessageStats;
-use super::vhost::Vhost;
 use crate::store::durability::Ticket;
-use crate::store::{Location, RecordKind, Recovered, Storage};
+use crate::store::{RecordKind, Recovered, Storage};
 use amq_protocol::types::{AMQPValue, FieldTable};
 use parking_lot::Mutex;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
-
-/// A message in a queue, with its place in the queue's order.
-#[derive(Debug, Clone)]
-pub struct QueuedMessage {
-    /// Position in the queue's publish order; requeued messages go back to their place.
-    pub seq: u64,
-    pub message: Arc<Message>,
-    pub redelivered: bool,
-    /// Where the message is in the queue's store, if it was written there (persistent, or
-    /// paged out of memory).
-    pub location: Option<Location>,
-    /// Times it came back unacknowledged (for `x-delivery-limit`; stored with a persistent
-    /// message's index slot, so it survives a restart).
-    pub returned: u32,
-    /// Its priority level in a priority queue (0 otherwise): which list and store hold it.
-    pub level: u8,
-}
 
 /// Where a queue hands messages for a consumer: implemented by the AMQP channel.
 pub trait DeliverySink: Send + Sync {
@@ -292,12 +276,22 @@ impl Features {
     }
 }
 
+/// What a queue asks of the vhost that holds it. Called only when messages die or the queue
+/// expires, never to publish, deliver or acknowledge, so the queue holds it as a trait object.
+pub trait QueueOwner: Send + Sync {
+    /// Routes the messages `from` gave up on to its dead-letter exchange.
+    fn dead_letter(&self, from: &QueueRef, dead: Vec<(QueuedMessage, DeathReason)>);
+
+    /// Deletes `q`, unused for its `x-expires`, if it is still the queue of that name.
+    fn expire_queue(&self, q: &QueueRef);
+}
+
 /// What a queue reaches beyond itself: its vhost (where dead letters are routed, and which
 /// deletes the queue when it expires) and the vhost's timers.
 #[derive(Debug, Clone)]
 pub struct Links {
-    pub vhost: Weak<Vhost>,
-    pub expirer: Arc<Expirer>,
+    pub vhost: Weak<dyn QueueOwner>,
+    pub expirer: Arc<Expirer<Queue>>,
 }
 
 /// Length limits from `x-max-length`, `x-max-length-bytes` and `x-overflow`.
@@ -1344,18 +1338,9 @@ fn release(st: &mut QueueState, d: &Delivered) {
     }
 }
 
-/// The message with the `x-delivery-count` header (times it was returned), as quorum queues
-/// report it.
-pub(crate) fn with_delivery_count(m: &Message, count: u32) -> Message {
-    let props = crate::amqp::codec::decode_properties(&m.properties).unwrap_or_default();
-    let mut headers = props.headers().clone().unwrap_or_default();
-    headers.insert(
-        "x-delivery-count".into(),
-        AMQPValue::LongLongInt(i64::from(count)),
-    );
-    Message {
-        properties: crate::amqp::codec::encode_properties(&props.with_headers(headers)),
-        ..m.clone()
+impl Timed for Queue {
+    fn on_timer(self: &Arc<Self>) {
+        Queue::on_timer(self);
     }
 }
 

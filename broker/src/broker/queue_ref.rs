@@ -16,8 +16,9 @@ use super::message::Message;
 use super::policy::Policy;
 use super::queue::{
     ConsumeRefused, Consumer, DeleteRefused, Delivered, Enqueued, Links, Queue, QueueLengths,
-    QueueSpec, QueuedMessage, Settings,
+    QueueSpec, Settings,
 };
+use super::ready::QueuedMessage;
 use super::stats::MessageCounts;
 use amq_protocol::types::FieldTable;
 use std::hash::{Hash, Hasher};

@@ -2,17 +2,17 @@
 //! RabbitMQ's reply codes and texts), and routing across exchange-to-exchange bindings and
 //! alternate exchanges.
 
-use super::FastMap;
 use super::dead_letter::{self, DeathReason};
-use super::delayed::{self, Delayer, delay_of};
+use super::delayed::{self, DelayedOwner, Delayer, delay_of};
 use super::exchange::{Binding, Destination, Exchange, ExchangeKind, ExchangeSpec};
 use super::expiry::Expirer;
+use super::fast_map::FastMap;
 use super::headers::{type_name, value_text, values_equal};
 use super::message::{Message, now_ms};
-use super::policy::{self, Policy, QueueKind};
-use super::queue::{DeleteRefused, Enqueued, Links, Queue, QueueSpec, QueuedMessage, top_level};
+use super::policy::{self, Policy, PolicyKind, QueueKind};
+use super::queue::{DeleteRefused, Enqueued, Links, Queue, QueueOwner, QueueSpec, top_level};
 use super::queue_ref::QueueRef;
-use super::ready::{LazyStore, Window};
+use super::ready::{LazyStore, QueuedMessage, Window};
 use super::stats::{Churn, MessageStats};
 use super::throttle::{TOO_MANY_REQUESTS, Throttle};
 use crate::amqp::codec;
@@ -149,7 +149,7 @@ pub struct Vhost {
     /// This vhost, for the queues it links (dead letters, queue expiry).
     me: Weak<Vhost>,
     /// The timers of its queues (message TTLs, `x-expires`).
-    expirer: Arc<Expirer>,
+    expirer: Arc<Expirer<Queue>>,
     /// `max-publish-rate` and `max-declare-rate`.
     pub throttle: Throttle,
     /// Policies, by name.
@@ -157,13 +157,6 @@ pub struct Vhost {
     operator_policies: RwLock<Vec<Arc<Policy>>>,
     /// The messages of its delayed exchanges, until they are due.
     delayer: Delayer,
-}
-
-/// Policies or operator policies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PolicyKind {
-    Policy,
-    Operator,
 }
 
 /// What a vhost is besides its topology: description, tags, limits and default queue type.
@@ -1428,6 +1421,30 @@ impl Vhost {
     /// Delayed messages waiting in this vhost.
     pub fn delayed_messages(&self) -> u64 {
         self.delayer.len()
+    }
+}
+
+impl QueueOwner for Vhost {
+    fn dead_letter(&self, from: &QueueRef, dead: Vec<(QueuedMessage, DeathReason)>) {
+        Vhost::dead_letter(self, from, dead);
+    }
+
+    fn expire_queue(&self, q: &QueueRef) {
+        Vhost::expire_queue(self, q);
+    }
+}
+
+impl DelayedOwner for Vhost {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    fn deliver_due(&self, due: &Due) -> Ticket {
+        Vhost::deliver_due(self, due)
     }
 }
 
