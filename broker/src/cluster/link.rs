@@ -28,12 +28,18 @@ pub const MAX_FRAME: usize = 16 * 1024 * 1024;
 #[repr(u8)]
 pub enum Kind {
     Heartbeat = 0,
+    /// A request for a service of the other node (see `rpc`).
+    Request = 1,
+    /// The answer to a request.
+    Response = 2,
 }
 
 impl Kind {
     fn from_byte(b: u8) -> Option<Self> {
         match b {
             0 => Some(Self::Heartbeat),
+            1 => Some(Self::Request),
+            2 => Some(Self::Response),
             _ => None,
         }
     }

@@ -13,6 +13,7 @@
 pub mod handshake;
 pub mod link;
 pub mod log_store;
+pub mod rpc;
 pub mod secret;
 
 use crate::config::Config;
@@ -80,6 +81,8 @@ pub struct Cluster {
     peers: Vec<String>,
     peers_file: Option<PathBuf>,
     state: Mutex<State>,
+    pending: Mutex<rpc::Pending>,
+    handlers: rpc::Handlers,
 }
 
 impl Cluster {
@@ -94,6 +97,8 @@ impl Cluster {
             peers: config.peers.clone(),
             peers_file: config.peers_file.clone(),
             state: Mutex::new(State::default()),
+            pending: Mutex::new(rpc::Pending::default()),
+            handlers: rpc::Handlers::default(),
         }))
     }
 
@@ -124,6 +129,72 @@ impl Cluster {
         st.links
             .get(node)
             .is_some_and(|l| l.outgoing.try_send(frame).is_ok())
+    }
+
+    /// Serves requests for `service` from other nodes with `handler` (replacing any before).
+    pub fn handle(&self, service: rpc::Service, handler: rpc::Handler) {
+        self.handlers.insert(service, handler);
+    }
+
+    /// Asks `node` for `service` with `body`; the answer, or why there is none, within
+    /// `timeout`.
+    pub async fn call(
+        &self,
+        node: &str,
+        service: rpc::Service,
+        body: &[u8],
+        timeout: Duration,
+    ) -> Result<bytes::Bytes, rpc::RpcError> {
+        let (id, answer) = self.pending.lock().register(node);
+        let frame = Frame {
+            kind: link::Kind::Request,
+            payload: rpc::encode_request(id, service, body),
+        };
+        if !self.send(node, frame) {
+            self.pending.lock().forget(id);
+            return Err(rpc::RpcError::Unreachable(node.to_owned()));
+        }
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(result)) => result,
+            // The sender went with a link that failed its calls.
+            Ok(Err(_)) => Err(rpc::RpcError::Unreachable(node.to_owned())),
+            Err(_) => {
+                self.pending.lock().forget(id);
+                Err(rpc::RpcError::TimedOut(node.to_owned()))
+            }
+        }
+    }
+
+    /// A frame from `node`: a request served on a task of its own, or an answer for a caller.
+    fn on_frame(self: &Arc<Self>, node: &str, kind: link::Kind, payload: bytes::Bytes) {
+        match kind {
+            link::Kind::Request => {
+                let Some((id, service, body)) = rpc::decode_request(payload) else {
+                    tracing::warn!(node, "malformed cluster request dropped");
+                    return;
+                };
+                let handler = self.handlers.get(service);
+                let me = self.clone();
+                let node = node.to_owned();
+                tokio::spawn(async move {
+                    let result = match handler {
+                        Some(h) => h(node.clone(), body).await,
+                        None => Err(format!("no service {service} on this node")),
+                    };
+                    let frame = Frame {
+                        kind: link::Kind::Response,
+                        payload: rpc::encode_response(id, &result),
+                    };
+                    // A lost answer leaves the caller to its timeout.
+                    me.send(&node, frame);
+                });
+            }
+            link::Kind::Response => match rpc::decode_response(payload) {
+                Some((id, result)) => self.pending.lock().answer(node, id, result),
+                None => tracing::warn!(node, "malformed cluster answer dropped"),
+            },
+            link::Kind::Heartbeat => {}
+        }
     }
 
     /// Starts accepting peers on `listener` and dialing the configured ones, until `stop`.
@@ -325,11 +396,22 @@ impl Cluster {
             let _ = ended.await;
             let _ = stop_tx.send(true);
         });
-        let why = link::run(established, outgoing_rx, |_, _| {}, stop_rx).await;
+        let me = self.clone();
+        let from = peer.clone();
+        let why = link::run(
+            established,
+            outgoing_rx,
+            move |kind, payload| me.on_frame(&from, kind, payload),
+            stop_rx,
+        )
+        .await;
         relay.abort();
         let mut st = self.state.lock();
         if st.links.get(&peer).is_some_and(|l| l.id == id) {
             st.links.remove(&peer);
+            drop(st);
+            // What was asked of it will not be answered on this link.
+            self.pending.lock().fail_node(&peer);
             tracing::warn!(node = %peer, peer = %address, reason = %why, "cluster link down");
         }
     }
@@ -357,6 +439,118 @@ fn with_port(peer: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two nodes on loopback that list each other as peers, linked; with their stop switches.
+    async fn pair() -> (
+        Arc<Cluster>,
+        Arc<Cluster>,
+        watch::Sender<bool>,
+        watch::Sender<bool>,
+        tempfile::TempDir,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let la = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let lb = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (aa, ab) = (la.local_addr().unwrap(), lb.local_addr().unwrap());
+        let config = |name: &str, peer: std::net::SocketAddr| Config {
+            data_dir: dir.path().join(name),
+            node_name: name.into(),
+            cluster_secret: Some("s".into()),
+            peers: vec![peer.to_string()],
+            ..Config::default()
+        };
+        let a = Cluster::new(&config("a", ab)).unwrap();
+        let b = Cluster::new(&config("b", aa)).unwrap();
+        let (stop_a, rx_a) = watch::channel(false);
+        let (stop_b, rx_b) = watch::channel(false);
+        a.start(la, rx_a);
+        b.start(lb, rx_b);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(a.nodes().iter().any(|n| n.name == "b" && n.running)
+            && b.nodes().iter().any(|n| n.name == "a" && n.running))
+        {
+            assert!(Instant::now() < deadline, "no link between a and b");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (a, b, stop_a, stop_b, dir)
+    }
+
+    fn handler<F, Fut>(f: F) -> rpc::Handler
+    where
+        F: Fn(String, bytes::Bytes) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<bytes::Bytes, String>> + Send + 'static,
+    {
+        Arc::new(move |from, body| Box::pin(f(from, body)))
+    }
+
+    #[tokio::test]
+    async fn calls_are_answered_and_every_failure_is_told_to_the_caller() {
+        let (a, b, _stop_a, stop_b, _dir) = pair().await;
+        b.handle(
+            1,
+            handler(|from, body| async move {
+                Ok(bytes::Bytes::from(format!(
+                    "{from} said {}",
+                    String::from_utf8_lossy(&body)
+                )))
+            }),
+        );
+        b.handle(
+            2,
+            handler(|_, _| async {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                Ok(bytes::Bytes::new())
+            }),
+        );
+        b.handle(3, handler(|_, _| async { Err("not now".to_owned()) }));
+        let second = Duration::from_secs(5);
+        assert_eq!(
+            a.call("b", 1, b"hi", second).await.unwrap(),
+            bytes::Bytes::from_static(b"a said hi")
+        );
+        // Many at once on one link, each answer to its own caller.
+        let calls = (0..50).map(|i| {
+            let a = a.clone();
+            async move { a.call("b", 1, format!("{i}").as_bytes(), second).await }
+        });
+        let answers = futures::future::join_all(calls).await;
+        for (i, answer) in answers.into_iter().enumerate() {
+            assert_eq!(answer.unwrap(), format!("a said {i}").as_bytes());
+        }
+        assert_eq!(
+            a.call("b", 3, b"", second).await,
+            Err(rpc::RpcError::Failed {
+                node: "b".into(),
+                reason: "not now".into()
+            })
+        );
+        match a.call("b", 99, b"", second).await {
+            Err(rpc::RpcError::Failed { reason, .. }) => assert!(reason.contains("no service 99")),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            a.call("nobody", 1, b"", second).await,
+            Err(rpc::RpcError::Unreachable("nobody".into()))
+        );
+        assert_eq!(
+            a.call("b", 2, b"", Duration::from_millis(200)).await,
+            Err(rpc::RpcError::TimedOut("b".into()))
+        );
+        // A call in flight when the link goes: told at once, not at its timeout.
+        let waiting = {
+            let a = a.clone();
+            tokio::spawn(async move { a.call("b", 2, b"", Duration::from_secs(30)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = Instant::now();
+        stop_b.send(true).unwrap();
+        let result = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("the caller hears of the lost link")
+            .unwrap();
+        assert_eq!(result, Err(rpc::RpcError::Unreachable("b".into())));
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
 
     #[test]
     fn peers_without_a_port_get_the_cluster_port() {
