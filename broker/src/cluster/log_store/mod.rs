@@ -27,7 +27,7 @@
 mod segment;
 mod shared;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use shared::{GroupId, LogStats, RaftLog, RaftLogError, RaftLogOptions};
 

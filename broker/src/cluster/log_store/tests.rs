@@ -19,7 +19,7 @@ use tempfile::TempDir;
 
 openraft::declare_raft_types!(
     /// Entries carry strings; everything else is openraft's default.
-    TestConfig: D = String, R = String
+    pub(crate) TestConfig: D = String, R = String
 );
 
 type Store = LogStore<TestConfig>;
@@ -37,22 +37,22 @@ fn entry(term: u64, index: u64, data: &str) -> Entry<TestConfig> {
 
 /// The state machine's contents, also its snapshot format.
 #[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
-struct Applied {
+pub(crate) struct Applied {
     last: Option<LogId<u64>>,
     membership: StoredMembership<u64, BasicNode>,
-    data: Vec<String>,
+    pub(crate) data: Vec<String>,
 }
 
 #[derive(Debug, Default)]
-struct Machine {
-    applied: Applied,
+pub(crate) struct Machine {
+    pub(crate) applied: Applied,
     snapshot: Option<(SnapshotMeta<u64, BasicNode>, Vec<u8>)>,
     snapshots_built: u64,
 }
 
 /// An in-memory state machine: just enough for the storage suite.
 #[derive(Debug, Default, Clone)]
-struct StateMachine(Arc<Mutex<Machine>>);
+pub(crate) struct StateMachine(pub(crate) Arc<Mutex<Machine>>);
 
 fn snapshot_of(meta: &SnapshotMeta<u64, BasicNode>, data: &[u8]) -> Snapshot<TestConfig> {
     Snapshot {
