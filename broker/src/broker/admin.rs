@@ -4,7 +4,7 @@
 use super::Broker;
 use super::vhost::{Vhost, VhostMeta};
 use crate::auth::{Permission, User, hash_password};
-use crate::store::definitions::{PermissionDefinition, UserDefinition};
+use crate::store::Command;
 use std::sync::Arc;
 
 /// Why an administrative change was refused.
@@ -92,9 +92,8 @@ impl Broker {
         v.remove_everything();
         self.users.clear_vhost(name);
         self.definitions
-            .update(|d| {
-                d.vhosts.remove(name);
-                d.permissions.retain(|p| p.vhost != name);
+            .commit(Command::DeleteVhost {
+                name: name.to_owned(),
             })
             .map_err(Self::store_err)?;
         tracing::info!(vhost = name, "vhost deleted");
@@ -138,13 +137,11 @@ impl Broker {
                 .map(|u| u.password_hash.clone())
                 .unwrap_or_default(),
         };
-        let def = UserDefinition {
-            password_hash: password_hash.clone(),
-            tags: tags.clone(),
-        };
         self.definitions
-            .update(|d| {
-                d.users.insert(name.to_owned(), def);
+            .commit(Command::PutUser {
+                name: name.to_owned(),
+                password_hash: password_hash.clone(),
+                tags: tags.clone(),
             })
             .map_err(Self::store_err)?;
         self.users.put(User {
@@ -160,9 +157,8 @@ impl Broker {
             return Err(AdminError::NotFound(format!("user {name} not found")));
         }
         self.definitions
-            .update(|d| {
-                d.users.remove(name);
-                d.permissions.retain(|p| p.user != name);
+            .commit(Command::DeleteUser {
+                name: name.to_owned(),
             })
             .map_err(Self::store_err)?;
         self.users.remove(name);
@@ -190,18 +186,13 @@ impl Broker {
         }
         let permission = Permission::new(configure, write, read).map_err(AdminError::BadRequest)?;
         let created = self.users.permission(user, vhost).is_none();
-        let def = PermissionDefinition {
-            user: user.to_owned(),
-            vhost: vhost.to_owned(),
-            configure: configure.to_owned(),
-            write: write.to_owned(),
-            read: read.to_owned(),
-        };
         self.definitions
-            .update(|d| {
-                d.permissions
-                    .retain(|p| !(p.user == user && p.vhost == vhost));
-                d.permissions.push(def);
+            .commit(Command::SetPermission {
+                user: user.to_owned(),
+                vhost: vhost.to_owned(),
+                configure: configure.to_owned(),
+                write: write.to_owned(),
+                read: read.to_owned(),
             })
             .map_err(Self::store_err)?;
         self.users.set_permission(user, vhost, permission);
@@ -215,9 +206,9 @@ impl Broker {
             )));
         }
         self.definitions
-            .update(|d| {
-                d.permissions
-                    .retain(|p| !(p.user == user && p.vhost == vhost))
+            .commit(Command::ClearPermission {
+                user: user.to_owned(),
+                vhost: vhost.to_owned(),
             })
             .map_err(Self::store_err)?;
         self.users.clear_permission(user, vhost);

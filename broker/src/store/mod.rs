@@ -1,6 +1,7 @@
 //! Everything that touches disk. Only this module reads or writes files.
 //!
-//! - [`definitions`]: vhosts, exchanges, queues and bindings, written atomically.
+//! - [`definitions`]: vhosts, users, exchanges, queues, bindings, policies: a snapshot and a
+//!   log of [`command::Command`]s.
 //! - [`QueueStore`]: the seam between a queue and where its messages live. A queue writes a
 //!   message to its store when it must survive a restart (persistent message, durable queue)
 //!   or when the queue's in-memory window is full (paging); it reads them back in order as
@@ -10,6 +11,7 @@
 //! - [`delayed`]: the messages of delayed exchanges until they are due.
 //! - [`flusher`]: group commit across all stores.
 
+pub mod command;
 pub mod definitions;
 pub mod delayed;
 pub mod file;
@@ -20,6 +22,7 @@ pub mod record;
 #[cfg(test)]
 mod conformance;
 
+pub use command::Command;
 pub use definitions::{DefinitionStore, Definitions, DefinitionsError};
 pub use record::RecordKind;
 
