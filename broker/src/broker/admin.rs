@@ -220,3 +220,143 @@ impl Broker {
             .ok_or_else(|| AdminError::NotFound(format!("vhost {name} not found")))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::exchange::{ExchangeKind, ExchangeSpec};
+    use crate::broker::policy::Policy;
+    use crate::broker::queue::QueueSpec;
+    use crate::broker::vhost::{DestinationKind, PolicyKind};
+    use crate::config::Config;
+    use amq_protocol::types::FieldTable;
+
+    fn open(dir: &std::path::Path) -> Arc<Broker> {
+        Broker::open(Config {
+            data_dir: dir.to_path_buf(),
+            ..Config::default()
+        })
+        .expect("broker opens")
+    }
+
+    fn queue(name: &str) -> QueueSpec {
+        QueueSpec {
+            name: name.into(),
+            durable: true,
+            exclusive: false,
+            auto_delete: false,
+            arguments: FieldTable::default(),
+        }
+    }
+
+    /// Every kind of change, made as the management API and AMQP make them, is found again
+    /// by a broker opened on the same directory (through the metadata log).
+    #[test]
+    fn metadata_changes_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let b = open(dir.path());
+            assert!(
+                b.put_vhost("v", "d", vec!["t".into()], Some(Some("quorum".into())))
+                    .unwrap()
+            );
+            b.set_vhost_limit("v", "max-queues", Some(7)).unwrap();
+            b.set_vhost_limit("v", "max-connections", Some(3)).unwrap();
+            b.set_vhost_limit("v", "max-connections", None).unwrap();
+            b.put_user("u", Password::Clear("p".into()), vec!["management".into()])
+                .unwrap();
+            b.put_user("gone", Password::None, vec![]).unwrap();
+            b.set_permission("u", "v", ".*", "", "^q").unwrap();
+            b.delete_user("gone").unwrap();
+            b.set_cluster_name("named").unwrap();
+            let v = b.vhost("v").unwrap();
+            v.declare_exchange(ExchangeSpec {
+                name: "x".into(),
+                kind: ExchangeKind::Topic,
+                durable: true,
+                auto_delete: false,
+                internal: false,
+                arguments: FieldTable::default(),
+            })
+            .unwrap();
+            for q in ["q1", "q2", "q3"] {
+                v.declare_queue(queue(q), 1).unwrap();
+            }
+            v.bind(
+                "x",
+                "q1",
+                DestinationKind::Queue,
+                "a",
+                &FieldTable::default(),
+                1,
+            )
+            .unwrap();
+            v.bind(
+                "x",
+                "q2",
+                DestinationKind::Queue,
+                "b",
+                &FieldTable::default(),
+                1,
+            )
+            .unwrap();
+            v.unbind(
+                "x",
+                "q2",
+                DestinationKind::Queue,
+                "b",
+                &FieldTable::default(),
+                1,
+            )
+            .unwrap();
+            v.bind(
+                "x",
+                "q3",
+                DestinationKind::Queue,
+                "c",
+                &FieldTable::default(),
+                1,
+            )
+            .unwrap();
+            v.delete_queue("q3", false, false, 1).unwrap();
+            let mut definition = serde_json::Map::new();
+            definition.insert("max-length".into(), serde_json::json!(5));
+            for (kind, name) in [(PolicyKind::Policy, "p"), (PolicyKind::Operator, "o")] {
+                let p = Policy::of_kind(kind, name, "^q", "queues", 1, definition.clone());
+                v.set_policy_of(kind, p.unwrap()).unwrap();
+            }
+            let p = Policy::new("gone", "^x", "all", 0, definition).unwrap();
+            v.set_policy(p).unwrap();
+            v.delete_policy("gone").unwrap();
+            assert!(b.put_vhost("w", "", vec![], None).unwrap());
+            b.delete_vhost("w").unwrap();
+            b.storage.shutdown();
+        }
+        let b = open(dir.path());
+        assert!(b.vhost("w").is_none());
+        let v = b.vhost("v").expect("vhost v");
+        let meta = v.meta();
+        assert_eq!(
+            (meta.description.as_str(), meta.tags.clone()),
+            ("d", vec!["t".into()])
+        );
+        assert_eq!(meta.default_queue_type.as_deref(), Some("quorum"));
+        assert_eq!(meta.limits, [("max-queues".to_owned(), 7)].into());
+        assert!(b.users.get("u").is_some() && b.users.get("gone").is_none());
+        assert!(b.users.permission("u", "v").is_some());
+        assert_eq!(b.cluster_name(), "named");
+        let mut queues: Vec<String> = v.queues().iter().map(|q| q.name().to_owned()).collect();
+        queues.sort();
+        assert_eq!(queues, ["q1", "q2"]);
+        let keys: Vec<String> = v
+            .exchange("x")
+            .expect("exchange x")
+            .bindings()
+            .iter()
+            .map(|b| b.routing_key.clone())
+            .collect();
+        assert_eq!(keys, ["a"]);
+        assert!(v.policy("p").is_some() && v.policy("gone").is_none());
+        assert!(v.policy_of(PolicyKind::Operator, "o").is_some());
+    }
+}

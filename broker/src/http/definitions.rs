@@ -1076,4 +1076,57 @@ mod one_import_at_a_time {
         assert_eq!(done.status(), StatusCode::NO_CONTENT);
         assert!(state.broker.vhost("/").unwrap().queue("q").is_some());
     }
+
+    /// The import's changes go to the metadata log as commands, one per object, and a broker
+    /// opened on the same directory has them all.
+    #[tokio::test]
+    async fn an_import_is_on_disk_when_it_answers() {
+        let data = tempfile::tempdir().unwrap();
+        let first = state(data.path());
+        let caller = Caller {
+            user: first.broker.users.get("guest").expect("the default user"),
+        };
+        let log = data.path().join("metadata.log");
+        let before = std::fs::read(&log).unwrap().len();
+        let body = r##"{
+            "queues": [
+                {"name":"a","vhost":"/","durable":true,"auto_delete":false,"arguments":{}},
+                {"name":"b","vhost":"/","durable":true,"auto_delete":false,"arguments":{}}
+            ],
+            "exchanges": [{"name":"x","vhost":"/","type":"topic","durable":true,
+                "auto_delete":false,"internal":false,"arguments":{}}],
+            "bindings": [
+                {"source":"x","vhost":"/","destination":"a","destination_type":"queue",
+                    "routing_key":"k.*","arguments":{}},
+                {"source":"x","vhost":"/","destination":"b","destination_type":"queue",
+                    "routing_key":"#","arguments":{}}
+            ]
+        }"##;
+        let request = Request::new(axum::body::Body::from(body));
+        let done = run_import(first.clone(), caller, request, None)
+            .await
+            .unwrap();
+        assert_eq!(done.status(), StatusCode::NO_CONTENT);
+        let text = String::from_utf8(std::fs::read(&log).unwrap()).unwrap();
+        let ops: Vec<String> = text[before..]
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap()["op"].to_string())
+            .collect();
+        assert_eq!(
+            ops,
+            [
+                "\"declare_exchange\"",
+                "\"declare_queue\"",
+                "\"declare_queue\"",
+                "\"bind\"",
+                "\"bind\""
+            ]
+        );
+        first.broker.storage.shutdown();
+        drop(first);
+        let again = state(data.path());
+        let v = again.broker.vhost("/").unwrap();
+        assert!(v.queue("a").is_some() && v.queue("b").is_some());
+        assert_eq!(v.exchange("x").expect("exchange x").bindings().len(), 2);
+    }
 }

@@ -237,11 +237,16 @@ fn migrate_legacy_dirs(queues: &Path, keep: &[(String, String, u8)]) -> io::Resu
 }
 
 /// Writes a store's `queue.json` (who it belongs to) unless it already says so: replaced
-/// whole through a synced temporary file, so that a crash leaves the old or the new text.
+/// whole through a synced temporary file, so that a crash leaves the old or the new text. A
+/// new store's is written without a sync (one per declared queue made imports of many queues
+/// slow): a crash can only leave it missing or empty, which its readers accept, and it is read
+/// only for the directories of earlier versions, which a new store never is.
 fn write_owner(dir: &Path, id: &str) -> io::Result<()> {
     let path = dir.join("queue.json");
-    if std::fs::read(&path).is_ok_and(|old| old == id.as_bytes()) {
-        return Ok(());
+    match std::fs::read(&path) {
+        Ok(old) if old == id.as_bytes() => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return std::fs::write(&path, id),
+        _ => {}
     }
     let tmp = dir.join("queue.json.tmp");
     {
