@@ -240,8 +240,9 @@ pub enum DefinitionsError {
 
 thread_local! {
     /// The stores whose commits on this thread wait for no sync (inside
-    /// [`DefinitionStore::batch`]), each with the number of its last command committed so.
-    static DEFERRED: RefCell<Vec<(usize, u64)>> = const { RefCell::new(Vec::new()) };
+    /// [`DefinitionStore::batch`]), each with the numbers of its first and last commands
+    /// committed so (0: none yet).
+    static DEFERRED: RefCell<Vec<(usize, u64, u64)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The durable definitions, mirrored in memory and on disk.
@@ -398,12 +399,12 @@ fn parse_log(log: &[u8], path: &Path) -> Result<(Vec<Command>, u64), Definitions
 }
 
 impl State {
-    /// How the write of command `seq` ended.
-    fn outcome(&self, seq: u64, log_path: &Path) -> Result<(), DefinitionsError> {
+    /// How the writes of commands `from` to `to` ended: the first failure among them.
+    fn outcome(&self, from: u64, to: u64, log_path: &Path) -> Result<(), DefinitionsError> {
         match self
             .failed
             .iter()
-            .find(|(first, last, ..)| (*first..=*last).contains(&seq))
+            .find(|(first, last, ..)| *first <= to && from <= *last)
         {
             Some((_, _, kind, text)) => Err(DefinitionsError::Io {
                 path: log_path.to_path_buf(),
@@ -516,14 +517,16 @@ impl DefinitionStore {
     /// result says whether the batch reached disk.
     pub fn batch<R>(&self, f: impl FnOnce() -> R) -> (R, Result<(), DefinitionsError>) {
         let key = self.key();
-        if DEFERRED.with(|d| d.borrow().iter().any(|(k, _)| *k == key)) {
+        if DEFERRED.with(|d| d.borrow().iter().any(|(k, ..)| *k == key)) {
             return (f(), Ok(()));
         }
         let deferring = Deferring::start(key);
         let out = f();
-        let seq = deferring.finish();
+        let (first, last) = deferring.finish();
         let synced = match &self.disk {
-            Some(disk) if seq > 0 => self.wait(disk, self.state.lock(), seq),
+            Some(disk) if last > 0 => self
+                .wait(disk, self.state.lock(), last)
+                .and_then(|()| self.state.lock().outcome(first, last, &disk.log_path)),
             _ => Ok(()),
         };
         (out, synced)
@@ -539,8 +542,13 @@ impl DefinitionStore {
         DEFERRED.with(|d| {
             d.borrow_mut()
                 .iter_mut()
-                .find(|(k, _)| *k == key)
-                .map(|(_, last)| *last = seq)
+                .find(|(k, ..)| *k == key)
+                .map(|(_, first, last)| {
+                    if *first == 0 {
+                        *first = seq;
+                    }
+                    *last = seq;
+                })
                 .is_some()
         })
     }
@@ -555,7 +563,7 @@ impl DefinitionStore {
     ) -> Result<(), DefinitionsError> {
         loop {
             if state.resolved >= seq {
-                return state.outcome(seq, &disk.log_path);
+                return state.outcome(seq, seq, &disk.log_path);
             }
             if state.syncing {
                 self.written.wait(&mut state);
@@ -664,23 +672,26 @@ struct Deferring {
 
 impl Deferring {
     fn start(key: usize) -> Self {
-        DEFERRED.with(|d| d.borrow_mut().push((key, 0)));
+        DEFERRED.with(|d| d.borrow_mut().push((key, 0, 0)));
         Self { key }
     }
 
-    /// Ends the batch; returns the number of its last command (0: none).
-    fn finish(self) -> u64 {
-        let seq = self.end();
+    /// Ends the batch; returns the numbers of its first and last commands (0: none).
+    fn finish(self) -> (u64, u64) {
+        let range = self.end();
         std::mem::forget(self);
-        seq
+        range
     }
 
-    fn end(&self) -> u64 {
+    fn end(&self) -> (u64, u64) {
         DEFERRED.with(|d| {
             let mut d = d.borrow_mut();
-            match d.iter().position(|(k, _)| *k == self.key) {
-                Some(at) => d.swap_remove(at).1,
-                None => 0,
+            match d.iter().position(|(k, ..)| *k == self.key) {
+                Some(at) => {
+                    let (_, first, last) = d.swap_remove(at);
+                    (first, last)
+                }
+                None => (0, 0),
             }
         })
     }

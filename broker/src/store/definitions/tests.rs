@@ -301,3 +301,40 @@ fn arguments_nested_to_the_wire_limit_read_back() {
     let again = DefinitionStore::open(dir.path()).unwrap();
     assert_eq!(again.snapshot(), store.snapshot());
 }
+
+/// Points the store's log at a handle that cannot be written (`broken`), or back at the file.
+fn break_log(store: &DefinitionStore, dir: &Path, broken: bool) {
+    let path = dir.join(LOG_NAME);
+    let file = if broken {
+        fs::File::open(&path).unwrap()
+    } else {
+        fs::OpenOptions::new().append(true).open(&path).unwrap()
+    };
+    *store.disk.as_ref().unwrap().log.lock() = file;
+}
+
+#[test]
+fn a_failed_write_fails_its_commit_and_leaves_memory_as_the_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = DefinitionStore::open(dir.path()).unwrap();
+    store.commit(queue("kept")).unwrap();
+    break_log(&store, dir.path(), true);
+    let err = store.commit(queue("lost")).unwrap_err();
+    assert!(err.to_string().contains(LOG_NAME), "{err}");
+    let (_, batch) = store.batch(|| {
+        store.commit(queue("lost too")).unwrap();
+        store.commit(queue("and this")).unwrap();
+    });
+    assert!(batch.is_err());
+    assert_eq!(store.snapshot().vhosts["/"].queues.len(), 1);
+    break_log(&store, dir.path(), false);
+    store.commit(queue("later")).unwrap();
+    let again = DefinitionStore::open(dir.path()).unwrap();
+    assert_eq!(again.snapshot(), store.snapshot());
+    let names: Vec<String> = again.snapshot().vhosts["/"]
+        .queues
+        .keys()
+        .cloned()
+        .collect();
+    assert_eq!(names, ["kept", "later"]);
+}
