@@ -1,6 +1,11 @@
-//! Durable definitions (vhosts, exchanges, queues, bindings), written atomically: the whole set
-//! goes to a temporary file that is synced and then renamed over the old one, and the directory
-//! is synced, so after a crash the file holds either the old set or the new one, whole.
+//! Durable definitions (vhosts, users, permissions, exchanges, queues, bindings, policies).
+//!
+//! Every change is a [`Command`] appended to `metadata.log` (one JSON line each) and synced
+//! before its commit returns; committers that arrive while a sync runs share the next one. Now
+//! and then the whole set is written to `definitions.json` (a temporary file, synced, renamed
+//! over the old one, the directory synced) and the log starts again empty. Opening reads the
+//! snapshot and replays the log over it; as commands are idempotent, a crash between writing a
+//! snapshot and emptying the log replays commands the snapshot already holds, harmlessly.
 
 use amq_protocol::types::FieldTable;
 use parking_lot::{Condvar, Mutex, MutexGuard};
