@@ -263,7 +263,7 @@ rmqctl wait "$RMQ_BASE/rabbitmq.pid" --timeout 120 >/dev/null
 wait_port "$RPORT" 60 || die "RabbitMQ does not listen on $RPORT (logs in $RMQ_BASE/log)"
 
 log "starting warren-broker on 127.0.0.1:$WPORT"
-"$WARREN" --amqp-listen "127.0.0.1:$WPORT" --management-listen 127.0.0.1:0 --prometheus-listen 127.0.0.1:0 --data-dir "$WORK/warren-data" >"$WORK/warren.log" 2>&1 &
+"$WARREN" --amqp-listen "127.0.0.1:$WPORT" --management-listen 127.0.0.1:0 --prometheus-listen 127.0.0.1:0 --cluster-listen 127.0.0.1:0 --data-dir "$WORK/warren-data" >"$WORK/warren.log" 2>&1 &
 WARREN_PID=$!
 wait_port "$WPORT" 30 "$WARREN_PID" || die "warren-broker did not start (see $WORK/warren.log)"
 

@@ -81,7 +81,7 @@ fi
 
 METRICS_PORT=$((PORT + 1))
 "$WARREN" --data-dir "$TMP/data" --amqp-listen "127.0.0.1:$PORT" \
-  --management-listen 127.0.0.1:0 --prometheus-listen "127.0.0.1:$METRICS_PORT" \
+  --management-listen 127.0.0.1:0 --prometheus-listen "127.0.0.1:$METRICS_PORT" --cluster-listen 127.0.0.1:0 \
   >"$TMP/broker.log" 2>&1 &
 BROKER_PID=$!
 for _ in $(seq 100); do

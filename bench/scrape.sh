@@ -104,7 +104,7 @@ rmqctl wait "$RMQ_BASE/rabbitmq.pid" --timeout 120 >/dev/null
 
 log "starting warren-broker on 127.0.0.1:$WPORT"
 "$WARREN" --amqp-listen "127.0.0.1:$WPORT" --management-listen "127.0.0.1:$((WPORT + 10000))" \
-  --prometheus-listen "127.0.0.1:$((WPORT + 10020))" --data-dir "$WORK/warren-data" >"$WORK/warren.log" 2>&1 &
+  --prometheus-listen "127.0.0.1:$((WPORT + 10020))" --cluster-listen 127.0.0.1:0 --data-dir "$WORK/warren-data" >"$WORK/warren.log" 2>&1 &
 WARREN_PID=$!
 for _ in $(seq 1 100); do
   (exec 3<>"/dev/tcp/127.0.0.1/$((WPORT + 10000))") 2>/dev/null && break

@@ -20,11 +20,12 @@ use warren_broker::http::sampler::Sampler;
 const QUEUES: usize = 10_000;
 
 fn state(dir: &std::path::Path) -> AppState {
-    let broker = Broker::open(Config {
+    let config = Config {
         data_dir: dir.to_path_buf(),
         ..Config::default()
-    })
-    .expect("broker opens");
+    };
+    let cluster = warren_broker::cluster::Cluster::new(&config).expect("cluster secret");
+    let broker = Broker::open(config).expect("broker opens");
     let vhost = broker.vhost("/").expect("the default vhost");
     for i in 0..QUEUES {
         vhost
@@ -53,6 +54,7 @@ fn state(dir: &std::path::Path) -> AppState {
             warren_broker::http::HEAVY_SCRAPES,
         )),
         imports: Arc::new(tokio::sync::Mutex::new(())),
+        cluster,
     }
 }
 

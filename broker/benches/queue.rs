@@ -23,15 +23,15 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;
 use warren_broker::broker::message::Message;
-use warren_broker::broker::queue::{
-    Consumer, Delivered, DeliverySink, Enqueued, Queue, QueueSpec, QueuedMessage,
-};
+use warren_broker::broker::queue::{Consumer, Delivered, DeliverySink, Enqueued, Queue, QueueSpec};
+use warren_broker::broker::queue_ref::QueueRef;
+use warren_broker::broker::ready::QueuedMessage;
 
 const N: usize = 10_000;
 const ACK_EVERY: usize = 100;
 
-fn queue() -> Arc<Queue> {
-    Queue::in_memory(
+fn queue() -> QueueRef {
+    QueueRef::from(Queue::in_memory(
         QueueSpec {
             name: "bench".into(),
             durable: false,
@@ -41,7 +41,7 @@ fn queue() -> Arc<Queue> {
         },
         "/".into(),
         None,
-    )
+    ))
 }
 
 fn message(body: &Bytes) -> Arc<Message> {
@@ -66,7 +66,7 @@ struct Sink {
 impl DeliverySink for Sink {
     fn offer(
         &self,
-        queue: &Arc<Queue>,
+        queue: &QueueRef,
         consumer: &Arc<Consumer>,
         msg: QueuedMessage,
     ) -> Result<(), QueuedMessage> {
@@ -86,7 +86,7 @@ impl DeliverySink for Sink {
     fn cancelled(&self, _consumer: &Arc<Consumer>) {}
 }
 
-fn with_consumer(no_ack: bool) -> (Arc<Queue>, Arc<Sink>) {
+fn with_consumer(no_ack: bool) -> (QueueRef, Arc<Sink>) {
     let q = queue();
     let sink = Arc::new(Sink {
         keep: !no_ack,

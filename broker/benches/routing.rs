@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use warren_broker::broker::exchange::{Binding, Destination, Exchange, ExchangeKind, ExchangeSpec};
 use warren_broker::broker::queue::{Queue, QueueSpec};
+use warren_broker::broker::queue_ref::QueueRef;
 use warren_broker::broker::topic::TopicTrie;
 
 const BINDINGS: usize = 10_000;
@@ -71,10 +72,10 @@ fn topic_patterns() -> Vec<String> {
     out
 }
 
-fn queues() -> Vec<Arc<Queue>> {
+fn queues() -> Vec<QueueRef> {
     (0..QUEUES)
         .map(|i| {
-            Queue::in_memory(
+            QueueRef::from(Queue::in_memory(
                 QueueSpec {
                     name: format!("q{i}"),
                     durable: false,
@@ -84,7 +85,7 @@ fn queues() -> Vec<Arc<Queue>> {
                 },
                 "/".into(),
                 None,
-            )
+            ))
         })
         .collect()
 }
@@ -100,7 +101,7 @@ fn exchange(kind: ExchangeKind) -> Arc<Exchange> {
     })
 }
 
-fn bind_all(x: &Exchange, keys: &[String], queues: &[Arc<Queue>]) {
+fn bind_all(x: &Exchange, keys: &[String], queues: &[QueueRef]) {
     for (i, key) in keys.iter().enumerate() {
         x.bind(Binding {
             destination: Destination::Queue(queues[i % queues.len()].clone()),

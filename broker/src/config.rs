@@ -167,9 +167,30 @@ settings! {
     /// `collect_statistics_interval`).
     #[arg(long, env = "WARREN_STATS_INTERVAL_MS")]
     stats_interval_ms: u64 = 5000;
-    /// This node's name, as reported to clients and tools.
+    /// This node's name, as reported to clients and tools; unique within a cluster.
     #[arg(long, env = "WARREN_NODE_NAME")]
     node_name: String = "warren@localhost".into();
+    /// Listener for the other nodes of the cluster (RabbitMQ's inter-node port).
+    #[arg(long, env = "WARREN_CLUSTER_LISTEN")]
+    cluster_listen: SocketAddr = "0.0.0.0:25672".parse().expect("valid default address");
+    /// The cluster addresses (`host:port`; the port defaults to 25672) of the cluster's
+    /// nodes, this node's own included or not; comma-separated on the command line and in the
+    /// environment. Empty, with no `peers_file`: a cluster of one.
+    #[arg(long, env = "WARREN_PEERS")]
+    peers: Vec<String> = Vec::new();
+    /// A file with more peers, one `host` or `host:port` per line, read again while the broker
+    /// runs so that nodes added to it are found.
+    #[arg(long, env = "WARREN_PEERS_FILE")]
+    peers_file: Option<PathBuf> = None;
+    /// The secret the cluster's nodes prove to each other (RabbitMQ's Erlang cookie); best
+    /// given in the environment, where it stays out of `ps`. Unset, with no
+    /// `cluster_secret_file`: one is generated on first start into `.cluster-secret` in the
+    /// data directory.
+    #[arg(long, env = "WARREN_CLUSTER_SECRET", hide_env_values = true)]
+    cluster_secret: Option<String> = None;
+    /// A file holding the cluster secret (surrounding white space ignored).
+    #[arg(long, env = "WARREN_CLUSTER_SECRET_FILE")]
+    cluster_secret_file: Option<PathBuf> = None;
     /// The cluster's name, as reported to clients and tools (`/api/overview`, the
     /// `rabbitmq_identity_info` metric); unset, the node's name, as in RabbitMQ. A name set
     /// through the management API or a definitions import is kept across restarts unless

@@ -1,5 +1,6 @@
-//! Errors as data: a reply code, its text, the method that caused it, and whether it
-//! closes the channel or the whole connection. The connection turns one into a close frame.
+//! Errors as data: a reply code, its text, the method that caused it, whether it closes the
+//! channel or the whole connection, and its cause. The connection turns one into a close frame;
+//! the management API into a status and a JSON reason.
 
 use std::fmt;
 
@@ -56,6 +57,25 @@ pub enum Scope {
     Connection,
 }
 
+/// Why something was not done. The protocol's own refusals (a missing queue, an inequivalent
+/// declaration, a denied permission) say what is wrong with the request; the other causes say
+/// that the broker could not answer it now (a node or a majority out of reach, another node
+/// leading, no answer in time), so the same request may succeed later or elsewhere. The edges
+/// choose their replies by cause: AMQP keeps the code, HTTP answers 503 for these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Cause {
+    /// The request itself is refused, with the code saying why.
+    #[default]
+    Refused,
+    /// What the request needs is out of reach: the node holding a queue is down, or no
+    /// majority of the cluster can be reached to agree on a change.
+    Unavailable,
+    /// Another node leads what the request changes, and the request could not be handed to it.
+    NotLeader,
+    /// No answer came in time; the change may or may not have been made.
+    TimedOut,
+}
+
 /// A protocol error, ready to become a `channel.close` or `connection.close`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AmqpError {
@@ -67,6 +87,7 @@ pub struct AmqpError {
     pub scope: Scope,
     /// The channel the error happened on (0 for the connection itself).
     pub channel: u16,
+    pub cause: Cause,
 }
 
 impl AmqpError {
@@ -85,7 +106,63 @@ impl AmqpError {
             method_id: 0,
             scope,
             channel: 0,
+            cause: Cause::Refused,
         }
+    }
+
+    /// A queue whose home node is down or out of reach, in RabbitMQ's words: the channel is
+    /// closed with 404, and the queue is there again once its node is.
+    pub fn queue_down(vhost: &str, queue: &str, node: &str) -> Self {
+        Self {
+            cause: Cause::Unavailable,
+            ..Self::new(
+                NOT_FOUND,
+                format!(
+                    "home node '{node}' of durable queue '{queue}' in vhost '{vhost}' is down or inaccessible"
+                ),
+            )
+        }
+    }
+
+    /// A change that needs a majority of the cluster while none is reachable. As RabbitMQ
+    /// answers a declaration its cluster cannot complete, the connection is closed with 541,
+    /// which sends clients to reconnect, through a load balancer to a node that can serve them.
+    pub fn no_majority(what: &str) -> Self {
+        Self {
+            cause: Cause::Unavailable,
+            ..Self::new(
+                INTERNAL_ERROR,
+                format!("cannot {what}: no majority of the cluster is reachable"),
+            )
+        }
+    }
+
+    /// A change that only the leader of what it changes can make, when it could not be
+    /// handed to the leader (`None`: no leader is known).
+    pub fn not_leader(what: &str, leader: Option<&str>) -> Self {
+        let text = match leader {
+            Some(node) => format!("cannot {what}: node '{node}' leads it and cannot be reached"),
+            None => format!("cannot {what}: no leader is known"),
+        };
+        Self {
+            cause: Cause::NotLeader,
+            ..Self::new(INTERNAL_ERROR, text)
+        }
+    }
+
+    /// A request with no answer in time: the change may or may not have been made, so the
+    /// connection is closed with 541 rather than the request reported done or refused.
+    pub fn timed_out(what: &str) -> Self {
+        Self {
+            cause: Cause::TimedOut,
+            ..Self::new(INTERNAL_ERROR, format!("cannot {what}: timed out"))
+        }
+    }
+
+    /// Whether the request may succeed later or on another node (the broker, not the
+    /// request, stood in the way).
+    pub fn is_transient(&self) -> bool {
+        self.cause != Cause::Refused
     }
 
     /// Records the channel the error happened on.
@@ -167,6 +244,39 @@ mod tests {
             AmqpError::new(NOT_IMPLEMENTED, "x").scope,
             Scope::Connection
         );
+    }
+
+    #[test]
+    fn cluster_causes_keep_rabbitmq_codes_and_say_they_are_transient() {
+        let down = AmqpError::queue_down("/", "q", "warren@n1");
+        assert_eq!((down.code, down.scope), (NOT_FOUND, Scope::Channel));
+        assert_eq!(
+            down.reply_text(),
+            "NOT_FOUND - home node 'warren@n1' of durable queue 'q' in vhost '/' is down or inaccessible"
+        );
+        for e in [
+            AmqpError::no_majority("declare queue 'q' in vhost '/'"),
+            AmqpError::not_leader("declare queue 'q' in vhost '/'", Some("warren@n2")),
+            AmqpError::not_leader("declare queue 'q' in vhost '/'", None),
+            AmqpError::timed_out("declare queue 'q' in vhost '/'"),
+        ] {
+            assert_eq!(
+                (e.code, e.scope),
+                (INTERNAL_ERROR, Scope::Connection),
+                "{e}"
+            );
+            assert!(e.is_transient(), "{e}");
+            assert!(e.text.contains("queue 'q'"), "{e}");
+        }
+        assert_eq!(
+            AmqpError::not_leader("x", Some("warren@n2")).cause,
+            Cause::NotLeader
+        );
+        assert_eq!(AmqpError::timed_out("x").cause, Cause::TimedOut);
+        assert!(!AmqpError::new(NOT_FOUND, "no queue").is_transient());
+        // Context added at the edge keeps the cause.
+        let e = AmqpError::timed_out("x").in_channel(3).on(50, 10);
+        assert_eq!(e.cause, Cause::TimedOut);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! - [`broker`]: routing and queues, with no I/O. Vhosts hold exchanges (data, not tasks),
 //!   bindings and queues; queues hand messages to consumers' channels.
 //! - [`store`]: everything on disk (today the durable definitions).
+//! - [`cluster`]: the nodes of a cluster finding each other, and the links between them.
 //! - [`auth`]: users and SASL.
 //! - [`config`]: settings from defaults, file, environment and flags.
 //! - [`http`]: the management API and Prometheus metrics (axum), and TLS.
@@ -17,6 +18,7 @@ pub mod alarms;
 pub mod amqp;
 pub mod auth;
 pub mod broker;
+pub mod cluster;
 pub mod config;
 pub mod drain;
 pub mod error;

@@ -31,6 +31,8 @@ pub enum StartError {
     },
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("cluster: {0}")]
+    Cluster(std::io::Error),
 }
 
 /// A running broker.
@@ -43,6 +45,9 @@ pub struct RunningBroker {
     pub management_addr: SocketAddr,
     pub management_tls_addr: Option<SocketAddr>,
     pub prometheus_addr: SocketAddr,
+    /// Where the other nodes of the cluster reach this one.
+    pub cluster_addr: SocketAddr,
+    pub cluster: Arc<crate::cluster::Cluster>,
     shutdown: watch::Sender<bool>,
     acceptors: Vec<JoinHandle<()>>,
     http: Vec<JoinHandle<()>>,
@@ -139,6 +144,8 @@ async fn serve(
     let (amqp, amqp_addr) = bind(config.amqp_listen).await?;
     let (management, management_addr) = bind(config.management_listen).await?;
     let (prometheus, prometheus_addr) = bind(config.prometheus_listen).await?;
+    let (cluster_listener, cluster_addr) = bind(config.cluster_listen).await?;
+    let cluster = crate::cluster::Cluster::new(&config).map_err(StartError::Cluster)?;
     let mut listeners = vec![
         ListenerInfo {
             protocol: "amqp",
@@ -151,6 +158,10 @@ async fn serve(
         ListenerInfo {
             protocol: "http/prometheus",
             addr: prometheus_addr,
+        },
+        ListenerInfo {
+            protocol: "clustering",
+            addr: cluster_addr,
         },
     ];
     let mut amqps = None;
@@ -179,13 +190,14 @@ async fn serve(
     broker.alarms.check();
     let sampler = Arc::new(Sampler::default());
     sampler.sample(&broker);
-    let background = vec![
+    let mut background = cluster.start(cluster_listener, watcher.clone());
+    background.extend([
         broker.alarms.spawn_monitor(Duration::from_secs(1)),
         sampler.spawn(
             broker.clone(),
             Duration::from_millis(config.stats_interval_ms),
         ),
-    ];
+    ]);
     let state = AppState {
         broker: broker.clone(),
         sampler,
@@ -195,6 +207,7 @@ async fn serve(
         list_wait: Duration::from_millis(config.http_idle_timeout_ms),
         heavy_scrapes: Arc::new(tokio::sync::Semaphore::new(crate::http::HEAVY_SCRAPES)),
         imports: Arc::new(tokio::sync::Mutex::new(())),
+        cluster: cluster.clone(),
     };
 
     let mut acceptors = vec![tokio::spawn(accept_loop(
@@ -243,6 +256,7 @@ async fn serve(
         %amqp_addr,
         %management_addr,
         %prometheus_addr,
+        %cluster_addr,
         amqps_addr = amqps_addr.map(|a| a.to_string()),
         management_tls_addr = management_tls_addr.map(|a| a.to_string()),
         "AMQP listener started"
@@ -254,6 +268,8 @@ async fn serve(
         management_addr,
         management_tls_addr,
         prometheus_addr,
+        cluster_addr,
+        cluster,
         shutdown,
         acceptors,
         http,

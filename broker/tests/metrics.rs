@@ -605,3 +605,81 @@ async fn messages_published_over_http_are_counted_as_received_and_routed() {
         );
     }
 }
+
+/// A publish a full `reject-publish` queue refuses: RabbitMQ's management plugin is nacked,
+/// answers 400 and counts the message received and routed but not confirmed.
+#[tokio::test]
+async fn a_publish_over_http_refused_by_a_full_queue_is_rejected_and_not_confirmed() {
+    let b = TestBroker::start().await;
+    let api = common::http::Api::new(&b);
+    api.put(
+        "/api/queues/%2F/http-full",
+        r#"{"durable":true,"arguments":{"x-max-length":1,"x-overflow":"reject-publish"}}"#,
+    )
+    .await
+    .status(201);
+    let publish = || {
+        api.post(
+            "/api/exchanges/%2F/amq.default/publish",
+            r#"{"properties":{"delivery_mode":2},"routing_key":"http-full","payload":"x","payload_encoding":"string"}"#,
+        )
+    };
+    let global = |m: &Scrape, name: &str| {
+        m.value(&format!(
+            "rabbitmq_global_messages_{name}_total{{protocol=\"amqp091\"}}"
+        ))
+    };
+    let before = scrape(&b, "/metrics").await;
+    assert_eq!(
+        publish().await.status(200).json(),
+        serde_json::json!({"routed": true})
+    );
+    let taken = scrape(&b, "/metrics").await;
+    assert_eq!(
+        publish().await.error(400, "bad_request"),
+        "rejected Unable to publish message. Check queue limits."
+    );
+    let refused = scrape(&b, "/metrics").await;
+    for (name, first, second) in [
+        ("received", 1.0, 1.0),
+        ("received_confirm", 1.0, 1.0),
+        ("routed", 1.0, 1.0),
+        ("confirmed", 1.0, 0.0),
+        ("unroutable_returned", 0.0, 0.0),
+    ] {
+        assert_eq!(
+            global(&taken, name) - global(&before, name),
+            first,
+            "{name}"
+        );
+        assert_eq!(
+            global(&refused, name) - global(&taken, name),
+            second,
+            "{name}"
+        );
+    }
+    let q = api.json("/api/queues/%2F/http-full").await;
+    assert_eq!(q["messages"], 1, "{q}");
+    // Refused by one target, it is rejected even though another took it.
+    api.put("/api/exchanges/%2F/http-fan", r#"{"type":"fanout"}"#)
+        .await
+        .status(201);
+    api.put("/api/queues/%2F/http-room", "{}").await.status(201);
+    for q in ["http-full", "http-room"] {
+        api.post(&format!("/api/bindings/%2F/e/http-fan/q/{q}"), "{}")
+            .await
+            .status(201);
+    }
+    let a = api
+        .post(
+            "/api/exchanges/%2F/http-fan/publish",
+            r#"{"properties":{},"routing_key":"","payload":"x","payload_encoding":"string"}"#,
+        )
+        .await;
+    assert_eq!(
+        a.error(400, "bad_request"),
+        "rejected Unable to publish message. Check queue limits."
+    );
+    let q = api.json("/api/queues/%2F/http-room").await;
+    assert_eq!(q["messages"], 1, "{q}");
+}

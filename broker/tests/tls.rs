@@ -685,6 +685,7 @@ fn config_in(data: &Path, pki: &Pki) -> Config {
         amqp_listen: "127.0.0.1:0".parse().unwrap(),
         management_listen: "127.0.0.1:0".parse().unwrap(),
         prometheus_listen: "127.0.0.1:0".parse().unwrap(),
+        cluster_listen: "127.0.0.1:0".parse().unwrap(),
         ..Config::default()
     };
     pki.listen(&mut c);
@@ -843,6 +844,7 @@ async fn start_refuses_tls_listeners_without_certificate_and_key() {
         amqp_listen: "127.0.0.1:0".parse().unwrap(),
         management_listen: "127.0.0.1:0".parse().unwrap(),
         prometheus_listen: "127.0.0.1:0".parse().unwrap(),
+        cluster_listen: "127.0.0.1:0".parse().unwrap(),
         amqps_listen: Some("127.0.0.1:0".parse().unwrap()),
         ..Config::default()
     };

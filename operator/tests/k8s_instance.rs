@@ -35,6 +35,18 @@ fn context() -> (Arc<InstanceContext>, ApiServer) {
 }
 
 const SECRET: &str = "/api/v1/namespaces/shop/secrets/demo-default-user";
+const CLUSTER_SECRET: &str = "/api/v1/namespaces/shop/secrets/demo-cluster-secret";
+
+/// Answers the lookup of the cluster secret as existing: nothing is created.
+async fn cluster_secret_exists(server: &mut ApiServer) {
+    let (s, send) = next(server).await;
+    assert_eq!((&s.method, s.path.as_str()), (&Method::GET, CLUSTER_SECRET));
+    answer(
+        send,
+        StatusCode::OK,
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "demo-cluster-secret", "namespace": "shop"}, "data": {"secret": "Yw=="}}),
+    );
+}
 
 /// Answers the server-side applies of the owned objects, in order, echoing each back (with a
 /// StatefulSet status of `ready` ready brokers of `replicas`).
@@ -87,6 +99,25 @@ async fn a_new_instance_gets_its_secret_objects_and_a_status() {
         .unwrap()
         .to_owned();
     assert_eq!(password.len(), 32);
+    assert_eq!(s.body["metadata"]["ownerReferences"][0]["kind"], "Instance");
+    answer(send, StatusCode::CREATED, s.body.clone());
+    // The brokers' shared secret: a Secret of its own, made once, never the default user's.
+    let (s, send) = next(&mut server).await;
+    assert_eq!((&s.method, s.path.as_str()), (&Method::GET, CLUSTER_SECRET));
+    answer(
+        send,
+        StatusCode::NOT_FOUND,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "NotFound", "code": 404}),
+    );
+    let (s, send) = next(&mut server).await;
+    assert_eq!(
+        (&s.method, s.path.as_str()),
+        (&Method::POST, "/api/v1/namespaces/shop/secrets")
+    );
+    assert_eq!(s.body["metadata"]["name"], "demo-cluster-secret");
+    let cookie = s.body["stringData"]["secret"].as_str().unwrap().to_owned();
+    assert_eq!(cookie.len(), 32);
+    assert_ne!(cookie, password);
     assert_eq!(s.body["metadata"]["ownerReferences"][0]["kind"], "Instance");
     answer(send, StatusCode::CREATED, s.body.clone());
     let applied = serve_applies(&mut server, 1, 0).await;
@@ -149,6 +180,7 @@ async fn an_existing_secret_is_never_overwritten_and_ready_brokers_make_it_ready
         json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "demo-default-user", "namespace": "shop"}, "data": {"username": "dQ==", "password": "cA=="}}),
     );
     // No POST: straight to the applies.
+    cluster_secret_exists(&mut server).await;
     serve_applies(&mut server, 2, 2).await;
     let (s, send) = next(&mut server).await;
     assert!(s.path.ends_with("/instances/demo/status"));
@@ -186,6 +218,7 @@ async fn a_config_the_brokers_would_refuse_is_reported_and_nothing_is_applied() 
         StatusCode::OK,
         json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "demo-default-user", "namespace": "shop"}}),
     );
+    cluster_secret_exists(&mut server).await;
     let (s, send) = next(&mut server).await;
     assert!(
         s.path.ends_with("/instances/demo/status"),

@@ -54,6 +54,8 @@ pub struct BrokerProcess {
     pub amqp_addr: SocketAddr,
     pub management_addr: SocketAddr,
     pub prometheus_addr: SocketAddr,
+    /// Where the other nodes of a cluster reach this one.
+    pub cluster_addr: SocketAddr,
     pub data_dir: PathBuf,
     _owned_dir: Option<tempfile::TempDir>,
     log: mpsc::Receiver<String>,
@@ -80,6 +82,8 @@ impl BrokerProcess {
                 "--management-listen",
                 "127.0.0.1:0",
                 "--prometheus-listen",
+                "127.0.0.1:0",
+                "--cluster-listen",
                 "127.0.0.1:0",
                 "--log-format",
                 "json",
@@ -111,6 +115,7 @@ impl BrokerProcess {
                             a,
                             listen_addr(&line, "AMQP listener started", "management_addr"),
                             listen_addr(&line, "AMQP listener started", "prometheus_addr"),
+                            listen_addr(&line, "AMQP listener started", "cluster_addr"),
                         )
                     })
                 }
@@ -120,12 +125,14 @@ impl BrokerProcess {
                 }
             }
         }
-        let (amqp_addr, management_addr, prometheus_addr) = started.expect("set above");
+        let (amqp_addr, management_addr, prometheus_addr, cluster_addr) =
+            started.expect("set above");
         Self {
             child,
             amqp_addr,
             management_addr: management_addr.expect("the log names the management address"),
             prometheus_addr: prometheus_addr.expect("the log names the Prometheus address"),
+            cluster_addr: cluster_addr.expect("the log names the cluster address"),
             data_dir: data_dir.to_path_buf(),
             _owned_dir: None,
             log: rx,

@@ -203,6 +203,7 @@ fn text_log_of_session(
             "--amqp-listen=127.0.0.1:0",
             "--management-listen=127.0.0.1:0",
             "--prometheus-listen=127.0.0.1:0",
+            "--cluster-listen=127.0.0.1:0",
             "--log-format=text",
         ])
         .env("RUST_LOG", "info")

@@ -1,25 +1,32 @@
 //! A channel as its connection's reader task drives it: method handlers for the exchange,
 //! queue, basic, tx and confirm classes, with RabbitMQ's checks, reply codes and texts.
-//! Publishing (content assembly, routing, confirms, transactions) lives in `publish.rs`.
+//! The publishing state a channel holds (content being assembled, confirms, a transaction) is
+//! declared here; publishing itself (content assembly, routing, confirms, transactions) lives
+//! in `publish.rs`, which builds on this file.
 
+use super::codec::{ContentHeader, PublishArgs};
 use super::delivery::{ChannelConsumer, ChannelShared, UnknownTag};
-use super::publish::{Confirms, ContentState, Transaction};
 use super::writer::ConnectionOutput;
 use crate::auth::Access;
 use crate::auth::permissions::{checked_name, dead_letter_checks};
 use crate::broker::Broker;
-use crate::broker::exchange::{ExchangeKind, ExchangeSpec};
-use crate::broker::queue::{ConsumeRefused, Consumer, Delivered, Queue, QueueSpec};
+use crate::broker::exchange::{Exchange, ExchangeKind, ExchangeSpec};
+use crate::broker::message::Message;
+use crate::broker::queue::{ConsumeRefused, Consumer, Delivered, QueueSpec};
+use crate::broker::queue_ref::QueueRef;
 use crate::broker::stats::MessageStats;
 use crate::broker::vhost::{DestinationKind, REPLY_TO, Vhost, describe};
 use crate::error::{
     AmqpError, AmqpResult, COMMAND_INVALID, NOT_ALLOWED, NOT_IMPLEMENTED, access_refused,
     not_found, precondition_failed,
 };
+use crate::store::durability::{Progress, Ticket};
 use amq_protocol::protocol::{AMQPClass, basic, channel, confirm, exchange, queue, tx};
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::{Bytes, BytesMut};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -34,10 +41,10 @@ pub struct Session {
     /// The client's `consumer_cancel_notify` capability.
     pub cancel_notify: bool,
     /// Exclusive queues declared on this connection, deleted when it closes.
-    pub exclusive_queues: Vec<Arc<Queue>>,
+    pub exclusive_queues: Vec<QueueRef>,
     /// Queues this connection published to whose backlog is on disk while consumers take
     /// from them: flow control looks at them before reading more from the client.
-    pub flow: Vec<Arc<Queue>>,
+    pub flow: Vec<QueueRef>,
 }
 
 /// Most queues a connection remembers for flow control between two reads.
@@ -45,9 +52,9 @@ const FLOW_QUEUES: usize = 8;
 
 impl Session {
     /// Remembers queues a publish found backlogged, for flow control.
-    pub fn note_backlogged(&mut self, queues: Vec<Arc<Queue>>) {
+    pub fn note_backlogged(&mut self, queues: Vec<QueueRef>) {
         for q in queues {
-            if self.flow.len() < FLOW_QUEUES && !self.flow.iter().any(|f| Arc::ptr_eq(f, &q)) {
+            if self.flow.len() < FLOW_QUEUES && !self.flow.contains(&q) {
                 self.flow.push(q);
             }
         }
@@ -72,12 +79,9 @@ impl Session {
         )))
     }
 
-    /// The newest flush epoch on disk.
-    pub fn durable_epoch(&self) -> u64 {
-        self.broker
-            .storage
-            .flusher()
-            .map_or(u64::MAX, |f| f.durable_epoch())
+    /// How far durability has got: which tickets are done.
+    pub fn progress(&self) -> Progress {
+        Progress::of(&self.broker.storage)
     }
 }
 
@@ -94,6 +98,59 @@ pub enum Settle {
     Reject { requeue: bool },
 }
 
+/// Where the channel is in receiving a message's frames. One lives in each channel, so the
+/// size of the `Body` variant costs nothing, while boxing it would cost an allocation per
+/// message.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Default)]
+pub enum ContentState {
+    #[default]
+    Idle,
+    /// `basic.publish` seen; the content header comes next.
+    Header(PublishArgs),
+    /// Header seen; body frames until `remaining` is zero.
+    Body {
+        args: PublishArgs,
+        header: ContentHeader,
+        /// Body frames joined, once there is more than one.
+        joined: Option<BytesMut>,
+        remaining: u64,
+    },
+}
+
+/// Publisher confirm bookkeeping. A message is confirmed once it is routed and its durability
+/// ticket is done (if it went to a durable queue as a persistent message, once the flush round
+/// that covers it has synced it to disk). Confirms go out in publish order, as few
+/// `basic.ack`s with `multiple` as possible: a message whose ticket is done waits for those
+/// published before it.
+#[derive(Debug, Default)]
+pub struct Confirms {
+    /// Sequence number of the last message published in confirm mode.
+    pub(super) last_seq: u64,
+    /// Published and not yet confirmed, in order: (sequence number, the ticket it waits for,
+    /// whether it is nacked).
+    pub(super) waiting: VecDeque<(u64, Ticket, bool)>,
+    /// Every message up to this one has been acked or nacked to the client.
+    pub(super) sent_upto: u64,
+}
+
+/// A message published inside a transaction, routed at commit.
+#[derive(Debug)]
+pub struct TxPublish {
+    pub(super) exchange: Arc<Exchange>,
+    pub(super) keys: Vec<Bytes>,
+    pub(super) headers: Option<FieldTable>,
+    pub(super) mandatory: bool,
+    pub(super) message: Arc<Message>,
+}
+
+/// What a transaction holds until commit.
+#[derive(Debug, Default)]
+pub struct Transaction {
+    pub(super) publishes: Vec<TxPublish>,
+    pub settles: Vec<(Settle, Vec<(u64, Delivered)>)>,
+}
+
 pub struct Channel {
     pub shared: Arc<ChannelShared>,
     /// The broker sent `channel.close` and waits for `close-ok`; frames are ignored meanwhile.
@@ -106,10 +163,10 @@ pub struct Channel {
     /// The spec's "most recently declared queue", used when a queue name is left empty.
     last_queue: Option<String>,
     /// Direct reply-to: the key of this channel's reply consumer, and its hidden queue.
-    pub(super) reply_to: Option<(String, Arc<Queue>)>,
-    pub(super) route_buf: Vec<Arc<Queue>>,
-    /// Committed transactions whose `commit-ok` waits for these flush epochs.
-    pub(super) commits_waiting: std::collections::VecDeque<u64>,
+    pub(super) reply_to: Option<(String, QueueRef)>,
+    pub(super) route_buf: Vec<QueueRef>,
+    /// Committed transactions whose `commit-ok` waits for these tickets.
+    pub(super) commits_waiting: std::collections::VecDeque<Ticket>,
     /// The exchange last published to, by name, and the users generation its write
     /// permission was checked at.
     pub(super) exchange_cache: Option<(bytes::Bytes, Arc<crate::broker::exchange::Exchange>, u64)>,
@@ -423,7 +480,7 @@ impl Channel {
                         },
                         s.connection_id,
                     )?;
-                    if created && q.owner.is_some() {
+                    if created && q.owner().is_some() {
                         s.exclusive_queues.push(q.clone());
                     }
                     let (m, c) = (q.message_count(), q.consumer_count());
@@ -690,7 +747,7 @@ impl Channel {
             s.vhost.remove_queue(&entry.queue);
         }
         if let Some((key, q)) = &self.reply_to
-            && Arc::ptr_eq(q, &entry.queue)
+            && *q == entry.queue
         {
             s.vhost.remove_reply_queue(key);
             q.delete(false, false).ok();
@@ -784,10 +841,10 @@ impl Channel {
                     .replace(Transaction::default())
                     .ok_or_else(|| precondition_failed("channel is not transactional"))?;
                 self.clear_uncommitted();
-                let epoch = self.commit(s, tx);
+                let ticket = self.commit(s, tx);
                 // commit-ok promises the messages are on disk: it may have to wait.
-                if epoch > s.durable_epoch() {
-                    self.commits_waiting.push_back(epoch);
+                if !ticket.is_done(s.progress()) {
+                    self.commits_waiting.push_back(ticket);
                 } else {
                     self.reply(AMQPClass::Tx(M::CommitOk(tx::CommitOk {})));
                 }
@@ -868,7 +925,7 @@ fn binding_permitted(s: &Session, kind: &str, destination: &str, source: &str) -
 fn runs_by_queue(taken: Vec<(u64, Delivered)>) -> Vec<Vec<Delivered>> {
     let mut runs: Vec<Vec<Delivered>> = Vec::new();
     for (_, d) in taken {
-        match runs.iter_mut().find(|r| Arc::ptr_eq(&r[0].queue, &d.queue)) {
+        match runs.iter_mut().find(|r| r[0].queue == d.queue) {
             Some(run) => run.push(d),
             None => runs.push(vec![d]),
         }

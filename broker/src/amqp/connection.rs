@@ -15,6 +15,7 @@ use crate::error::{
     AmqpError, AmqpResult, CHANNEL_ERROR, COMMAND_INVALID, CONNECTION_FORCED, FRAME_ERROR,
     NOT_ALLOWED, NOT_IMPLEMENTED, REPLY_SUCCESS, Scope, UNEXPECTED_FRAME, precondition_failed,
 };
+use crate::store::durability::ProgressWatch;
 use amq_protocol::protocol::{AMQPClass, channel, connection};
 use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
 use bytes::{Bytes, BytesMut};
@@ -287,7 +288,7 @@ impl Connection {
     ) {
         let mut buf = BytesMut::with_capacity(64 * 1024);
         let handshake_deadline = Instant::now() + handshake;
-        let mut durable = self.broker.storage.flusher().map(|f| f.subscribe());
+        let mut durable = ProgressWatch::new(&self.broker.storage);
         let mut alarms = self.broker.alarms.subscribe();
         // Unacknowledged deliveries are checked against the consumer timeout once a second.
         let mut ack_check = tokio::time::interval(ACK_CHECK);
@@ -374,7 +375,7 @@ impl Connection {
                     tokio::select! {
                         _ = alarms.changed() => {}
                         _ = shutdown.changed() => self.force_close(),
-                        () = durable_changed(&mut durable), if !self.waiting.is_empty() => self.flush_waiting(),
+                        () = durable.changed(), if !self.waiting.is_empty() => self.flush_waiting(),
                         reason = closed_from_outside(&mut self.closed) => {
                             self.close_from_outside(reason);
                         }
@@ -458,7 +459,7 @@ impl Connection {
                             () = &mut drained => {}
                             () = tokio::time::sleep(FLOW_RECHECK) => {}
                             _ = shutdown.changed() => self.force_close(),
-                            () = durable_changed(&mut durable), if !self.waiting.is_empty() => self.flush_waiting(),
+                            () = durable.changed(), if !self.waiting.is_empty() => self.flush_waiting(),
                             reason = closed_from_outside(&mut self.closed) => {
                                 self.close_from_outside(reason);
                             }
@@ -541,7 +542,7 @@ impl Connection {
                     }
                 },
                 _ = shutdown.changed(), if !matches!(self.phase, Phase::Closing(_)) => self.force_close(),
-                () = durable_changed(&mut durable), if !self.waiting.is_empty() => self.flush_waiting(),
+                () = durable.changed(), if !self.waiting.is_empty() => self.flush_waiting(),
                 reason = closed_from_outside(&mut self.closed), if matches!(self.phase, Phase::Open | Phase::CloseOkSent(_)) => {
                     self.close_from_outside(reason);
                 }
@@ -884,11 +885,11 @@ impl Connection {
 
     fn flush_confirms(&mut self) {
         let Some(session) = &self.session else { return };
-        let durable = session.durable_epoch();
+        let progress = session.progress();
         for ch in self.dirty.drain(..) {
             if let Some(channel) = self.channels.get_mut(&ch) {
-                channel.flush_confirms(session, durable);
-                if channel.waits_for_disk(durable) && !self.waiting.contains(&ch) {
+                channel.flush_confirms(session, progress);
+                if channel.waits_for_durability(progress) && !self.waiting.contains(&ch) {
                     self.waiting.push(ch);
                 }
             }
@@ -904,12 +905,12 @@ impl Connection {
     /// A flush round finished: send the confirms it settled.
     fn flush_waiting(&mut self) {
         let Some(session) = &self.session else { return };
-        let durable = session.durable_epoch();
+        let progress = session.progress();
         let channels = &mut self.channels;
         self.waiting.retain(|ch| match channels.get_mut(ch) {
             Some(channel) => {
-                channel.flush_confirms(session, durable);
-                channel.waits_for_disk(durable)
+                channel.flush_confirms(session, progress);
+                channel.waits_for_durability(progress)
             }
             None => false,
         });
@@ -1262,18 +1263,6 @@ fn peer_gone(probe: Option<&OwnedFd>) -> bool {
     match poll(&mut fds, Some(&now)) {
         Ok(_) => fds[0].revents().intersects(watched),
         Err(_) => false,
-    }
-}
-
-/// Resolves when the durable flush epoch changes (never, for a broker without a disk).
-async fn durable_changed(durable: &mut Option<watch::Receiver<u64>>) {
-    match durable {
-        Some(rx) => {
-            if rx.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
-        None => std::future::pending().await,
     }
 }
 

@@ -4,7 +4,9 @@
 
 use super::writer::{ConnectionOutput, Outbound};
 use crate::broker::connections::{ChannelSnapshot, ChannelView, ConsumerSnapshot};
-use crate::broker::queue::{Consumer, Delivered, DeliverySink, Queue, QueuedMessage};
+use crate::broker::queue::{Consumer, Delivered, DeliverySink};
+use crate::broker::queue_ref::QueueRef;
+use crate::broker::ready::QueuedMessage;
 use crate::broker::stats::MessageStats;
 use amq_protocol::protocol::{AMQPClass, basic};
 use parking_lot::Mutex;
@@ -15,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 /// A consumer on this channel and the queue it consumes from.
 #[derive(Debug, Clone)]
 pub struct ChannelConsumer {
-    pub queue: Arc<Queue>,
+    pub queue: QueueRef,
     pub consumer: Arc<Consumer>,
 }
 
@@ -103,11 +105,11 @@ impl ChannelShared {
     }
 
     /// The queues this channel consumes from, each once.
-    pub fn consumed_queues(&self) -> Vec<Arc<Queue>> {
+    pub fn consumed_queues(&self) -> Vec<QueueRef> {
         let st = self.state.lock();
-        let mut queues: Vec<Arc<Queue>> = Vec::new();
+        let mut queues: Vec<QueueRef> = Vec::new();
         for c in st.consumers.values() {
-            if !queues.iter().any(|q| Arc::ptr_eq(q, &c.queue)) {
+            if !queues.contains(&c.queue) {
                 queues.push(c.queue.clone());
             }
         }
@@ -147,13 +149,7 @@ impl ChannelShared {
     }
 
     /// Sends a `basic.get-ok` for `msg`, taken from `queue`, with the next delivery tag.
-    pub fn deliver_get(
-        &self,
-        queue: &Arc<Queue>,
-        msg: QueuedMessage,
-        remaining: u32,
-        no_ack: bool,
-    ) {
+    pub fn deliver_get(&self, queue: &QueueRef, msg: QueuedMessage, remaining: u32, no_ack: bool) {
         let mut st = self.state.lock();
         let tag = st.next_tag;
         st.next_tag += 1;
@@ -278,7 +274,7 @@ impl ChannelView for ChannelShared {
 impl DeliverySink for ChannelShared {
     fn offer(
         &self,
-        queue: &Arc<Queue>,
+        queue: &QueueRef,
         consumer: &Arc<Consumer>,
         msg: QueuedMessage,
     ) -> Result<(), QueuedMessage> {

@@ -6,82 +6,47 @@
 //! publisher encoded them, and re-encoded only when the broker must change them (BCC removed,
 //! direct reply-to address filled in).
 
-use super::channel::{Channel, Session, Settle};
+use super::channel::{Channel, Confirms, ContentState, Session, Transaction, TxPublish};
 use super::codec::{self, ContentHeader, PublishArgs};
-use super::writer::{ConnectionOutput, Outbound};
+use super::writer::Outbound;
 use crate::auth::Access;
 use crate::broker::exchange::Exchange;
 use crate::broker::message::{Message, ShortStr, now_ms};
-use crate::broker::queue::Delivered;
 use crate::broker::stats::MessageStats;
-use crate::broker::vhost::{EnqueueOutcome, REPLY_TO, describe};
+use crate::broker::vhost::{Origin, PublishOutcome, REPLY_TO, describe};
 use crate::error::{
     AmqpError, AmqpResult, FRAME_ERROR, NO_ROUTE, NOT_IMPLEMENTED, UNEXPECTED_FRAME,
     access_refused, not_found, precondition_failed,
 };
+use crate::store::durability::{Progress, Ticket};
 use amq_protocol::protocol::{AMQPClass, tx};
 use amq_protocol::types::{AMQPValue, FieldTable};
 use bytes::{Bytes, BytesMut};
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 const PUBLISH: (u16, u16) = (60, 40);
 
-/// Where the channel is in receiving a message's frames. One lives in each channel, so the
-/// size of the `Body` variant costs nothing, while boxing it would cost an allocation per
-/// message.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug, Default)]
-pub enum ContentState {
-    #[default]
-    Idle,
-    /// `basic.publish` seen; the content header comes next.
-    Header(PublishArgs),
-    /// Header seen; body frames until `remaining` is zero.
-    Body {
-        args: PublishArgs,
-        header: ContentHeader,
-        /// Body frames joined, once there is more than one.
-        joined: Option<BytesMut>,
-        remaining: u64,
-    },
-}
-
-/// Publisher confirm bookkeeping. A message is confirmed once it is routed and, if it went to
-/// a durable queue as a persistent message, once the flush round that covers it has synced it
-/// to disk. Confirms go out in publish order, as few `basic.ack`s with `multiple` as possible.
-#[derive(Debug, Default)]
-pub struct Confirms {
-    /// Sequence number of the last message published in confirm mode.
-    last_seq: u64,
-    /// Published and not yet confirmed, in order: (sequence number, flush epoch it waits
-    /// for — 0 for none, whether it is nacked).
-    waiting: VecDeque<(u64, u64, bool)>,
-    /// Every message up to this one has been acked or nacked to the client.
-    sent_upto: u64,
-}
-
 impl Confirms {
-    /// Whether a confirm waits for a flush round newer than `durable`.
-    pub fn waits_for_disk(&self, durable: u64) -> bool {
-        self.waiting.front().is_some_and(|w| w.1 > durable)
+    /// Whether a confirm waits for a ticket not done at `progress`.
+    pub fn waits_for_durability(&self, progress: Progress) -> bool {
+        self.waiting.front().is_some_and(|w| !w.1.is_done(progress))
     }
 
-    /// Sends every confirm that is settled now that epoch `durable` is on disk: runs of acks
-    /// as one `multiple` ack, nacks one by one in their place.
-    fn flush(&mut self, durable: u64, channel: u16, out: &ConnectionOutput) {
+    /// Sends every confirm that is settled at `progress`: runs of acks as one `multiple` ack,
+    /// nacks one by one in their place.
+    fn flush(&mut self, progress: Progress, channel: u16, send: &mut impl FnMut(Outbound)) {
         let mut ack_upto = None;
-        while let Some(&(seq, epoch, nack)) = self.waiting.front() {
-            if epoch > durable {
+        while let Some(&(seq, ticket, nack)) = self.waiting.front() {
+            if !ticket.is_done(progress) {
                 break;
             }
             self.waiting.pop_front();
             if nack {
                 if let Some(upto) = ack_upto.take() {
-                    self.send_ack(upto, channel, out);
+                    self.send_ack(upto, channel, send);
                 }
-                out.send(Outbound::Nack {
+                send(Outbound::Nack {
                     channel,
                     delivery_tag: seq,
                     multiple: false,
@@ -92,35 +57,18 @@ impl Confirms {
             }
         }
         if let Some(upto) = ack_upto {
-            self.send_ack(upto, channel, out);
+            self.send_ack(upto, channel, send);
         }
     }
 
-    fn send_ack(&mut self, upto: u64, channel: u16, out: &ConnectionOutput) {
-        out.send(Outbound::Ack {
+    fn send_ack(&mut self, upto: u64, channel: u16, send: &mut impl FnMut(Outbound)) {
+        send(Outbound::Ack {
             channel,
             delivery_tag: upto,
             multiple: upto - self.sent_upto > 1,
         });
         self.sent_upto = upto;
     }
-}
-
-/// A message published inside a transaction, routed at commit.
-#[derive(Debug)]
-pub struct TxPublish {
-    exchange: Arc<Exchange>,
-    keys: Vec<Bytes>,
-    headers: Option<FieldTable>,
-    mandatory: bool,
-    message: Arc<Message>,
-}
-
-/// What a transaction holds until commit.
-#[derive(Debug, Default)]
-pub struct Transaction {
-    publishes: Vec<TxPublish>,
-    pub settles: Vec<(Settle, Vec<(u64, Delivered)>)>,
 }
 
 /// Bodies up to this size are copied out of the read buffer they arrived in.
@@ -448,7 +396,7 @@ impl Channel {
             s.note_backlogged(outcome.backlogged);
         }
         if let (Some(c), Some(seq)) = (&mut self.confirms, seq) {
-            c.waiting.push_back((seq, outcome.epoch, outcome.rejected));
+            c.waiting.push_back((seq, outcome.ticket, outcome.rejected));
             MessageStats::bump(&self.shared.stats.publish_confirm);
             self.shared
                 .mirror
@@ -492,27 +440,16 @@ impl Channel {
         headers: Option<&FieldTable>,
         mandatory: bool,
         message: Arc<Message>,
-    ) -> EnqueueOutcome {
-        let mut queues = std::mem::take(&mut self.route_buf);
-        queues.clear();
-        let mut delayed = Vec::new();
-        s.vhost
-            .route(exchange, keys, headers, &mut queues, Some(&mut delayed));
-        let mut outcome = s.vhost.enqueue(&queues, &message);
-        if !delayed.is_empty() {
-            // Scheduled counts as routed: whether a queue takes it is known only when it
-            // is due (RabbitMQ's plugin returns every mandatory delayed message instead).
-            match s.vhost.schedule_delayed(&delayed, keys, headers, &message) {
-                Some(epoch) => {
-                    outcome.taken += delayed.len();
-                    outcome.epoch = outcome.epoch.max(epoch);
-                }
-                None => outcome.rejected = true,
-            }
-        }
-        let routed = !queues.is_empty() || !delayed.is_empty();
-        queues.clear();
-        self.route_buf = queues;
+    ) -> PublishOutcome {
+        let outcome = s.vhost.publish(
+            exchange,
+            keys,
+            headers,
+            &message,
+            Origin::Publisher,
+            &mut self.route_buf,
+        );
+        let routed = outcome.routed();
         let stats = &self.shared.stats;
         MessageStats::bump(&stats.publish);
         MessageStats::bump(if routed {
@@ -533,13 +470,12 @@ impl Channel {
         outcome
     }
 
-    /// Sends the confirms (and a transaction's commit-ok) that are settled now that flush
-    /// epoch `durable` is on disk.
-    pub fn flush_confirms(&mut self, s: &Session, durable: u64) {
+    /// Sends the confirms (and a transaction's commit-ok) that are settled at `progress`.
+    pub fn flush_confirms(&mut self, s: &Session, progress: Progress) {
         let channel = self.id();
         if let Some(c) = &mut self.confirms {
             let before = c.waiting.len();
-            c.flush(durable, channel, &s.out);
+            c.flush(progress, channel, &mut |o| s.out.send(o));
             let sent = before - c.waiting.len();
             if sent > 0 {
                 let m = &self.shared;
@@ -549,8 +485,8 @@ impl Channel {
                     .store(c.waiting.len() as u64, Ordering::Relaxed);
             }
         }
-        while let Some(&epoch) = self.commits_waiting.front() {
-            if epoch > durable {
+        while let Some(&ticket) = self.commits_waiting.front() {
+            if !ticket.is_done(progress) {
                 break;
             }
             self.commits_waiting.pop_front();
@@ -561,18 +497,21 @@ impl Channel {
         }
     }
 
-    /// Whether something on this channel waits for a flush round newer than `durable`.
-    pub fn waits_for_disk(&self, durable: u64) -> bool {
+    /// Whether something on this channel waits for a ticket not done at `progress`.
+    pub fn waits_for_durability(&self, progress: Progress) -> bool {
         self.confirms
             .as_ref()
-            .is_some_and(|c| c.waits_for_disk(durable))
-            || self.commits_waiting.front().is_some_and(|e| *e > durable)
+            .is_some_and(|c| c.waits_for_durability(progress))
+            || self
+                .commits_waiting
+                .front()
+                .is_some_and(|t| !t.is_done(progress))
     }
 
-    /// Applies a transaction; returns the flush epoch its messages need on disk before
-    /// `commit-ok` (0: none).
-    pub(super) fn commit(&mut self, s: &mut Session, tx: Transaction) -> u64 {
-        let mut epoch = 0;
+    /// Applies a transaction; returns the ticket done once its messages are safe, which
+    /// `commit-ok` waits for.
+    pub(super) fn commit(&mut self, s: &mut Session, tx: Transaction) -> Ticket {
+        let mut ticket = Ticket::Done;
         let now = now_ms();
         for p in tx.publishes {
             let keys: Vec<&[u8]> = p.keys.iter().map(|k| &k[..]).collect();
@@ -587,7 +526,7 @@ impl Channel {
                 p.mandatory,
                 message,
             );
-            epoch = epoch.max(outcome.epoch);
+            ticket = ticket.and(outcome.ticket);
             if !outcome.backlogged.is_empty() {
                 s.note_backlogged(outcome.backlogged);
             }
@@ -595,6 +534,94 @@ impl Channel {
         for (how, taken) in tx.settles {
             self.apply_settle(how, taken, false);
         }
-        epoch
+        ticket
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Publishes in confirm mode with these tickets (and nacks), as `publish_checked` does.
+    fn confirms(publishes: &[(Ticket, bool)]) -> Confirms {
+        let mut c = Confirms::default();
+        for &(ticket, nack) in publishes {
+            c.last_seq += 1;
+            c.waiting.push_back((c.last_seq, ticket, nack));
+        }
+        c
+    }
+
+    /// The confirms sent at `progress`: ("ack" or "nack", delivery tag, multiple).
+    fn flush(c: &mut Confirms, progress: Progress) -> Vec<(&'static str, u64, bool)> {
+        let mut sent = Vec::new();
+        c.flush(progress, 1, &mut |o| {
+            sent.push(match o {
+                Outbound::Ack {
+                    delivery_tag,
+                    multiple,
+                    ..
+                } => ("ack", delivery_tag, multiple),
+                Outbound::Nack {
+                    delivery_tag,
+                    multiple,
+                    ..
+                } => ("nack", delivery_tag, multiple),
+                other => panic!("not a confirm: {other:?}"),
+            })
+        });
+        sent
+    }
+
+    #[test]
+    fn a_later_publish_is_not_confirmed_before_an_earlier_one() {
+        // The second and third are safe before the first.
+        let mut c = confirms(&[
+            (Ticket::flushed(5), false),
+            (Ticket::Done, false),
+            (Ticket::flushed(3), false),
+        ]);
+        assert!(c.waits_for_durability(Progress::flushed(3)));
+        assert_eq!(flush(&mut c, Progress::flushed(3)), []);
+        assert_eq!(flush(&mut c, Progress::flushed(4)), []);
+        // All three at once, as one ack with `multiple`.
+        assert_eq!(flush(&mut c, Progress::flushed(5)), [("ack", 3, true)]);
+        assert!(!c.waits_for_durability(Progress::flushed(5)));
+        assert_eq!(flush(&mut c, Progress::ALL), []);
+    }
+
+    #[test]
+    fn acks_coalesce_and_nacks_go_out_in_their_place() {
+        let mut c = confirms(&[
+            (Ticket::Done, false),
+            (Ticket::Done, false),
+            (Ticket::flushed(2), true),
+            (Ticket::Done, false),
+            (Ticket::flushed(4), false),
+            (Ticket::Done, true),
+        ]);
+        // The nack waits for its own ticket (other queues took it) and everything before.
+        assert_eq!(flush(&mut c, Progress::flushed(1)), [("ack", 2, true)]);
+        assert_eq!(
+            flush(&mut c, Progress::flushed(2)),
+            [("nack", 3, false), ("ack", 4, false)]
+        );
+        assert_eq!(
+            flush(&mut c, Progress::flushed(4)),
+            [("ack", 5, false), ("nack", 6, false)]
+        );
+        assert!(c.waiting.is_empty());
+        assert_eq!(c.sent_upto, 6);
+    }
+
+    #[test]
+    fn a_run_of_acks_after_a_nack_counts_from_it() {
+        let mut c = confirms(&[
+            (Ticket::Done, true),
+            (Ticket::flushed(7), false),
+            (Ticket::flushed(7), false),
+        ]);
+        assert_eq!(flush(&mut c, Progress::flushed(6)), [("nack", 1, false)]);
+        assert_eq!(flush(&mut c, Progress::flushed(7)), [("ack", 3, true)]);
     }
 }

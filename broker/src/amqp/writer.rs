@@ -10,12 +10,12 @@
 use super::codec;
 use crate::broker::connections::Traffic;
 use crate::broker::message::Message;
-use crate::broker::queue::Queue;
+use crate::broker::queue_ref::{QueueRef, WeakQueueRef};
 use amq_protocol::protocol::AMQPClass;
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc};
@@ -90,7 +90,7 @@ pub struct ConnectionOutput {
     pending: AtomicUsize,
     frame_max: AtomicU32,
     /// Queues that paused delivering here, to be woken when the backlog drains.
-    waiting_queues: Mutex<Vec<Weak<Queue>>>,
+    waiting_queues: Mutex<Vec<WeakQueueRef>>,
     /// Signalled when the backlog drains below the low-water mark.
     drained: Notify,
 }
@@ -140,7 +140,7 @@ impl ConnectionOutput {
 
     /// Called by a channel before it takes a delivery: returns true (and remembers the queue,
     /// to wake it later) when the connection has too much waiting already.
-    pub fn defer_delivery(&self, queue: &Arc<Queue>) -> bool {
+    pub fn defer_delivery(&self, queue: &QueueRef) -> bool {
         if self.backlog() < HIGH_WATER {
             return false;
         }
@@ -149,8 +149,8 @@ impl ConnectionOutput {
         if self.backlog() < HIGH_WATER {
             return false;
         }
-        if !waiting.iter().any(|w| w.as_ptr() == Arc::as_ptr(queue)) {
-            waiting.push(Arc::downgrade(queue));
+        if !waiting.iter().any(|w| w.is(queue)) {
+            waiting.push(queue.downgrade());
         }
         true
     }
@@ -171,7 +171,7 @@ impl ConnectionOutput {
         if left < LOW_WATER {
             self.drained.notify_waiters();
             let waiting = std::mem::take(&mut *self.waiting_queues.lock());
-            for q in waiting.iter().filter_map(Weak::upgrade) {
+            for q in waiting.iter().filter_map(WeakQueueRef::upgrade) {
                 q.dispatch();
             }
         }

@@ -16,6 +16,20 @@ pub enum AdminError {
     BadRequest(String),
     #[error("{0}")]
     Internal(String),
+    /// The change could not be made now (no majority reachable, no answer in time); it may
+    /// succeed later.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl From<crate::error::AmqpError> for AdminError {
+    fn from(e: crate::error::AmqpError) -> Self {
+        if e.is_transient() {
+            Self::Unavailable(e.text)
+        } else {
+            Self::Internal(e.text)
+        }
+    }
 }
 
 /// How a user's password is given.
@@ -225,9 +239,9 @@ impl Broker {
 mod tests {
     use super::*;
     use crate::broker::exchange::{ExchangeKind, ExchangeSpec};
-    use crate::broker::policy::Policy;
+    use crate::broker::policy::{Policy, PolicyKind};
     use crate::broker::queue::QueueSpec;
-    use crate::broker::vhost::{DestinationKind, PolicyKind};
+    use crate::broker::vhost::DestinationKind;
     use crate::config::Config;
     use amq_protocol::types::FieldTable;
 

@@ -8,9 +8,9 @@
 //! tells the store once the routed copies are on disk.
 
 use super::message::now_ms;
-use super::vhost::Vhost;
 use crate::store::Storage;
-use crate::store::delayed::{DelayedStore, Scheduled};
+use crate::store::delayed::{DelayedStore, Due, Scheduled};
+use crate::store::durability::{ProgressWatch, Ticket};
 use amq_protocol::types::{AMQPValue, FieldTable};
 use parking_lot::Mutex;
 use std::io;
@@ -59,6 +59,17 @@ pub fn negated(headers: &FieldTable) -> FieldTable {
     out
 }
 
+/// What a [`Delayer`] asks of the vhost whose messages it keeps: where they are stored, and to
+/// route one whose time has come.
+pub trait DelayedOwner: Send + Sync + 'static {
+    fn name(&self) -> &str;
+
+    fn storage(&self) -> &Storage;
+
+    /// Routes a due message; returns the ticket done once its copies are on disk.
+    fn deliver_due(&self, due: &Due) -> Ticket;
+}
+
 /// A vhost's delayed messages and their timer.
 #[derive(Default)]
 pub struct Delayer {
@@ -94,32 +105,32 @@ impl Delayer {
     }
 
     /// Opens the store if an earlier run left one, so that its messages are delivered.
-    pub fn recover(&self, storage: &Storage, vhost: &Arc<Vhost>) {
-        if !storage.has_delayed(&vhost.name) {
+    pub fn recover<V: DelayedOwner>(&self, storage: &Storage, vhost: &Arc<V>) {
+        if !storage.has_delayed(vhost.name()) {
             return;
         }
-        match self.store(storage, &vhost.name) {
+        match self.store(storage, vhost.name()) {
             Ok(store) => {
                 let n = store.len();
                 if n > 0 {
-                    tracing::info!(vhost = %vhost.name, messages = n, "delayed messages recovered");
+                    tracing::info!(vhost = %vhost.name(), messages = n, "delayed messages recovered");
                 }
                 self.start(vhost, &store);
             }
             Err(e) => {
-                tracing::error!(vhost = %vhost.name, error = %e, "cannot open the delayed-message store");
+                tracing::error!(vhost = %vhost.name(), error = %e, "cannot open the delayed-message store");
             }
         }
     }
 
-    /// Schedules a message; returns the flush epoch it is on disk after (0: none).
-    pub fn schedule(
+    /// Schedules a message; returns the ticket done once it is on disk.
+    pub fn schedule<V: DelayedOwner>(
         &self,
         storage: &Storage,
-        vhost: &Arc<Vhost>,
+        vhost: &Arc<V>,
         scheduled: Scheduled<'_>,
-    ) -> io::Result<u64> {
-        let store = self.store(storage, &vhost.name)?;
+    ) -> io::Result<Ticket> {
+        let store = self.store(storage, vhost.name())?;
         let due = scheduled.due;
         let epoch = store.schedule(scheduled)?;
         self.start(vhost, &store);
@@ -127,7 +138,7 @@ impl Delayer {
         if wake_at == 0 || due < wake_at || store.wants_spill() {
             self.wake.notify_one();
         }
-        Ok(epoch)
+        Ok(Ticket::flushed(epoch))
     }
 
     /// Messages waiting.
@@ -150,7 +161,7 @@ impl Delayer {
         self.wake.notify_one();
     }
 
-    fn start(&self, vhost: &Arc<Vhost>, store: &Arc<DelayedStore>) {
+    fn start<V: DelayedOwner>(&self, vhost: &Arc<V>, store: &Arc<DelayedStore>) {
         super::expiry::spawn_once(&self.started, || {
             run(
                 Arc::downgrade(vhost),
@@ -165,15 +176,13 @@ impl Delayer {
 /// The timer task of one vhost's delayed messages. It only takes and routes what is due;
 /// settling, saving the manifest and spilling (file work) run on the blocking pool, one job at
 /// a time.
-async fn run(
-    vhost: Weak<Vhost>,
+async fn run<V: DelayedOwner>(
+    vhost: Weak<V>,
     store: Arc<DelayedStore>,
     wake: Arc<Notify>,
     next_wake: Arc<AtomicU64>,
 ) {
-    let mut durable = vhost
-        .upgrade()
-        .and_then(|v| v.storage().flusher().map(|f| f.subscribe()));
+    let mut durable = vhost.upgrade().map(|v| ProgressWatch::new(v.storage()));
     let housekeeping = Arc::new(AtomicBool::new(false));
     loop {
         if store.is_destroyed() {
@@ -184,8 +193,8 @@ async fn run(
             let Some(v) = vhost.upgrade() else { return };
             let due = store.take_due(now_ms(), BATCH);
             for d in &due {
-                let epoch = v.deliver_due(d);
-                store.routed(d, epoch);
+                let ticket = v.deliver_due(d);
+                store.routed(d, ticket);
             }
             due.len()
         };

@@ -1,11 +1,11 @@
 //! Exchanges are data, not tasks: each holds a binding table shaped for its type, and routing
 //! is a synchronous lookup run on the publishing connection's task under a read lock.
 
-use super::FastMap;
+use super::fast_map::FastMap;
 use super::headers::HeadersMatch;
 use super::message::ShortStr;
 use super::policy::Policy;
-use super::queue::Queue;
+use super::queue_ref::QueueRef;
 use super::topic::TopicTrie;
 use amq_protocol::types::{AMQPValue, FieldTable};
 use parking_lot::RwLock;
@@ -96,7 +96,7 @@ pub struct ExchangeSpec {
 /// Where a binding leads.
 #[derive(Clone)]
 pub enum Destination {
-    Queue(Arc<Queue>),
+    Queue(QueueRef),
     Exchange(Arc<Exchange>),
 }
 
@@ -116,7 +116,7 @@ impl Destination {
 impl PartialEq for Destination {
     fn eq(&self, other: &Self) -> bool {
         match (self, other) {
-            (Self::Queue(a), Self::Queue(b)) => Arc::ptr_eq(a, b),
+            (Self::Queue(a), Self::Queue(b)) => a == b,
             (Self::Exchange(a), Self::Exchange(b)) => Arc::ptr_eq(a, b),
             _ => false,
         }

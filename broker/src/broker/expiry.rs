@@ -2,8 +2,10 @@
 //! `expiration`) and when an unused queue expires (`x-expires`). One task per vhost sleeps
 //! until the earliest deadline; each queue keeps at most one deadline it cares about, and a
 //! deadline that fires early or late costs one look at the queue, never a wrong answer.
+//!
+//! The timers know what they wake only as [`Timed`] (queues implement it), so that they
+//! depend on nothing above them.
 
-use super::queue::Queue;
 use parking_lot::Mutex;
 use std::cmp::Ordering as CmpOrdering;
 use std::collections::BinaryHeap;
@@ -12,26 +14,32 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::sync::Notify;
 
-struct Entry {
-    at: u64,
-    queue: Weak<Queue>,
+/// What the timers wake: a queue, held weakly, whose deadline came.
+pub trait Timed: Send + Sync + 'static {
+    /// A deadline this was scheduled for came (or one earlier than it: look again).
+    fn on_timer(self: &Arc<Self>);
 }
 
-impl PartialEq for Entry {
+struct Entry<T> {
+    at: u64,
+    queue: Weak<T>,
+}
+
+impl<T> PartialEq for Entry<T> {
     fn eq(&self, other: &Self) -> bool {
         self.at == other.at && Weak::ptr_eq(&self.queue, &other.queue)
     }
 }
 
-impl Eq for Entry {}
+impl<T> Eq for Entry<T> {}
 
-impl PartialOrd for Entry {
+impl<T> PartialOrd for Entry<T> {
     fn partial_cmp(&self, other: &Self) -> Option<CmpOrdering> {
         Some(self.cmp(other))
     }
 }
 
-impl Ord for Entry {
+impl<T> Ord for Entry<T> {
     /// Reversed, so that the heap's top is the earliest deadline.
     fn cmp(&self, other: &Self) -> CmpOrdering {
         other
@@ -60,13 +68,13 @@ where
 }
 
 /// The deadlines of one vhost's queues.
-pub struct Expirer {
-    heap: Mutex<BinaryHeap<Entry>>,
+pub struct Expirer<T> {
+    heap: Mutex<BinaryHeap<Entry<T>>>,
     wake: Arc<Notify>,
     started: AtomicBool,
 }
 
-impl std::fmt::Debug for Expirer {
+impl<T> std::fmt::Debug for Expirer<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Expirer")
             .field("deadlines", &self.heap.lock().len())
@@ -74,7 +82,7 @@ impl std::fmt::Debug for Expirer {
     }
 }
 
-impl Default for Expirer {
+impl<T> Default for Expirer<T> {
     fn default() -> Self {
         Self {
             heap: Mutex::new(BinaryHeap::new()),
@@ -84,9 +92,9 @@ impl Default for Expirer {
     }
 }
 
-impl Expirer {
+impl<T: Timed> Expirer<T> {
     /// Looks at `queue` again at `at` (milliseconds since the Unix epoch).
-    pub fn schedule(self: &Arc<Self>, at: u64, queue: &Arc<Queue>) {
+    pub fn schedule(self: &Arc<Self>, at: u64, queue: &Arc<T>) {
         let earliest = {
             let mut heap = self.heap.lock();
             let earliest = heap.peek().is_none_or(|top| at < top.at);
@@ -111,7 +119,7 @@ impl Expirer {
     }
 
     /// Takes the queues whose deadline has come; returns them and the next deadline.
-    fn due(&self, now: u64) -> (Vec<Arc<Queue>>, Option<u64>) {
+    fn due(&self, now: u64) -> (Vec<Arc<T>>, Option<u64>) {
         let mut heap = self.heap.lock();
         let mut due = Vec::new();
         while heap.peek().is_some_and(|top| top.at <= now) {
@@ -125,7 +133,7 @@ impl Expirer {
     }
 }
 
-async fn run(me: Weak<Expirer>, wake: Arc<Notify>) {
+async fn run<T: Timed>(me: Weak<Expirer<T>>, wake: Arc<Notify>) {
     loop {
         let next = {
             let Some(expirer) = me.upgrade() else { return };
@@ -143,5 +151,40 @@ async fn run(me: Weak<Expirer>, wake: Arc<Notify>) {
         if wait > 0 {
             let _ = tokio::time::timeout(Duration::from_millis(wait), wake.notified()).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Probe(u8);
+
+    impl Timed for Probe {
+        fn on_timer(self: &Arc<Self>) {}
+    }
+
+    #[test]
+    fn due_targets_come_out_once_each_and_dropped_ones_not_at_all() {
+        let expirer = Arc::new(Expirer::<Probe>::default());
+        let (a, b, gone) = (Arc::new(Probe(1)), Arc::new(Probe(2)), Arc::new(Probe(3)));
+        expirer.schedule(10, &a);
+        expirer.schedule(20, &a);
+        expirer.schedule(15, &b);
+        expirer.schedule(100, &b);
+        expirer.schedule(5, &gone);
+        drop(gone);
+        let (due, next) = expirer.due(20);
+        let mut woken: Vec<u8> = due.iter().map(|p| p.0).collect();
+        woken.sort_unstable();
+        assert_eq!(woken, [1, 2]);
+        assert_eq!(next, Some(100));
+        let (due, next) = expirer.due(99);
+        assert!(due.is_empty());
+        assert_eq!(next, Some(100));
+        let (due, next) = expirer.due(100);
+        assert_eq!(due.len(), 1);
+        assert!(Arc::ptr_eq(&due[0], &b));
+        assert_eq!(next, None);
     }
 }

@@ -1,5 +1,6 @@
 //! Routing and queues, with no I/O: vhosts hold exchanges, bindings and queues; queues hand
 //! messages to consumers through the [`queue::DeliverySink`] the AMQP layer implements.
+//! Everything outside the queue module holds a queue by its [`queue_ref::QueueRef`] handle.
 
 pub mod admin;
 pub mod connections;
@@ -7,10 +8,12 @@ pub mod dead_letter;
 pub mod delayed;
 pub mod exchange;
 pub mod expiry;
+pub mod fast_map;
 pub mod headers;
 pub mod message;
 pub mod policy;
 pub mod queue;
+pub mod queue_ref;
 pub mod ready;
 pub mod stats;
 pub mod throttle;
@@ -30,10 +33,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use vhost::Vhost;
-
-/// Maps keyed by names on the publish path (exchange and queue names, routing keys): foldhash,
-/// randomly seeded per map like the standard hasher, but several times faster on short keys.
-pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// The broker's shared state: one per process.
 #[derive(Debug)]
@@ -118,7 +117,7 @@ impl Broker {
             .flat_map(|v| {
                 v.queues()
                     .into_iter()
-                    .filter(|q| q.spec.durable)
+                    .filter(|q| q.durable())
                     .map(|q| (v.name.to_string(), q.name().to_owned(), q.top_level()))
                     .collect::<Vec<_>>()
             })

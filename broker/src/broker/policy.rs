@@ -5,7 +5,6 @@
 //! Policies are re-applied to every queue and exchange of the vhost when they change.
 
 use super::headers::integer;
-use super::vhost::PolicyKind;
 use crate::amqp::codec::MAX_TABLE_DEPTH;
 use amq_protocol::types::{AMQPValue, FieldTable, LongString};
 use serde_json::{Map, Value};
@@ -59,6 +58,13 @@ const OPERATOR_KEYS: [&str; 5] = [
 
 /// Operator policy keys RabbitMQ knows that have no effect in Warren.
 const OPERATOR_IGNORED_KEYS: [&str; 2] = ["max-in-memory-length", "max-in-memory-bytes"];
+
+/// Policies or operator policies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyKind {
+    Policy,
+    Operator,
+}
 
 /// What a policy applies to (`apply-to`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

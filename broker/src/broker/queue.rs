@@ -7,35 +7,21 @@
 //! No lock is ever held across an `.await`. Lock order: queue, then channel; never the reverse.
 
 use super::dead_letter::{DeadLetterTarget, DeathReason};
-use super::expiry::Expirer;
+use super::expiry::{Expirer, Timed};
 use super::message::{Message, now_ms};
 use super::policy::{Policy, QueueKind, effective_arguments};
-use super::ready::{LazyStore, Levels, Window, delivered, forget, must_persist};
+use super::queue_ref::QueueRef;
+use super::ready::{
+    LazyStore, Levels, QueuedMessage, Window, delivered, forget, must_persist, with_delivery_count,
+};
 use super::stats::MessageStats;
-use super::vhost::Vhost;
-use crate::store::{Location, RecordKind, Recovered, Storage};
+use crate::store::durability::Ticket;
+use crate::store::{RecordKind, Recovered, Storage};
 use amq_protocol::types::{AMQPValue, FieldTable};
 use parking_lot::Mutex;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
-
-/// A message in a queue, with its place in the queue's order.
-#[derive(Debug, Clone)]
-pub struct QueuedMessage {
-    /// Position in the queue's publish order; requeued messages go back to their place.
-    pub seq: u64,
-    pub message: Arc<Message>,
-    pub redelivered: bool,
-    /// Where the message is in the queue's store, if it was written there (persistent, or
-    /// paged out of memory).
-    pub location: Option<Location>,
-    /// Times it came back unacknowledged (for `x-delivery-limit`; stored with a persistent
-    /// message's index slot, so it survives a restart).
-    pub returned: u32,
-    /// Its priority level in a priority queue (0 otherwise): which list and store hold it.
-    pub level: u8,
-}
 
 /// Where a queue hands messages for a consumer: implemented by the AMQP channel.
 pub trait DeliverySink: Send + Sync {
@@ -44,7 +30,7 @@ pub trait DeliverySink: Send + Sync {
     /// channel cannot take more now (flow stopped, channel prefetch full, socket backed up).
     fn offer(
         &self,
-        queue: &Arc<Queue>,
+        queue: &QueueRef,
         consumer: &Arc<Consumer>,
         msg: QueuedMessage,
     ) -> Result<(), QueuedMessage>;
@@ -126,7 +112,7 @@ impl fmt::Debug for Consumer {
 /// What a channel remembers of a delivery until it is acknowledged or rejected.
 #[derive(Debug, Clone)]
 pub struct Delivered {
-    pub queue: Arc<Queue>,
+    pub queue: QueueRef,
     /// `None` for `basic.get`.
     pub consumer: Option<Arc<Consumer>>,
     pub msg: QueuedMessage,
@@ -290,12 +276,22 @@ impl Features {
     }
 }
 
+/// What a queue asks of the vhost that holds it. Called only when messages die or the queue
+/// expires, never to publish, deliver or acknowledge, so the queue holds it as a trait object.
+pub trait QueueOwner: Send + Sync {
+    /// Routes the messages `from` gave up on to its dead-letter exchange.
+    fn dead_letter(&self, from: &QueueRef, dead: Vec<(QueuedMessage, DeathReason)>);
+
+    /// Deletes `q`, unused for its `x-expires`, if it is still the queue of that name.
+    fn expire_queue(&self, q: &QueueRef);
+}
+
 /// What a queue reaches beyond itself: its vhost (where dead letters are routed, and which
 /// deletes the queue when it expires) and the vhost's timers.
 #[derive(Debug, Clone)]
 pub struct Links {
-    pub vhost: Weak<Vhost>,
-    pub expirer: Arc<Expirer>,
+    pub vhost: Weak<dyn QueueOwner>,
+    pub expirer: Arc<Expirer<Queue>>,
 }
 
 /// Length limits from `x-max-length`, `x-max-length-bytes` and `x-overflow`.
@@ -339,10 +335,10 @@ impl Limits {
 /// What became of a message offered to a queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Enqueued {
-    /// Taken; if `epoch` is not 0 the message is durable once that flush epoch is.
+    /// Taken; the message is safe once `ticket` is done.
     /// `backlogged`: the queue's backlog has spilled to disk while it has consumers, so the
     /// publisher may be asked to wait (flow control).
-    Accepted { epoch: u64, backlogged: bool },
+    Accepted { ticket: Ticket, backlogged: bool },
     /// Refused by `x-overflow: reject-publish`; the publisher is nacked.
     Rejected,
     /// The queue was deleted meanwhile.
@@ -372,9 +368,9 @@ pub struct QueueSpec {
 }
 
 pub struct Queue {
-    pub spec: QueueSpec,
+    pub(super) spec: QueueSpec,
     /// `x-single-active-consumer` (an argument only: no policy sets it).
-    pub single_active_consumer: bool,
+    pub(super) single_active_consumer: bool,
     /// Mirrors of settings read without the lock: `x-consumer-timeout` and `x-expires`
     /// (`u64::MAX`: none).
     consumer_timeout: AtomicU64,
@@ -384,9 +380,9 @@ pub struct Queue {
     timer_at: AtomicU64,
     /// When the queue was last used (declared, consumed from, got from), for `x-expires`.
     last_used: AtomicU64,
-    pub vhost: Arc<str>,
+    pub(super) vhost: Arc<str>,
     /// The connection that owns an exclusive queue.
-    pub owner: Option<u64>,
+    pub(super) owner: Option<u64>,
     /// The highest priority level (`x-max-priority`; 0 for a queue without priorities).
     top: u8,
     /// The store of each priority level, where its messages go when they must be on disk.
@@ -394,7 +390,7 @@ pub struct Queue {
     state: Mutex<QueueState>,
     deleted: AtomicBool,
     /// Counters for the management API and metrics.
-    pub stats: MessageStats,
+    pub(super) stats: MessageStats,
     flow: Flow,
 }
 
@@ -435,6 +431,9 @@ impl fmt::Debug for Queue {
     }
 }
 
+/// Methods that may hand messages to consumers' channels or dead letters to the vhost take
+/// `me`, the [`QueueRef`] callers hold for this queue, to pass it on as it is: one handle per
+/// delivery, cloned only where a channel keeps it, as before there were handles.
 impl Queue {
     /// A queue with nothing in it. `store` is where its messages go when they must be on
     /// disk; for a non-durable queue it is created on first use.
@@ -643,8 +642,9 @@ impl Queue {
     /// Applies `policy` and `operator` (or none) on top of the queue's arguments, at once: a lower length
     /// limit drops (or dead-letters) the oldest messages, a new TTL applies to the messages
     /// published from now on, and a new `expires` starts counting.
-    pub fn set_policies(
+    pub(super) fn set_policies(
         self: &Arc<Self>,
+        me: &QueueRef,
         policy: Option<Arc<Policy>>,
         operator: Option<Arc<Policy>>,
     ) {
@@ -671,9 +671,9 @@ impl Queue {
             }
             st.settings = Arc::new(settings);
             self.trim_locked(&mut st, &mut dead);
-            self.dispatch_locked(&mut st, &mut dead)
+            self.dispatch_locked(me, &mut st, &mut dead)
         };
-        self.after(dead, next);
+        self.after(me, dead, next);
         self.touch();
     }
 
@@ -795,7 +795,7 @@ impl Queue {
     }
 
     /// After the lock: the next deadline to the timers, the dead letters to the vhost.
-    fn after(self: &Arc<Self>, dead: Dead, next: Option<u64>) {
+    fn after(self: &Arc<Self>, me: &QueueRef, dead: Dead, next: Option<u64>) {
         if let Some(at) = next {
             self.schedule(at);
         }
@@ -803,7 +803,7 @@ impl Queue {
             return;
         }
         if let Some(vhost) = self.links.get().and_then(|l| l.vhost.upgrade()) {
-            vhost.dead_letter(self, dead);
+            vhost.dead_letter(me, dead);
         }
     }
 
@@ -811,6 +811,9 @@ impl Queue {
     /// unused for `x-expires`.
     pub fn on_timer(self: &Arc<Self>) {
         self.timer_at.store(u64::MAX, Ordering::Release);
+        // The handle consumers' channels and the vhost know the queue by (the timers hold
+        // the queue itself: they drive only queues of this process).
+        let me = QueueRef::Local(self.clone());
         let now = now_ms();
         let mut dead = Vec::new();
         let (mut next, idle) = {
@@ -819,7 +822,7 @@ impl Queue {
                 return;
             }
             self.expire_locked(&mut st, now, &mut dead);
-            self.deliver_locked(&mut st, now, &mut dead);
+            self.deliver_locked(&me, &mut st, now, &mut dead);
             (self.next_expiry_locked(&mut st), st.consumers.is_empty())
         };
         if let Some(expires) = self.expires()
@@ -830,24 +833,24 @@ impl Queue {
                 .load(Ordering::Relaxed)
                 .saturating_add(expires);
             if due <= now {
-                self.after(dead, None);
+                self.after(&me, dead, None);
                 if let Some(vhost) = self.links.get().and_then(|l| l.vhost.upgrade()) {
-                    vhost.expire_queue(self);
+                    vhost.expire_queue(&me);
                 }
                 return;
             }
             next = Some(next.map_or(due, |n| n.min(due)));
         }
-        self.after(dead, next);
+        self.after(&me, dead, next);
     }
 
     /// Appends a message and hands out what consumers can take, then applies the length
     /// limits: the oldest ready messages are dropped (`drop-head`, the default), or with
     /// `reject-publish` a full queue refuses the new one. A persistent message on a durable
-    /// queue is written to the store first; the returned epoch says when it is on disk.
+    /// queue is written to the store first; the returned ticket says when it is on disk.
     /// Expired messages at the head go first, and a message that expires at once (TTL 0) is
     /// kept only if a consumer took it.
-    pub fn publish(self: &Arc<Self>, message: Arc<Message>) -> Enqueued {
+    pub(super) fn publish(self: &Arc<Self>, me: &QueueRef, message: Arc<Message>) -> Enqueued {
         let mut dead = Vec::new();
         let (outcome, next) = {
             let mut st = self.state.lock();
@@ -879,14 +882,14 @@ impl Queue {
                 let seq = st.next_seq[usize::from(level)];
                 st.next_seq[usize::from(level)] += 1;
                 MessageStats::bump(&self.stats.publish);
-                let (location, epoch) = if must_persist(self.spec.durable, &message) {
+                let (location, ticket) = if must_persist(self.spec.durable, &message) {
                     let stored =
                         self.store(level)
                             .get()
                             .append(seq, &message, RecordKind::Persistent);
-                    (Some(stored.location), stored.epoch)
+                    (Some(stored.location), Ticket::flushed(stored.epoch))
                 } else {
-                    (None, 0)
+                    (None, Ticket::Done)
                 };
                 st.ready.push_back(
                     QueuedMessage {
@@ -899,7 +902,7 @@ impl Queue {
                     },
                     &self.stores,
                 );
-                self.deliver_locked(&mut st, now, &mut dead);
+                self.deliver_locked(me, &mut st, now, &mut dead);
                 let backlogged = st.ready.paging() && !st.consumers.is_empty();
                 if limits.max_length.is_some() || limits.max_bytes.is_some() {
                     self.trim_locked(&mut st, &mut dead);
@@ -909,11 +912,11 @@ impl Queue {
                 } else {
                     None
                 };
-                (Enqueued::Accepted { epoch, backlogged }, next)
+                (Enqueued::Accepted { ticket, backlogged }, next)
             }
         };
         if !dead.is_empty() || next.is_some() {
-            self.after(dead, next);
+            self.after(me, dead, next);
         }
         outcome
     }
@@ -933,25 +936,30 @@ impl Queue {
 
     /// Hands out ready messages to consumers with credit: call after anything that may have
     /// given a consumer or channel room.
-    pub fn dispatch(self: &Arc<Self>) {
+    pub(super) fn dispatch(self: &Arc<Self>, me: &QueueRef) {
         let mut dead = Vec::new();
         let next = {
             let mut st = self.state.lock();
-            self.dispatch_locked(&mut st, &mut dead)
+            self.dispatch_locked(me, &mut st, &mut dead)
         };
-        self.after(dead, next);
+        self.after(me, dead, next);
     }
 
     /// Drops expired messages at the head, hands out what consumers can take, and returns
     /// when the new head expires.
-    fn dispatch_locked(self: &Arc<Self>, st: &mut QueueState, dead: &mut Dead) -> Option<u64> {
+    fn dispatch_locked(
+        self: &Arc<Self>,
+        me: &QueueRef,
+        st: &mut QueueState,
+        dead: &mut Dead,
+    ) -> Option<u64> {
         if !st.may_expire {
-            self.deliver_locked(st, 0, dead);
+            self.deliver_locked(me, st, 0, dead);
             return None;
         }
         let now = now_ms();
         self.expire_locked(st, now, dead);
-        self.deliver_locked(st, now, dead);
+        self.deliver_locked(me, st, now, dead);
         self.next_expiry_locked(st)
     }
 
@@ -959,7 +967,13 @@ impl Queue {
     /// expire, each new head is looked at first: as in RabbitMQ, a consumer never gets a
     /// message whose time ran out behind the one before it. `now` is the time of the caller's
     /// look at the head (any value when messages cannot expire).
-    fn deliver_locked(self: &Arc<Self>, st: &mut QueueState, now: u64, dead: &mut Dead) {
+    fn deliver_locked(
+        self: &Arc<Self>,
+        me: &QueueRef,
+        st: &mut QueueState,
+        now: u64,
+        dead: &mut Dead,
+    ) {
         if st.consumers.is_empty() || st.ready.is_empty() {
             return;
         }
@@ -1006,7 +1020,7 @@ impl Queue {
                 (msg.seq, msg.location, msg.redelivered, msg.returned);
             let store = self.store(msg.level);
             let body_len = msg.message.body.len() as u64;
-            match consumer.sink.offer(self, &consumer, msg) {
+            match consumer.sink.offer(me, &consumer, msg) {
                 Ok(()) => {
                     self.count_delivery(redelivered, false, consumer.no_ack);
                     handed += 1;
@@ -1068,12 +1082,16 @@ impl Queue {
     }
 
     /// `basic.get`: the next ready message and how many remain after it.
-    pub fn get(self: &Arc<Self>, no_ack: bool) -> Option<(QueuedMessage, u32)> {
+    pub(super) fn get(
+        self: &Arc<Self>,
+        me: &QueueRef,
+        no_ack: bool,
+    ) -> Option<(QueuedMessage, u32)> {
         self.touch();
         let mut dead = Vec::new();
         let mut next = None;
         let got = self.get_locked(no_ack, &mut dead, &mut next);
-        self.after(dead, next);
+        self.after(me, dead, next);
         got
     }
 
@@ -1105,7 +1123,7 @@ impl Queue {
     }
 
     /// Acknowledged (`acked`) or rejected without requeue deliveries of this queue.
-    pub fn settle(self: &Arc<Self>, delivered: &[Delivered], acked: bool) {
+    pub(super) fn settle(self: &Arc<Self>, me: &QueueRef, delivered: &[Delivered], acked: bool) {
         if acked {
             self.stats
                 .ack
@@ -1121,13 +1139,13 @@ impl Queue {
                     dead.push((d.msg.clone(), DeathReason::Rejected));
                 }
             }
-            self.dispatch_locked(&mut st, &mut dead)
+            self.dispatch_locked(me, &mut st, &mut dead)
         };
-        self.after(dead, next);
+        self.after(me, dead, next);
     }
 
     /// Puts deliveries back in their original places, marked redelivered.
-    pub fn requeue(self: &Arc<Self>, delivered: Vec<Delivered>) {
+    pub(super) fn requeue(self: &Arc<Self>, me: &QueueRef, delivered: Vec<Delivered>) {
         let mut dead = Vec::new();
         let next = {
             let mut st = self.state.lock();
@@ -1135,9 +1153,9 @@ impl Queue {
             // Requeued messages count against the length limits as new ones do: with
             // drop-head, what goes is the head, where they went back (as in RabbitMQ).
             self.trim_locked(&mut st, &mut dead);
-            self.dispatch_locked(&mut st, &mut dead)
+            self.dispatch_locked(me, &mut st, &mut dead)
         };
-        self.after(dead, next);
+        self.after(me, dead, next);
     }
 
     fn requeue_locked(&self, st: &mut QueueState, delivered: Vec<Delivered>, dead: &mut Dead) {
@@ -1172,8 +1190,9 @@ impl Queue {
 
     /// Adds a consumer. `on_added` runs once the consumer is accepted and before any message
     /// is handed to it (the channel sends `basic.consume-ok` there).
-    pub fn add_consumer(
+    pub(super) fn add_consumer(
         self: &Arc<Self>,
+        me: &QueueRef,
         consumer: Arc<Consumer>,
         on_added: impl FnOnce(),
     ) -> Result<(), ConsumeRefused> {
@@ -1198,15 +1217,19 @@ impl Queue {
         st.had_consumer = true;
         on_added();
         let mut dead = Vec::new();
-        let next = self.dispatch_locked(&mut st, &mut dead);
+        let next = self.dispatch_locked(me, &mut st, &mut dead);
         drop(st);
-        self.after(dead, next);
+        self.after(me, dead, next);
         Ok(())
     }
 
     /// Removes a consumer; returns true when this leaves an auto-delete queue with no
     /// consumers, so that the caller deletes the queue.
-    pub fn remove_consumer(self: &Arc<Self>, consumer: &Arc<Consumer>) -> bool {
+    pub(super) fn remove_consumer(
+        self: &Arc<Self>,
+        me: &QueueRef,
+        consumer: &Arc<Consumer>,
+    ) -> bool {
         let mut dead = Vec::new();
         let mut next = None;
         let (auto_delete, idle) = {
@@ -1219,7 +1242,7 @@ impl Queue {
             let idle = st.consumers.is_empty();
             if was_active && self.single_active_consumer && !idle {
                 // The next consumer takes over, of the messages that have not expired.
-                next = self.dispatch_locked(&mut st, &mut dead);
+                next = self.dispatch_locked(me, &mut st, &mut dead);
             }
             (
                 self.spec.auto_delete && st.had_consumer && idle && !self.is_deleted(),
@@ -1227,7 +1250,7 @@ impl Queue {
             )
         };
         if !dead.is_empty() || next.is_some() {
-            self.after(dead, next);
+            self.after(me, dead, next);
         }
         if idle && !auto_delete {
             // Unused from now: `x-expires` starts counting.
@@ -1315,18 +1338,9 @@ fn release(st: &mut QueueState, d: &Delivered) {
     }
 }
 
-/// The message with the `x-delivery-count` header (times it was returned), as quorum queues
-/// report it.
-pub(crate) fn with_delivery_count(m: &Message, count: u32) -> Message {
-    let props = crate::amqp::codec::decode_properties(&m.properties).unwrap_or_default();
-    let mut headers = props.headers().clone().unwrap_or_default();
-    headers.insert(
-        "x-delivery-count".into(),
-        AMQPValue::LongLongInt(i64::from(count)),
-    );
-    Message {
-        properties: crate::amqp::codec::encode_properties(&props.with_headers(headers)),
-        ..m.clone()
+impl Timed for Queue {
+    fn on_timer(self: &Arc<Self>) {
+        Queue::on_timer(self);
     }
 }
 
@@ -1367,7 +1381,7 @@ mod tests {
     impl DeliverySink for Recorder {
         fn offer(
             &self,
-            _queue: &Arc<Queue>,
+            _queue: &QueueRef,
             consumer: &Arc<Consumer>,
             msg: QueuedMessage,
         ) -> Result<(), QueuedMessage> {
@@ -1387,8 +1401,8 @@ mod tests {
         }
     }
 
-    fn queue() -> Arc<Queue> {
-        Queue::in_memory(
+    fn queue() -> QueueRef {
+        QueueRef::from(Queue::in_memory(
             QueueSpec {
                 name: "q".into(),
                 durable: false,
@@ -1398,7 +1412,7 @@ mod tests {
             },
             "/".into(),
             None,
-        )
+        ))
     }
 
     fn msg() -> Arc<Message> {
@@ -1438,13 +1452,13 @@ mod tests {
         };
         let storage = Arc::new(Storage::in_memory());
         // Only level 0 could be opened: the others get stores of their own all the same.
-        let q = Queue::recovered_levels(
+        let q = QueueRef::from(Queue::recovered_levels(
             spec,
             "/".into(),
             None,
             vec![(LazyStore::deferred(storage), Recovered::default())],
             Window::default(),
-        );
+        ));
         assert_eq!(q.top_level(), 3);
         let props = crate::amqp::codec::encode_properties(
             &amq_protocol::protocol::BasicProperties::default().with_priority(3),
@@ -1558,12 +1572,12 @@ mod tests {
         assert_eq!(q.message_count(), 0);
     }
 
-    fn limited(args: &[(&str, AMQPValue)]) -> Arc<Queue> {
+    fn limited(args: &[(&str, AMQPValue)]) -> QueueRef {
         let mut arguments = FieldTable::default();
         for (k, v) in args {
             arguments.insert((*k).into(), v.clone());
         }
-        Queue::in_memory(
+        QueueRef::from(Queue::in_memory(
             QueueSpec {
                 name: "q".into(),
                 durable: false,
@@ -1573,7 +1587,7 @@ mod tests {
             },
             "/".into(),
             None,
-        )
+        ))
     }
 
     #[test]
@@ -1583,7 +1597,7 @@ mod tests {
             assert_eq!(
                 q.publish(msg()),
                 Enqueued::Accepted {
-                    epoch: 0,
+                    ticket: Ticket::Done,
                     backlogged: false
                 }
             );
@@ -1610,7 +1624,7 @@ mod tests {
         assert_eq!(
             q.publish(msg()),
             Enqueued::Accepted {
-                epoch: 0,
+                ticket: Ticket::Done,
                 backlogged: false
             }
         );

@@ -7,10 +7,27 @@
 //! so the queue's order is kept. A backlog of millions costs disk, not memory.
 
 use super::message::Message;
-use super::queue::QueuedMessage;
 use crate::store::{Location, QueueStore, RecordKind, Recovered, Storage};
+use amq_protocol::types::AMQPValue;
 use std::collections::VecDeque;
 use std::sync::{Arc, OnceLock};
+
+/// A message in a queue, with its place in the queue's order.
+#[derive(Debug, Clone)]
+pub struct QueuedMessage {
+    /// Position in the queue's publish order; requeued messages go back to their place.
+    pub seq: u64,
+    pub message: Arc<Message>,
+    pub redelivered: bool,
+    /// Where the message is in the queue's store, if it was written there (persistent, or
+    /// paged out of memory).
+    pub location: Option<Location>,
+    /// Times it came back unacknowledged (for `x-delivery-limit`; stored with a persistent
+    /// message's index slot, so it survives a restart).
+    pub returned: u32,
+    /// Its priority level in a priority queue (0 otherwise): which list and store hold it.
+    pub level: u8,
+}
 
 /// How much of a queue's backlog stays in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -459,7 +476,22 @@ fn with_returns(message: super::message::Message, returned: u16) -> super::messa
     if returned == 0 {
         return message;
     }
-    super::queue::with_delivery_count(&message, u32::from(returned))
+    with_delivery_count(&message, u32::from(returned))
+}
+
+/// The message with the `x-delivery-count` header (times it was returned), as quorum queues
+/// report it.
+pub(crate) fn with_delivery_count(m: &Message, count: u32) -> Message {
+    let props = crate::amqp::codec::decode_properties(&m.properties).unwrap_or_default();
+    let mut headers = props.headers().clone().unwrap_or_default();
+    headers.insert(
+        "x-delivery-count".into(),
+        AMQPValue::LongLongInt(i64::from(count)),
+    );
+    Message {
+        properties: crate::amqp::codec::encode_properties(&props.with_headers(headers)),
+        ..m.clone()
+    }
 }
 
 /// Whether a message must be in the store before it is confirmed.

@@ -2,7 +2,7 @@
 //! where `*` matches exactly one word and `#` matches zero or more. Routing walks the trie once
 //! per message instead of testing every binding.
 
-use super::FastMap;
+use super::fast_map::FastMap;
 use smallvec::SmallVec;
 
 #[derive(Debug)]

@@ -2,16 +2,17 @@
 //! RabbitMQ's reply codes and texts), and routing across exchange-to-exchange bindings and
 //! alternate exchanges.
 
-use super::FastMap;
 use super::dead_letter::{self, DeathReason};
-use super::delayed::{self, Delayer, delay_of};
+use super::delayed::{self, DelayedOwner, Delayer, delay_of};
 use super::exchange::{Binding, Destination, Exchange, ExchangeKind, ExchangeSpec};
 use super::expiry::Expirer;
+use super::fast_map::FastMap;
 use super::headers::{type_name, value_text, values_equal};
 use super::message::{Message, now_ms};
-use super::policy::{self, Policy, QueueKind};
-use super::queue::{DeleteRefused, Enqueued, Links, Queue, QueueSpec, QueuedMessage, top_level};
-use super::ready::{LazyStore, Window};
+use super::policy::{self, Policy, PolicyKind, QueueKind};
+use super::queue::{DeleteRefused, Enqueued, Links, Queue, QueueOwner, QueueSpec, top_level};
+use super::queue_ref::QueueRef;
+use super::ready::{LazyStore, QueuedMessage, Window};
 use super::stats::{Churn, MessageStats};
 use super::throttle::{TOO_MANY_REQUESTS, Throttle};
 use crate::amqp::codec;
@@ -20,6 +21,7 @@ use crate::error::{
 };
 use crate::store::definitions::VhostDefinitions;
 use crate::store::delayed::{Due, Scheduled};
+use crate::store::durability::Ticket;
 use crate::store::{Command, DefinitionStore};
 use crate::store::{Recovered, Storage};
 use amq_protocol::types::{AMQPValue, FieldTable};
@@ -77,18 +79,46 @@ const SYSTEM_EXCHANGES: &[(&str, ExchangeKind, bool)] = &[
     ("amq.rabbitmq.trace", ExchangeKind::Topic, true),
 ];
 
-/// What became of a routed message.
+/// Where a message handed to [`Vhost::publish`] comes from: what routing does differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A publisher (AMQP, the management API, the aliveness check): a message with a
+    /// positive `x-delay` stops at the delayed exchanges it reaches, to be scheduled.
+    Publisher,
+    /// Dead-lettered for `reason`: as a publisher's, except that, unless it was rejected,
+    /// queues it has already died in are left out (a cycle).
+    DeadLetter(DeathReason),
+    /// A delayed message now due: it passes through delayed exchanges.
+    Due,
+}
+
+/// What became of a published message.
 #[derive(Debug, Clone, Default)]
-pub struct EnqueueOutcome {
-    /// Queues that took it.
+pub struct PublishOutcome {
+    /// Queues it was routed to.
+    pub queues: usize,
+    /// Delayed exchanges that hold it until it is due.
+    pub delayed: usize,
+    /// Queues that took it, and delayed exchanges that scheduled it.
     pub taken: usize,
-    /// A full queue with `x-overflow: reject-publish` refused it (the publisher is nacked).
+    /// A full queue with `x-overflow: reject-publish` refused it, or a delayed exchange could
+    /// not store it (the publisher is nacked).
     pub rejected: bool,
-    /// The flush epoch after which every durable copy is on disk (0: nothing to wait for).
-    pub epoch: u64,
+    /// Done once every copy is safe.
+    pub ticket: Ticket,
     /// Queues that took it with their backlog on disk and consumers taking from them: the
     /// publisher may be made to wait (flow control).
-    pub backlogged: Vec<Arc<Queue>>,
+    pub backlogged: Vec<QueueRef>,
+}
+
+impl PublishOutcome {
+    /// Whether it found a queue or a delayed exchange (else it is unroutable: returned to a
+    /// mandatory publisher, dropped otherwise). Scheduled counts as routed: whether a queue
+    /// takes it is known only when it is due (RabbitMQ's plugin returns every mandatory
+    /// delayed message instead).
+    pub fn routed(&self) -> bool {
+        self.queues > 0 || self.delayed > 0
+    }
 }
 
 /// The pseudo-queue of direct reply-to.
@@ -104,9 +134,9 @@ pub enum DestinationKind {
 pub struct Vhost {
     pub name: Arc<str>,
     exchanges: RwLock<FastMap<String, Arc<Exchange>>>,
-    queues: RwLock<FastMap<String, Arc<Queue>>>,
+    queues: RwLock<FastMap<String, QueueRef>>,
     /// Direct reply-to: the hidden queue behind each `amq.rabbitmq.reply-to.<key>` name.
-    reply_queues: RwLock<FastMap<String, Arc<Queue>>>,
+    reply_queues: RwLock<FastMap<String, QueueRef>>,
     /// Serialises changes to the topology so that checks and changes are atomic.
     topology: Mutex<()>,
     store: Arc<DefinitionStore>,
@@ -117,7 +147,7 @@ pub struct Vhost {
     /// This vhost, for the queues it links (dead letters, queue expiry).
     me: Weak<Vhost>,
     /// The timers of its queues (message TTLs, `x-expires`).
-    expirer: Arc<Expirer>,
+    expirer: Arc<Expirer<Queue>>,
     /// `max-publish-rate` and `max-declare-rate`.
     pub throttle: Throttle,
     /// Policies, by name.
@@ -125,13 +155,6 @@ pub struct Vhost {
     operator_policies: RwLock<Vec<Arc<Policy>>>,
     /// The messages of its delayed exchanges, until they are due.
     delayer: Delayer,
-}
-
-/// Policies or operator policies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PolicyKind {
-    Policy,
-    Operator,
 }
 
 /// What a vhost is besides its topology: description, tags, limits and default queue type.
@@ -289,7 +312,7 @@ impl Vhost {
     }
 
     /// Connects a new queue to this vhost's dead-letter routing and timers.
-    fn link(&self, q: &Arc<Queue>) {
+    fn link(&self, q: &QueueRef) {
         q.link(Links {
             vhost: self.me.clone(),
             expirer: self.expirer.clone(),
@@ -432,7 +455,7 @@ impl Vhost {
                 };
                 levels.push(level);
             }
-            let queue = Queue::recovered_levels(
+            let queue = QueueRef::from(Queue::recovered_levels(
                 QueueSpec {
                     name: name.clone(),
                     durable: true,
@@ -444,7 +467,7 @@ impl Vhost {
                 None,
                 levels,
                 self.window,
-            );
+            ));
             self.queues.write().insert(name.clone(), queue.clone());
             restored.push(queue);
         }
@@ -608,9 +631,9 @@ impl Vhost {
     /// Gives every queue and exchange the policies that now apply to it (callers hold the
     /// topology lock). Objects whose policies did not change are left alone.
     fn reapply_policies(&self) {
-        let queues: Vec<Arc<Queue>> = self.queues.read().values().cloned().collect();
+        let queues: Vec<QueueRef> = self.queues.read().values().cloned().collect();
         for q in queues {
-            let (policy, operator) = self.policies_for_queue(q.name(), &q.spec.arguments);
+            let (policy, operator) = self.policies_for_queue(q.name(), q.arguments());
             let now = q.settings();
             if !same_policy(now.policy.as_ref(), policy.as_ref())
                 || !same_policy(now.operator.as_ref(), operator.as_ref())
@@ -650,11 +673,11 @@ impl Vhost {
         self.exchanges.read().values().cloned().collect()
     }
 
-    pub fn queue(&self, name: &str) -> Option<Arc<Queue>> {
+    pub fn queue(&self, name: &str) -> Option<QueueRef> {
         self.queues.read().get(name).cloned()
     }
 
-    pub fn queues(&self) -> Vec<Arc<Queue>> {
+    pub fn queues(&self) -> Vec<QueueRef> {
         self.queues.read().values().cloned().collect()
     }
 
@@ -666,7 +689,7 @@ impl Vhost {
 
     /// A queue that must exist and that `connection` may use (an exclusive queue belongs to
     /// the connection that declared it): 404 or 405 otherwise.
-    pub fn existing_queue(&self, name: &str, connection: u64) -> AmqpResult<Arc<Queue>> {
+    pub fn existing_queue(&self, name: &str, connection: u64) -> AmqpResult<QueueRef> {
         let q = self
             .queue(name)
             .ok_or_else(|| not_found(format!("no {}", self.describe("queue", name))))?;
@@ -674,8 +697,8 @@ impl Vhost {
         Ok(q)
     }
 
-    fn check_exclusive_access(&self, q: &Queue, connection: u64) -> AmqpResult<()> {
-        match q.owner {
+    fn check_exclusive_access(&self, q: &QueueRef, connection: u64) -> AmqpResult<()> {
+        match q.owner() {
             Some(owner) if owner != connection => Err(self.locked(q.name())),
             _ => Ok(()),
         }
@@ -831,18 +854,14 @@ impl Vhost {
     }
 
     /// `queue.declare` (not passive). Returns the queue and whether it was created.
-    pub fn declare_queue(
-        &self,
-        spec: QueueSpec,
-        connection: u64,
-    ) -> AmqpResult<(Arc<Queue>, bool)> {
+    pub fn declare_queue(&self, spec: QueueSpec, connection: u64) -> AmqpResult<(QueueRef, bool)> {
         self.declare_queue_with(spec, connection, true)
     }
 
     /// A queue of imported definitions, declared as `declare_queue` does but without the
     /// vhost's default queue type: RabbitMQ 3.10 imports a queue without `x-queue-type` as a
     /// classic one, whatever its vhost's default.
-    pub fn import_queue(&self, spec: QueueSpec) -> AmqpResult<(Arc<Queue>, bool)> {
+    pub fn import_queue(&self, spec: QueueSpec) -> AmqpResult<(QueueRef, bool)> {
         self.declare_queue_with(spec, 0, false)
     }
 
@@ -851,18 +870,18 @@ impl Vhost {
         spec: QueueSpec,
         connection: u64,
         default_type: bool,
-    ) -> AmqpResult<(Arc<Queue>, bool)> {
+    ) -> AmqpResult<(QueueRef, bool)> {
         let _t = self.topology.lock();
         MessageStats::bump(&self.churn.queue_declared);
         let owner = spec.exclusive.then_some(connection);
         if let Some(q) = self.queue(&spec.name) {
-            if q.owner != owner {
+            if q.owner() != owner {
                 return Err(self.locked(&spec.name));
             }
             let what = self.describe("queue", &spec.name);
             for (key, have, want) in [
-                ("durable", q.spec.durable, spec.durable),
-                ("auto_delete", q.spec.auto_delete, spec.auto_delete),
+                ("durable", q.durable(), spec.durable),
+                ("auto_delete", q.auto_delete(), spec.auto_delete),
             ] {
                 if have != want {
                     return Err(inequivalent(
@@ -880,11 +899,11 @@ impl Vhost {
             if default_type
                 && !spec.arguments.inner().contains_key("x-queue-type")
                 && self.default_type_for(&spec).is_some()
-                && let Some(t) = q.spec.arguments.inner().get("x-queue-type")
+                && let Some(t) = q.arguments().inner().get("x-queue-type")
             {
                 sent.to_mut().insert("x-queue-type".into(), t.clone());
             }
-            check_args_equivalent(&what, &q.spec.arguments, &sent, EQUIVALENT_QUEUE_ARGS)?;
+            check_args_equivalent(&what, q.arguments(), &sent, EQUIVALENT_QUEUE_ARGS)?;
             q.touch();
             return Ok((q, false));
         }
@@ -934,7 +953,13 @@ impl Vhost {
             )]
         };
         let (policy, operator) = self.policies_for_queue(&spec.name, &spec.arguments);
-        let q = Queue::recovered_levels(spec, self.name.clone(), owner, levels, self.window);
+        let q = QueueRef::from(Queue::recovered_levels(
+            spec,
+            self.name.clone(),
+            owner,
+            levels,
+            self.window,
+        ));
         if policy.is_some() || operator.is_some() {
             q.set_policies(policy, operator);
         }
@@ -971,7 +996,7 @@ impl Vhost {
 
     /// Deletes a queue whatever its state: auto-delete after the last consumer, exclusive
     /// queues when their connection closes.
-    pub fn remove_queue(&self, q: &Arc<Queue>) {
+    pub fn remove_queue(&self, q: &QueueRef) {
         let _t = self.topology.lock();
         if q.delete(false, false).is_ok()
             && let Err(e) = self.forget_queue_locked(q)
@@ -980,14 +1005,14 @@ impl Vhost {
         }
     }
 
-    fn forget_queue_locked(&self, q: &Arc<Queue>) -> AmqpResult<()> {
+    fn forget_queue_locked(&self, q: &QueueRef) -> AmqpResult<()> {
         {
             let _retiring = self.churn.retiring.write();
             let mut queues = self.queues.write();
-            if queues.get(q.name()).is_some_and(|cur| Arc::ptr_eq(cur, q)) {
+            if queues.get(q.name()).is_some_and(|cur| cur == q) {
                 queues.remove(q.name());
                 MessageStats::bump(&self.churn.queue_deleted);
-                self.churn.retired_queues.absorb(&q.stats.read());
+                self.churn.retired_queues.absorb(&q.message_counts());
             }
         }
         let dest = Destination::Queue(q.clone());
@@ -997,7 +1022,7 @@ impl Vhost {
                 emptied.push(x);
             }
         }
-        if q.spec.durable && q.owner.is_none() {
+        if q.durable() && q.owner().is_none() {
             self.persist(Command::DeleteQueue {
                 vhost: self.name.to_string(),
                 name: q.name().to_owned(),
@@ -1059,7 +1084,7 @@ impl Vhost {
             .map_err(precondition_failed)?;
         let durable = src.spec.durable
             && match &dst {
-                Destination::Queue(q) => q.spec.durable && q.owner.is_none(),
+                Destination::Queue(q) => q.durable() && q.owner().is_none(),
                 Destination::Exchange(x) => x.spec.durable,
             };
         let binding = Binding {
@@ -1120,24 +1145,21 @@ impl Vhost {
     }
 
     /// A queue outside the vhost's namespace (the hidden queue of direct reply-to).
-    pub fn hidden_queue(&self, spec: QueueSpec, owner: Option<u64>) -> Arc<Queue> {
-        let q = Queue::new(
+    pub fn hidden_queue(&self, spec: QueueSpec, owner: Option<u64>) -> QueueRef {
+        let q = QueueRef::from(Queue::new(
             spec,
             self.name.clone(),
             owner,
             LazyStore::deferred(self.storage.clone()),
             self.window,
-        );
+        ));
         self.link(&q);
         q
     }
 
     /// A queue unused for its `x-expires` goes, messages and all, as in RabbitMQ.
-    pub fn expire_queue(&self, q: &Arc<Queue>) {
-        if self
-            .queue(q.name())
-            .is_some_and(|current| Arc::ptr_eq(&current, q))
-        {
+    pub fn expire_queue(&self, q: &QueueRef) {
+        if self.queue(q.name()).is_some_and(|current| &current == q) {
             tracing::info!(vhost = %self.name, queue = q.name(), "queue expired (x-expires)");
             self.remove_queue(q);
         }
@@ -1145,7 +1167,7 @@ impl Vhost {
 
     /// Routes the messages `from` gave up on to its dead-letter exchange. A missing exchange
     /// drops them, as in RabbitMQ; so does a cycle of queues with no rejection in it.
-    pub fn dead_letter(&self, from: &Arc<Queue>, dead: Vec<(QueuedMessage, DeathReason)>) {
+    pub fn dead_letter(&self, from: &QueueRef, dead: Vec<(QueuedMessage, DeathReason)>) {
         let settings = from.settings();
         let Some(target) = &settings.features.dead_letter else {
             return;
@@ -1160,28 +1182,14 @@ impl Vhost {
             let letter =
                 dead_letter::dead_letter(&queued.message, from.name(), reason, target, now);
             let keys: Vec<&[u8]> = letter.keys.iter().map(|k| &k[..]).collect();
-            queues.clear();
-            let mut delayed = Vec::new();
-            self.route(
+            self.publish(
                 &exchange,
                 &keys,
                 Some(&letter.headers),
+                &Arc::new(letter.message),
+                Origin::DeadLetter(reason),
                 &mut queues,
-                Some(&mut delayed),
             );
-            if reason != DeathReason::Rejected {
-                queues.retain(|q| !dead_letter::is_cycle(&letter.headers, q.name()));
-            }
-            if queues.is_empty() && delayed.is_empty() {
-                continue;
-            }
-            let message = Arc::new(letter.message);
-            if !queues.is_empty() {
-                self.enqueue(&queues, &message);
-            }
-            if !delayed.is_empty() {
-                let _ = self.schedule_delayed(&delayed, &keys, Some(&letter.headers), &message);
-            }
         }
     }
 
@@ -1190,7 +1198,7 @@ impl Vhost {
     /// the broker's map). Counts made after this are not kept: the queues are going.
     pub fn retire_counters(&self) {
         for q in self.queues.read().values() {
-            self.churn.retired_queues.absorb(&q.stats.read());
+            self.churn.retired_queues.absorb(&q.message_counts());
         }
     }
 
@@ -1213,7 +1221,7 @@ impl Vhost {
     }
 
     /// Registers the hidden queue of a direct reply-to consumer under `key`.
-    pub fn add_reply_queue(&self, key: &str, q: Arc<Queue>) {
+    pub fn add_reply_queue(&self, key: &str, q: QueueRef) {
         self.reply_queues.write().insert(key.to_owned(), q);
     }
 
@@ -1223,7 +1231,7 @@ impl Vhost {
 
     /// The hidden queue behind a generated direct reply-to name (`amq.rabbitmq.reply-to.KEY`)
     /// whose consumer is still there.
-    pub fn reply_queue(&self, name: &str) -> Option<Arc<Queue>> {
+    pub fn reply_queue(&self, name: &str) -> Option<QueueRef> {
         name.strip_prefix(REPLY_TO)
             .and_then(|rest| rest.strip_prefix('.'))
             .and_then(|k| self.reply_queues.read().get(k).cloned())
@@ -1239,7 +1247,7 @@ impl Vhost {
         exchange: &Arc<Exchange>,
         keys: &[&[u8]],
         headers: Option<&FieldTable>,
-        out: &mut Vec<Arc<Queue>>,
+        out: &mut Vec<QueueRef>,
         mut delayed: Option<&mut Vec<Arc<Exchange>>>,
     ) {
         let mut seen: Vec<*const Exchange> = Vec::new();
@@ -1275,7 +1283,7 @@ impl Vhost {
             for d in dests.drain(..) {
                 match d {
                     Destination::Queue(q) => {
-                        if !out.iter().any(|o| Arc::ptr_eq(o, &q)) {
+                        if !out.contains(&q) {
                             out.push(q);
                         }
                     }
@@ -1286,7 +1294,7 @@ impl Vhost {
     }
 
     /// The default exchange: every queue is bound under its own name.
-    fn route_default(&self, keys: &[&[u8]], out: &mut Vec<Arc<Queue>>) {
+    fn route_default(&self, keys: &[&[u8]], out: &mut Vec<QueueRef>) {
         for key in keys {
             let Ok(name) = std::str::from_utf8(key) else {
                 continue;
@@ -1297,21 +1305,65 @@ impl Vhost {
                 self.queue(name)
             };
             if let Some(q) = q
-                && !out.iter().any(|o| Arc::ptr_eq(o, &q))
+                && !out.contains(&q)
             {
                 out.push(q);
             }
         }
     }
 
+    /// Publishes a message to `exchange`: the one way a message enters queues. Routes it
+    /// (see [`Vhost::route`]; `keys` is the routing key followed by any CC and BCC keys),
+    /// schedules it at the delayed exchanges it stops at, and hands it to its queues.
+    /// `queues` is a buffer the caller keeps from one publish to the next, so that routing
+    /// allocates nothing; it is left empty. What differs by caller (permissions, mandatory
+    /// returns, counters, confirms) stays with the caller.
+    pub fn publish(
+        &self,
+        exchange: &Arc<Exchange>,
+        keys: &[&[u8]],
+        headers: Option<&FieldTable>,
+        message: &Arc<Message>,
+        origin: Origin,
+        queues: &mut Vec<QueueRef>,
+    ) -> PublishOutcome {
+        queues.clear();
+        // Allocates only when the message reaches a delayed exchange.
+        let mut delayed = Vec::new();
+        let hold = (origin != Origin::Due).then_some(&mut delayed);
+        self.route(exchange, keys, headers, queues, hold);
+        if let Origin::DeadLetter(reason) = origin
+            && reason != DeathReason::Rejected
+            && let Some(h) = headers
+        {
+            queues.retain(|q| !dead_letter::is_cycle(h, q.name()));
+        }
+        let mut outcome = self.enqueue(queues, message);
+        queues.clear();
+        if !delayed.is_empty() {
+            outcome.delayed = delayed.len();
+            match self.schedule_delayed(&delayed, keys, headers, message) {
+                Some(ticket) => {
+                    outcome.taken += delayed.len();
+                    outcome.ticket = outcome.ticket.and(ticket);
+                }
+                None => outcome.rejected = true,
+            }
+        }
+        outcome
+    }
+
     /// Delivers a routed message to its queues.
-    pub fn enqueue(&self, queues: &[Arc<Queue>], message: &Arc<Message>) -> EnqueueOutcome {
-        let mut outcome = EnqueueOutcome::default();
+    fn enqueue(&self, queues: &[QueueRef], message: &Arc<Message>) -> PublishOutcome {
+        let mut outcome = PublishOutcome {
+            queues: queues.len(),
+            ..PublishOutcome::default()
+        };
         for q in queues {
             match q.publish(message.clone()) {
-                Enqueued::Accepted { epoch, backlogged } => {
+                Enqueued::Accepted { ticket, backlogged } => {
                     outcome.taken += 1;
-                    outcome.epoch = outcome.epoch.max(epoch);
+                    outcome.ticket = outcome.ticket.and(ticket);
                     if backlogged {
                         outcome.backlogged.push(q.clone());
                     }
@@ -1328,21 +1380,21 @@ impl Vhost {
     }
 
     /// Schedules a message that reached delayed exchanges (see [`Vhost::route`]); returns
-    /// the flush epoch after which it is on disk (0: nothing to wait for), or `None` when it
-    /// could not be stored (a disk that cannot take it: logged, and the publisher is nacked).
-    pub fn schedule_delayed(
+    /// the ticket done once it is on disk, or `None` when it could not be stored (a disk
+    /// that cannot take it: logged, and the publisher is nacked).
+    fn schedule_delayed(
         &self,
         exchanges: &[Arc<Exchange>],
         keys: &[&[u8]],
         headers: Option<&FieldTable>,
         message: &Message,
-    ) -> Option<u64> {
+    ) -> Option<Ticket> {
         let Some(delay) = delay_of(headers) else {
-            return Some(0);
+            return Some(Ticket::Done);
         };
         let me = self.me.upgrade()?;
         let due = now_ms().max(message.arrived_ms) + delay;
-        let mut epoch = 0;
+        let mut ticket = Ticket::Done;
         for x in exchanges {
             let scheduled = Scheduled {
                 due,
@@ -1352,22 +1404,22 @@ impl Vhost {
                 durable: message.persistent && x.spec.durable,
             };
             match self.delayer.schedule(&self.storage, &me, scheduled) {
-                Ok(e) => epoch = epoch.max(e),
+                Ok(t) => ticket = ticket.and(t),
                 Err(e) => {
                     tracing::error!(vhost = %self.name, exchange = x.name(), error = %e, "cannot store a delayed message");
                     return None;
                 }
             }
         }
-        Some(epoch)
+        Some(ticket)
     }
 
-    /// Routes a delayed message whose time has come; returns the flush epoch after which its
-    /// copies are on disk. Its exchange gone, it is dropped.
-    pub fn deliver_due(&self, due: &Due) -> u64 {
+    /// Routes a delayed message whose time has come; returns the ticket done once its copies
+    /// are on disk. Its exchange gone, it is dropped.
+    pub fn deliver_due(&self, due: &Due) -> Ticket {
         let Some(x) = self.exchange(&due.exchange).filter(|x| x.is_delayed()) else {
             tracing::debug!(vhost = %self.name, exchange = %due.exchange, "delayed exchange gone; its due message is dropped");
-            return 0;
+            return Ticket::Done;
         };
         let mut message = due.message.clone();
         // It enters its queues now: TTLs (the queue's and its own `expiration`) count from
@@ -1385,16 +1437,44 @@ impl Vhost {
         }
         let keys: Vec<&[u8]> = due.keys.iter().map(|k| &k[..]).collect();
         let mut queues = Vec::new();
-        self.route(&x, &keys, headers.as_ref(), &mut queues, None);
-        if queues.is_empty() {
-            return 0;
-        }
-        self.enqueue(&queues, &Arc::new(message)).epoch
+        self.publish(
+            &x,
+            &keys,
+            headers.as_ref(),
+            &Arc::new(message),
+            Origin::Due,
+            &mut queues,
+        )
+        .ticket
     }
 
     /// Delayed messages waiting in this vhost.
     pub fn delayed_messages(&self) -> u64 {
         self.delayer.len()
+    }
+}
+
+impl QueueOwner for Vhost {
+    fn dead_letter(&self, from: &QueueRef, dead: Vec<(QueuedMessage, DeathReason)>) {
+        Vhost::dead_letter(self, from, dead);
+    }
+
+    fn expire_queue(&self, q: &QueueRef) {
+        Vhost::expire_queue(self, q);
+    }
+}
+
+impl DelayedOwner for Vhost {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    fn deliver_due(&self, due: &Due) -> Ticket {
+        Vhost::deliver_due(self, due)
     }
 }
 

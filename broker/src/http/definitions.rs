@@ -50,13 +50,13 @@ fn topology(v: &Vhost, with_vhost: bool) -> (Vec<Value>, Vec<Value>, Vec<Value>)
     queues.sort_by(|a, b| a.name().cmp(b.name()));
     let qs = queues
         .iter()
-        .filter(|q| q.owner.is_none())
+        .filter(|q| q.owner().is_none())
         .map(|q| {
             tag(json!({
                 "name": q.name(),
-                "durable": q.spec.durable,
-                "auto_delete": q.spec.auto_delete,
-                "arguments": table_to_json(&q.spec.arguments),
+                "durable": q.durable(),
+                "auto_delete": q.auto_delete(),
+                "arguments": table_to_json(q.arguments()),
             }))
         })
         .collect();
@@ -84,7 +84,7 @@ fn topology(v: &Vhost, with_vhost: bool) -> (Vec<Value>, Vec<Value>, Vec<Value>)
         for b in x.bindings() {
             // Bindings to an exclusive queue go with it.
             if let crate::broker::exchange::Destination::Queue(q) = &b.destination
-                && q.owner.is_some()
+                && q.owner().is_some()
             {
                 continue;
             }
@@ -1032,11 +1032,12 @@ mod one_import_at_a_time {
     use std::time::Duration;
 
     fn state(data: &std::path::Path) -> AppState {
-        let broker = crate::broker::Broker::open(Config {
+        let config = Config {
             data_dir: data.to_path_buf(),
             ..Config::default()
-        })
-        .expect("broker opens");
+        };
+        let cluster = crate::cluster::Cluster::new(&config).expect("cluster secret");
+        let broker = crate::broker::Broker::open(config).expect("broker opens");
         let (_, stopping) = tokio::sync::watch::channel(false);
         AppState {
             broker,
@@ -1047,6 +1048,7 @@ mod one_import_at_a_time {
             list_wait: Duration::from_secs(1),
             heavy_scrapes: Arc::new(tokio::sync::Semaphore::new(crate::http::HEAVY_SCRAPES)),
             imports: Arc::new(tokio::sync::Mutex::new(())),
+            cluster,
         }
     }
 

@@ -85,6 +85,16 @@ impl ApiError {
         Self::not_authorised("Access refused.")
     }
 
+    /// 503: the broker could not answer now (a node or a majority out of reach, no answer in
+    /// time); the same request may succeed later.
+    pub fn unavailable(reason: impl Into<Value>) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            reason,
+        )
+    }
+
     pub fn internal(reason: impl Into<Value>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", reason)
     }

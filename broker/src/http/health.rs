@@ -8,6 +8,7 @@ use super::error::{ApiError, ApiResult, json_response, ok};
 use crate::auth::Access;
 use crate::broker::message::{Message, ShortStr};
 use crate::broker::queue::{Delivered, QueueSpec};
+use crate::broker::vhost::Origin;
 use amq_protocol::types::FieldTable;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -156,7 +157,17 @@ pub async fn aliveness(
         arrived_ms: crate::broker::message::now_ms(),
         expires_at_ms: None,
     });
-    v.enqueue(std::slice::from_ref(&q), &message);
+    // Through the default exchange, as RabbitMQ's test publishes it.
+    if let Some(default) = v.exchange("") {
+        v.publish(
+            &default,
+            &[QUEUE.as_bytes()],
+            None,
+            &message,
+            Origin::Publisher,
+            &mut Vec::new(),
+        );
+    }
     // Whatever comes back before the test message is consumed (RabbitMQ's test gets with
     // no-ack too), so a stray message left in the queue does not stay there or fail every
     // later check. The test message is the last one in the queue: at most `ready` gets.

@@ -13,7 +13,7 @@ use crate::auth::Access;
 use crate::broker::message::{Message, ShortStr};
 use crate::broker::queue::Delivered;
 use crate::broker::stats::MessageCounts;
-use crate::broker::vhost::describe;
+use crate::broker::vhost::{Origin, describe};
 use amq_protocol::protocol::BasicProperties;
 use amq_protocol::types::ShortString;
 use axum::body::Bytes;
@@ -274,46 +274,39 @@ pub async fn publish(
         arrived_ms,
         expires_at_ms,
     });
-    let mut queues = Vec::new();
-    let mut delayed = Vec::new();
     let keys = [routing_key.as_bytes()];
-    v.route(
+    let outcome = v.publish(
         &exchange,
         &keys,
         headers.as_ref(),
-        &mut queues,
-        Some(&mut delayed),
+        &message,
+        Origin::Publisher,
+        &mut Vec::new(),
     );
     // RabbitMQ publishes with confirms and `mandatory` on its plugin's channel: the node
-    // counts a received, confirmed message, routed or returned.
-    let routed = !queues.is_empty() || !delayed.is_empty();
-    state
-        .broker
-        .connections
-        .count_without_channel(&MessageCounts {
-            publish: 1,
-            publish_confirm: 1,
-            confirm: 1,
-            routed: u64::from(routed),
-            return_unroutable: u64::from(!routed),
-            ..MessageCounts::default()
-        });
-    let mut outcome = v.enqueue(&queues, &message);
-    if !delayed.is_empty() {
-        let epoch = v
-            .schedule_delayed(&delayed, &keys, headers.as_ref(), &message)
-            .ok_or_else(|| ApiError::internal("cannot store the delayed message"))?;
-        outcome.taken += delayed.len();
-        outcome.epoch = outcome.epoch.max(epoch);
+    // counts a received message, routed or returned, and confirmed once it is safe unless
+    // it was nacked.
+    let routed = outcome.routed();
+    let connections = &state.broker.connections;
+    connections.count_without_channel(&MessageCounts {
+        publish: 1,
+        publish_confirm: 1,
+        routed: u64::from(routed),
+        return_unroutable: u64::from(!routed),
+        ..MessageCounts::default()
+    });
+    if outcome.rejected {
+        // The words of RabbitMQ's management plugin on a nack.
+        return Err(ApiError::bad_request(
+            "rejected Unable to publish message. Check queue limits.",
+        ));
     }
-    if outcome.epoch > 0
-        && let Some(flusher) = state.broker.storage.flusher()
-    {
-        // Answer once the message is on disk, as a confirmed publish would.
-        let mut durable = flusher.subscribe();
-        flusher.want(outcome.epoch);
-        let _ = tokio::time::timeout(DURABLE_WAIT, durable.wait_for(|d| *d >= outcome.epoch)).await;
-    }
+    // Answer once the message is safe, as a confirmed publish would.
+    let _ = tokio::time::timeout(DURABLE_WAIT, outcome.ticket.wait(&state.broker.storage)).await;
+    connections.count_without_channel(&MessageCounts {
+        confirm: 1,
+        ..MessageCounts::default()
+    });
     Ok(ok(json!({"routed": outcome.taken > 0})))
 }
 
@@ -399,7 +392,7 @@ fn readable_queue(
     caller: &Caller,
     vhost: &str,
     name: &str,
-) -> ApiResult<std::sync::Arc<crate::broker::queue::Queue>> {
+) -> ApiResult<crate::broker::queue_ref::QueueRef> {
     caller.require_vhost(state, vhost)?;
     let v = state.broker.vhost(vhost).ok_or_else(ApiError::not_found)?;
     check(state, caller, vhost, "queue", name, Access::Read)?;

@@ -734,7 +734,7 @@ pub fn render(state: &AppState, per_object: bool) -> prometheus::Result<Vec<u8>>
     for v in broker.vhosts() {
         for q in v.queues() {
             let l = q.lengths();
-            let c = q.stats.read();
+            let c = q.message_counts();
             queue_count += 1;
             consumers_total += l.consumers as f64;
             let values = [

@@ -55,6 +55,8 @@ pub struct AppState {
     pub heavy_scrapes: Arc<tokio::sync::Semaphore>,
     /// Held by the definitions import under way (one at a time).
     pub imports: Arc<tokio::sync::Mutex<()>>,
+    /// This node's view of the cluster's nodes.
+    pub cluster: Arc<crate::cluster::Cluster>,
 }
 
 /// Listings of many objects sent at once: each holds a handle on every object it lists until

@@ -225,7 +225,19 @@ pub async fn nodes(
     QueryParams(query): QueryParams<Query>,
 ) -> ApiResult<Response> {
     caller.require_monitor()?;
-    super::list::respond(vec![node_object(&state)], &query)
+    let nodes = state
+        .cluster
+        .nodes()
+        .into_iter()
+        .map(|n| {
+            if n.name == state.broker.config.node_name {
+                node_object(&state)
+            } else {
+                peer_object(&n)
+            }
+        })
+        .collect();
+    super::list::respond(nodes, &query)
 }
 
 pub async fn node(
@@ -234,8 +246,52 @@ pub async fn node(
     Path(name): Path<String>,
 ) -> ApiResult<Response> {
     caller.require_monitor()?;
-    if name != state.broker.config.node_name {
-        return Err(ApiError::not_found());
+    if name == state.broker.config.node_name {
+        return Ok(ok(node_object(&state)));
     }
-    Ok(ok(node_object(&state)))
+    let peer = state
+        .cluster
+        .nodes()
+        .into_iter()
+        .find(|n| n.name == name)
+        .ok_or_else(ApiError::not_found)?;
+    Ok(ok(peer_object(&peer)))
+}
+
+/// Another node of the cluster, as far as this node knows it: its name and whether its link
+/// is up. Its own figures are its own to report (`/api/nodes` on it); the fields are there,
+/// zero, so that clients decoding RabbitMQ's node objects read these too.
+fn peer_object(node: &crate::cluster::NodeStatus) -> Value {
+    json!({
+        "name": node.name,
+        "type": "disc",
+        "running": node.running,
+        "being_drained": false,
+        "os_pid": "",
+        "uptime": 0,
+        "processors": 0,
+        "mem_used": 0,
+        "mem_limit": 0,
+        "mem_alarm": false,
+        "disk_free": 0,
+        "disk_free_limit": 0,
+        "disk_free_alarm": false,
+        "fd_used": 0,
+        "fd_total": 0,
+        "sockets_used": 0,
+        "sockets_total": 0,
+        "proc_used": 0,
+        "proc_total": 0,
+        "run_queue": 0,
+        "rates_mode": "basic",
+        "partitions": [],
+        "applications": [
+            {"name": "rabbit", "description": "RabbitMQ", "version": RABBITMQ_VERSION},
+        ],
+        "enabled_plugins": ["rabbitmq_management", "rabbitmq_prometheus"],
+        "contexts": [],
+        "exchange_types": exchange_types(),
+        "listeners": [],
+        "cluster_links": [],
+    })
 }

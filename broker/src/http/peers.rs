@@ -111,7 +111,7 @@ fn consumer_object(state: &AppState, c: &ConnectionInfo, s: &ChannelSnapshot, i:
         .as_ref()
         .and_then(|q| q.consumer_timeout())
         .unwrap_or(state.broker.config.consumer_timeout);
-    let (active, status) = match queue.filter(|q| q.single_active_consumer) {
+    let (active, status) = match queue.filter(|q| q.is_single_active_consumer()) {
         Some(q) => match q.single_active_consumer() {
             Some(a) if *a.tag == *k.tag => (true, "single_active"),
             _ => (false, "waiting"),

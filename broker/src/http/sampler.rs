@@ -4,7 +4,7 @@
 //! reading before. Objects that went away are dropped at the next reading.
 
 use crate::broker::Broker;
-use crate::broker::queue::Queue;
+use crate::broker::queue_ref::QueueRef;
 use crate::broker::stats::MessageCounts;
 use parking_lot::RwLock;
 use serde_json::{Map, Value, json};
@@ -45,8 +45,8 @@ pub fn counts_reading(c: &MessageCounts) -> Reading {
 }
 
 /// A queue's counters and lengths.
-pub fn queue_reading(q: &Queue) -> Reading {
-    let mut r = counts_reading(&q.stats.read());
+pub fn queue_reading(q: &QueueRef) -> Reading {
+    let mut r = counts_reading(&q.message_counts());
     let l = q.lengths();
     let (ready, unacked) = (l.ready, l.unacked);
     r.push(("messages", ready + unacked));

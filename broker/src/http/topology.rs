@@ -11,7 +11,8 @@ use super::sampler::{Key, LENGTHS, QUEUE_STATS, queue_reading};
 use crate::auth::Access;
 use crate::auth::permissions::checked_name;
 use crate::broker::exchange::{Binding, Destination, Exchange, ExchangeKind, ExchangeSpec};
-use crate::broker::queue::{Queue, QueueSpec};
+use crate::broker::queue::QueueSpec;
+use crate::broker::queue_ref::QueueRef;
 use crate::broker::vhost::{DestinationKind, Vhost};
 use crate::error::{ACCESS_REFUSED, AmqpError, NOT_FOUND};
 use amq_protocol::types::FieldTable;
@@ -25,8 +26,12 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 
-/// An AMQP refusal as the management API reports it.
+/// An AMQP refusal as the management API reports it; what the broker could not answer now
+/// (a node or a majority out of reach, no answer in time) is 503 whatever its AMQP code.
 pub fn amqp_error(e: AmqpError) -> ApiError {
+    if e.is_transient() {
+        return ApiError::unavailable(e.text);
+    }
     match e.code {
         ACCESS_REFUSED => ApiError::access_refused(),
         NOT_FOUND => ApiError::not_found_because(e.text),
@@ -231,17 +236,17 @@ pub async fn delete_exchange(
 // ------------------------------------------------------------------------------------- queues
 
 /// A queue as `/api/queues` shows it; `detailed` adds what the single-queue view has.
-pub fn queue_object(state: &AppState, vhost: &str, q: &Queue, detailed: bool) -> Value {
+pub fn queue_object(state: &AppState, vhost: &str, q: &QueueRef, detailed: bool) -> Value {
     let reading = queue_reading(q);
     let key = Key::Queue(vhost.to_owned(), q.name().to_owned());
     let s = &state.sampler;
     let consumers = q.consumers();
     let active = !consumers.is_empty();
     let mut obj = Map::new();
-    obj.insert("arguments".into(), table_to_json(&q.spec.arguments));
-    obj.insert("auto_delete".into(), json!(q.spec.auto_delete));
-    obj.insert("durable".into(), json!(q.spec.durable));
-    obj.insert("exclusive".into(), json!(q.owner.is_some()));
+    obj.insert("arguments".into(), table_to_json(q.arguments()));
+    obj.insert("auto_delete".into(), json!(q.auto_delete()));
+    obj.insert("durable".into(), json!(q.durable()));
+    obj.insert("exclusive".into(), json!(q.owner().is_some()));
     obj.insert(
         "exclusive_consumer_tag".into(),
         consumers
@@ -303,7 +308,7 @@ pub fn queue_object(state: &AppState, vhost: &str, q: &Queue, detailed: bool) ->
         "message_stats".into(),
         s.message_stats(&key, &reading, QUEUE_STATS),
     );
-    if let Some(owner) = q.owner
+    if let Some(owner) = q.owner()
         && let Some(c) = state
             .broker
             .connections
@@ -336,7 +341,7 @@ async fn list_queues(
 ) -> ApiResult<Response> {
     let vhosts = vhosts_for(state, caller, one)?;
     let permit = state.heavy_list_permit().await?;
-    let mut items: Vec<(Arc<str>, Arc<Queue>)> = Vec::new();
+    let mut items: Vec<(Arc<str>, QueueRef)> = Vec::new();
     for v in vhosts {
         let vhost = v.name.clone();
         items.extend(v.queues().into_iter().map(|q| (vhost.clone(), q)));
@@ -528,7 +533,7 @@ fn binding_object(
     })
 }
 
-fn implicit_binding(vhost: &str, q: &Queue) -> Value {
+fn implicit_binding(vhost: &str, q: &QueueRef) -> Value {
     binding_object(
         vhost,
         "",
@@ -589,7 +594,7 @@ fn vhost_bindings(v: &Vhost, keep: &dyn Fn(&str, &str, &str) -> bool) -> Vec<Val
 /// What a bindings listing renders as it is sent: a queue's implicit binding to the default
 /// exchange, or an exchange's bindings.
 enum BindingsOf {
-    Implicit(Arc<str>, Arc<Queue>),
+    Implicit(Arc<str>, QueueRef),
     Explicit(Arc<str>, Arc<Exchange>, Binding),
 }
 
@@ -859,6 +864,39 @@ pub async fn unbind(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_keep_their_status_and_transient_failures_are_503() {
+        let status = |e: AmqpError| amqp_error(e).status();
+        assert_eq!(
+            status(crate::error::not_found("no queue 'q' in vhost '/'")),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            status(crate::error::precondition_failed("inequivalent arg")),
+            StatusCode::BAD_REQUEST
+        );
+        for e in [
+            AmqpError::queue_down("/", "q", "warren@n1"),
+            AmqpError::no_majority("declare queue 'q' in vhost '/'"),
+            AmqpError::not_leader("declare queue 'q' in vhost '/'", None),
+            AmqpError::timed_out("declare queue 'q' in vhost '/'"),
+        ] {
+            assert_eq!(status(e), StatusCode::SERVICE_UNAVAILABLE);
+        }
+        let admin = |e: AmqpError| crate::http::vhosts::admin_error(e.into()).status();
+        assert_eq!(
+            admin(AmqpError::timed_out("create vhost 'v'")),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            admin(AmqpError::new(
+                crate::error::INTERNAL_ERROR,
+                "cannot write definitions"
+            )),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+    }
 
     #[test]
     fn properties_keys_quote_as_rabbitmq() {

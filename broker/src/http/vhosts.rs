@@ -19,6 +19,7 @@ pub fn admin_error(e: AdminError) -> ApiError {
         AdminError::NotFound(_) => ApiError::not_found(),
         AdminError::BadRequest(reason) => ApiError::bad_request(reason),
         AdminError::Internal(reason) => ApiError::internal(reason),
+        AdminError::Unavailable(reason) => ApiError::unavailable(reason),
     }
 }
 

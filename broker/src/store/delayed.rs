@@ -30,6 +30,7 @@
 //! least once: a crash may repeat messages delivered in the last moments before it, and
 //! never loses one that was confirmed.
 
+use super::durability::{Progress, Ticket};
 use super::flusher::{Flushable, Flusher};
 use super::record::{self, RECORD_HEADER};
 use crate::broker::message::Message;
@@ -170,8 +171,8 @@ struct Run {
     /// Read ahead, in order, each with the offset just past its record.
     ahead: VecDeque<(Entry, u64)>,
     /// Taken, in order, waiting to be routed and for their copies to reach disk: (end offset,
-    /// epoch — `u64::MAX` until routed, sequence number).
-    settling: VecDeque<(u64, u64, u64)>,
+    /// ticket of its copies — `None` until routed, sequence number).
+    settling: VecDeque<(u64, Option<Ticket>, u64)>,
     /// Opened at recovery: its transient messages are gone.
     recovered: bool,
     /// Bytes the next read takes.
@@ -206,8 +207,9 @@ struct Inner {
     outstanding: BTreeMap<u64, u64>,
     buffer: BinaryHeap<Reverse<Buffered>>,
     buffer_bytes: usize,
-    /// Buffered messages taken and routed: (generation, sequence number, epoch).
-    settling: VecDeque<(u64, u64, u64)>,
+    /// Buffered messages taken and routed: (generation, sequence number, ticket of their
+    /// copies).
+    settling: VecDeque<(u64, u64, Ticket)>,
     runs: Vec<Run>,
     /// For the flusher: log bytes to write, and those of the round in progress.
     pending: Vec<Chunk>,
@@ -687,8 +689,8 @@ impl DelayedStore {
                 Some(i) => {
                     let run = &mut st.runs[i];
                     let (e, end) = run.ahead.pop_front().expect("has a head");
-                    // Settled in order: the epoch is filled in by `routed`.
-                    run.settling.push_back((end, u64::MAX, e.seq));
+                    // Settled in order: the ticket is filled in by `routed`.
+                    run.settling.push_back((end, None, e.seq));
                     (e, Source::Run { id: run.meta.id })
                 }
             };
@@ -696,27 +698,27 @@ impl DelayedStore {
                 Some(d) => out.push(d),
                 None => {
                     tracing::error!(seq = entry.seq, "undecodable delayed message dropped");
-                    self.settle_one(st, source, entry.seq, 0);
+                    self.settle_one(st, source, entry.seq, Ticket::Done);
                 }
             }
         }
         out
     }
 
-    /// A taken message was routed; its copies are on disk after flush epoch `epoch`.
-    pub fn routed(&self, due: &Due, epoch: u64) {
+    /// A taken message was routed; its copies are safe once `ticket` is done.
+    pub fn routed(&self, due: &Due, ticket: Ticket) {
         let mut st = self.inner.lock();
-        self.settle_one(&mut st, due.source, due.seq, epoch);
+        self.settle_one(&mut st, due.source, due.seq, ticket);
     }
 
-    fn settle_one(&self, st: &mut Inner, source: Source, seq: u64, epoch: u64) {
+    fn settle_one(&self, st: &mut Inner, source: Source, seq: u64, ticket: Ticket) {
         match source {
-            Source::Buffer { generation } => st.settling.push_back((generation, seq, epoch)),
+            Source::Buffer { generation } => st.settling.push_back((generation, seq, ticket)),
             Source::Run { id } => {
                 if let Some(run) = st.runs.iter_mut().find(|r| r.meta.id == id)
                     && let Some(slot) = run.settling.iter_mut().rev().find(|s| s.2 == seq)
                 {
-                    slot.1 = epoch;
+                    slot.1 = Some(ticket);
                 }
             }
         }
@@ -746,15 +748,15 @@ impl DelayedStore {
                 }))
     }
 
-    /// Settles what is on disk now that flush epoch `durable` is: done records, run
+    /// Settles what is on disk now (whose tickets are done): done records, run
     /// positions; then saves the manifest and deletes the logs and runs nothing needs. The
     /// file work happens outside the store's lock (blocking I/O: run it off the async
     /// threads), so that scheduling and taking due messages never wait for a sync.
     pub fn settle(&self) -> io::Result<()> {
-        let durable = self
+        let progress = self
             .flusher
             .as_ref()
-            .map_or(u64::MAX, |f| f.durable_epoch());
+            .map_or(Progress::ALL, |f| Progress::flushed(f.durable_epoch()));
         let mut gone = Vec::new();
         let snapshot = {
             let mut st = self.inner.lock();
@@ -763,16 +765,16 @@ impl DelayedStore {
                 return Ok(());
             }
             let mut kept = VecDeque::new();
-            while let Some((generation, seq, epoch)) = st.settling.pop_front() {
-                if epoch > durable {
-                    kept.push_back((generation, seq, epoch));
+            while let Some((generation, seq, ticket)) = st.settling.pop_front() {
+                if !ticket.is_done(progress) {
+                    kept.push_back((generation, seq, ticket));
                     continue;
                 }
                 if self.dir.is_some()
                     && let Err(e) = self.append(st, &encode_done(seq))
                 {
                     // Nothing is lost: this one and the rest are settled next time.
-                    kept.push_back((generation, seq, epoch));
+                    kept.push_back((generation, seq, ticket));
                     kept.append(&mut st.settling);
                     st.settling = kept;
                     return Err(e);
@@ -783,8 +785,8 @@ impl DelayedStore {
             }
             st.settling = kept;
             for run in &mut st.runs {
-                while let Some(&(end, epoch, _)) = run.settling.front() {
-                    if epoch > durable {
+                while let Some(&(end, ticket, _)) = run.settling.front() {
+                    if !ticket.is_some_and(|t| t.is_done(progress)) {
                         break;
                     }
                     run.settling.pop_front();
@@ -1327,7 +1329,7 @@ mod tests {
     fn drain(store: &DelayedStore, now: u64) -> Vec<String> {
         let due = store.take_due(now, usize::MAX);
         for d in &due {
-            store.routed(d, 0);
+            store.routed(d, Ticket::Done);
         }
         store.settle().unwrap();
         bodies(&due)

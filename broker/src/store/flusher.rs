@@ -1,6 +1,7 @@
 //! Group commit. Stores append to memory; one flusher thread writes what every store has
 //! pending and syncs the files, so a single round of `fdatasync` covers everything that arrived
-//! meanwhile from every connection. Publisher confirms wait for the round that covers them.
+//! meanwhile from every connection. Publisher confirms wait for the round that covers them:
+//! the durability ticket of a message (`durability.rs`) names that round.
 //!
 //! Rounds are numbered by *epochs*. An append is stamped with the current epoch while its store
 //! is locked; a round first advances the epoch, then takes each dirty store's pending data under

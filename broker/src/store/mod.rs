@@ -10,10 +10,12 @@
 //!   brokers without a data directory). Both pass the conformance suite in `conformance.rs`.
 //! - [`delayed`]: the messages of delayed exchanges until they are due.
 //! - [`flusher`]: group commit across all stores.
+//! - [`durability`]: the tickets a publish waits on until its message is safe.
 
 pub mod command;
 pub mod definitions;
 pub mod delayed;
+pub mod durability;
 pub mod file;
 pub mod flusher;
 pub mod memory;

@@ -49,6 +49,7 @@ impl TestBroker {
             amqp_listen: "127.0.0.1:0".parse().unwrap(),
             management_listen: "127.0.0.1:0".parse().unwrap(),
             prometheus_listen: "127.0.0.1:0".parse().unwrap(),
+            cluster_listen: "127.0.0.1:0".parse().unwrap(),
             ..Config::default()
         };
         tune(&mut config);

@@ -9,12 +9,12 @@ use crate::crd::instance::{Endpoints, InstanceStatus};
 use crate::metrics::ErrorKind;
 use crate::resources::config_map::config_map;
 use crate::resources::pdb::pod_disruption_budget;
-use crate::resources::secret::default_user_secret;
+use crate::resources::secret::{cluster_secret, default_user_secret};
 use crate::resources::service::{client_service, headless_service};
 use crate::resources::stateful_set::stateful_set;
 use crate::resources::{
     AMQP_PORT, AMQPS_PORT, Defaults, MANAGEMENT_PORT, METRICS_PORT, client_service_name,
-    default_user_secret_name, name_of, namespace_of, selector_string,
+    cluster_secret_name, default_user_secret_name, name_of, namespace_of, selector_string,
 };
 use crate::scaling::autoscaler::Autoscaler;
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -80,6 +80,23 @@ impl std::fmt::Debug for InstanceContext {
 }
 
 /// A password for the generated default user: 32 letters and digits.
+/// Creates the Secret `name` with `make` unless it exists.
+async fn create_once(
+    secrets: &Api<Secret>,
+    name: &str,
+    make: impl FnOnce() -> Secret,
+) -> Result<(), kube::Error> {
+    if secrets.get_opt(name).await?.is_some() {
+        return Ok(());
+    }
+    match secrets.create(&PostParams::default(), &make()).await {
+        Ok(_) => Ok(()),
+        // Made meanwhile (by us on another pass, or by the user): theirs stands.
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 pub fn generate_password() -> String {
     rand::rng()
         .sample_iter(rand::distr::Alphanumeric)
@@ -134,18 +151,19 @@ pub async fn reconcile(obj: Arc<Instance>, ctx: Arc<InstanceContext>) -> Result<
     status.desired_replicas = desired;
     status.selector = Some(selector_string(&obj));
 
-    // The Secret first: brokers read the default user from it, and it is never overwritten.
+    // The Secrets first: brokers read the default user and the cluster secret from them, and
+    // neither is ever overwritten (a new cluster secret would split the brokers whose data
+    // directories joined with the old one).
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let secret_name = default_user_secret_name(&obj);
-    if secrets.get_opt(&secret_name).await?.is_none() {
-        let secret = default_user_secret(&obj, &generate_password());
-        match secrets.create(&PostParams::default(), &secret).await {
-            Ok(_) => {}
-            // Made meanwhile (by us on another pass, or by the user): theirs stands.
-            Err(kube::Error::Api(e)) if e.code == 409 => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
+    create_once(&secrets, &secret_name, || {
+        default_user_secret(&obj, &generate_password())
+    })
+    .await?;
+    create_once(&secrets, &cluster_secret_name(&obj), || {
+        cluster_secret(&obj, &generate_password())
+    })
+    .await?;
     status.connection_secret = Some(secret_name);
 
     let config = match config_map(&obj, desired) {

@@ -1,13 +1,16 @@
 //! The ConfigMap with each broker's `warren.toml` and the list of its peers.
 
 use super::{
-    AMQP_PORT, AMQPS_PORT, CONFIG_DIR, DATA_DIR, MANAGEMENT_PORT, MANAGEMENT_TLS_PORT,
-    METRICS_PORT, TLS_DIR, config_map_name, owned_meta, peer_hosts,
+    AMQP_PORT, AMQPS_PORT, CLUSTER_PORT, CONFIG_DIR, DATA_DIR, MANAGEMENT_PORT,
+    MANAGEMENT_TLS_PORT, METRICS_PORT, TLS_DIR, config_map_name, owned_meta, peer_hosts,
 };
 use crate::crd::Instance;
 use k8s_openapi::api::core::v1::ConfigMap;
 use serde_json::Value;
 use std::collections::BTreeMap;
+
+/// The ConfigMap key (and file, beside `warren.toml`) with the peer list.
+pub const PEERS_KEY: &str = "peers";
 
 /// Keys of `warren.toml` the operator sets itself: `spec.config` may not change them.
 pub const OWNED_KEYS: &[&str] = &[
@@ -17,6 +20,11 @@ pub const OWNED_KEYS: &[&str] = &[
     "management_listen",
     "management_tls_listen",
     "prometheus_listen",
+    "cluster_listen",
+    "peers",
+    "peers_file",
+    "cluster_secret",
+    "cluster_secret_file",
     "node_name",
     "tls_cert_file",
     "tls_key_file",
@@ -50,6 +58,13 @@ pub fn warren_toml(instance: &Instance) -> Result<String, ConfigError> {
     put("amqp_listen", listen(AMQP_PORT));
     put("management_listen", listen(MANAGEMENT_PORT));
     put("prometheus_listen", listen(METRICS_PORT));
+    put("cluster_listen", listen(CLUSTER_PORT));
+    // The peer list this ConfigMap carries, mounted beside this file; the brokers read it
+    // again as replicas come and go.
+    put(
+        "peers_file",
+        toml::Value::String(format!("{CONFIG_DIR}/{PEERS_KEY}")),
+    );
     put("log_format", toml::Value::String("json".into()));
     // One name for all the Instance's brokers, so dashboards group their pods as one cluster
     // (`rabbitmq_identity_info{rabbitmq_cluster}`); `spec.config` may give another.
@@ -131,7 +146,7 @@ pub fn config_map(instance: &Instance, replicas: i32) -> Result<ConfigMap, Confi
     let mut data = BTreeMap::new();
     data.insert("warren.toml".to_owned(), warren_toml(instance)?);
     data.insert(
-        "peers".to_owned(),
+        PEERS_KEY.to_owned(),
         peer_hosts(instance, replicas).join("\n") + "\n",
     );
     Ok(ConfigMap {
@@ -162,6 +177,8 @@ mod tests {
         assert_eq!(config["data_dir"].as_str(), Some("/var/lib/warren"));
         assert!(!config.contains_key("amqps_listen"));
         assert_eq!(config["cluster_name"].as_str(), Some("demo"));
+        assert_eq!(config["cluster_listen"].as_str(), Some("0.0.0.0:25672"));
+        assert_eq!(config["peers_file"].as_str(), Some("/etc/warren/peers"));
         assert_eq!(
             data["peers"],
             "demo-0.demo-nodes.shop.svc\ndemo-1.demo-nodes.shop.svc\n"

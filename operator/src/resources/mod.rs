@@ -20,6 +20,9 @@ pub const AMQPS_PORT: i32 = 5671;
 pub const MANAGEMENT_PORT: i32 = 15672;
 pub const MANAGEMENT_TLS_PORT: i32 = 15671;
 pub const METRICS_PORT: i32 = 15692;
+/// Where the brokers of an Instance reach each other (RabbitMQ's inter-node port); on the
+/// pods and the headless Service only, never the client Service.
+pub const CLUSTER_PORT: i32 = 25672;
 
 /// Where things are inside a broker pod.
 pub const DATA_DIR: &str = "/var/lib/warren";
@@ -45,6 +48,12 @@ pub fn namespace_of(instance: &Instance) -> &str {
 /// The names of the owned objects.
 pub fn config_map_name(instance: &Instance) -> String {
     format!("{}-config", name_of(instance))
+}
+
+/// The Secret with the cluster secret the Instance's brokers prove to each other. Apart from
+/// the default user's Secret, which applications mount: they have no business with it.
+pub fn cluster_secret_name(instance: &Instance) -> String {
+    format!("{}-cluster-secret", name_of(instance))
 }
 
 pub fn default_user_secret_name(instance: &Instance) -> String {

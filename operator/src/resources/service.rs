@@ -2,8 +2,8 @@
 //! other through it), and the client Service applications connect through.
 
 use super::{
-    AMQP_PORT, AMQPS_PORT, MANAGEMENT_PORT, MANAGEMENT_TLS_PORT, METRICS_PORT, client_service_name,
-    headless_service_name, owned_meta, selector_labels,
+    AMQP_PORT, AMQPS_PORT, CLUSTER_PORT, MANAGEMENT_PORT, MANAGEMENT_TLS_PORT, METRICS_PORT,
+    client_service_name, headless_service_name, owned_meta, selector_labels,
 };
 use crate::crd::Instance;
 use crate::crd::instance::ServiceType;
@@ -66,11 +66,18 @@ pub fn headless_service(instance: &Instance) -> Service {
             cluster_ip: Some("None".into()),
             publish_not_ready_addresses: Some(true),
             selector: Some(selector_labels(instance)),
-            ports: Some(ports(instance)),
+            ports: Some(node_ports(instance)),
             ..ServiceSpec::default()
         }),
         ..Service::default()
     }
+}
+
+/// A broker pod's ports: the client ones and the cluster port.
+pub fn node_ports(instance: &Instance) -> Vec<ServicePort> {
+    let mut ports = ports(instance);
+    ports.push(port("cluster", CLUSTER_PORT, None));
+    ports
 }
 
 #[cfg(test)]

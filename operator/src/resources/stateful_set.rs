@@ -1,12 +1,14 @@
 //! The StatefulSet of brokers: one pod per replica with its own volume, the config from the
-//! ConfigMap, the default user from the Secret, probes on the broker's health endpoints, a
+//! ConfigMap, the default user and the cluster secret from their Secrets, probes on the broker's health endpoints, a
 //! non-root security context and, unless the Instance says otherwise, brokers spread over nodes.
 
 use super::config_map::{config_file, warren_toml};
-use super::service::ports;
+use super::secret::CLUSTER_SECRET_KEY;
+use super::service::node_ports;
 use super::{
-    CONFIG_DIR, DATA_DIR, Defaults, TLS_DIR, config_map_name, default_user_secret_name,
-    headless_service_name, labels, name_of, namespace_of, owned_meta, selector_labels,
+    CONFIG_DIR, DATA_DIR, Defaults, TLS_DIR, cluster_secret_name, config_map_name,
+    default_user_secret_name, headless_service_name, labels, name_of, namespace_of, owned_meta,
+    selector_labels,
 };
 use crate::crd::Instance;
 use k8s_openapi::api::apps::v1::{
@@ -129,7 +131,7 @@ pub fn stateful_set(
         headless_service_name(instance),
         namespace_of(instance)
     );
-    let container_ports = ports(instance)
+    let container_ports = node_ports(instance)
         .into_iter()
         .map(|p| ContainerPort {
             name: p.name,
@@ -189,6 +191,11 @@ pub fn stateful_set(
             env("WARREN_NODE_NAME", &node_name),
             env_from_secret("WARREN_DEFAULT_USER", &secret, "username"),
             env_from_secret("WARREN_DEFAULT_PASS", &secret, "password"),
+            env_from_secret(
+                "WARREN_CLUSTER_SECRET",
+                &cluster_secret_name(instance),
+                CLUSTER_SECRET_KEY,
+            ),
         ]),
         ports: Some(container_ports),
         resources: spec.resources.clone(),
@@ -371,6 +378,12 @@ mod tests {
         assert_eq!(
             env["WARREN_NODE_NAME"].value.as_deref(),
             Some("warren@$(POD_NAME).demo-nodes.shop.svc")
+        );
+        let cookie = env["WARREN_CLUSTER_SECRET"].value_from.as_ref().unwrap();
+        let key = cookie.secret_key_ref.as_ref().unwrap();
+        assert_eq!(
+            (key.name.as_str(), key.key.as_str()),
+            ("demo-cluster-secret", "secret")
         );
         let pass = env["WARREN_DEFAULT_PASS"].value_from.as_ref().unwrap();
         let key = pass.secret_key_ref.as_ref().unwrap();

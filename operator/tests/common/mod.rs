@@ -19,6 +19,7 @@ impl Broker {
             amqp_listen: "127.0.0.1:0".parse().unwrap(),
             management_listen: "127.0.0.1:0".parse().unwrap(),
             prometheus_listen: "127.0.0.1:0".parse().unwrap(),
+            cluster_listen: "127.0.0.1:0".parse().unwrap(),
             ..warren_broker::Config::default()
         };
         let running = warren_broker::start(config).await.expect("broker starts");

@@ -1,0 +1,566 @@
+//! The cluster: the nodes of one Instance finding each other and keeping links between them.
+//!
+//! Every node listens on its cluster address and dials every peer it is told of (the `peers`
+//! setting and the `peers_file`, read again as it changes). A link opens with a handshake in
+//! which both nodes prove the shared secret and check the cluster name; a node that fails it
+//! is refused, with a log line saying why. One link per pair of nodes: when both dial at once,
+//! the link dialed by the node with the smaller name is kept. A peer address that turns out
+//! to be this node is remembered and not dialed again, so every node can be given the same
+//! list. A node alone is a cluster of one; it runs the same code with no peers.
+//!
+//! The Raft log that every Raft group of a node writes to is in [`log_store`].
+
+pub mod handshake;
+pub mod link;
+pub mod log_store;
+pub mod rpc;
+pub mod secret;
+
+use crate::config::Config;
+use link::{Direction, Established, Frame, LinkError};
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+/// The port of a peer given without one.
+pub const DEFAULT_PORT: u16 = 25672;
+/// How often the peers are dialed again while their links are down.
+const REDIAL: Duration = Duration::from_secs(1);
+/// The longest wait between dials of a peer that keeps failing.
+const REDIAL_MAX: Duration = Duration::from_secs(15);
+
+/// What this node knows of one node of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeStatus {
+    pub name: String,
+    /// Whether a link to it is up (always, for this node).
+    pub running: bool,
+    /// The peer address it was reached at or came from.
+    pub address: Option<String>,
+}
+
+#[derive(Debug)]
+struct LinkEntry {
+    id: u64,
+    /// The node that dialed the link.
+    dialer: String,
+    outgoing: mpsc::Sender<Frame>,
+    stop: watch::Sender<bool>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    links: HashMap<String, LinkEntry>,
+    /// Every node ever linked, with the address it was last seen at.
+    known: BTreeMap<String, String>,
+    /// Peer addresses that are this node.
+    itself: HashSet<String>,
+    /// When each peer address may be dialed next, and the wait after that.
+    backoff: HashMap<String, (Instant, Duration)>,
+    /// Peer addresses being dialed now.
+    dialing: HashSet<String>,
+    /// The node each dialed peer address turned out to be, so that a peer linked by its own
+    /// dialing is not dialed again.
+    reached: HashMap<String, String>,
+    next_id: u64,
+}
+
+/// This node's part of the cluster.
+#[derive(Debug)]
+pub struct Cluster {
+    node: String,
+    /// The configured cluster name ("" when none is).
+    name: String,
+    secret: Vec<u8>,
+    instance: u64,
+    peers: Vec<String>,
+    peers_file: Option<PathBuf>,
+    state: Mutex<State>,
+    pending: Mutex<rpc::Pending>,
+    handlers: rpc::Handlers,
+}
+
+impl Cluster {
+    /// The cluster as `config` describes it; fails when the secret cannot be read or made.
+    pub fn new(config: &Config) -> std::io::Result<Arc<Self>> {
+        let secret = secret::load(config)?;
+        Ok(Arc::new(Self {
+            node: config.node_name.clone(),
+            name: config.cluster_name.clone().unwrap_or_default(),
+            secret,
+            instance: rand::random(),
+            peers: config.peers.clone(),
+            peers_file: config.peers_file.clone(),
+            state: Mutex::new(State::default()),
+            pending: Mutex::new(rpc::Pending::default()),
+            handlers: rpc::Handlers::default(),
+        }))
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// This node and every node it has linked with, by name.
+    pub fn nodes(&self) -> Vec<NodeStatus> {
+        let st = self.state.lock();
+        let mut out = vec![NodeStatus {
+            name: self.node.clone(),
+            running: true,
+            address: None,
+        }];
+        out.extend(st.known.iter().map(|(name, address)| NodeStatus {
+            name: name.clone(),
+            running: st.links.contains_key(name),
+            address: Some(address.clone()),
+        }));
+        out
+    }
+
+    /// Queues `frame` on the link to `node`; false when no link to it is up or its queue is
+    /// full (the caller retries or fails the request: nothing waits here).
+    pub fn send(&self, node: &str, frame: Frame) -> bool {
+        let st = self.state.lock();
+        st.links
+            .get(node)
+            .is_some_and(|l| l.outgoing.try_send(frame).is_ok())
+    }
+
+    /// Serves requests for `service` from other nodes with `handler` (replacing any before).
+    pub fn handle(&self, service: rpc::Service, handler: rpc::Handler) {
+        self.handlers.insert(service, handler);
+    }
+
+    /// Asks `node` for `service` with `body`; the answer, or why there is none, within
+    /// `timeout`.
+    pub async fn call(
+        &self,
+        node: &str,
+        service: rpc::Service,
+        body: &[u8],
+        timeout: Duration,
+    ) -> Result<bytes::Bytes, rpc::RpcError> {
+        let (id, answer) = self.pending.lock().register(node);
+        let frame = Frame {
+            kind: link::Kind::Request,
+            payload: rpc::encode_request(id, service, body),
+        };
+        if !self.send(node, frame) {
+            self.pending.lock().forget(id);
+            return Err(rpc::RpcError::Unreachable(node.to_owned()));
+        }
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(result)) => result,
+            // The sender went with a link that failed its calls.
+            Ok(Err(_)) => Err(rpc::RpcError::Unreachable(node.to_owned())),
+            Err(_) => {
+                self.pending.lock().forget(id);
+                Err(rpc::RpcError::TimedOut(node.to_owned()))
+            }
+        }
+    }
+
+    /// A frame from `node`: a request served on a task of its own, or an answer for a caller.
+    fn on_frame(self: &Arc<Self>, node: &str, kind: link::Kind, payload: bytes::Bytes) {
+        match kind {
+            link::Kind::Request => {
+                let Some((id, service, body)) = rpc::decode_request(payload) else {
+                    tracing::warn!(node, "malformed cluster request dropped");
+                    return;
+                };
+                let handler = self.handlers.get(service);
+                let me = self.clone();
+                let node = node.to_owned();
+                tokio::spawn(async move {
+                    let result = match handler {
+                        Some(h) => h(node.clone(), body).await,
+                        None => Err(format!("no service {service} on this node")),
+                    };
+                    let frame = Frame {
+                        kind: link::Kind::Response,
+                        payload: rpc::encode_response(id, &result),
+                    };
+                    // A lost answer leaves the caller to its timeout.
+                    me.send(&node, frame);
+                });
+            }
+            link::Kind::Response => match rpc::decode_response(payload) {
+                Some((id, result)) => self.pending.lock().answer(node, id, result),
+                None => tracing::warn!(node, "malformed cluster answer dropped"),
+            },
+            link::Kind::Heartbeat => {}
+        }
+    }
+
+    /// Starts accepting peers on `listener` and dialing the configured ones, until `stop`.
+    pub fn start(
+        self: &Arc<Self>,
+        listener: TcpListener,
+        stop: watch::Receiver<bool>,
+    ) -> Vec<JoinHandle<()>> {
+        vec![
+            tokio::spawn(self.clone().accept_loop(listener, stop.clone())),
+            tokio::spawn(self.clone().dial_loop(stop)),
+        ]
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, from)) => {
+                        let me = self.clone();
+                        let stop = stop.clone();
+                        tokio::spawn(async move {
+                            me.open(stream, from.to_string(), Direction::Accepted, stop).await;
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cluster listener: accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    /// The peer addresses to dial: the configured ones and the file's, with the default port
+    /// where none is given.
+    fn peer_addresses(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.peers.iter().map(|p| with_port(p)).collect();
+        if let Some(path) = &self.peers_file {
+            match std::fs::read_to_string(path) {
+                Ok(text) => out.extend(
+                    text.lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                        .map(with_port),
+                ),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot read the peers file")
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    async fn dial_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(REDIAL);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => return,
+            }
+            let now = Instant::now();
+            for address in self.peer_addresses() {
+                {
+                    let mut st = self.state.lock();
+                    let linked = st
+                        .reached
+                        .get(&address)
+                        .is_some_and(|node| st.links.contains_key(node));
+                    let waiting = st.backoff.get(&address).is_some_and(|(at, _)| *at > now);
+                    if st.itself.contains(&address)
+                        || linked
+                        || waiting
+                        || !st.dialing.insert(address.clone())
+                    {
+                        continue;
+                    }
+                }
+                let me = self.clone();
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let ok = match link::dial(&address).await {
+                        Ok((stream, _)) => {
+                            me.clone()
+                                .open(stream, address.clone(), Direction::Dialed, stop)
+                                .await
+                        }
+                        Err(e) => {
+                            tracing::debug!(peer = %address, error = %e, "cannot reach cluster peer");
+                            false
+                        }
+                    };
+                    let mut st = me.state.lock();
+                    st.dialing.remove(&address);
+                    let wait = if ok {
+                        REDIAL
+                    } else {
+                        st.backoff
+                            .get(&address)
+                            .map_or(REDIAL, |(_, w)| (*w * 2).min(REDIAL_MAX))
+                    };
+                    st.backoff.insert(address, (Instant::now() + wait, wait));
+                });
+            }
+        }
+    }
+
+    /// Runs the handshake on a new connection and, if it succeeds, serves the link until it
+    /// ends. Returns whether the handshake succeeded.
+    async fn open(
+        self: Arc<Self>,
+        stream: tokio::net::TcpStream,
+        address: String,
+        direction: Direction,
+        stop: watch::Receiver<bool>,
+    ) -> bool {
+        let ours = link::hello(self.instance, &self.node, &self.name);
+        let established = match link::handshake(stream, &ours, &self.secret).await {
+            Ok(e) => e,
+            Err(LinkError::Refused(handshake::Refusal::Itself)) => {
+                if direction == Direction::Dialed {
+                    self.state.lock().itself.insert(address);
+                }
+                return true;
+            }
+            Err(LinkError::Refused(why)) => {
+                tracing::warn!(peer = %address, reason = %why, "refusing a cluster peer");
+                return false;
+            }
+            Err(e) => {
+                tracing::debug!(peer = %address, error = %e, "cluster handshake failed");
+                return false;
+            }
+        };
+        self.serve(established, address, direction, stop).await;
+        true
+    }
+
+    async fn serve(
+        self: Arc<Self>,
+        established: Established,
+        address: String,
+        direction: Direction,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let peer = established.peer.node.clone();
+        if direction == Direction::Dialed {
+            self.state
+                .lock()
+                .reached
+                .insert(address.clone(), peer.clone());
+        }
+        let dialer = match direction {
+            Direction::Dialed => self.node.clone(),
+            Direction::Accepted => peer.clone(),
+        };
+        let (outgoing, outgoing_rx) = mpsc::channel(1024);
+        let (link_stop, mut link_stopped) = watch::channel(false);
+        let id = {
+            let mut st = self.state.lock();
+            st.next_id += 1;
+            let id = st.next_id;
+            if let Some(existing) = st.links.get(&peer) {
+                // Both dialed at once: the link dialed by the smaller name stays, on both ends.
+                let keep_existing = existing.dialer == self.node.clone().min(peer.clone());
+                if keep_existing {
+                    return;
+                }
+                let _ = existing.stop.send(true);
+            }
+            st.links.insert(
+                peer.clone(),
+                LinkEntry {
+                    id,
+                    dialer,
+                    outgoing,
+                    stop: link_stop,
+                },
+            );
+            // A dialed address names the peer better than the port it dialed us from.
+            if direction == Direction::Dialed || !st.known.contains_key(&peer) {
+                st.known.insert(peer.clone(), address.clone());
+            }
+            id
+        };
+        tracing::info!(node = %peer, peer = %address, "cluster link up");
+        let ended = tokio::spawn(async move {
+            tokio::select! {
+                _ = stop.changed() => {}
+                _ = link_stopped.changed() => {}
+            }
+        });
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let relay = tokio::spawn(async move {
+            let _ = ended.await;
+            let _ = stop_tx.send(true);
+        });
+        let me = self.clone();
+        let from = peer.clone();
+        let why = link::run(
+            established,
+            outgoing_rx,
+            move |kind, payload| me.on_frame(&from, kind, payload),
+            stop_rx,
+        )
+        .await;
+        relay.abort();
+        let mut st = self.state.lock();
+        if st.links.get(&peer).is_some_and(|l| l.id == id) {
+            st.links.remove(&peer);
+            drop(st);
+            // What was asked of it will not be answered on this link.
+            self.pending.lock().fail_node(&peer);
+            tracing::warn!(node = %peer, peer = %address, reason = %why, "cluster link down");
+        }
+    }
+}
+
+/// `host:port`, with the default port when `peer` names none.
+fn with_port(peer: &str) -> String {
+    let peer = peer.trim();
+    let has_port = match peer.rsplit_once(':') {
+        // `[v6]:port`, or `host:port` (a bare IPv6 address has more colons).
+        Some((host, port)) => {
+            port.parse::<u16>().is_ok() && (host.ends_with(']') || !host.contains(':'))
+        }
+        None => false,
+    };
+    if has_port {
+        peer.to_owned()
+    } else if peer.contains(':') && !peer.starts_with('[') {
+        format!("[{peer}]:{DEFAULT_PORT}")
+    } else {
+        format!("{peer}:{DEFAULT_PORT}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two nodes on loopback that list each other as peers, linked; with their stop switches.
+    async fn pair() -> (
+        Arc<Cluster>,
+        Arc<Cluster>,
+        watch::Sender<bool>,
+        watch::Sender<bool>,
+        tempfile::TempDir,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let la = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let lb = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (aa, ab) = (la.local_addr().unwrap(), lb.local_addr().unwrap());
+        let config = |name: &str, peer: std::net::SocketAddr| Config {
+            data_dir: dir.path().join(name),
+            node_name: name.into(),
+            cluster_secret: Some("s".into()),
+            peers: vec![peer.to_string()],
+            ..Config::default()
+        };
+        let a = Cluster::new(&config("a", ab)).unwrap();
+        let b = Cluster::new(&config("b", aa)).unwrap();
+        let (stop_a, rx_a) = watch::channel(false);
+        let (stop_b, rx_b) = watch::channel(false);
+        a.start(la, rx_a);
+        b.start(lb, rx_b);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(a.nodes().iter().any(|n| n.name == "b" && n.running)
+            && b.nodes().iter().any(|n| n.name == "a" && n.running))
+        {
+            assert!(Instant::now() < deadline, "no link between a and b");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (a, b, stop_a, stop_b, dir)
+    }
+
+    fn handler<F, Fut>(f: F) -> rpc::Handler
+    where
+        F: Fn(String, bytes::Bytes) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<bytes::Bytes, String>> + Send + 'static,
+    {
+        Arc::new(move |from, body| Box::pin(f(from, body)))
+    }
+
+    #[tokio::test]
+    async fn calls_are_answered_and_every_failure_is_told_to_the_caller() {
+        let (a, b, _stop_a, stop_b, _dir) = pair().await;
+        b.handle(
+            1,
+            handler(|from, body| async move {
+                Ok(bytes::Bytes::from(format!(
+                    "{from} said {}",
+                    String::from_utf8_lossy(&body)
+                )))
+            }),
+        );
+        b.handle(
+            2,
+            handler(|_, _| async {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                Ok(bytes::Bytes::new())
+            }),
+        );
+        b.handle(3, handler(|_, _| async { Err("not now".to_owned()) }));
+        let second = Duration::from_secs(5);
+        assert_eq!(
+            a.call("b", 1, b"hi", second).await.unwrap(),
+            bytes::Bytes::from_static(b"a said hi")
+        );
+        // Many at once on one link, each answer to its own caller.
+        let calls = (0..50).map(|i| {
+            let a = a.clone();
+            async move { a.call("b", 1, format!("{i}").as_bytes(), second).await }
+        });
+        let answers = futures::future::join_all(calls).await;
+        for (i, answer) in answers.into_iter().enumerate() {
+            assert_eq!(answer.unwrap(), format!("a said {i}").as_bytes());
+        }
+        assert_eq!(
+            a.call("b", 3, b"", second).await,
+            Err(rpc::RpcError::Failed {
+                node: "b".into(),
+                reason: "not now".into()
+            })
+        );
+        match a.call("b", 99, b"", second).await {
+            Err(rpc::RpcError::Failed { reason, .. }) => assert!(reason.contains("no service 99")),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            a.call("nobody", 1, b"", second).await,
+            Err(rpc::RpcError::Unreachable("nobody".into()))
+        );
+        assert_eq!(
+            a.call("b", 2, b"", Duration::from_millis(200)).await,
+            Err(rpc::RpcError::TimedOut("b".into()))
+        );
+        // A call in flight when the link goes: told at once, not at its timeout.
+        let waiting = {
+            let a = a.clone();
+            tokio::spawn(async move { a.call("b", 2, b"", Duration::from_secs(30)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = Instant::now();
+        stop_b.send(true).unwrap();
+        let result = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("the caller hears of the lost link")
+            .unwrap();
+        assert_eq!(result, Err(rpc::RpcError::Unreachable("b".into())));
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn peers_without_a_port_get_the_cluster_port() {
+        assert_eq!(
+            with_port("n1.warren-nodes.ns.svc"),
+            "n1.warren-nodes.ns.svc:25672"
+        );
+        assert_eq!(with_port("127.0.0.1:4000"), "127.0.0.1:4000");
+        assert_eq!(with_port(" host:1 "), "host:1");
+        assert_eq!(with_port("::1"), "[::1]:25672");
+        assert_eq!(with_port("[::1]:7"), "[::1]:7");
+    }
+}
