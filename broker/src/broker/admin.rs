@@ -4,7 +4,7 @@
 use super::Broker;
 use super::vhost::{Vhost, VhostMeta};
 use crate::auth::{Permission, User, hash_password};
-use crate::store::definitions::{PermissionDefinition, UserDefinition};
+use crate::store::Command;
 use std::sync::Arc;
 
 /// Why an administrative change was refused.
@@ -106,9 +106,8 @@ impl Broker {
         v.remove_everything();
         self.users.clear_vhost(name);
         self.definitions
-            .update(|d| {
-                d.vhosts.remove(name);
-                d.permissions.retain(|p| p.vhost != name);
+            .commit(Command::DeleteVhost {
+                name: name.to_owned(),
             })
             .map_err(Self::store_err)?;
         tracing::info!(vhost = name, "vhost deleted");
@@ -152,13 +151,11 @@ impl Broker {
                 .map(|u| u.password_hash.clone())
                 .unwrap_or_default(),
         };
-        let def = UserDefinition {
-            password_hash: password_hash.clone(),
-            tags: tags.clone(),
-        };
         self.definitions
-            .update(|d| {
-                d.users.insert(name.to_owned(), def);
+            .commit(Command::PutUser {
+                name: name.to_owned(),
+                password_hash: password_hash.clone(),
+                tags: tags.clone(),
             })
             .map_err(Self::store_err)?;
         self.users.put(User {
@@ -174,9 +171,8 @@ impl Broker {
             return Err(AdminError::NotFound(format!("user {name} not found")));
         }
         self.definitions
-            .update(|d| {
-                d.users.remove(name);
-                d.permissions.retain(|p| p.user != name);
+            .commit(Command::DeleteUser {
+                name: name.to_owned(),
             })
             .map_err(Self::store_err)?;
         self.users.remove(name);
@@ -204,18 +200,13 @@ impl Broker {
         }
         let permission = Permission::new(configure, write, read).map_err(AdminError::BadRequest)?;
         let created = self.users.permission(user, vhost).is_none();
-        let def = PermissionDefinition {
-            user: user.to_owned(),
-            vhost: vhost.to_owned(),
-            configure: configure.to_owned(),
-            write: write.to_owned(),
-            read: read.to_owned(),
-        };
         self.definitions
-            .update(|d| {
-                d.permissions
-                    .retain(|p| !(p.user == user && p.vhost == vhost));
-                d.permissions.push(def);
+            .commit(Command::SetPermission {
+                user: user.to_owned(),
+                vhost: vhost.to_owned(),
+                configure: configure.to_owned(),
+                write: write.to_owned(),
+                read: read.to_owned(),
             })
             .map_err(Self::store_err)?;
         self.users.set_permission(user, vhost, permission);
@@ -229,9 +220,9 @@ impl Broker {
             )));
         }
         self.definitions
-            .update(|d| {
-                d.permissions
-                    .retain(|p| !(p.user == user && p.vhost == vhost))
+            .commit(Command::ClearPermission {
+                user: user.to_owned(),
+                vhost: vhost.to_owned(),
             })
             .map_err(Self::store_err)?;
         self.users.clear_permission(user, vhost);
@@ -241,5 +232,145 @@ impl Broker {
     pub fn vhost_or_404(&self, name: &str) -> Result<Arc<Vhost>, AdminError> {
         self.vhost(name)
             .ok_or_else(|| AdminError::NotFound(format!("vhost {name} not found")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::exchange::{ExchangeKind, ExchangeSpec};
+    use crate::broker::policy::{Policy, PolicyKind};
+    use crate::broker::queue::QueueSpec;
+    use crate::broker::vhost::DestinationKind;
+    use crate::config::Config;
+    use amq_protocol::types::FieldTable;
+
+    fn open(dir: &std::path::Path) -> Arc<Broker> {
+        Broker::open(Config {
+            data_dir: dir.to_path_buf(),
+            ..Config::default()
+        })
+        .expect("broker opens")
+    }
+
+    fn queue(name: &str) -> QueueSpec {
+        QueueSpec {
+            name: name.into(),
+            durable: true,
+            exclusive: false,
+            auto_delete: false,
+            arguments: FieldTable::default(),
+        }
+    }
+
+    /// Every kind of change, made as the management API and AMQP make them, is found again
+    /// by a broker opened on the same directory (through the metadata log).
+    #[test]
+    fn metadata_changes_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let b = open(dir.path());
+            assert!(
+                b.put_vhost("v", "d", vec!["t".into()], Some(Some("quorum".into())))
+                    .unwrap()
+            );
+            b.set_vhost_limit("v", "max-queues", Some(7)).unwrap();
+            b.set_vhost_limit("v", "max-connections", Some(3)).unwrap();
+            b.set_vhost_limit("v", "max-connections", None).unwrap();
+            b.put_user("u", Password::Clear("p".into()), vec!["management".into()])
+                .unwrap();
+            b.put_user("gone", Password::None, vec![]).unwrap();
+            b.set_permission("u", "v", ".*", "", "^q").unwrap();
+            b.delete_user("gone").unwrap();
+            b.set_cluster_name("named").unwrap();
+            let v = b.vhost("v").unwrap();
+            v.declare_exchange(ExchangeSpec {
+                name: "x".into(),
+                kind: ExchangeKind::Topic,
+                durable: true,
+                auto_delete: false,
+                internal: false,
+                arguments: FieldTable::default(),
+            })
+            .unwrap();
+            for q in ["q1", "q2", "q3"] {
+                v.declare_queue(queue(q), 1).unwrap();
+            }
+            v.bind(
+                "x",
+                "q1",
+                DestinationKind::Queue,
+                "a",
+                &FieldTable::default(),
+                1,
+            )
+            .unwrap();
+            v.bind(
+                "x",
+                "q2",
+                DestinationKind::Queue,
+                "b",
+                &FieldTable::default(),
+                1,
+            )
+            .unwrap();
+            v.unbind(
+                "x",
+                "q2",
+                DestinationKind::Queue,
+                "b",
+                &FieldTable::default(),
+                1,
+            )
+            .unwrap();
+            v.bind(
+                "x",
+                "q3",
+                DestinationKind::Queue,
+                "c",
+                &FieldTable::default(),
+                1,
+            )
+            .unwrap();
+            v.delete_queue("q3", false, false, 1).unwrap();
+            let mut definition = serde_json::Map::new();
+            definition.insert("max-length".into(), serde_json::json!(5));
+            for (kind, name) in [(PolicyKind::Policy, "p"), (PolicyKind::Operator, "o")] {
+                let p = Policy::of_kind(kind, name, "^q", "queues", 1, definition.clone());
+                v.set_policy_of(kind, p.unwrap()).unwrap();
+            }
+            let p = Policy::new("gone", "^x", "all", 0, definition).unwrap();
+            v.set_policy(p).unwrap();
+            v.delete_policy("gone").unwrap();
+            assert!(b.put_vhost("w", "", vec![], None).unwrap());
+            b.delete_vhost("w").unwrap();
+            b.storage.shutdown();
+        }
+        let b = open(dir.path());
+        assert!(b.vhost("w").is_none());
+        let v = b.vhost("v").expect("vhost v");
+        let meta = v.meta();
+        assert_eq!(
+            (meta.description.as_str(), meta.tags.clone()),
+            ("d", vec!["t".into()])
+        );
+        assert_eq!(meta.default_queue_type.as_deref(), Some("quorum"));
+        assert_eq!(meta.limits, [("max-queues".to_owned(), 7)].into());
+        assert!(b.users.get("u").is_some() && b.users.get("gone").is_none());
+        assert!(b.users.permission("u", "v").is_some());
+        assert_eq!(b.cluster_name(), "named");
+        let mut queues: Vec<String> = v.queues().iter().map(|q| q.name().to_owned()).collect();
+        queues.sort();
+        assert_eq!(queues, ["q1", "q2"]);
+        let keys: Vec<String> = v
+            .exchange("x")
+            .expect("exchange x")
+            .bindings()
+            .iter()
+            .map(|b| b.routing_key.clone())
+            .collect();
+        assert_eq!(keys, ["a"]);
+        assert!(v.policy("p").is_some() && v.policy("gone").is_none());
+        assert!(v.policy_of(PolicyKind::Operator, "o").is_some());
     }
 }

@@ -23,10 +23,9 @@ pub mod vhost;
 use crate::alarms::Alarms;
 use crate::auth::{Permission, User, Users, hash_password};
 use crate::config::Config;
-use crate::store::definitions::{PermissionDefinition, UserDefinition};
 use crate::store::delayed::DelayedOptions;
 use crate::store::file::FileStoreOptions;
-use crate::store::{DefinitionStore, DefinitionsError, Storage};
+use crate::store::{Command, DefinitionStore, DefinitionsError, Storage};
 use parking_lot::RwLock;
 use ready::Window;
 use std::collections::HashMap;
@@ -160,22 +159,19 @@ impl Broker {
         if defs.users.is_empty() {
             // A new node: the default user, with every permission on the default vhost, as
             // RabbitMQ creates it on first start.
-            let user = UserDefinition {
+            let user = Command::PutUser {
+                name: config.default_user.clone(),
                 password_hash: hash_password(&config.default_pass),
                 tags: vec!["administrator".into()],
             };
-            let permission = PermissionDefinition {
+            let permission = Command::SetPermission {
                 user: config.default_user.clone(),
                 vhost: "/".into(),
                 configure: ".*".into(),
                 write: ".*".into(),
                 read: ".*".into(),
             };
-            let name = config.default_user.clone();
-            match store.update(|d| {
-                d.users.insert(name, user);
-                d.permissions.push(permission);
-            }) {
+            match store.commit(user).and_then(|()| store.commit(permission)) {
                 Ok(()) => tracing::info!(
                     user = %config.default_user,
                     "first start: created the default user, an administrator with every permission on vhost /"
@@ -275,8 +271,9 @@ impl Broker {
     /// Renames the cluster, durably (RabbitMQ's `set_cluster_name`).
     pub fn set_cluster_name(&self, name: &str) -> Result<(), DefinitionsError> {
         let _renaming = self.renaming.lock();
-        self.definitions
-            .update(|d| d.cluster_name = Some(name.to_owned()))?;
+        self.definitions.commit(Command::SetClusterName {
+            name: name.to_owned(),
+        })?;
         *self.cluster_name.write() = Some(name.to_owned());
         Ok(())
     }

@@ -19,12 +19,10 @@ use crate::amqp::codec;
 use crate::error::{
     AmqpError, AmqpResult, access_refused, not_found, precondition_failed, resource_locked,
 };
-use crate::store::DefinitionStore;
-use crate::store::definitions::{
-    BindingDefinition, ExchangeDefinition, PolicyDefinition, QueueDefinition, VhostDefinitions,
-};
+use crate::store::definitions::VhostDefinitions;
 use crate::store::delayed::{Due, Scheduled};
 use crate::store::durability::Ticket;
+use crate::store::{Command, DefinitionStore};
 use crate::store::{Recovered, Storage};
 use amq_protocol::types::{AMQPValue, FieldTable};
 use parking_lot::{Mutex, RwLock};
@@ -328,13 +326,29 @@ impl Vhost {
     /// Changes description, tags or limits, in memory and in the definitions.
     pub fn set_meta(&self, meta: VhostMeta) -> AmqpResult<()> {
         let _t = self.topology.lock();
-        let stored = meta.clone();
-        self.persist(|v| {
-            v.description = stored.description;
-            v.tags = stored.tags;
-            v.limits = stored.limits;
-            v.default_queue_type = stored.default_queue_type;
+        let vhost = self.name.to_string();
+        self.persist(Command::PutVhost {
+            name: vhost.clone(),
+            description: meta.description.clone(),
+            tags: meta.tags.clone(),
+            default_queue_type: meta.default_queue_type.clone(),
         })?;
+        let before = self.meta.read().limits.clone();
+        for (name, value) in &meta.limits {
+            if before.get(name) != Some(value) {
+                self.persist(Command::SetVhostLimit {
+                    vhost: vhost.clone(),
+                    name: name.clone(),
+                    value: *value,
+                })?;
+            }
+        }
+        for name in before.keys().filter(|k| !meta.limits.contains_key(*k)) {
+            self.persist(Command::ClearVhostLimit {
+                vhost: vhost.clone(),
+                name: name.clone(),
+            })?;
+        }
         self.apply_throttles(&meta);
         *self.meta.write() = meta;
         Ok(())
@@ -527,15 +541,26 @@ impl Vhost {
     /// Adds or replaces a policy or an operator policy; see [`Vhost::set_policy`].
     pub fn set_policy_of(&self, kind: PolicyKind, policy: Policy) -> AmqpResult<bool> {
         let _t = self.topology.lock();
-        let stored = PolicyDefinition {
-            pattern: policy.pattern.clone(),
-            apply_to: policy.apply_to.name().to_owned(),
-            priority: policy.priority,
-            definition: policy.definition.clone(),
-        };
-        let name = policy.name.clone();
-        self.persist(|v| {
-            stored_policies(v, kind).insert(name, stored);
+        let (vhost, name) = (self.name.to_string(), policy.name.clone());
+        let (pattern, priority) = (policy.pattern.clone(), policy.priority);
+        let (apply_to, definition) = (policy.apply_to.name().to_owned(), policy.definition.clone());
+        self.persist(match kind {
+            PolicyKind::Policy => Command::PutPolicy {
+                vhost,
+                name,
+                pattern,
+                apply_to,
+                priority,
+                definition,
+            },
+            PolicyKind::Operator => Command::PutOperatorPolicy {
+                vhost,
+                name,
+                pattern,
+                apply_to,
+                priority,
+                definition,
+            },
         })?;
         let created = {
             let mut policies = self.policy_list(kind).write();
@@ -560,9 +585,16 @@ impl Vhost {
         if self.policy_of(kind, name).is_none() {
             return Ok(false);
         }
-        let owned = name.to_owned();
-        self.persist(|v| {
-            stored_policies(v, kind).remove(&owned);
+        let (vhost, name_owned) = (self.name.to_string(), name.to_owned());
+        self.persist(match kind {
+            PolicyKind::Policy => Command::DeletePolicy {
+                vhost,
+                name: name_owned,
+            },
+            PolicyKind::Operator => Command::DeleteOperatorPolicy {
+                vhost,
+                name: name_owned,
+            },
         })?;
         self.policy_list(kind).write().retain(|p| p.name != name);
         self.reapply_policies();
@@ -626,14 +658,11 @@ impl Vhost {
         describe(kind, name, &self.name)
     }
 
-    fn persist(&self, change: impl FnOnce(&mut VhostDefinitions)) -> AmqpResult<()> {
-        let vhost = self.name.to_string();
-        self.store
-            .update(|d| change(d.vhosts.entry(vhost).or_default()))
-            .map_err(|e| {
-                tracing::error!(error = %e, "cannot write definitions");
-                AmqpError::new(crate::error::INTERNAL_ERROR, "cannot write definitions")
-            })
+    fn persist(&self, command: Command) -> AmqpResult<()> {
+        self.store.commit(command).map_err(|e| {
+            tracing::error!(error = %e, "cannot write definitions");
+            AmqpError::new(crate::error::INTERNAL_ERROR, "cannot write definitions")
+        })
     }
 
     pub fn exchange(&self, name: &str) -> Option<Arc<Exchange>> {
@@ -727,15 +756,13 @@ impl Vhost {
         }
         spec.kind.routing(&spec.arguments)?;
         if spec.durable {
-            let def = ExchangeDefinition {
+            self.persist(Command::DeclareExchange {
+                vhost: self.name.to_string(),
+                name: spec.name.clone(),
                 kind: spec.kind.as_str().to_owned(),
                 auto_delete: spec.auto_delete,
                 internal: spec.internal,
                 arguments: spec.arguments.clone(),
-            };
-            let name = spec.name.clone();
-            self.persist(|v| {
-                v.exchanges.insert(name, def);
             })?;
         }
         let x = Exchange::new(spec);
@@ -793,12 +820,9 @@ impl Vhost {
         for b in x.bindings() {
             x.unbind(&b);
         }
-        let name = x.name().to_owned();
-        self.persist(|v| {
-            v.exchanges.remove(&name);
-            v.bindings.retain(|b| {
-                b.source != name && !(b.destination_type == "exchange" && b.destination == name)
-            });
+        self.persist(Command::DeleteExchange {
+            vhost: self.name.to_string(),
+            name: x.name().to_owned(),
         })?;
         for e in emptied {
             self.remove_exchange_locked(&e)?;
@@ -912,13 +936,11 @@ impl Vhost {
                     tracing::error!(vhost = %self.name, queue = %spec.name, error = %e, "cannot create the queue's store");
                     AmqpError::new(crate::error::INTERNAL_ERROR, "cannot create the queue's store")
                 })?;
-            let def = QueueDefinition {
+            self.persist(Command::DeclareQueue {
+                vhost: self.name.to_string(),
+                name: spec.name.clone(),
                 auto_delete: spec.auto_delete,
                 arguments: spec.arguments.clone(),
-            };
-            let name = spec.name.clone();
-            self.persist(|v| {
-                v.queues.insert(name, def);
             })?;
             stores
                 .into_iter()
@@ -1001,11 +1023,9 @@ impl Vhost {
             }
         }
         if q.durable() && q.owner().is_none() {
-            let name = q.name().to_owned();
-            self.persist(|v| {
-                v.queues.remove(&name);
-                v.bindings
-                    .retain(|b| !(b.destination_type == "queue" && b.destination == name));
+            self.persist(Command::DeleteQueue {
+                vhost: self.name.to_string(),
+                name: q.name().to_owned(),
             })?;
         }
         for x in emptied {
@@ -1073,12 +1093,15 @@ impl Vhost {
             arguments: arguments.clone(),
         };
         if src.bind(binding) && durable {
-            let def = binding_definition(source, destination, kind, routing_key, arguments);
-            self.persist(|v| {
-                if !v.bindings.contains(&def) {
-                    v.bindings.push(def);
-                }
-            })?;
+            self.persist(binding_command(
+                &self.name,
+                true,
+                source,
+                destination,
+                kind,
+                routing_key,
+                arguments,
+            ))?;
         }
         Ok(())
     }
@@ -1105,8 +1128,15 @@ impl Vhost {
             arguments: arguments.clone(),
         };
         if src.unbind(&binding) {
-            let def = binding_definition(source, destination, kind, routing_key, arguments);
-            self.persist(|v| v.bindings.retain(|b| b != &def))?;
+            self.persist(binding_command(
+                &self.name,
+                false,
+                source,
+                destination,
+                kind,
+                routing_key,
+                arguments,
+            ))?;
             if src.spec.auto_delete && !src.has_bindings() {
                 self.remove_exchange_locked(&src)?;
             }
@@ -1448,23 +1478,42 @@ impl DelayedOwner for Vhost {
     }
 }
 
-fn binding_definition(
+/// The command that stores (`bind`) or removes a durable binding.
+fn binding_command(
+    vhost: &str,
+    bind: bool,
     source: &str,
     destination: &str,
     kind: DestinationKind,
     routing_key: &str,
     arguments: &FieldTable,
-) -> BindingDefinition {
-    BindingDefinition {
-        source: source.to_owned(),
-        destination: destination.to_owned(),
-        destination_type: match kind {
-            DestinationKind::Queue => "queue",
-            DestinationKind::Exchange => "exchange",
+) -> Command {
+    let (vhost, source, destination) =
+        (vhost.to_owned(), source.to_owned(), destination.to_owned());
+    let destination_type = match kind {
+        DestinationKind::Queue => "queue",
+        DestinationKind::Exchange => "exchange",
+    }
+    .to_owned();
+    let (routing_key, arguments) = (routing_key.to_owned(), arguments.clone());
+    if bind {
+        Command::Bind {
+            vhost,
+            source,
+            destination,
+            destination_type,
+            routing_key,
+            arguments,
         }
-        .to_owned(),
-        routing_key: routing_key.to_owned(),
-        arguments: arguments.clone(),
+    } else {
+        Command::Unbind {
+            vhost,
+            source,
+            destination,
+            destination_type,
+            routing_key,
+            arguments,
+        }
     }
 }
 
@@ -1612,16 +1661,5 @@ fn same_policy(a: Option<&Arc<Policy>>, b: Option<&Arc<Policy>>) -> bool {
         (None, None) => true,
         (Some(a), Some(b)) => Arc::ptr_eq(a, b),
         _ => false,
-    }
-}
-
-/// Where a vhost's definitions keep policies of `kind`.
-fn stored_policies(
-    v: &mut VhostDefinitions,
-    kind: PolicyKind,
-) -> &mut std::collections::BTreeMap<String, PolicyDefinition> {
-    match kind {
-        PolicyKind::Policy => &mut v.policies,
-        PolicyKind::Operator => &mut v.operator_policies,
     }
 }

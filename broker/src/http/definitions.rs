@@ -760,6 +760,48 @@ fn stopped(e: ApiError, what: &str, applied: &[String]) -> ApiError {
     }
 }
 
+/// Logs how far a big import has come: every few thousand objects, or every few seconds.
+struct Progress {
+    total: usize,
+    done: usize,
+    logged_done: usize,
+    logged_at: std::time::Instant,
+    started: std::time::Instant,
+}
+
+impl Progress {
+    const EVERY_OBJECTS: usize = 5000;
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+    fn new(total: usize, started: std::time::Instant) -> Self {
+        Self {
+            total,
+            done: 0,
+            logged_done: 0,
+            logged_at: started,
+            started,
+        }
+    }
+
+    /// One more object of `step` applied.
+    fn one(&mut self, step: &str) {
+        self.done += 1;
+        if self.done - self.logged_done >= Self::EVERY_OBJECTS
+            || self.logged_at.elapsed() >= Self::EVERY
+        {
+            tracing::info!(
+                done = self.done,
+                total = self.total,
+                step,
+                elapsed_ms = self.started.elapsed().as_millis() as u64,
+                "definitions import under way"
+            );
+            self.logged_done = self.done;
+            self.logged_at = std::time::Instant::now();
+        }
+    }
+}
+
 fn apply(state: &AppState, caller: &Caller, plan: Plan) -> ApiResult<()> {
     let b = &state.broker;
     let started = std::time::Instant::now();
@@ -771,6 +813,10 @@ fn apply(state: &AppState, caller: &Caller, plan: Plan) -> ApiResult<()> {
         plan.exchanges.len(),
         plan.queues.len(),
         plan.bindings.len(),
+    );
+    let mut progress_log = Progress::new(
+        counts.0 + counts.1 + counts.2 + counts.3 + counts.4 + counts.5 + counts.6,
+        started,
     );
     // The plan was checked whole, but a storage error can still stop it half-way: the error
     // then says what had been applied before it.
@@ -795,6 +841,7 @@ fn apply(state: &AppState, caller: &Caller, plan: Plan) -> ApiResult<()> {
                 .map_err(|e| stopped(admin_error(e), &what, &progress(&applied, done, "vhosts")))?;
         }
         done += 1;
+        progress_log.one("vhosts");
     }
     applied.push(format!("{done} vhosts"));
     done = 0;
@@ -807,6 +854,7 @@ fn apply(state: &AppState, caller: &Caller, plan: Plan) -> ApiResult<()> {
             )
         })?;
         done += 1;
+        progress_log.one("users");
     }
     applied.push(format!("{done} users"));
     done = 0;
@@ -819,6 +867,7 @@ fn apply(state: &AppState, caller: &Caller, plan: Plan) -> ApiResult<()> {
             )
         })?;
         done += 1;
+        progress_log.one("permissions");
     }
     applied.push(format!("{done} permissions"));
     for (vhost, limits) in plan.limits {
@@ -846,6 +895,7 @@ fn apply(state: &AppState, caller: &Caller, plan: Plan) -> ApiResult<()> {
             })?;
         }
         done += 1;
+        progress_log.one("policies");
     }
     applied.push(format!("{done} policies"));
     // As RabbitMQ: an object that exists already with other attributes is left as it is.
@@ -856,6 +906,7 @@ fn apply(state: &AppState, caller: &Caller, plan: Plan) -> ApiResult<()> {
                 tracing::warn!(%vhost, exchange = %name, error = %e, "definitions import: exchange left as it is");
             }
         }
+        progress_log.one("exchanges");
     }
     for (vhost, spec) in plan.queues {
         if let Some(v) = b.vhost(&vhost) {
@@ -864,6 +915,7 @@ fn apply(state: &AppState, caller: &Caller, plan: Plan) -> ApiResult<()> {
                 tracing::warn!(%vhost, queue = %name, error = %e, "definitions import: queue left as it is");
             }
         }
+        progress_log.one("queues");
     }
     for (vhost, source, destination, kind, key, args) in plan.bindings {
         if let Some(v) = b.vhost(&vhost)
@@ -871,6 +923,7 @@ fn apply(state: &AppState, caller: &Caller, plan: Plan) -> ApiResult<()> {
         {
             tracing::warn!(%vhost, %source, %destination, error = %e, "definitions import: binding skipped");
         }
+        progress_log.one("bindings");
     }
     let (vhosts, users, permissions, policies, exchanges, queues, bindings) = counts;
     tracing::info!(
@@ -912,7 +965,14 @@ async fn run_import(
     let applied = tokio::task::spawn_blocking(move || {
         let _lock = lock;
         let plan = plan(&state, &body, vhost.as_deref())?;
-        apply(&state, &caller, plan)
+        // The import's changes reach the definitions log together, with one sync at the end.
+        let store = state.broker.definitions.clone();
+        let (applied, stored) = store.batch(|| apply(&state, &caller, plan));
+        applied?;
+        stored.map_err(|e| {
+            tracing::error!(error = %e, "definitions import: cannot write definitions");
+            ApiError::internal("definitions import: cannot write definitions")
+        })
     })
     .await;
     match applied {
@@ -1017,5 +1077,58 @@ mod one_import_at_a_time {
             .expect("applied once the other import is over");
         assert_eq!(done.status(), StatusCode::NO_CONTENT);
         assert!(state.broker.vhost("/").unwrap().queue("q").is_some());
+    }
+
+    /// The import's changes go to the metadata log as commands, one per object, and a broker
+    /// opened on the same directory has them all.
+    #[tokio::test]
+    async fn an_import_is_on_disk_when_it_answers() {
+        let data = tempfile::tempdir().unwrap();
+        let first = state(data.path());
+        let caller = Caller {
+            user: first.broker.users.get("guest").expect("the default user"),
+        };
+        let log = data.path().join("metadata.log");
+        let before = std::fs::read(&log).unwrap().len();
+        let body = r##"{
+            "queues": [
+                {"name":"a","vhost":"/","durable":true,"auto_delete":false,"arguments":{}},
+                {"name":"b","vhost":"/","durable":true,"auto_delete":false,"arguments":{}}
+            ],
+            "exchanges": [{"name":"x","vhost":"/","type":"topic","durable":true,
+                "auto_delete":false,"internal":false,"arguments":{}}],
+            "bindings": [
+                {"source":"x","vhost":"/","destination":"a","destination_type":"queue",
+                    "routing_key":"k.*","arguments":{}},
+                {"source":"x","vhost":"/","destination":"b","destination_type":"queue",
+                    "routing_key":"#","arguments":{}}
+            ]
+        }"##;
+        let request = Request::new(axum::body::Body::from(body));
+        let done = run_import(first.clone(), caller, request, None)
+            .await
+            .unwrap();
+        assert_eq!(done.status(), StatusCode::NO_CONTENT);
+        let text = String::from_utf8(std::fs::read(&log).unwrap()).unwrap();
+        let ops: Vec<String> = text[before..]
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap()["op"].to_string())
+            .collect();
+        assert_eq!(
+            ops,
+            [
+                "\"declare_exchange\"",
+                "\"declare_queue\"",
+                "\"declare_queue\"",
+                "\"bind\"",
+                "\"bind\""
+            ]
+        );
+        first.broker.storage.shutdown();
+        drop(first);
+        let again = state(data.path());
+        let v = again.broker.vhost("/").unwrap();
+        assert!(v.queue("a").is_some() && v.queue("b").is_some());
+        assert_eq!(v.exchange("x").expect("exchange x").bindings().len(), 2);
     }
 }

@@ -1,16 +1,30 @@
-//! Durable definitions (vhosts, exchanges, queues, bindings), written atomically: the whole set
-//! goes to a temporary file that is synced and then renamed over the old one, and the directory
-//! is synced, so after a crash the file holds either the old set or the new one, whole.
+//! Durable definitions (vhosts, users, permissions, exchanges, queues, bindings, policies).
+//!
+//! Every change is a [`Command`] appended to `metadata.log` (one JSON line each) and synced
+//! before its commit returns; committers that arrive while a sync runs share the next one. Now
+//! and then the whole set is written to `definitions.json` (a temporary file, synced, renamed
+//! over the old one, the directory synced) and the log starts again empty. Opening reads the
+//! snapshot and replays the log over it; as commands are idempotent, a crash between writing a
+//! snapshot and emptying the log replays commands the snapshot already holds, harmlessly.
 
 use amq_protocol::types::FieldTable;
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+pub use super::command::Command;
+use super::command::apply;
+
 const FILE_NAME: &str = "definitions.json";
+const LOG_NAME: &str = "metadata.log";
+/// The log is folded into a new snapshot once it holds this many commands, or more bytes than
+/// the snapshot (but at least [`MIN_COMPACT_BYTES`]).
+const COMPACT_ENTRIES: u64 = 4096;
+const MIN_COMPACT_BYTES: u64 = 64 * 1024;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -59,7 +73,8 @@ pub struct VhostDefinitions {
     pub default_queue_type: Option<String>,
     pub exchanges: BTreeMap<String, ExchangeDefinition>,
     pub queues: BTreeMap<String, QueueDefinition>,
-    pub bindings: Vec<BindingDefinition>,
+    #[serde(default)]
+    pub bindings: Bindings,
     #[serde(default)]
     pub policies: BTreeMap<String, PolicyDefinition>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -105,6 +120,111 @@ pub struct BindingDefinition {
     pub arguments: FieldTable,
 }
 
+/// A vhost's durable bindings in the order they were made, each once, found by value in
+/// O(log n) rather than by a scan. Written as a JSON array.
+#[derive(Debug, Clone, Default)]
+pub struct Bindings {
+    /// Each binding's JSON text (which tells equal bindings, arguments included) to its place.
+    index: HashMap<String, u64>,
+    ordered: BTreeMap<u64, BindingDefinition>,
+    next: u64,
+}
+
+impl Bindings {
+    fn key(b: &BindingDefinition) -> String {
+        // A binding's fields are strings and a table: this cannot fail.
+        serde_json::to_string(b).unwrap_or_default()
+    }
+
+    /// Adds `b`; returns false if it was there.
+    pub fn insert(&mut self, b: BindingDefinition) -> bool {
+        let key = Self::key(&b);
+        if self.index.contains_key(&key) {
+            return false;
+        }
+        self.index.insert(key, self.next);
+        self.ordered.insert(self.next, b);
+        self.next += 1;
+        true
+    }
+
+    /// Removes `b`; returns whether it was there.
+    pub fn remove(&mut self, b: &BindingDefinition) -> bool {
+        match self.index.remove(&Self::key(b)) {
+            Some(at) => self.ordered.remove(&at).is_some(),
+            None => false,
+        }
+    }
+
+    /// Removes the bindings `gone` picks; returns how many.
+    pub fn remove_where(&mut self, mut gone: impl FnMut(&BindingDefinition) -> bool) -> usize {
+        let before = self.ordered.len();
+        let index = &mut self.index;
+        self.ordered.retain(|_, b| {
+            let drop = gone(b);
+            if drop {
+                index.remove(&Self::key(b));
+            }
+            !drop
+        });
+        before - self.ordered.len()
+    }
+
+    pub fn contains(&self, b: &BindingDefinition) -> bool {
+        self.index.contains_key(&Self::key(b))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &BindingDefinition> {
+        self.ordered.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.ordered.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ordered.is_empty()
+    }
+}
+
+impl PartialEq for Bindings {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl<'a> IntoIterator for &'a Bindings {
+    type Item = &'a BindingDefinition;
+    type IntoIter = std::collections::btree_map::Values<'a, u64, BindingDefinition>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.ordered.values()
+    }
+}
+
+impl FromIterator<BindingDefinition> for Bindings {
+    fn from_iter<I: IntoIterator<Item = BindingDefinition>>(iter: I) -> Self {
+        let mut all = Bindings::default();
+        for b in iter {
+            all.insert(b);
+        }
+        all
+    }
+}
+
+impl Serialize for Bindings {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for Bindings {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Vec::<BindingDefinition>::deserialize(d)?
+            .into_iter()
+            .collect())
+    }
+}
+
 /// Errors opening or writing the definitions, with the file they concern.
 #[derive(Debug, thiserror::Error)]
 pub enum DefinitionsError {
@@ -115,76 +235,481 @@ pub enum DefinitionsError {
         path: PathBuf,
         source: serde_json::Error,
     },
+    #[error("{path}, line {line}: not a valid command: {source}")]
+    CorruptLog {
+        path: PathBuf,
+        line: usize,
+        source: serde_json::Error,
+    },
+}
+
+thread_local! {
+    /// The stores whose commits on this thread wait for no sync (inside
+    /// [`DefinitionStore::batch`]), each with the numbers of its first and last commands
+    /// committed so (0: none yet).
+    static DEFERRED: RefCell<Vec<(usize, u64, u64)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The durable definitions, mirrored in memory and on disk.
 #[derive(Debug)]
 pub struct DefinitionStore {
     /// `None` keeps everything in memory (tests, and brokers run without a data directory).
-    path: Option<PathBuf>,
-    current: Mutex<Definitions>,
+    disk: Option<Disk>,
+    state: Mutex<State>,
+    /// Signalled when a write of the log is over.
+    written: Condvar,
 }
+
+#[derive(Debug)]
+struct Disk {
+    snapshot: PathBuf,
+    log_path: PathBuf,
+    /// Open for appending; written by one committer at a time (the one that set `syncing`).
+    log: Mutex<fs::File>,
+}
+
+/// What the definitions hold now, and where the log stands.
+#[derive(Debug, Default)]
+struct State {
+    defs: Definitions,
+    /// Commands applied and not yet written to the log, as JSON lines.
+    pending: Vec<u8>,
+    pending_entries: u64,
+    /// The number of the last command applied, and of the last one whose write is over (on
+    /// disk, or failed).
+    appended: u64,
+    resolved: u64,
+    /// A committer is writing the log; the others wait for it.
+    syncing: bool,
+    /// Commands whose write failed (first, last), with the error; the latest few.
+    failed: Vec<(u64, u64, io::ErrorKind, String)>,
+    /// What the log file holds.
+    log_entries: u64,
+    log_bytes: u64,
+    snapshot_bytes: u64,
+    /// After a snapshot failed: the log size at which one is tried again.
+    retry_snapshot_at: u64,
+}
+
+/// What a definitions directory holds.
+struct Loaded {
+    defs: Definitions,
+    snapshot_bytes: u64,
+    log_entries: u64,
+    /// The log's length up to its last whole command.
+    log_bytes: u64,
+}
+
+impl Disk {
+    fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DefinitionsError + '_ {
+        move |source| DefinitionsError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// Reads the snapshot and replays the log over it.
+    fn load(&self) -> Result<Loaded, DefinitionsError> {
+        let (mut defs, snapshot_bytes) = match fs::read(&self.snapshot) {
+            Ok(bytes) => (
+                serde_json::from_slice(&bytes).map_err(|source| DefinitionsError::Corrupt {
+                    path: self.snapshot.clone(),
+                    source,
+                })?,
+                bytes.len() as u64,
+            ),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => (Definitions::default(), 0),
+            Err(e) => return Err(Self::io_err(&self.snapshot)(e)),
+        };
+        let log = match fs::read(&self.log_path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(Self::io_err(&self.log_path)(e)),
+        };
+        let (commands, log_bytes) = parse_log(&log, &self.log_path)?;
+        for c in &commands {
+            apply(&mut defs, c);
+        }
+        Ok(Loaded {
+            defs,
+            snapshot_bytes,
+            log_entries: commands.len() as u64,
+            log_bytes,
+        })
+    }
+
+    fn append(&self, lines: &[u8]) -> io::Result<()> {
+        let mut log = self.log.lock();
+        log.write_all(lines)?;
+        log.sync_data()
+    }
+
+    /// Writes `defs` as the new snapshot and empties the log. Returns the snapshot's size.
+    fn snapshot(&self, defs: &Definitions) -> Result<u64, DefinitionsError> {
+        let bytes = write_atomically(&self.snapshot, defs)?;
+        let log = self.log.lock();
+        log.set_len(0)
+            .and_then(|()| log.sync_all())
+            .map_err(Self::io_err(&self.log_path))?;
+        Ok(bytes)
+    }
+}
+
+/// The commands of a log, and the length of the part that holds them. The last line, torn by
+/// a crash in the middle of an append (it was never reported written), is left out with a
+/// warning; any other line that is not a command is an error.
+fn parse_log(log: &[u8], path: &Path) -> Result<(Vec<Command>, u64), DefinitionsError> {
+    let mut commands = Vec::new();
+    let mut whole = 0;
+    let mut start = 0;
+    let mut line = 0;
+    while start < log.len() {
+        line += 1;
+        let end = log[start..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map(|at| start + at + 1);
+        let text = &log[start..end.unwrap_or(log.len())];
+        if text.iter().all(u8::is_ascii_whitespace) {
+            match end {
+                Some(e) => {
+                    start = e;
+                    whole = e;
+                    continue;
+                }
+                None => break,
+            }
+        }
+        let last = end.is_none_or(|e| log[e..].iter().all(u8::is_ascii_whitespace));
+        match (serde_json::from_slice::<Command>(text), end) {
+            (Ok(c), Some(e)) => {
+                commands.push(c);
+                start = e;
+                whole = e;
+            }
+            (Err(source), Some(_)) if !last => {
+                return Err(DefinitionsError::CorruptLog {
+                    path: path.to_path_buf(),
+                    line,
+                    source,
+                });
+            }
+            _ => {
+                tracing::warn!(path = %path.display(), line, "ignoring the log's torn last line (the broker stopped while writing it)");
+                break;
+            }
+        }
+    }
+    Ok((commands, whole as u64))
+}
+
+impl State {
+    /// How the writes of commands `from` to `to` ended: the first failure among them.
+    fn outcome(&self, from: u64, to: u64, log_path: &Path) -> Result<(), DefinitionsError> {
+        match self
+            .failed
+            .iter()
+            .find(|(first, last, ..)| *first <= to && from <= *last)
+        {
+            Some((_, _, kind, text)) => Err(DefinitionsError::Io {
+                path: log_path.to_path_buf(),
+                source: io::Error::new(*kind, text.clone()),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn snapshot_due(&self) -> bool {
+        let big = self.log_entries >= COMPACT_ENTRIES
+            || self.log_bytes >= self.snapshot_bytes.max(MIN_COMPACT_BYTES);
+        big && self.log_bytes >= self.retry_snapshot_at
+    }
+}
+
+/// Rounds of log writes a committer makes, at most, to empty what others appended meanwhile
+/// before it takes a snapshot; under a steady stream of commits the snapshot waits for a later
+/// committer.
+const SNAPSHOT_ROUNDS: usize = 4;
 
 impl DefinitionStore {
     pub fn in_memory() -> Self {
         Self {
-            path: None,
-            current: Mutex::new(Definitions::default()),
+            disk: None,
+            state: Mutex::new(State::default()),
+            written: Condvar::new(),
         }
     }
 
-    /// Opens the definitions in `dir`, creating the directory if needed.
+    /// Opens the definitions in `dir`, creating the directory if needed: the snapshot with the
+    /// log replayed over it. A torn last line of the log is cut off.
     pub fn open(dir: &Path) -> Result<Self, DefinitionsError> {
-        let io_err = |source| DefinitionsError::Io {
-            path: dir.to_path_buf(),
-            source,
+        fs::create_dir_all(dir).map_err(Disk::io_err(dir))?;
+        let log_path = dir.join(LOG_NAME);
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(Disk::io_err(&log_path))?;
+        let disk = Disk {
+            snapshot: dir.join(FILE_NAME),
+            log_path,
+            log: Mutex::new(log),
         };
-        fs::create_dir_all(dir).map_err(io_err)?;
-        let path = dir.join(FILE_NAME);
-        let current = match fs::read(&path) {
-            Ok(bytes) => {
-                serde_json::from_slice(&bytes).map_err(|source| DefinitionsError::Corrupt {
-                    path: path.clone(),
-                    source,
-                })?
+        let loaded = disk.load()?;
+        {
+            let log = disk.log.lock();
+            let len = log.metadata().map_err(Disk::io_err(&disk.log_path))?.len();
+            if len > loaded.log_bytes {
+                log.set_len(loaded.log_bytes)
+                    .and_then(|()| log.sync_all())
+                    .map_err(Disk::io_err(&disk.log_path))?;
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Definitions::default(),
-            Err(source) => {
-                return Err(DefinitionsError::Io {
-                    path: path.clone(),
-                    source,
-                });
-            }
-        };
+        }
+        if loaded.log_entries > 0 {
+            tracing::info!(
+                commands = loaded.log_entries,
+                "definitions: replayed the metadata log"
+            );
+        }
         Ok(Self {
-            path: Some(path),
-            current: Mutex::new(current),
+            disk: Some(disk),
+            state: Mutex::new(State {
+                defs: loaded.defs,
+                snapshot_bytes: loaded.snapshot_bytes,
+                log_entries: loaded.log_entries,
+                log_bytes: loaded.log_bytes,
+                ..State::default()
+            }),
+            written: Condvar::new(),
         })
     }
 
     pub fn snapshot(&self) -> Definitions {
-        self.current.lock().clone()
+        self.state.lock().defs.clone()
     }
 
-    /// Applies `change` and, if it changed anything, writes the result before returning.
-    pub fn update(&self, change: impl FnOnce(&mut Definitions)) -> Result<(), DefinitionsError> {
-        let mut current = self.current.lock();
-        let before = current.clone();
-        change(&mut current);
-        if *current == before {
+    /// Applies `command` and, if it changed anything, has it on disk before returning (inside
+    /// [`DefinitionStore::batch`] on this thread: by the end of the batch). The cost is that of
+    /// the command, not of all the definitions.
+    pub fn commit(&self, command: Command) -> Result<(), DefinitionsError> {
+        let Some(disk) = &self.disk else {
+            apply(&mut self.state.lock().defs, &command);
+            return Ok(());
+        };
+        let mut line =
+            serde_json::to_vec(&command).map_err(|source| DefinitionsError::Corrupt {
+                path: disk.log_path.clone(),
+                source,
+            })?;
+        line.push(b'\n');
+        let mut state = self.state.lock();
+        if !apply(&mut state.defs, &command) {
             return Ok(());
         }
-        if let Some(path) = &self.path
-            && let Err(e) = write_atomically(path, &current)
-        {
-            *current = before;
-            return Err(e);
+        state.pending.extend_from_slice(&line);
+        state.pending_entries += 1;
+        state.appended += 1;
+        let seq = state.appended;
+        if self.defer(seq) {
+            return Ok(());
         }
-        Ok(())
+        self.wait(disk, state, seq)
+    }
+
+    /// Runs `f`, whose commits on this thread are applied and appended at once but synced
+    /// together at the end: one sync for a whole definitions import. Other threads' commits
+    /// still wait for theirs (which covers what this one appended before them). The second
+    /// result says whether the batch reached disk.
+    pub fn batch<R>(&self, f: impl FnOnce() -> R) -> (R, Result<(), DefinitionsError>) {
+        let key = self.key();
+        if DEFERRED.with(|d| d.borrow().iter().any(|(k, ..)| *k == key)) {
+            return (f(), Ok(()));
+        }
+        let deferring = Deferring::start(key);
+        let out = f();
+        let (first, last) = deferring.finish();
+        let synced = match &self.disk {
+            Some(disk) if last > 0 => self
+                .wait(disk, self.state.lock(), last)
+                .and_then(|()| self.state.lock().outcome(first, last, &disk.log_path)),
+            _ => Ok(()),
+        };
+        (out, synced)
+    }
+
+    fn key(&self) -> usize {
+        std::ptr::from_ref(self) as usize
+    }
+
+    /// Whether this thread is in a batch of this store; if so, notes `seq` as its last command.
+    fn defer(&self, seq: u64) -> bool {
+        let key = self.key();
+        DEFERRED.with(|d| {
+            d.borrow_mut()
+                .iter_mut()
+                .find(|(k, ..)| *k == key)
+                .map(|(_, first, last)| {
+                    if *first == 0 {
+                        *first = seq;
+                    }
+                    *last = seq;
+                })
+                .is_some()
+        })
+    }
+
+    /// Waits until command `seq` is written, writing it (and whatever else is pending) when no
+    /// other committer is.
+    fn wait(
+        &self,
+        disk: &Disk,
+        mut state: MutexGuard<'_, State>,
+        seq: u64,
+    ) -> Result<(), DefinitionsError> {
+        loop {
+            if state.resolved >= seq {
+                return state.outcome(seq, seq, &disk.log_path);
+            }
+            if state.syncing {
+                self.written.wait(&mut state);
+                continue;
+            }
+            state.syncing = true;
+            if self.write_round(disk, &mut state) && state.snapshot_due() {
+                self.take_snapshot(disk, &mut state);
+            }
+            state.syncing = false;
+            self.written.notify_all();
+        }
+    }
+
+    /// Writes and syncs what is pending (the caller set `syncing`). Returns whether it worked.
+    fn write_round(&self, disk: &Disk, state: &mut MutexGuard<'_, State>) -> bool {
+        let lines = std::mem::take(&mut state.pending);
+        let entries = std::mem::take(&mut state.pending_entries);
+        let through = state.appended;
+        let written = MutexGuard::unlocked(state, || disk.append(&lines));
+        match written {
+            Ok(()) => {
+                state.resolved = through;
+                state.log_entries += entries;
+                state.log_bytes += lines.len() as u64;
+                true
+            }
+            Err(e) => {
+                self.fail(disk, state, e);
+                false
+            }
+        }
+    }
+
+    /// A write of the log failed: every command not yet written fails with it, the log is cut
+    /// back to its last whole command, and the definitions are read back so that memory
+    /// matches the disk again (callers change nothing more when their commit fails).
+    fn fail(&self, disk: &Disk, state: &mut State, e: io::Error) {
+        tracing::error!(path = %disk.log_path.display(), error = %e, "cannot write the metadata log");
+        let (first, last) = (state.resolved + 1, state.appended);
+        state.failed.push((first, last, e.kind(), e.to_string()));
+        if state.failed.len() > 16 {
+            state.failed.remove(0);
+        }
+        state.pending.clear();
+        state.pending_entries = 0;
+        state.resolved = last;
+        if let Err(e) = disk.log.lock().set_len(state.log_bytes) {
+            tracing::error!(path = %disk.log_path.display(), error = %e, "cannot cut the metadata log back");
+        }
+        match disk.load() {
+            Ok(loaded) => {
+                state.defs = loaded.defs;
+                state.log_entries = loaded.log_entries;
+                state.log_bytes = loaded.log_bytes;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the definitions back after a failed write")
+            }
+        }
+    }
+
+    /// Folds the log into a new snapshot (the caller set `syncing`). What others appended
+    /// meanwhile is written first, so that the snapshot holds only commands on disk.
+    fn take_snapshot(&self, disk: &Disk, state: &mut MutexGuard<'_, State>) {
+        for _ in 0..SNAPSHOT_ROUNDS {
+            if state.pending.is_empty() {
+                break;
+            }
+            if !self.write_round(disk, state) {
+                return;
+            }
+            // Those waiting for the round just written need not wait for the snapshot.
+            self.written.notify_all();
+        }
+        if !state.pending.is_empty() {
+            return;
+        }
+        let defs = state.defs.clone();
+        let started = std::time::Instant::now();
+        match MutexGuard::unlocked(state, || disk.snapshot(&defs)) {
+            Ok(bytes) => {
+                tracing::debug!(
+                    bytes,
+                    commands = state.log_entries,
+                    duration_ms = started.elapsed().as_millis() as u64,
+                    "definitions: wrote a snapshot and emptied the log"
+                );
+                state.snapshot_bytes = bytes;
+                state.log_entries = 0;
+                state.log_bytes = 0;
+                state.retry_snapshot_at = 0;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot write a definitions snapshot; the log keeps growing");
+                state.retry_snapshot_at = state.log_bytes.saturating_mul(2);
+            }
+        }
     }
 }
 
-fn write_atomically(path: &Path, defs: &Definitions) -> Result<(), DefinitionsError> {
+/// This thread's batch of a store, ended when dropped (also by a panic).
+struct Deferring {
+    key: usize,
+}
+
+impl Deferring {
+    fn start(key: usize) -> Self {
+        DEFERRED.with(|d| d.borrow_mut().push((key, 0, 0)));
+        Self { key }
+    }
+
+    /// Ends the batch; returns the numbers of its first and last commands (0: none).
+    fn finish(self) -> (u64, u64) {
+        let range = self.end();
+        std::mem::forget(self);
+        range
+    }
+
+    fn end(&self) -> (u64, u64) {
+        DEFERRED.with(|d| {
+            let mut d = d.borrow_mut();
+            match d.iter().position(|(k, ..)| *k == self.key) {
+                Some(at) => {
+                    let (_, first, last) = d.swap_remove(at);
+                    (first, last)
+                }
+                None => (0, 0),
+            }
+        })
+    }
+}
+
+impl Drop for Deferring {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+/// Writes `defs` atomically. Returns the number of bytes written.
+fn write_atomically(path: &Path, defs: &Definitions) -> Result<u64, DefinitionsError> {
     let io_err = |source| DefinitionsError::Io {
         path: path.to_path_buf(),
         source,
@@ -204,96 +729,8 @@ fn write_atomically(path: &Path, defs: &Definitions) -> Result<(), DefinitionsEr
             .and_then(|d| d.sync_all())
             .map_err(io_err)?;
     }
-    Ok(())
+    Ok(bytes.len() as u64)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn definitions_survive_reopening() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = DefinitionStore::open(dir.path()).unwrap();
-        store
-            .update(|d| {
-                d.vhosts.entry("/".into()).or_default().queues.insert(
-                    "q".into(),
-                    QueueDefinition {
-                        auto_delete: false,
-                        arguments: FieldTable::default(),
-                    },
-                );
-            })
-            .unwrap();
-        let again = DefinitionStore::open(dir.path()).unwrap();
-        assert_eq!(again.snapshot(), store.snapshot());
-        assert!(again.snapshot().vhosts["/"].queues.contains_key("q"));
-    }
-
-    /// A table nested as deep as the wire accepts, levels alternating between tables and
-    /// arrays (or all tables), around the leaf that takes the most JSON levels.
-    fn deepest(alternate: bool) -> FieldTable {
-        use crate::amqp::codec::MAX_TABLE_DEPTH;
-        use amq_protocol::types::{AMQPValue, DecimalValue, FieldArray};
-        let mut value = AMQPValue::DecimalValue(DecimalValue { scale: 2, value: 7 });
-        for level in (2..=MAX_TABLE_DEPTH).rev() {
-            value = if alternate && level % 2 == 0 {
-                AMQPValue::FieldArray(FieldArray::from(vec![value]))
-            } else {
-                let mut t = FieldTable::default();
-                t.insert("k".into(), value);
-                AMQPValue::FieldTable(t)
-            };
-        }
-        let mut top = FieldTable::default();
-        top.insert("k".into(), value);
-        top
-    }
-
-    #[test]
-    fn arguments_nested_to_the_wire_limit_read_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = DefinitionStore::open(dir.path()).unwrap();
-        store
-            .update(|d| {
-                let v = d.vhosts.entry("/".into()).or_default();
-                for (name, alternate) in [("q", true), ("r", false)] {
-                    v.queues.insert(
-                        name.into(),
-                        QueueDefinition {
-                            auto_delete: false,
-                            arguments: deepest(alternate),
-                        },
-                    );
-                    v.exchanges.insert(
-                        name.into(),
-                        ExchangeDefinition {
-                            kind: "headers".into(),
-                            auto_delete: false,
-                            internal: false,
-                            arguments: deepest(alternate),
-                        },
-                    );
-                    v.bindings.push(BindingDefinition {
-                        source: name.into(),
-                        destination: name.into(),
-                        destination_type: "queue".into(),
-                        routing_key: String::new(),
-                        arguments: deepest(alternate),
-                    });
-                }
-            })
-            .unwrap();
-        let again = DefinitionStore::open(dir.path()).unwrap();
-        assert_eq!(again.snapshot(), store.snapshot());
-    }
-
-    #[test]
-    fn a_corrupt_file_is_reported_with_its_path() {
-        let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join(FILE_NAME), b"{not json").unwrap();
-        let err = DefinitionStore::open(dir.path()).unwrap_err();
-        assert!(err.to_string().contains(FILE_NAME), "{err}");
-    }
-}
+mod tests;

@@ -1,6 +1,7 @@
 //! Everything that touches disk. Only this module reads or writes files.
 //!
-//! - [`definitions`]: vhosts, exchanges, queues and bindings, written atomically.
+//! - [`definitions`]: vhosts, users, exchanges, queues, bindings, policies: a snapshot and a
+//!   log of [`command::Command`]s.
 //! - [`QueueStore`]: the seam between a queue and where its messages live. A queue writes a
 //!   message to its store when it must survive a restart (persistent message, durable queue)
 //!   or when the queue's in-memory window is full (paging); it reads them back in order as
@@ -11,6 +12,7 @@
 //! - [`flusher`]: group commit across all stores.
 //! - [`durability`]: the tickets a publish waits on until its message is safe.
 
+pub mod command;
 pub mod definitions;
 pub mod delayed;
 pub mod durability;
@@ -22,6 +24,7 @@ pub mod record;
 #[cfg(test)]
 mod conformance;
 
+pub use command::Command;
 pub use definitions::{DefinitionStore, Definitions, DefinitionsError};
 pub use record::RecordKind;
 
@@ -236,11 +239,16 @@ fn migrate_legacy_dirs(queues: &Path, keep: &[(String, String, u8)]) -> io::Resu
 }
 
 /// Writes a store's `queue.json` (who it belongs to) unless it already says so: replaced
-/// whole through a synced temporary file, so that a crash leaves the old or the new text.
+/// whole through a synced temporary file, so that a crash leaves the old or the new text. A
+/// new store's is written without a sync (one per declared queue made imports of many queues
+/// slow): a crash can only leave it missing or empty, which its readers accept, and it is read
+/// only for the directories of earlier versions, which a new store never is.
 fn write_owner(dir: &Path, id: &str) -> io::Result<()> {
     let path = dir.join("queue.json");
-    if std::fs::read(&path).is_ok_and(|old| old == id.as_bytes()) {
-        return Ok(());
+    match std::fs::read(&path) {
+        Ok(old) if old == id.as_bytes() => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return std::fs::write(&path, id),
+        _ => {}
     }
     let tmp = dir.join("queue.json.tmp");
     {
