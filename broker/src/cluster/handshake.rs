@@ -1,10 +1,14 @@
 //! How two nodes make sure they belong to one cluster before anything else crosses their link.
 //!
 //! Both sides write a hello at once (protocol version, process instance, a fresh nonce, node
-//! and cluster names) and read the other's; then each proves it knows the cluster secret with
-//! an HMAC over both nonces and its own name, and checks the other's proof. The secret never
-//! crosses the wire, a recorded proof is useless on another link (the nonces differ), and both
-//! sides decide alone, so each logs why it refused. Pure functions over bytes: the link code
+//! and cluster names) and read the other's. Then the side that dialed proves it knows the
+//! cluster secret, with an HMAC over both nonces, both names and its role; the side that
+//! accepted checks that proof before it sends its own. The secret never crosses the wire, a
+//! recorded proof is useless on another link (the nonces differ), and since the accepting side
+//! proves nothing to a dialer that has not proven itself, a stranger that dials two nodes
+//! cannot get one to produce the proof the other expects. Each side decides alone and logs
+//! why it refused. (A stranger in the path of a dial it can answer could still pass bytes
+//! between two nodes; TLS between nodes closes that.) Pure functions over bytes: the link code
 //! does the I/O.
 
 use hmac::{Hmac, Mac};
@@ -19,7 +23,15 @@ pub const PROOF_LEN: usize = 32;
 /// Longest node or cluster name a hello carries.
 pub const MAX_NAME: usize = 1024;
 /// What the proof's HMAC covers first, so it cannot be mistaken for any other use of the key.
-const PROOF_CONTEXT: &[u8] = b"warren cluster link proof v1";
+const PROOF_CONTEXT: &[u8] = b"warren cluster link proof v2";
+
+/// Which end of a link a proof comes from: part of what it proves, so that the dialer's proof
+/// can never pass for the acceptor's or the other way round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Dialer,
+    Acceptor,
+}
 
 /// What a node says of itself when a link opens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +53,8 @@ pub enum Refusal {
     Malformed(&'static str),
     #[error("the peer is this node itself")]
     Itself,
+    #[error("the peer claims to be this very process")]
+    Impostor,
     #[error("the peer's cluster name {theirs:?} differs from this node's {ours:?}")]
     ClusterName { ours: String, theirs: String },
     #[error("the peer's node name {0:?} is this node's own")]
@@ -124,10 +138,10 @@ pub fn decode_name(bytes: &[u8]) -> Result<String, Refusal> {
     String::from_utf8(bytes.to_vec()).map_err(|_| Refusal::Malformed("name is not UTF-8"))
 }
 
-/// Whether the link may go on to the proofs: not a link to ourselves, the same cluster name,
-/// not another node under our name.
+/// Whether the link may go on to the proofs: not a link to ourselves (the same process
+/// instance), the same cluster name, not another node under our name.
 pub fn admit(ours: &Hello, theirs: &Hello) -> Result<(), Refusal> {
-    if theirs.instance == ours.instance && theirs.nonce == ours.nonce {
+    if theirs.instance == ours.instance {
         return Err(Refusal::Itself);
     }
     if theirs.cluster != ours.cluster {
@@ -142,31 +156,42 @@ pub fn admit(ours: &Hello, theirs: &Hello) -> Result<(), Refusal> {
     Ok(())
 }
 
-/// The proof a node sends: the HMAC, keyed with the secret, of the other side's nonce (which
-/// makes it fresh), its own nonce and its own name (which bind it to this link and sender).
-pub fn proof(secret: &[u8], sender: &Hello, receiver: &Hello) -> [u8; PROOF_LEN] {
-    mac(secret, sender, receiver).finalize().into_bytes().into()
+/// The proof `sender` sends `receiver` from its end of the link: the HMAC, keyed with the
+/// secret, of its role, both nonces (the receiver's makes it fresh) and both names (which bind
+/// it to this pair).
+pub fn proof(secret: &[u8], role: Role, sender: &Hello, receiver: &Hello) -> [u8; PROOF_LEN] {
+    mac(secret, role, sender, receiver)
+        .finalize()
+        .into_bytes()
+        .into()
 }
 
-/// Checks the proof `sender` sent to `receiver`, in constant time.
+/// Checks, in constant time, the proof `sender` sent `receiver` from its end `role`.
 pub fn verify(
     secret: &[u8],
+    role: Role,
     sender: &Hello,
     receiver: &Hello,
     proof: &[u8; PROOF_LEN],
 ) -> Result<(), Refusal> {
-    mac(secret, sender, receiver)
+    mac(secret, role, sender, receiver)
         .verify_slice(proof)
         .map_err(|_| Refusal::Secret)
 }
 
-fn mac(secret: &[u8], sender: &Hello, receiver: &Hello) -> Hmac<Sha256> {
+fn mac(secret: &[u8], role: Role, sender: &Hello, receiver: &Hello) -> Hmac<Sha256> {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
     mac.update(PROOF_CONTEXT);
+    mac.update(match role {
+        Role::Dialer => b"dialer",
+        Role::Acceptor => b"accept",
+    });
     mac.update(&receiver.nonce);
     mac.update(&sender.nonce);
-    mac.update(&(sender.node.len() as u64).to_be_bytes());
-    mac.update(sender.node.as_bytes());
+    for name in [&sender.node, &receiver.node, &sender.cluster] {
+        mac.update(&(name.len() as u64).to_be_bytes());
+        mac.update(name.as_bytes());
+    }
     mac
 }
 
@@ -216,19 +241,56 @@ mod tests {
     fn the_same_secret_proves_and_another_does_not() {
         let a = hello("warren@a", "c", 1);
         let b = hello("warren@b", "c", 2);
-        let p = proof(b"s3cret", &a, &b);
-        assert_eq!(verify(b"s3cret", &a, &b, &p), Ok(()));
-        assert_eq!(verify(b"other", &a, &b, &p), Err(Refusal::Secret));
-        // Bound to its sender and to this link's nonces: not replayable elsewhere.
-        assert_eq!(verify(b"s3cret", &b, &a, &p), Err(Refusal::Secret));
+        let p = proof(b"s3cret", Role::Dialer, &a, &b);
+        assert_eq!(verify(b"s3cret", Role::Dialer, &a, &b, &p), Ok(()));
+        assert_eq!(
+            verify(b"other", Role::Dialer, &a, &b, &p),
+            Err(Refusal::Secret)
+        );
+        // Bound to its sender, its role and this link's nonces: not replayable elsewhere.
+        assert_eq!(
+            verify(b"s3cret", Role::Dialer, &b, &a, &p),
+            Err(Refusal::Secret)
+        );
+        assert_eq!(
+            verify(b"s3cret", Role::Acceptor, &a, &b, &p),
+            Err(Refusal::Secret)
+        );
         let b_again = hello("warren@b", "c", 3);
-        assert_eq!(verify(b"s3cret", &a, &b_again, &p), Err(Refusal::Secret));
+        assert_eq!(
+            verify(b"s3cret", Role::Dialer, &a, &b_again, &p),
+            Err(Refusal::Secret)
+        );
+    }
+
+    #[test]
+    fn a_stranger_dialing_two_nodes_cannot_relay_one_proof_to_the_other() {
+        // The stranger dials a and b and shows each the other's nonce under the other's name.
+        // Only acceptors would answer it with a proof, and an acceptor proves only after the
+        // dialer did; were it to, its proof is an acceptor's and names itself as sender.
+        let a = hello("warren@a", "c", 1);
+        let b = hello("warren@b", "c", 2);
+        let as_b = Hello {
+            instance: 99,
+            ..b.clone()
+        };
+        let b_would_send_as_acceptor = proof(b"s", Role::Acceptor, &b, &a);
+        assert_eq!(
+            verify(b"s", Role::Dialer, &as_b, &a, &b_would_send_as_acceptor),
+            Err(Refusal::Secret)
+        );
     }
 
     #[test]
     fn admission_refuses_itself_another_cluster_and_a_duplicate_name() {
         let a = hello("warren@a", "c", 1);
         assert_eq!(admit(&a, &a.clone()), Err(Refusal::Itself));
+        // The same process with another nonce (every connection has a fresh one): itself.
+        let a_again = Hello {
+            nonce: [9; NONCE_LEN],
+            ..a.clone()
+        };
+        assert_eq!(admit(&a, &a_again), Err(Refusal::Itself));
         assert_eq!(
             admit(&a, &hello("warren@b", "d", 2)),
             Err(Refusal::ClusterName {

@@ -5,7 +5,7 @@
 //! kind byte and the payload. Both sides send a heartbeat every [`HEARTBEAT`] so that a
 //! vanished peer is noticed even when nothing else flows.
 
-use super::handshake::{self, Hello, NONCE_LEN, PROOF_LEN, Refusal};
+use super::handshake::{self, Hello, NONCE_LEN, PROOF_LEN, Refusal, Role};
 use bytes::Bytes;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -52,13 +52,6 @@ pub struct Frame {
     pub payload: Bytes,
 }
 
-/// Which side opened the link.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
-    Dialed,
-    Accepted,
-}
-
 /// A link whose handshake succeeded.
 #[derive(Debug)]
 pub struct Established {
@@ -78,24 +71,52 @@ pub enum LinkError {
     Timeout,
 }
 
-/// The handshake: hellos both ways, admission, proofs both ways.
+/// The handshake from one end: hellos both ways, admission, then the dialer's proof and, once
+/// it checked out, the acceptor's. `own_nonce` says whether a nonce is one this process is
+/// using on a connection it accepted: a dialer that meets its own process instance with such
+/// a nonce has dialed itself; with any other it meets someone replaying its hello.
 pub async fn handshake(
     stream: TcpStream,
     ours: &Hello,
     secret: &[u8],
+    role: Role,
+    own_nonce: impl Fn(&[u8; NONCE_LEN]) -> bool,
 ) -> Result<Established, LinkError> {
     tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
         let _ = stream.set_nodelay(true);
         let (mut reader, mut writer) = stream.into_split();
         writer.write_all(&ours.encode()).await?;
         let peer = read_hello(&mut reader).await?;
-        handshake::admit(ours, &peer)?;
-        writer
-            .write_all(&handshake::proof(secret, ours, &peer))
-            .await?;
+        match handshake::admit(ours, &peer) {
+            Err(Refusal::Itself) if role == Role::Dialer && !own_nonce(&peer.nonce) => {
+                return Err(Refusal::Impostor.into());
+            }
+            Err(Refusal::Itself) if role == Role::Acceptor => {
+                // Our own dial: its end checks our nonce, so ours stays known until it hangs
+                // up.
+                let mut sink = [0u8; 64];
+                while reader.read(&mut sink).await? > 0 {}
+                return Err(Refusal::Itself.into());
+            }
+            other => other?,
+        }
         let mut proof = [0u8; PROOF_LEN];
-        reader.read_exact(&mut proof).await?;
-        handshake::verify(secret, &peer, ours, &proof)?;
+        match role {
+            Role::Dialer => {
+                writer
+                    .write_all(&handshake::proof(secret, Role::Dialer, ours, &peer))
+                    .await?;
+                reader.read_exact(&mut proof).await?;
+                handshake::verify(secret, Role::Acceptor, &peer, ours, &proof)?;
+            }
+            Role::Acceptor => {
+                reader.read_exact(&mut proof).await?;
+                handshake::verify(secret, Role::Dialer, &peer, ours, &proof)?;
+                writer
+                    .write_all(&handshake::proof(secret, Role::Acceptor, ours, &peer))
+                    .await?;
+            }
+        }
         Ok(Established {
             peer,
             reader,
@@ -141,62 +162,68 @@ pub fn hello(instance: u64, node: &str, cluster: &str) -> Hello {
     }
 }
 
-/// Serves an established link until it ends: heartbeats out, frames from `outgoing` out,
-/// frames in handed to `incoming`. Returns why it ended.
+/// Serves an established link until it ends: frames in handed to `incoming` as they are read
+/// (it must not block), frames from `outgoing` and heartbeats written by a task of its own, so
+/// that a peer that stops reading stalls neither the reading nor the other links. Returns why
+/// it ended: the peer silent for [`SILENCE`], a write stuck as long, a closed socket, a bad
+/// frame, `outgoing` closed, or `stop`.
 pub async fn run(
     link: Established,
-    mut outgoing: mpsc::Receiver<Frame>,
+    outgoing: mpsc::Receiver<Frame>,
     mut incoming: impl FnMut(Kind, Bytes),
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> String {
     let Established {
-        mut reader,
-        mut writer,
-        ..
+        mut reader, writer, ..
     } = link;
-    let (frames_tx, mut frames_rx) = mpsc::channel::<Result<(Kind, Bytes), String>>(64);
-    // Reading on a task of its own: a read cut short by `select!` would lose its bytes.
-    let read_task = tokio::spawn(async move {
-        loop {
-            let got = tokio::time::timeout(SILENCE, read_frame(&mut reader)).await;
-            let item = match got {
-                Err(_) => Err(format!("nothing heard for {} s", SILENCE.as_secs())),
-                Ok(Err(e)) => Err(e),
-                Ok(Ok(frame)) => Ok(frame),
-            };
-            let end = item.is_err();
-            if frames_tx.send(item).await.is_err() || end {
-                return;
-            }
-        }
-    });
-    let mut beat = tokio::time::interval(HEARTBEAT);
+    let (ended, mut writer_ended) = tokio::sync::oneshot::channel::<String>();
+    let writing = tokio::spawn(write_loop(writer, outgoing, ended));
     let why = loop {
         tokio::select! {
-            _ = beat.tick() => {
-                if let Err(e) = write_frame(&mut writer, Kind::Heartbeat, &[]).await {
-                    break format!("write failed: {e}");
-                }
-            }
-            Some(frame) = outgoing.recv() => {
-                if let Err(e) = write_frame(&mut writer, frame.kind, &frame.payload).await {
-                    break format!("write failed: {e}");
-                }
-            }
-            got = frames_rx.recv() => match got {
-                // Heartbeats only say the peer is there, which the reader's clock has noted.
-                Some(Ok((kind, payload))) => if kind != Kind::Heartbeat {
-                    incoming(kind, payload)
-                },
-                Some(Err(why)) => break why,
-                None => break "reader ended".to_owned(),
+            got = tokio::time::timeout(SILENCE, read_frame(&mut reader)) => match got {
+                Err(_) => break format!("nothing heard for {} s", SILENCE.as_secs()),
+                Ok(Err(e)) => break e,
+                // Heartbeats only say the peer is there, which the read itself showed.
+                Ok(Ok((Kind::Heartbeat, _))) => {}
+                Ok(Ok((kind, payload))) => incoming(kind, payload),
             },
+            why = &mut writer_ended => break why.unwrap_or_else(|_| "writer ended".to_owned()),
             _ = stop.changed() => break "closed".to_owned(),
         }
     };
-    read_task.abort();
-    let _ = writer.shutdown().await;
+    writing.abort();
     why
+}
+
+async fn write_loop(
+    mut writer: OwnedWriteHalf,
+    mut outgoing: mpsc::Receiver<Frame>,
+    ended: tokio::sync::oneshot::Sender<String>,
+) {
+    let mut beat = tokio::time::interval(HEARTBEAT);
+    let why = loop {
+        let (kind, payload) = tokio::select! {
+            _ = beat.tick() => (Kind::Heartbeat, Bytes::new()),
+            frame = outgoing.recv() => match frame {
+                Some(f) => (f.kind, f.payload),
+                None => break "retired".to_owned(),
+            },
+        };
+        if payload.len() + 1 > MAX_FRAME {
+            tracing::warn!(
+                bytes = payload.len(),
+                "cluster frame too large to send, dropped"
+            );
+            continue;
+        }
+        match tokio::time::timeout(SILENCE, write_frame(&mut writer, kind, &payload)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => break format!("write failed: {e}"),
+            Err(_) => break format!("a write stuck for {} s", SILENCE.as_secs()),
+        }
+    };
+    let _ = writer.shutdown().await;
+    let _ = ended.send(why);
 }
 
 async fn read_frame(reader: &mut OwnedReadHalf) -> Result<(Kind, Bytes), String> {

@@ -18,7 +18,8 @@ pub mod rpc;
 pub mod secret;
 
 use crate::config::Config;
-use link::{Direction, Established, Frame, LinkError};
+use handshake::{NONCE_LEN, Role};
+use link::{Established, Frame, LinkError};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -32,6 +33,9 @@ use tokio::task::JoinHandle;
 pub const DEFAULT_PORT: u16 = 25672;
 /// How often the peers are dialed again while their links are down.
 const REDIAL: Duration = Duration::from_secs(1);
+/// Accepted connections in their handshake at once; more are closed at once, so that
+/// strangers holding connections open cannot use up the descriptors clients need.
+const MAX_HANDSHAKES: usize = 64;
 /// The longest wait between dials of a peer that keeps failing.
 const REDIAL_MAX: Duration = Duration::from_secs(15);
 
@@ -48,8 +52,11 @@ pub struct NodeStatus {
 #[derive(Debug)]
 struct LinkEntry {
     id: u64,
-    /// The node that dialed the link.
-    dialer: String,
+    /// The peer's process: a link from a newer one (the peer restarted) replaces this one.
+    peer_instance: u64,
+    /// The dialing node's name and nonce: of two links between the same two processes, both
+    /// ends keep the one with the smaller key, whichever they saw first.
+    key: (String, [u8; NONCE_LEN]),
     outgoing: mpsc::Sender<Frame>,
     stop: watch::Sender<bool>,
 }
@@ -83,6 +90,11 @@ pub struct Cluster {
     peers_file: Option<PathBuf>,
     state: Mutex<State>,
     pending: Mutex<rpc::Pending>,
+    /// Nonces of this process's accepting ends still in their handshake: how a dial that
+    /// meets its own process knows it reached itself, not someone replaying its hello.
+    accepting: Mutex<HashSet<[u8; NONCE_LEN]>>,
+    /// Handshakes in progress on accepted connections.
+    handshakes: Arc<tokio::sync::Semaphore>,
     handlers: rpc::Handlers,
 }
 
@@ -99,6 +111,8 @@ impl Cluster {
             peers_file: config.peers_file.clone(),
             state: Mutex::new(State::default()),
             pending: Mutex::new(rpc::Pending::default()),
+            accepting: Mutex::new(HashSet::new()),
+            handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
             handlers: rpc::Handlers::default(),
         }))
     }
@@ -126,10 +140,14 @@ impl Cluster {
     /// Queues `frame` on the link to `node`; false when no link to it is up or its queue is
     /// full (the caller retries or fails the request: nothing waits here).
     pub fn send(&self, node: &str, frame: Frame) -> bool {
+        self.send_on(node, frame).is_some()
+    }
+
+    /// Like [`Cluster::send`], returning the id of the link the frame went on.
+    fn send_on(&self, node: &str, frame: Frame) -> Option<u64> {
         let st = self.state.lock();
-        st.links
-            .get(node)
-            .is_some_and(|l| l.outgoing.try_send(frame).is_ok())
+        let link = st.links.get(node)?;
+        link.outgoing.try_send(frame).ok().map(|()| link.id)
     }
 
     /// Serves requests for `service` from other nodes with `handler` (replacing any before).
@@ -146,23 +164,25 @@ impl Cluster {
         body: &[u8],
         timeout: Duration,
     ) -> Result<bytes::Bytes, rpc::RpcError> {
+        if body.len() + rpc::REQUEST_HEADER + 1 > link::MAX_FRAME {
+            return Err(rpc::RpcError::TooLarge(body.len()));
+        }
         let (id, answer) = self.pending.lock().register(node);
+        // Forgets the call however this ends, the caller giving up included.
+        let _forget = Forget(self, id);
         let frame = Frame {
             kind: link::Kind::Request,
             payload: rpc::encode_request(id, service, body),
         };
-        if !self.send(node, frame) {
-            self.pending.lock().forget(id);
+        let Some(link) = self.send_on(node, frame) else {
             return Err(rpc::RpcError::Unreachable(node.to_owned()));
-        }
+        };
+        self.pending.lock().sent_on(id, link);
         match tokio::time::timeout(timeout, answer).await {
             Ok(Ok(result)) => result,
             // The sender went with a link that failed its calls.
             Ok(Err(_)) => Err(rpc::RpcError::Unreachable(node.to_owned())),
-            Err(_) => {
-                self.pending.lock().forget(id);
-                Err(rpc::RpcError::TimedOut(node.to_owned()))
-            }
+            Err(_) => Err(rpc::RpcError::TimedOut(node.to_owned())),
         }
     }
 
@@ -215,10 +235,14 @@ impl Cluster {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, from)) => {
+                        let Ok(permit) = self.handshakes.clone().try_acquire_owned() else {
+                            tracing::debug!(peer = %from, "too many cluster handshakes, closed");
+                            continue;
+                        };
                         let me = self.clone();
                         let stop = stop.clone();
                         tokio::spawn(async move {
-                            me.open(stream, from.to_string(), Direction::Accepted, stop).await;
+                            me.open(stream, from.to_string(), Role::Acceptor, stop, Some(permit)).await;
                         });
                     }
                     Err(e) => {
@@ -284,7 +308,7 @@ impl Cluster {
                     let ok = match link::dial(&address).await {
                         Ok((stream, _)) => {
                             me.clone()
-                                .open(stream, address.clone(), Direction::Dialed, stop)
+                                .open(stream, address.clone(), Role::Dialer, stop, None)
                                 .await
                         }
                         Err(e) => {
@@ -308,19 +332,32 @@ impl Cluster {
     }
 
     /// Runs the handshake on a new connection and, if it succeeds, serves the link until it
-    /// ends. Returns whether the handshake succeeded.
+    /// ends. Returns whether the handshake succeeded. `permit` is an accepted connection's
+    /// place among the handshakes in progress, given back once the handshake is over.
     async fn open(
         self: Arc<Self>,
         stream: tokio::net::TcpStream,
         address: String,
-        direction: Direction,
+        role: Role,
         stop: watch::Receiver<bool>,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
     ) -> bool {
         let ours = link::hello(self.instance, &self.node, &self.name);
-        let established = match link::handshake(stream, &ours, &self.secret).await {
+        if role == Role::Acceptor {
+            self.accepting.lock().insert(ours.nonce);
+        }
+        let result = link::handshake(stream, &ours, &self.secret, role, |n| {
+            self.accepting.lock().contains(n)
+        })
+        .await;
+        if role == Role::Acceptor {
+            self.accepting.lock().remove(&ours.nonce);
+        }
+        drop(permit);
+        let established = match result {
             Ok(e) => e,
             Err(LinkError::Refused(handshake::Refusal::Itself)) => {
-                if direction == Direction::Dialed {
+                if role == Role::Dialer {
                     self.state.lock().itself.insert(address);
                 }
                 return true;
@@ -334,27 +371,30 @@ impl Cluster {
                 return false;
             }
         };
-        self.serve(established, address, direction, stop).await;
+        self.serve(established, ours.nonce, address, role, stop)
+            .await;
         true
     }
 
     async fn serve(
         self: Arc<Self>,
         established: Established,
+        own_nonce: [u8; NONCE_LEN],
         address: String,
-        direction: Direction,
+        role: Role,
         mut stop: watch::Receiver<bool>,
     ) {
         let peer = established.peer.node.clone();
-        if direction == Direction::Dialed {
+        let peer_instance = established.peer.instance;
+        if role == Role::Dialer {
             self.state
                 .lock()
                 .reached
                 .insert(address.clone(), peer.clone());
         }
-        let dialer = match direction {
-            Direction::Dialed => self.node.clone(),
-            Direction::Accepted => peer.clone(),
+        let key = match role {
+            Role::Dialer => (self.node.clone(), own_nonce),
+            Role::Acceptor => (peer.clone(), established.peer.nonce),
         };
         let (outgoing, outgoing_rx) = mpsc::channel(1024);
         let (link_stop, mut link_stopped) = watch::channel(false);
@@ -363,9 +403,10 @@ impl Cluster {
             st.next_id += 1;
             let id = st.next_id;
             if let Some(existing) = st.links.get(&peer) {
-                // Both dialed at once: the link dialed by the smaller name stays, on both ends.
-                let keep_existing = existing.dialer == self.node.clone().min(peer.clone());
-                if keep_existing {
+                // Two links between the same processes (both dialed at once, or one peer under
+                // two addresses): both ends keep the one with the smaller key. A link from a
+                // newer process of the peer replaces one from the process that went.
+                if existing.peer_instance == peer_instance && existing.key <= key {
                     return;
                 }
                 let _ = existing.stop.send(true);
@@ -374,13 +415,14 @@ impl Cluster {
                 peer.clone(),
                 LinkEntry {
                     id,
-                    dialer,
+                    peer_instance,
+                    key,
                     outgoing,
                     stop: link_stop,
                 },
             );
             // A dialed address names the peer better than the port it dialed us from.
-            if direction == Direction::Dialed || !st.known.contains_key(&peer) {
+            if role == Role::Dialer || !st.known.contains_key(&peer) {
                 st.known.insert(peer.clone(), address.clone());
             }
             id
@@ -407,14 +449,24 @@ impl Cluster {
         )
         .await;
         relay.abort();
+        // What was asked on this link will not be answered on it, whether it went down or
+        // another link replaced it.
+        self.pending.lock().fail_link(id);
         let mut st = self.state.lock();
         if st.links.get(&peer).is_some_and(|l| l.id == id) {
             st.links.remove(&peer);
             drop(st);
-            // What was asked of it will not be answered on this link.
-            self.pending.lock().fail_node(&peer);
             tracing::warn!(node = %peer, peer = %address, reason = %why, "cluster link down");
         }
+    }
+}
+
+/// Forgets a call when dropped.
+struct Forget<'a>(&'a Cluster, u64);
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.0.pending.lock().forget(self.1);
     }
 }
 
@@ -474,6 +526,129 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         (a, b, stop_a, stop_b, dir)
+    }
+
+    fn link_id(c: &Cluster, node: &str) -> Option<u64> {
+        c.state.lock().links.get(node).map(|l| l.id)
+    }
+
+    fn config(dir: &std::path::Path, name: &str, peers: Vec<String>) -> Config {
+        Config {
+            data_dir: dir.join(name),
+            node_name: name.into(),
+            cluster_secret: Some("s".into()),
+            peers,
+            ..Config::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_node_among_its_own_peers_knows_itself_and_one_peer_under_two_addresses_keeps_one_link()
+     {
+        let dir = tempfile::tempdir().unwrap();
+        let la = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let lb = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (pa, pb) = (
+            la.local_addr().unwrap().port(),
+            lb.local_addr().unwrap().port(),
+        );
+        // Every address twice (by IP and by name), its own included, as in the operator's
+        // peers file.
+        let peers: Vec<String> = [pa, pb]
+            .iter()
+            .flat_map(|p| [format!("127.0.0.1:{p}"), format!("localhost:{p}")])
+            .collect();
+        let a = Cluster::new(&config(dir.path(), "a", peers.clone())).unwrap();
+        let b = Cluster::new(&config(dir.path(), "b", peers)).unwrap();
+        let (_stop_a, rx_a) = watch::channel(false);
+        let (_stop_b, rx_b) = watch::channel(false);
+        a.start(la, rx_a);
+        b.start(lb, rx_b);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while link_id(&a, "b").is_none() || link_id(&b, "a").is_none() {
+            assert!(Instant::now() < deadline, "no link");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Let every address be dialed a few times over, then watch the link stay put.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let (ida, idb) = (link_id(&a, "b"), link_id(&b, "a"));
+        assert!(ida.is_some() && idb.is_some());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(
+            (link_id(&a, "b"), link_id(&b, "a")),
+            (ida, idb),
+            "the link flaps"
+        );
+        let own = a.state.lock().itself.clone();
+        assert!(
+            own.contains(&format!("127.0.0.1:{pa}")) && own.contains(&format!("localhost:{pa}")),
+            "{own:?}"
+        );
+        assert!(
+            a.nodes()
+                .iter()
+                .all(|n| n.name != "a" || n.address.is_none())
+        );
+        assert_eq!(a.nodes().len(), 2);
+    }
+
+    /// Reads a hello off a raw connection.
+    async fn raw_hello(s: &mut tokio::net::TcpStream) -> handshake::Hello {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 4096];
+        let mut got = Vec::new();
+        loop {
+            if let Ok(h) = handshake::Hello::decode(&got) {
+                return h;
+            }
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before a whole hello");
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stranger_gets_no_proof_and_an_echo_of_our_hello_is_not_taken_for_ourselves() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let la = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a_addr = la.local_addr().unwrap();
+        // A "peer" that answers every dial with the dialer's own hello.
+        let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let echo_addr = echo.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = echo.accept().await {
+                tokio::spawn(async move {
+                    let h = raw_hello(&mut s).await;
+                    let _ = s.write_all(&h.encode()).await;
+                    let mut rest = [0u8; 64];
+                    let _ = s.read(&mut rest).await;
+                });
+            }
+        });
+        let a = Cluster::new(&config(dir.path(), "a", vec![echo_addr.to_string()])).unwrap();
+        let (_stop, rx) = watch::channel(false);
+        a.start(la, rx);
+
+        // A stranger dials a, says hello and sends a made-up proof: a sends no proof back.
+        let mut s = tokio::net::TcpStream::connect(a_addr).await.unwrap();
+        let theirs = raw_hello(&mut s).await;
+        let ours = link::hello(7, "intruder", &theirs.cluster);
+        s.write_all(&ours.encode()).await.unwrap();
+        s.write_all(&[0u8; handshake::PROOF_LEN]).await.unwrap();
+        let mut rest = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(6), s.read_to_end(&mut rest))
+            .await
+            .expect("a closes the connection")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "a sent {n} bytes after a bad proof");
+
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert!(
+            a.state.lock().itself.is_empty(),
+            "an echo of its hello made a take an address for itself"
+        );
+        assert_eq!(a.nodes().len(), 1);
     }
 
     fn handler<F, Fut>(f: F) -> rpc::Handler

@@ -186,10 +186,13 @@ pub struct Peer<C> {
 impl<C> Peer<C> {
     /// Sends `rpc` for `service` and decodes Raft's answer; the other node's Raft error comes
     /// back as a remote error, a missing or failed link as unreachable.
+    /// `entries`: how many log entries `rpc` carries; a request too large for a link is
+    /// then answered with a hint to send half as many.
     async fn send<Req, Resp, E>(
         &self,
         service: Service,
         rpc: Req,
+        entries: u64,
         option: &RPCOption,
     ) -> Result<Resp, RPCError<u64, BasicNode, E>>
     where
@@ -207,10 +210,16 @@ impl<C> Peer<C> {
             .call(&self.node.addr, service, &body, option.hard_ttl())
             .await
             .map_err(|e| match e {
-                RpcError::Unreachable(_) | RpcError::TimedOut(_) => {
-                    RPCError::Unreachable(Unreachable::new(&e))
+                // Openraft backs off from an unreachable node before it tries again.
+                RpcError::Unreachable(_) => RPCError::Unreachable(Unreachable::new(&e)),
+                // A slow answer (a follower's sync) is tried again at once, not after a
+                // back-off that would stall replication to it.
+                RpcError::TooLarge(_) if entries > 1 => RPCError::PayloadTooLarge(
+                    openraft::error::PayloadTooLarge::new_entries_hint(entries / 2),
+                ),
+                RpcError::TimedOut(_) | RpcError::Failed { .. } | RpcError::TooLarge(_) => {
+                    RPCError::Network(NetworkError::new(&e))
                 }
-                RpcError::Failed { .. } => RPCError::Network(NetworkError::new(&e)),
             })?;
         let result: Result<Resp, E> = serde_json::from_slice(&answer)
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
@@ -233,7 +242,8 @@ where
         rpc: AppendEntriesRequest<C>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
-        self.send(APPEND_ENTRIES, rpc, &option).await
+        let entries = rpc.entries.len() as u64;
+        self.send(APPEND_ENTRIES, rpc, entries, &option).await
     }
 
     async fn install_snapshot(
@@ -244,7 +254,7 @@ where
         InstallSnapshotResponse<u64>,
         RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>,
     > {
-        self.send(INSTALL_SNAPSHOT, rpc, &option).await
+        self.send(INSTALL_SNAPSHOT, rpc, 0, &option).await
     }
 
     async fn vote(
@@ -252,7 +262,7 @@ where
         rpc: VoteRequest<u64>,
         option: RPCOption,
     ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
-        self.send(VOTE, rpc, &option).await
+        self.send(VOTE, rpc, 0, &option).await
     }
 }
 

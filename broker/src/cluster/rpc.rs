@@ -33,7 +33,13 @@ pub enum RpcError {
     /// The other node answered that it could not do it.
     #[error("node {node}: {reason}")]
     Failed { node: String, reason: String },
+    /// A request of this many bytes does not fit in a frame.
+    #[error("a request of {0} bytes is too large for a cluster link")]
+    TooLarge(usize),
 }
+
+/// Bytes a request adds to its body (id and service).
+pub const REQUEST_HEADER: usize = 10;
 
 /// A request on the wire: id, service, body.
 pub fn encode_request(id: u64, service: Service, body: &[u8]) -> Bytes {
@@ -103,17 +109,19 @@ impl Handlers {
     }
 }
 
-/// Calls waiting for their answers, by id, with the node each went to.
+/// A caller waiting for its answer: the node asked, the link the request went on (0 until
+/// sent), and where the answer goes.
+struct Waiting {
+    node: String,
+    link: u64,
+    answer: tokio::sync::oneshot::Sender<Result<Bytes, RpcError>>,
+}
+
+/// Calls waiting for their answers, by id.
 #[derive(Default)]
 pub struct Pending {
     next: u64,
-    waiting: HashMap<
-        u64,
-        (
-            String,
-            tokio::sync::oneshot::Sender<Result<Bytes, RpcError>>,
-        ),
-    >,
+    waiting: HashMap<u64, Waiting>,
 }
 
 impl std::fmt::Debug for Pending {
@@ -131,8 +139,22 @@ impl Pending {
     ) -> (u64, tokio::sync::oneshot::Receiver<Result<Bytes, RpcError>>) {
         self.next += 1;
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.waiting.insert(self.next, (node.to_owned(), tx));
+        self.waiting.insert(
+            self.next,
+            Waiting {
+                node: node.to_owned(),
+                link: 0,
+                answer: tx,
+            },
+        );
         (self.next, rx)
+    }
+
+    /// Records the link the request `id` went on.
+    pub fn sent_on(&mut self, id: u64, link: u64) {
+        if let Some(w) = self.waiting.get_mut(&id) {
+            w.link = link;
+        }
     }
 
     pub fn forget(&mut self, id: u64) {
@@ -142,24 +164,28 @@ impl Pending {
     /// Hands an answer from `node` to its caller; answers to unknown ids (the caller gave up)
     /// or from another node than asked are dropped.
     pub fn answer(&mut self, node: &str, id: u64, result: Result<Bytes, String>) {
-        if self.waiting.get(&id).is_some_and(|(n, _)| n == node)
-            && let Some((node, tx)) = self.waiting.remove(&id)
+        if self.waiting.get(&id).is_some_and(|w| w.node == node)
+            && let Some(w) = self.waiting.remove(&id)
         {
-            let _ = tx.send(result.map_err(|reason| RpcError::Failed { node, reason }));
+            let node = w.node;
+            let _ = w
+                .answer
+                .send(result.map_err(|reason| RpcError::Failed { node, reason }));
         }
     }
 
-    /// Fails every call to `node`: its link went down.
-    pub fn fail_node(&mut self, node: &str) {
+    /// Fails every call sent on link `link`: it went down or was replaced, and answers come
+    /// back on the link a request went on.
+    pub fn fail_link(&mut self, link: u64) {
         let ids: Vec<u64> = self
             .waiting
             .iter()
-            .filter(|(_, (n, _))| n == node)
+            .filter(|(_, w)| w.link == link)
             .map(|(id, _)| *id)
             .collect();
         for id in ids {
-            if let Some((node, tx)) = self.waiting.remove(&id) {
-                let _ = tx.send(Err(RpcError::Unreachable(node)));
+            if let Some(w) = self.waiting.remove(&id) {
+                let _ = w.answer.send(Err(RpcError::Unreachable(w.node)));
             }
         }
     }
@@ -190,6 +216,9 @@ mod tests {
         let (a, mut rx_a) = p.register("n2");
         let (b, mut rx_b) = p.register("n3");
         let (c, mut rx_c) = p.register("n2");
+        p.sent_on(a, 1);
+        p.sent_on(b, 2);
+        p.sent_on(c, 1);
         // From the wrong node: dropped.
         p.answer("n3", a, Ok(Bytes::from_static(b"x")));
         assert!(rx_a.try_recv().is_err());
@@ -204,7 +233,12 @@ mod tests {
                 reason: "refused".into()
             })
         );
-        p.fail_node("n2");
+        p.fail_link(2);
+        assert!(
+            rx_c.try_recv().is_err(),
+            "another link's call is left alone"
+        );
+        p.fail_link(1);
         assert_eq!(
             rx_c.try_recv().unwrap(),
             Err(RpcError::Unreachable("n2".into()))
