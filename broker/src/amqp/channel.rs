@@ -784,11 +784,13 @@ impl Channel {
                     .ok_or_else(|| precondition_failed("channel is not transactional"))?;
                 self.clear_uncommitted();
                 let ticket = self.commit(s, tx);
-                // commit-ok promises the messages are on disk: it may have to wait.
-                if !ticket.is_done(s.progress()) {
-                    self.commits_waiting.push_back(ticket);
-                } else {
+                // commit-ok promises the messages are on disk: it may have to wait, and
+                // then so does every later commit's, which the client would otherwise take
+                // for the earlier one's.
+                if self.commits_waiting.is_empty() && ticket.is_done(s.progress()) {
                     self.reply(AMQPClass::Tx(M::CommitOk(tx::CommitOk {})));
+                } else {
+                    self.commits_waiting.push_back(ticket);
                 }
             }
             M::Rollback(_) => {
