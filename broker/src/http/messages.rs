@@ -13,7 +13,7 @@ use crate::auth::Access;
 use crate::broker::message::{Message, ShortStr};
 use crate::broker::queue::Delivered;
 use crate::broker::stats::MessageCounts;
-use crate::broker::vhost::{Origin, describe};
+use crate::broker::vhost::{Origin, RouteScratch, describe};
 use amq_protocol::protocol::BasicProperties;
 use amq_protocol::types::ShortString;
 use axum::body::Bytes;
@@ -281,7 +281,7 @@ pub async fn publish(
         headers.as_ref(),
         &message,
         Origin::Publisher,
-        &mut Vec::new(),
+        &mut RouteScratch::default(),
     );
     // RabbitMQ publishes with confirms and `mandatory` on its plugin's channel: the node
     // counts a received message, routed or returned, and confirmed once it is safe unless
