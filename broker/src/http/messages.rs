@@ -9,6 +9,7 @@ use super::error::{ApiError, ApiResult, ok};
 use super::json::table_to_json;
 use super::topology::{check, exchange_name};
 use crate::amqp::codec;
+use crate::amqp::publish::{cc_bcc_keys, without_bcc};
 use crate::auth::Access;
 use crate::broker::message::{Message, ShortStr};
 use crate::broker::queue::Delivered;
@@ -239,7 +240,7 @@ pub async fn publish(
             ),
         ));
     }
-    let props = properties_from_json(f.raw("properties"), caller.name())?;
+    let mut props = properties_from_json(f.raw("properties"), caller.name())?;
     let Some(exchange) = v.exchange(&name) else {
         return Err(channel_error(
             404,
@@ -258,7 +259,17 @@ pub async fn publish(
         ));
     }
     let persistent = props.delivery_mode() == &Some(2);
-    let headers = props.headers().clone();
+    let mut headers = props.headers().clone();
+    // RabbitMQ publishes through an AMQP channel: CC and BCC add routing keys, BCC is not
+    // delivered.
+    let mut keys = vec![Bytes::from(routing_key.clone().into_bytes())];
+    if let Some(h) = &mut headers
+        && cc_bcc_keys(h, &mut keys)
+            .map_err(|text| channel_error(406, "PRECONDITION_FAILED", text))?
+    {
+        *h = without_bcc(h);
+        props = props.with_headers(h.clone());
+    }
     let arrived_ms = crate::broker::message::now_ms();
     let expires_at_ms = props
         .expiration()
@@ -267,14 +278,14 @@ pub async fn publish(
         .map(|ms| arrived_ms + ms);
     let message = Arc::new(Message {
         exchange: ShortStr::from_bytes(Bytes::from(name.into_bytes())),
-        routing_key: ShortStr::from_bytes(Bytes::from(routing_key.clone().into_bytes())),
+        routing_key: ShortStr::from_bytes(keys[0].clone()),
         properties: codec::encode_properties(&props),
         body,
         persistent,
         arrived_ms,
         expires_at_ms,
     });
-    let keys = [routing_key.as_bytes()];
+    let keys: Vec<&[u8]> = keys.iter().map(|k| &k[..]).collect();
     let outcome = v.publish(
         &exchange,
         &keys,
