@@ -460,11 +460,12 @@ impl Channel {
                 message,
             )
         };
+        let nacked = outcome.nacked();
         if !outcome.backlogged.is_empty() {
             s.note_backlogged(outcome.backlogged);
         }
         if let (Some(c), Some(seq)) = (&mut self.confirms, seq) {
-            c.waiting.push_back((seq, outcome.ticket, outcome.rejected));
+            c.waiting.push_back((seq, outcome.ticket, nacked));
             MessageStats::bump(&self.shared.stats.publish_confirm);
             self.shared
                 .mirror

@@ -103,9 +103,11 @@ pub struct PublishOutcome {
     pub delayed: usize,
     /// Queues that took it, and delayed exchanges that scheduled it.
     pub taken: usize,
-    /// A full queue with `x-overflow: reject-publish` refused it, or a delayed exchange could
-    /// not store it (the publisher is nacked).
+    /// A full queue with `x-overflow: reject-publish` refused it (the publisher is nacked).
     pub rejected: bool,
+    /// A delayed exchange could not store it: a failure of the broker's disk rather than a
+    /// limit (the publisher is nacked; the management API answers 500).
+    pub unstored: bool,
     /// Done once every copy is safe.
     pub ticket: Ticket,
     /// Queues that took it with their backlog on disk and consumers taking from them: the
@@ -120,6 +122,11 @@ impl PublishOutcome {
     /// delayed message instead).
     pub fn routed(&self) -> bool {
         self.queues > 0 || self.delayed > 0
+    }
+
+    /// Whether the publisher is nacked.
+    pub fn nacked(&self) -> bool {
+        self.rejected || self.unstored
     }
 }
 
@@ -1345,7 +1352,7 @@ impl Vhost {
                     outcome.taken += delayed.len();
                     outcome.ticket = outcome.ticket.and(ticket);
                 }
-                None => outcome.rejected = true,
+                None => outcome.unstored = true,
             }
         }
         outcome

@@ -294,11 +294,20 @@ pub async fn publish(
         Origin::Publisher,
         &mut RouteScratch::default(),
     );
+    let connections = &state.broker.connections;
+    if outcome.unstored {
+        // The broker failed, not a queue limit: received, neither routed nor returned.
+        connections.count_without_channel(&MessageCounts {
+            publish: 1,
+            publish_confirm: 1,
+            ..MessageCounts::default()
+        });
+        return Err(ApiError::internal("cannot store the delayed message"));
+    }
     // RabbitMQ publishes with confirms and `mandatory` on its plugin's channel: the node
     // counts a received message, routed or returned, and confirmed once it is safe unless
     // it was nacked.
     let routed = outcome.routed();
-    let connections = &state.broker.connections;
     connections.count_without_channel(&MessageCounts {
         publish: 1,
         publish_confirm: 1,
