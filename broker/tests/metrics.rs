@@ -764,3 +764,48 @@ async fn a_delayed_message_that_cannot_be_stored_is_a_server_error_over_http_and
         "{confirm:?}"
     );
 }
+
+/// A persistent message the disk never takes (here the flusher has stopped) is not answered
+/// 200 as if it were safe: 503 with the reason, counted received and routed but not
+/// confirmed.
+#[tokio::test]
+async fn a_publish_over_http_not_written_to_disk_is_unavailable_and_not_confirmed() {
+    let b = TestBroker::start().await;
+    if b.is_external() {
+        return;
+    }
+    let api = common::http::Api::new(&b);
+    api.put("/api/queues/%2F/http-unsafe", r#"{"durable":true}"#)
+        .await
+        .status(201);
+    let global = |m: &Scrape, name: &str| {
+        m.value(&format!(
+            "rabbitmq_global_messages_{name}_total{{protocol=\"amqp091\"}}"
+        ))
+    };
+    b.broker().storage.flusher().expect("a disk").shutdown();
+    let before = scrape(&b, "/metrics").await;
+    let a = api
+        .post(
+            "/api/exchanges/%2F/amq.default/publish",
+            r#"{"properties":{"delivery_mode":2},"routing_key":"http-unsafe","payload":"x","payload_encoding":"string"}"#,
+        )
+        .await;
+    assert_eq!(
+        a.error(503, "service_unavailable"),
+        "publish not confirmed: the message cannot be written to disk now"
+    );
+    let after = scrape(&b, "/metrics").await;
+    for (name, added) in [
+        ("received", 1.0),
+        ("received_confirm", 1.0),
+        ("routed", 1.0),
+        ("confirmed", 0.0),
+    ] {
+        assert_eq!(
+            global(&after, name) - global(&before, name),
+            added,
+            "{name}"
+        );
+    }
+}

@@ -15,6 +15,7 @@ use crate::broker::message::{Message, ShortStr};
 use crate::broker::queue::Delivered;
 use crate::broker::stats::MessageCounts;
 use crate::broker::vhost::{Origin, RouteScratch, describe};
+use crate::store::durability::Progress;
 use amq_protocol::protocol::BasicProperties;
 use amq_protocol::types::ShortString;
 use axum::body::Bytes;
@@ -321,13 +322,42 @@ pub async fn publish(
             "rejected Unable to publish message. Check queue limits.",
         ));
     }
-    // Answer once the message is safe, as a confirmed publish would.
-    let _ = tokio::time::timeout(DURABLE_WAIT, outcome.ticket.wait(&state.broker.storage)).await;
-    connections.count_without_channel(&MessageCounts {
-        confirm: 1,
-        ..MessageCounts::default()
+    // Answered once the message is safe, as a confirmed publish would be. The confirm is
+    // counted when it is safe, by a task of its own: whether the caller still waits for the
+    // answer does not change what happened to the message.
+    let answer = Ok(ok(json!({"routed": outcome.taken > 0})));
+    let ticket = outcome.ticket;
+    let confirmed = |broker: &crate::broker::Broker| {
+        broker.connections.count_without_channel(&MessageCounts {
+            confirm: 1,
+            ..MessageCounts::default()
+        })
+    };
+    if ticket.is_done(Progress::of(&state.broker.storage)) {
+        confirmed(&state.broker);
+        return answer;
+    }
+    let broker = state.broker.clone();
+    let safe = tokio::spawn(async move {
+        ticket.wait(&broker.storage).await;
+        let done = ticket.is_done(Progress::of(&broker.storage));
+        if done {
+            confirmed(&broker);
+        }
+        done
     });
-    Ok(ok(json!({"routed": outcome.taken > 0})))
+    // RabbitMQ's plugin waits for its confirm without a limit; an answer of success would
+    // say the message is on disk when it is not.
+    match tokio::time::timeout(DURABLE_WAIT, safe).await {
+        Ok(Ok(true)) => answer,
+        Ok(_) => Err(ApiError::unavailable(
+            "publish not confirmed: the message cannot be written to disk now",
+        )),
+        Err(_) => Err(ApiError::unavailable(format!(
+            "publish not confirmed: the message was not written to disk within {} seconds",
+            DURABLE_WAIT.as_secs()
+        ))),
+    }
 }
 
 pub async fn get(
