@@ -347,3 +347,98 @@ async fn publish_refused_by_a_full_reject_publish_queue_is_nacked() {
     assert!(matches!(outcomes[2], Confirmation::Nack(_)));
     assert_eq!(get_body(&ch, &q).await, Some(("fits".into(), false)));
 }
+
+/// `basic.publish` of a persistent message to the default exchange, as raw frames.
+fn persistent_publish_frames(channel: u16, routing_key: &str, body: &[u8]) -> Vec<u8> {
+    use amq_protocol::frame::AMQPFrame;
+    use amq_protocol::protocol::{AMQPClass, basic};
+    let mut bytes = common::raw::encode(&AMQPFrame::Method(
+        channel,
+        AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+            exchange: "".into(),
+            routing_key: routing_key.into(),
+            mandatory: false,
+            immediate: false,
+        })),
+    ));
+    // Content header: class 60, weight 0, body size, flags with delivery-mode only, mode 2.
+    bytes.push(2);
+    bytes.extend_from_slice(&channel.to_be_bytes());
+    bytes.extend_from_slice(&15u32.to_be_bytes());
+    bytes.extend_from_slice(&[0, 60, 0, 0]);
+    bytes.extend_from_slice(&(body.len() as u64).to_be_bytes());
+    bytes.extend_from_slice(&[0x10, 0x00, 2, 0xCE]);
+    bytes.push(3);
+    bytes.extend_from_slice(&channel.to_be_bytes());
+    bytes.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    bytes.extend_from_slice(body);
+    bytes.push(0xCE);
+    bytes
+}
+
+#[tokio::test]
+async fn a_commit_ok_never_overtakes_an_earlier_commit_waiting_for_the_disk() {
+    use amq_protocol::frame::AMQPFrame;
+    use amq_protocol::protocol::{AMQPClass, queue, tx};
+    use amq_protocol::types::FieldTable as RawTable;
+    use common::raw::{Raw, encode};
+    let broker = TestBroker::start().await;
+    if broker.is_external() {
+        return;
+    }
+    let flusher = broker.broker().storage.flusher().expect("a disk").clone();
+    let mut raw = Raw::open(&broker).await;
+    let q = unique("tx-commit-order");
+    raw.send_method(
+        1,
+        AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+            queue: q.as_str().into(),
+            passive: false,
+            durable: true,
+            exclusive: false,
+            auto_delete: false,
+            nowait: false,
+            arguments: RawTable::default(),
+        })),
+    )
+    .await;
+    within(5, raw.method()).await.expect("declare-ok");
+    raw.send_method(1, AMQPClass::Tx(tx::AMQPMethod::Select(tx::Select {})))
+        .await;
+    within(5, raw.method()).await.expect("select-ok");
+    let commit = encode(&AMQPFrame::Method(
+        1,
+        AMQPClass::Tx(tx::AMQPMethod::Commit(tx::Commit {})),
+    ));
+    let is_commit_ok = |m: Option<(u16, AMQPClass)>| {
+        matches!(m, Some((1, AMQPClass::Tx(tx::AMQPMethod::CommitOk(_)))))
+    };
+
+    // A commit with a persistent message, then an empty one, in one write: both are
+    // answered, the first once a flush round has put its message on disk.
+    let rounds = flusher
+        .stats
+        .rounds
+        .load(std::sync::atomic::Ordering::SeqCst);
+    let mut pipelined = persistent_publish_frames(1, &q, b"one");
+    pipelined.extend_from_slice(&commit);
+    pipelined.extend_from_slice(&commit);
+    raw.send(&pipelined).await;
+    assert!(is_commit_ok(within(10, raw.method()).await));
+    assert!(
+        flusher
+            .stats
+            .rounds
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > rounds,
+        "the first commit-ok came before its message was on disk"
+    );
+    assert!(is_commit_ok(within(10, raw.method()).await));
+
+    // With the flusher stopped the first commit can never be answered: nor may the empty
+    // commit behind it, which the client would take for the first's answer.
+    flusher.shutdown();
+    raw.send(&pipelined).await;
+    let early = tokio::time::timeout(std::time::Duration::from_millis(300), raw.method()).await;
+    assert!(early.is_err(), "answered out of order: {early:?}");
+}

@@ -1435,6 +1435,55 @@ async fn messages_are_published_and_got_over_http() {
     assert_eq!(got[0]["payload"], "kept");
 }
 
+/// RabbitMQ's management plugin publishes through an AMQP channel: `CC` and `BCC` headers add
+/// routing keys, `BCC` is not delivered, and one that is not an array is refused.
+#[tokio::test]
+async fn a_publish_over_http_follows_cc_and_bcc() {
+    let (_b, api) = broker().await;
+    for q in ["ccb-main", "ccb-cc", "ccb-bcc"] {
+        api.put(&format!("/api/queues/%2F/{q}"), "{}")
+            .await
+            .status(201);
+    }
+    let publish = |body: Value| {
+        let api = &api;
+        async move {
+            api.post("/api/exchanges/%2F/amq.default/publish", &body.to_string())
+                .await
+        }
+    };
+    let a = publish(json!({"properties":{"headers":{"CC":["ccb-cc", 1],"BCC":["ccb-bcc"],"x":"y"}},"routing_key":"ccb-main","payload":"hi","payload_encoding":"string"})).await;
+    assert_eq!(a.status(200).json(), json!({"routed": true}));
+    for q in ["ccb-main", "ccb-cc", "ccb-bcc"] {
+        let got = api
+            .post(
+                &format!("/api/queues/%2F/{q}/get"),
+                r#"{"count":5,"ackmode":"ack_requeue_false","encoding":"auto"}"#,
+            )
+            .await
+            .status(200)
+            .json();
+        let got = got.as_array().unwrap();
+        assert_eq!(got.len(), 1, "{q}: {got:?}");
+        assert_eq!(got[0]["routing_key"], "ccb-main");
+        assert_eq!(
+            got[0]["properties"],
+            json!({"headers": {"CC": ["ccb-cc", 1], "x": "y"}}),
+            "{q}"
+        );
+    }
+    // Routed by BCC alone.
+    let a = publish(json!({"properties":{"headers":{"BCC":["ccb-bcc"]}},"routing_key":"nowhere","payload":"hi","payload_encoding":"string"})).await;
+    assert_eq!(a.status(200).json(), json!({"routed": true}));
+    assert_eq!(api.json("/api/queues/%2F/ccb-bcc").await["messages"], 1);
+    assert_eq!(
+        publish(json!({"properties":{"headers":{"BCC":"ccb-bcc"}},"routing_key":"ccb-main","payload":"hi","payload_encoding":"string"}))
+            .await
+            .error(400, "bad_request"),
+        "406 PRECONDITION_FAILED - invalid message: {unacceptable_type_in_header,\"BCC\",longstr}"
+    );
+}
+
 // ------------------------------------------------------------- connections, channels, consumers
 
 #[tokio::test]

@@ -683,3 +683,129 @@ async fn a_publish_over_http_refused_by_a_full_queue_is_rejected_and_not_confirm
     let q = api.json("/api/queues/%2F/http-room").await;
     assert_eq!(q["messages"], 1, "{q}");
 }
+
+/// A delayed message the delayed store cannot take (here its directory cannot be made) is a
+/// failure of the broker, not a queue limit: 500 over HTTP, counted received but neither
+/// routed nor confirmed; over AMQP the publisher is nacked.
+#[tokio::test]
+async fn a_delayed_message_that_cannot_be_stored_is_a_server_error_over_http_and_a_nack_over_amqp()
+{
+    let b = TestBroker::start().await;
+    if b.is_external() {
+        return;
+    }
+    let api = common::http::Api::new(&b);
+    api.put(
+        "/api/exchanges/%2F/http-delayed",
+        r#"{"type":"x-delayed-message","arguments":{"x-delayed-type":"fanout"}}"#,
+    )
+    .await
+    .status(201);
+    api.put("/api/queues/%2F/http-delayed-q", "{}")
+        .await
+        .status(201);
+    api.post("/api/bindings/%2F/e/http-delayed/q/http-delayed-q", "{}")
+        .await
+        .status(201);
+    // A file where the delayed store's directory would be made.
+    std::fs::write(b.data_dir().join("delayed"), b"not a directory").unwrap();
+    let global = |m: &Scrape, name: &str| {
+        m.value(&format!(
+            "rabbitmq_global_messages_{name}_total{{protocol=\"amqp091\"}}"
+        ))
+    };
+    let before = scrape(&b, "/metrics").await;
+    let a = api
+        .post(
+            "/api/exchanges/%2F/http-delayed/publish",
+            r#"{"properties":{"headers":{"x-delay":60000}},"routing_key":"","payload":"x","payload_encoding":"string"}"#,
+        )
+        .await;
+    assert_eq!(
+        a.error(500, "internal_error"),
+        "cannot store the delayed message"
+    );
+    let after = scrape(&b, "/metrics").await;
+    for (name, added) in [
+        ("received", 1.0),
+        ("received_confirm", 1.0),
+        ("routed", 0.0),
+        ("unroutable_returned", 0.0),
+        ("confirmed", 0.0),
+    ] {
+        assert_eq!(
+            global(&after, name) - global(&before, name),
+            added,
+            "{name}"
+        );
+    }
+
+    let conn = b.connect().await;
+    let ch = within(5, conn.create_channel()).await.expect("channel");
+    within(5, ch.confirm_select(ConfirmSelectOptions::default()))
+        .await
+        .expect("confirm.select");
+    let headers = args(&[("x-delay", lapin::types::AMQPValue::LongInt(60_000))]);
+    let confirm = within(
+        5,
+        ch.basic_publish(
+            "http-delayed".into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            b"x",
+            BasicProperties::default().with_headers(headers),
+        ),
+    )
+    .await
+    .expect("published");
+    let confirm = within(5, confirm).await.expect("confirmed");
+    assert!(
+        matches!(confirm, lapin::Confirmation::Nack(_)),
+        "{confirm:?}"
+    );
+}
+
+/// A persistent message the disk never takes (here the flusher has stopped) is not answered
+/// 200 as if it were safe: 503 with the reason, counted received and routed but not
+/// confirmed.
+#[tokio::test]
+async fn a_publish_over_http_not_written_to_disk_is_unavailable_and_not_confirmed() {
+    let b = TestBroker::start().await;
+    if b.is_external() {
+        return;
+    }
+    let api = common::http::Api::new(&b);
+    api.put("/api/queues/%2F/http-unsafe", r#"{"durable":true}"#)
+        .await
+        .status(201);
+    let global = |m: &Scrape, name: &str| {
+        m.value(&format!(
+            "rabbitmq_global_messages_{name}_total{{protocol=\"amqp091\"}}"
+        ))
+    };
+    b.broker().storage.flusher().expect("a disk").shutdown();
+    let before = scrape(&b, "/metrics").await;
+    let a = api
+        .post(
+            "/api/exchanges/%2F/amq.default/publish",
+            r#"{"properties":{"delivery_mode":2},"routing_key":"http-unsafe","payload":"x","payload_encoding":"string"}"#,
+        )
+        .await;
+    assert_eq!(
+        a.error(503, "service_unavailable"),
+        "publish not confirmed: the message cannot be written to disk now"
+    );
+    let after = scrape(&b, "/metrics").await;
+    for (name, added) in [
+        ("received", 1.0),
+        ("received_confirm", 1.0),
+        ("routed", 1.0),
+        ("confirmed", 0.0),
+    ] {
+        assert_eq!(
+            global(&after, name) - global(&before, name),
+            added,
+            "{name}"
+        );
+    }
+}

@@ -15,7 +15,7 @@ use crate::broker::message::Message;
 use crate::broker::queue::{ConsumeRefused, Consumer, Delivered, QueueSpec};
 use crate::broker::queue_ref::QueueRef;
 use crate::broker::stats::MessageStats;
-use crate::broker::vhost::{DestinationKind, REPLY_TO, Vhost, describe};
+use crate::broker::vhost::{DestinationKind, REPLY_TO, RouteScratch, Vhost, describe};
 use crate::error::{
     AmqpError, AmqpResult, COMMAND_INVALID, NOT_ALLOWED, NOT_IMPLEMENTED, access_refused,
     not_found, precondition_failed,
@@ -164,7 +164,8 @@ pub struct Channel {
     last_queue: Option<String>,
     /// Direct reply-to: the key of this channel's reply consumer, and its hidden queue.
     pub(super) reply_to: Option<(String, QueueRef)>,
-    pub(super) route_buf: Vec<QueueRef>,
+    /// Routing's buffers, kept so that a publish allocates nothing for routing.
+    pub(super) route_buf: RouteScratch,
     /// Committed transactions whose `commit-ok` waits for these tickets.
     pub(super) commits_waiting: std::collections::VecDeque<Ticket>,
     /// The exchange last published to, by name, and the users generation its write
@@ -205,7 +206,7 @@ impl Channel {
             consumer_prefetch: 0,
             last_queue: None,
             reply_to: None,
-            route_buf: Vec::new(),
+            route_buf: RouteScratch::default(),
             commits_waiting: std::collections::VecDeque::new(),
             exchange_cache: None,
         }
@@ -842,11 +843,13 @@ impl Channel {
                     .ok_or_else(|| precondition_failed("channel is not transactional"))?;
                 self.clear_uncommitted();
                 let ticket = self.commit(s, tx);
-                // commit-ok promises the messages are on disk: it may have to wait.
-                if !ticket.is_done(s.progress()) {
-                    self.commits_waiting.push_back(ticket);
-                } else {
+                // commit-ok promises the messages are on disk: it may have to wait, and
+                // then so does every later commit's, which the client would otherwise take
+                // for the earlier one's.
+                if self.commits_waiting.is_empty() && ticket.is_done(s.progress()) {
                     self.reply(AMQPClass::Tx(M::CommitOk(tx::CommitOk {})));
+                } else {
+                    self.commits_waiting.push_back(ticket);
                 }
             }
             M::Rollback(_) => {

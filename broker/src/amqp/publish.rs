@@ -102,6 +102,43 @@ fn check_expiration(text: &str) -> AmqpResult<u64> {
     )))
 }
 
+/// RabbitMQ's sender-selected distribution: the routing keys a message's `CC` and `BCC`
+/// headers add, appended to `keys` (entries that are not strings are ignored); whether it has
+/// a `BCC` header, which is taken out before the message is delivered. A `CC` or `BCC` that
+/// is not an array makes the message invalid: the reason is RabbitMQ's.
+pub fn cc_bcc_keys(headers: &FieldTable, keys: &mut Vec<Bytes>) -> Result<bool, String> {
+    for name in ["CC", "BCC"] {
+        match headers.inner().get(name) {
+            None => {}
+            Some(AMQPValue::FieldArray(routes)) => {
+                for r in routes.as_slice() {
+                    if let AMQPValue::LongString(k) = r {
+                        keys.push(Bytes::copy_from_slice(k.as_bytes()));
+                    }
+                }
+            }
+            Some(other) => {
+                return Err(format!(
+                    "invalid message: {{unacceptable_type_in_header,\"{name}\",{}}}",
+                    crate::broker::headers::type_name(other)
+                ));
+            }
+        }
+    }
+    Ok(headers.inner().contains_key("BCC"))
+}
+
+/// The headers without `BCC`, as the message is delivered.
+pub fn without_bcc(headers: &FieldTable) -> FieldTable {
+    let mut kept = FieldTable::default();
+    for (k, v) in headers.inner() {
+        if k.as_str() != "BCC" {
+            kept.insert(k.clone(), v.clone());
+        }
+    }
+    kept
+}
+
 fn unexpected(text: impl Into<String>) -> AmqpError {
     AmqpError::new(UNEXPECTED_FRAME, text)
 }
@@ -295,25 +332,7 @@ impl Channel {
         let mut extra_keys: Vec<Bytes> = Vec::new();
         let mut strip_bcc = false;
         if let Some(h) = &headers {
-            for name in ["CC", "BCC"] {
-                match h.inner().get(name) {
-                    None => {}
-                    Some(AMQPValue::FieldArray(routes)) => {
-                        for r in routes.as_slice() {
-                            if let AMQPValue::LongString(k) = r {
-                                extra_keys.push(Bytes::copy_from_slice(k.as_bytes()));
-                            }
-                        }
-                    }
-                    Some(other) => {
-                        return Err(precondition_failed(format!(
-                            "invalid message: {{unacceptable_type_in_header,\"{name}\",{}}}",
-                            crate::broker::headers::type_name(other)
-                        )));
-                    }
-                }
-            }
-            strip_bcc = h.inner().contains_key("BCC");
+            strip_bcc = cc_bcc_keys(h, &mut extra_keys).map_err(precondition_failed)?;
         }
         if let Some(mode) = header.scan.delivery_mode
             && !matches!(mode, 1 | 2)
@@ -330,14 +349,8 @@ impl Channel {
                 props = props.with_reply_to(r.into());
             }
             if strip_bcc && let Some(h) = headers.as_mut() {
-                let mut kept = FieldTable::default();
-                for (k, v) in h.inner() {
-                    if k.as_str() != "BCC" {
-                        kept.insert(k.clone(), v.clone());
-                    }
-                }
-                *h = kept.clone();
-                props = props.with_headers(kept);
+                *h = without_bcc(h);
+                props = props.with_headers(h.clone());
             }
             codec::encode_properties(&props)
         } else {
@@ -392,11 +405,12 @@ impl Channel {
                 message,
             )
         };
+        let nacked = outcome.nacked();
         if !outcome.backlogged.is_empty() {
             s.note_backlogged(outcome.backlogged);
         }
         if let (Some(c), Some(seq)) = (&mut self.confirms, seq) {
-            c.waiting.push_back((seq, outcome.ticket, outcome.rejected));
+            c.waiting.push_back((seq, outcome.ticket, nacked));
             MessageStats::bump(&self.shared.stats.publish_confirm);
             self.shared
                 .mirror
@@ -612,6 +626,35 @@ mod tests {
         );
         assert!(c.waiting.is_empty());
         assert_eq!(c.sent_upto, 6);
+    }
+
+    #[test]
+    fn cc_and_bcc_add_routing_keys_and_bcc_is_taken_out() {
+        use amq_protocol::types::{FieldArray, LongString};
+        let text = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes()));
+        let mut h = FieldTable::default();
+        h.insert(
+            "CC".into(),
+            AMQPValue::FieldArray(FieldArray::from(vec![text("a"), AMQPValue::LongInt(1)])),
+        );
+        h.insert("BCC".into(), AMQPValue::FieldArray(vec![text("b")].into()));
+        h.insert("x".into(), text("y"));
+        let mut keys = Vec::new();
+        assert_eq!(cc_bcc_keys(&h, &mut keys), Ok(true));
+        assert_eq!(keys, [Bytes::from("a"), Bytes::from("b")]);
+        let kept = without_bcc(&h);
+        assert!(!kept.inner().contains_key("BCC"));
+        assert!(kept.inner().contains_key("CC") && kept.inner().contains_key("x"));
+
+        let mut keys = Vec::new();
+        assert_eq!(cc_bcc_keys(&FieldTable::default(), &mut keys), Ok(false));
+        assert!(keys.is_empty());
+        let mut bad = FieldTable::default();
+        bad.insert("CC".into(), text("a"));
+        assert_eq!(
+            cc_bcc_keys(&bad, &mut keys),
+            Err("invalid message: {unacceptable_type_in_header,\"CC\",longstr}".to_owned())
+        );
     }
 
     #[test]

@@ -101,9 +101,11 @@ pub struct PublishOutcome {
     pub delayed: usize,
     /// Queues that took it, and delayed exchanges that scheduled it.
     pub taken: usize,
-    /// A full queue with `x-overflow: reject-publish` refused it, or a delayed exchange could
-    /// not store it (the publisher is nacked).
+    /// A full queue with `x-overflow: reject-publish` refused it (the publisher is nacked).
     pub rejected: bool,
+    /// A delayed exchange could not store it: a failure of the broker's disk rather than a
+    /// limit (the publisher is nacked; the management API answers 500).
+    pub unstored: bool,
     /// Done once every copy is safe.
     pub ticket: Ticket,
     /// Queues that took it with their backlog on disk and consumers taking from them: the
@@ -119,6 +121,26 @@ impl PublishOutcome {
     pub fn routed(&self) -> bool {
         self.queues > 0 || self.delayed > 0
     }
+
+    /// Whether the publisher is nacked.
+    pub fn nacked(&self) -> bool {
+        self.rejected || self.unstored
+    }
+}
+
+/// Buffers routing reuses from one publish to the next: once they have grown to what a
+/// topology needs, a publish allocates nothing for routing. A caller that publishes often (a
+/// channel) keeps one; between publishes they are empty.
+#[derive(Debug, Default)]
+pub struct RouteScratch {
+    /// The queues a message goes to.
+    queues: Vec<QueueRef>,
+    /// The bindings of one exchange that match.
+    dests: Vec<Destination>,
+    /// Exchanges still to route through (exchange-to-exchange bindings, alternate exchanges).
+    work: Vec<Arc<Exchange>>,
+    /// Exchanges routed through already: a cycle of bindings ends there.
+    seen: Vec<Arc<Exchange>>,
 }
 
 /// The pseudo-queue of direct reply-to.
@@ -1177,7 +1199,7 @@ impl Vhost {
             return;
         };
         let now = now_ms();
-        let mut queues = Vec::new();
+        let mut scratch = RouteScratch::default();
         for (queued, reason) in dead {
             let letter =
                 dead_letter::dead_letter(&queued.message, from.name(), reason, target, now);
@@ -1188,7 +1210,7 @@ impl Vhost {
                 Some(&letter.headers),
                 &Arc::new(letter.message),
                 Origin::DeadLetter(reason),
-                &mut queues,
+                &mut scratch,
             );
         }
     }
@@ -1238,7 +1260,8 @@ impl Vhost {
     }
 
     /// Finds the queues a message published to `exchange` goes to, following
-    /// exchange-to-exchange bindings and alternate exchanges, each queue once.
+    /// exchange-to-exchange bindings and alternate exchanges, each queue once; they are left
+    /// in `scratch.queues`.
     /// `keys` is the routing key followed by any CC and BCC keys. With `delayed`, a message
     /// with a positive `x-delay` stops at the delayed exchanges it reaches, listed there, to
     /// be scheduled; without, it is routed through them (it is due).
@@ -1247,50 +1270,54 @@ impl Vhost {
         exchange: &Arc<Exchange>,
         keys: &[&[u8]],
         headers: Option<&FieldTable>,
-        out: &mut Vec<QueueRef>,
+        scratch: &mut RouteScratch,
         mut delayed: Option<&mut Vec<Arc<Exchange>>>,
     ) {
-        let mut seen: Vec<*const Exchange> = Vec::new();
-        let mut work = vec![exchange.clone()];
-        let mut dests = Vec::new();
+        let RouteScratch {
+            queues: out,
+            dests,
+            work,
+            seen,
+        } = scratch;
+        work.clear();
+        seen.clear();
+        work.push(exchange.clone());
         while let Some(x) = work.pop() {
-            let ptr = Arc::as_ptr(&x);
-            if seen.contains(&ptr) {
+            if seen.iter().any(|s| Arc::ptr_eq(s, &x)) {
                 continue;
             }
-            seen.push(ptr);
-            dests.clear();
             if x.name().is_empty() {
                 self.route_default(keys, out);
-                continue;
-            }
-            if x.is_delayed()
+            } else if x.is_delayed()
                 && let Some(d) = delayed.as_deref_mut()
                 && delay_of(headers).is_some()
             {
-                d.push(x);
-                continue;
-            }
-            for key in keys {
-                x.route(key, headers, &mut dests);
-            }
-            if dests.is_empty() {
-                if let Some(ae) = x.alternate().and_then(|n| self.exchange(&n)) {
+                d.push(x.clone());
+            } else {
+                dests.clear();
+                for key in keys {
+                    x.route(key, headers, dests);
+                }
+                if dests.is_empty()
+                    && let Some(ae) = x.alternate().and_then(|n| self.exchange(&n))
+                {
                     work.push(ae);
                 }
-                continue;
-            }
-            for d in dests.drain(..) {
-                match d {
-                    Destination::Queue(q) => {
-                        if !out.contains(&q) {
-                            out.push(q);
+                for d in dests.drain(..) {
+                    match d {
+                        Destination::Queue(q) => {
+                            if !out.contains(&q) {
+                                out.push(q);
+                            }
                         }
+                        Destination::Exchange(e) => work.push(e),
                     }
-                    Destination::Exchange(e) => work.push(e),
                 }
             }
+            seen.push(x);
         }
+        // Not kept alive until the next publish.
+        seen.clear();
     }
 
     /// The default exchange: every queue is bound under its own name.
@@ -1315,8 +1342,8 @@ impl Vhost {
     /// Publishes a message to `exchange`: the one way a message enters queues. Routes it
     /// (see [`Vhost::route`]; `keys` is the routing key followed by any CC and BCC keys),
     /// schedules it at the delayed exchanges it stops at, and hands it to its queues.
-    /// `queues` is a buffer the caller keeps from one publish to the next, so that routing
-    /// allocates nothing; it is left empty. What differs by caller (permissions, mandatory
+    /// `scratch` holds buffers the caller keeps from one publish to the next, so that routing
+    /// allocates nothing; they are left empty. What differs by caller (permissions, mandatory
     /// returns, counters, confirms) stays with the caller.
     pub fn publish(
         &self,
@@ -1325,13 +1352,14 @@ impl Vhost {
         headers: Option<&FieldTable>,
         message: &Arc<Message>,
         origin: Origin,
-        queues: &mut Vec<QueueRef>,
+        scratch: &mut RouteScratch,
     ) -> PublishOutcome {
-        queues.clear();
+        scratch.queues.clear();
         // Allocates only when the message reaches a delayed exchange.
         let mut delayed = Vec::new();
         let hold = (origin != Origin::Due).then_some(&mut delayed);
-        self.route(exchange, keys, headers, queues, hold);
+        self.route(exchange, keys, headers, scratch, hold);
+        let queues = &mut scratch.queues;
         if let Origin::DeadLetter(reason) = origin
             && reason != DeathReason::Rejected
             && let Some(h) = headers
@@ -1347,7 +1375,7 @@ impl Vhost {
                     outcome.taken += delayed.len();
                     outcome.ticket = outcome.ticket.and(ticket);
                 }
-                None => outcome.rejected = true,
+                None => outcome.unstored = true,
             }
         }
         outcome
@@ -1436,14 +1464,13 @@ impl Vhost {
             message.properties = codec::encode_properties(&props);
         }
         let keys: Vec<&[u8]> = due.keys.iter().map(|k| &k[..]).collect();
-        let mut queues = Vec::new();
         self.publish(
             &x,
             &keys,
             headers.as_ref(),
             &Arc::new(message),
             Origin::Due,
-            &mut queues,
+            &mut RouteScratch::default(),
         )
         .ticket
     }
@@ -1661,5 +1688,108 @@ fn same_policy(a: Option<&Arc<Policy>>, b: Option<&Arc<Policy>>) -> bool {
         (None, None) => true,
         (Some(a), Some(b)) => Arc::ptr_eq(a, b),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::message::ShortStr;
+    use bytes::Bytes;
+
+    fn exchange(v: &Vhost, name: &str, kind: ExchangeKind) -> Arc<Exchange> {
+        v.declare_exchange(ExchangeSpec {
+            name: name.to_owned(),
+            kind,
+            durable: false,
+            auto_delete: false,
+            internal: false,
+            arguments: FieldTable::default(),
+        })
+        .expect("declared")
+    }
+
+    fn queue(v: &Vhost, name: &str) -> QueueRef {
+        let spec = QueueSpec {
+            name: name.to_owned(),
+            durable: false,
+            exclusive: false,
+            auto_delete: false,
+            arguments: FieldTable::default(),
+        };
+        v.declare_queue(spec, 0).expect("declared").0
+    }
+
+    fn bind(v: &Vhost, source: &str, destination: &str, kind: DestinationKind, key: &str) {
+        v.bind(source, destination, kind, key, &FieldTable::default(), 0)
+            .expect("bound");
+    }
+
+    fn message() -> Arc<Message> {
+        Arc::new(Message {
+            exchange: ShortStr::from_bytes(Bytes::new()),
+            routing_key: ShortStr::from_bytes(Bytes::from_static(b"k")),
+            properties: Bytes::from_static(&[0, 0]),
+            body: Bytes::from_static(b"m"),
+            persistent: false,
+            arrived_ms: now_ms(),
+            expires_at_ms: None,
+        })
+    }
+
+    /// Where each buffer's memory is and how much it holds: unchanged means not reallocated.
+    fn buffers(s: &RouteScratch) -> [(usize, usize); 4] {
+        [
+            (s.queues.as_ptr() as usize, s.queues.capacity()),
+            (s.dests.as_ptr() as usize, s.dests.capacity()),
+            (s.work.as_ptr() as usize, s.work.capacity()),
+            (s.seen.as_ptr() as usize, s.seen.capacity()),
+        ]
+    }
+
+    #[test]
+    fn routing_reuses_its_buffers_and_goes_round_a_cycle_of_exchanges_once() {
+        let broker = crate::broker::Broker::in_memory(crate::Config::default());
+        let v = broker.vhost("/").expect("the default vhost");
+        let a = exchange(&v, "a", ExchangeKind::Direct);
+        exchange(&v, "b", ExchangeKind::Fanout);
+        let (qa, qb) = (queue(&v, "qa"), queue(&v, "qb"));
+        bind(&v, "a", "qa", DestinationKind::Queue, "k");
+        bind(&v, "a", "b", DestinationKind::Exchange, "k");
+        bind(&v, "b", "qb", DestinationKind::Queue, "");
+        bind(&v, "b", "a", DestinationKind::Exchange, "");
+        bind(&v, "b", "qa", DestinationKind::Queue, "");
+        let mut scratch = RouteScratch::default();
+        let outcome = v.publish(
+            &a,
+            &[b"k"],
+            None,
+            &message(),
+            Origin::Publisher,
+            &mut scratch,
+        );
+        assert_eq!(outcome.queues, 2);
+        assert_eq!((qa.lengths().ready, qb.lengths().ready), (1, 1));
+        let grown = buffers(&scratch);
+        assert!(grown.iter().all(|&(_, capacity)| capacity > 0));
+        for _ in 0..3 {
+            let outcome = v.publish(
+                &a,
+                &[b"k"],
+                None,
+                &message(),
+                Origin::Publisher,
+                &mut scratch,
+            );
+            assert_eq!(outcome.queues, 2);
+            assert_eq!(
+                buffers(&scratch),
+                grown,
+                "a publish reallocated routing's buffers"
+            );
+        }
+        assert_eq!((qa.lengths().ready, qb.lengths().ready), (4, 4));
+        // Nothing is kept between publishes: no exchange or queue stays alive through them.
+        assert!(scratch.queues.is_empty() && scratch.work.is_empty() && scratch.seen.is_empty());
     }
 }

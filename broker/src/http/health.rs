@@ -8,7 +8,7 @@ use super::error::{ApiError, ApiResult, json_response, ok};
 use crate::auth::Access;
 use crate::broker::message::{Message, ShortStr};
 use crate::broker::queue::{Delivered, QueueSpec};
-use crate::broker::vhost::Origin;
+use crate::broker::vhost::{Origin, RouteScratch};
 use amq_protocol::types::FieldTable;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -165,7 +165,7 @@ pub async fn aliveness(
             None,
             &message,
             Origin::Publisher,
-            &mut Vec::new(),
+            &mut RouteScratch::default(),
         );
     }
     // Whatever comes back before the test message is consumed (RabbitMQ's test gets with

@@ -9,11 +9,13 @@ use super::error::{ApiError, ApiResult, ok};
 use super::json::table_to_json;
 use super::topology::{check, exchange_name};
 use crate::amqp::codec;
+use crate::amqp::publish::{cc_bcc_keys, without_bcc};
 use crate::auth::Access;
 use crate::broker::message::{Message, ShortStr};
 use crate::broker::queue::Delivered;
 use crate::broker::stats::MessageCounts;
-use crate::broker::vhost::{Origin, describe};
+use crate::broker::vhost::{Origin, RouteScratch, describe};
+use crate::store::durability::Progress;
 use amq_protocol::protocol::BasicProperties;
 use amq_protocol::types::ShortString;
 use axum::body::Bytes;
@@ -239,7 +241,7 @@ pub async fn publish(
             ),
         ));
     }
-    let props = properties_from_json(f.raw("properties"), caller.name())?;
+    let mut props = properties_from_json(f.raw("properties"), caller.name())?;
     let Some(exchange) = v.exchange(&name) else {
         return Err(channel_error(
             404,
@@ -258,7 +260,17 @@ pub async fn publish(
         ));
     }
     let persistent = props.delivery_mode() == &Some(2);
-    let headers = props.headers().clone();
+    let mut headers = props.headers().clone();
+    // RabbitMQ publishes through an AMQP channel: CC and BCC add routing keys, BCC is not
+    // delivered.
+    let mut keys = vec![Bytes::from(routing_key.clone().into_bytes())];
+    if let Some(h) = &mut headers
+        && cc_bcc_keys(h, &mut keys)
+            .map_err(|text| channel_error(406, "PRECONDITION_FAILED", text))?
+    {
+        *h = without_bcc(h);
+        props = props.with_headers(h.clone());
+    }
     let arrived_ms = crate::broker::message::now_ms();
     let expires_at_ms = props
         .expiration()
@@ -267,27 +279,36 @@ pub async fn publish(
         .map(|ms| arrived_ms + ms);
     let message = Arc::new(Message {
         exchange: ShortStr::from_bytes(Bytes::from(name.into_bytes())),
-        routing_key: ShortStr::from_bytes(Bytes::from(routing_key.clone().into_bytes())),
+        routing_key: ShortStr::from_bytes(keys[0].clone()),
         properties: codec::encode_properties(&props),
         body,
         persistent,
         arrived_ms,
         expires_at_ms,
     });
-    let keys = [routing_key.as_bytes()];
+    let keys: Vec<&[u8]> = keys.iter().map(|k| &k[..]).collect();
     let outcome = v.publish(
         &exchange,
         &keys,
         headers.as_ref(),
         &message,
         Origin::Publisher,
-        &mut Vec::new(),
+        &mut RouteScratch::default(),
     );
+    let connections = &state.broker.connections;
+    if outcome.unstored {
+        // The broker failed, not a queue limit: received, neither routed nor returned.
+        connections.count_without_channel(&MessageCounts {
+            publish: 1,
+            publish_confirm: 1,
+            ..MessageCounts::default()
+        });
+        return Err(ApiError::internal("cannot store the delayed message"));
+    }
     // RabbitMQ publishes with confirms and `mandatory` on its plugin's channel: the node
     // counts a received message, routed or returned, and confirmed once it is safe unless
     // it was nacked.
     let routed = outcome.routed();
-    let connections = &state.broker.connections;
     connections.count_without_channel(&MessageCounts {
         publish: 1,
         publish_confirm: 1,
@@ -301,13 +322,42 @@ pub async fn publish(
             "rejected Unable to publish message. Check queue limits.",
         ));
     }
-    // Answer once the message is safe, as a confirmed publish would.
-    let _ = tokio::time::timeout(DURABLE_WAIT, outcome.ticket.wait(&state.broker.storage)).await;
-    connections.count_without_channel(&MessageCounts {
-        confirm: 1,
-        ..MessageCounts::default()
+    // Answered once the message is safe, as a confirmed publish would be. The confirm is
+    // counted when it is safe, by a task of its own: whether the caller still waits for the
+    // answer does not change what happened to the message.
+    let answer = Ok(ok(json!({"routed": outcome.taken > 0})));
+    let ticket = outcome.ticket;
+    let confirmed = |broker: &crate::broker::Broker| {
+        broker.connections.count_without_channel(&MessageCounts {
+            confirm: 1,
+            ..MessageCounts::default()
+        })
+    };
+    if ticket.is_done(Progress::of(&state.broker.storage)) {
+        confirmed(&state.broker);
+        return answer;
+    }
+    let broker = state.broker.clone();
+    let safe = tokio::spawn(async move {
+        ticket.wait(&broker.storage).await;
+        let done = ticket.is_done(Progress::of(&broker.storage));
+        if done {
+            confirmed(&broker);
+        }
+        done
     });
-    Ok(ok(json!({"routed": outcome.taken > 0})))
+    // RabbitMQ's plugin waits for its confirm without a limit; an answer of success would
+    // say the message is on disk when it is not.
+    match tokio::time::timeout(DURABLE_WAIT, safe).await {
+        Ok(Ok(true)) => answer,
+        Ok(_) => Err(ApiError::unavailable(
+            "publish not confirmed: the message cannot be written to disk now",
+        )),
+        Err(_) => Err(ApiError::unavailable(format!(
+            "publish not confirmed: the message was not written to disk within {} seconds",
+            DURABLE_WAIT.as_secs()
+        ))),
+    }
 }
 
 pub async fn get(

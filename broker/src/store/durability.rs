@@ -55,8 +55,10 @@ impl Ticket {
     }
 
     /// Resolves once the message is safe. Asks for what it waits for to happen now (a flush
-    /// round) rather than at the flusher's leisure. Resolves at once when there is nothing
-    /// to wait for, or nothing left that could make it safe (the flusher stopped).
+    /// round) rather than at the flusher's leisure. Resolves too, unsafe, once nothing is
+    /// left that could make it safe (the flusher stopped, or stops while this waits): a
+    /// caller that must know checks [`Ticket::is_done`] after. Resolves at once when there is
+    /// nothing to wait for.
     pub async fn wait(self, storage: &Storage) {
         let Ticket::Flushed(epoch) = self else {
             return;
@@ -67,7 +69,9 @@ impl Ticket {
         };
         let mut durable = flusher.subscribe();
         flusher.want(epoch);
-        let _ = durable.wait_for(|d| *d >= epoch).await;
+        let _ = durable
+            .wait_for(|d| *d >= epoch || flusher.is_stopped())
+            .await;
     }
 }
 
@@ -109,8 +113,9 @@ impl ProgressWatch {
         }
     }
 
-    /// Resolves when progress has moved on since last time; never, when nothing can move it
-    /// (a broker without a disk, whose tickets are all done, or a stopped flusher).
+    /// Resolves when progress may have moved on since last time; never, when nothing can move
+    /// it (a broker without a disk, whose tickets are all done, or a stopped flusher once it
+    /// has said it stopped).
     pub async fn changed(&mut self) {
         match &mut self.flushed {
             Some(rx) => {
@@ -165,6 +170,26 @@ mod tests {
         Ticket::Done.wait(&storage).await;
         Ticket::flushed(3).wait(&storage).await;
         assert!(Ticket::flushed(3).is_done(Progress::of(&storage)));
+    }
+
+    #[tokio::test]
+    async fn waiting_ends_once_the_flusher_has_stopped_though_the_ticket_is_not_done() {
+        let data = tempfile::tempdir().unwrap();
+        let storage = Storage::open(
+            data.path(),
+            std::time::Duration::from_secs(3600),
+            Default::default(),
+        )
+        .unwrap();
+        let flusher = storage.flusher().unwrap().clone();
+        flusher.shutdown();
+        assert!(flusher.is_stopped());
+        // Nothing was pending, so no round ran: this epoch will never be on disk.
+        let ticket = Ticket::flushed(flusher.current_epoch());
+        tokio::time::timeout(std::time::Duration::from_secs(10), ticket.wait(&storage))
+            .await
+            .expect("the wait ended");
+        assert!(!ticket.is_done(Progress::of(&storage)));
     }
 
     #[tokio::test]

@@ -66,6 +66,8 @@ pub struct Flusher {
     /// Bytes written by the round in progress (stores add theirs).
     round_bytes: AtomicU64,
     observer: Mutex<Option<WriteObserver>>,
+    /// The thread has stopped: no epoch will become durable any more.
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Flusher {
@@ -91,6 +93,7 @@ impl Flusher {
             thread: Mutex::new(None),
             round_bytes: AtomicU64::new(0),
             observer: Mutex::new(None),
+            stopped: std::sync::atomic::AtomicBool::new(false),
         });
         let worker = flusher.clone();
         let handle = std::thread::Builder::new()
@@ -111,6 +114,12 @@ impl Flusher {
         *self.durable.borrow()
     }
 
+    /// Whether the thread has stopped (shut down), so that nothing more becomes durable.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
+    }
+
+    /// Told of every round made durable, and once more when the thread stops.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.durable.subscribe()
     }
@@ -159,6 +168,13 @@ impl Flusher {
     }
 
     fn run(&self) {
+        self.run_rounds();
+        // Whoever waits for an epoch stops waiting: it will never be durable.
+        self.stopped.store(true, Ordering::SeqCst);
+        self.durable.send_modify(|_| {});
+    }
+
+    fn run_rounds(&self) {
         // Whether the last round failed: a failing disk is logged once, not on every retry.
         let mut failing = false;
         loop {
