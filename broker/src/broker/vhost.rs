@@ -681,7 +681,16 @@ impl Vhost {
     }
 
     fn persist(&self, command: Command) -> AmqpResult<()> {
-        self.store.commit(command).map_err(|e| {
+        // A durable queue is on disk before anyone can use it, even in a definitions import:
+        // a message confirmed on it must not meet a restart that takes its store for a
+        // deleted queue's. What an import defers (exchanges, bindings, users, policies) loses
+        // no message if a crash takes it.
+        let committed = if matches!(command, Command::DeclareQueue { .. }) {
+            self.store.commit_now(command)
+        } else {
+            self.store.commit(command)
+        };
+        committed.map_err(|e| {
             tracing::error!(error = %e, "cannot write definitions");
             AmqpError::new(crate::error::INTERNAL_ERROR, "cannot write definitions")
         })

@@ -492,6 +492,18 @@ impl DefinitionStore {
     /// [`DefinitionStore::batch`] on this thread: by the end of the batch). The cost is that of
     /// the command, not of all the definitions.
     pub fn commit(&self, command: Command) -> Result<(), DefinitionsError> {
+        self.commit_with(command, true)
+    }
+
+    /// Like [`DefinitionStore::commit`], but on disk before returning even inside a batch
+    /// (with whatever the batch appended before it): for a change that must not be seen
+    /// before it is durable, such as a queue that will hold confirmed messages, whose store a
+    /// restart would otherwise take for a deleted queue's.
+    pub fn commit_now(&self, command: Command) -> Result<(), DefinitionsError> {
+        self.commit_with(command, false)
+    }
+
+    fn commit_with(&self, command: Command, may_defer: bool) -> Result<(), DefinitionsError> {
         let Some(disk) = &self.disk else {
             apply(&mut self.state.lock().defs, &command);
             return Ok(());
@@ -504,13 +516,19 @@ impl DefinitionStore {
         line.push(b'\n');
         let mut state = self.state.lock();
         if !apply(&mut state.defs, &command) {
+            // Nothing to add, but what made it so may be another caller's change not yet on
+            // disk: done only once that is (and failed if that failed).
+            let seq = state.appended;
+            if seq > state.resolved && !(may_defer && self.in_batch()) {
+                return self.wait(disk, state, seq);
+            }
             return Ok(());
         }
         state.pending.extend_from_slice(&line);
         state.pending_entries += 1;
         state.appended += 1;
         let seq = state.appended;
-        if self.defer(seq) {
+        if may_defer && self.defer(seq) {
             return Ok(());
         }
         self.wait(disk, state, seq)
@@ -539,6 +557,12 @@ impl DefinitionStore {
 
     fn key(&self) -> usize {
         std::ptr::from_ref(self) as usize
+    }
+
+    /// Whether this thread is in a batch of this store.
+    fn in_batch(&self) -> bool {
+        let key = self.key();
+        DEFERRED.with(|d| d.borrow().iter().any(|(k, ..)| *k == key))
     }
 
     /// Whether this thread is in a batch of this store; if so, notes `seq` as its last command.

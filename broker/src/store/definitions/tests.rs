@@ -180,6 +180,50 @@ fn a_batch_syncs_once_at_its_end_and_nested_batches_join_it() {
 }
 
 #[test]
+fn commit_now_in_a_batch_is_on_disk_before_it_returns_with_what_the_batch_appended() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = DefinitionStore::open(dir.path()).unwrap();
+    let (_, synced) = store.batch(|| {
+        store.commit(bind("q", "k")).unwrap();
+        assert!(log_of(dir.path()).is_empty());
+        store.commit_now(queue("q")).unwrap();
+        // The queue, and the binding appended before it, are on disk at once.
+        let lines = log_of(dir.path()).iter().filter(|&&b| b == b'\n').count();
+        assert_eq!(lines, 2);
+        let reopened = DefinitionStore::open(dir.path()).unwrap();
+        assert!(reopened.snapshot().vhosts["/"].queues.contains_key("q"));
+        store.commit(bind("q", "k2")).unwrap();
+    });
+    synced.unwrap();
+    assert_eq!(
+        log_of(dir.path()).iter().filter(|&&b| b == b'\n').count(),
+        3
+    );
+}
+
+#[test]
+fn a_commit_that_changes_nothing_waits_for_the_equal_change_still_pending() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = DefinitionStore::open(dir.path()).unwrap();
+    // A batch on this thread leaves its command appended but not written; another thread
+    // committing the same change must not return before it is on disk.
+    let (_, synced) = store.batch(|| {
+        store.commit(queue("q")).unwrap();
+        assert!(log_of(dir.path()).is_empty());
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                store.commit(queue("q")).unwrap();
+                assert!(
+                    !log_of(dir.path()).is_empty(),
+                    "returned before the equal change was on disk"
+                );
+            });
+        });
+    });
+    synced.unwrap();
+}
+
+#[test]
 fn concurrent_committers_all_reach_disk() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(DefinitionStore::open(dir.path()).unwrap());
