@@ -3,7 +3,7 @@
 import pika
 import pytest
 
-from amqp_helpers import Collector, declare_temp_queue, pump_for, wait_until
+from amqp_helpers import Collector, declare_temp_queue, pump_for, unique, wait_until
 
 REPLY_TO = "amq.rabbitmq.reply-to"
 
@@ -75,3 +75,54 @@ def test_server_cancels_consumer_when_queue_is_deleted(conn, ch):
     ch.basic_publish("", q2, b"still-works")
     pump_for(conn, 0.1)
     assert ch.basic_get(q2, auto_ack=True)[2] == b"still-works"
+
+
+def test_acks_handed_over_from_worker_threads_keep_the_consumer(conn, ch):
+    """A consumer whose callback passes each message to a worker thread, which asks the
+    connection's thread to ack it (pika's add_callback_threadsafe), while that thread keeps
+    reading: RabbitMQ keeps the consumer, so no server basic.cancel may arrive. Ends, as
+    pika's own test of this does, with the consumer cancelling itself on an auto-delete
+    queue from inside the callback."""
+    import queue as queues
+    import threading
+
+    name = unique("q-thread-ack")
+    ch.confirm_delivery()
+    ch.queue_declare(name, auto_delete=True)
+    total = 300
+    for i in range(total - 1):
+        ch.basic_publish("", name, b"m-%d" % i, mandatory=True)
+    ch.basic_publish("", name, b"last", mandatory=True)
+    ch.basic_qos(prefetch_count=5)
+    cancelled_by_server = []
+    ch.add_on_cancel_callback(lambda frame: cancelled_by_server.append(frame))
+    acked = []
+    work = queues.Queue()
+
+    def worker():
+        while True:
+            item = work.get()
+            if item is None:
+                return
+            channel, method, body = item
+
+            def ack(channel=channel, method=method, body=body):
+                channel.basic_ack(method.delivery_tag)
+                acked.append(body)
+                if body == b"last":
+                    channel.basic_cancel(method.consumer_tag)
+
+            conn.add_callback_threadsafe(ack)
+
+    workers = [threading.Thread(target=worker, daemon=True) for _ in range(4)]
+    for w in workers:
+        w.start()
+    try:
+        ch.basic_consume(name, lambda c, m, p, b: work.put((c, m, b)))
+        wait_until(conn, lambda: len(acked) == total, what="%d acks from worker threads" % total)
+        pump_for(conn, 0.3)
+    finally:
+        for _ in workers:
+            work.put(None)
+    assert cancelled_by_server == []
+    assert sorted(acked) == sorted([b"m-%d" % i for i in range(total - 1)] + [b"last"])
