@@ -13,6 +13,7 @@
 pub mod handshake;
 pub mod link;
 pub mod log_store;
+pub mod meta_state;
 pub mod raft_network;
 pub mod rpc;
 pub mod secret;
