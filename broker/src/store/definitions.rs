@@ -635,7 +635,11 @@ impl DefinitionStore {
         let (first, last) = (state.resolved + 1, state.appended);
         state.failed.push((first, last, e.kind(), e.to_string()));
         if state.failed.len() > 16 {
-            state.failed.remove(0);
+            // A failure is never forgotten (a batch checks its whole range only at its end):
+            // the two oldest ranges become one. A command written between them may then be
+            // reported failed to a caller that checks that late, which is the safe side.
+            let (oldest, ..) = state.failed.remove(0);
+            state.failed[0].0 = oldest;
         }
         state.pending.clear();
         state.pending_entries = 0;

@@ -358,6 +358,34 @@ fn break_log(store: &DefinitionStore, dir: &Path, broken: bool) {
 }
 
 #[test]
+fn a_batch_whose_commands_failed_is_told_so_however_many_writes_failed_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = DefinitionStore::open(dir.path()).unwrap();
+    let (_, batch) = store.batch(|| {
+        store.commit(queue("in the batch")).unwrap();
+        // Other committers' writes fail many times over, the batch's pending command with
+        // the first of them; then the disk comes back before the batch ends.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                break_log(&store, dir.path(), true);
+                for i in 0..40 {
+                    assert!(store.commit(queue(&format!("other {i}"))).is_err());
+                }
+                break_log(&store, dir.path(), false);
+            });
+        });
+    });
+    assert!(batch.is_err(), "the batch's command never reached the disk");
+    assert!(
+        !store
+            .snapshot()
+            .vhosts
+            .get("/")
+            .is_some_and(|v| v.queues.contains_key("in the batch"))
+    );
+}
+
+#[test]
 fn a_failed_write_fails_its_commit_and_leaves_memory_as_the_disk() {
     let dir = tempfile::tempdir().unwrap();
     let store = DefinitionStore::open(dir.path()).unwrap();
