@@ -660,6 +660,63 @@ mod tests {
         Arc::new(move |from, body| Box::pin(f(from, body)))
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_that_stops_reading_loses_its_link_though_it_keeps_sending() {
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let la = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a_addr = la.local_addr().unwrap();
+        let a = Cluster::new(&config(dir.path(), "a", Vec::new())).unwrap();
+        let (_stop, rx) = watch::channel(false);
+        a.start(la, rx);
+        // A peer that knows the secret, links up, sends heartbeats, and never reads.
+        let stream = tokio::net::TcpStream::connect(a_addr).await.unwrap();
+        let ours = link::hello(42, "z", "");
+        let linked = link::handshake(stream, &ours, b"s", Role::Dialer, |_| false)
+            .await
+            .unwrap();
+        let (_unread, mut writer) = (linked.reader, linked.writer);
+        let beating = tokio::spawn(async move {
+            loop {
+                if writer.write_all(&[0, 0, 0, 1, 0]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while link_id(&a, "z").is_none() {
+            assert!(Instant::now() < deadline, "no link from z");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Requests pile up on the link until its socket buffers are full and a write sticks.
+        let big = vec![0u8; 1 << 20];
+        let calls: Vec<_> = (0..64)
+            .map(|_| {
+                let a = a.clone();
+                let big = big.clone();
+                tokio::spawn(async move { a.call("z", 1, &big, Duration::from_secs(60)).await })
+            })
+            .collect();
+        let started = Instant::now();
+        while link_id(&a, "z").is_some() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the link stays up with a write stuck"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // And the calls on it hear of it, long before their own timeout.
+        for c in calls {
+            let result = tokio::time::timeout(Duration::from_secs(5), c)
+                .await
+                .expect("the caller hears back")
+                .unwrap();
+            assert_eq!(result, Err(rpc::RpcError::Unreachable("z".into())));
+        }
+        beating.abort();
+    }
+
     #[tokio::test]
     async fn calls_are_answered_and_every_failure_is_told_to_the_caller() {
         let (a, b, _stop_a, stop_b, _dir) = pair().await;

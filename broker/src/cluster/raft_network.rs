@@ -209,18 +209,7 @@ impl<C> Peer<C> {
             .cluster
             .call(&self.node.addr, service, &body, option.hard_ttl())
             .await
-            .map_err(|e| match e {
-                // Openraft backs off from an unreachable node before it tries again.
-                RpcError::Unreachable(_) => RPCError::Unreachable(Unreachable::new(&e)),
-                // A slow answer (a follower's sync) is tried again at once, not after a
-                // back-off that would stall replication to it.
-                RpcError::TooLarge(_) if entries > 1 => RPCError::PayloadTooLarge(
-                    openraft::error::PayloadTooLarge::new_entries_hint(entries / 2),
-                ),
-                RpcError::TimedOut(_) | RpcError::Failed { .. } | RpcError::TooLarge(_) => {
-                    RPCError::Network(NetworkError::new(&e))
-                }
-            })?;
+            .map_err(|e| rpc_error(e, entries))?;
         let result: Result<Resp, E> = serde_json::from_slice(&answer)
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| {
@@ -230,6 +219,22 @@ impl<C> Peer<C> {
                 e,
             ))
         })
+    }
+}
+
+/// What openraft is told of a request that got no answer: an unreachable node is backed off
+/// from before the next try; a slow answer (a follower's sync) or a refusal is tried again at
+/// once; a request of `entries` log entries too large for a link is sent again with half as
+/// many.
+fn rpc_error<E: std::error::Error>(e: RpcError, entries: u64) -> RPCError<u64, BasicNode, E> {
+    match e {
+        RpcError::Unreachable(_) => RPCError::Unreachable(Unreachable::new(&e)),
+        RpcError::TooLarge(_) if entries > 1 => RPCError::PayloadTooLarge(
+            openraft::error::PayloadTooLarge::new_entries_hint(entries / 2),
+        ),
+        RpcError::TimedOut(_) | RpcError::Failed { .. } | RpcError::TooLarge(_) => {
+            RPCError::Network(NetworkError::new(&e))
+        }
     }
 }
 
@@ -430,6 +435,38 @@ mod tests {
             n.raft.shutdown().await.unwrap();
             let _ = n.stop.send(true);
         }
+    }
+
+    #[test]
+    fn openraft_backs_off_only_from_unreachable_nodes_and_sends_fewer_entries_when_too_large() {
+        let e = |err: RpcError, entries| rpc_error::<RaftError<u64>>(err, entries);
+        assert!(matches!(
+            e(RpcError::Unreachable("b".into()), 5),
+            RPCError::Unreachable(_)
+        ));
+        assert!(matches!(
+            e(RpcError::TimedOut("b".into()), 5),
+            RPCError::Network(_)
+        ));
+        assert!(matches!(
+            e(
+                RpcError::Failed {
+                    node: "b".into(),
+                    reason: "x".into()
+                },
+                5
+            ),
+            RPCError::Network(_)
+        ));
+        match e(RpcError::TooLarge(1 << 30), 100) {
+            RPCError::PayloadTooLarge(p) => assert_eq!(p.entries_hint(), 50),
+            other => panic!("{other:?}"),
+        }
+        // One entry cannot be split: a plain failure.
+        assert!(matches!(
+            e(RpcError::TooLarge(1 << 30), 1),
+            RPCError::Network(_)
+        ));
     }
 
     #[test]
