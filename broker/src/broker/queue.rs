@@ -10,7 +10,6 @@ use super::dead_letter::{DeadLetterTarget, DeathReason};
 use super::expiry::{Expirer, Timed};
 use super::message::{Message, now_ms};
 use super::policy::{Policy, QueueKind, effective_arguments};
-use super::queue_ref::QueueRef;
 use super::ready::{
     LazyStore, Levels, QueuedMessage, Window, delivered, forget, must_persist, with_delivery_count,
 };
@@ -22,6 +21,14 @@ use parking_lot::Mutex;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
+
+/// A queue, wherever it lives: the handle everything outside the queue module holds (its
+/// operations are in `queue_ref`).
+#[derive(Debug, Clone)]
+pub enum QueueRef {
+    /// A queue whose messages this process holds.
+    Local(Arc<Queue>),
+}
 
 /// Where a queue hands messages for a consumer: implemented by the AMQP channel.
 pub trait DeliverySink: Send + Sync {

@@ -1,4 +1,4 @@
-//! The handle by which everything outside the queue module holds a queue: vhosts' maps,
+//! The operations of the handle by which everything outside the queue module holds a queue: vhosts' maps,
 //! exchange bindings, channels' deliveries and consumers, flow control, dead-lettering and
 //! the management API.
 //!
@@ -8,12 +8,16 @@
 //! without dynamic dispatch or boxing on the message path: each method is one `match`,
 //! inlined, and a handle is one pointer wide (pinned by a test here), as an `Arc<Queue>` is.
 //!
+//! The enum itself is declared beside the queue it wraps, which hands its own handle down to
+//! consumers and dead-lettering; the operations here build on the queue, not the other way.
+//!
 //! Two handles are equal when they stand for the same queue (the same allocation, not the
 //! same name: a queue deleted and declared again is another queue), which is what callers
 //! that deduplicate or key by queue mean.
 
 use super::message::Message;
 use super::policy::Policy;
+pub use super::queue::QueueRef;
 use super::queue::{
     ConsumeRefused, Consumer, DeleteRefused, Delivered, Enqueued, Links, Queue, QueueLengths,
     QueueSpec, Settings,
@@ -23,13 +27,6 @@ use super::stats::MessageCounts;
 use amq_protocol::types::FieldTable;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Weak};
-
-/// A queue, wherever it lives.
-#[derive(Debug, Clone)]
-pub enum QueueRef {
-    /// A queue whose messages this process holds.
-    Local(Arc<Queue>),
-}
 
 impl From<Arc<Queue>> for QueueRef {
     #[inline]

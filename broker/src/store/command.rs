@@ -6,7 +6,7 @@
 //! applying them once. Commands are written as JSON objects tagged by `op`, with RabbitMQ's
 //! field names; no I/O happens here.
 
-use super::definitions::{
+use super::model::{
     BindingDefinition, Definitions, ExchangeDefinition, PermissionDefinition, PolicyDefinition,
     QueueDefinition, UserDefinition,
 };

@@ -19,6 +19,7 @@ pub mod durability;
 pub mod file;
 pub mod flusher;
 pub mod memory;
+pub mod model;
 pub mod record;
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! snapshot, a torn or corrupt log, snapshots, and concurrent committers.
 
 use super::*;
-use amq_protocol::types::AMQPValue;
+use amq_protocol::types::{AMQPValue, FieldTable};
 use std::sync::Arc;
 
 fn queue(name: &str) -> Command {
