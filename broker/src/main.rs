@@ -43,7 +43,9 @@ async fn main() -> std::process::ExitCode {
             }
         };
     }
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env()
+        // Raft's own progress is told at debug: at info it would fill the log.
+        .unwrap_or_else(|_| EnvFilter::new("info,openraft=warn"));
     if config.log_format == "json" {
         tracing_subscriber::fmt()
             .json()

@@ -145,7 +145,10 @@ async fn serve(
     let (management, management_addr) = bind(config.management_listen).await?;
     let (prometheus, prometheus_addr) = bind(config.prometheus_listen).await?;
     let (cluster_listener, cluster_addr) = bind(config.cluster_listen).await?;
-    let cluster = crate::cluster::Cluster::new(&config).map_err(StartError::Cluster)?;
+    let cluster = match &broker.cluster {
+        Some(c) => c.clone(),
+        None => crate::cluster::Cluster::new(&config).map_err(StartError::Cluster)?,
+    };
     let mut listeners = vec![
         ListenerInfo {
             protocol: "amqp",
@@ -190,7 +193,16 @@ async fn serve(
     broker.alarms.check();
     let sampler = Arc::new(Sampler::default());
     sampler.sample(&broker);
-    let mut background = cluster.start(cluster_listener, watcher.clone());
+    // The links (and Raft over them) run on the cluster's own runtime when there is one.
+    let mut background = match &broker.metadata {
+        Some(m) => {
+            let _on = m.runtime().enter();
+            let links = cluster.start(cluster_listener, watcher.clone());
+            m.start(watcher.clone());
+            links
+        }
+        None => cluster.start(cluster_listener, watcher.clone()),
+    };
     background.extend([
         broker.alarms.spawn_monitor(Duration::from_secs(1)),
         sampler.spawn(

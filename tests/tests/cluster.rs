@@ -122,13 +122,6 @@ fn three_nodes_find_each_other_and_see_a_killed_node_come_back() {
     let n3 = node(dir.path(), "warren@n3", &peers, &secret);
     let rt = runtime();
     let http = reqwest::Client::new();
-    // Alone until the peers file names the others: a cluster of one each.
-    rt.block_on(until_nodes(
-        &http,
-        &[&n1],
-        &[("warren@n1", true)],
-        Duration::from_secs(5),
-    ));
     // The same list for every node, its own address included, as the operator writes it.
     write_peers(&peers, &[&n1, &n2, &n3]);
     let all = [
@@ -205,14 +198,11 @@ fn nodes_of_another_secret_or_cluster_name_are_refused_with_the_reason() {
         &["--cluster-secret", SECRET, "--cluster-name", "billing"],
     );
     write_peers(&peers, &[&n1, &n2, &stranger, &other]);
-    let rt = runtime();
-    let http = reqwest::Client::new();
-    rt.block_on(until_nodes(
-        &http,
-        &[&n1, &n2],
-        &[("warren@n1", true), ("warren@n2", true)],
+    until_logged(
+        &n1,
+        &["cluster link up", "warren@n2"],
         Duration::from_secs(20),
-    ));
+    );
     until_logged(
         &n1,
         &["refusing a cluster peer", "secret"],
@@ -228,24 +218,252 @@ fn nodes_of_another_secret_or_cluster_name_are_refused_with_the_reason() {
         &["refusing a cluster peer", "billing"],
         Duration::from_secs(20),
     );
-    // Refused both ways, and kept out of every list, for as long as it tries.
+    // Refused both ways for as long as they try: no link to either ever comes up.
     std::thread::sleep(Duration::from_secs(2));
-    rt.block_on(until_nodes(
-        &http,
-        &[&n1, &n2],
-        &[("warren@n1", true), ("warren@n2", true)],
-        Duration::from_secs(1),
-    ));
-    rt.block_on(until_nodes(
-        &http,
-        &[&stranger],
-        &[("warren@stranger", true)],
-        Duration::from_secs(1),
-    ));
-    rt.block_on(until_nodes(
-        &http,
-        &[&other],
-        &[("warren@other", true)],
-        Duration::from_secs(1),
-    ));
+    for line in n1.drain_log().into_iter().chain(n2.drain_log()) {
+        assert!(
+            !(line.contains("cluster link up")
+                && (line.contains("stranger") || line.contains("warren@other"))),
+            "{line}"
+        );
+    }
+    drop(other);
+}
+
+/// Management API calls as the default user.
+struct Api {
+    http: reqwest::Client,
+}
+
+impl Api {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        broker: std::net::SocketAddr,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let url = format!("http://{broker}/api/{path}");
+        let mut req = self
+            .http
+            .request(method, url)
+            .basic_auth("guest", Some("guest"))
+            .timeout(Duration::from_secs(30));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        match req.send().await {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                (status, resp.json().await.unwrap_or_default())
+            }
+            Err(e) => panic!("{path}: {e}"),
+        }
+    }
+
+    async fn put(&self, broker: std::net::SocketAddr, path: &str, body: serde_json::Value) -> u16 {
+        self.call(reqwest::Method::PUT, broker, path, Some(body))
+            .await
+            .0
+    }
+
+    async fn status(&self, broker: std::net::SocketAddr, path: &str) -> u16 {
+        self.call(reqwest::Method::GET, broker, path, None).await.0
+    }
+
+    /// The metadata leader as `broker` sees it.
+    async fn leader(&self, broker: std::net::SocketAddr) -> Option<String> {
+        let (_, overview) = self
+            .call(reqwest::Method::GET, broker, "overview", None)
+            .await;
+        overview["cluster_metadata"]["leader"]
+            .as_str()
+            .map(str::to_owned)
+    }
+}
+
+/// Waits until `f` holds, or fails saying `what` did not happen within `within`.
+async fn until<F, Fut>(what: &str, within: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !f().await {
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[test]
+fn declarations_reach_every_node_survive_the_metadata_leader_and_are_refused_by_a_minority() {
+    let dir = tempfile::tempdir().unwrap();
+    let peers = dir.path().join("peers");
+    let secret = ["--cluster-secret", SECRET];
+    let names = ["warren@n1", "warren@n2", "warren@n3"];
+    let mut nodes: Vec<Option<BrokerProcess>> = names
+        .iter()
+        .map(|n| Some(node(dir.path(), n, &peers, &secret)))
+        .collect();
+    {
+        let all: Vec<&BrokerProcess> = nodes.iter().flatten().collect();
+        write_peers(&peers, &all);
+    }
+    let rt = runtime();
+    let api = Api {
+        http: reqwest::Client::new(),
+    };
+    rt.block_on(async {
+        let at = |nodes: &[Option<BrokerProcess>], i: usize| -> std::net::SocketAddr {
+            nodes[i].as_ref().expect("running").management_addr
+        };
+        // The cluster forms: every node has the default user and one leader.
+        for i in 0..3 {
+            let n = at(&nodes, i);
+            until("the cluster to form", Duration::from_secs(30), || async {
+                api.leader(n).await.is_some()
+            })
+            .await;
+        }
+        // Declared on n1: a user, a durable exchange and queue, a binding between them.
+        let n1 = at(&nodes, 0);
+        assert_eq!(
+            api.put(
+                n1,
+                "users/app",
+                serde_json::json!({"password": "secret", "tags": ""})
+            )
+            .await,
+            201
+        );
+        assert_eq!(
+            api.put(
+                n1,
+                "exchanges/%2F/orders",
+                serde_json::json!({"type": "topic", "durable": true})
+            )
+            .await,
+            201
+        );
+        let started = Instant::now();
+        assert_eq!(
+            api.put(n1, "queues/%2F/q", serde_json::json!({"durable": true}))
+                .await,
+            201
+        );
+        let declare_took = started.elapsed();
+        assert!(
+            api.call(
+                reqwest::Method::POST,
+                n1,
+                "bindings/%2F/e/orders/q/q",
+                Some(serde_json::json!({"routing_key": "eu.#"}))
+            )
+            .await
+            .0 < 300
+        );
+        eprintln!("a durable queue declared on a 3-node cluster in {declare_took:?}");
+        // Every node has them, as soon as they are answered on n1 (n1's own view) and within
+        // the time to apply on the others.
+        for i in 0..3 {
+            let n = at(&nodes, i);
+            until(
+                "the declarations on every node",
+                Duration::from_secs(10),
+                || async {
+                    api.status(n, "users/app").await == 200
+                        && api.status(n, "exchanges/%2F/orders").await == 200
+                        && api.status(n, "queues/%2F/q").await == 200
+                        && api
+                            .call(reqwest::Method::GET, n, "bindings/%2F/e/orders/q/q", None)
+                            .await
+                            .1
+                            .as_array()
+                            .is_some_and(|b| b.len() == 1)
+                },
+            )
+            .await;
+        }
+
+        // SIGKILL of the metadata leader: the other two elect another and go on.
+        let leader = api.leader(n1).await.expect("a leader");
+        let gone = names
+            .iter()
+            .position(|n| *n == leader)
+            .expect("a known node");
+        let killed_data = nodes[gone].as_ref().unwrap().data_dir.clone();
+        nodes[gone].take().unwrap().kill();
+        let killed = Instant::now();
+        let rest: Vec<usize> = (0..3).filter(|i| *i != gone).collect();
+        let a = at(&nodes, rest[0]);
+        let b = at(&nodes, rest[1]);
+        until("a new metadata leader", Duration::from_secs(20), || async {
+            api.leader(a).await.is_some_and(|l| l != leader)
+        })
+        .await;
+        eprintln!("new metadata leader {:?} after SIGKILL", killed.elapsed());
+        until(
+            "a declaration after failover",
+            Duration::from_secs(20),
+            || async {
+                api.put(a, "queues/%2F/q2", serde_json::json!({"durable": true}))
+                    .await
+                    == 201
+            },
+        )
+        .await;
+        until(
+            "q2 on the other survivor",
+            Duration::from_secs(10),
+            || async { api.status(b, "queues/%2F/q2").await == 200 },
+        )
+        .await;
+
+        // One more gone: the node left alone refuses to declare (no majority), and answers
+        // so within its wait, never as done.
+        let second = rest[1];
+        let second_data = nodes[second].as_ref().unwrap().data_dir.clone();
+        nodes[second].take().unwrap().kill();
+        let refused = api
+            .put(a, "queues/%2F/q3", serde_json::json!({"durable": true}))
+            .await;
+        assert_eq!(refused, 503, "a minority must not declare");
+        assert_eq!(api.status(a, "queues/%2F/q3").await, 404);
+
+        // The killed nodes come back with their data: the majority is back, by itself.
+        for (i, data) in [(gone, killed_data), (second, second_data)] {
+            let mut args = vec!["--node-name", names[i], "--peers-file"];
+            let p = peers.to_str().unwrap();
+            args.push(p);
+            args.extend_from_slice(&secret);
+            nodes[i] = Some(BrokerProcess::start_in(&data, &args));
+        }
+        {
+            let all: Vec<&BrokerProcess> = nodes.iter().flatten().collect();
+            write_peers(&peers, &all);
+        }
+        until(
+            "a declaration once healed",
+            Duration::from_secs(30),
+            || async {
+                api.put(a, "queues/%2F/q3", serde_json::json!({"durable": true}))
+                    .await
+                    == 201
+            },
+        )
+        .await;
+        for i in 0..3 {
+            let n = at(&nodes, i);
+            until(
+                "every queue on every node",
+                Duration::from_secs(20),
+                || async {
+                    api.status(n, "queues/%2F/q").await == 200
+                        && api.status(n, "queues/%2F/q2").await == 200
+                        && api.status(n, "queues/%2F/q3").await == 200
+                },
+            )
+            .await;
+        }
+    });
 }

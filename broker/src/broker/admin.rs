@@ -44,6 +44,9 @@ pub enum Password {
 
 impl Broker {
     fn store_err(e: crate::store::DefinitionsError) -> AdminError {
+        if let crate::store::DefinitionsError::Unavailable(reason) = e {
+            return AdminError::Unavailable(reason);
+        }
         tracing::error!(error = %e, "cannot write definitions");
         AdminError::Internal("cannot write definitions".into())
     }
@@ -65,7 +68,7 @@ impl Broker {
             if let Some(t) = default_queue_type {
                 meta.default_queue_type = t;
             }
-            v.set_meta(meta).map_err(|e| AdminError::Internal(e.text))?;
+            v.set_meta(meta).map_err(AdminError::from)?;
             return Ok(false);
         }
         let v = Vhost::new(
@@ -81,7 +84,7 @@ impl Broker {
             limits: Default::default(),
             default_queue_type: default_queue_type.flatten(),
         })
-        .map_err(|e| AdminError::Internal(e.text))?;
+        .map_err(AdminError::from)?;
         self.vhosts.write().insert(name.to_owned(), v);
         tracing::info!(vhost = name, "vhost created");
         Ok(true)
@@ -92,6 +95,14 @@ impl Broker {
     pub fn delete_vhost(&self, name: &str) -> Result<(), AdminError> {
         // The vhost leaves the node's sums and its queues' counters enter the retired ones in
         // one step under `retiring`, so a scrape never sees them twice or not at all.
+        if self.vhost(name).is_none() {
+            return Err(AdminError::NotFound(format!("vhost {name} not found")));
+        }
+        self.definitions
+            .commit(Command::DeleteVhost {
+                name: name.to_owned(),
+            })
+            .map_err(Self::store_err)?;
         let v = {
             let _retiring = self.churn.retiring.write();
             let Some(v) = self.vhosts.write().remove(name) else {
@@ -105,11 +116,6 @@ impl Broker {
         }
         v.remove_everything();
         self.users.clear_vhost(name);
-        self.definitions
-            .commit(Command::DeleteVhost {
-                name: name.to_owned(),
-            })
-            .map_err(Self::store_err)?;
         tracing::info!(vhost = name, "vhost deleted");
         Ok(())
     }
@@ -132,7 +138,7 @@ impl Broker {
             Some(n) => meta.limits.insert(limit.to_owned(), n),
             None => meta.limits.remove(limit),
         };
-        v.set_meta(meta).map_err(|e| AdminError::Internal(e.text))
+        v.set_meta(meta).map_err(AdminError::from)
     }
 
     /// Creates or updates a user. Returns whether it was created.

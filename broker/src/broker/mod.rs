@@ -22,7 +22,11 @@ pub mod vhost;
 
 use crate::alarms::Alarms;
 use crate::auth::{Permission, User, Users, hash_password};
+use crate::cluster::Cluster;
+use crate::cluster::meta_state::Proposal;
+use crate::cluster::metadata::Metadata;
 use crate::config::Config;
+use crate::store::definitions::Definitions;
 use crate::store::delayed::DelayedOptions;
 use crate::store::file::FileStoreOptions;
 use crate::store::{Command, DefinitionStore, DefinitionsError, Storage};
@@ -41,6 +45,10 @@ pub struct Broker {
     pub users: Users,
     /// Durable definitions: vhosts, users, permissions, and each vhost's topology.
     pub definitions: Arc<DefinitionStore>,
+    /// The links to the other nodes (none for a broker that keeps nothing on disk).
+    pub cluster: Option<Arc<Cluster>>,
+    /// This node's member of the cluster's metadata group, which holds the definitions.
+    pub metadata: Option<Metadata>,
     pub storage: Arc<Storage>,
     pub alarms: Arc<Alarms>,
     pub connections: connections::Connections,
@@ -65,8 +73,20 @@ pub struct Broker {
 
 impl Broker {
     /// Opens the data directory and recovers the durable definitions and messages in it.
+    /// The definitions are the cluster's: this node's member of its metadata group opens
+    /// here (a node given no peers is a cluster of one, formed now if it is new).
     pub fn open(config: Config) -> Result<Arc<Self>, DefinitionsError> {
-        let store = Arc::new(DefinitionStore::open(&config.data_dir)?);
+        let io = |path: &std::path::Path| {
+            let path = path.to_path_buf();
+            move |source| DefinitionsError::Io { path, source }
+        };
+        let cluster = Cluster::new(&config).map_err(io(&config.data_dir))?;
+        let group_dir = config.data_dir.join("metadata");
+        let metadata = Metadata::open(cluster.clone(), &group_dir).map_err(io(&group_dir))?;
+        let store = Arc::new(DefinitionStore::replicated(Arc::new(metadata.clone())));
+        if metadata.form_alone_if_first() {
+            seed(&config, &store, &metadata)?;
+        }
         let storage = Storage::open(
             &config.data_dir,
             Duration::from_millis(config.flush_interval_ms),
@@ -110,7 +130,20 @@ impl Broker {
                 "queue stores renamed to the current layout; an earlier version started on this data directory would delete them and their messages"
             );
         }
-        let broker = Self::with_store(config, store, Arc::new(storage));
+        let (applied, entries) = std::sync::mpsc::channel::<(u64, Proposal)>();
+        let broker = metadata.follow(
+            |defs, _| {
+                let mut broker = Self::with_store(config, store, Arc::new(storage), defs.clone());
+                broker.cluster = Some(cluster);
+                broker.metadata = Some(metadata.clone());
+                Arc::new(broker)
+            },
+            Box::new(move |index, proposal| {
+                let _ = applied.send((index, proposal.clone()));
+            }),
+        );
+        spawn_applier(&broker, entries)?;
+        spawn_seeder(&broker);
         let durable: Vec<(String, String, u8)> = broker
             .vhosts()
             .iter()
@@ -142,44 +175,35 @@ impl Broker {
 
     /// A broker that keeps nothing on disk.
     pub fn in_memory(config: Config) -> Arc<Self> {
-        Self::with_store(
+        let store = Arc::new(DefinitionStore::in_memory());
+        let mut defs = store.snapshot();
+        if defs.users.is_empty() {
+            for c in default_user(&config) {
+                store
+                    .commit(c)
+                    .expect("an in-memory store takes every command");
+            }
+            defs = store.snapshot();
+        }
+        Arc::new(Self::with_store(
             config,
-            Arc::new(DefinitionStore::in_memory()),
+            store,
             Arc::new(Storage::in_memory()),
-        )
+            defs,
+        ))
     }
 
-    fn with_store(config: Config, store: Arc<DefinitionStore>, storage: Arc<Storage>) -> Arc<Self> {
+    fn with_store(
+        config: Config,
+        store: Arc<DefinitionStore>,
+        storage: Arc<Storage>,
+        defs: Definitions,
+    ) -> Self {
         let window = Window {
             messages: config.queue_window_messages,
             bytes: config.queue_window_bytes,
         };
         let users = Users::new(config.loopback_users.clone());
-        let mut defs = store.snapshot();
-        if defs.users.is_empty() {
-            // A new node: the default user, with every permission on the default vhost, as
-            // RabbitMQ creates it on first start.
-            let user = Command::PutUser {
-                name: config.default_user.clone(),
-                password_hash: hash_password(&config.default_pass),
-                tags: vec!["administrator".into()],
-            };
-            let permission = Command::SetPermission {
-                user: config.default_user.clone(),
-                vhost: "/".into(),
-                configure: ".*".into(),
-                write: ".*".into(),
-                read: ".*".into(),
-            };
-            match store.commit(user).and_then(|()| store.commit(permission)) {
-                Ok(()) => tracing::info!(
-                    user = %config.default_user,
-                    "first start: created the default user, an administrator with every permission on vhost /"
-                ),
-                Err(e) => tracing::error!(error = %e, "cannot store the default user"),
-            }
-            defs = store.snapshot();
-        }
         for (name, u) in &defs.users {
             users.put(User {
                 name: name.clone(),
@@ -227,6 +251,8 @@ impl Broker {
             storage: storage.clone(),
             alarms,
             connections: connections::Connections::default(),
+            cluster: None,
+            metadata: None,
             window,
             vhosts: RwLock::new(HashMap::new()),
             next_connection_id: AtomicU64::new(1),
@@ -244,7 +270,7 @@ impl Broker {
             v.restore(vdefs);
         }
         drop(vhosts);
-        Arc::new(broker)
+        broker
     }
 
     pub fn vhost(&self, name: &str) -> Option<Arc<Vhost>> {
@@ -281,4 +307,347 @@ impl Broker {
     pub fn next_connection_id(&self) -> u64 {
         self.next_connection_id.fetch_add(1, Ordering::Relaxed)
     }
+
+    /// Makes a change to this node's live objects with the methods a local change uses: a
+    /// change committed by another node (inside [`DefinitionStore::from_log`], which skips
+    /// their commits), or one to commit from here (seeding a new cluster).
+    fn apply_command(&self, command: &Command) {
+        use crate::broker::exchange::{ExchangeKind, ExchangeSpec};
+        use crate::broker::policy::{Policy, PolicyKind};
+        use crate::broker::queue::QueueSpec;
+        use crate::broker::vhost::DestinationKind;
+        let vhost = |name: &str| self.vhost(name).ok_or_else(|| format!("no vhost {name}"));
+        let result: Result<(), String> = match command {
+            Command::PutVhost {
+                name,
+                description,
+                tags,
+                default_queue_type,
+            } => self
+                .put_vhost(
+                    name,
+                    description,
+                    tags.clone(),
+                    Some(default_queue_type.clone()),
+                )
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            Command::DeleteVhost { name } => match self.delete_vhost(name) {
+                Err(admin::AdminError::NotFound(_)) => Ok(()),
+                other => other.map_err(|e| e.to_string()),
+            },
+            Command::SetVhostLimit { vhost, name, value } => self
+                .set_vhost_limit(vhost, name, Some(*value))
+                .map_err(|e| e.to_string()),
+            Command::ClearVhostLimit { vhost, name } => self
+                .set_vhost_limit(vhost, name, None)
+                .map_err(|e| e.to_string()),
+            Command::PutUser {
+                name,
+                password_hash,
+                tags,
+            } => self
+                .put_user(
+                    name,
+                    admin::Password::Hash(password_hash.clone()),
+                    tags.clone(),
+                )
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            Command::DeleteUser { name } => match self.delete_user(name) {
+                Err(admin::AdminError::NotFound(_)) => Ok(()),
+                other => other.map_err(|e| e.to_string()),
+            },
+            Command::SetPermission {
+                user,
+                vhost,
+                configure,
+                write,
+                read,
+            } => self
+                .set_permission(user, vhost, configure, write, read)
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            Command::ClearPermission { user, vhost } => match self.clear_permission(user, vhost) {
+                Err(admin::AdminError::NotFound(_)) => Ok(()),
+                other => other.map_err(|e| e.to_string()),
+            },
+            Command::DeclareExchange {
+                vhost: v,
+                name,
+                kind,
+                auto_delete,
+                internal,
+                arguments,
+            } => ExchangeKind::parse(kind)
+                .ok_or_else(|| format!("unknown exchange type {kind}"))
+                .and_then(|kind| {
+                    vhost(v)?
+                        .declare_exchange(ExchangeSpec {
+                            name: name.clone(),
+                            kind,
+                            durable: true,
+                            auto_delete: *auto_delete,
+                            internal: *internal,
+                            arguments: arguments.clone(),
+                        })
+                        .map(drop)
+                        .map_err(|e| e.text)
+                }),
+            Command::DeleteExchange { vhost: v, name } => vhost(v).and_then(|v| {
+                v.delete_exchange(name, false)
+                    .or_else(|e| {
+                        if e.code == crate::error::NOT_FOUND {
+                            Ok(())
+                        } else {
+                            Err(e)
+                        }
+                    })
+                    .map_err(|e| e.text)
+            }),
+            Command::DeclareQueue {
+                vhost: v,
+                name,
+                auto_delete,
+                arguments,
+                node: _,
+            } => vhost(v).and_then(|v| {
+                v.import_queue(QueueSpec {
+                    name: name.clone(),
+                    durable: true,
+                    exclusive: false,
+                    auto_delete: *auto_delete,
+                    arguments: arguments.clone(),
+                })
+                .map(drop)
+                .map_err(|e| e.text)
+            }),
+            Command::DeleteQueue { vhost: v, name } => vhost(v).and_then(|v| {
+                v.delete_queue(name, false, false, 0)
+                    .map(drop)
+                    .map_err(|e| e.text)
+            }),
+            Command::Bind {
+                vhost: v,
+                source,
+                destination,
+                destination_type,
+                routing_key,
+                arguments,
+            }
+            | Command::Unbind {
+                vhost: v,
+                source,
+                destination,
+                destination_type,
+                routing_key,
+                arguments,
+            } => vhost(v).and_then(|v| {
+                let kind = if destination_type == "exchange" {
+                    DestinationKind::Exchange
+                } else {
+                    DestinationKind::Queue
+                };
+                let bound = if matches!(command, Command::Bind { .. }) {
+                    v.bind(source, destination, kind, routing_key, arguments, 0)
+                } else {
+                    v.unbind(source, destination, kind, routing_key, arguments, 0)
+                };
+                bound.map_err(|e| e.text)
+            }),
+            Command::PutPolicy {
+                vhost: v,
+                name,
+                pattern,
+                apply_to,
+                priority,
+                definition,
+            }
+            | Command::PutOperatorPolicy {
+                vhost: v,
+                name,
+                pattern,
+                apply_to,
+                priority,
+                definition,
+            } => {
+                let kind = if matches!(command, Command::PutPolicy { .. }) {
+                    PolicyKind::Policy
+                } else {
+                    PolicyKind::Operator
+                };
+                vhost(v).and_then(|v| {
+                    let policy = Policy::of_kind(
+                        kind,
+                        name,
+                        pattern,
+                        apply_to,
+                        *priority,
+                        definition.clone(),
+                    )?;
+                    v.set_policy_of(kind, policy).map(drop).map_err(|e| e.text)
+                })
+            }
+            Command::DeletePolicy { vhost: v, name }
+            | Command::DeleteOperatorPolicy { vhost: v, name } => {
+                let kind = if matches!(command, Command::DeletePolicy { .. }) {
+                    PolicyKind::Policy
+                } else {
+                    PolicyKind::Operator
+                };
+                vhost(v).and_then(|v| v.delete_policy_of(kind, name).map(drop).map_err(|e| e.text))
+            }
+            Command::SetClusterName { name } => {
+                if self.config.cluster_name.is_none() {
+                    *self.cluster_name.write() = Some(name.clone());
+                }
+                Ok(())
+            }
+        };
+        if let Err(reason) = result {
+            tracing::warn!(change = %command.what(), %reason, "a change committed by another node could not be made here");
+        }
+    }
+}
+
+/// The default user, with every permission on the default vhost, as RabbitMQ creates it on a
+/// new node.
+fn default_user(config: &Config) -> [Command; 2] {
+    [
+        Command::PutUser {
+            name: config.default_user.clone(),
+            password_hash: hash_password(&config.default_pass),
+            tags: vec!["administrator".into()],
+        },
+        Command::SetPermission {
+            user: config.default_user.clone(),
+            vhost: "/".into(),
+            configure: ".*".into(),
+            write: ".*".into(),
+            read: ".*".into(),
+        },
+    ]
+}
+
+/// What a new cluster's definitions need: those an earlier version kept in this node's data
+/// directory, and the default user when there is no user at all (none: nothing).
+fn seed_commands(
+    config: &Config,
+    metadata: &Metadata,
+) -> Result<Option<Vec<Command>>, DefinitionsError> {
+    let mut commands = Vec::new();
+    if let Some(legacy) = DefinitionStore::read_legacy(&config.data_dir)? {
+        commands = crate::store::command::commands_of(&legacy);
+        tracing::info!(
+            commands = commands.len(),
+            "importing the definitions an earlier version kept into the cluster's metadata"
+        );
+    }
+    let no_users = metadata.state().with_definitions(|d| d.users.is_empty());
+    if no_users
+        && !commands
+            .iter()
+            .any(|c| matches!(c, Command::PutUser { .. }))
+    {
+        commands.extend(default_user(config));
+        tracing::info!(
+            user = %config.default_user,
+            "new cluster: creating the default user, an administrator with every permission on vhost /"
+        );
+    }
+    Ok((!commands.is_empty()).then_some(commands))
+}
+
+/// Seeds the definitions of a node that forms a cluster of one, before its live objects are
+/// made from them.
+fn seed(
+    config: &Config,
+    store: &DefinitionStore,
+    metadata: &Metadata,
+) -> Result<(), DefinitionsError> {
+    if let Some(commands) = seed_commands(config, metadata)? {
+        let ((), stored) = store.batch(|| {
+            for c in commands {
+                let _ = store.commit(c);
+            }
+        });
+        stored?;
+        DefinitionStore::retire_legacy(&config.data_dir)?;
+    }
+    Ok(())
+}
+
+/// Makes the changes other nodes commit to this node's live objects, in log order, on a
+/// thread of its own (never on Raft's: a change waits for locks that a local declaration
+/// holds while it waits for Raft).
+fn spawn_applier(
+    broker: &Arc<Broker>,
+    entries: std::sync::mpsc::Receiver<(u64, Proposal)>,
+) -> Result<(), DefinitionsError> {
+    let weak = Arc::downgrade(broker);
+    std::thread::Builder::new()
+        .name("warren-metadata".into())
+        .spawn(move || {
+            while let Ok((_, proposal)) = entries.recv() {
+                let Some(broker) = weak.upgrade() else {
+                    return;
+                };
+                let Some(metadata) = &broker.metadata else {
+                    return;
+                };
+                if metadata.made_here(&proposal) {
+                    continue;
+                }
+                DefinitionStore::from_log(|| {
+                    for c in &proposal.commands {
+                        broker.apply_command(c);
+                    }
+                });
+            }
+        })
+        .map(drop)
+        .map_err(|source| DefinitionsError::Io {
+            path: broker.config.data_dir.clone(),
+            source,
+        })
+}
+
+/// Seeds the definitions once the cluster has formed (a node with peers cannot before).
+fn spawn_seeder(broker: &Arc<Broker>) {
+    let weak = Arc::downgrade(broker);
+    let _ = std::thread::Builder::new()
+        .name("warren-seed".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                let Some(broker) = weak.upgrade() else {
+                    return;
+                };
+                let Some(metadata) = &broker.metadata else {
+                    return;
+                };
+                if metadata.status().leader.is_none() {
+                    continue;
+                }
+                let commands = match seed_commands(&broker.config, metadata) {
+                    Ok(Some(commands)) => commands,
+                    Ok(None) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read the definitions to seed");
+                        return;
+                    }
+                };
+                // Made to the live objects here as they are committed.
+                let ((), stored) = broker.definitions.batch(|| {
+                    for c in &commands {
+                        broker.apply_command(c);
+                    }
+                });
+                match stored.and_then(|()| DefinitionStore::retire_legacy(&broker.config.data_dir))
+                {
+                    Ok(()) => return,
+                    Err(e) => tracing::debug!(error = %e, "cannot seed the definitions yet"),
+                }
+            }
+        });
 }

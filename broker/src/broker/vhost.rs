@@ -685,15 +685,13 @@ impl Vhost {
         // a message confirmed on it must not meet a restart that takes its store for a
         // deleted queue's. What an import defers (exchanges, bindings, users, policies) loses
         // no message if a crash takes it.
+        let what = command.what();
         let committed = if matches!(command, Command::DeclareQueue { .. }) {
             self.store.commit_now(command)
         } else {
             self.store.commit(command)
         };
-        committed.map_err(|e| {
-            tracing::error!(error = %e, "cannot write definitions");
-            AmqpError::new(crate::error::INTERNAL_ERROR, "cannot write definitions")
-        })
+        committed.map_err(|e| definitions_error(&what, e))
     }
 
     pub fn exchange(&self, name: &str) -> Option<Arc<Exchange>> {
@@ -972,6 +970,7 @@ impl Vhost {
                 name: spec.name.clone(),
                 auto_delete: spec.auto_delete,
                 arguments: spec.arguments.clone(),
+                node: self.store.node().map(str::to_owned),
             })?;
             stores
                 .into_iter()
@@ -1515,6 +1514,23 @@ impl DelayedOwner for Vhost {
 }
 
 /// The command that stores (`bind`) or removes a durable binding.
+/// The reply for a change the definitions could not take.
+pub fn definitions_error(what: &str, e: crate::store::DefinitionsError) -> AmqpError {
+    match e {
+        crate::store::DefinitionsError::Unavailable(reason) => AmqpError {
+            cause: crate::error::Cause::Unavailable,
+            ..AmqpError::new(
+                crate::error::INTERNAL_ERROR,
+                format!("cannot {what}: {reason}"),
+            )
+        },
+        e => {
+            tracing::error!(error = %e, "cannot write definitions");
+            AmqpError::new(crate::error::INTERNAL_ERROR, "cannot write definitions")
+        }
+    }
+}
+
 fn binding_command(
     vhost: &str,
     bind: bool,

@@ -26,8 +26,32 @@ use tokio::sync::watch;
 openraft::declare_raft_types!(
     /// The metadata group: entries carry batches of commands; nothing comes back but the
     /// fact that they were applied.
-    pub MetaConfig: D = Vec<Command>, R = ()
+    pub MetaConfig: D = Proposal, R = ()
 );
+
+/// One entry's commands, with the process that proposed them: that process has already
+/// made the change to its live objects, the others make it as they apply the entry.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Proposal {
+    /// The proposing process (a random number of each start; 0: none in particular).
+    pub origin: u64,
+    /// The proposal's number in that process.
+    pub id: u64,
+    pub commands: Vec<Command>,
+}
+
+impl From<Vec<Command>> for Proposal {
+    fn from(commands: Vec<Command>) -> Self {
+        Self {
+            origin: 0,
+            id: 0,
+            commands,
+        }
+    }
+}
+
+/// Told of every entry applied after it was installed, in log order: its index and proposal.
+pub type ApplyHook = Box<dyn Fn(u64, &Proposal) + Send + Sync>;
 
 /// The snapshot file in the group's directory.
 const SNAPSHOT_FILE: &str = "meta-snapshot.json";
@@ -40,12 +64,22 @@ struct Applied {
     definitions: Definitions,
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Inner {
     applied: Applied,
     /// The last snapshot: its meta and bytes (as written to the file).
     snapshot: Option<(SnapshotMeta<u64, BasicNode>, Vec<u8>)>,
     snapshots_built: u64,
+    hook: Option<ApplyHook>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("last", &self.applied.last)
+            .field("snapshots_built", &self.snapshots_built)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The metadata state machine of one node. Clones share it.
@@ -92,9 +126,46 @@ impl MetaState {
         self.inner.lock().applied.definitions.clone()
     }
 
+    /// Reads the definitions as of the last applied command, without copying them.
+    pub fn with_definitions<R>(&self, f: impl FnOnce(&Definitions) -> R) -> R {
+        f(&self.inner.lock().applied.definitions)
+    }
+
     /// Follows the index of the last applied entry.
     pub fn applied(&self) -> watch::Receiver<u64> {
         self.applied_index.subscribe()
+    }
+
+    /// The index of the last applied entry.
+    pub fn applied_index(&self) -> u64 {
+        *self.applied_index.borrow()
+    }
+
+    /// Whether the group has a membership (it was initialized, here or by another node).
+    pub fn has_membership(&self) -> bool {
+        self.inner
+            .lock()
+            .applied
+            .membership
+            .membership()
+            .nodes()
+            .next()
+            .is_some()
+    }
+
+    /// Calls `f` with the definitions and the index they are at, then `hook` with every
+    /// entry applied after, in order: nothing is missed or seen twice between the two.
+    pub fn follow<R>(&self, f: impl FnOnce(&Definitions, u64) -> R, hook: ApplyHook) -> R {
+        let mut inner = self.inner.lock();
+        let index = inner.applied.last.map_or(0, |l| l.index);
+        let r = f(&inner.applied.definitions, index);
+        inner.hook = Some(hook);
+        r
+    }
+
+    /// Stops telling of applied entries.
+    pub fn unfollow(&self) {
+        self.inner.lock().hook = None;
     }
 
     fn write_snapshot(&self, bytes: &[u8]) -> std::io::Result<()> {
@@ -181,9 +252,12 @@ impl RaftStateMachine<MetaConfig> for MetaState {
                 last = Some(e.log_id.index);
                 match e.payload {
                     EntryPayload::Blank => {}
-                    EntryPayload::Normal(commands) => {
-                        for c in &commands {
+                    EntryPayload::Normal(proposal) => {
+                        for c in &proposal.commands {
                             apply(&mut inner.applied.definitions, c);
+                        }
+                        if let Some(hook) = &inner.hook {
+                            hook(e.log_id.index, &proposal);
                         }
                     }
                     EntryPayload::Membership(m) => {
@@ -271,6 +345,7 @@ mod tests {
             name: name.into(),
             auto_delete: false,
             arguments: FieldTable::default(),
+            node: None,
         }
     }
 
@@ -353,9 +428,12 @@ mod tests {
             .0
             .0;
         // One declaration, then an import-sized batch in one entry.
-        on_leader.client_write(vec![declare("q0")]).await.unwrap();
+        on_leader
+            .client_write(Proposal::from(vec![declare("q0")]))
+            .await
+            .unwrap();
         let batch: Vec<Command> = (1..=50).map(|i| declare(&format!("q{i}"))).collect();
-        let written = on_leader.client_write(batch).await.unwrap();
+        let written = on_leader.client_write(Proposal::from(batch)).await.unwrap();
         let expected: Vec<String> = {
             let mut v: Vec<String> = (0..=50).map(|i| format!("q{i}")).collect();
             v.sort();
@@ -407,7 +485,7 @@ mod tests {
             let mut last = 0;
             for i in 0..5 {
                 last = raft
-                    .client_write(vec![declare(&format!("q{i}"))])
+                    .client_write(Proposal::from(vec![declare(&format!("q{i}"))]))
                     .await
                     .unwrap()
                     .log_id
@@ -430,10 +508,10 @@ mod tests {
                 .await
                 .unwrap();
             // One more after the snapshot: it comes back from the log.
-            raft.client_write(vec![Command::DeleteQueue {
+            raft.client_write(Proposal::from(vec![Command::DeleteQueue {
                 vhost: "/".into(),
                 name: "q0".into(),
-            }])
+            }]))
             .await
             .unwrap();
             assert_eq!(queues(&state.definitions()), ["q1", "q2", "q3", "q4"]);

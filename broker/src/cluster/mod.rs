@@ -14,6 +14,7 @@ pub mod handshake;
 pub mod link;
 pub mod log_store;
 pub mod meta_state;
+pub mod metadata;
 pub mod raft_network;
 pub mod rpc;
 pub mod secret;
@@ -136,6 +137,42 @@ impl Cluster {
             address: Some(address.clone()),
         }));
         out
+    }
+
+    /// Whether this node was given no peers at all (nor a peers file).
+    pub fn has_no_peers(&self) -> bool {
+        self.peers.is_empty() && self.peers_file.is_none()
+    }
+
+    /// The nodes a link is up to now, by name.
+    pub fn linked(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.state.lock().links.keys().cloned().collect();
+        out.sort();
+        out
+    }
+
+    /// The nodes linked, once every peer address is linked or known to be this node (None
+    /// before, and while no peer address is known): the whole cluster this node was told of.
+    pub fn linked_peers_if_settled(&self) -> Option<Vec<String>> {
+        let addresses = self.peer_addresses();
+        if addresses.is_empty() {
+            // Not told of the cluster yet (an empty peers file): nothing to settle on.
+            return None;
+        }
+        let st = self.state.lock();
+        let settled = addresses.iter().all(|a| {
+            st.itself.contains(a)
+                || st
+                    .reached
+                    .get(a)
+                    .is_some_and(|node| st.links.contains_key(node))
+        });
+        if !settled {
+            return None;
+        }
+        let mut out: Vec<String> = st.links.keys().cloned().collect();
+        out.sort();
+        Some(out)
     }
 
     /// Queues `frame` on the link to `node`; false when no link to it is up or its queue is

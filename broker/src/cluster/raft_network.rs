@@ -117,7 +117,7 @@ where
 }
 
 /// A request handler from a function of the decoded request to the answer to encode.
-fn handler<Req, Resp, F, Fut>(f: F) -> rpc::Handler
+pub(crate) fn handler<Req, Resp, F, Fut>(f: F) -> rpc::Handler
 where
     Req: DeserializeOwned + Send + 'static,
     Resp: Serialize + Send + 'static,

@@ -99,6 +99,19 @@ pub async fn overview(
         "product_name": "Warren",
         "rabbitmq_version": RABBITMQ_VERSION,
         "cluster_name": broker.cluster_name(),
+        // Warren's own: the Raft group that holds the cluster's definitions, as this node
+        // sees it (null for a broker that keeps nothing on disk).
+        "cluster_metadata": broker.metadata.as_ref().map(|m| {
+            let s = m.status();
+            json!({
+                "leader": s.leader,
+                "voters": s.voters,
+                "learners": s.learners,
+                "role": s.role,
+                "term": s.term,
+                "applied_index": s.applied,
+            })
+        }),
         "erlang_version": "n/a",
         "erlang_full_version": "n/a",
         "release_series_support_status": "supported",

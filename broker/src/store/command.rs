@@ -84,6 +84,9 @@ pub enum Command {
         name: String,
         auto_delete: bool,
         arguments: FieldTable,
+        /// The node that holds its messages (none: the node that applies it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        node: Option<String>,
     },
     /// Removes a queue and the bindings to it.
     DeleteQueue {
@@ -137,6 +140,155 @@ pub enum Command {
     SetClusterName {
         name: String,
     },
+}
+
+impl Command {
+    /// What the command does, for an error saying it could not be done ("declare queue 'q'
+    /// in vhost '/'").
+    pub fn what(&self) -> String {
+        let object =
+            |kind: &str, name: &str, vhost: &str| format!("{kind} '{name}' in vhost '{vhost}'");
+        match self {
+            Command::PutVhost { name, .. } => format!("create or update vhost '{name}'"),
+            Command::DeleteVhost { name } => format!("delete vhost '{name}'"),
+            Command::SetVhostLimit { vhost, name, .. }
+            | Command::ClearVhostLimit { vhost, name } => {
+                format!("change limit '{name}' of vhost '{vhost}'")
+            }
+            Command::PutUser { name, .. } => format!("create or update user '{name}'"),
+            Command::DeleteUser { name } => format!("delete user '{name}'"),
+            Command::SetPermission { user, vhost, .. }
+            | Command::ClearPermission { user, vhost } => {
+                format!("change the permissions of user '{user}' in vhost '{vhost}'")
+            }
+            Command::DeclareExchange { vhost, name, .. } => {
+                format!("declare {}", object("exchange", name, vhost))
+            }
+            Command::DeleteExchange { vhost, name } => {
+                format!("delete {}", object("exchange", name, vhost))
+            }
+            Command::DeclareQueue { vhost, name, .. } => {
+                format!("declare {}", object("queue", name, vhost))
+            }
+            Command::DeleteQueue { vhost, name } => {
+                format!("delete {}", object("queue", name, vhost))
+            }
+            Command::Bind { vhost, source, .. } | Command::Unbind { vhost, source, .. } => {
+                format!(
+                    "change the bindings of {}",
+                    object("exchange", source, vhost)
+                )
+            }
+            Command::PutPolicy { vhost, name, .. }
+            | Command::DeletePolicy { vhost, name }
+            | Command::PutOperatorPolicy { vhost, name, .. }
+            | Command::DeleteOperatorPolicy { vhost, name } => {
+                format!("change {}", object("policy", name, vhost))
+            }
+            Command::SetClusterName { .. } => "rename the cluster".into(),
+        }
+    }
+}
+
+/// The commands that make `defs` from nothing: how definitions kept outside the cluster's
+/// log (an earlier version's files) enter it.
+pub fn commands_of(defs: &Definitions) -> Vec<Command> {
+    let mut out = Vec::new();
+    for (name, u) in &defs.users {
+        out.push(Command::PutUser {
+            name: name.clone(),
+            password_hash: u.password_hash.clone(),
+            tags: u.tags.clone(),
+        });
+    }
+    for (name, v) in &defs.vhosts {
+        out.push(Command::PutVhost {
+            name: name.clone(),
+            description: v.description.clone(),
+            tags: v.tags.clone(),
+            default_queue_type: v.default_queue_type.clone(),
+        });
+        for (limit, value) in &v.limits {
+            out.push(Command::SetVhostLimit {
+                vhost: name.clone(),
+                name: limit.clone(),
+                value: *value,
+            });
+        }
+        for (x, d) in &v.exchanges {
+            out.push(Command::DeclareExchange {
+                vhost: name.clone(),
+                name: x.clone(),
+                kind: d.kind.clone(),
+                auto_delete: d.auto_delete,
+                internal: d.internal,
+                arguments: d.arguments.clone(),
+            });
+        }
+        for (q, d) in &v.queues {
+            out.push(Command::DeclareQueue {
+                vhost: name.clone(),
+                name: q.clone(),
+                auto_delete: d.auto_delete,
+                arguments: d.arguments.clone(),
+                node: d.node.clone(),
+            });
+        }
+        for b in v.bindings.iter() {
+            out.push(Command::Bind {
+                vhost: name.clone(),
+                source: b.source.clone(),
+                destination: b.destination.clone(),
+                destination_type: b.destination_type.clone(),
+                routing_key: b.routing_key.clone(),
+                arguments: b.arguments.clone(),
+            });
+        }
+        for (operator, policies) in [(false, &v.policies), (true, &v.operator_policies)] {
+            for (p, d) in policies {
+                let (vhost, name, pattern, apply_to, priority, definition) = (
+                    name.clone(),
+                    p.clone(),
+                    d.pattern.clone(),
+                    d.apply_to.clone(),
+                    d.priority,
+                    d.definition.clone(),
+                );
+                out.push(if operator {
+                    Command::PutOperatorPolicy {
+                        vhost,
+                        name,
+                        pattern,
+                        apply_to,
+                        priority,
+                        definition,
+                    }
+                } else {
+                    Command::PutPolicy {
+                        vhost,
+                        name,
+                        pattern,
+                        apply_to,
+                        priority,
+                        definition,
+                    }
+                });
+            }
+        }
+    }
+    for p in &defs.permissions {
+        out.push(Command::SetPermission {
+            user: p.user.clone(),
+            vhost: p.vhost.clone(),
+            configure: p.configure.clone(),
+            write: p.write.clone(),
+            read: p.read.clone(),
+        });
+    }
+    if let Some(name) = &defs.cluster_name {
+        out.push(Command::SetClusterName { name: name.clone() });
+    }
+    out
 }
 
 /// Makes the change `command` describes. Returns whether anything changed.
@@ -257,10 +409,12 @@ pub fn apply(defs: &mut Definitions, command: &Command) -> bool {
             name,
             auto_delete,
             arguments,
+            node,
         } => {
             let def = QueueDefinition {
                 auto_delete: *auto_delete,
                 arguments: arguments.clone(),
+                node: node.clone(),
             };
             let v = defs.vhosts.entry(vhost.clone()).or_default();
             v.queues.insert(name.clone(), def.clone()) != Some(def)
@@ -491,12 +645,14 @@ mod tests {
                 name: "q".into(),
                 auto_delete: false,
                 arguments: args(5),
+                node: None,
             },
             Command::DeclareQueue {
                 vhost: "v".into(),
                 name: "r".into(),
                 auto_delete: false,
                 arguments: FieldTable::default(),
+                node: None,
             },
             bind("x", "q", "queue", "a.#"),
             bind("x", "r", "queue", "b"),
@@ -550,6 +706,16 @@ mod tests {
             apply(&mut defs, c);
         }
         defs
+    }
+
+    #[test]
+    fn the_commands_of_definitions_make_them_from_nothing() {
+        let defs = applied(
+            &Definitions::default(),
+            &every_command()[..every_command().len() - 2],
+        );
+        assert!(!defs.vhosts.is_empty() && !defs.users.is_empty());
+        assert_eq!(applied(&Definitions::default(), &commands_of(&defs)), defs);
     }
 
     #[test]

@@ -37,6 +37,10 @@ pub enum DefinitionsError {
         path: PathBuf,
         source: serde_json::Error,
     },
+    /// The cluster could not commit the change now (no majority reachable, no leader, no
+    /// answer in time); it may succeed later.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("{path}, line {line}: not a valid command: {source}")]
     CorruptLog {
         path: PathBuf,
@@ -52,9 +56,35 @@ thread_local! {
     static DEFERRED: RefCell<Vec<(usize, u64, u64)>> = const { RefCell::new(Vec::new()) };
 }
 
+/// A replicated log the definitions are committed to: the cluster's metadata group.
+pub trait MetaLog: Send + Sync + std::fmt::Debug {
+    /// Commits `commands` as one entry: returns once a majority of the cluster has it and
+    /// this node has applied it, or why it could not be done (the change may still be
+    /// committed later when the error is a timeout).
+    fn commit(&self, commands: Vec<Command>) -> Result<(), DefinitionsError>;
+    /// The definitions as this node has applied them.
+    fn definitions(&self) -> Definitions;
+    /// This node's name.
+    fn node(&self) -> &str;
+}
+
+thread_local! {
+    /// Set while this thread applies changes that came through the cluster's log: they are
+    /// committed already.
+    static FROM_LOG: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Commands of a [`DefinitionStore::batch`] on a replicated store, proposed together.
+    static REPLICATED_BATCH: RefCell<Option<Vec<Command>>> = const { RefCell::new(None) };
+}
+
+/// The commands of an import proposed in one entry: large enough that an import of tens of
+/// thousands of objects takes a few entries, small enough for a cluster link's frame.
+const BATCH_ENTRY: usize = 2000;
+
 /// The durable definitions, mirrored in memory and on disk.
 #[derive(Debug)]
 pub struct DefinitionStore {
+    /// The cluster's metadata log, which holds the definitions when there is one.
+    log: Option<std::sync::Arc<dyn MetaLog>>,
     /// `None` keeps everything in memory (tests, and brokers run without a data directory).
     disk: Option<Disk>,
     state: Mutex<State>,
@@ -236,6 +266,7 @@ const SNAPSHOT_ROUNDS: usize = 4;
 impl DefinitionStore {
     pub fn in_memory() -> Self {
         Self {
+            log: None,
             disk: None,
             state: Mutex::new(State::default()),
             written: Condvar::new(),
@@ -274,6 +305,7 @@ impl DefinitionStore {
             );
         }
         Ok(Self {
+            log: None,
             disk: Some(disk),
             state: Mutex::new(State {
                 defs: loaded.defs,
@@ -286,8 +318,84 @@ impl DefinitionStore {
         })
     }
 
+    /// Runs `f`, which makes changes that came through the cluster's log to this node's live
+    /// objects: its commits are no-ops, the changes being committed already.
+    pub fn from_log<R>(f: impl FnOnce() -> R) -> R {
+        struct Reset(bool);
+        impl Drop for Reset {
+            fn drop(&mut self) {
+                FROM_LOG.set(self.0);
+            }
+        }
+        let _reset = Reset(FROM_LOG.replace(true));
+        f()
+    }
+
+    /// Definitions kept by the cluster's metadata log: every change is committed there.
+    pub fn replicated(log: std::sync::Arc<dyn MetaLog>) -> Self {
+        Self {
+            log: Some(log),
+            ..Self::in_memory()
+        }
+    }
+
+    /// What an earlier version kept in `dir` (a snapshot and the log of changes after it),
+    /// if anything.
+    pub fn read_legacy(dir: &Path) -> Result<Option<Definitions>, DefinitionsError> {
+        let (snapshot, log_path) = (dir.join(FILE_NAME), dir.join(LOG_NAME));
+        if !snapshot.exists() && !log_path.exists() {
+            return Ok(None);
+        }
+        Ok(Some(Self::open(dir)?.snapshot()))
+    }
+
+    /// Moves an earlier version's files aside once their definitions are in the cluster's
+    /// log, so that they are not imported again.
+    pub fn retire_legacy(dir: &Path) -> Result<(), DefinitionsError> {
+        for name in [FILE_NAME, LOG_NAME] {
+            let path = dir.join(name);
+            match fs::rename(&path, dir.join(format!("{name}.imported"))) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Disk::io_err(&path)(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The node whose definitions these are, in a cluster.
+    pub fn node(&self) -> Option<&str> {
+        self.log.as_deref().map(MetaLog::node)
+    }
+
     pub fn snapshot(&self) -> Definitions {
-        self.state.lock().defs.clone()
+        match &self.log {
+            Some(log) => log.definitions(),
+            None => self.state.lock().defs.clone(),
+        }
+    }
+
+    /// Commits the commands a replicated batch on this thread holds (if any): after them,
+    /// `and` (one more command) when given.
+    fn flush_replicated(
+        &self,
+        log: &dyn MetaLog,
+        and: Option<Command>,
+    ) -> Result<(), DefinitionsError> {
+        let mut commands = REPLICATED_BATCH
+            .with(|b| b.borrow_mut().as_mut().map(std::mem::take))
+            .unwrap_or_default();
+        commands.extend(and);
+        let mut result = Ok(());
+        let mut rest = commands.as_slice();
+        while !rest.is_empty() {
+            let (entry, after) = rest.split_at(rest.len().min(BATCH_ENTRY));
+            rest = after;
+            if let Err(e) = log.commit(entry.to_vec()) {
+                result = Err(e);
+            }
+        }
+        result
     }
 
     /// Applies `command` and, if it changed anything, has it on disk before returning (inside
@@ -306,6 +414,23 @@ impl DefinitionStore {
     }
 
     fn commit_with(&self, command: Command, may_defer: bool) -> Result<(), DefinitionsError> {
+        if let Some(log) = &self.log {
+            if FROM_LOG.get() {
+                return Ok(());
+            }
+            let deferred = may_defer
+                && REPLICATED_BATCH.with(|b| match b.borrow_mut().as_mut() {
+                    Some(batch) => {
+                        batch.push(command.clone());
+                        true
+                    }
+                    None => false,
+                });
+            if deferred {
+                return Ok(());
+            }
+            return self.flush_replicated(log.as_ref(), Some(command));
+        }
         let Some(disk) = &self.disk else {
             apply(&mut self.state.lock().defs, &command);
             return Ok(());
@@ -341,6 +466,31 @@ impl DefinitionStore {
     /// still wait for theirs (which covers what this one appended before them). The second
     /// result says whether the batch reached disk.
     pub fn batch<R>(&self, f: impl FnOnce() -> R) -> (R, Result<(), DefinitionsError>) {
+        if let Some(log) = &self.log {
+            let outer = REPLICATED_BATCH.with(|b| {
+                let mut b = b.borrow_mut();
+                let outer = b.is_some();
+                if !outer {
+                    *b = Some(Vec::new());
+                }
+                outer
+            });
+            if outer {
+                return (f(), Ok(()));
+            }
+            // Whatever `f` does (a panic included), the batch ends here.
+            struct End;
+            impl Drop for End {
+                fn drop(&mut self) {
+                    REPLICATED_BATCH.with(|b| b.borrow_mut().take());
+                }
+            }
+            let end = End;
+            let out = f();
+            let stored = self.flush_replicated(log.as_ref(), None);
+            drop(end);
+            return (out, stored);
+        }
         let key = self.key();
         if DEFERRED.with(|d| d.borrow().iter().any(|(k, ..)| *k == key)) {
             return (f(), Ok(()));

@@ -88,6 +88,9 @@ pub struct ExchangeDefinition {
 pub struct QueueDefinition {
     pub auto_delete: bool,
     pub arguments: FieldTable,
+    /// The node whose disk holds the queue's messages; none: the node that reads it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

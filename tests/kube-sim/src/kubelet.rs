@@ -330,6 +330,7 @@ fn prepare(
     store: &Store,
     config: &KubeletConfig,
     pod: &Value,
+    running: &HashMap<(String, String), PodRuntime>,
 ) -> Result<(Launch, PodRuntime), String> {
     let ns = namespace_of(pod);
     let name = name_of(pod);
@@ -422,10 +423,33 @@ fn prepare(
         }
         out
     };
+    // A broker's peers file names pods by their DNS names (`<pod>.<svc>.<ns>.svc[:port]`),
+    // which resolve to nothing here: each becomes the local stand-in of that pod's port, as
+    // far as the pod runs now (a pod started later dials the ones before it).
+    let peer = |line: &str| -> String {
+        let (host, port) = match line.rsplit_once(':') {
+            Some((h, p)) if p.parse::<i32>().is_ok() => (h, p.parse::<i32>().unwrap_or(0)),
+            _ => (line, 25672),
+        };
+        let parts: Vec<&str> = host.trim_end_matches('.').split('.').collect();
+        let local = match parts.as_slice() {
+            [p, _svc, n, "svc", ..] if *p == name && *n == ns => ports.get(&port).copied(),
+            [p, _svc, n, "svc", ..] => running
+                .get(&((*n).to_owned(), (*p).to_owned()))
+                .and_then(|rt| rt.ports.get(&port).copied()),
+            _ => None,
+        };
+        local.map_or_else(|| line.to_owned(), |hp| format!("127.0.0.1:{hp}"))
+    };
     for (host, files) in volumes.values() {
         std::fs::create_dir_all(host).map_err(|e| format!("{}: {e}", host.display()))?;
         for (file, bytes) in files {
             let content = match std::str::from_utf8(bytes) {
+                Ok(text) if file == "peers" => text
+                    .lines()
+                    .map(|l| peer(l.trim()) + "\n")
+                    .collect::<String>()
+                    .into_bytes(),
                 Ok(text) => rewrite(text).into_bytes(),
                 Err(_) => bytes.clone(),
             };
@@ -640,7 +664,7 @@ pub fn sync_pods(store: &Arc<Store>, config: &KubeletConfig, pods: &Pods) {
             continue;
         }
         if !running.contains_key(&key) {
-            match prepare(store, config, pod) {
+            match prepare(store, config, pod, &running) {
                 Ok((_, rt)) => {
                     running.insert(key.clone(), rt);
                 }

@@ -11,6 +11,7 @@ fn queue(name: &str) -> Command {
         name: name.into(),
         auto_delete: false,
         arguments: FieldTable::default(),
+        node: None,
     }
 }
 
@@ -317,6 +318,7 @@ fn arguments_nested_to_the_wire_limit_read_back() {
                 name: name.clone(),
                 auto_delete: false,
                 arguments: deepest(alternate),
+                node: None,
             },
             Command::DeclareExchange {
                 vhost: vhost.clone(),
