@@ -16,8 +16,13 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-/// A node of a test cluster: its own data directory, the shared peers file.
+/// A node of a test cluster: its own data directory, the shared peers file. Until the test
+/// writes the real list, the file names an address where nothing answers, so that no node
+/// forms a cluster of its own before it knows the others.
 fn node(dir: &Path, name: &str, peers: &Path, extra: &[&str]) -> BrokerProcess {
+    if !peers.exists() {
+        std::fs::write(peers, "127.0.0.1:1\n").expect("write peers");
+    }
     let data = dir.join(name);
     let mut args = vec![
         "--node-name",

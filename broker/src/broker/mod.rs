@@ -550,10 +550,6 @@ fn seed_commands(
             .any(|c| matches!(c, Command::PutUser { .. }))
     {
         commands.extend(default_user(config));
-        tracing::info!(
-            user = %config.default_user,
-            "new cluster: creating the default user, an administrator with every permission on vhost /"
-        );
     }
     Ok((!commands.is_empty()).then_some(commands))
 }
@@ -573,8 +569,22 @@ fn seed(
         });
         stored?;
         DefinitionStore::retire_legacy(&config.data_dir)?;
+        told_of_default_user(config, metadata);
     }
     Ok(())
+}
+
+/// The log line of a new cluster's default user, once it is committed.
+fn told_of_default_user(config: &Config, metadata: &Metadata) {
+    let made = metadata
+        .state()
+        .with_definitions(|d| d.users.contains_key(&config.default_user));
+    if made {
+        tracing::info!(
+            user = %config.default_user,
+            "first start: created the default user, an administrator with every permission on vhost /"
+        );
+    }
 }
 
 /// Makes the changes other nodes commit to this node's live objects, in log order, on a

@@ -139,9 +139,10 @@ impl Cluster {
         out
     }
 
-    /// Whether this node was given no peers at all (nor a peers file).
+    /// Whether this node knows of no peer address at all (none given, an empty or missing
+    /// peers file).
     pub fn has_no_peers(&self) -> bool {
-        self.peers.is_empty() && self.peers_file.is_none()
+        self.peer_addresses().is_empty()
     }
 
     /// The nodes a link is up to now, by name.
@@ -152,13 +153,10 @@ impl Cluster {
     }
 
     /// The nodes linked, once every peer address is linked or known to be this node (None
-    /// before, and while no peer address is known): the whole cluster this node was told of.
+    /// before): the whole cluster this node was told of. With no peer address at all (an
+    /// empty or missing peers file), the node is a cluster of one.
     pub fn linked_peers_if_settled(&self) -> Option<Vec<String>> {
         let addresses = self.peer_addresses();
-        if addresses.is_empty() {
-            // Not told of the cluster yet (an empty peers file): nothing to settle on.
-            return None;
-        }
         let st = self.state.lock();
         let settled = addresses.iter().all(|a| {
             st.itself.contains(a)
