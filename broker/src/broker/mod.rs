@@ -304,6 +304,20 @@ impl Broker {
         Ok(())
     }
 
+    /// Why this node cannot serve clients yet as part of its cluster, if it cannot: it has
+    /// not joined a formed cluster, or the cluster's definitions are not seeded (no user).
+    pub fn cluster_not_ready(&self) -> Option<&'static str> {
+        let metadata = self.metadata.as_ref()?;
+        let state = metadata.state();
+        if !state.has_membership() {
+            return Some("not yet part of a formed cluster (waiting for its peers)");
+        }
+        if state.with_definitions(|d| d.users.is_empty()) {
+            return Some("the cluster's definitions are not seeded yet");
+        }
+        None
+    }
+
     pub fn next_connection_id(&self) -> u64 {
         self.next_connection_id.fetch_add(1, Ordering::Relaxed)
     }
@@ -629,7 +643,7 @@ fn spawn_seeder(broker: &Arc<Broker>) {
         .name("warren-seed".into())
         .spawn(move || {
             loop {
-                std::thread::sleep(std::time::Duration::from_millis(500));
+                std::thread::sleep(std::time::Duration::from_millis(100));
                 let Some(broker) = weak.upgrade() else {
                     return;
                 };
@@ -655,7 +669,10 @@ fn spawn_seeder(broker: &Arc<Broker>) {
                 });
                 match stored.and_then(|()| DefinitionStore::retire_legacy(&broker.config.data_dir))
                 {
-                    Ok(()) => return,
+                    Ok(()) => {
+                        told_of_default_user(&broker.config, metadata);
+                        return;
+                    }
                     Err(e) => tracing::debug!(error = %e, "cannot seed the definitions yet"),
                 }
             }

@@ -52,6 +52,9 @@ async fn ready(State(state): State<AppState>) -> Response {
     if state.broker.vhosts().is_empty() {
         return health(StatusCode::SERVICE_UNAVAILABLE, "no virtual hosts");
     }
+    if let Some(why) = state.broker.cluster_not_ready() {
+        return health(StatusCode::SERVICE_UNAVAILABLE, why);
+    }
     health(StatusCode::OK, "ok")
 }
 
