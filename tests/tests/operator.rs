@@ -597,6 +597,28 @@ async fn an_instance_and_its_topology_run_in_a_simulated_cluster() {
     })
     .await;
     assert_eq!(sim.processes().len(), 2);
+    // The two brokers are one cluster: the new one joined the metadata group, with the
+    // Instance's user (made through the first) and its topology.
+    let second = Management {
+        base: "http://demo-1.demo-nodes.shop.svc:15672".into(),
+        user: user.clone(),
+        pass: pass.clone(),
+        http: mgmt.http.clone(),
+    };
+    eventually(
+        "the second broker to join the cluster",
+        Duration::from_secs(60),
+        || async {
+            if second.status("/api/overview").await != 200 {
+                return None;
+            }
+            let o = second.json("/api/overview").await;
+            let voters = o["cluster_metadata"]["voters"].as_array()?.len();
+            (voters == 2 && second.status("/api/queues/orders/orders.created").await == 200)
+                .then_some(())
+        },
+    )
+    .await;
     let scale = instances.get_scale("demo").await.unwrap();
     assert_eq!(scale.spec.unwrap().replicas, Some(2));
     // A client of the broker that goes is told by its preStop drain, before SIGTERM.
@@ -638,6 +660,9 @@ async fn an_instance_and_its_topology_run_in_a_simulated_cluster() {
         (sim.processes().len() == 1).then_some(())
     })
     .await;
+    // It left the metadata group as it drained: the one left is a majority by itself.
+    let voters = mgmt.json("/api/overview").await["cluster_metadata"]["voters"].clone();
+    assert_eq!(voters.as_array().map(Vec::len), Some(1), "{voters}");
     assert!(
         pvcs.get("data-demo-1").await.is_ok(),
         "scaling down keeps the volume"

@@ -244,6 +244,11 @@ impl Exchange {
         Ok(())
     }
 
+    /// Whether an identical binding exists.
+    pub fn has_binding(&self, binding: &Binding) -> bool {
+        self.routes.read().bindings.contains(binding)
+    }
+
     /// Adds a binding; returns false if an identical one exists.
     pub fn bind(&self, binding: Binding) -> bool {
         let mut routes = self.routes.write();

@@ -84,7 +84,8 @@ impl Broker {
         let group_dir = config.data_dir.join("metadata");
         let metadata = Metadata::open(cluster.clone(), &group_dir).map_err(io(&group_dir))?;
         let store = Arc::new(DefinitionStore::replicated(Arc::new(metadata.clone())));
-        if metadata.form_alone_if_first() {
+        let formed_here = metadata.form_alone_if_first();
+        if formed_here {
             seed(&config, &store, &metadata)?;
         }
         let storage = Storage::open(
@@ -105,16 +106,16 @@ impl Broker {
         });
         // Before any queue opens its store: the stores of earlier versions get their current
         // names, found by way of the definitions.
-        let defined: Vec<(String, String, u8)> = store
-            .snapshot()
-            .vhosts
-            .iter()
-            .flat_map(|(v, defs)| {
-                defs.queues
-                    .iter()
-                    .map(|(q, def)| (v.clone(), q.clone(), queue::top_level(&def.arguments)))
-            })
-            .collect();
+        let defined: Vec<(String, String, u8)> = metadata.state().with_definitions(|d| {
+            d.vhosts
+                .iter()
+                .flat_map(|(v, defs)| {
+                    defs.queues
+                        .iter()
+                        .map(|(q, def)| (v.clone(), q.clone(), queue::top_level(&def.arguments)))
+                })
+                .collect()
+        });
         let renamed = storage
             .migrate_legacy(&defined)
             .map_err(|source| DefinitionsError::Io {
@@ -131,19 +132,22 @@ impl Broker {
             );
         }
         let (applied, entries) = std::sync::mpsc::channel::<(u64, Proposal)>();
-        let broker = metadata.follow(
-            |defs, _| {
-                let mut broker = Self::with_store(config, store, Arc::new(storage), defs.clone());
-                broker.cluster = Some(cluster);
-                broker.metadata = Some(metadata.clone());
-                Arc::new(broker)
-            },
+        // The live objects are made from the definitions outside the state machine's lock;
+        // entries applied meanwhile wait in the channel.
+        let defs = metadata.follow(
+            |defs, _| defs.clone(),
             Box::new(move |index, proposal| {
-                let _ = applied.send((index, proposal.clone()));
+                let _ = applied.send((index, proposal));
             }),
         );
+        let mut broker = Self::with_store(config, store, Arc::new(storage), defs);
+        broker.cluster = Some(cluster);
+        broker.metadata = Some(metadata.clone());
+        let broker = Arc::new(broker);
         spawn_applier(&broker, entries)?;
-        spawn_seeder(&broker);
+        if !formed_here {
+            spawn_seeder(&broker);
+        }
         let durable: Vec<(String, String, u8)> = broker
             .vhosts()
             .iter()
@@ -155,6 +159,14 @@ impl Broker {
                     .collect::<Vec<_>>()
             })
             .collect();
+        if !metadata.caught_up() {
+            // Entries this node committed before it stopped are not applied yet (they wait
+            // for the cluster): stores that look stale may be those of their queues.
+            tracing::info!(
+                "the cluster's definitions are not all applied yet: stale queue stores are left for a later start"
+            );
+            return Ok(broker);
+        }
         let vhosts: Vec<String> = broker.vhosts().iter().map(|v| v.name.to_string()).collect();
         broker
             .storage
@@ -650,7 +662,7 @@ fn spawn_seeder(broker: &Arc<Broker>) {
                 let Some(metadata) = &broker.metadata else {
                     return;
                 };
-                if metadata.status().leader.is_none() {
+                if !metadata.has_leader() {
                     continue;
                 }
                 let commands = match seed_commands(&broker.config, metadata) {

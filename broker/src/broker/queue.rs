@@ -1306,17 +1306,27 @@ impl Queue {
 
     /// Marks the queue deleted, cancels its consumers and drops its ready messages, returning
     /// how many there were. Unacknowledged deliveries are dropped when settled.
+    /// Whether `delete` with these conditions would delete the queue now.
+    pub fn may_delete(&self, if_unused: bool, if_empty: bool) -> Result<(), DeleteRefused> {
+        Self::deletable(&self.state.lock(), if_unused, if_empty)
+    }
+
+    fn deletable(st: &QueueState, if_unused: bool, if_empty: bool) -> Result<(), DeleteRefused> {
+        if if_empty && !st.ready.is_empty() {
+            return Err(DeleteRefused::NotEmpty);
+        }
+        if if_unused && !st.consumers.is_empty() {
+            return Err(DeleteRefused::InUse);
+        }
+        Ok(())
+    }
+
     pub fn delete(&self, if_unused: bool, if_empty: bool) -> Result<u32, DeleteRefused> {
         let consumers;
         let count;
         {
             let mut st = self.state.lock();
-            if if_empty && !st.ready.is_empty() {
-                return Err(DeleteRefused::NotEmpty);
-            }
-            if if_unused && !st.consumers.is_empty() {
-                return Err(DeleteRefused::InUse);
-            }
+            Self::deletable(&st, if_unused, if_empty)?;
             if self.deleted.swap(true, Ordering::AcqRel) {
                 return Ok(0);
             }

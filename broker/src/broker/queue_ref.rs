@@ -353,6 +353,14 @@ impl QueueRef {
         }
     }
 
+    /// Whether `delete` with these conditions would delete the queue now.
+    #[inline]
+    pub fn may_delete(&self, if_unused: bool, if_empty: bool) -> Result<(), DeleteRefused> {
+        match self {
+            Self::Local(q) => q.may_delete(if_unused, if_empty),
+        }
+    }
+
     /// Deletes the queue's messages and cancels its consumers; returns how many were ready.
     #[inline]
     pub fn delete(&self, if_unused: bool, if_empty: bool) -> Result<u32, DeleteRefused> {

@@ -953,12 +953,15 @@ impl Vhost {
         let levels = if spec.durable && owner.is_none() {
             // Every priority level's store is created now, fresh (whatever a deleted queue of
             // the same name left is removed): a persistent message is never confirmed by a
-            // level that could not get a store on disk.
+            // level that could not get a store on disk. A declaration that comes through the
+            // cluster's log may be one this node made before it restarted: its store is
+            // recovered, not emptied.
+            let fresh = !DefinitionStore::applying_from_log();
             let stores = (0..=top_level(&spec.arguments))
                 .map(|l| {
                     self.storage
-                        .open_durable_level(&self.name, &spec.name, l, true)
-                        .map(|(s, _)| LazyStore::opened(self.storage.clone(), s))
+                        .open_durable_level(&self.name, &spec.name, l, fresh)
+                        .map(|(s, r)| (LazyStore::opened(self.storage.clone(), s), r))
                 })
                 .collect::<std::io::Result<Vec<_>>>()
                 .map_err(|e| {
@@ -973,9 +976,6 @@ impl Vhost {
                 node: self.store.node().map(str::to_owned),
             })?;
             stores
-                .into_iter()
-                .map(|s| (s, Recovered::default()))
-                .collect()
         } else {
             vec![(
                 LazyStore::deferred(self.storage.clone()),
@@ -995,6 +995,10 @@ impl Vhost {
         }
         self.link(&q);
         self.queues.write().insert(q.name().to_owned(), q.clone());
+        if q.message_count() > 0 {
+            // Recovered from its store (a declaration applied from the cluster's log).
+            q.expire_recovered();
+        }
         MessageStats::bump(&self.churn.queue_created);
         Ok((q, true))
     }
@@ -1013,13 +1017,16 @@ impl Vhost {
             return Ok(0);
         };
         self.check_exclusive_access(&q, connection)?;
-        let count = q.delete(if_unused, if_empty).map_err(|why| {
+        q.may_delete(if_unused, if_empty).map_err(|why| {
             let what = self.describe("queue", name);
             match why {
                 DeleteRefused::InUse => precondition_failed(format!("{what} in use")),
                 DeleteRefused::NotEmpty => precondition_failed(format!("{what} not empty")),
             }
         })?;
+        // Committed before anything goes: a delete the cluster refuses leaves the queue whole.
+        self.persist_deleted(&q)?;
+        let count = q.delete(false, false).unwrap_or(0);
         self.forget_queue_locked(&q)?;
         Ok(count)
     }
@@ -1028,11 +1035,27 @@ impl Vhost {
     /// queues when their connection closes.
     pub fn remove_queue(&self, q: &QueueRef) {
         let _t = self.topology.lock();
+        if let Err(e) = self.persist_deleted(q) {
+            tracing::error!(queue = q.name(), error = %e, "cannot remove queue");
+            return;
+        }
         if q.delete(false, false).is_ok()
             && let Err(e) = self.forget_queue_locked(q)
         {
             tracing::error!(queue = q.name(), error = %e, "cannot remove queue");
         }
+    }
+
+    /// Commits the deletion of `q` when it is durable and still the queue of its name.
+    fn persist_deleted(&self, q: &QueueRef) -> AmqpResult<()> {
+        let current = self.queues.read().get(q.name()).is_some_and(|cur| cur == q);
+        if current && q.durable() && q.owner().is_none() {
+            self.persist(Command::DeleteQueue {
+                vhost: self.name.to_string(),
+                name: q.name().to_owned(),
+            })?;
+        }
+        Ok(())
     }
 
     fn forget_queue_locked(&self, q: &QueueRef) -> AmqpResult<()> {
@@ -1051,12 +1074,6 @@ impl Vhost {
             if x.unbind_destination(&dest) > 0 && x.spec.auto_delete && !x.has_bindings() {
                 emptied.push(x);
             }
-        }
-        if q.durable() && q.owner().is_none() {
-            self.persist(Command::DeleteQueue {
-                vhost: self.name.to_string(),
-                name: q.name().to_owned(),
-            })?;
         }
         for x in emptied {
             self.remove_exchange_locked(&x)?;
@@ -1122,7 +1139,11 @@ impl Vhost {
             routing_key: routing_key.to_owned(),
             arguments: arguments.clone(),
         };
-        if src.bind(binding) && durable {
+        if src.has_binding(&binding) {
+            return Ok(());
+        }
+        // Committed before it routes: a binding the cluster refuses is not made here.
+        if durable {
             self.persist(binding_command(
                 &self.name,
                 true,
@@ -1133,6 +1154,7 @@ impl Vhost {
                 arguments,
             ))?;
         }
+        src.bind(binding);
         Ok(())
     }
 
@@ -1157,7 +1179,7 @@ impl Vhost {
             routing_key: routing_key.to_owned(),
             arguments: arguments.clone(),
         };
-        if src.unbind(&binding) {
+        if src.has_binding(&binding) {
             self.persist(binding_command(
                 &self.name,
                 false,
@@ -1167,6 +1189,7 @@ impl Vhost {
                 routing_key,
                 arguments,
             ))?;
+            src.unbind(&binding);
             if src.spec.auto_delete && !src.has_bindings() {
                 self.remove_exchange_locked(&src)?;
             }
@@ -1513,7 +1536,6 @@ impl DelayedOwner for Vhost {
     }
 }
 
-/// The command that stores (`bind`) or removes a durable binding.
 /// The reply for a change the definitions could not take.
 pub fn definitions_error(what: &str, e: crate::store::DefinitionsError) -> AmqpError {
     match e {
@@ -1531,6 +1553,7 @@ pub fn definitions_error(what: &str, e: crate::store::DefinitionsError) -> AmqpE
     }
 }
 
+/// The command that stores (`bind`) or removes a durable binding.
 fn binding_command(
     vhost: &str,
     bind: bool,

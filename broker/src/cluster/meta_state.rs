@@ -51,7 +51,7 @@ impl From<Vec<Command>> for Proposal {
 }
 
 /// Told of every entry applied after it was installed, in log order: its index and proposal.
-pub type ApplyHook = Box<dyn Fn(u64, &Proposal) + Send + Sync>;
+pub type ApplyHook = Box<dyn Fn(u64, Proposal) + Send + Sync>;
 
 /// The snapshot file in the group's directory.
 const SNAPSHOT_FILE: &str = "meta-snapshot.json";
@@ -163,11 +163,6 @@ impl MetaState {
         r
     }
 
-    /// Stops telling of applied entries.
-    pub fn unfollow(&self) {
-        self.inner.lock().hook = None;
-    }
-
     fn write_snapshot(&self, bytes: &[u8]) -> std::io::Result<()> {
         let Some(dir) = &self.dir else {
             return Ok(());
@@ -257,7 +252,7 @@ impl RaftStateMachine<MetaConfig> for MetaState {
                             apply(&mut inner.applied.definitions, c);
                         }
                         if let Some(hook) = &inner.hook {
-                            hook(e.log_id.index, &proposal);
+                            hook(e.log_id.index, proposal);
                         }
                     }
                     EntryPayload::Membership(m) => {

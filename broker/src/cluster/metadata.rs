@@ -35,6 +35,10 @@ pub const PROPOSE: Service = 13;
 /// The members of the metadata group a node belongs to (none: it belongs to none yet).
 pub const MEMBER: Service = 14;
 
+/// A node leaving the group (it stops for good or for a while), asking the leader to take it
+/// out of the voters so that the others keep a majority without it.
+pub const LEAVE: Service = 15;
+
 /// How long a change waits for a majority before it is refused.
 pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the group's forming and growth are looked at.
@@ -44,6 +48,19 @@ const TICK: Duration = Duration::from_millis(500);
 #[derive(Clone)]
 pub struct Metadata {
     inner: Arc<Inner>,
+}
+
+/// This process's proposals still of interest: a proposal's committer and the applier meet
+/// here, under one lock, so that exactly one of them makes the change to the live objects.
+#[derive(Default)]
+struct Mine {
+    /// Proposals whose committer is still waiting.
+    waiting: HashSet<u64>,
+    /// Waiting proposals that the applier passed over, leaving them to their committer.
+    passed: HashSet<u64>,
+    /// Proposals whose committer gave up (it made no change): the applier makes them if they
+    /// are committed after all.
+    abandoned: HashSet<u64>,
 }
 
 struct Inner {
@@ -56,9 +73,14 @@ struct Inner {
     /// This process's mark on its proposals.
     origin: u64,
     next_id: AtomicU64,
-    /// Proposals of this process whose commit was not waited for to the end: the change was
-    /// not made to the live objects here, so the applier makes it if they are committed.
-    abandoned: Mutex<HashSet<u64>>,
+    /// What became of this process's proposals, as the committer and the applier see them.
+    mine: Mutex<Mine>,
+    /// Nodes that left the group while still linked (draining before they stop): not added
+    /// again until their link has gone and come back.
+    departed: Arc<Mutex<HashSet<String>>>,
+    /// The last entry of the log when it was opened: until it is applied, the definitions
+    /// may lack what this node had committed before it stopped.
+    last_at_open: u64,
     timeout: Duration,
     /// The runtime Raft and the cluster links run on (its own threads, so that callers
     /// waiting for a commit never hold up what the commit needs).
@@ -140,6 +162,7 @@ impl Metadata {
             .map_err(std::io::Error::other)
         })
         .unwrap_or_else(|| Err(std::io::Error::other("the cluster's runtime stopped")))?;
+        let last_at_open = raft.metrics().borrow().last_log_index.unwrap_or(0);
         let groups = Groups::<MetaConfig>::serve(&cluster);
         groups.insert(METADATA_GROUP, raft.clone());
         let me = Self {
@@ -152,7 +175,9 @@ impl Metadata {
                 rt,
                 origin: rand::random::<u64>() | 1,
                 next_id: AtomicU64::new(1),
-                abandoned: Mutex::new(HashSet::new()),
+                mine: Mutex::new(Mine::default()),
+                departed: Arc::default(),
+                last_at_open,
                 timeout: COMMIT_TIMEOUT,
                 runtime: Mutex::new(Some(runtime)),
                 _log: log,
@@ -167,6 +192,12 @@ impl Metadata {
         &self.inner.rt
     }
 
+    /// Whether everything the log held when it was opened is applied (until then, the
+    /// definitions may lack queues this node had).
+    pub fn caught_up(&self) -> bool {
+        self.inner.state.applied_index() >= self.inner.last_at_open
+    }
+
     pub fn state(&self) -> &MetaState {
         &self.inner.state
     }
@@ -174,7 +205,17 @@ impl Metadata {
     /// Whether a proposal applied here was made by this process and already made to its live
     /// objects.
     pub fn made_here(&self, p: &Proposal) -> bool {
-        p.origin == self.inner.origin && !self.inner.abandoned.lock().remove(&p.id)
+        if p.origin != self.inner.origin {
+            return false;
+        }
+        let mut mine = self.inner.mine.lock();
+        if mine.abandoned.remove(&p.id) {
+            return false;
+        }
+        if mine.waiting.contains(&p.id) {
+            mine.passed.insert(p.id);
+        }
+        true
     }
 
     /// Calls `f` with the definitions as applied, then `hook` with every entry applied after.
@@ -198,6 +239,14 @@ impl Metadata {
                         Err(_) => Err(NO_MAJORITY.to_owned()),
                     }
                 }
+            }),
+        );
+        let (raft, departed) = (self.inner.raft.clone(), self.inner.departed.clone());
+        self.inner.cluster.handle(
+            LEAVE,
+            handler(move |node: String| {
+                let (raft, departed) = (raft.clone(), departed.clone());
+                async move { remove_member(&raft, &departed, &node).await }
             }),
         );
         let raft = self.inner.raft.clone();
@@ -238,6 +287,11 @@ impl Metadata {
                     .wait(Some(COMMIT_TIMEOUT))
                     .current_leader(me.inner.id, "this node leads its cluster of one")
                     .await;
+                // Leading, it commits what its log holds: applied before the broker is made.
+                let _ = raft
+                    .wait(Some(COMMIT_TIMEOUT))
+                    .applied_index_at_least(Some(me.inner.last_at_open), "the log applied")
+                    .await;
             }
         });
         formed
@@ -264,6 +318,50 @@ impl Metadata {
                 self.add_linked().await;
             }
         }
+    }
+
+    /// Takes this node out of the group's voters (through the leader), so that the others
+    /// keep a majority while it is gone; it is added again when it links after a restart.
+    /// A group of one keeps its only member.
+    pub async fn leave(&self) -> Result<(), String> {
+        let deadline = Instant::now() + self.inner.timeout;
+        let me = self.inner.node.clone();
+        loop {
+            let leader = self.inner.raft.metrics().borrow().current_leader;
+            let result = match leader {
+                Some(id) if id == self.inner.id => {
+                    remove_member(&self.inner.raft, &self.inner.departed, &me).await
+                }
+                Some(id) => match self.name_of(id) {
+                    Some(name) => {
+                        let body = serde_json::to_vec(&me).map_err(|e| e.to_string())?;
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        match self.inner.cluster.call(&name, LEAVE, &body, left).await {
+                            Ok(_) => Ok(()),
+                            Err(e) => Err(e.to_string()),
+                        }
+                    }
+                    None => Err(NO_LEADER.to_owned()),
+                },
+                None => Err(NO_LEADER.to_owned()),
+            };
+            match result {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// The name of the member with Raft id `id`, if known.
+    fn name_of(&self, id: u64) -> Option<String> {
+        let m = self.inner.raft.metrics().borrow().membership_config.clone();
+        m.membership().get_node(&id).map(|n| n.addr.clone())
+    }
+
+    /// Whether a leader of the group is known here.
+    pub fn has_leader(&self) -> bool {
+        self.inner.raft.metrics().borrow().current_leader.is_some()
     }
 
     fn is_leader(&self) -> bool {
@@ -301,13 +399,16 @@ impl Metadata {
 
     /// As leader: adds every linked node that is not a member, as a learner, then a voter.
     async fn add_linked(&self) {
+        let linked = self.inner.cluster.linked();
+        // A departed node that went away may come back as a member.
+        self.inner.departed.lock().retain(|n| linked.contains(n));
         let membership = self.inner.raft.metrics().borrow().membership_config.clone();
         let config = membership.membership();
         let voters: BTreeSet<u64> = config.voter_ids().collect();
         let known: BTreeSet<u64> = config.nodes().map(|(id, _)| *id).collect();
-        for peer in self.inner.cluster.linked() {
+        for peer in linked {
             let id = node_id(&peer);
-            if known.contains(&id) {
+            if known.contains(&id) || self.inner.departed.lock().contains(&peer) {
                 continue;
             }
             match self.members_of_peer(&peer).await {
@@ -435,6 +536,37 @@ const NO_LEADER: &str = "no leader of the cluster's metadata is known";
 const STOPPING: &str = "the node is stopping";
 const FORMING: &str = "the cluster is still forming (not every peer is reachable yet)";
 
+/// As leader: takes `node` out of the group, unless it is the only voter.
+async fn remove_member(
+    raft: &Raft<MetaConfig>,
+    departed: &Mutex<HashSet<String>>,
+    node: &str,
+) -> Result<(), String> {
+    let m = raft.metrics().borrow().clone();
+    if m.current_leader != Some(m.id) {
+        return Err(NOT_LEADER.to_owned());
+    }
+    departed.lock().insert(node.to_owned());
+    let id = node_id(node);
+    let config = m.membership_config.membership();
+    let voters: BTreeSet<u64> = config.voter_ids().collect();
+    if !config.nodes().any(|(n, _)| *n == id) {
+        return Ok(());
+    }
+    if voters.len() == 1 && voters.contains(&id) {
+        return Ok(());
+    }
+    let rest: BTreeSet<u64> = voters.into_iter().filter(|v| *v != id).collect();
+    match tokio::time::timeout(COMMIT_TIMEOUT, raft.change_membership(rest, false)).await {
+        Ok(Ok(_)) => {
+            tracing::info!(node, "a node left the metadata group");
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(NO_MAJORITY.to_owned()),
+    }
+}
+
 /// The names of the members (voters and learners) of `raft`'s group, as it knows them.
 fn members_of(raft: &Raft<MetaConfig>) -> Vec<String> {
     let m = raft.metrics().borrow().membership_config.clone();
@@ -453,6 +585,7 @@ impl MetaLog for Metadata {
             commands,
         };
         let deadline = Instant::now() + self.inner.timeout;
+        self.inner.mine.lock().waiting.insert(id);
         let me = self.clone();
         let done = block_on(&self.inner.rt, async move {
             let index = me.propose(proposal, deadline).await?;
@@ -463,11 +596,20 @@ impl MetaLog for Metadata {
                 _ => Err(NO_MAJORITY.to_owned()),
             }
         });
-        done.unwrap_or_else(|| Err(STOPPING.to_owned()))
-            .map_err(|reason| {
-                self.inner.abandoned.lock().insert(id);
-                DefinitionsError::Unavailable(reason)
-            })
+        let done = done.unwrap_or_else(|| Err(STOPPING.to_owned()));
+        let mut mine = self.inner.mine.lock();
+        mine.waiting.remove(&id);
+        let passed = mine.passed.remove(&id);
+        match done {
+            Ok(()) => Ok(()),
+            // Committed and passed over by the applier while this gave up: it is done, and
+            // the caller makes the change as for any commit.
+            Err(_) if passed => Ok(()),
+            Err(reason) => {
+                mine.abandoned.insert(id);
+                Err(DefinitionsError::Unavailable(reason))
+            }
+        }
     }
 
     fn definitions(&self) -> Definitions {
@@ -490,5 +632,12 @@ fn block_on<T: Send + 'static>(
     rt.spawn(async move {
         let _ = tx.send(fut.await);
     });
-    rx.recv().ok()
+    // On a worker of a multi-threaded runtime, its other tasks move to another thread while
+    // this one waits (a commit without a majority waits seconds).
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
+            tokio::task::block_in_place(|| rx.recv().ok())
+        }
+        _ => rx.recv().ok(),
+    }
 }

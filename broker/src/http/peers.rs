@@ -278,8 +278,10 @@ pub const DRAIN_REASON: &str = "Node was put into maintenance mode";
 
 /// `POST /api/warren/drain` (administrators; Warren's own, as RabbitMQ drains only from its
 /// CLI): maintenance mode. New clients are refused, readiness fails, every client connection
-/// is closed with 320 and RabbitMQ's reason. Once they are gone (or after 10 s) it answers
-/// `{"closed": n, "remaining": m}`: connections closed, and any still open.
+/// is closed with 320 and RabbitMQ's reason, and the node leaves the cluster's metadata group
+/// (joining it again when it restarts), so that the others keep a majority without it. Once
+/// the clients are gone (or after 10 s) it answers `{"closed": n, "remaining": m}`:
+/// connections closed, and any still open.
 /// Run before a broker stops (the StatefulSet's preStop) so clients move elsewhere first.
 pub async fn drain(State(state): State<AppState>, caller: Caller) -> ApiResult<Response> {
     if !caller.is_admin() {
@@ -301,6 +303,13 @@ pub async fn drain(State(state): State<AppState>, caller: Caller) -> ApiResult<R
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     while broker.connections.count() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Out of the cluster's metadata group while it is gone, so that the others keep their
+    // majority (it joins again when it comes back).
+    if let Some(m) = &broker.metadata
+        && let Err(e) = m.leave().await
+    {
+        tracing::warn!(error = %e, "maintenance mode: cannot leave the cluster's metadata group");
     }
     // What `warren-broker drain` reports: the clients told to leave, and any still here.
     let remaining = broker.connections.count();

@@ -331,6 +331,11 @@ impl DefinitionStore {
         f()
     }
 
+    /// Whether this thread is applying changes that came through the cluster's log.
+    pub fn applying_from_log() -> bool {
+        FROM_LOG.get()
+    }
+
     /// Definitions kept by the cluster's metadata log: every change is committed there.
     pub fn replicated(log: std::sync::Arc<dyn MetaLog>) -> Self {
         Self {
