@@ -690,3 +690,50 @@ fn spawn_seeder(broker: &Arc<Broker>) {
             }
         });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use amq_protocol::types::FieldTable;
+
+    #[test]
+    fn definitions_of_an_earlier_version_are_imported_once_at_the_first_start() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // What an earlier version wrote: a snapshot and a log of changes after it.
+            let legacy = DefinitionStore::open(dir.path()).unwrap();
+            for c in [
+                Command::PutUser {
+                    name: "old".into(),
+                    password_hash: hash_password("pw"),
+                    tags: vec!["administrator".into()],
+                },
+                Command::DeclareQueue {
+                    vhost: "/".into(),
+                    name: "kept".into(),
+                    auto_delete: false,
+                    arguments: FieldTable::default(),
+                    node: None,
+                },
+            ] {
+                legacy.commit(c).unwrap();
+            }
+        }
+        let config = Config {
+            data_dir: dir.path().to_path_buf(),
+            ..Config::default()
+        };
+        let broker = Broker::open(config.clone()).unwrap();
+        assert!(broker.users.get("old").is_some());
+        assert!(broker.vhost("/").unwrap().queue("kept").is_some());
+        // Its users came along: no default user is made beside them.
+        assert!(broker.users.get(&config.default_user).is_none());
+        assert!(!dir.path().join("metadata.log").exists());
+        assert!(dir.path().join("metadata.log.imported").exists());
+        broker.storage.shutdown();
+        drop(broker);
+        let again = Broker::open(config).unwrap();
+        assert!(again.vhost("/").unwrap().queue("kept").is_some());
+        assert!(again.users.get("old").is_some());
+    }
+}

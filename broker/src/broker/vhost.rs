@@ -349,28 +349,33 @@ impl Vhost {
     pub fn set_meta(&self, meta: VhostMeta) -> AmqpResult<()> {
         let _t = self.topology.lock();
         let vhost = self.name.to_string();
-        self.persist(Command::PutVhost {
+        let mut commands = vec![Command::PutVhost {
             name: vhost.clone(),
             description: meta.description.clone(),
             tags: meta.tags.clone(),
             default_queue_type: meta.default_queue_type.clone(),
-        })?;
+        }];
         let before = self.meta.read().limits.clone();
         for (name, value) in &meta.limits {
             if before.get(name) != Some(value) {
-                self.persist(Command::SetVhostLimit {
+                commands.push(Command::SetVhostLimit {
                     vhost: vhost.clone(),
                     name: name.clone(),
                     value: *value,
-                })?;
+                });
             }
         }
         for name in before.keys().filter(|k| !meta.limits.contains_key(*k)) {
-            self.persist(Command::ClearVhostLimit {
+            commands.push(Command::ClearVhostLimit {
                 vhost: vhost.clone(),
                 name: name.clone(),
-            })?;
+            });
         }
+        // One change: committed whole or not at all.
+        let what = format!("change vhost '{vhost}'");
+        self.store
+            .commit_all(commands)
+            .map_err(|e| definitions_error(&what, e))?;
         self.apply_throttles(&meta);
         *self.meta.write() = meta;
         Ok(())

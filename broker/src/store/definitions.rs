@@ -410,6 +410,26 @@ impl DefinitionStore {
         self.commit_with(command, true)
     }
 
+    /// Commits `commands` as one change: on a replicated store, one entry of the cluster's log,
+    /// committed together or not at all (inside [`DefinitionStore::batch`] on this thread,
+    /// they join the batch, as [`DefinitionStore::commit`]'s do).
+    pub fn commit_all(&self, commands: Vec<Command>) -> Result<(), DefinitionsError> {
+        match &self.log {
+            Some(_) if FROM_LOG.get() => Ok(()),
+            Some(log) => {
+                let rest = REPLICATED_BATCH.with(|b| match b.borrow_mut().as_mut() {
+                    Some(batch) => {
+                        batch.extend(commands);
+                        None
+                    }
+                    None => Some(commands),
+                });
+                rest.map_or(Ok(()), |commands| log.commit(commands))
+            }
+            None => commands.into_iter().try_for_each(|c| self.commit(c)),
+        }
+    }
+
     /// Like [`DefinitionStore::commit`], but on disk before returning even inside a batch
     /// (with whatever the batch appended before it): for a change that must not be seen
     /// before it is durable, such as a queue that will hold confirmed messages, whose store a
