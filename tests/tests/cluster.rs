@@ -472,3 +472,343 @@ fn declarations_reach_every_node_survive_the_metadata_leader_and_are_refused_by_
         }
     });
 }
+
+/// A lapin channel on the broker of AMQP URI `uri`.
+async fn amqp(uri: &str) -> (lapin::Connection, lapin::Channel) {
+    let conn = lapin::Connection::connect(uri, lapin::ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    (conn, ch)
+}
+
+/// Ready messages and consumers of `queue` as `queue.declare-ok` (passive) on `ch` says.
+async fn passive(ch: &lapin::Channel, queue: &str) -> Result<(u32, u32), lapin::Error> {
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await?;
+    Ok((q.message_count(), q.consumer_count()))
+}
+
+/// Starts three nodes that list each other and waits until they form one cluster.
+fn three_nodes(
+    dir: &Path,
+    peers: &Path,
+    names: &[&str; 3],
+    rt: &tokio::runtime::Runtime,
+    api: &Api,
+) -> Vec<Option<BrokerProcess>> {
+    let secret = ["--cluster-secret", SECRET];
+    let nodes: Vec<Option<BrokerProcess>> = names
+        .iter()
+        .map(|n| Some(node(dir, n, peers, &secret)))
+        .collect();
+    {
+        let all: Vec<&BrokerProcess> = nodes.iter().flatten().collect();
+        write_peers(peers, &all);
+    }
+    rt.block_on(async {
+        for n in nodes.iter().flatten() {
+            let at = n.management_addr;
+            until("the cluster to form", Duration::from_secs(30), || async {
+                api.leader(at).await.is_some()
+            })
+            .await;
+        }
+    });
+    nodes
+}
+
+#[test]
+fn any_node_serves_a_queue_whose_home_is_another_and_its_home_going_down_is_told() {
+    use futures::StreamExt;
+    use lapin::options::{
+        BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
+        BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeleteOptions,
+        QueuePurgeOptions,
+    };
+    use lapin::types::FieldTable;
+    use lapin::{BasicProperties, Confirmation};
+
+    let dir = tempfile::tempdir().unwrap();
+    let peers = dir.path().join("peers");
+    let names = ["warren@n1", "warren@n2", "warren@n3"];
+    let rt = runtime();
+    let api = Api {
+        http: reqwest::Client::new(),
+    };
+    let mut nodes = three_nodes(dir.path(), &peers, &names, &rt, &api);
+    rt.block_on(async {
+        struct At {
+            uri: String,
+            management_addr: std::net::SocketAddr,
+        }
+        let n = |nodes: &[Option<BrokerProcess>], i: usize| -> At {
+            let b = nodes[i].as_ref().expect("running");
+            At {
+                uri: b.uri(),
+                management_addr: b.management_addr,
+            }
+        };
+        let (n1, n2, n3) = (n(&nodes, 0), n(&nodes, 1), n(&nodes, 2));
+        // Declared on n1: its home is n1.
+        let (_c1, ch1) = amqp(&n1.uri).await;
+        ch1.queue_declare(
+            "work".into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare on n1");
+        for b in [&n2, &n3] {
+            let at = b.management_addr;
+            until(
+                "the queue on every node",
+                Duration::from_secs(10),
+                || async { api.status(at, "queues/%2F/work").await == 200 },
+            )
+            .await;
+        }
+
+        // Published with confirms on n3: every message confirmed once n1 has it.
+        let (_c3, ch3) = amqp(&n3.uri).await;
+        ch3.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        let mut confirms = Vec::new();
+        for i in 0..200u32 {
+            confirms.push(
+                ch3.basic_publish(
+                    "".into(),
+                    "work".into(),
+                    BasicPublishOptions::default(),
+                    &i.to_be_bytes(),
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .expect("publish"),
+            );
+        }
+        for c in confirms {
+            assert!(
+                matches!(c.await.expect("confirm"), Confirmation::Ack(_)),
+                "every publish through n3 is acked"
+            );
+        }
+        assert_eq!(passive(&ch1, "work").await.unwrap(), (200, 0));
+
+        // basic.get on n2, then a nack with requeue: it comes back redelivered, first.
+        let (_c2, ch2) = amqp(&n2.uri).await;
+        assert_eq!(passive(&ch2, "work").await.unwrap(), (200, 0));
+        let got = ch2
+            .basic_get("work".into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+            .expect("a message");
+        assert_eq!(&got.delivery.data[..], &0u32.to_be_bytes());
+        assert!(!got.delivery.redelivered);
+        assert_eq!(got.message_count, 199);
+        ch2.basic_nack(
+            got.delivery.delivery_tag,
+            BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let again = ch2
+            .basic_get("work".into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+            .expect("the message again");
+        assert_eq!(&again.delivery.data[..], &0u32.to_be_bytes());
+        assert!(
+            again.delivery.redelivered,
+            "a requeued message is redelivered"
+        );
+        ch2.basic_ack(again.delivery.delivery_tag, BasicAckOptions::default())
+            .await
+            .unwrap();
+
+        // A consumer on n2 with a prefetch of 10 takes 150 in order, acking each.
+        ch2.basic_qos(10, BasicQosOptions::default()).await.unwrap();
+        let mut consumer = ch2
+            .basic_consume(
+                "work".into(),
+                "c2".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            passive(&ch1, "work").await.unwrap().1,
+            1,
+            "n1 sees the consumer"
+        );
+        for i in 1..=150u32 {
+            let d = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+                .await
+                .expect("a delivery in time")
+                .expect("stream open")
+                .expect("delivery");
+            assert_eq!(&d.data[..], &i.to_be_bytes(), "in publish order");
+            d.ack(BasicAckOptions::default()).await.unwrap();
+        }
+        ch2.basic_cancel("c2".into(), Default::default())
+            .await
+            .unwrap();
+        // What the consumer had prefetched and not acked is back on n1 once its channel
+        // closes.
+        ch2.close(200, "done".into()).await.unwrap();
+        let ch2 = _c2.create_channel().await.unwrap();
+        let c = &ch1;
+        until("the unacked back", Duration::from_secs(10), || async {
+            passive(c, "work").await.unwrap() == (49, 0)
+        })
+        .await;
+
+        // Purge from n3 says how many went; delete from n2 removes it on n1.
+        let purged = ch3
+            .queue_purge("work".into(), QueuePurgeOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(purged, 49);
+        assert_eq!(passive(&ch1, "work").await.unwrap(), (0, 0));
+        ch2.queue_delete("work".into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+        let at = n1.management_addr;
+        until("the deletion on n1", Duration::from_secs(10), || async {
+            api.status(at, "queues/%2F/work").await == 404
+        })
+        .await;
+
+        // A second queue on n1, with messages and a consumer on n3: n1 killed.
+        let (_c1, ch1) = amqp(&n1.uri).await;
+        ch1.queue_declare(
+            "kept".into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        ch1.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        for i in 0..10u32 {
+            let c = ch1
+                .basic_publish(
+                    "".into(),
+                    "kept".into(),
+                    BasicPublishOptions::default(),
+                    &i.to_be_bytes(),
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .unwrap();
+            assert!(matches!(c.await.unwrap(), Confirmation::Ack(_)));
+        }
+        let at = n3.management_addr;
+        until("kept on n3", Duration::from_secs(10), || async {
+            api.status(at, "queues/%2F/kept").await == 200
+        })
+        .await;
+        let (_c3b, ch3b) = amqp(&n3.uri).await;
+        // A consumer that takes nothing (prefetch 1, never acks): it holds one.
+        ch3b.basic_qos(1, BasicQosOptions::default()).await.unwrap();
+        let mut held = ch3b
+            .basic_consume(
+                "kept".into(),
+                "held".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(10), held.next())
+            .await
+            .expect("a delivery")
+            .expect("open")
+            .expect("delivery");
+        assert_eq!(&first.data[..], &0u32.to_be_bytes());
+        drop(ch1);
+        nodes[0].take().unwrap().kill();
+        // The consumer on n3 is cancelled; a passive declare on n2 says the home is down.
+        let ended = tokio::time::timeout(Duration::from_secs(15), async {
+            while let Some(d) = held.next().await {
+                if d.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
+        assert!(
+            ended.is_ok(),
+            "the consumer of a queue whose home went is cancelled"
+        );
+        let (_c2b, ch2b) = amqp(&n2.uri).await;
+        let mut refused = None;
+        for _ in 0..100 {
+            match passive(&ch2b, "kept").await {
+                Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(e) => {
+                    refused = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        let refused = refused.expect("a passive declare refused once the home is down");
+        assert!(
+            refused.contains("404") || refused.contains("NOT_FOUND"),
+            "{refused}"
+        );
+        assert!(
+            refused.contains("home node 'warren@n1'")
+                && refused.contains("is down or inaccessible"),
+            "{refused}"
+        );
+    });
+    // n1 back on its data: its queue has every message (the one held by n3's consumer too).
+    let secret = ["--cluster-secret", SECRET];
+    let mut args = vec!["--node-name", names[0], "--peers-file"];
+    args.push(peers.to_str().unwrap());
+    args.extend_from_slice(&secret);
+    let data = dir.path().join(names[0]);
+    nodes[0] = Some(BrokerProcess::start_in(&data, &args));
+    {
+        let all: Vec<&BrokerProcess> = nodes.iter().flatten().collect();
+        write_peers(&peers, &all);
+    }
+    rt.block_on(async {
+        let n2 = nodes[1].as_ref().unwrap();
+        let mut counts = None;
+        for _ in 0..300 {
+            let (_c, ch) = amqp(&n2.uri()).await;
+            if let Ok(c) = passive(&ch, "kept").await {
+                counts = Some(c);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            counts,
+            Some((10, 0)),
+            "the home is back with every durable message"
+        );
+    });
+}

@@ -15,7 +15,9 @@ use crate::broker::message::Message;
 use crate::broker::queue::{ConsumeRefused, Consumer, Delivered, QueueSpec};
 use crate::broker::queue_ref::QueueRef;
 use crate::broker::stats::MessageStats;
-use crate::broker::vhost::{DestinationKind, REPLY_TO, RouteScratch, Vhost, describe};
+use crate::broker::vhost::{
+    DestinationKind, REPLY_TO, RouteScratch, Vhost, declare_counts, describe, home_down,
+};
 use crate::error::{
     AmqpError, AmqpResult, COMMAND_INVALID, NOT_ALLOWED, NOT_IMPLEMENTED, access_refused,
     not_found, precondition_failed,
@@ -451,7 +453,7 @@ impl Channel {
                     let q = vhost.existing_queue(d.queue.as_str(), s.connection_id)?;
                     // As in RabbitMQ, a passive declare is a use: `x-expires` counts anew.
                     q.touch();
-                    let (m, c) = (q.message_count(), q.consumer_count());
+                    let (m, c) = declare_counts(&q)?;
                     (q, m, c)
                 } else {
                     let name = if d.queue.as_str().is_empty() {
@@ -484,7 +486,7 @@ impl Channel {
                     if created && q.owner().is_some() {
                         s.exclusive_queues.push(q.clone());
                     }
-                    let (m, c) = (q.message_count(), q.consumer_count());
+                    let (m, c) = declare_counts(&q)?;
                     (q, m, c)
                 };
                 self.last_queue = Some(q.name().to_owned());
@@ -736,6 +738,7 @@ impl Channel {
                     "no {}",
                     describe("queue", queue.name(), &s.vhost.name)
                 )),
+                ConsumeRefused::HomeDown => home_down(&queue),
             });
         }
         Ok(())

@@ -42,7 +42,8 @@ impl Confirms {
                 break;
             }
             self.waiting.pop_front();
-            if nack {
+            // A copy forwarded to another node that refused or lost it is nacked.
+            if nack || ticket.failed() {
                 if let Some(upto) = ack_upto.take() {
                     self.send_ack(upto, channel, send);
                 }

@@ -77,6 +77,7 @@ impl Broker {
             self.storage.clone(),
             self.window,
             self.churn.clone(),
+            self.forwarder.clone(),
         );
         v.set_meta(VhostMeta {
             description: description.to_owned(),

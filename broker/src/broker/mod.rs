@@ -15,6 +15,7 @@ pub mod policy;
 pub mod queue;
 pub mod queue_ref;
 pub mod ready;
+pub mod remote;
 pub mod stats;
 pub mod throttle;
 pub mod topic;
@@ -49,6 +50,8 @@ pub struct Broker {
     pub cluster: Option<Arc<Cluster>>,
     /// This node's member of the cluster's metadata group, which holds the definitions.
     pub metadata: Option<Metadata>,
+    /// Serves this node's queues to the other nodes and theirs to this node's clients.
+    pub forwarder: Option<Arc<remote::Forwarder>>,
     pub storage: Arc<Storage>,
     pub alarms: Arc<Alarms>,
     pub connections: connections::Connections,
@@ -140,10 +143,19 @@ impl Broker {
                 let _ = applied.send((index, proposal));
             }),
         );
-        let mut broker = Self::with_store(config, store, Arc::new(storage), defs);
+        let forwarder = remote::Forwarder::new(cluster.clone(), metadata.runtime().clone());
+        let mut broker = Self::with_store(
+            config,
+            store,
+            Arc::new(storage),
+            defs,
+            Some(forwarder.clone()),
+        );
         broker.cluster = Some(cluster);
         broker.metadata = Some(metadata.clone());
         let broker = Arc::new(broker);
+        let home: Arc<dyn remote::Home> = broker.clone();
+        forwarder.start(Arc::downgrade(&home));
         spawn_applier(&broker, entries)?;
         if !formed_here {
             spawn_seeder(&broker);
@@ -202,6 +214,7 @@ impl Broker {
             store,
             Arc::new(Storage::in_memory()),
             defs,
+            None,
         ))
     }
 
@@ -210,6 +223,7 @@ impl Broker {
         store: Arc<DefinitionStore>,
         storage: Arc<Storage>,
         defs: Definitions,
+        forwarder: Option<Arc<remote::Forwarder>>,
     ) -> Self {
         let window = Window {
             messages: config.queue_window_messages,
@@ -265,6 +279,7 @@ impl Broker {
             connections: connections::Connections::default(),
             cluster: None,
             metadata: None,
+            forwarder: forwarder.clone(),
             window,
             vhosts: RwLock::new(HashMap::new()),
             next_connection_id: AtomicU64::new(1),
@@ -273,11 +288,25 @@ impl Broker {
         let mut vhosts = broker.vhosts.write();
         vhosts.insert(
             "/".into(),
-            Vhost::new("/", store.clone(), storage.clone(), window, churn.clone()),
+            Vhost::new(
+                "/",
+                store.clone(),
+                storage.clone(),
+                window,
+                churn.clone(),
+                forwarder.clone(),
+            ),
         );
         for (name, vdefs) in &defs.vhosts {
             let v = vhosts.entry(name.clone()).or_insert_with(|| {
-                Vhost::new(name, store.clone(), storage.clone(), window, churn.clone())
+                Vhost::new(
+                    name,
+                    store.clone(),
+                    storage.clone(),
+                    window,
+                    churn.clone(),
+                    forwarder.clone(),
+                )
             });
             v.restore(vdefs);
         }
@@ -436,15 +465,18 @@ impl Broker {
                 name,
                 auto_delete,
                 arguments,
-                node: _,
+                node,
             } => vhost(v).and_then(|v| {
-                v.import_queue(QueueSpec {
-                    name: name.clone(),
-                    durable: true,
-                    exclusive: false,
-                    auto_delete: *auto_delete,
-                    arguments: arguments.clone(),
-                })
+                v.import_queue(
+                    QueueSpec {
+                        name: name.clone(),
+                        durable: true,
+                        exclusive: false,
+                        auto_delete: *auto_delete,
+                        arguments: arguments.clone(),
+                    },
+                    node.as_deref(),
+                )
                 .map(drop)
                 .map_err(|e| e.text)
             }),
@@ -689,6 +721,24 @@ fn spawn_seeder(broker: &Arc<Broker>) {
                 }
             }
         });
+}
+
+impl remote::Home for Broker {
+    fn local_queue(&self, vhost: &str, name: &str) -> Option<queue_ref::QueueRef> {
+        self.vhost(vhost)?
+            .queue(name)
+            .filter(|q| matches!(q, queue_ref::QueueRef::Local(_)))
+    }
+
+    fn remove_queue(&self, q: &queue_ref::QueueRef) {
+        if let Some(v) = self.vhost(q.vhost()) {
+            v.remove_queue(q);
+        }
+    }
+
+    fn storage(&self) -> Arc<Storage> {
+        self.storage.clone()
+    }
 }
 
 #[cfg(test)]

@@ -28,6 +28,8 @@ use std::sync::{Arc, OnceLock, Weak};
 pub enum QueueRef {
     /// A queue whose messages this process holds.
     Local(Arc<Queue>),
+    /// A durable classic queue whose home is another node of the cluster.
+    Remote(Arc<super::remote::RemoteQueue>),
 }
 
 /// Where a queue hands messages for a consumer: implemented by the AMQP channel.
@@ -133,6 +135,8 @@ pub enum ConsumeRefused {
     /// An exclusive consumer exists, or one was asked for while others exist.
     ExclusiveInUse,
     Deleted,
+    /// The queue's home node cannot be reached.
+    HomeDown,
 }
 
 /// Why `queue.delete` refused.

@@ -6,7 +6,7 @@
 //! (a queue on this node today; a queue that lives on another node, or one replicated
 //! across nodes, as further variants) without a change in every layer that holds one, and
 //! without dynamic dispatch or boxing on the message path: each method is one `match`,
-//! inlined, and a handle is one pointer wide (pinned by a test here), as an `Arc<Queue>` is.
+//! inlined, and a handle is two words (a tag and one pointer, pinned by a test here).
 //!
 //! The enum itself is declared beside the queue it wraps, which hands its own handle down to
 //! consumers and dead-lettering; the operations here build on the queue, not the other way.
@@ -23,6 +23,7 @@ use super::queue::{
     QueueSpec, Settings,
 };
 use super::ready::QueuedMessage;
+use super::remote::{RemoteQueue, Unavailable};
 use super::stats::MessageCounts;
 use amq_protocol::types::FieldTable;
 use std::hash::{Hash, Hasher};
@@ -58,6 +59,7 @@ impl QueueRef {
     fn addr(&self) -> usize {
         match self {
             Self::Local(q) => Arc::as_ptr(q) as usize,
+            Self::Remote(q) => Arc::as_ptr(q) as *const u8 as usize,
         }
     }
 
@@ -66,6 +68,7 @@ impl QueueRef {
     pub fn downgrade(&self) -> WeakQueueRef {
         match self {
             Self::Local(q) => WeakQueueRef::Local(Arc::downgrade(q)),
+            Self::Remote(q) => WeakQueueRef::Remote(Arc::downgrade(q)),
         }
     }
 
@@ -73,6 +76,7 @@ impl QueueRef {
     pub fn name(&self) -> &str {
         match self {
             Self::Local(q) => q.name(),
+            Self::Remote(q) => &q.spec.name,
         }
     }
 
@@ -81,6 +85,7 @@ impl QueueRef {
     pub fn vhost(&self) -> &Arc<str> {
         match self {
             Self::Local(q) => &q.vhost,
+            Self::Remote(q) => &q.vhost,
         }
     }
 
@@ -89,6 +94,7 @@ impl QueueRef {
     pub fn spec(&self) -> &QueueSpec {
         match self {
             Self::Local(q) => &q.spec,
+            Self::Remote(q) => &q.spec,
         }
     }
 
@@ -113,6 +119,7 @@ impl QueueRef {
     pub fn owner(&self) -> Option<u64> {
         match self {
             Self::Local(q) => q.owner,
+            Self::Remote(_) => None,
         }
     }
 
@@ -121,6 +128,7 @@ impl QueueRef {
     pub fn is_single_active_consumer(&self) -> bool {
         match self {
             Self::Local(q) => q.single_active_consumer,
+            Self::Remote(q) => q.is_single_active_consumer(),
         }
     }
 
@@ -129,6 +137,7 @@ impl QueueRef {
     pub fn queue_type(&self) -> &'static str {
         match self {
             Self::Local(q) => q.queue_type(),
+            Self::Remote(q) => q.queue_type(),
         }
     }
 
@@ -137,6 +146,7 @@ impl QueueRef {
     pub fn top_level(&self) -> u8 {
         match self {
             Self::Local(q) => q.top_level(),
+            Self::Remote(q) => q.top_level(),
         }
     }
 
@@ -144,6 +154,34 @@ impl QueueRef {
     pub fn is_deleted(&self) -> bool {
         match self {
             Self::Local(q) => q.is_deleted(),
+            Self::Remote(q) => q.is_deleted(),
+        }
+    }
+
+    /// The node the queue's messages are on, when it is another.
+    #[inline]
+    pub fn home(&self) -> Option<&str> {
+        match self {
+            Self::Local(_) => None,
+            Self::Remote(q) => Some(q.node()),
+        }
+    }
+
+    /// The home node, when it is another and cannot be reached now.
+    #[inline]
+    pub fn unreachable_home(&self) -> Option<&str> {
+        match self {
+            Self::Local(_) => None,
+            Self::Remote(q) => q.unreachable_home(),
+        }
+    }
+
+    /// Lengths and consumers at one moment, asked of the home node for a remote queue
+    /// (whose [`QueueRef::lengths`] counts only what this node holds: nothing).
+    pub fn lengths_now(&self) -> Result<QueueLengths, Unavailable> {
+        match self {
+            Self::Local(q) => Ok(q.lengths()),
+            Self::Remote(q) => q.lengths(),
         }
     }
 
@@ -152,6 +190,7 @@ impl QueueRef {
     pub fn message_counts(&self) -> MessageCounts {
         match self {
             Self::Local(q) => q.stats.read(),
+            Self::Remote(_) => MessageCounts::default(),
         }
     }
 
@@ -160,6 +199,7 @@ impl QueueRef {
     pub fn lengths(&self) -> QueueLengths {
         match self {
             Self::Local(q) => q.lengths(),
+            Self::Remote(_) => QueueLengths::default(),
         }
     }
 
@@ -168,6 +208,7 @@ impl QueueRef {
     pub fn message_count(&self) -> u32 {
         match self {
             Self::Local(q) => q.message_count(),
+            Self::Remote(_) => 0,
         }
     }
 
@@ -176,6 +217,7 @@ impl QueueRef {
     pub fn messages_in_memory(&self) -> usize {
         match self {
             Self::Local(q) => q.messages_in_memory(),
+            Self::Remote(_) => 0,
         }
     }
 
@@ -183,6 +225,7 @@ impl QueueRef {
     pub fn consumer_count(&self) -> u32 {
         match self {
             Self::Local(q) => q.consumer_count(),
+            Self::Remote(q) => q.consumers().len() as u32,
         }
     }
 
@@ -190,6 +233,7 @@ impl QueueRef {
     pub fn unacked_count(&self) -> u64 {
         match self {
             Self::Local(q) => q.unacked_count(),
+            Self::Remote(_) => 0,
         }
     }
 
@@ -198,6 +242,7 @@ impl QueueRef {
     pub fn link(&self, links: Links) {
         match self {
             Self::Local(q) => q.link(links),
+            Self::Remote(_) => drop(links),
         }
     }
 
@@ -206,6 +251,7 @@ impl QueueRef {
     pub fn expire_recovered(&self) {
         match self {
             Self::Local(q) => q.expire_recovered(),
+            Self::Remote(_) => {}
         }
     }
 
@@ -214,6 +260,7 @@ impl QueueRef {
     pub fn settings(&self) -> Arc<Settings> {
         match self {
             Self::Local(q) => q.settings(),
+            Self::Remote(q) => q.settings(),
         }
     }
 
@@ -222,6 +269,7 @@ impl QueueRef {
     pub fn consumer_timeout(&self) -> Option<u64> {
         match self {
             Self::Local(q) => q.consumer_timeout(),
+            Self::Remote(q) => q.settings().features.consumer_timeout,
         }
     }
 
@@ -230,6 +278,7 @@ impl QueueRef {
     pub fn set_policies(&self, policy: Option<Arc<Policy>>, operator: Option<Arc<Policy>>) {
         match self {
             Self::Local(q) => q.set_policies(self, policy, operator),
+            Self::Remote(q) => q.set_policies(policy, operator),
         }
     }
 
@@ -238,6 +287,7 @@ impl QueueRef {
     pub fn touch(&self) {
         match self {
             Self::Local(q) => q.touch(),
+            Self::Remote(_) => {}
         }
     }
 
@@ -246,6 +296,7 @@ impl QueueRef {
     pub fn publish(&self, message: Arc<Message>) -> Enqueued {
         match self {
             Self::Local(q) => q.publish(self, message),
+            Self::Remote(q) => q.publish(&message),
         }
     }
 
@@ -254,6 +305,7 @@ impl QueueRef {
     pub fn dispatch(&self) {
         match self {
             Self::Local(q) => q.dispatch(self),
+            Self::Remote(q) => q.dispatch(),
         }
     }
 
@@ -262,6 +314,7 @@ impl QueueRef {
     pub fn holds_publisher(&self, publisher: u64) -> bool {
         match self {
             Self::Local(q) => q.holds_publisher(publisher),
+            Self::Remote(q) => q.holds_publisher(),
         }
     }
 
@@ -270,6 +323,7 @@ impl QueueRef {
     pub fn backlog_drained(&self) -> tokio::sync::futures::Notified<'_> {
         match self {
             Self::Local(q) => q.backlog_drained(),
+            Self::Remote(q) => q.backlog_drained(),
         }
     }
 
@@ -278,6 +332,7 @@ impl QueueRef {
     pub fn get(&self, no_ack: bool) -> Option<(QueuedMessage, u32)> {
         match self {
             Self::Local(q) => q.get(self, no_ack),
+            Self::Remote(q) => q.get(no_ack).ok().flatten(),
         }
     }
 
@@ -286,6 +341,7 @@ impl QueueRef {
     pub fn settle(&self, delivered: &[Delivered], acked: bool) {
         match self {
             Self::Local(q) => q.settle(self, delivered, acked),
+            Self::Remote(q) => q.settle(delivered, acked),
         }
     }
 
@@ -294,6 +350,7 @@ impl QueueRef {
     pub fn requeue(&self, delivered: Vec<Delivered>) {
         match self {
             Self::Local(q) => q.requeue(self, delivered),
+            Self::Remote(q) => q.requeue(&delivered),
         }
     }
 
@@ -306,6 +363,7 @@ impl QueueRef {
     ) -> Result<(), ConsumeRefused> {
         match self {
             Self::Local(q) => q.add_consumer(self, consumer, on_added),
+            Self::Remote(q) => q.add_consumer(consumer, on_added),
         }
     }
 
@@ -314,6 +372,11 @@ impl QueueRef {
     pub fn remove_consumer(&self, consumer: &Arc<Consumer>) -> bool {
         match self {
             Self::Local(q) => q.remove_consumer(self, consumer),
+            Self::Remote(q) => {
+                // The home deletes an auto-delete queue its last consumer left.
+                q.remove_consumer(consumer);
+                false
+            }
         }
     }
 
@@ -327,6 +390,7 @@ impl QueueRef {
     ) -> (Vec<QueuedMessage>, bool) {
         match self {
             Self::Local(q) => q.find(limit, budget, wanted),
+            Self::Remote(_) => (Vec::new(), false),
         }
     }
 
@@ -335,6 +399,7 @@ impl QueueRef {
     pub fn single_active_consumer(&self) -> Option<Arc<Consumer>> {
         match self {
             Self::Local(q) => q.single_active_consumer(),
+            Self::Remote(_) => None,
         }
     }
 
@@ -342,6 +407,7 @@ impl QueueRef {
     pub fn consumers(&self) -> Vec<Arc<Consumer>> {
         match self {
             Self::Local(q) => q.consumers(),
+            Self::Remote(q) => q.consumers(),
         }
     }
 
@@ -350,6 +416,7 @@ impl QueueRef {
     pub fn purge(&self) -> u32 {
         match self {
             Self::Local(q) => q.purge(),
+            Self::Remote(q) => q.purge().unwrap_or(0),
         }
     }
 
@@ -358,6 +425,7 @@ impl QueueRef {
     pub fn may_delete(&self, if_unused: bool, if_empty: bool) -> Result<(), DeleteRefused> {
         match self {
             Self::Local(q) => q.may_delete(if_unused, if_empty),
+            Self::Remote(q) => q.may_delete(if_unused, if_empty),
         }
     }
 
@@ -366,6 +434,7 @@ impl QueueRef {
     pub fn delete(&self, if_unused: bool, if_empty: bool) -> Result<u32, DeleteRefused> {
         match self {
             Self::Local(q) => q.delete(if_unused, if_empty),
+            Self::Remote(q) => q.delete(if_unused, if_empty),
         }
     }
 }
@@ -374,6 +443,7 @@ impl QueueRef {
 #[derive(Debug, Clone)]
 pub enum WeakQueueRef {
     Local(Weak<Queue>),
+    Remote(Weak<RemoteQueue>),
 }
 
 impl WeakQueueRef {
@@ -382,6 +452,7 @@ impl WeakQueueRef {
     pub fn upgrade(&self) -> Option<QueueRef> {
         match self {
             Self::Local(q) => q.upgrade().map(QueueRef::Local),
+            Self::Remote(q) => q.upgrade().map(QueueRef::Remote),
         }
     }
 
@@ -390,6 +461,7 @@ impl WeakQueueRef {
     pub fn is(&self, q: &QueueRef) -> bool {
         match self {
             Self::Local(w) => w.as_ptr() as usize == q.addr(),
+            Self::Remote(w) => w.as_ptr() as *const u8 as usize == q.addr(),
         }
     }
 }
@@ -411,13 +483,13 @@ mod tests {
         QueueRef::from(Queue::in_memory(spec, "/".into(), None))
     }
 
-    /// A handle costs what the `Arc` it replaced did: a later variant that makes it wider is
-    /// a choice to make knowingly, not by accident.
+    /// A handle costs a tag and a pointer: a later variant that makes it wider is a choice to
+    /// make knowingly, not by accident.
     #[test]
-    fn a_handle_is_one_pointer_wide() {
-        assert_eq!(size_of::<QueueRef>(), size_of::<Arc<Queue>>());
-        assert_eq!(size_of::<Option<QueueRef>>(), size_of::<Arc<Queue>>());
-        assert_eq!(size_of::<WeakQueueRef>(), size_of::<Weak<Queue>>());
+    fn a_handle_is_two_words() {
+        assert_eq!(size_of::<QueueRef>(), 2 * size_of::<Arc<Queue>>());
+        assert_eq!(size_of::<Option<QueueRef>>(), 2 * size_of::<Arc<Queue>>());
+        assert_eq!(size_of::<WeakQueueRef>(), 2 * size_of::<Weak<Queue>>());
     }
 
     #[test]

@@ -13,6 +13,7 @@ use super::policy::{self, Policy, PolicyKind, QueueKind};
 use super::queue::{DeleteRefused, Enqueued, Links, Queue, QueueOwner, QueueSpec, top_level};
 use super::queue_ref::QueueRef;
 use super::ready::{LazyStore, QueuedMessage, Window};
+use super::remote::{Forwarder, RemoteQueue};
 use super::stats::{Churn, MessageStats};
 use super::throttle::{TOO_MANY_REQUESTS, Throttle};
 use crate::amqp::codec;
@@ -177,6 +178,8 @@ pub struct Vhost {
     operator_policies: RwLock<Vec<Arc<Policy>>>,
     /// The messages of its delayed exchanges, until they are due.
     delayer: Delayer,
+    /// Reaches the queues whose home is another node (none: a broker with no cluster).
+    forwarder: Option<Arc<Forwarder>>,
 }
 
 /// What a vhost is besides its topology: description, tags, limits and default queue type.
@@ -284,8 +287,11 @@ impl Vhost {
         storage: Arc<Storage>,
         window: Window,
         churn: Arc<Churn>,
+        forwarder: Option<Arc<Forwarder>>,
     ) -> Arc<Self> {
-        Arc::new_cyclic(|me| Self::build(name, store, storage, window, churn, me.clone()))
+        Arc::new_cyclic(|me| {
+            Self::build(name, store, storage, window, churn, forwarder, me.clone())
+        })
     }
 
     fn build(
@@ -294,6 +300,7 @@ impl Vhost {
         storage: Arc<Storage>,
         window: Window,
         churn: Arc<Churn>,
+        forwarder: Option<Arc<Forwarder>>,
         me: Weak<Vhost>,
     ) -> Self {
         let vhost = Self {
@@ -313,6 +320,7 @@ impl Vhost {
             policies: RwLock::new(Vec::new()),
             operator_policies: RwLock::new(Vec::new()),
             delayer: Delayer::default(),
+            forwarder,
         };
         {
             let mut exchanges = vhost.exchanges.write();
@@ -447,6 +455,22 @@ impl Vhost {
         let mut restored = Vec::new();
         for (name, q) in &defs.queues {
             if self.queues.read().contains_key(name) {
+                continue;
+            }
+            if let Some(forwarder) = self.elsewhere(q.node.as_deref()) {
+                let remote = QueueRef::Remote(RemoteQueue::new(
+                    QueueSpec {
+                        name: name.clone(),
+                        durable: true,
+                        exclusive: false,
+                        auto_delete: q.auto_delete,
+                        arguments: q.arguments.clone(),
+                    },
+                    self.name.clone(),
+                    q.node.clone().unwrap_or_default(),
+                    forwarder.clone(),
+                ));
+                self.queues.write().insert(name.clone(), remote);
                 continue;
             }
             let (store, recovered) = match self.storage.open_durable(&self.name, name, false) {
@@ -728,7 +752,16 @@ impl Vhost {
             .queue(name)
             .ok_or_else(|| not_found(format!("no {}", self.describe("queue", name))))?;
         self.check_exclusive_access(&q, connection)?;
+        if q.unreachable_home().is_some() {
+            return Err(home_down(&q));
+        }
         Ok(q)
+    }
+
+    /// The forwarder for a queue whose home is `node`, when that is another node.
+    fn elsewhere(&self, node: Option<&str>) -> Option<&Arc<Forwarder>> {
+        let f = self.forwarder.as_ref()?;
+        (node.is_some_and(|n| !n.is_empty() && n != f.node())).then_some(f)
     }
 
     fn check_exclusive_access(&self, q: &QueueRef, connection: u64) -> AmqpResult<()> {
@@ -889,14 +922,19 @@ impl Vhost {
 
     /// `queue.declare` (not passive). Returns the queue and whether it was created.
     pub fn declare_queue(&self, spec: QueueSpec, connection: u64) -> AmqpResult<(QueueRef, bool)> {
-        self.declare_queue_with(spec, connection, true)
+        self.declare_queue_with(spec, connection, true, None)
     }
 
     /// A queue of imported definitions, declared as `declare_queue` does but without the
     /// vhost's default queue type: RabbitMQ 3.10 imports a queue without `x-queue-type` as a
-    /// classic one, whatever its vhost's default.
-    pub fn import_queue(&self, spec: QueueSpec) -> AmqpResult<(QueueRef, bool)> {
-        self.declare_queue_with(spec, 0, false)
+    /// classic one, whatever its vhost's default. `home`: the node whose disk holds its
+    /// messages (none: this one).
+    pub fn import_queue(
+        &self,
+        spec: QueueSpec,
+        home: Option<&str>,
+    ) -> AmqpResult<(QueueRef, bool)> {
+        self.declare_queue_with(spec, 0, false, home)
     }
 
     fn declare_queue_with(
@@ -904,6 +942,7 @@ impl Vhost {
         spec: QueueSpec,
         connection: u64,
         default_type: bool,
+        home: Option<&str>,
     ) -> AmqpResult<(QueueRef, bool)> {
         let _t = self.topology.lock();
         MessageStats::bump(&self.churn.queue_declared);
@@ -938,6 +977,9 @@ impl Vhost {
                 sent.to_mut().insert("x-queue-type".into(), t.clone());
             }
             check_args_equivalent(&what, q.arguments(), &sent, EQUIVALENT_QUEUE_ARGS)?;
+            if q.unreachable_home().is_some() {
+                return Err(home_down(&q));
+            }
             q.touch();
             return Ok((q, false));
         }
@@ -954,6 +996,27 @@ impl Vhost {
                 "cannot declare queue '{}': queue limit in vhost '{}' ({max}) is reached",
                 spec.name, self.name
             )));
+        }
+        if spec.durable
+            && owner.is_none()
+            && let Some(forwarder) = self.elsewhere(home)
+        {
+            // Another node's queue, known here through the cluster's log: its messages stay
+            // on its home node, which this node reaches over the cluster link.
+            let home = home.unwrap_or_default().to_owned();
+            let (policy, operator) = self.policies_for_queue(&spec.name, &spec.arguments);
+            let q = QueueRef::Remote(RemoteQueue::new(
+                spec,
+                self.name.clone(),
+                home,
+                forwarder.clone(),
+            ));
+            if policy.is_some() || operator.is_some() {
+                q.set_policies(policy, operator);
+            }
+            self.queues.write().insert(q.name().to_owned(), q.clone());
+            MessageStats::bump(&self.churn.queue_created);
+            return Ok((q, true));
         }
         let levels = if spec.durable && owner.is_none() {
             // Every priority level's store is created now, fresh (whatever a deleted queue of
@@ -1542,6 +1605,28 @@ impl DelayedOwner for Vhost {
 }
 
 /// The reply for a change the definitions could not take.
+/// 404 for a queue whose home node cannot be reached, as RabbitMQ answers for a durable
+/// queue whose node is down.
+pub fn home_down(q: &QueueRef) -> AmqpError {
+    not_found(format!(
+        "home node '{}' of durable {} is down or inaccessible",
+        q.home().unwrap_or_default(),
+        describe("queue", q.name(), q.vhost())
+    ))
+}
+
+/// Ready messages and consumers for `queue.declare-ok`, asked of the home node for a queue
+/// on another.
+pub fn declare_counts(q: &QueueRef) -> AmqpResult<(u32, u32)> {
+    match q.lengths_now() {
+        Ok(l) => Ok((
+            u32::try_from(l.ready).unwrap_or(u32::MAX),
+            u32::try_from(l.consumers).unwrap_or(u32::MAX),
+        )),
+        Err(_) => Err(home_down(q)),
+    }
+}
+
 pub fn definitions_error(what: &str, e: crate::store::DefinitionsError) -> AmqpError {
     match e {
         crate::store::DefinitionsError::Unavailable(reason) => AmqpError {

@@ -32,6 +32,9 @@ pub enum Kind {
     Request = 1,
     /// The answer to a request.
     Response = 2,
+    /// A one-way message for a service of the other node, handled in the order sent (see
+    /// [`super::Cluster::on_cast`]).
+    Cast = 3,
 }
 
 impl Kind {
@@ -40,6 +43,7 @@ impl Kind {
             0 => Some(Self::Heartbeat),
             1 => Some(Self::Request),
             2 => Some(Self::Response),
+            3 => Some(Self::Cast),
             _ => None,
         }
     }
@@ -201,22 +205,36 @@ async fn write_loop(
     ended: tokio::sync::oneshot::Sender<String>,
 ) {
     let mut beat = tokio::time::interval(HEARTBEAT);
+    let mut buf = Vec::with_capacity(BATCH_BYTES);
     let why = loop {
-        let (kind, payload) = tokio::select! {
-            _ = beat.tick() => (Kind::Heartbeat, Bytes::new()),
+        let first = tokio::select! {
+            _ = beat.tick() => Frame { kind: Kind::Heartbeat, payload: Bytes::new() },
             frame = outgoing.recv() => match frame {
-                Some(f) => (f.kind, f.payload),
+                Some(f) => f,
                 None => break "retired".to_owned(),
             },
         };
-        if payload.len() + 1 > MAX_FRAME {
-            tracing::warn!(
-                bytes = payload.len(),
-                "cluster frame too large to send, dropped"
-            );
+        // Frames queued meanwhile go out in the same write: under load, many small frames
+        // (forwarded messages, settlements) cost one system call.
+        buf.clear();
+        let mut next = Some(first);
+        while let Some(frame) = next.take() {
+            if frame.payload.len() + 1 > MAX_FRAME {
+                tracing::warn!(
+                    bytes = frame.payload.len(),
+                    "cluster frame too large to send, dropped"
+                );
+            } else {
+                put_frame(&mut buf, frame.kind, &frame.payload);
+            }
+            if buf.len() < BATCH_BYTES {
+                next = outgoing.try_recv().ok();
+            }
+        }
+        if buf.is_empty() {
             continue;
         }
-        match tokio::time::timeout(SILENCE, write_frame(&mut writer, kind, &payload)).await {
+        match tokio::time::timeout(SILENCE, writer.write_all(&buf)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => break format!("write failed: {e}"),
             Err(_) => break format!("a write stuck for {} s", SILENCE.as_secs()),
@@ -225,6 +243,9 @@ async fn write_loop(
     let _ = writer.shutdown().await;
     let _ = ended.send(why);
 }
+
+/// Frames written together up to about this many bytes.
+const BATCH_BYTES: usize = 256 * 1024;
 
 async fn read_frame(reader: &mut OwnedReadHalf) -> Result<(Kind, Bytes), String> {
     let mut len = [0u8; 4];
@@ -246,16 +267,10 @@ async fn read_frame(reader: &mut OwnedReadHalf) -> Result<(Kind, Bytes), String>
     Ok((kind, payload))
 }
 
-async fn write_frame(
-    writer: &mut OwnedWriteHalf,
-    kind: Kind,
-    payload: &[u8],
-) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(5 + payload.len());
+fn put_frame(buf: &mut Vec<u8>, kind: Kind, payload: &[u8]) {
     buf.extend_from_slice(&((payload.len() + 1) as u32).to_be_bytes());
     buf.push(kind as u8);
     buf.extend_from_slice(payload);
-    writer.write_all(&buf).await
 }
 
 /// Dials `addr` (a `host:port`, resolved now) within the handshake's time.

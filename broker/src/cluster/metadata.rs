@@ -13,11 +13,11 @@
 //! a learner (it catches up), then as a voter: this is how a new node joins a running
 //! cluster.
 
-use super::Cluster;
 use super::log_store::{LogStore, METADATA_GROUP, RaftLog, RaftLogOptions};
 use super::meta_state::{ApplyHook, MetaConfig, MetaState, Proposal};
 use super::raft_network::{Groups, Network, handler, node, node_id};
 use super::rpc::{RpcError, Service};
+use super::{Cluster, block_on};
 use crate::store::Command;
 use crate::store::definitions::{Definitions, DefinitionsError, MetaLog};
 use openraft::error::{ClientWriteError, RaftError};
@@ -618,26 +618,5 @@ impl MetaLog for Metadata {
 
     fn node(&self) -> &str {
         &self.inner.node
-    }
-}
-
-/// Runs `fut` on `rt` and waits for it on this thread, whatever runtime (if any) this thread
-/// belongs to: the work is done by `rt`'s threads, never by the one waiting. None: the
-/// runtime stopped first.
-fn block_on<T: Send + 'static>(
-    rt: &Handle,
-    fut: impl std::future::Future<Output = T> + Send + 'static,
-) -> Option<T> {
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    rt.spawn(async move {
-        let _ = tx.send(fut.await);
-    });
-    // On a worker of a multi-threaded runtime, its other tasks move to another thread while
-    // this one waits (a commit without a majority waits seconds).
-    match Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
-            tokio::task::block_in_place(|| rx.recv().ok())
-        }
-        _ => rx.recv().ok(),
     }
 }

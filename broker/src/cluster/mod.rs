@@ -38,6 +38,9 @@ const REDIAL: Duration = Duration::from_secs(1);
 /// Accepted connections in their handshake at once; more are closed at once, so that
 /// strangers holding connections open cannot use up the descriptors clients need.
 const MAX_HANDSHAKES: usize = 64;
+/// Frames queued for one link before senders are told it is full: forwarded publishes,
+/// deliveries and settlements share it with Raft.
+const LINK_QUEUE: usize = 16 * 1024;
 /// The longest wait between dials of a peer that keeps failing.
 const REDIAL_MAX: Duration = Duration::from_secs(15);
 
@@ -98,7 +101,31 @@ pub struct Cluster {
     /// Handshakes in progress on accepted connections.
     handshakes: Arc<tokio::sync::Semaphore>,
     handlers: rpc::Handlers,
+    hooks: Hooks,
 }
+
+/// The handlers of one-way messages and of links going down.
+#[derive(Default)]
+struct Hooks {
+    casts: parking_lot::RwLock<HashMap<rpc::Service, CastHandler>>,
+    link_down: parking_lot::RwLock<Vec<LinkDown>>,
+}
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hooks")
+            .field("casts", &self.casts.read().len())
+            .field("link_down", &self.link_down.read().len())
+            .finish()
+    }
+}
+
+/// What a node does with a one-way message from `node`, received on link `link`: run on the
+/// link's reading task, in the order the messages were sent, so it must not block.
+pub type CastHandler = Arc<dyn Fn(&str, u64, bytes::Bytes) + Send + Sync>;
+
+/// Told that link `link` to `node` ended (went down, or was replaced by another).
+pub type LinkDown = Arc<dyn Fn(&str, u64) + Send + Sync>;
 
 impl Cluster {
     /// The cluster as `config` describes it; fails when the secret cannot be read or made.
@@ -116,6 +143,7 @@ impl Cluster {
             accepting: Mutex::new(HashSet::new()),
             handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
             handlers: rpc::Handlers::default(),
+            hooks: Hooks::default(),
         }))
     }
 
@@ -179,6 +207,37 @@ impl Cluster {
         self.send_on(node, frame).is_some()
     }
 
+    /// Sends a one-way message for `service` to `node`, handled there in the order sent on
+    /// the link. Returns the id of the link it went on; None when no link is up or its
+    /// queue is full (nothing is sent then).
+    pub fn cast(&self, node: &str, service: rpc::Service, body: &[u8]) -> Option<u64> {
+        let mut b = bytes::BytesMut::with_capacity(2 + body.len());
+        bytes::BufMut::put_u16(&mut b, service);
+        b.extend_from_slice(body);
+        self.send_on(
+            node,
+            Frame {
+                kind: link::Kind::Cast,
+                payload: b.freeze(),
+            },
+        )
+    }
+
+    /// Handles one-way messages for `service` with `handler`.
+    pub fn on_cast(&self, service: rpc::Service, handler: CastHandler) {
+        self.hooks.casts.write().insert(service, handler);
+    }
+
+    /// Calls `hook` whenever a link ends.
+    pub fn on_link_down(&self, hook: LinkDown) {
+        self.hooks.link_down.write().push(hook);
+    }
+
+    /// The id of the link up to `node` now.
+    pub fn link_to(&self, node: &str) -> Option<u64> {
+        self.state.lock().links.get(node).map(|l| l.id)
+    }
+
     /// Like [`Cluster::send`], returning the id of the link the frame went on.
     fn send_on(&self, node: &str, frame: Frame) -> Option<u64> {
         let st = self.state.lock();
@@ -223,8 +282,20 @@ impl Cluster {
     }
 
     /// A frame from `node`: a request served on a task of its own, or an answer for a caller.
-    fn on_frame(self: &Arc<Self>, node: &str, kind: link::Kind, payload: bytes::Bytes) {
+    fn on_frame(self: &Arc<Self>, node: &str, link: u64, kind: link::Kind, payload: bytes::Bytes) {
         match kind {
+            link::Kind::Cast => {
+                if payload.len() < 2 {
+                    tracing::warn!(node, "malformed cluster message dropped");
+                    return;
+                }
+                let service = u16::from_be_bytes([payload[0], payload[1]]);
+                let handler = self.hooks.casts.read().get(&service).cloned();
+                match handler {
+                    Some(h) => h(node, link, payload.slice(2..)),
+                    None => tracing::debug!(node, service, "message for no service dropped"),
+                }
+            }
             link::Kind::Request => {
                 let Some((id, service, body)) = rpc::decode_request(payload) else {
                     tracing::warn!(node, "malformed cluster request dropped");
@@ -432,7 +503,7 @@ impl Cluster {
             Role::Dialer => (self.node.clone(), own_nonce),
             Role::Acceptor => (peer.clone(), established.peer.nonce),
         };
-        let (outgoing, outgoing_rx) = mpsc::channel(1024);
+        let (outgoing, outgoing_rx) = mpsc::channel(LINK_QUEUE);
         let (link_stop, mut link_stopped) = watch::channel(false);
         let id = {
             let mut st = self.state.lock();
@@ -480,7 +551,7 @@ impl Cluster {
         let why = link::run(
             established,
             outgoing_rx,
-            move |kind, payload| me.on_frame(&from, kind, payload),
+            move |kind, payload| me.on_frame(&from, id, kind, payload),
             stop_rx,
         )
         .await;
@@ -488,12 +559,39 @@ impl Cluster {
         // What was asked on this link will not be answered on it, whether it went down or
         // another link replaced it.
         self.pending.lock().fail_link(id);
-        let mut st = self.state.lock();
-        if st.links.get(&peer).is_some_and(|l| l.id == id) {
-            st.links.remove(&peer);
-            drop(st);
-            tracing::warn!(node = %peer, peer = %address, reason = %why, "cluster link down");
+        {
+            let mut st = self.state.lock();
+            if st.links.get(&peer).is_some_and(|l| l.id == id) {
+                st.links.remove(&peer);
+                drop(st);
+                tracing::warn!(node = %peer, peer = %address, reason = %why, "cluster link down");
+            }
         }
+        let hooks = self.hooks.link_down.read().clone();
+        for hook in hooks {
+            hook(&peer, id);
+        }
+    }
+}
+
+/// Runs `fut` on `rt` and waits for it on this thread, whatever runtime (if any) this thread
+/// belongs to: the work is done by `rt`'s threads, never by the one waiting. None: the
+/// runtime stopped first.
+pub fn block_on<T: Send + 'static>(
+    rt: &tokio::runtime::Handle,
+    fut: impl std::future::Future<Output = T> + Send + 'static,
+) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    rt.spawn(async move {
+        let _ = tx.send(fut.await);
+    });
+    // On a worker of a multi-threaded runtime, its other tasks move to another thread while
+    // this one waits (a commit without a majority waits seconds).
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
+            tokio::task::block_in_place(|| rx.recv().ok())
+        }
+        _ => rx.recv().ok(),
     }
 }
 

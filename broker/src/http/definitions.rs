@@ -911,7 +911,7 @@ fn apply(state: &AppState, caller: &Caller, plan: Plan) -> ApiResult<()> {
     for (vhost, spec) in plan.queues {
         if let Some(v) = b.vhost(&vhost) {
             let name = spec.name.clone();
-            if let Err(e) = v.import_queue(spec) {
+            if let Err(e) = v.import_queue(spec, None) {
                 tracing::warn!(%vhost, queue = %name, error = %e, "definitions import: queue left as it is");
             }
         }

@@ -340,7 +340,7 @@ pub async fn publish(
     let broker = state.broker.clone();
     let safe = tokio::spawn(async move {
         ticket.wait(&broker.storage).await;
-        let done = ticket.is_done(Progress::of(&broker.storage));
+        let done = ticket.is_done(Progress::of(&broker.storage)) && !ticket.failed();
         if done {
             confirmed(&broker);
         }

@@ -7,11 +7,17 @@
 //! resolved is checked against a [`Progress`], a snapshot of how far the broker's durability
 //! has got, read once and checked against many tickets.
 //!
-//! Today a message is safe once the local flusher has synced the flush epoch its copies were
-//! stamped with (group commit: one round serves every message of that epoch).
+//! A copy in a local queue is safe once the local flusher has synced the flush epoch it was
+//! stamped with (group commit: one round serves every message of that epoch). A copy handed
+//! to a queue on another node is safe once that node says so ([`Forwarded`]); it fails,
+//! and its publisher is nacked, when that node refuses it or its link goes down first.
 
 use super::Storage;
+use parking_lot::Mutex;
+use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU64;
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::watch;
 
 /// When a message is safe.
@@ -20,9 +26,11 @@ pub enum Ticket {
     /// Nothing to wait for: transient, in no durable queue, or not taken at all.
     #[default]
     Done,
-    /// Once the local flusher has synced this flush epoch. Never 0, which keeps the ticket
-    /// in 8 bytes.
+    /// Once the local flusher has synced this flush epoch (never 0).
     Flushed(NonZeroU64),
+    /// Once the local flusher has synced `flushed` (0: nothing local) and the forwarded
+    /// copies of [`Forwarded`] entry `remote` are safe on their nodes.
+    Remote { flushed: u64, remote: NonZeroU64 },
 }
 
 impl Ticket {
@@ -34,23 +42,56 @@ impl Ticket {
         }
     }
 
+    /// The ticket of a copy forwarded to another node, entry `remote` of [`FORWARDED`].
+    pub const fn forwarded(remote: NonZeroU64) -> Self {
+        Ticket::Remote { flushed: 0, remote }
+    }
+
+    /// The local flush epoch waited for (0: none).
+    const fn epoch(self) -> u64 {
+        match self {
+            Ticket::Done => 0,
+            Ticket::Flushed(e) => e.get(),
+            Ticket::Remote { flushed, .. } => flushed,
+        }
+    }
+
     /// The ticket that resolves once both have: of one publish's copies, the latest.
     #[must_use]
-    pub const fn and(self, other: Ticket) -> Ticket {
-        match (self, other) {
-            (Ticket::Done, t) | (t, Ticket::Done) => t,
-            (Ticket::Flushed(a), Ticket::Flushed(b)) => {
-                Ticket::Flushed(if a.get() > b.get() { a } else { b })
+    pub fn and(self, other: Ticket) -> Ticket {
+        let flushed = self.epoch().max(other.epoch());
+        let remote = match (self, other) {
+            (Ticket::Remote { remote: a, .. }, Ticket::Remote { remote: b, .. }) => {
+                Some(FORWARDED.both(a, b))
+            }
+            (Ticket::Remote { remote, .. }, _) | (_, Ticket::Remote { remote, .. }) => Some(remote),
+            _ => None,
+        };
+        match remote {
+            Some(remote) => Ticket::Remote { flushed, remote },
+            None => Ticket::flushed(flushed),
+        }
+    }
+
+    /// Whether the message is safe at `progress` (a forwarded copy: or has failed, which
+    /// [`Ticket::failed`] then says).
+    #[inline]
+    pub fn is_done(self, progress: Progress) -> bool {
+        match self {
+            Ticket::Done => true,
+            Ticket::Flushed(epoch) => epoch.get() <= progress.flushed,
+            Ticket::Remote { flushed, remote } => {
+                flushed <= progress.flushed && FORWARDED.is_settled(remote)
             }
         }
     }
 
-    /// Whether the message is safe at `progress`.
-    #[inline]
-    pub const fn is_done(self, progress: Progress) -> bool {
+    /// For a done ticket: whether a forwarded copy failed (the publisher is nacked). Asked
+    /// once per ticket: the answer is forgotten as it is given.
+    pub fn failed(self) -> bool {
         match self {
-            Ticket::Done => true,
-            Ticket::Flushed(epoch) => epoch.get() <= progress.flushed,
+            Ticket::Remote { remote, .. } => FORWARDED.take_failure(remote),
+            _ => false,
         }
     }
 
@@ -60,10 +101,14 @@ impl Ticket {
     /// caller that must know checks [`Ticket::is_done`] after. Resolves at once when there is
     /// nothing to wait for.
     pub async fn wait(self, storage: &Storage) {
-        let Ticket::Flushed(epoch) = self else {
+        if let Ticket::Remote { remote, .. } = self {
+            let mut changed = FORWARDED.changed.subscribe();
+            let _ = changed.wait_for(|_| FORWARDED.is_settled(remote)).await;
+        }
+        let epoch = self.epoch();
+        if epoch == 0 {
             return;
-        };
-        let epoch = epoch.get();
+        }
         let Some(flusher) = storage.flusher() else {
             return;
         };
@@ -72,6 +117,126 @@ impl Ticket {
         let _ = durable
             .wait_for(|d| *d >= epoch || flusher.is_stopped())
             .await;
+    }
+}
+
+/// Copies of messages forwarded to queues on other nodes, until those nodes answer for them:
+/// one entry per forwarded copy, and one per publish that combined several ([`Ticket::and`]),
+/// settled when all its parts are. Process-wide, so that a ticket stays a small `Copy` value
+/// checked without a reference to the broker.
+pub static FORWARDED: LazyLock<Forwarded> = LazyLock::new(Forwarded::default);
+
+#[derive(Debug)]
+pub struct Forwarded {
+    next: AtomicU64,
+    state: Mutex<ForwardedState>,
+    /// Bumped whenever entries settle.
+    changed: watch::Sender<u64>,
+}
+
+impl Default for Forwarded {
+    fn default() -> Self {
+        Self {
+            next: AtomicU64::new(1),
+            state: Mutex::new(ForwardedState::default()),
+            changed: watch::Sender::new(0),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct ForwardedState {
+    open: HashMap<u64, Open>,
+    /// Settled entries that failed, until their ticket is asked ([`Ticket::failed`]).
+    failed: HashSet<u64>,
+}
+
+#[derive(Debug, Default)]
+struct Open {
+    /// Parts not yet settled.
+    parts: u32,
+    failed: bool,
+    /// Combined entries this one is a part of.
+    within: Vec<u64>,
+}
+
+impl Forwarded {
+    /// A new entry for one forwarded copy.
+    pub fn open(&self) -> NonZeroU64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.state.lock().open.insert(
+            id,
+            Open {
+                parts: 1,
+                ..Open::default()
+            },
+        );
+        NonZeroU64::new(id).expect("ids start at 1")
+    }
+
+    /// Settles forwarded copies: `ok` false when the other node refused or lost them.
+    pub fn settle(&self, entries: impl IntoIterator<Item = (u64, bool)>) {
+        let mut st = self.state.lock();
+        let mut todo: Vec<(u64, bool)> = entries.into_iter().collect();
+        let any = !todo.is_empty();
+        while let Some((id, ok)) = todo.pop() {
+            let Some(open) = st.open.get_mut(&id) else {
+                continue;
+            };
+            open.failed |= !ok;
+            open.parts = open.parts.saturating_sub(1);
+            if open.parts > 0 {
+                continue;
+            }
+            let open = st.open.remove(&id).expect("present");
+            if open.within.is_empty() {
+                if open.failed {
+                    st.failed.insert(id);
+                }
+            } else {
+                todo.extend(open.within.iter().map(|w| (*w, !open.failed)));
+            }
+        }
+        drop(st);
+        if any {
+            self.changed.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    /// An entry settled once both `a` and `b` are, failed when either failed.
+    fn both(&self, a: NonZeroU64, b: NonZeroU64) -> NonZeroU64 {
+        if a == b {
+            return a;
+        }
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut st = self.state.lock();
+        let mut combined = Open {
+            parts: 2,
+            ..Open::default()
+        };
+        for part in [a.get(), b.get()] {
+            match st.open.get_mut(&part) {
+                Some(open) => open.within.push(id),
+                None => {
+                    combined.parts -= 1;
+                    combined.failed |= st.failed.remove(&part);
+                }
+            }
+        }
+        if combined.parts > 0 {
+            st.open.insert(id, combined);
+        } else if combined.failed {
+            st.failed.insert(id);
+        }
+        NonZeroU64::new(id).expect("ids start at 1")
+    }
+
+    fn is_settled(&self, id: NonZeroU64) -> bool {
+        !self.state.lock().open.contains_key(&id.get())
+    }
+
+    fn take_failure(&self, id: NonZeroU64) -> bool {
+        self.state.lock().failed.remove(&id.get())
     }
 }
 
@@ -104,26 +269,33 @@ impl Progress {
 #[derive(Debug)]
 pub struct ProgressWatch {
     flushed: Option<watch::Receiver<u64>>,
+    forwarded: watch::Receiver<u64>,
 }
 
 impl ProgressWatch {
     pub fn new(storage: &Storage) -> Self {
         Self {
             flushed: storage.flusher().map(|f| f.subscribe()),
+            forwarded: FORWARDED.changed.subscribe(),
         }
     }
 
-    /// Resolves when progress may have moved on since last time; never, when nothing can move
-    /// it (a broker without a disk, whose tickets are all done, or a stopped flusher once it
-    /// has said it stopped).
+    /// Resolves when progress may have moved on since last time: a flush round, or forwarded
+    /// copies settled. Never while nothing can move it.
     pub async fn changed(&mut self) {
-        match &mut self.flushed {
-            Some(rx) => {
-                if rx.changed().await.is_err() {
-                    std::future::pending::<()>().await;
+        let flushed = async {
+            match &mut self.flushed {
+                Some(rx) => {
+                    if rx.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
                 }
+                None => std::future::pending().await,
             }
-            None => std::future::pending().await,
+        };
+        tokio::select! {
+            () = flushed => {}
+            _ = self.forwarded.changed() => {}
         }
     }
 }
@@ -161,7 +333,42 @@ mod tests {
     fn a_ticket_is_small_and_copied() {
         fn copy<T: Copy>() {}
         copy::<Ticket>();
-        assert_eq!(std::mem::size_of::<Ticket>(), 8);
+        assert!(std::mem::size_of::<Ticket>() <= 24);
+    }
+
+    #[test]
+    fn a_forwarded_copy_is_done_when_its_node_answers_and_a_failure_is_told_once() {
+        let (a, b) = (FORWARDED.open(), FORWARDED.open());
+        let (ta, tb) = (Ticket::forwarded(a), Ticket::forwarded(b));
+        assert!(!ta.is_done(Progress::ALL));
+        FORWARDED.settle([(a.get(), true), (b.get(), false)]);
+        assert!(ta.is_done(Progress::ALL) && tb.is_done(Progress::ALL));
+        assert!(!ta.failed());
+        assert!(tb.failed());
+        assert!(!tb.failed(), "told once");
+    }
+
+    #[test]
+    fn a_publish_to_local_and_forwarded_copies_waits_for_all_and_fails_with_any() {
+        let (a, b) = (FORWARDED.open(), FORWARDED.open());
+        let t = Ticket::flushed(4)
+            .and(Ticket::forwarded(a))
+            .and(Ticket::forwarded(b));
+        assert!(matches!(t, Ticket::Remote { flushed: 4, .. }));
+        FORWARDED.settle([(a.get(), true)]);
+        assert!(!t.is_done(Progress::ALL), "b is still out");
+        FORWARDED.settle([(b.get(), false)]);
+        assert!(
+            !t.is_done(Progress::flushed(3)),
+            "the local copy is not on disk"
+        );
+        assert!(t.is_done(Progress::flushed(4)));
+        assert!(t.failed());
+        // Parts settled before they are combined count as well.
+        let (c, d) = (FORWARDED.open(), FORWARDED.open());
+        FORWARDED.settle([(c.get(), false), (d.get(), true)]);
+        let t = Ticket::forwarded(c).and(Ticket::forwarded(d));
+        assert!(t.is_done(Progress::ALL) && t.failed());
     }
 
     #[tokio::test]
