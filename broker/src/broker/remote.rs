@@ -111,7 +111,7 @@ pub struct Forwarder {
     /// Told when a home's unconfirmed publishes fall below half the window.
     publish_room: Notify,
     /// What this node serves to other nodes, by the node and link it serves them on.
-    served: Mutex<HashMap<(String, u64), Arc<Mutex<Served>>>>,
+    served: Mutex<HashMap<(String, u64), SharedServed>>,
     /// Publishes taken for other nodes, waiting to be safe before they are confirmed.
     confirming: Mutex<Vec<Confirming>>,
     confirm_wake: Notify,
@@ -135,6 +135,9 @@ struct Confirming {
     /// False when the queue refused the message (reject-publish): nacked.
     ok: bool,
 }
+
+/// What this node serves another over one link, shared with the sinks of its consumers.
+type SharedServed = Arc<Mutex<Served>>;
 
 /// What this node serves another over one link.
 #[derive(Default)]
@@ -552,7 +555,7 @@ impl Forwarder {
 
     // ---- The home side ----
 
-    fn served(&self, node: &str, link: u64) -> Arc<Mutex<Served>> {
+    fn served(&self, node: &str, link: u64) -> SharedServed {
         self.served
             .lock()
             .entry((node.to_owned(), link))
@@ -560,7 +563,7 @@ impl Forwarder {
             .clone()
     }
 
-    fn existing_served(&self, node: &str, link: u64) -> Option<Arc<Mutex<Served>>> {
+    fn existing_served(&self, node: &str, link: u64) -> Option<SharedServed> {
         self.served.lock().get(&(node.to_owned(), link)).cloned()
     }
 
