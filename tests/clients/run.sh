@@ -4,6 +4,9 @@
 #
 #   tests/clients/run.sh AMQP_URL
 #   e.g. tests/clients/run.sh 'amqp://guest:guest@127.0.0.1:5672/%2f'
+#   tests/clients/run.sh --cluster URL1 URL2 URL3
+#     the cluster suites (python/cluster, node/test/cluster) against three
+#     nodes of one cluster: queues used through nodes other than their home.
 #
 # Dependencies are installed once into a cache directory
 # (${WARREN_CLIENT_CACHE:-$HOME/.cache/warren-clients}) and reused while
@@ -13,10 +16,20 @@ set -uo pipefail
 
 usage() {
   echo "usage: $0 AMQP_URL   (e.g. amqp://guest:guest@127.0.0.1:5672/%2f)" >&2
+  echo "       $0 --cluster URL1 URL2 URL3" >&2
   exit 2
 }
-[ $# -eq 1 ] && [ -n "$1" ] || usage
-AMQP_URL=$1
+cluster=0
+if [ "${1:-}" = "--cluster" ]; then
+  [ $# -eq 4 ] || usage
+  cluster=1
+  shift
+  AMQP_URLS="$*"
+  AMQP_URL=$1
+else
+  [ $# -eq 1 ] && [ -n "$1" ] || usage
+  AMQP_URL=$1
+fi
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cache=${WARREN_CLIENT_CACHE:-$HOME/.cache/warren-clients}
@@ -69,11 +82,25 @@ exec 9>&-
 
 # --- Run ------------------------------------------------------------------
 export AMQP_URL
+if [ $cluster -eq 1 ]; then
+  export AMQP_URLS
+  echo
+  echo "== Python (pika) cluster suite"
+  (cd "$here/python" && PYTHONDONTWRITEBYTECODE=1 "$venv/bin/python" -m pytest -v -p no:cacheprovider cluster)
+  py_rc=$?
+  echo
+  echo "== Node (amqplib) cluster suite"
+  (cd "$here/node" && NODE_PATH="$nodedir/node_modules" node --test --test-reporter=spec test/cluster/*.test.js)
+  node_rc=$?
+  echo "== cluster client suites: python $py_rc, node $node_rc"
+  [ $py_rc -eq 0 ] && [ $node_rc -eq 0 ]
+  exit
+fi
 safe_url=$(printf '%s' "$AMQP_URL" | sed -E 's#(://[^:/@]*:)[^@]*@#\1***@#')
 
 echo
 echo "== Python (pika) suite against $safe_url"
-(cd "$here/python" && PYTHONDONTWRITEBYTECODE=1 "$venv/bin/python" -m pytest -v -p no:cacheprovider)
+(cd "$here/python" && PYTHONDONTWRITEBYTECODE=1 "$venv/bin/python" -m pytest -v -p no:cacheprovider --ignore=cluster)
 py_rc=$?
 
 echo

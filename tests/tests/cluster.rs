@@ -812,3 +812,25 @@ fn any_node_serves_a_queue_whose_home_is_another_and_its_home_going_down_is_told
         );
     });
 }
+
+/// pika and amqplib, unchanged: a queue declared on one node, published to with confirms
+/// through another, consumed and acked through the third (tests/clients, `--cluster`).
+#[test]
+fn pika_and_amqplib_use_a_queue_through_nodes_other_than_its_home() {
+    let dir = tempfile::tempdir().unwrap();
+    let peers = dir.path().join("peers");
+    let names = ["warren@c1", "warren@c2", "warren@c3"];
+    let rt = runtime();
+    let api = Api {
+        http: reqwest::Client::new(),
+    };
+    let nodes = three_nodes(dir.path(), &peers, &names, &rt, &api);
+    let script = warren_e2e::workspace_root().join("tests/clients/run.sh");
+    let status = std::process::Command::new("bash")
+        .arg(&script)
+        .arg("--cluster")
+        .args(nodes.iter().flatten().map(BrokerProcess::uri))
+        .status()
+        .expect("run tests/clients/run.sh --cluster");
+    assert!(status.success(), "cluster client suites failed: {status}");
+}
