@@ -128,7 +128,7 @@ fn backlog(c: &mut Criterion) {
                         debug_assert!(!matches!(r, Enqueued::Rejected | Enqueued::Deleted));
                     }
                     let mut run = Vec::with_capacity(ack_every);
-                    while let Some((msg, _left)) = q.get(false) {
+                    while let Ok(Some((msg, _left))) = q.get(false) {
                         run.push(Delivered {
                             delivered_at_ms: 0,
                             queue: q.clone(),

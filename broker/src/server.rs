@@ -221,6 +221,8 @@ async fn serve(
         imports: Arc::new(tokio::sync::Mutex::new(())),
         cluster: cluster.clone(),
     };
+    // Other nodes' cluster-wide listings ask this node for its own objects.
+    crate::http::serve_listings(&state);
 
     let mut acceptors = vec![tokio::spawn(accept_loop(
         Incoming::Tcp(amqp),

@@ -531,7 +531,7 @@ impl Channel {
                 let name = self.queue_name(p.queue.as_str())?;
                 s.check("queue", &name, Access::Read)?;
                 let q = vhost.existing_queue(&name, s.connection_id)?;
-                let count = q.purge();
+                let count = q.purge().map_err(|_| home_down(&q))?;
                 if !p.nowait {
                     self.reply(AMQPClass::Queue(M::PurgeOk(queue::PurgeOk {
                         message_count: count,
@@ -611,7 +611,7 @@ impl Channel {
                 let name = self.queue_name(g.queue.as_str())?;
                 s.check("queue", &name, Access::Read)?;
                 let q = s.vhost.existing_queue(&name, s.connection_id)?;
-                match q.get(g.no_ack) {
+                match q.get(g.no_ack).map_err(|_| home_down(&q))? {
                     Some((msg, remaining)) => self.shared.deliver_get(&q, msg, remaining, g.no_ack),
                     None => {
                         MessageStats::bump(&self.shared.stats.get_empty);

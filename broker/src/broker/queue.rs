@@ -144,6 +144,8 @@ pub enum ConsumeRefused {
 pub enum DeleteRefused {
     InUse,
     NotEmpty,
+    /// The queue's home node cannot be reached to check the conditions.
+    HomeDown,
 }
 
 #[derive(Debug)]
@@ -1490,7 +1492,7 @@ mod tests {
         });
         assert!(matches!(q.publish(msg()), Enqueued::Accepted { .. }));
         assert!(matches!(q.publish(high), Enqueued::Accepted { .. }));
-        let (first, _) = q.get(true).expect("a message");
+        let (first, _) = q.get(true).unwrap().expect("a message");
         assert_eq!(first.level, 3);
     }
 
@@ -1558,8 +1560,8 @@ mod tests {
         for _ in 0..3 {
             q.publish(msg());
         }
-        let (m0, _) = q.get(false).unwrap();
-        let (m1, left) = q.get(false).unwrap();
+        let (m0, _) = q.get(false).unwrap().unwrap();
+        let (m1, left) = q.get(false).unwrap().unwrap();
         assert_eq!(left, 1);
         let d = |m: QueuedMessage| Delivered {
             delivered_at_ms: 0,
@@ -1570,7 +1572,7 @@ mod tests {
         q.requeue(vec![d(m1), d(m0)]);
         let order: Vec<_> = (0..3)
             .map(|_| {
-                let (m, _) = q.get(true).unwrap();
+                let (m, _) = q.get(true).unwrap().unwrap();
                 (m.seq, m.redelivered)
             })
             .collect();
@@ -1623,7 +1625,9 @@ mod tests {
                 }
             );
         }
-        let seqs: Vec<_> = (0..2).map(|_| q.get(true).unwrap().0.seq).collect();
+        let seqs: Vec<_> = (0..2)
+            .map(|_| q.get(true).unwrap().unwrap().0.seq)
+            .collect();
         assert_eq!(seqs, [3, 4]);
     }
 

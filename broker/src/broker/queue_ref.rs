@@ -327,12 +327,13 @@ impl QueueRef {
         }
     }
 
-    /// `basic.get`: the next ready message and how many remain after it.
+    /// `basic.get`: the next ready message and how many remain after it (an error when the
+    /// home of a remote queue cannot be asked).
     #[inline]
-    pub fn get(&self, no_ack: bool) -> Option<(QueuedMessage, u32)> {
+    pub fn get(&self, no_ack: bool) -> Result<Option<(QueuedMessage, u32)>, Unavailable> {
         match self {
-            Self::Local(q) => q.get(self, no_ack),
-            Self::Remote(q) => q.get(no_ack).ok().flatten(),
+            Self::Local(q) => Ok(q.get(self, no_ack)),
+            Self::Remote(q) => q.get(no_ack),
         }
     }
 
@@ -411,12 +412,13 @@ impl QueueRef {
         }
     }
 
-    /// Drops all ready messages; returns how many.
+    /// Drops all ready messages; returns how many (an error when the home of a remote queue
+    /// cannot be asked).
     #[inline]
-    pub fn purge(&self) -> u32 {
+    pub fn purge(&self) -> Result<u32, Unavailable> {
         match self {
-            Self::Local(q) => q.purge(),
-            Self::Remote(q) => q.purge().unwrap_or(0),
+            Self::Local(q) => Ok(q.purge()),
+            Self::Remote(q) => q.purge(),
         }
     }
 

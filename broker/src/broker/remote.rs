@@ -139,13 +139,19 @@ struct Confirming {
 /// What this node serves another over one link, shared with the sinks of its consumers.
 type SharedServed = Arc<Mutex<Served>>;
 
+/// Remote consumers by their id (given by their node): the queue, the consumer as the queue
+/// has it, and its sink.
+type ServedConsumers = HashMap<u64, (QueueRef, Arc<Consumer>, Arc<RemoteSink>)>;
+
 /// What this node serves another over one link.
 #[derive(Default)]
 struct Served {
     /// Remote consumers by their id (given by their node).
-    consumers: HashMap<u64, (QueueRef, Arc<Consumer>, Arc<RemoteSink>)>,
+    consumers: ServedConsumers,
     /// Deliveries not yet settled, by delivery id.
     delivered: HashMap<u64, Delivered>,
+    /// Its link went: nothing more is recorded here.
+    closed: bool,
 }
 
 /// A small writer of the fields forwarding sends.
@@ -232,7 +238,9 @@ impl Forwarder {
             cluster,
             rt,
             home: OnceLock::new(),
-            next_id: AtomicU64::new(1),
+            // Random high bits: an id of an earlier process of this node never matches one of
+            // this process (a settlement sent before a restart finds nothing).
+            next_id: AtomicU64::new((rand::random::<u64>() >> 16) << 16 | 1),
             consumers: Mutex::new(HashMap::new()),
             unconfirmed: Mutex::new(HashMap::new()),
             publish_room: Notify::new(),
@@ -330,29 +338,24 @@ impl Forwarder {
     /// Sends a one-way message that must not be lost while the link stays up (settlements,
     /// credit): when the link's queue is full, it is sent again shortly, as long as the same
     /// link is up. A link that goes takes its state with it on both sides.
-    fn cast_surely(&self, node: &str, service: rpc::Service, body: Bytes) {
-        let Some(link) = self.cluster.link_to(node) else {
-            return;
-        };
-        if self.cluster.cast(node, service, &body).is_some() {
+    fn cast_surely(&self, node: &str, link: u64, service: rpc::Service, body: Bytes) {
+        if self.cluster.cast_on(node, link, service, &body).is_some() {
             return;
         }
         let cluster = self.cluster.clone();
         let node = node.to_owned();
         self.rt.spawn(async move {
             for _ in 0..250 {
+                if cluster.link_to(&node) != Some(link) {
+                    return;
+                }
                 tokio::time::sleep(RETRY).await;
-                if cluster.link_to(&node) != Some(link)
-                    || cluster.cast(&node, service, &body).is_some()
-                {
+                if cluster.cast_on(&node, link, service, &body).is_some() {
                     return;
                 }
             }
-            tracing::warn!(
-                node,
-                service,
-                "a cluster link stayed full for 5 s; a message to it was dropped"
-            );
+            // Both ends recover from a link that goes: better than a lost settlement.
+            cluster.drop_link(&node, link, "its queue stayed full for 5 s");
         });
     }
 
@@ -443,23 +446,35 @@ impl Forwarder {
             tracing::warn!(node, "malformed forwarded delivery dropped");
             return;
         };
-        let rc = self.consumers.lock().get(&consumer).cloned();
-        match rc {
-            Some(rc) if rc.link.load(Ordering::Acquire) == link => {
-                rc.buffer.lock().push_back(QueuedMessage {
-                    seq: delivery,
-                    message: Arc::new(message),
-                    redelivered: redelivered != 0,
-                    location: None,
-                    returned,
-                    level: 0,
-                });
-                rc.pump(self);
+        let rc = self
+            .consumers
+            .lock()
+            .get(&consumer)
+            .filter(|rc| rc.link == link)
+            .cloned();
+        let taken = rc.as_ref().is_some_and(|rc| {
+            let mut buffer = rc.buffer.lock();
+            if buffer.closed {
+                return false;
             }
-            // Gone (cancelled meanwhile): the home takes it back.
+            buffer.messages.push_back(QueuedMessage {
+                seq: delivery,
+                message: Arc::new(message),
+                redelivered: redelivered != 0,
+                location: None,
+                returned,
+                level: 0,
+            });
+            true
+        });
+        match rc {
+            Some(rc) if taken => rc.pump(self),
+            // Gone (cancelled meanwhile, or never known here): the home takes it back and
+            // forgets the consumer.
             _ => {
                 let body = Out::new().u8(How::Requeue as u8).u64(delivery).done();
-                self.cast_surely(node, service::SETTLE, body);
+                self.cast_surely(node, link, service::SETTLE, body);
+                self.cast_surely(node, link, service::CANCEL, Out::new().u64(consumer).done());
             }
         }
     }
@@ -474,13 +489,17 @@ impl Forwarder {
     }
 
     fn settle(&self, node: &str, delivered: &[Delivered], how: How) {
+        // Deliveries of a link that went were taken back by the home when it saw it go.
+        let Some(link) = self.cluster.link_to(node) else {
+            return;
+        };
         // Frames stay well under the link's limit.
         for chunk in delivered.chunks(8192) {
             let mut out = Out::new().u8(how as u8);
             for d in chunk {
                 out = out.u64(d.msg.seq);
             }
-            self.cast_surely(node, service::SETTLE, out.done());
+            self.cast_surely(node, link, service::SETTLE, out.done());
         }
     }
 
@@ -490,7 +509,9 @@ impl Forwarder {
             let mut consumers = self.consumers.lock();
             let ids: Vec<u64> = consumers
                 .iter()
-                .filter(|(_, rc)| rc.node == node && rc.link.load(Ordering::Acquire) == link)
+                .filter(|(_, rc)| {
+                    rc.node == node && rc.link == link && rc.active.load(Ordering::Acquire)
+                })
                 .map(|(id, _)| *id)
                 .collect();
             ids.iter().filter_map(|id| consumers.remove(id)).collect()
@@ -521,15 +542,28 @@ impl Forwarder {
         // What this node served over that link: deliveries back in their queues.
         let served = self.served.lock().remove(&(node.to_owned(), link));
         if let Some(served) = served {
-            let served = std::mem::take(&mut *served.lock());
-            self.release(served);
+            let (consumers, delivered) = {
+                let mut s = served.lock();
+                s.closed = true;
+                (
+                    std::mem::take(&mut s.consumers),
+                    std::mem::take(&mut s.delivered),
+                )
+            };
+            self.release(consumers, delivered);
         }
     }
 
-    /// Takes back what a node was served: its consumers removed, its deliveries requeued.
-    fn release(&self, served: Served) {
+    /// Takes back what a node was served: its consumers removed first (so that nothing is
+    /// handed to them again), then its deliveries requeued.
+    fn release(&self, consumers: ServedConsumers, delivered: HashMap<u64, Delivered>) {
+        for (q, consumer, _) in consumers.into_values() {
+            if q.remove_consumer(&consumer) {
+                self.auto_delete(q);
+            }
+        }
         let mut by_queue: Vec<(QueueRef, Vec<Delivered>)> = Vec::new();
-        for d in served.delivered.into_values() {
+        for d in delivered.into_values() {
             match by_queue.iter_mut().find(|(q, _)| *q == d.queue) {
                 Some((_, v)) => v.push(d),
                 None => by_queue.push((d.queue.clone(), vec![d])),
@@ -538,11 +572,6 @@ impl Forwarder {
         for (q, mut run) in by_queue {
             run.sort_by_key(|d| d.msg.seq);
             q.requeue(run);
-        }
-        for (q, consumer, _) in served.consumers.into_values() {
-            if q.remove_consumer(&consumer) {
-                self.auto_delete(q);
-            }
         }
     }
 
@@ -555,12 +584,24 @@ impl Forwarder {
 
     // ---- The home side ----
 
-    fn served(&self, node: &str, link: u64) -> SharedServed {
-        self.served
+    /// What `node` is served over `link`, while that link is up (a link that went has been
+    /// accounted for: nothing is recorded for it again).
+    fn served(&self, node: &str, link: u64) -> Option<SharedServed> {
+        if self.cluster.link_to(node) != Some(link) {
+            return None;
+        }
+        let served = self
+            .served
             .lock()
             .entry((node.to_owned(), link))
             .or_default()
-            .clone()
+            .clone();
+        // Its end may have come just now, before the entry was made: then it found none.
+        if self.cluster.link_to(node) != Some(link) {
+            self.served.lock().remove(&(node.to_owned(), link));
+            return None;
+        }
+        Some(served)
     }
 
     fn existing_served(&self, node: &str, link: u64) -> Option<SharedServed> {
@@ -582,7 +623,9 @@ impl Forwarder {
                 // Deleted meanwhile: dropped, as a local publish to it is.
                 Enqueued::Deleted => (Ticket::Done, true),
             },
-            None => (Ticket::Done, true),
+            // Not (or no longer) here while the other node has it: nacked, not dropped
+            // silently.
+            None => (Ticket::Done, false),
         };
         self.confirming.lock().push(Confirming {
             node: node.to_owned(),
@@ -664,21 +707,22 @@ impl Forwarder {
         let flags = body.u8().ok_or_else(bad)?;
         let priority = body.i32().ok_or_else(bad)?;
         let prefetch = body.u32().ok_or_else(bad)?;
-        let link = self
-            .cluster
-            .link_to(node)
-            .ok_or_else(|| "no link".to_owned())?;
+        let link = rpc::request_link().ok_or_else(|| "no link".to_owned())?;
         let q = self
             .home()
             .and_then(|h| h.local_queue(&vhost, &queue))
             .ok_or_else(|| "not_found".to_owned())?;
-        let served = self.served(node, link);
+        let served = self
+            .served(node, link)
+            .ok_or_else(|| "link gone".to_owned())?;
         let sink = Arc::new(RemoteSink {
             forwarder: self.me.clone(),
             node: node.to_owned(),
+            link,
             id,
             served: Arc::downgrade(&served),
             in_flight: AtomicU32::new(0),
+            retrying: Arc::new(AtomicBool::new(false)),
         });
         let consumer = Arc::new(Consumer::new(
             tag.into(),
@@ -690,11 +734,21 @@ impl Forwarder {
             Default::default(),
         ));
         // Known before the queue can deliver to it.
-        served
-            .lock()
-            .consumers
-            .insert(id, (q.clone(), consumer.clone(), sink));
-        match q.add_consumer(consumer, || {}) {
+        {
+            let mut s = served.lock();
+            if s.closed {
+                return Err("link gone".to_owned());
+            }
+            s.consumers.insert(id, (q.clone(), consumer.clone(), sink));
+        }
+        match q.add_consumer(consumer.clone(), || {}) {
+            // Its link went while it was added: taken off again.
+            Ok(()) if served.lock().closed => {
+                if q.remove_consumer(&consumer) {
+                    self.auto_delete(q);
+                }
+                Err("link gone".to_owned())
+            }
             Ok(()) => Ok(Bytes::new()),
             Err(why) => {
                 served.lock().consumers.remove(&id);
@@ -709,21 +763,26 @@ impl Forwarder {
 
     fn serve_get(&self, node: &str, mut body: In) -> Result<Bytes, String> {
         let bad = || "malformed get".to_owned();
+        let id = body.u64().ok_or_else(bad)?;
         let vhost = body.str().ok_or_else(bad)?;
         let queue = body.str().ok_or_else(bad)?;
         let no_ack = body.u8().ok_or_else(bad)? != 0;
-        let link = self
-            .cluster
-            .link_to(node)
-            .ok_or_else(|| "no link".to_owned())?;
+        let link = rpc::request_link().ok_or_else(|| "no link".to_owned())?;
         let q = self
             .home()
             .and_then(|h| h.local_queue(&vhost, &queue))
             .ok_or_else(|| "not_found".to_owned())?;
-        let Some((msg, remaining)) = q.get(no_ack) else {
+        let served = if no_ack {
+            None
+        } else {
+            Some(
+                self.served(node, link)
+                    .ok_or_else(|| "link gone".to_owned())?,
+            )
+        };
+        let Ok(Some((msg, remaining))) = q.get(no_ack) else {
             return Ok(Out::new().u8(0).done());
         };
-        let id = self.next_id();
         let out = Out::new()
             .u8(1)
             .u32(remaining)
@@ -732,16 +791,22 @@ impl Forwarder {
             .u32(msg.returned)
             .message(&msg.message)
             .done();
-        if !no_ack {
-            self.served(node, link).lock().delivered.insert(
-                id,
-                Delivered {
-                    queue: q,
-                    consumer: None,
-                    msg,
-                    delivered_at_ms: now_ms(),
-                },
-            );
+        if let Some(served) = served {
+            let d = Delivered {
+                queue: q.clone(),
+                consumer: None,
+                msg,
+                delivered_at_ms: now_ms(),
+            };
+            let mut s = served.lock();
+            if s.closed {
+                drop(s);
+                q.requeue(vec![d]);
+                return Err("link gone".to_owned());
+            }
+            // Settled by the id the other node chose (it requeues it by that id when the
+            // answer does not reach it).
+            s.delivered.insert(id, d);
         }
         Ok(out)
     }
@@ -773,7 +838,8 @@ impl Forwarder {
             .home()
             .and_then(|h| h.local_queue(&vhost, &queue))
             .ok_or_else(|| "not_found".to_owned())?;
-        Ok(Out::new().u32(q.purge()).done())
+        let purged = q.purge().map_err(|_| "not_found".to_owned())?;
+        Ok(Out::new().u32(purged).done())
     }
 }
 
@@ -826,11 +892,15 @@ async fn confirm_loop(me: Weak<Forwarder>) {
 struct RemoteSink {
     forwarder: Weak<Forwarder>,
     node: String,
+    /// The link the consumer was registered over: deliveries go on it only.
+    link: u64,
     /// The consumer's id on its node.
     id: u64,
     served: Weak<Mutex<Served>>,
     /// Deliveries sent that its node has not yet handed to a channel.
     in_flight: AtomicU32,
+    /// A dispatch is scheduled for when the link's queue has room again.
+    retrying: Arc<AtomicBool>,
 }
 
 impl DeliverySink for RemoteSink {
@@ -854,38 +924,61 @@ impl DeliverySink for RemoteSink {
             .u32(msg.returned)
             .message(&msg.message)
             .done();
+        // Recorded before it is sent: a settlement, or the link going, finds it.
+        {
+            let mut s = served.lock();
+            if s.closed {
+                return Err(msg);
+            }
+            if !consumer.no_ack {
+                s.delivered.insert(
+                    delivery,
+                    Delivered {
+                        queue: queue.clone(),
+                        consumer: Some(consumer.clone()),
+                        msg: msg.clone(),
+                        delivered_at_ms: now_ms(),
+                    },
+                );
+            }
+        }
         if fwd
             .cluster
-            .cast(&self.node, service::DELIVER, &body)
+            .cast_on(&self.node, self.link, service::DELIVER, &body)
             .is_none()
         {
-            // The link's queue is full (or the link went: its end takes the consumer away).
-            let q = queue.clone();
-            fwd.rt.spawn(async move {
-                tokio::time::sleep(RETRY).await;
-                q.dispatch();
-            });
+            let mine = consumer.no_ack || served.lock().delivered.remove(&delivery).is_some();
+            if !mine {
+                // The link's end took it back (requeued) meanwhile.
+                return Ok(());
+            }
+            // The link's queue is full: tried again shortly, once for all its deliveries. A
+            // link that went takes the consumer away.
+            if fwd.cluster.link_to(&self.node) == Some(self.link)
+                && !self.retrying.swap(true, Ordering::AcqRel)
+            {
+                let q = queue.clone();
+                let retrying = self.retrying.clone();
+                fwd.rt.spawn(async move {
+                    tokio::time::sleep(RETRY).await;
+                    retrying.store(false, Ordering::Release);
+                    q.dispatch();
+                });
+            }
             return Err(msg);
         }
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-        if !consumer.no_ack {
-            served.lock().delivered.insert(
-                delivery,
-                Delivered {
-                    queue: queue.clone(),
-                    consumer: Some(consumer.clone()),
-                    msg,
-                    delivered_at_ms: now_ms(),
-                },
-            );
-        }
         Ok(())
     }
 
     fn cancelled(&self, _consumer: &Arc<Consumer>) {
+        // Its deliveries stay settleable; the consumer itself is gone.
+        if let Some(served) = self.served.upgrade() {
+            served.lock().consumers.remove(&self.id);
+        }
         if let Some(fwd) = self.forwarder.upgrade() {
             let body = Out::new().u64(self.id).done();
-            fwd.cast_surely(&self.node, service::CANCELLED, body);
+            fwd.cast_surely(&self.node, self.link, service::CANCELLED, body);
         }
     }
 }
@@ -896,12 +989,19 @@ struct RemoteConsumer {
     id: u64,
     node: String,
     /// The link the consumer was registered over.
-    link: AtomicU64,
+    link: u64,
     queue: Weak<RemoteQueue>,
     consumer: Arc<Consumer>,
     /// Accepted by the home (before: deliveries wait, consume-ok is not sent yet).
     active: AtomicBool,
-    buffer: Mutex<VecDeque<QueuedMessage>>,
+    buffer: Mutex<Buffer>,
+}
+
+#[derive(Default)]
+struct Buffer {
+    messages: VecDeque<QueuedMessage>,
+    /// The consumer ended here: what arrives now goes back to the home.
+    closed: bool,
 }
 
 impl RemoteConsumer {
@@ -918,11 +1018,11 @@ impl RemoteConsumer {
         let mut taken = 0u32;
         {
             let mut buffer = self.buffer.lock();
-            while let Some(msg) = buffer.pop_front() {
+            while let Some(msg) = buffer.messages.pop_front() {
                 match self.consumer.sink.offer(&handle, &self.consumer, msg) {
                     Ok(()) => taken += 1,
                     Err(msg) => {
-                        buffer.push_front(msg);
+                        buffer.messages.push_front(msg);
                         break;
                     }
                 }
@@ -930,14 +1030,23 @@ impl RemoteConsumer {
         }
         if taken > 0 {
             let body = Out::new().u64(self.id).u32(taken).done();
-            fwd.cast_surely(&self.node, service::CREDIT, body);
+            fwd.cast_surely(&self.node, self.link, service::CREDIT, body);
         }
     }
 
-    /// The consumer ends here: its channel hears `basic.cancel`.
-    fn cancel_locally(&self) {
+    /// Ends the consumer here; returns the ids of what the home delivered and no channel
+    /// took (for the home to take back).
+    fn close(&self) -> Vec<u64> {
         self.active.store(false, Ordering::Release);
-        self.buffer.lock().clear();
+        let mut buffer = self.buffer.lock();
+        buffer.closed = true;
+        buffer.messages.drain(..).map(|m| m.seq).collect()
+    }
+
+    /// The consumer ends here because its home or its link went: its channel hears
+    /// `basic.cancel`.
+    fn cancel_locally(&self) {
+        self.close();
         if let Some(q) = self.queue.upgrade() {
             q.consumers.lock().retain(|c| c.id != self.id);
         }
@@ -1021,14 +1130,17 @@ impl RemoteQueue {
         let mut b = In(self
             .forwarder
             .call(&self.node, service::LENGTHS, self.names().done())?);
-        let mut next = || b.u64().unwrap_or(0);
+        let mut next = || {
+            b.u64()
+                .ok_or(Unavailable::Refused("malformed lengths".into()))
+        };
         Ok(QueueLengths {
-            ready: next(),
-            ready_bytes: next(),
-            in_memory: next(),
-            unacked: next(),
-            unacked_bytes: next(),
-            consumers: next(),
+            ready: next()?,
+            ready_bytes: next()?,
+            in_memory: next()?,
+            unacked: next()?,
+            unacked_bytes: next()?,
+            consumers: next()?,
         })
     }
 
@@ -1064,19 +1176,37 @@ impl RemoteQueue {
     }
 
     pub fn get(&self, no_ack: bool) -> Result<Option<(QueuedMessage, u32)>, Unavailable> {
-        let body = self.names().u8(u8::from(no_ack)).done();
-        let mut b = In(self.forwarder.call(&self.node, service::GET, body)?);
+        let fwd = &self.forwarder;
+        // The id is chosen here, so that a get whose answer is lost can be taken back.
+        let id = fwd.next_id();
+        let link = fwd.cluster.link_to(&self.node);
+        let body = Out::new()
+            .u64(id)
+            .str(&self.vhost)
+            .str(&self.spec.name)
+            .u8(u8::from(no_ack))
+            .done();
+        let answer = fwd.call(&self.node, service::GET, body);
+        let mut b = match answer {
+            Ok(b) => In(b),
+            Err(e) => {
+                if let (Some(link), false) = (link, no_ack) {
+                    let body = Out::new().u8(How::Requeue as u8).u64(id).done();
+                    fwd.cast_surely(&self.node, link, service::SETTLE, body);
+                }
+                return Err(e);
+            }
+        };
         if b.u8() != Some(1) {
             return Ok(None);
         }
-        let (Some(remaining), Some(id), Some(redelivered), Some(returned)) =
+        let malformed = || Unavailable::Refused("malformed get".into());
+        let (Some(remaining), Some(_), Some(redelivered), Some(returned)) =
             (b.u32(), b.u64(), b.u8(), b.u32())
         else {
-            return Ok(None);
+            return Err(malformed());
         };
-        let Some(message) = b.message() else {
-            return Ok(None);
-        };
+        let message = b.message().ok_or_else(malformed)?;
         Ok(Some((
             QueuedMessage {
                 seq: id,
@@ -1115,11 +1245,11 @@ impl RemoteQueue {
         let rc = Arc::new(RemoteConsumer {
             id,
             node: self.node.clone(),
-            link: AtomicU64::new(link),
+            link,
             queue: Arc::downgrade(self),
             consumer: consumer.clone(),
             active: AtomicBool::new(false),
-            buffer: Mutex::new(VecDeque::new()),
+            buffer: Mutex::new(Buffer::default()),
         });
         // Known before the home can deliver to it.
         fwd.consumers.lock().insert(id, rc.clone());
@@ -1136,6 +1266,17 @@ impl RemoteQueue {
         let answer = fwd.call(&self.node, service::CONSUME, body);
         if let Err(e) = answer {
             fwd.consumers.lock().remove(&id);
+            let left = rc.close();
+            // The home may have added it (an answer lost, or late): it forgets it, and takes
+            // back what it sent.
+            fwd.cast_surely(&self.node, link, service::CANCEL, Out::new().u64(id).done());
+            if !left.is_empty() {
+                let mut out = Out::new().u8(How::Requeue as u8);
+                for d in left {
+                    out = out.u64(d);
+                }
+                fwd.cast_surely(&self.node, link, service::SETTLE, out.done());
+            }
             return Err(match e {
                 Unavailable::NotFound => ConsumeRefused::Deleted,
                 Unavailable::Refused(reason) if reason == "exclusive" => {
@@ -1148,8 +1289,8 @@ impl RemoteQueue {
         on_added();
         rc.active.store(true, Ordering::Release);
         rc.pump(fwd);
-        // The link may have gone while the home answered: its end found the consumer
-        // inactive and left it, so it is cancelled here.
+        // The link may have gone while the home answered: its end left the consumer, not yet
+        // active, alone, so it is cancelled here.
         if fwd.cluster.link_to(&self.node) != Some(link)
             && fwd.consumers.lock().remove(&id).is_some()
         {
@@ -1169,17 +1310,20 @@ impl RemoteQueue {
         let Some(rc) = rc else { return };
         let fwd = &self.forwarder;
         fwd.consumers.lock().remove(&rc.id);
-        rc.active.store(false, Ordering::Release);
+        let left = rc.close();
         // Cancelled at the home first, then what it delivered and no channel took goes back.
-        let body = Out::new().u64(rc.id).done();
-        fwd.cast_surely(&self.node, service::CANCEL, body);
-        let left: Vec<u64> = rc.buffer.lock().drain(..).map(|m| m.seq).collect();
+        fwd.cast_surely(
+            &self.node,
+            rc.link,
+            service::CANCEL,
+            Out::new().u64(rc.id).done(),
+        );
         if !left.is_empty() {
             let mut out = Out::new().u8(How::Requeue as u8);
             for id in left {
                 out = out.u64(id);
             }
-            fwd.cast_surely(&self.node, service::SETTLE, out.done());
+            fwd.cast_surely(&self.node, rc.link, service::SETTLE, out.done());
         }
     }
 
@@ -1195,15 +1339,17 @@ impl RemoteQueue {
         let mut b = In(self
             .forwarder
             .call(&self.node, service::PURGE, self.names().done())?);
-        Ok(b.u32().unwrap_or(0))
+        b.u32()
+            .ok_or_else(|| Unavailable::Refused("malformed purge".into()))
     }
 
+    /// Whether `delete` with these conditions would delete the queue now (asked of the
+    /// home; a home that cannot be asked cannot say the queue is empty or unused).
     pub fn may_delete(&self, if_unused: bool, if_empty: bool) -> Result<(), DeleteRefused> {
-        // A home that cannot be asked: deleted all the same, as RabbitMQ deletes a queue
-        // whose node is gone.
-        let Ok(l) = self.lengths() else {
+        if !if_unused && !if_empty {
             return Ok(());
-        };
+        }
+        let l = self.lengths().map_err(|_| DeleteRefused::HomeDown)?;
         if if_empty && l.ready > 0 {
             return Err(DeleteRefused::NotEmpty);
         }
@@ -1214,13 +1360,18 @@ impl RemoteQueue {
     }
 
     /// Forgets the queue here (the home deletes its own when the deletion reaches it
-    /// through the cluster's log); returns how many messages were ready at the home.
+    /// through the cluster's log); returns how many messages were ready at the home, as far
+    /// as it says (0 when it cannot be asked).
     pub fn delete(&self, if_unused: bool, if_empty: bool) -> Result<u32, DeleteRefused> {
         self.may_delete(if_unused, if_empty)?;
-        let ready = self.lengths().map_or(0, |l| l.ready as u32);
         if self.deleted.swap(true, Ordering::AcqRel) {
             return Ok(0);
         }
+        let ready = if self.unreachable_home().is_none() {
+            self.lengths().map_or(0, |l| l.ready as u32)
+        } else {
+            0
+        };
         let consumers = std::mem::take(&mut *self.consumers.lock());
         for rc in consumers {
             self.forwarder.consumers.lock().remove(&rc.id);

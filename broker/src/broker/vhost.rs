@@ -1090,6 +1090,7 @@ impl Vhost {
             match why {
                 DeleteRefused::InUse => precondition_failed(format!("{what} in use")),
                 DeleteRefused::NotEmpty => precondition_failed(format!("{what} not empty")),
+                DeleteRefused::HomeDown => home_down(&q),
             }
         })?;
         // Committed before anything goes: a delete the cluster refuses leaves the queue whole.

@@ -20,8 +20,10 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// Silence after which the peer is taken for gone.
 pub const SILENCE: Duration = Duration::from_secs(5);
-/// The largest frame a node accepts.
-pub const MAX_FRAME: usize = 16 * 1024 * 1024;
+/// The largest frame a node accepts: a forwarded message of the largest size a client may
+/// publish (`max_message_size` is at most 512 MiB, as in RabbitMQ) with room for its
+/// envelope.
+pub const MAX_FRAME: usize = 513 * 1024 * 1024;
 
 /// What a frame carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -209,8 +209,11 @@ impl Cluster {
 
     /// Sends a one-way message for `service` to `node`, handled there in the order sent on
     /// the link. Returns the id of the link it went on; None when no link is up or its
-    /// queue is full (nothing is sent then).
+    /// queue is full, or the message does not fit in a frame (nothing is sent then).
     pub fn cast(&self, node: &str, service: rpc::Service, body: &[u8]) -> Option<u64> {
+        if body.len() + 3 > link::MAX_FRAME {
+            return None;
+        }
         let mut b = bytes::BytesMut::with_capacity(2 + body.len());
         bytes::BufMut::put_u16(&mut b, service);
         b.extend_from_slice(body);
@@ -221,6 +224,31 @@ impl Cluster {
                 payload: b.freeze(),
             },
         )
+    }
+
+    /// Like [`Cluster::cast`], on link `link` only: None when another link (or none) is up
+    /// to `node` now.
+    pub fn cast_on(
+        &self,
+        node: &str,
+        link: u64,
+        service: rpc::Service,
+        body: &[u8],
+    ) -> Option<u64> {
+        if self.link_to(node) != Some(link) {
+            return None;
+        }
+        self.cast(node, service, body).filter(|l| *l == link)
+    }
+
+    /// Ends link `link` to `node` (both ends then recover as from a link that went down),
+    /// when a message that must not be lost could not be sent on it.
+    pub fn drop_link(&self, node: &str, link: u64, why: &str) {
+        let st = self.state.lock();
+        if let Some(l) = st.links.get(node).filter(|l| l.id == link) {
+            tracing::warn!(node, reason = why, "closing a cluster link");
+            let _ = l.stop.send(true);
+        }
     }
 
     /// Handles one-way messages for `service` with `handler`.
@@ -306,7 +334,7 @@ impl Cluster {
                 let node = node.to_owned();
                 tokio::spawn(async move {
                     let result = match handler {
-                        Some(h) => h(node.clone(), body).await,
+                        Some(h) => rpc::on_link(link, h(node.clone(), body)).await,
                         None => Err(format!("no service {service} on this node")),
                     };
                     let frame = Frame {

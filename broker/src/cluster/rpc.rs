@@ -13,6 +13,21 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+tokio::task_local! {
+    /// The link the request being handled came on.
+    static REQUEST_LINK: u64;
+}
+
+/// Runs a handler's future knowing the link its request came on ([`request_link`]).
+pub async fn on_link<T>(link: u64, fut: impl Future<Output = T>) -> T {
+    REQUEST_LINK.scope(link, fut).await
+}
+
+/// In a handler: the id of the link the request came on (its answer goes back on it).
+pub fn request_link() -> Option<u64> {
+    REQUEST_LINK.try_with(|l| *l).ok()
+}
+
 /// A service's number, the same on every node.
 pub type Service = u16;
 

@@ -173,7 +173,9 @@ pub async fn aliveness(
     // later check. The test message is the last one in the queue: at most `ready` gets.
     let mut left = q.lengths().ready;
     while left > 0 {
-        let Some((msg, _)) = q.get(false) else { break };
+        let Ok(Some((msg, _))) = q.get(false) else {
+            break;
+        };
         left -= 1;
         let matched = msg.message.body == message.body;
         q.settle(

@@ -334,6 +334,12 @@ pub async fn publish(
         })
     };
     if ticket.is_done(Progress::of(&state.broker.storage)) {
+        if ticket.failed() {
+            // Its queue's home refused it, or could not be reached.
+            return Err(ApiError::unavailable(
+                "publish not confirmed: a queue's home node did not take the message",
+            ));
+        }
         confirmed(&state.broker);
         return answer;
     }
@@ -397,7 +403,17 @@ pub async fn get(
     let mut taken: Vec<Delivered> = Vec::new();
     let mut out = Vec::new();
     for _ in 0..count {
-        let Some((msg, remaining)) = q.get(false) else {
+        let got = match q.get(false) {
+            Ok(got) => got,
+            // The home of a remote queue cannot be asked: what was taken goes back below.
+            Err(_) if !taken.is_empty() => None,
+            Err(_) => {
+                return Err(super::topology::amqp_error(
+                    crate::broker::vhost::home_down(&q),
+                ));
+            }
+        };
+        let Some((msg, remaining)) = got else {
             break;
         };
         let m = &msg.message;

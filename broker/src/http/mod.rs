@@ -6,6 +6,7 @@ pub mod auth;
 mod body;
 mod definitions;
 mod error;
+mod gather;
 mod health;
 mod json;
 mod list;
@@ -93,6 +94,12 @@ async fn place(
             format!("too many {what} are being sent at once; try again later"),
         )),
     }
+}
+
+/// Answers the cluster-wide listings of other nodes (queues, connections, channels,
+/// consumers) with this node's own objects.
+pub fn serve_listings(state: &AppState) {
+    gather::serve(state);
 }
 
 async fn not_found() -> Response {

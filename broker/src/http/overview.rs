@@ -189,7 +189,7 @@ pub fn max_fds() -> u64 {
         .unwrap_or(u64::MAX)
 }
 
-fn node_object(state: &AppState) -> Value {
+pub(super) fn node_object(state: &AppState) -> Value {
     let broker = &state.broker;
     let r = broker.alarms.readings();
     let alarms = broker.alarms.state();
@@ -238,6 +238,8 @@ pub async fn nodes(
     QueryParams(query): QueryParams<Query>,
 ) -> ApiResult<Response> {
     caller.require_monitor()?;
+    // Each running node reports its own figures.
+    let reported = super::gather::from_peers(&state, super::gather::Kind::Node, None).await;
     let nodes = state
         .cluster
         .nodes()
@@ -246,7 +248,12 @@ pub async fn nodes(
             if n.name == state.broker.config.node_name {
                 node_object(&state)
             } else {
-                peer_object(&n)
+                reported
+                    .iter()
+                    .find(|o| o["name"] == n.name.as_str())
+                    .filter(|_| n.running)
+                    .cloned()
+                    .unwrap_or_else(|| peer_object(&n))
             }
         })
         .collect();
@@ -268,12 +275,19 @@ pub async fn node(
         .into_iter()
         .find(|n| n.name == name)
         .ok_or_else(ApiError::not_found)?;
+    if peer.running {
+        let reported = super::gather::from_peers(&state, super::gather::Kind::Node, None).await;
+        if let Some(o) = reported.into_iter().find(|o| o["name"] == name.as_str()) {
+            return Ok(ok(o));
+        }
+    }
     Ok(ok(peer_object(&peer)))
 }
 
-/// Another node of the cluster, as far as this node knows it: its name and whether its link
-/// is up. Its own figures are its own to report (`/api/nodes` on it); the fields are there,
-/// zero, so that clients decoding RabbitMQ's node objects read these too.
+/// Another node of the cluster that did not report its own figures (it is down, or did not
+/// answer in time), as far as this node knows it: its name and whether its link is up. The
+/// other fields are there, zero, so that clients decoding RabbitMQ's node objects read these
+/// too.
 fn peer_object(node: &crate::cluster::NodeStatus) -> Value {
     json!({
         "name": node.name,

@@ -4,6 +4,7 @@
 use super::AppState;
 use super::auth::Caller;
 use super::error::{ApiError, ApiResult, no_content, ok};
+use super::gather::{Kind, from_peers};
 use super::json::table_to_json;
 use super::list::{Query, respond};
 use super::sampler::{CONSUMER_STATS, Key, PUBLISHER_STATS, counts_reading};
@@ -203,11 +204,23 @@ pub async fn connections(
     caller: Caller,
     QueryParams(query): QueryParams<Query>,
 ) -> ApiResult<Response> {
-    let items = visible_connections(&state, &caller)
+    let mut items: Vec<Value> = visible_connections(&state, &caller)
         .iter()
         .map(|c| connection_object(&state, c, false))
         .collect();
+    items.extend(visible(
+        &caller,
+        from_peers(&state, Kind::Connections, None).await,
+    ));
     respond(items, &query)
+}
+
+/// Of the objects other nodes listed, those `caller` sees (its own, or all for a monitor).
+fn visible(caller: &Caller, items: Vec<Value>) -> Vec<Value> {
+    items
+        .into_iter()
+        .filter(|o| caller.sees_connection(o["user"].as_str().unwrap_or_default()))
+        .collect()
 }
 
 pub async fn vhost_connections(
@@ -217,11 +230,15 @@ pub async fn vhost_connections(
     QueryParams(query): QueryParams<Query>,
 ) -> ApiResult<Response> {
     caller.require_vhost(&state, &vhost)?;
-    let items = visible_connections(&state, &caller)
+    let mut items: Vec<Value> = visible_connections(&state, &caller)
         .iter()
         .filter(|c| c.vhost == vhost)
         .map(|c| connection_object(&state, c, false))
         .collect();
+    items.extend(visible(
+        &caller,
+        from_peers(&state, Kind::Connections, Some(&vhost)).await,
+    ));
     respond(items, &query)
 }
 
@@ -379,7 +396,7 @@ pub async fn close_user_connections(
     Ok(no_content())
 }
 
-fn channel_items(state: &AppState, conns: &[Arc<ConnectionInfo>]) -> Vec<Value> {
+pub fn channel_items_of(state: &AppState, conns: &[Arc<ConnectionInfo>]) -> Vec<Value> {
     let mut items = Vec::new();
     for c in conns {
         for ch in c.channels() {
@@ -395,7 +412,12 @@ pub async fn channels(
     QueryParams(query): QueryParams<Query>,
 ) -> ApiResult<Response> {
     let conns = visible_connections(&state, &caller);
-    respond(channel_items(&state, &conns), &query)
+    let mut items = channel_items_of(&state, &conns);
+    items.extend(visible(
+        &caller,
+        from_peers(&state, Kind::Channels, None).await,
+    ));
+    respond(items, &query)
 }
 
 pub async fn vhost_channels(
@@ -409,7 +431,12 @@ pub async fn vhost_channels(
         .into_iter()
         .filter(|c| c.vhost == vhost)
         .collect();
-    respond(channel_items(&state, &conns), &query)
+    let mut items = channel_items_of(&state, &conns);
+    items.extend(visible(
+        &caller,
+        from_peers(&state, Kind::Channels, Some(&vhost)).await,
+    ));
+    respond(items, &query)
 }
 
 pub async fn connection_channels(
@@ -419,7 +446,7 @@ pub async fn connection_channels(
     QueryParams(query): QueryParams<Query>,
 ) -> ApiResult<Response> {
     let c = find_connection(&state, &caller, &name)?;
-    respond(channel_items(&state, &[c]), &query)
+    respond(channel_items_of(&state, &[c]), &query)
 }
 
 pub async fn show_channel(
@@ -443,7 +470,9 @@ pub async fn show_channel(
 }
 
 pub async fn consumers(State(state): State<AppState>, caller: Caller) -> ApiResult<Response> {
-    let items: Vec<Value> = consumer_objects(&state, None)
+    let mut all = consumer_objects(&state, None);
+    all.extend(from_peers(&state, Kind::Consumers, None).await);
+    let items: Vec<Value> = all
         .into_iter()
         .filter(|c| {
             let vhost = c["queue"]["vhost"].as_str().unwrap_or_default();
@@ -459,5 +488,7 @@ pub async fn consumers_in(
     Path(vhost): Path<String>,
 ) -> ApiResult<Response> {
     caller.require_vhost(&state, &vhost)?;
-    Ok(ok(Value::Array(consumer_objects(&state, Some(&vhost)))))
+    let mut items = consumer_objects(&state, Some(&vhost));
+    items.extend(from_peers(&state, Kind::Consumers, Some(&vhost)).await);
+    Ok(ok(Value::Array(items)))
 }

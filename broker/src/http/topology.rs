@@ -276,8 +276,17 @@ pub fn queue_object(state: &AppState, vhost: &str, q: &QueueRef, detailed: bool)
     );
     obj.insert("head_message_timestamp".into(), Value::Null);
     obj.insert("name".into(), json!(q.name()));
-    obj.insert("node".into(), json!(state.broker.config.node_name));
-    obj.insert("state".into(), json!("running"));
+    obj.insert(
+        "node".into(),
+        json!(q.home().unwrap_or(&state.broker.config.node_name)),
+    );
+    // Listed here only when its home cannot be reached (its home lists it otherwise).
+    let state_text = if q.unreachable_home().is_some() {
+        "down"
+    } else {
+        "running"
+    };
+    obj.insert("state".into(), json!(state_text));
     obj.insert("type".into(), json!(q.queue_type()));
     obj.insert("vhost".into(), json!(vhost));
     let in_memory = q.messages_in_memory() as u64;
@@ -341,19 +350,55 @@ async fn list_queues(
 ) -> ApiResult<Response> {
     let vhosts = vhosts_for(state, caller, one)?;
     let permit = state.heavy_list_permit().await?;
-    let mut items: Vec<(Arc<str>, QueueRef)> = Vec::new();
-    for v in vhosts {
+    // This node's own queues, and those whose home cannot be reached; the other nodes list
+    // theirs.
+    let mut items: Vec<Listed> = Vec::new();
+    let mut names = std::collections::HashSet::new();
+    for v in &vhosts {
         let vhost = v.name.clone();
-        items.extend(v.queues().into_iter().map(|q| (vhost.clone(), q)));
+        names.insert(vhost.to_string());
+        items.extend(
+            v.queues()
+                .into_iter()
+                .filter(|q| q.home().is_none() || q.unreachable_home().is_some())
+                .map(|q| Listed::Here(vhost.clone(), q)),
+        );
     }
+    let from_peers = super::gather::from_peers(state, super::gather::Kind::Queues, one).await;
+    items.extend(from_peers.into_iter().filter_map(|o| {
+        let vhost = o["vhost"].as_str()?;
+        if !names.contains(vhost) {
+            return None;
+        }
+        let name = o["name"].as_str()?.to_owned();
+        Some(Listed::There(name, o))
+    }));
     let state = state.clone();
     respond_with(
         items,
-        |(_, q)| q.name(),
-        move |(vhost, q)| queue_object(&state, vhost, q, false),
+        Listed::name,
+        move |item| match item {
+            Listed::Here(vhost, q) => queue_object(&state, vhost, q, false),
+            Listed::There(_, o) => o.clone(),
+        },
         query,
         Some(permit),
     )
+}
+
+/// A queue in a listing: one of this node's, or as another node listed it.
+enum Listed {
+    Here(Arc<str>, QueueRef),
+    There(String, Value),
+}
+
+impl Listed {
+    fn name(&self) -> &str {
+        match self {
+            Listed::Here(_, q) => q.name(),
+            Listed::There(name, _) => name,
+        }
+    }
 }
 
 pub async fn queues(
@@ -380,6 +425,13 @@ pub async fn show_queue(
 ) -> ApiResult<Response> {
     let v = vhost_for(&state, &caller, &vhost)?;
     let q = v.queue(&name).ok_or_else(ApiError::not_found)?;
+    // A queue whose home is another node: as its home shows it, when it answers.
+    if let Some(home) = q.home()
+        && q.unreachable_home().is_none()
+        && let Some(o) = super::gather::queue_from(&state, home, &vhost, &name).await
+    {
+        return Ok(ok(o));
+    }
     Ok(ok(queue_object(&state, &vhost, &q, true)))
 }
 
@@ -468,7 +520,8 @@ pub async fn purge_queue(
     }
     check(&state, &caller, &vhost, "queue", &name, Access::Read)?;
     let q = v.existing_queue(&name, 0).map_err(amqp_error)?;
-    q.purge();
+    q.purge()
+        .map_err(|_| amqp_error(crate::broker::vhost::home_down(&q)))?;
     Ok(no_content())
 }
 

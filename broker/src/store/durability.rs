@@ -147,8 +147,27 @@ impl Default for Forwarded {
 #[derive(Debug, Default)]
 struct ForwardedState {
     open: HashMap<u64, Open>,
-    /// Settled entries that failed, until their ticket is asked ([`Ticket::failed`]).
+    /// Settled entries that failed, until their ticket is asked ([`Ticket::failed`]); the
+    /// oldest are forgotten past [`FAILURES_KEPT`] (tickets nobody asks: publishes without
+    /// confirms).
     failed: HashSet<u64>,
+    failed_order: std::collections::VecDeque<u64>,
+}
+
+/// Failures of forwarded copies kept until asked.
+const FAILURES_KEPT: usize = 100_000;
+
+impl ForwardedState {
+    fn fail(&mut self, id: u64) {
+        if self.failed.insert(id) {
+            self.failed_order.push_back(id);
+        }
+        while self.failed_order.len() > FAILURES_KEPT {
+            if let Some(old) = self.failed_order.pop_front() {
+                self.failed.remove(&old);
+            }
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -191,7 +210,7 @@ impl Forwarded {
             let open = st.open.remove(&id).expect("present");
             if open.within.is_empty() {
                 if open.failed {
-                    st.failed.insert(id);
+                    st.fail(id);
                 }
             } else {
                 todo.extend(open.within.iter().map(|w| (*w, !open.failed)));
@@ -226,7 +245,7 @@ impl Forwarded {
         if combined.parts > 0 {
             st.open.insert(id, combined);
         } else if combined.failed {
-            st.failed.insert(id);
+            st.fail(id);
         }
         NonZeroU64::new(id).expect("ids start at 1")
     }

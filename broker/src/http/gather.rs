@@ -1,0 +1,160 @@
+//! Cluster-wide listings: every node lists what it holds itself (its own queues, its client
+//! connections, their channels and consumers), and a node asked for a listing merges its own
+//! with what each linked node answers. Each object names its `node`.
+//!
+//! A queue is listed by its home node, which has its figures; a queue whose home cannot be
+//! reached is listed by the node asked, with the state `down`, as RabbitMQ lists it.
+
+use super::AppState;
+use super::peers::{channel_items_of, connection_object, consumer_objects};
+use super::topology::queue_object;
+use crate::broker::queue_ref::QueueRef;
+use crate::cluster::rpc::Service;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The service that answers listings for other nodes.
+pub const GATHER: Service = 40;
+/// How long a listing waits for another node's part.
+const WAIT: Duration = Duration::from_secs(5);
+
+/// What is listed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Queues,
+    Connections,
+    Channels,
+    Consumers,
+    /// The node itself, as `/api/nodes` shows it.
+    Node,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Ask {
+    kind: Kind,
+    /// One vhost only.
+    vhost: Option<String>,
+    /// One queue only (with `vhost`), in detail.
+    name: Option<String>,
+}
+
+/// Answers other nodes' listings from this node's own objects.
+pub fn serve(state: &AppState) {
+    let me = state.clone();
+    state.cluster.handle(
+        GATHER,
+        Arc::new(move |_node: String, body: Bytes| {
+            let state = me.clone();
+            Box::pin(async move {
+                let ask: Ask =
+                    serde_json::from_slice(&body).map_err(|e| format!("bad listing: {e}"))?;
+                let items = own(&state, &ask);
+                serde_json::to_vec(&items)
+                    .map(Bytes::from)
+                    .map_err(|e| e.to_string())
+            })
+        }),
+    );
+}
+
+/// This node's own objects of a kind.
+fn own(state: &AppState, ask: &Ask) -> Vec<Value> {
+    let vhost = ask.vhost.as_deref();
+    match ask.kind {
+        Kind::Queues => {
+            let mut out = Vec::new();
+            for v in state.broker.vhosts() {
+                if vhost.is_some_and(|n| n != &*v.name) {
+                    continue;
+                }
+                let queues = match &ask.name {
+                    Some(name) => v.queue(name).into_iter().collect(),
+                    None => v.queues(),
+                };
+                for q in queues {
+                    if matches!(q, QueueRef::Local(_)) {
+                        out.push(queue_object(state, &v.name, &q, ask.name.is_some()));
+                    }
+                }
+            }
+            out
+        }
+        Kind::Connections => state
+            .broker
+            .connections
+            .list()
+            .iter()
+            .filter(|c| vhost.is_none_or(|v| v == c.vhost))
+            .map(|c| connection_object(state, c, false))
+            .collect(),
+        Kind::Channels => {
+            let conns: Vec<_> = state
+                .broker
+                .connections
+                .list()
+                .into_iter()
+                .filter(|c| vhost.is_none_or(|v| v == c.vhost))
+                .collect();
+            channel_items_of(state, &conns)
+        }
+        Kind::Consumers => consumer_objects(state, vhost),
+        Kind::Node => vec![super::overview::node_object(state)],
+    }
+}
+
+/// What the other linked nodes list of `kind` (in `vhost`, if given). A node that does not
+/// answer in time is left out.
+pub async fn from_peers(state: &AppState, kind: Kind, vhost: Option<&str>) -> Vec<Value> {
+    ask_peers(
+        state,
+        &Ask {
+            kind,
+            vhost: vhost.map(str::to_owned),
+            name: None,
+        },
+        state.cluster.linked(),
+    )
+    .await
+}
+
+/// Queue `name` of `vhost` as its home node `node` shows it, if it answers.
+pub async fn queue_from(state: &AppState, node: &str, vhost: &str, name: &str) -> Option<Value> {
+    let ask = Ask {
+        kind: Kind::Queues,
+        vhost: Some(vhost.to_owned()),
+        name: Some(name.to_owned()),
+    };
+    ask_peers(state, &ask, vec![node.to_owned()])
+        .await
+        .into_iter()
+        .next()
+}
+
+async fn ask_peers(state: &AppState, ask: &Ask, nodes: Vec<String>) -> Vec<Value> {
+    let Ok(body) = serde_json::to_vec(ask) else {
+        return Vec::new();
+    };
+    let mut calls = tokio::task::JoinSet::new();
+    for node in nodes {
+        let cluster = state.cluster.clone();
+        let body = body.clone();
+        calls.spawn(async move {
+            match cluster.call(&node, GATHER, &body, WAIT).await {
+                Ok(answer) => serde_json::from_slice::<Vec<Value>>(&answer).unwrap_or_default(),
+                Err(e) => {
+                    tracing::debug!(node, error = %e, "no listing from a node");
+                    Vec::new()
+                }
+            }
+        });
+    }
+    let mut out = Vec::new();
+    while let Some(part) = calls.join_next().await {
+        out.extend(part.unwrap_or_default());
+    }
+    out
+}
