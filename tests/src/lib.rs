@@ -4,6 +4,8 @@
 #![deny(unsafe_code)]
 #![deny(missing_debug_implementations)]
 
+pub mod proxy;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

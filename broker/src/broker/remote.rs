@@ -400,20 +400,23 @@ impl Forwarder {
     }
 
     fn unconfirmed_settled(&self, node: &str, entries: impl IntoIterator<Item = (u64, bool)>) {
-        let entries: Vec<(u64, bool)> = entries.into_iter().collect();
+        // Only entries forwarded to that node: an answer settles nothing else.
+        let mut settled = Vec::new();
         let room = {
             let mut all = self.unconfirmed.lock();
             match all.get_mut(node) {
                 Some(mine) => {
-                    for (e, _) in &entries {
-                        mine.remove(e);
-                    }
+                    settled.extend(
+                        entries
+                            .into_iter()
+                            .filter(|(e, _)| mine.remove(e).is_some()),
+                    );
                     mine.len() <= PUBLISH_WINDOW / 2
                 }
                 None => true,
             }
         };
-        FORWARDED.settle(entries);
+        FORWARDED.settle(settled);
         if room {
             self.publish_room.notify_waiters();
         }
@@ -879,7 +882,11 @@ async fn confirm_loop(me: Weak<Forwarder>) {
                 if fwd.cluster.link_to(&node) != Some(link) {
                     break;
                 }
-                if fwd.cluster.cast(&node, service::PUBLISHED, &body).is_some() {
+                if fwd
+                    .cluster
+                    .cast_on(&node, link, service::PUBLISHED, &body)
+                    .is_some()
+                {
                     break;
                 }
                 tokio::time::sleep(RETRY).await;

@@ -147,11 +147,19 @@ impl Metadata {
             .validate()
             .map_err(std::io::Error::other)?;
         let (log2, state2, cluster2) = (log.clone(), state.clone(), cluster.clone());
-        let raft = block_on(&rt, async move {
-            let store = LogStore::open(&log2, METADATA_GROUP)
+        let (raft, last_at_open) = block_on(&rt, async move {
+            use openraft::storage::RaftLogStorage;
+            let mut store = LogStore::open(&log2, METADATA_GROUP)
                 .await
                 .map_err(std::io::Error::other)?;
-            Raft::new(
+            // Read from the log itself: Raft's metrics show it only once its task has run.
+            let last = store
+                .get_log_state()
+                .await
+                .map_err(std::io::Error::other)?
+                .last_log_id
+                .map(|l| l.index);
+            let raft = Raft::new(
                 id,
                 Arc::new(config),
                 Network::new(cluster2, METADATA_GROUP),
@@ -159,10 +167,17 @@ impl Metadata {
                 state2,
             )
             .await
-            .map_err(std::io::Error::other)
+            .map_err(std::io::Error::other)?;
+            // What the metrics say (the membership too) is what the log holds from here on.
+            if last.is_some() {
+                let _ = raft
+                    .wait(Some(COMMIT_TIMEOUT))
+                    .log_index_at_least(last, "the log loaded")
+                    .await;
+            }
+            Ok::<_, std::io::Error>((raft, last.unwrap_or(0)))
         })
         .unwrap_or_else(|| Err(std::io::Error::other("the cluster's runtime stopped")))?;
-        let last_at_open = raft.metrics().borrow().last_log_index.unwrap_or(0);
         let groups = Groups::<MetaConfig>::serve(&cluster);
         groups.insert(METADATA_GROUP, raft.clone());
         let me = Self {

@@ -44,12 +44,15 @@ struct Ask {
 
 /// Answers other nodes' listings from this node's own objects.
 pub fn serve(state: &AppState) {
-    let me = state.clone();
+    // The cluster keeps its handlers: this one holds the broker and the cluster weakly, so
+    // that a broker that stops is dropped.
+    let weak = Held::of(state);
     state.cluster.handle(
         GATHER,
         Arc::new(move |_node: String, body: Bytes| {
-            let state = me.clone();
+            let state = weak.upgrade();
             Box::pin(async move {
+                let state = state.ok_or("stopping")?;
                 let ask: Ask =
                     serde_json::from_slice(&body).map_err(|e| format!("bad listing: {e}"))?;
                 let items = own(&state, &ask);
@@ -59,6 +62,50 @@ pub fn serve(state: &AppState) {
             })
         }),
     );
+}
+
+/// An [`AppState`] that holds the broker and the cluster weakly (its other parts hold
+/// neither).
+struct Held {
+    broker: std::sync::Weak<crate::broker::Broker>,
+    cluster: std::sync::Weak<crate::cluster::Cluster>,
+    sampler: Arc<super::sampler::Sampler>,
+    listeners: Arc<Vec<super::ListenerInfo>>,
+    stopping: tokio::sync::watch::Receiver<bool>,
+    heavy_lists: Arc<tokio::sync::Semaphore>,
+    list_wait: Duration,
+    heavy_scrapes: Arc<tokio::sync::Semaphore>,
+    imports: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Held {
+    fn of(s: &AppState) -> Self {
+        Self {
+            broker: Arc::downgrade(&s.broker),
+            cluster: Arc::downgrade(&s.cluster),
+            sampler: s.sampler.clone(),
+            listeners: s.listeners.clone(),
+            stopping: s.stopping.clone(),
+            heavy_lists: s.heavy_lists.clone(),
+            list_wait: s.list_wait,
+            heavy_scrapes: s.heavy_scrapes.clone(),
+            imports: s.imports.clone(),
+        }
+    }
+
+    fn upgrade(&self) -> Option<AppState> {
+        Some(AppState {
+            broker: self.broker.upgrade()?,
+            cluster: self.cluster.upgrade()?,
+            sampler: self.sampler.clone(),
+            listeners: self.listeners.clone(),
+            stopping: self.stopping.clone(),
+            heavy_lists: self.heavy_lists.clone(),
+            list_wait: self.list_wait,
+            heavy_scrapes: self.heavy_scrapes.clone(),
+            imports: self.imports.clone(),
+        })
+    }
 }
 
 /// This node's own objects of a kind.

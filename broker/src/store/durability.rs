@@ -137,7 +137,9 @@ pub struct Forwarded {
 impl Default for Forwarded {
     fn default() -> Self {
         Self {
-            next: AtomicU64::new(1),
+            // Random high bits: an answer meant for an earlier process never settles an entry
+            // of this one.
+            next: AtomicU64::new((rand::random::<u64>() >> 16) << 16 | 1),
             state: Mutex::new(ForwardedState::default()),
             changed: watch::Sender::new(0),
         }
@@ -190,7 +192,7 @@ impl Forwarded {
                 ..Open::default()
             },
         );
-        NonZeroU64::new(id).expect("ids start at 1")
+        NonZeroU64::new(id).expect("ids are never 0")
     }
 
     /// Settles forwarded copies: `ok` false when the other node refused or lost them.
@@ -247,7 +249,7 @@ impl Forwarded {
         } else if combined.failed {
             st.fail(id);
         }
-        NonZeroU64::new(id).expect("ids start at 1")
+        NonZeroU64::new(id).expect("ids are never 0")
     }
 
     fn is_settled(&self, id: NonZeroU64) -> bool {
