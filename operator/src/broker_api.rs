@@ -66,6 +66,16 @@ impl BrokerError {
     }
 }
 
+/// A queue as the cluster lists it: where it lives and what it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueOnNode {
+    pub vhost: String,
+    pub name: String,
+    pub node: String,
+    pub durable: bool,
+    pub messages: u64,
+}
+
 /// A client of one broker's management API.
 #[derive(Debug, Clone)]
 pub struct BrokerApi {
@@ -148,6 +158,34 @@ impl BrokerApi {
             Err(BrokerError::Refused { status: 404, .. }) => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    /// Every queue of the cluster with its node and ready and unacknowledged messages
+    /// (`/api/queues`, which lists the whole cluster from any node).
+    pub async fn queues_by_node(&self) -> Result<Vec<QueueOnNode>, BrokerError> {
+        let what = "the queues";
+        let (_, v) = self
+            .call(
+                Method::GET,
+                "/api/queues?columns=name,vhost,node,durable,messages",
+                None,
+                what,
+            )
+            .await?;
+        let list = v.as_array().ok_or_else(|| BrokerError::Invalid {
+            what: what.to_owned(),
+            why: "not a list".to_owned(),
+        })?;
+        Ok(list
+            .iter()
+            .map(|q| QueueOnNode {
+                vhost: q["vhost"].as_str().unwrap_or_default().to_owned(),
+                name: q["name"].as_str().unwrap_or_default().to_owned(),
+                node: q["node"].as_str().unwrap_or_default().to_owned(),
+                durable: q["durable"].as_bool().unwrap_or(false),
+                messages: q["messages"].as_u64().unwrap_or(0),
+            })
+            .collect())
     }
 
     /// The broker answers and the credentials work (`/api/overview`).

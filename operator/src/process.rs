@@ -146,6 +146,14 @@ pub async fn run_controllers(
         client: client.clone(),
         defaults,
         autoscaler,
+        brokers: Some(ctx.clone()),
+        recorder: Some(kube::runtime::events::Recorder::new(
+            client.clone(),
+            kube::runtime::events::Reporter {
+                controller: "warren-operator".into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        )),
     });
     let m = metrics.clone();
     let timing = (metrics.clone(), Arc::<str>::from("Instance"));

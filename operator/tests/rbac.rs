@@ -48,6 +48,8 @@ const CLUSTER_ROLE: &[(&str, &str, &[&str])] = &[
     ),
     // The default-user Secret: looked for, created once; read for the broker's credentials.
     ("", "secrets", &["get", "list", "watch", "create"]),
+    // Events on an Instance (kube's Recorder: create, and patch for a series).
+    ("events.k8s.io", "events", &["create", "patch"]),
 ];
 
 /// What the Role `warren-operator-leader-election` (the operator's namespace only) may do:

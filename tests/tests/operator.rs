@@ -632,12 +632,64 @@ async fn an_instance_and_its_topology_run_in_a_simulated_cluster() {
     .await
     .unwrap();
     let mut events = leaving.events_listener();
+    // A durable queue whose home is demo-1: the scale-down waits for it, and says why.
+    let pinned = leaving.create_channel().await.unwrap();
+    pinned
+        .queue_declare(
+            "pinned".into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
     instances
         .patch_scale(
             "demo",
             &PatchParams::default(),
             &Patch::Merge(json!({"spec": {"replicas": 1}})),
         )
+        .await
+        .unwrap();
+    let refused = eventually(
+        "the scale-down refused while demo-1 is a queue's home",
+        Duration::from_secs(30),
+        || async {
+            let i = instances.get("demo").await.ok()?;
+            let scaling = condition(&i, "Scaling")?.clone();
+            (scaling["reason"] == "ScaleDownRefused").then_some(scaling)
+        },
+    )
+    .await;
+    let message = refused["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("demo-1 is the home of 1 queue(s)") && message.contains("'pinned'"),
+        "{message}"
+    );
+    let warnings: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), NS);
+    eventually("a Warning Event", Duration::from_secs(30), || async {
+        let list = warnings.list(&Default::default()).await.ok()?;
+        list.items
+            .iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("ScaleDownRefused")
+                    && e.type_.as_deref() == Some("Warning")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("demo")
+            })
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        sts.get("demo").await.unwrap().spec.unwrap().replicas,
+        Some(2),
+        "no broker leaves while it is a queue's home"
+    );
+    // Deleted: the scale-down goes on by itself.
+    pinned
+        .queue_delete("pinned".into(), Default::default())
         .await
         .unwrap();
     let closed = tokio::time::timeout(Duration::from_secs(30), async {

@@ -23,6 +23,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, Client, Resource};
 use rand::Rng;
 use serde::Serialize;
@@ -58,6 +59,11 @@ pub struct InstanceContext {
     pub client: Client,
     pub defaults: Defaults,
     pub autoscaler: Autoscaler,
+    /// Reaches the brokers' management API (what a scale-down would take away); none: a
+    /// scale-down is not checked.
+    pub brokers: Option<Arc<super::broker_resources::Context>>,
+    /// Where Events about Instances go.
+    pub recorder: Option<Recorder>,
 }
 
 impl InstanceContext {
@@ -66,6 +72,8 @@ impl InstanceContext {
             client,
             defaults,
             autoscaler: Autoscaler::default(),
+            brokers: None,
+            recorder: None,
         }
     }
 }
@@ -149,6 +157,20 @@ pub async fn reconcile(obj: Arc<Instance>, ctx: Arc<InstanceContext>) -> Result<
     let mut status = obj.status.clone().unwrap_or_default();
     status.observed_generation = generation;
     status.desired_replicas = desired;
+    // A scale-down waits while the brokers that would go are the home of durable queues or
+    // hold messages: the brokers keep running as they are, and the user is told why.
+    let running = match ctx.brokers {
+        Some(_) => running_replicas(client, &ns, &obj).await?,
+        None => None,
+    };
+    let refused = match running {
+        Some(current) if desired > 0 && desired < current => {
+            let why = scale_down_refusal(&ctx, &obj, current, desired).await;
+            why.map(|why| (current, why))
+        }
+        _ => None,
+    };
+    let desired = refused.as_ref().map_or(desired, |(current, _)| *current);
     status.selector = Some(selector_string(&obj));
 
     // The Secrets first: brokers read the default user and the cluster secret from them, and
@@ -216,15 +238,120 @@ pub async fn reconcile(obj: Arc<Instance>, ctx: Arc<InstanceContext>) -> Result<
             condition(SCALING, scaling, reason, message, generation, &now),
         );
     }
+    if let Some((_, why)) = &refused {
+        conditions::set(
+            &mut status.conditions,
+            condition(
+                SCALING,
+                false,
+                SCALE_DOWN_REFUSED,
+                why.clone(),
+                generation,
+                &now,
+            ),
+        );
+        if let Some(recorder) = &ctx.recorder {
+            let event = Event {
+                type_: EventType::Warning,
+                reason: SCALE_DOWN_REFUSED.to_owned(),
+                note: Some(why.clone()),
+                action: "Scale".to_owned(),
+                secondary: None,
+            };
+            if let Err(e) = recorder.publish(&event, &obj.object_ref(&())).await {
+                tracing::warn!(instance = %name_of(&obj), error = %e, "cannot record an Event");
+            }
+        }
+    }
     status.endpoints = Some(endpoints(&obj));
     write_status(client, &obj, &status).await?;
     Ok(Action::requeue(if autoscaling.is_some() {
         ctx.autoscaler.interval
-    } else if settled {
+    } else if settled && refused.is_none() {
         RESYNC
     } else {
         WATCH_CLOSELY
     }))
+}
+
+/// The reason of the `Scaling` condition and of the Warning Event when a scale-down waits.
+pub const SCALE_DOWN_REFUSED: &str = "ScaleDownRefused";
+
+/// The brokers the StatefulSet runs now, if it exists.
+async fn running_replicas(
+    client: &Client,
+    ns: &str,
+    obj: &Instance,
+) -> Result<Option<i32>, kube::Error> {
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+    Ok(sets
+        .get_opt(name_of(obj))
+        .await?
+        .map(|s| s.spec.and_then(|s| s.replicas).unwrap_or(1)))
+}
+
+/// Why a scale-down from `current` to `desired` brokers must wait, asked of the brokers; a
+/// cluster that cannot be asked makes it wait too (nothing is taken away unseen).
+async fn scale_down_refusal(
+    ctx: &InstanceContext,
+    obj: &Instance,
+    current: i32,
+    desired: i32,
+) -> Option<String> {
+    let brokers = ctx.brokers.as_ref()?;
+    let api = match brokers.broker_api(namespace_of(obj), name_of(obj)).await {
+        Ok(Some(api)) => api,
+        // No credentials yet: no broker has served anything.
+        Ok(None) => return None,
+        Err(e) => {
+            return Some(format!(
+                "scaling down from {current} to {desired} brokers waits: the Instance's credentials cannot be read ({e})"
+            ));
+        }
+    };
+    match api.queues_by_node().await {
+        Ok(queues) => refusal(obj, current, desired, &queues),
+        Err(e) => Some(format!(
+            "scaling down from {current} to {desired} brokers waits: the brokers cannot be asked what the ones that would go hold ({e})"
+        )),
+    }
+}
+
+/// Why a scale-down from `current` to `desired` brokers must wait, given the cluster's queues:
+/// a broker that would go is the home of a durable queue (its messages and the queue itself
+/// would be unavailable until it came back) or holds messages.
+pub fn refusal(
+    obj: &Instance,
+    current: i32,
+    desired: i32,
+    queues: &[crate::broker_api::QueueOnNode],
+) -> Option<String> {
+    let mut held = Vec::new();
+    for ordinal in desired..current {
+        let node = crate::resources::node_name(obj, ordinal);
+        let mine: Vec<_> = queues
+            .iter()
+            .filter(|q| q.node == node && (q.durable || q.messages > 0))
+            .collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let messages: u64 = mine.iter().map(|q| q.messages).sum();
+        let first = &mine[0];
+        held.push(format!(
+            "{}-{ordinal} is the home of {} queue(s) holding {messages} message(s) (e.g. '{}' in vhost '{}')",
+            name_of(obj),
+            mine.len(),
+            first.name,
+            first.vhost
+        ));
+    }
+    (!held.is_empty()).then(|| {
+        format!(
+            "scaling down from {current} to {desired} brokers is refused: {}; delete those queues or move their messages, and it goes on",
+            held.join("; ")
+        )
+    })
 }
 
 /// Sets `Ready` and `Scaling` from the replica counts; true when nothing is changing.
@@ -360,6 +487,41 @@ mod tests {
             conditions::find(&s.conditions, READY).unwrap().status,
             "False"
         );
+    }
+
+    #[test]
+    fn a_scale_down_waits_for_the_durable_queues_and_messages_of_the_brokers_that_would_go() {
+        use crate::broker_api::QueueOnNode;
+        let i = crate::resources::fixtures::instance("  replicas: 3\n");
+        let q = |node: &str, name: &str, durable: bool, messages: u64| QueueOnNode {
+            vhost: "/".into(),
+            name: name.into(),
+            node: format!("warren@demo-{node}.demo-nodes.shop.svc"),
+            durable,
+            messages,
+        };
+        // On a broker that stays, or empty and transient on one that goes: no reason to wait.
+        let fine = [q("0", "a", true, 9), q("2", "scratch", false, 0)];
+        assert_eq!(refusal(&i, 3, 2, &fine), None);
+        // A durable queue's home, or messages, on a broker that goes.
+        let why = refusal(
+            &i,
+            3,
+            1,
+            &[q("2", "orders", true, 0), q("1", "tmp", false, 4)],
+        )
+        .expect("refused");
+        assert!(why.contains("from 3 to 1 brokers is refused"), "{why}");
+        assert!(
+            why.contains("demo-1 is the home of 1 queue(s) holding 4 message(s) (e.g. 'tmp'"),
+            "{why}"
+        );
+        assert!(
+            why.contains("demo-2 is the home of 1 queue(s) holding 0 message(s) (e.g. 'orders'"),
+            "{why}"
+        );
+        // Only the brokers above the new count go.
+        assert_eq!(refusal(&i, 3, 2, &[q("1", "orders", true, 5)]), None);
     }
 
     #[test]

@@ -64,6 +64,16 @@ pub fn default_user_secret_name(instance: &Instance) -> String {
         .unwrap_or_else(|| format!("{}-default-user", name_of(instance)))
 }
 
+/// The node name of broker `ordinal` of an Instance (its pod's stable DNS name).
+pub fn node_name(instance: &Instance, ordinal: i32) -> String {
+    format!(
+        "warren@{}-{ordinal}.{}.{}.svc",
+        name_of(instance),
+        headless_service_name(instance),
+        namespace_of(instance)
+    )
+}
+
 /// The headless Service that gives each broker a stable DNS name.
 pub fn headless_service_name(instance: &Instance) -> String {
     format!("{}-nodes", name_of(instance))
