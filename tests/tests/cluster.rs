@@ -1060,6 +1060,12 @@ fn a_partitioned_node_refuses_declarations_and_rejoins_by_itself_when_healed() {
             api.settled(&at, 3).await
         })
         .await;
+        let critical = "health/checks/node-is-quorum-critical";
+        assert_eq!(
+            api.status(at[0], critical).await,
+            200,
+            "three of three reachable: no node is critical"
+        );
         let leader = api.leader(at[0]).await.expect("a leader");
         let cut = names.iter().position(|n| *n == leader).expect("known");
         let rest: Vec<usize> = (0..3).filter(|i| *i != cut).collect();
@@ -1090,6 +1096,24 @@ fn a_partitioned_node_refuses_declarations_and_rejoins_by_itself_when_healed() {
             dump_logs(&names, &nodes);
             panic!("no declaration on the majority side within 30 s");
         }
+        // The majority side: two of three, each of them critical now. The cut-off side lists
+        // the members it cannot reach as partitions.
+        assert_eq!(api.status(a, critical).await, 503);
+        let c = at[cut];
+        until(
+            "the cut-off node to see its partition",
+            Duration::from_secs(20),
+            || async {
+                let (_, list) = api.call(reqwest::Method::GET, c, "nodes", None).await;
+                list.as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|n| n["name"] == names[cut])
+                    .and_then(|n| n["partitions"].as_array().map(Vec::len))
+                    == Some(2)
+            },
+        )
+        .await;
         let mut done: Vec<String> = vec![first];
         let mut refused: Vec<String> = Vec::new();
         for k in 1..=6 {
@@ -1141,6 +1165,12 @@ fn a_partitioned_node_refuses_declarations_and_rejoins_by_itself_when_healed() {
             panic!("no declaration on the healed node within 40 s");
         }
         done.push("after-heal".to_owned());
+        until(
+            "no partition once healed",
+            Duration::from_secs(20),
+            || async { api.status(c, critical).await == 200 },
+        )
+        .await;
         for a in &at {
             for name in &done {
                 let path = format!("queues/%2F/{name}");
@@ -1357,14 +1387,63 @@ fn confirmed_messages_survive_sigkill_of_a_consumers_node_and_of_the_home() {
         write_peers(&peers, &all);
     }
     // The home is back: traffic resumes through k2, then stops, and k2's consumer drains.
-    rt.block_on(async {
-        let acked = acked.clone();
-        until("publishes confirmed again", Duration::from_secs(30), || {
-            let n = acked.lock().unwrap().len();
-            async move { n > before + 50 }
-        })
-        .await;
+    let resumed = rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while acked.lock().unwrap().len() <= before + 50 {
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        true
     });
+    if !resumed {
+        rt.block_on(async {
+            for n in nodes.iter().flatten() {
+                let at = n.management_addr;
+                let (_, conns) = api
+                    .call(reqwest::Method::GET, at, "connections", None)
+                    .await;
+                let (_, q) = api
+                    .call(
+                        reqwest::Method::GET,
+                        at,
+                        &format!("queues/%2F/{QUEUE}"),
+                        None,
+                    )
+                    .await;
+                let (_, o) = api.call(reqwest::Method::GET, at, "overview", None).await;
+                let (_, chans) = api.call(reqwest::Method::GET, at, "channels", None).await;
+                eprintln!(
+                    "channels {:?}",
+                    chans
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|c| (
+                            c["node"].clone(),
+                            c["messages_unconfirmed"].clone(),
+                            c["confirm"].clone(),
+                            c["state"].clone()
+                        ))
+                        .collect::<Vec<_>>()
+                );
+                eprintln!(
+                    "{at}: connections {:?}\nqueue {q}\nmetadata {}",
+                    conns
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|c| (c["node"].clone(), c["name"].clone(), c["state"].clone()))
+                        .collect::<Vec<_>>(),
+                    o["cluster_metadata"]
+                );
+            }
+        });
+        let alive: Vec<BrokerProcess> = nodes.iter_mut().filter_map(Option::take).collect();
+        dump_logs(&[names[0], names[1]], &alive);
+        panic!("publishes through k2 not confirmed again within 30 s of the home's return");
+    }
     stop.store(true, Ordering::SeqCst);
     rt.block_on(async {
         let _ = tokio::time::timeout(Duration::from_secs(20), publisher).await;

@@ -889,7 +889,7 @@ impl Connection {
         for ch in self.dirty.drain(..) {
             if let Some(channel) = self.channels.get_mut(&ch) {
                 channel.flush_confirms(session, progress);
-                if channel.waits_for_durability(progress) && !self.waiting.contains(&ch) {
+                if channel.waits_for_durability() && !self.waiting.contains(&ch) {
                     self.waiting.push(ch);
                 }
             }
@@ -910,7 +910,7 @@ impl Connection {
         self.waiting.retain(|ch| match channels.get_mut(ch) {
             Some(channel) => {
                 channel.flush_confirms(session, progress);
-                channel.waits_for_durability(progress)
+                channel.waits_for_durability()
             }
             None => false,
         });

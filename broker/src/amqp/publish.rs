@@ -28,9 +28,11 @@ use std::sync::atomic::Ordering;
 const PUBLISH: (u16, u16) = (60, 40);
 
 impl Confirms {
-    /// Whether a confirm waits for a ticket not done at `progress`.
-    pub fn waits_for_durability(&self, progress: Progress) -> bool {
-        self.waiting.front().is_some_and(|w| !w.1.is_done(progress))
+    /// Whether confirms are left unsent, waiting for their tickets. Not judged at a progress:
+    /// a forwarded copy settles by itself at any moment, and a channel that stopped waiting
+    /// because its ticket settled just after a flush would never be flushed again.
+    pub fn waits_for_durability(&self) -> bool {
+        !self.waiting.is_empty()
     }
 
     /// Sends every confirm that is settled at `progress`: runs of acks as one `multiple` ack,
@@ -512,15 +514,13 @@ impl Channel {
         }
     }
 
-    /// Whether something on this channel waits for a ticket not done at `progress`.
-    pub fn waits_for_durability(&self, progress: Progress) -> bool {
+    /// Whether confirms or a commit-ok are left unsent on this channel, waiting for their
+    /// tickets (see [`Confirms::waits_for_durability`]).
+    pub fn waits_for_durability(&self) -> bool {
         self.confirms
             .as_ref()
-            .is_some_and(|c| c.waits_for_durability(progress))
-            || self
-                .commits_waiting
-                .front()
-                .is_some_and(|t| !t.is_done(progress))
+            .is_some_and(Confirms::waits_for_durability)
+            || !self.commits_waiting.is_empty()
     }
 
     /// Applies a transaction; returns the ticket done once its messages are safe, which
@@ -596,12 +596,12 @@ mod tests {
             (Ticket::Done, false),
             (Ticket::flushed(3), false),
         ]);
-        assert!(c.waits_for_durability(Progress::flushed(3)));
+        assert!(c.waits_for_durability());
         assert_eq!(flush(&mut c, Progress::flushed(3)), []);
         assert_eq!(flush(&mut c, Progress::flushed(4)), []);
         // All three at once, as one ack with `multiple`.
         assert_eq!(flush(&mut c, Progress::flushed(5)), [("ack", 3, true)]);
-        assert!(!c.waits_for_durability(Progress::flushed(5)));
+        assert!(!c.waits_for_durability());
         assert_eq!(flush(&mut c, Progress::ALL), []);
     }
 

@@ -322,10 +322,24 @@ impl Metadata {
 
     async fn keep_membership(self, mut stop: tokio::sync::watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(TICK);
+        let mut cut_off = false;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = stop.changed() => return,
+            }
+            // Said once each way: a node cut off from the majority refuses changes.
+            let now_cut_off = self.inner.state.has_membership() && !self.majority_reachable();
+            if now_cut_off != cut_off {
+                cut_off = now_cut_off;
+                if cut_off {
+                    tracing::warn!(
+                        unreachable = ?self.unreachable_voters(),
+                        "cut off from the majority of the cluster: metadata changes (declarations, users, policies) are refused until it is reachable again"
+                    );
+                } else {
+                    tracing::info!("the majority of the cluster is reachable again");
+                }
             }
             if !self.inner.state.has_membership() {
                 self.try_to_form().await;
@@ -375,6 +389,29 @@ impl Metadata {
     }
 
     /// Whether a leader of the group is known here.
+    /// The voters of the group this node cannot reach now (their link is down).
+    pub fn unreachable_voters(&self) -> Vec<String> {
+        let linked = self.inner.cluster.linked();
+        self.status()
+            .voters
+            .into_iter()
+            .filter(|v| *v != self.inner.node && !linked.contains(v))
+            .collect()
+    }
+
+    /// The group's voters and how many of them this node reaches (itself included).
+    pub fn reach(&self) -> (usize, usize) {
+        let voters = self.status().voters.len();
+        (voters, voters - self.unreachable_voters().len())
+    }
+
+    /// Whether this node reaches a majority of the group's voters (itself included): what a
+    /// change needs.
+    pub fn majority_reachable(&self) -> bool {
+        let (voters, reached) = self.reach();
+        voters == 0 || reached * 2 > voters
+    }
+
     pub fn has_leader(&self) -> bool {
         self.inner.raft.metrics().borrow().current_leader.is_some()
     }

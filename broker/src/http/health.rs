@@ -77,6 +77,30 @@ pub async fn single_node(_state: State<AppState>, _caller: Caller) -> Response {
     ok(json!({"status": "ok", "reason": "single node cluster"}))
 }
 
+/// `node-is-quorum-critical`: 503 when shutting this node down would leave the cluster's
+/// metadata group (what every declaration is committed to) without a reachable majority; ok
+/// for a single node cluster, as RabbitMQ answers.
+pub async fn quorum_critical(State(state): State<AppState>, _caller: Caller) -> Response {
+    let Some(metadata) = &state.broker.metadata else {
+        return ok(json!({"status": "ok", "reason": "single node cluster"}));
+    };
+    let (voters, reached) = metadata.reach();
+    if voters <= 1 {
+        return ok(json!({"status": "ok", "reason": "single node cluster"}));
+    }
+    if (reached - 1) * 2 > voters {
+        return ok(json!({"status": "ok"}));
+    }
+    failed(json!({
+        "status": "failed",
+        "reason": format!(
+            "the cluster's metadata would lose its majority if node {} were shut down ({reached} of {voters} members reachable)",
+            state.broker.config.node_name
+        ),
+        "queues": [],
+    }))
+}
+
 pub async fn port_listener(
     State(state): State<AppState>,
     _caller: Caller,

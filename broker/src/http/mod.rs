@@ -282,7 +282,7 @@ pub fn management_router(state: AppState) -> Router {
         )
         .route(
             "/api/health/checks/node-is-quorum-critical",
-            get(health::single_node),
+            get(health::quorum_critical),
         )
         .route(
             "/api/health/checks/node-is-mirror-sync-critical",

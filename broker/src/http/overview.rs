@@ -217,7 +217,13 @@ pub(super) fn node_object(state: &AppState) -> Value {
         "proc_total": 0,
         "run_queue": 0,
         "rates_mode": "basic",
-        "partitions": [],
+        // The members it cannot reach while it is cut off from the majority (a minority).
+        "partitions": broker
+            .metadata
+            .as_ref()
+            .filter(|m| !m.majority_reachable())
+            .map(|m| m.unreachable_voters())
+            .unwrap_or_default(),
         // The OTP applications RabbitMQ lists; clients read the node's version from `rabbit`'s.
         "applications": [
             {"name": "rabbit", "description": "RabbitMQ", "version": RABBITMQ_VERSION},
