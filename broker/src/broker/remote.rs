@@ -704,17 +704,12 @@ impl Forwarder {
     fn serve_consume(&self, node: &str, mut body: In) -> Result<Bytes, String> {
         let bad = || "malformed consume".to_owned();
         let id = body.u64().ok_or_else(bad)?;
-        let vhost = body.str().ok_or_else(bad)?;
-        let queue = body.str().ok_or_else(bad)?;
+        let q = self.named_queue(&mut body)?;
         let tag = body.str().ok_or_else(bad)?;
         let flags = body.u8().ok_or_else(bad)?;
         let priority = body.i32().ok_or_else(bad)?;
         let prefetch = body.u32().ok_or_else(bad)?;
         let link = rpc::request_link().ok_or_else(|| "no link".to_owned())?;
-        let q = self
-            .home()
-            .and_then(|h| h.local_queue(&vhost, &queue))
-            .ok_or_else(|| "not_found".to_owned())?;
         let served = self
             .served(node, link)
             .ok_or_else(|| "link gone".to_owned())?;
@@ -767,14 +762,9 @@ impl Forwarder {
     fn serve_get(&self, node: &str, mut body: In) -> Result<Bytes, String> {
         let bad = || "malformed get".to_owned();
         let id = body.u64().ok_or_else(bad)?;
-        let vhost = body.str().ok_or_else(bad)?;
-        let queue = body.str().ok_or_else(bad)?;
+        let q = self.named_queue(&mut body)?;
         let no_ack = body.u8().ok_or_else(bad)? != 0;
         let link = rpc::request_link().ok_or_else(|| "no link".to_owned())?;
-        let q = self
-            .home()
-            .and_then(|h| h.local_queue(&vhost, &queue))
-            .ok_or_else(|| "not_found".to_owned())?;
         let served = if no_ack {
             None
         } else {
@@ -814,14 +804,18 @@ impl Forwarder {
         Ok(out)
     }
 
-    fn serve_lengths(&self, _node: &str, mut body: In) -> Result<Bytes, String> {
-        let bad = || "malformed lengths".to_owned();
+    /// The queue a request names next (vhost, then name): one of this node's own.
+    fn named_queue(&self, body: &mut In) -> Result<QueueRef, String> {
+        let bad = || "malformed request".to_owned();
         let vhost = body.str().ok_or_else(bad)?;
         let queue = body.str().ok_or_else(bad)?;
-        let q = self
-            .home()
+        self.home()
             .and_then(|h| h.local_queue(&vhost, &queue))
-            .ok_or_else(|| "not_found".to_owned())?;
+            .ok_or_else(|| "not_found".to_owned())
+    }
+
+    fn serve_lengths(&self, _node: &str, mut body: In) -> Result<Bytes, String> {
+        let q = self.named_queue(&mut body)?;
         let l = q.lengths();
         Ok(Out::new()
             .u64(l.ready)
@@ -834,13 +828,7 @@ impl Forwarder {
     }
 
     fn serve_purge(&self, _node: &str, mut body: In) -> Result<Bytes, String> {
-        let bad = || "malformed purge".to_owned();
-        let vhost = body.str().ok_or_else(bad)?;
-        let queue = body.str().ok_or_else(bad)?;
-        let q = self
-            .home()
-            .and_then(|h| h.local_queue(&vhost, &queue))
-            .ok_or_else(|| "not_found".to_owned())?;
+        let q = self.named_queue(&mut body)?;
         let purged = q.purge().map_err(|_| "not_found".to_owned())?;
         Ok(Out::new().u32(purged).done())
     }
@@ -1385,5 +1373,68 @@ impl RemoteQueue {
             rc.cancel_locally();
         }
         Ok(ready)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::message::ShortStr;
+
+    #[test]
+    fn fields_and_messages_cross_the_link_unchanged_and_short_bodies_fail_cleanly() {
+        let m = Message {
+            exchange: ShortStr::from("orders"),
+            routing_key: ShortStr::from("eu.new"),
+            properties: Bytes::from_static(b"\x10\x00\x02"),
+            body: Bytes::from_static(b"hello"),
+            persistent: true,
+            arrived_ms: 1_700_000_000_000,
+            expires_at_ms: Some(1_700_000_060_000),
+        };
+        let body = Out::new()
+            .u64(7)
+            .str("/")
+            .str("q")
+            .u8(1)
+            .u32(3)
+            .i32(-2)
+            .message(&m)
+            .done();
+        let mut b = In(body.clone());
+        assert_eq!(b.u64(), Some(7));
+        assert_eq!(b.str().as_deref(), Some("/"));
+        assert_eq!(b.str().as_deref(), Some("q"));
+        assert_eq!((b.u8(), b.u32(), b.i32()), (Some(1), Some(3), Some(-2)));
+        let got = b.message().expect("a message");
+        assert_eq!(
+            (
+                &got.exchange,
+                &got.routing_key,
+                &got.properties,
+                &got.body,
+                got.persistent,
+                got.arrived_ms,
+                got.expires_at_ms
+            ),
+            (
+                &m.exchange,
+                &m.routing_key,
+                &m.properties,
+                &m.body,
+                m.persistent,
+                m.arrived_ms,
+                m.expires_at_ms
+            )
+        );
+        // Every prefix of it reads as far as it goes and then fails, never panics.
+        for cut in 0..body.len() {
+            let mut b = In(body.slice(..cut));
+            let _ = (b.u64(), b.str(), b.str(), b.u8(), b.u32(), b.i32());
+            assert!(b.message().is_none(), "a message cut at {cut}");
+        }
+        // A string whose length runs past the end, or that is not UTF-8.
+        assert_eq!(In(Bytes::from_static(b"\x00\x09abc")).str(), None);
+        assert_eq!(In(Bytes::from_static(b"\x00\x02\xff\xfe")).str(), None);
     }
 }

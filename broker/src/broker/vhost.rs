@@ -457,15 +457,16 @@ impl Vhost {
             if self.queues.read().contains_key(name) {
                 continue;
             }
+            let spec = QueueSpec {
+                name: name.clone(),
+                durable: true,
+                exclusive: false,
+                auto_delete: q.auto_delete,
+                arguments: q.arguments.clone(),
+            };
             if let Some(forwarder) = self.elsewhere(q.node.as_deref()) {
                 let remote = QueueRef::Remote(RemoteQueue::new(
-                    QueueSpec {
-                        name: name.clone(),
-                        durable: true,
-                        exclusive: false,
-                        auto_delete: q.auto_delete,
-                        arguments: q.arguments.clone(),
-                    },
+                    spec,
                     self.name.clone(),
                     q.node.clone().unwrap_or_default(),
                     forwarder.clone(),
@@ -507,13 +508,7 @@ impl Vhost {
                 levels.push(level);
             }
             let queue = QueueRef::from(Queue::recovered_levels(
-                QueueSpec {
-                    name: name.clone(),
-                    durable: true,
-                    exclusive: false,
-                    auto_delete: q.auto_delete,
-                    arguments: q.arguments.clone(),
-                },
+                spec,
                 self.name.clone(),
                 None,
                 levels,
