@@ -29,7 +29,57 @@ pub enum QueueRef {
     /// A queue whose messages this process holds.
     Local(Arc<Queue>),
     /// A durable classic queue whose home is another node of the cluster.
-    Remote(Arc<super::remote::RemoteQueue>),
+    Remote(Arc<dyn RemoteHome>),
+}
+
+/// Why a forwarded operation failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unavailable {
+    /// The home node cannot be reached.
+    HomeDown(String),
+    /// The home node does not have the queue (deleted meanwhile).
+    NotFound,
+    /// The home node refused, saying why.
+    Refused(String),
+}
+
+/// A queue whose home is another node, as its handle uses it. Implemented above the queue (by
+/// the forwarding over the cluster links), so that the handle is declared here without this
+/// module depending on that one; a remote queue's every operation crosses the network, next
+/// to which its dynamic dispatch costs nothing, while a local queue's stays static.
+pub trait RemoteHome: Send + Sync + fmt::Debug {
+    fn spec(&self) -> &QueueSpec;
+    fn vhost(&self) -> &Arc<str>;
+    /// The home node.
+    fn node(&self) -> &str;
+    /// The home node when it cannot be reached now.
+    fn unreachable_home(&self) -> Option<&str>;
+    fn is_single_active_consumer(&self) -> bool;
+    fn queue_type(&self) -> &'static str;
+    fn top_level(&self) -> u8;
+    fn is_deleted(&self) -> bool;
+    /// The lengths the home node has now.
+    fn lengths(&self) -> Result<QueueLengths, Unavailable>;
+    fn settings(&self) -> Arc<Settings>;
+    fn set_policies(&self, policy: Option<Arc<Policy>>, operator: Option<Arc<Policy>>);
+    fn publish(&self, message: &Message) -> Enqueued;
+    /// Hands what the home delivered to channels that have room again.
+    fn dispatch(&self);
+    fn holds_publisher(&self) -> bool;
+    fn backlog_drained(&self) -> tokio::sync::futures::Notified<'_>;
+    fn get(&self, no_ack: bool) -> Result<Option<(QueuedMessage, u32)>, Unavailable>;
+    fn settle(&self, delivered: &[Delivered], acked: bool);
+    fn requeue(&self, delivered: &[Delivered]);
+    fn add_consumer(
+        self: Arc<Self>,
+        consumer: Arc<Consumer>,
+        on_added: &mut dyn FnMut(),
+    ) -> Result<(), ConsumeRefused>;
+    fn remove_consumer(&self, consumer: &Arc<Consumer>);
+    fn consumers(&self) -> Vec<Arc<Consumer>>;
+    fn purge(&self) -> Result<u32, Unavailable>;
+    fn may_delete(&self, if_unused: bool, if_empty: bool) -> Result<(), DeleteRefused>;
+    fn delete(&self, if_unused: bool, if_empty: bool) -> Result<u32, DeleteRefused>;
 }
 
 /// Where a queue hands messages for a consumer: implemented by the AMQP channel.

@@ -23,9 +23,10 @@
 
 use super::message::{Message, now_ms};
 use super::policy::{Policy, QueueKind};
+pub use super::queue::Unavailable;
 use super::queue::{
     ConsumeRefused, Consumer, DeleteRefused, Delivered, DeliverySink, Enqueued, QueueLengths,
-    QueueRef, QueueSpec, Settings, top_level,
+    QueueRef, QueueSpec, RemoteHome, Settings, top_level,
 };
 use super::ready::QueuedMessage;
 use crate::cluster::{Cluster, block_on, rpc};
@@ -81,17 +82,6 @@ pub trait Home: Send + Sync {
     /// Deletes an auto-delete queue its last consumer left (it may wait for the cluster).
     fn remove_queue(&self, q: &QueueRef);
     fn storage(&self) -> Arc<Storage>;
-}
-
-/// Why a forwarded operation failed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Unavailable {
-    /// The home node cannot be reached.
-    HomeDown(String),
-    /// The home node does not have the queue (deleted meanwhile).
-    NotFound,
-    /// The home node refused, saying why.
-    Refused(String),
 }
 
 /// This node's side of forwarding: the queues it serves to other nodes and the remote
@@ -1090,38 +1080,48 @@ impl RemoteQueue {
         })
     }
 
+    fn names(&self) -> Out {
+        Out::new().str(&self.vhost).str(&self.spec.name)
+    }
+}
+
+impl RemoteHome for RemoteQueue {
+    fn spec(&self) -> &QueueSpec {
+        &self.spec
+    }
+
+    fn vhost(&self) -> &Arc<str> {
+        &self.vhost
+    }
+
     /// The home node.
-    pub fn node(&self) -> &str {
+    fn node(&self) -> &str {
         &self.node
     }
 
     /// The home node when it cannot be reached now.
-    pub fn unreachable_home(&self) -> Option<&str> {
+    fn unreachable_home(&self) -> Option<&str> {
         (!self.forwarder.reaches(&self.node)).then_some(self.node.as_str())
     }
 
-    fn names(&self) -> Out {
-        Out::new().str(&self.vhost).str(&self.spec.name)
-    }
-
-    pub fn is_single_active_consumer(&self) -> bool {
+    fn is_single_active_consumer(&self) -> bool {
         self.settings.lock().features.single_active_consumer
     }
 
-    pub fn queue_type(&self) -> &'static str {
+    fn queue_type(&self) -> &'static str {
         QueueKind::of(&self.spec.arguments).as_str()
     }
 
-    pub fn top_level(&self) -> u8 {
+    fn top_level(&self) -> u8 {
         top_level(&self.spec.arguments)
     }
 
-    pub fn is_deleted(&self) -> bool {
+    fn is_deleted(&self) -> bool {
         self.deleted.load(Ordering::Acquire)
     }
 
     /// The lengths the home node has now.
-    pub fn lengths(&self) -> Result<QueueLengths, Unavailable> {
+    fn lengths(&self) -> Result<QueueLengths, Unavailable> {
         let mut b = In(self
             .forwarder
             .call(&self.node, service::LENGTHS, self.names().done())?);
@@ -1139,15 +1139,15 @@ impl RemoteQueue {
         })
     }
 
-    pub fn settings(&self) -> Arc<Settings> {
+    fn settings(&self) -> Arc<Settings> {
         self.settings.lock().clone()
     }
 
-    pub fn set_policies(&self, policy: Option<Arc<Policy>>, operator: Option<Arc<Policy>>) {
+    fn set_policies(&self, policy: Option<Arc<Policy>>, operator: Option<Arc<Policy>>) {
         *self.settings.lock() = Arc::new(Settings::new(&self.spec.arguments, policy, operator));
     }
 
-    pub fn publish(&self, message: &Message) -> Enqueued {
+    fn publish(&self, message: &Message) -> Enqueued {
         if self.is_deleted() {
             return Enqueued::Deleted;
         }
@@ -1155,22 +1155,22 @@ impl RemoteQueue {
     }
 
     /// Hands what homes delivered to channels that have room again.
-    pub fn dispatch(&self) {
+    fn dispatch(&self) {
         let consumers = self.consumers.lock().clone();
         for rc in consumers {
             rc.pump(&self.forwarder);
         }
     }
 
-    pub fn holds_publisher(&self) -> bool {
+    fn holds_publisher(&self) -> bool {
         self.forwarder.holds_publisher(&self.node)
     }
 
-    pub fn backlog_drained(&self) -> tokio::sync::futures::Notified<'_> {
+    fn backlog_drained(&self) -> tokio::sync::futures::Notified<'_> {
         self.forwarder.publish_room.notified()
     }
 
-    pub fn get(&self, no_ack: bool) -> Result<Option<(QueuedMessage, u32)>, Unavailable> {
+    fn get(&self, no_ack: bool) -> Result<Option<(QueuedMessage, u32)>, Unavailable> {
         let fwd = &self.forwarder;
         // The id is chosen here, so that a get whose answer is lost can be taken back.
         let id = fwd.next_id();
@@ -1215,19 +1215,19 @@ impl RemoteQueue {
         )))
     }
 
-    pub fn settle(&self, delivered: &[Delivered], acked: bool) {
+    fn settle(&self, delivered: &[Delivered], acked: bool) {
         let how = if acked { How::Ack } else { How::Reject };
         self.forwarder.settle(&self.node, delivered, how);
     }
 
-    pub fn requeue(&self, delivered: &[Delivered]) {
+    fn requeue(&self, delivered: &[Delivered]) {
         self.forwarder.settle(&self.node, delivered, How::Requeue);
     }
 
-    pub fn add_consumer(
-        self: &Arc<Self>,
+    fn add_consumer(
+        self: Arc<Self>,
         consumer: Arc<Consumer>,
-        on_added: impl FnOnce(),
+        on_added: &mut dyn FnMut(),
     ) -> Result<(), ConsumeRefused> {
         if self.is_deleted() {
             return Err(ConsumeRefused::Deleted);
@@ -1241,7 +1241,7 @@ impl RemoteQueue {
             id,
             node: self.node.clone(),
             link,
-            queue: Arc::downgrade(self),
+            queue: Arc::downgrade(&self),
             consumer: consumer.clone(),
             active: AtomicBool::new(false),
             buffer: Mutex::new(Buffer::default()),
@@ -1294,7 +1294,7 @@ impl RemoteQueue {
         Ok(())
     }
 
-    pub fn remove_consumer(&self, consumer: &Arc<Consumer>) {
+    fn remove_consumer(&self, consumer: &Arc<Consumer>) {
         let rc = {
             let mut consumers = self.consumers.lock();
             let at = consumers
@@ -1322,7 +1322,7 @@ impl RemoteQueue {
         }
     }
 
-    pub fn consumers(&self) -> Vec<Arc<Consumer>> {
+    fn consumers(&self) -> Vec<Arc<Consumer>> {
         self.consumers
             .lock()
             .iter()
@@ -1330,7 +1330,7 @@ impl RemoteQueue {
             .collect()
     }
 
-    pub fn purge(&self) -> Result<u32, Unavailable> {
+    fn purge(&self) -> Result<u32, Unavailable> {
         let mut b = In(self
             .forwarder
             .call(&self.node, service::PURGE, self.names().done())?);
@@ -1340,7 +1340,7 @@ impl RemoteQueue {
 
     /// Whether `delete` with these conditions would delete the queue now (asked of the
     /// home; a home that cannot be asked cannot say the queue is empty or unused).
-    pub fn may_delete(&self, if_unused: bool, if_empty: bool) -> Result<(), DeleteRefused> {
+    fn may_delete(&self, if_unused: bool, if_empty: bool) -> Result<(), DeleteRefused> {
         if !if_unused && !if_empty {
             return Ok(());
         }
@@ -1357,7 +1357,7 @@ impl RemoteQueue {
     /// Forgets the queue here (the home deletes its own when the deletion reaches it
     /// through the cluster's log); returns how many messages were ready at the home, as far
     /// as it says (0 when it cannot be asked).
-    pub fn delete(&self, if_unused: bool, if_empty: bool) -> Result<u32, DeleteRefused> {
+    fn delete(&self, if_unused: bool, if_empty: bool) -> Result<u32, DeleteRefused> {
         self.may_delete(if_unused, if_empty)?;
         if self.deleted.swap(true, Ordering::AcqRel) {
             return Ok(0);

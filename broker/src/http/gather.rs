@@ -6,9 +6,6 @@
 //! reached is listed by the node asked, with the state `down`, as RabbitMQ lists it.
 
 use super::AppState;
-use super::peers::{channel_items_of, connection_object, consumer_objects};
-use super::topology::queue_object;
-use crate::broker::queue_ref::QueueRef;
 use crate::cluster::rpc::Service;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -33,17 +30,21 @@ pub enum Kind {
     Node,
 }
 
+/// A listing asked of a node.
 #[derive(Debug, Serialize, Deserialize)]
-struct Ask {
-    kind: Kind,
+pub struct Ask {
+    pub kind: Kind,
     /// One vhost only.
-    vhost: Option<String>,
+    pub vhost: Option<String>,
     /// One queue only (with `vhost`), in detail.
-    name: Option<String>,
+    pub name: Option<String>,
 }
 
-/// Answers other nodes' listings from this node's own objects.
-pub fn serve(state: &AppState) {
+/// What renders this node's own objects for a listing.
+pub type Own = fn(&AppState, &Ask) -> Vec<Value>;
+
+/// Answers other nodes' listings with this node's own objects, as `own` renders them.
+pub fn serve(state: &AppState, own: Own) {
     // The cluster keeps its handlers: this one holds the broker and the cluster weakly, so
     // that a broker that stops is dropped.
     let weak = Held::of(state);
@@ -105,51 +106,6 @@ impl Held {
             heavy_scrapes: self.heavy_scrapes.clone(),
             imports: self.imports.clone(),
         })
-    }
-}
-
-/// This node's own objects of a kind.
-fn own(state: &AppState, ask: &Ask) -> Vec<Value> {
-    let vhost = ask.vhost.as_deref();
-    match ask.kind {
-        Kind::Queues => {
-            let mut out = Vec::new();
-            for v in state.broker.vhosts() {
-                if vhost.is_some_and(|n| n != &*v.name) {
-                    continue;
-                }
-                let queues = match &ask.name {
-                    Some(name) => v.queue(name).into_iter().collect(),
-                    None => v.queues(),
-                };
-                for q in queues {
-                    if matches!(q, QueueRef::Local(_)) {
-                        out.push(queue_object(state, &v.name, &q, ask.name.is_some()));
-                    }
-                }
-            }
-            out
-        }
-        Kind::Connections => state
-            .broker
-            .connections
-            .list()
-            .iter()
-            .filter(|c| vhost.is_none_or(|v| v == c.vhost))
-            .map(|c| connection_object(state, c, false))
-            .collect(),
-        Kind::Channels => {
-            let conns: Vec<_> = state
-                .broker
-                .connections
-                .list()
-                .into_iter()
-                .filter(|c| vhost.is_none_or(|v| v == c.vhost))
-                .collect();
-            channel_items_of(state, &conns)
-        }
-        Kind::Consumers => consumer_objects(state, vhost),
-        Kind::Node => vec![super::overview::node_object(state)],
     }
 }
 

@@ -10,6 +10,7 @@ mod gather;
 mod health;
 mod json;
 mod list;
+mod listings;
 mod messages;
 pub mod metrics;
 mod overview;
@@ -99,7 +100,7 @@ async fn place(
 /// Answers the cluster-wide listings of other nodes (queues, connections, channels,
 /// consumers) with this node's own objects.
 pub fn serve_listings(state: &AppState) {
-    gather::serve(state);
+    gather::serve(state, listings::own);
 }
 
 async fn not_found() -> Response {
