@@ -465,9 +465,8 @@ impl Forwarder {
             // Gone (cancelled meanwhile, or never known here): the home takes it back and
             // forgets the consumer.
             _ => {
-                let body = Out::new().u8(How::Requeue as u8).u64(delivery).done();
-                self.cast_surely(node, link, service::SETTLE, body);
-                self.cast_surely(node, link, service::CANCEL, Out::new().u64(consumer).done());
+                self.settle_ids(node, link, How::Requeue, [delivery]);
+                self.cancel_at_home(node, link, consumer);
             }
         }
     }
@@ -486,14 +485,26 @@ impl Forwarder {
         let Some(link) = self.cluster.link_to(node) else {
             return;
         };
+        self.settle_ids(node, link, how, delivered.iter().map(|d| d.msg.seq));
+    }
+
+    /// Tells the home over `link` how deliveries `ids` are settled (nothing when there are
+    /// none).
+    fn settle_ids(&self, node: &str, link: u64, how: How, ids: impl IntoIterator<Item = u64>) {
+        let ids: Vec<u64> = ids.into_iter().collect();
         // Frames stay well under the link's limit.
-        for chunk in delivered.chunks(8192) {
+        for chunk in ids.chunks(8192) {
             let mut out = Out::new().u8(how as u8);
-            for d in chunk {
-                out = out.u64(d.msg.seq);
+            for id in chunk {
+                out = out.u64(*id);
             }
             self.cast_surely(node, link, service::SETTLE, out.done());
         }
+    }
+
+    /// Tells the home over `link` that consumer `id` is gone.
+    fn cancel_at_home(&self, node: &str, link: u64, id: u64) {
+        self.cast_surely(node, link, service::CANCEL, Out::new().u64(id).done());
     }
 
     fn link_down(&self, node: &str, link: u64) {
@@ -1186,8 +1197,7 @@ impl RemoteHome for RemoteQueue {
             Ok(b) => In(b),
             Err(e) => {
                 if let (Some(link), false) = (link, no_ack) {
-                    let body = Out::new().u8(How::Requeue as u8).u64(id).done();
-                    fwd.cast_surely(&self.node, link, service::SETTLE, body);
+                    fwd.settle_ids(&self.node, link, How::Requeue, [id]);
                 }
                 return Err(e);
             }
@@ -1264,14 +1274,8 @@ impl RemoteHome for RemoteQueue {
             let left = rc.close();
             // The home may have added it (an answer lost, or late): it forgets it, and takes
             // back what it sent.
-            fwd.cast_surely(&self.node, link, service::CANCEL, Out::new().u64(id).done());
-            if !left.is_empty() {
-                let mut out = Out::new().u8(How::Requeue as u8);
-                for d in left {
-                    out = out.u64(d);
-                }
-                fwd.cast_surely(&self.node, link, service::SETTLE, out.done());
-            }
+            fwd.cancel_at_home(&self.node, link, id);
+            fwd.settle_ids(&self.node, link, How::Requeue, left);
             return Err(match e {
                 Unavailable::NotFound => ConsumeRefused::Deleted,
                 Unavailable::Refused(reason) if reason == "exclusive" => {
@@ -1307,19 +1311,8 @@ impl RemoteHome for RemoteQueue {
         fwd.consumers.lock().remove(&rc.id);
         let left = rc.close();
         // Cancelled at the home first, then what it delivered and no channel took goes back.
-        fwd.cast_surely(
-            &self.node,
-            rc.link,
-            service::CANCEL,
-            Out::new().u64(rc.id).done(),
-        );
-        if !left.is_empty() {
-            let mut out = Out::new().u8(How::Requeue as u8);
-            for id in left {
-                out = out.u64(id);
-            }
-            fwd.cast_surely(&self.node, rc.link, service::SETTLE, out.done());
-        }
+        fwd.cancel_at_home(&self.node, rc.link, rc.id);
+        fwd.settle_ids(&self.node, rc.link, How::Requeue, left);
     }
 
     fn consumers(&self) -> Vec<Arc<Consumer>> {

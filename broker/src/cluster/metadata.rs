@@ -391,9 +391,12 @@ impl Metadata {
     /// Whether a leader of the group is known here.
     /// The voters of the group this node cannot reach now (their link is down).
     pub fn unreachable_voters(&self) -> Vec<String> {
+        self.unreachable_of(self.status().voters)
+    }
+
+    fn unreachable_of(&self, voters: Vec<String>) -> Vec<String> {
         let linked = self.inner.cluster.linked();
-        self.status()
-            .voters
+        voters
             .into_iter()
             .filter(|v| *v != self.inner.node && !linked.contains(v))
             .collect()
@@ -401,8 +404,9 @@ impl Metadata {
 
     /// The group's voters and how many of them this node reaches (itself included).
     pub fn reach(&self) -> (usize, usize) {
-        let voters = self.status().voters.len();
-        (voters, voters - self.unreachable_voters().len())
+        let voters = self.status().voters;
+        let count = voters.len();
+        (count, count - self.unreachable_of(voters).len())
     }
 
     /// Whether this node reaches a majority of the group's voters (itself included): what a
