@@ -154,6 +154,16 @@ pub enum DestinationKind {
     Exchange,
 }
 
+/// A queue a declaration made, or the one it found.
+enum Prepared {
+    Existing(QueueRef),
+    /// Not reachable yet; `command` records it in the definitions, to be committed first.
+    Made {
+        queue: QueueRef,
+        command: Option<Command>,
+    },
+}
+
 pub struct Vhost {
     pub name: Arc<str>,
     exchanges: RwLock<FastMap<String, Arc<Exchange>>>,
@@ -932,6 +942,53 @@ impl Vhost {
         self.declare_queue_with(spec, 0, false, home)
     }
 
+    /// A definitions import's queues, declared as [`Vhost::import_queue`] does but many at a
+    /// time: the durable ones of each group are committed to the definitions together (one
+    /// entry of the cluster's log, one sync) before any of them can be used. Returns each
+    /// queue's name with what declaring it gave.
+    pub fn import_queues(&self, specs: Vec<QueueSpec>) -> Vec<(String, AmqpResult<()>)> {
+        /// Queues made under one hold of the topology lock and committed together.
+        const GROUP: usize = 500;
+        let mut out = Vec::with_capacity(specs.len());
+        let mut specs = specs.into_iter().peekable();
+        while specs.peek().is_some() {
+            let _t = self.topology.lock();
+            let mut made: Vec<(String, QueueRef)> = Vec::new();
+            let mut commands = Vec::new();
+            let mut names = std::collections::HashSet::new();
+            while made.len() < GROUP {
+                // A name seen twice in one group waits for the next, which sees the first.
+                let Some(spec) = specs.next_if(|s| !names.contains(&s.name)) else {
+                    break;
+                };
+                let name = spec.name.clone();
+                match self.prepare_queue(spec, 0, false, None, made.len()) {
+                    Ok(Prepared::Made { queue, command }) => {
+                        names.insert(name.clone());
+                        commands.extend(command);
+                        made.push((name, queue));
+                    }
+                    Ok(Prepared::Existing(_)) => out.push((name, Ok(()))),
+                    Err(e) => out.push((name, Err(e))),
+                }
+            }
+            let what = format!("{} queues in vhost '{}'", commands.len(), self.name);
+            match self.store.commit_all_now(commands) {
+                Ok(()) => {
+                    for (name, queue) in made {
+                        self.install_queue(queue);
+                        out.push((name, Ok(())));
+                    }
+                }
+                Err(e) => {
+                    let e = definitions_error(&what, e);
+                    out.extend(made.into_iter().map(|(name, _)| (name, Err(e.clone()))));
+                }
+            }
+        }
+        out
+    }
+
     fn declare_queue_with(
         &self,
         spec: QueueSpec,
@@ -940,6 +997,30 @@ impl Vhost {
         home: Option<&str>,
     ) -> AmqpResult<(QueueRef, bool)> {
         let _t = self.topology.lock();
+        match self.prepare_queue(spec, connection, default_type, home, 0)? {
+            Prepared::Existing(q) => Ok((q, false)),
+            Prepared::Made { queue, command } => {
+                if let Some(command) = command {
+                    self.persist(command)?;
+                }
+                self.install_queue(queue.clone());
+                Ok((queue, true))
+            }
+        }
+    }
+
+    /// Checks a declaration against the queue of that name, if any, and otherwise makes the
+    /// queue (its stores open when it is durable), not yet reachable: with the command that
+    /// records it when it must be committed before it is. `pending`: queues made and not yet
+    /// installed, counted against the vhost's limit. The caller holds the topology lock.
+    fn prepare_queue(
+        &self,
+        spec: QueueSpec,
+        connection: u64,
+        default_type: bool,
+        home: Option<&str>,
+        pending: usize,
+    ) -> AmqpResult<Prepared> {
         MessageStats::bump(&self.churn.queue_declared);
         let owner = spec.exclusive.then_some(connection);
         if let Some(q) = self.queue(&spec.name) {
@@ -976,7 +1057,7 @@ impl Vhost {
                 return Err(home_down(&q));
             }
             q.touch();
-            return Ok((q, false));
+            return Ok(Prepared::Existing(q));
         }
         let spec = if default_type {
             self.with_default_type(spec)
@@ -985,7 +1066,7 @@ impl Vhost {
         };
         validate_queue_arguments(&spec, &self.name)?;
         if let Some(max) = self.meta.read().limit("max-queues")
-            && self.queues.read().len() as u64 >= max
+            && (self.queues.read().len() + pending) as u64 >= max
         {
             return Err(precondition_failed(format!(
                 "cannot declare queue '{}': queue limit in vhost '{}' ({max}) is reached",
@@ -1009,10 +1090,12 @@ impl Vhost {
             if policy.is_some() || operator.is_some() {
                 q.set_policies(policy, operator);
             }
-            self.queues.write().insert(q.name().to_owned(), q.clone());
-            MessageStats::bump(&self.churn.queue_created);
-            return Ok((q, true));
+            return Ok(Prepared::Made {
+                queue: q,
+                command: None,
+            });
         }
+        let mut command = None;
         let levels = if spec.durable && owner.is_none() {
             // Every priority level's store is created now, fresh (whatever a deleted queue of
             // the same name left is removed): a persistent message is never confirmed by a
@@ -1031,13 +1114,13 @@ impl Vhost {
                     tracing::error!(vhost = %self.name, queue = %spec.name, error = %e, "cannot create the queue's store");
                     AmqpError::new(crate::error::INTERNAL_ERROR, "cannot create the queue's store")
                 })?;
-            self.persist(Command::DeclareQueue {
+            command = Some(Command::DeclareQueue {
                 vhost: self.name.to_string(),
                 name: spec.name.clone(),
                 auto_delete: spec.auto_delete,
                 arguments: spec.arguments.clone(),
                 node: self.store.node().map(str::to_owned),
-            })?;
+            });
             stores
         } else {
             vec![(
@@ -1056,14 +1139,21 @@ impl Vhost {
         if policy.is_some() || operator.is_some() {
             q.set_policies(policy, operator);
         }
-        self.link(&q);
+        Ok(Prepared::Made { queue: q, command })
+    }
+
+    /// Makes a prepared queue reachable: in the vhost's map, and linked to its timers and
+    /// dead-letter routing when its messages are here.
+    fn install_queue(&self, q: QueueRef) {
+        if matches!(q, QueueRef::Local(_)) {
+            self.link(&q);
+        }
         self.queues.write().insert(q.name().to_owned(), q.clone());
         if q.message_count() > 0 {
             // Recovered from its store (a declaration applied from the cluster's log).
             q.expire_recovered();
         }
         MessageStats::bump(&self.churn.queue_created);
-        Ok((q, true))
     }
 
     /// `queue.delete`: returns the number of ready messages deleted. A missing queue is not
@@ -1925,5 +2015,105 @@ mod tests {
         assert_eq!((qa.lengths().ready, qb.lengths().ready), (4, 4));
         // Nothing is kept between publishes: no exchange or queue stays alive through them.
         assert!(scratch.queues.is_empty() && scratch.work.is_empty() && scratch.seen.is_empty());
+    }
+
+    /// A metadata log that counts its entries and keeps nothing else.
+    #[derive(Debug, Default)]
+    struct CountingLog {
+        entries: parking_lot::Mutex<Vec<usize>>,
+    }
+
+    impl crate::store::definitions::MetaLog for CountingLog {
+        fn commit(
+            &self,
+            commands: Vec<Command>,
+        ) -> Result<(), crate::store::definitions::DefinitionsError> {
+            self.entries.lock().push(commands.len());
+            Ok(())
+        }
+        fn definitions(&self) -> crate::store::definitions::Definitions {
+            crate::store::definitions::Definitions::default()
+        }
+        fn node(&self) -> &str {
+            "n1"
+        }
+    }
+
+    fn durable(name: &str, arguments: FieldTable) -> QueueSpec {
+        QueueSpec {
+            name: name.to_owned(),
+            durable: true,
+            exclusive: false,
+            auto_delete: false,
+            arguments,
+        }
+    }
+
+    #[test]
+    fn an_import_commits_its_queues_a_group_at_a_time_and_judges_each_as_a_declaration() {
+        let log = Arc::new(CountingLog::default());
+        let store = Arc::new(DefinitionStore::replicated(log.clone()));
+        let broker = Arc::new(crate::broker::Broker::with_store(
+            crate::Config::default(),
+            store,
+            Arc::new(crate::store::Storage::in_memory()),
+            crate::store::definitions::Definitions::default(),
+            None,
+        ));
+        broker.put_vhost("v", "", Vec::new(), None).expect("vhost");
+        let v = broker.vhost("v").expect("the vhost");
+        // One existing queue that the import declares again as it is, one that it declares
+        // otherwise.
+        v.import_queue(durable("same", FieldTable::default()), None)
+            .expect("declared");
+        let mut lazy = FieldTable::default();
+        lazy.insert("x-max-length".into(), AMQPValue::LongLongInt(5));
+        v.import_queue(durable("other", lazy), None)
+            .expect("declared");
+        log.entries.lock().clear();
+        let mut specs: Vec<QueueSpec> = (0..1200)
+            .map(|i| durable(&format!("q{i}"), FieldTable::default()))
+            .collect();
+        specs.insert(10, durable("q3", FieldTable::default()));
+        specs.push(durable("same", FieldTable::default()));
+        specs.push(durable("other", FieldTable::default()));
+        let mut bad = FieldTable::default();
+        bad.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("stream".into()),
+        );
+        specs.push(durable("bad", bad));
+        let outcome = v.import_queues(specs);
+        assert_eq!(outcome.len(), 1204);
+        let failed: Vec<&str> = outcome
+            .iter()
+            .filter(|(_, r)| r.is_err())
+            .map(|(n, _)| n.as_str())
+            .collect();
+        assert_eq!(failed, ["other", "bad"]);
+        // The repeated q3 ended its group; the next found it declared.
+        assert!(
+            outcome
+                .iter()
+                .filter(|(n, _)| n == "q3")
+                .all(|(_, r)| r.is_ok())
+        );
+        assert_eq!(*log.entries.lock(), [10, 500, 500, 190]);
+        assert_eq!(v.queues().len(), 1202);
+        // The vhost's queue limit counts the queues of a group not yet installed.
+        broker
+            .set_vhost_limit("v", "max-queues", Some(1205))
+            .expect("limit");
+        let outcome = v.import_queues(
+            (0..5)
+                .map(|i| durable(&format!("more{i}"), FieldTable::default()))
+                .collect(),
+        );
+        let refused: Vec<&str> = outcome
+            .iter()
+            .filter(|(_, r)| r.is_err())
+            .map(|(n, _)| n.as_str())
+            .collect();
+        assert_eq!(refused, ["more3", "more4"]);
     }
 }

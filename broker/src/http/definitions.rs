@@ -769,6 +769,10 @@ struct Progress {
     started: std::time::Instant,
 }
 
+/// The queues of one vhost handed to it at a time in an import: each group is committed
+/// together, so a big import takes few round trips of the cluster's log.
+const QUEUE_GROUP: usize = 2000;
+
 impl Progress {
     const EVERY_OBJECTS: usize = 5000;
     const EVERY: std::time::Duration = std::time::Duration::from_secs(5);
@@ -785,7 +789,12 @@ impl Progress {
 
     /// One more object of `step` applied.
     fn one(&mut self, step: &str) {
-        self.done += 1;
+        self.many(step, 1);
+    }
+
+    /// `n` more objects of `step` applied.
+    fn many(&mut self, step: &str, n: usize) {
+        self.done += n;
         if self.done - self.logged_done >= Self::EVERY_OBJECTS
             || self.logged_at.elapsed() >= Self::EVERY
         {
@@ -908,14 +917,26 @@ fn apply(state: &AppState, caller: &Caller, plan: Plan) -> ApiResult<()> {
         }
         progress_log.one("exchanges");
     }
-    for (vhost, spec) in plan.queues {
-        if let Some(v) = b.vhost(&vhost) {
-            let name = spec.name.clone();
-            if let Err(e) = v.import_queue(spec, None) {
+    // Queues are declared a group at a time (one commit per group), in the document's order.
+    let mut queues = plan.queues.into_iter().peekable();
+    while let Some((vhost, first)) = queues.next() {
+        let mut group = vec![first];
+        while group.len() < QUEUE_GROUP
+            && let Some((_, spec)) = queues.next_if(|(v, _)| *v == vhost)
+        {
+            group.push(spec);
+        }
+        let Some(v) = b.vhost(&vhost) else {
+            progress_log.many("queues", group.len());
+            continue;
+        };
+        let n = group.len();
+        for (name, declared) in v.import_queues(group) {
+            if let Err(e) = declared {
                 tracing::warn!(%vhost, queue = %name, error = %e, "definitions import: queue left as it is");
             }
         }
-        progress_log.one("queues");
+        progress_log.many("queues", n);
     }
     for (vhost, source, destination, kind, key, args) in plan.bindings {
         if let Some(v) = b.vhost(&vhost)

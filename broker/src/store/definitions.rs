@@ -385,7 +385,7 @@ impl DefinitionStore {
     fn flush_replicated(
         &self,
         log: &dyn MetaLog,
-        and: Option<Command>,
+        and: Vec<Command>,
     ) -> Result<(), DefinitionsError> {
         let mut commands = REPLICATED_BATCH
             .with(|b| b.borrow_mut().as_mut().map(std::mem::take))
@@ -408,6 +408,18 @@ impl DefinitionStore {
     /// the command, not of all the definitions.
     pub fn commit(&self, command: Command) -> Result<(), DefinitionsError> {
         self.commit_with(command, true)
+    }
+
+    /// Commits `commands` at once, as [`DefinitionStore::commit_now`] does each (a batch's
+    /// earlier commands with them): on a replicated store, in as few entries of the cluster's
+    /// log as fit.
+    pub fn commit_all_now(&self, commands: Vec<Command>) -> Result<(), DefinitionsError> {
+        match &self.log {
+            Some(_) if FROM_LOG.get() => Ok(()),
+            Some(_) if commands.is_empty() => Ok(()),
+            Some(log) => self.flush_replicated(log.as_ref(), commands),
+            None => commands.into_iter().try_for_each(|c| self.commit_now(c)),
+        }
     }
 
     /// Commits `commands` as one change: on a replicated store, one entry of the cluster's log,
@@ -454,7 +466,7 @@ impl DefinitionStore {
             if deferred {
                 return Ok(());
             }
-            return self.flush_replicated(log.as_ref(), Some(command));
+            return self.flush_replicated(log.as_ref(), vec![command]);
         }
         let Some(disk) = &self.disk else {
             apply(&mut self.state.lock().defs, &command);
@@ -512,7 +524,7 @@ impl DefinitionStore {
             }
             let end = End;
             let out = f();
-            let stored = self.flush_replicated(log.as_ref(), None);
+            let stored = self.flush_replicated(log.as_ref(), Vec::new());
             drop(end);
             return (out, stored);
         }
