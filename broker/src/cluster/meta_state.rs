@@ -5,12 +5,14 @@
 //! Each log entry carries a batch of commands (a declaration is one; a definitions import is
 //! many, committed together). Applying is `store::command::apply`, deterministic and
 //! idempotent, so every node that applies the same log holds the same definitions. The
-//! snapshot is the definitions themselves, with the last applied entry and the membership,
+//! snapshot is the definitions themselves as a RabbitMQ definitions document (which RabbitMQ's
+//! tools read), with the last applied entry and the membership under `warren_metadata`,
 //! written atomically to `meta-snapshot.json` in the group's directory so that a node can
 //! restart after its log was compacted; a node that falls behind is sent it whole.
 
 use crate::store::command::{Command, apply};
 use crate::store::definitions::Definitions;
+use crate::store::document;
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine, Snapshot, SnapshotMeta};
 use openraft::{
     AnyError, BasicNode, Entry, EntryPayload, LogId, OptionalSend, StorageError, StorageIOError,
@@ -100,14 +102,14 @@ impl MetaState {
             std::fs::create_dir_all(dir)?;
             match std::fs::read(dir.join(SNAPSHOT_FILE)) {
                 Ok(bytes) => {
-                    let snap: SnapshotFile = serde_json::from_slice(&bytes).map_err(|e| {
+                    let (meta, applied) = decode(&bytes).map_err(|e| {
                         std::io::Error::new(
                             std::io::ErrorKind::InvalidData,
                             format!("{}: {e}", dir.join(SNAPSHOT_FILE).display()),
                         )
                     })?;
-                    inner.applied = snap.applied;
-                    inner.snapshot = Some((snap.meta, bytes));
+                    inner.applied = applied;
+                    inner.snapshot = Some((meta, bytes));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
@@ -178,11 +180,57 @@ impl MetaState {
     }
 }
 
-/// The snapshot file: the snapshot's meta and the state.
+/// The key of the snapshot document under which the group's own state is.
+const GROUP_KEY: &str = document::SNAPSHOT_GROUP_KEY;
+
+/// The group's own state in the snapshot document.
 #[derive(Serialize, Deserialize)]
-struct SnapshotFile {
+struct GroupState {
+    snapshot: SnapshotMeta<u64, BasicNode>,
+    last_applied: Option<LogId<u64>>,
+    membership: StoredMembership<u64, BasicNode>,
+}
+
+/// The snapshot file as earlier versions wrote it: the definitions in their serde form.
+#[derive(Deserialize)]
+struct EarlierSnapshotFile {
     meta: SnapshotMeta<u64, BasicNode>,
     applied: Applied,
+}
+
+/// A snapshot's content: the definitions as a RabbitMQ definitions document, the group's
+/// state beside them.
+fn encode(meta: &SnapshotMeta<u64, BasicNode>, applied: &Applied) -> serde_json::Result<Vec<u8>> {
+    let mut doc = document::to_document(&applied.definitions);
+    let group = GroupState {
+        snapshot: meta.clone(),
+        last_applied: applied.last,
+        membership: applied.membership.clone(),
+    };
+    doc.insert(GROUP_KEY.into(), serde_json::to_value(group)?);
+    serde_json::to_vec_pretty(&serde_json::Value::Object(doc))
+}
+
+/// Reads what [`encode`] wrote (or an earlier version's snapshot).
+fn decode(bytes: &[u8]) -> Result<(SnapshotMeta<u64, BasicNode>, Applied), String> {
+    let mut doc: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let Some(group) = doc.remove(GROUP_KEY) else {
+        let earlier: EarlierSnapshotFile = serde_json::from_value(doc.into())
+            .map_err(|e| format!("not a metadata snapshot: {e}"))?;
+        return Ok((earlier.meta, earlier.applied));
+    };
+    let group: GroupState =
+        serde_json::from_value(group).map_err(|e| format!("{GROUP_KEY}: {e}"))?;
+    let definitions = document::from_document(&doc)?;
+    Ok((
+        group.snapshot,
+        Applied {
+            last: group.last_applied,
+            membership: group.membership,
+            definitions,
+        },
+    ))
 }
 
 fn snapshot_of(meta: &SnapshotMeta<u64, BasicNode>, bytes: &[u8]) -> Snapshot<MetaConfig> {
@@ -210,11 +258,7 @@ impl RaftSnapshotBuilder<MetaConfig> for MetaState {
                     inner.snapshots_built
                 ),
             };
-            let file = SnapshotFile {
-                meta: meta.clone(),
-                applied: inner.applied.clone(),
-            };
-            let bytes = serde_json::to_vec(&file).map_err(|e| io_error(&e))?;
+            let bytes = encode(&meta, &inner.applied).map_err(|e| io_error(&e))?;
             (meta, bytes)
         };
         self.write_snapshot(&bytes).map_err(|e| io_error(&e))?;
@@ -284,12 +328,13 @@ impl RaftStateMachine<MetaConfig> for MetaState {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<u64>> {
         let bytes = snapshot.into_inner();
-        let file: SnapshotFile = serde_json::from_slice(&bytes)
-            .map_err(|e| StorageIOError::read_snapshot(None, AnyError::new(&e)))?;
+        let (_, applied) = decode(&bytes).map_err(|e| {
+            StorageIOError::read_snapshot(None, AnyError::error(format!("metadata snapshot: {e}")))
+        })?;
         self.write_snapshot(&bytes).map_err(|e| io_error(&e))?;
         let index = {
             let mut inner = self.inner.lock();
-            inner.applied = file.applied;
+            inner.applied = applied;
             inner.snapshot = Some((meta.clone(), bytes));
             inner.applied.last.map_or(0, |l| l.index)
         };
@@ -512,7 +557,19 @@ mod tests {
             assert_eq!(queues(&state.definitions()), ["q1", "q2", "q3", "q4"]);
             raft.shutdown().await.unwrap();
         }
-        assert!(dir.path().join("meta").join(SNAPSHOT_FILE).exists());
+        // The snapshot on disk is a RabbitMQ definitions document, the group's state beside.
+        let file = std::fs::read(dir.path().join("meta").join(SNAPSHOT_FILE)).unwrap();
+        let doc: serde_json::Value = serde_json::from_slice(&file).unwrap();
+        let names: Vec<&str> = doc["queues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|q| q["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["q0", "q1", "q2", "q3", "q4"]);
+        assert_eq!(doc["queues"][0]["vhost"], "/");
+        assert_eq!(doc["rabbit_version"], document::RABBITMQ_VERSION);
+        assert!(doc[GROUP_KEY]["last_applied"]["index"].is_u64());
         let (raft, state, _log) = start(dir.path(), name, alone(dir.path())).await;
         raft.wait(timeout)
             .current_leader(node_id(name), "leader again")
@@ -526,5 +583,27 @@ mod tests {
             .unwrap();
         assert_eq!(queues(&state.definitions()), ["q1", "q2", "q3", "q4"]);
         raft.shutdown().await.unwrap();
+    }
+
+    #[test]
+    fn a_snapshot_of_an_earlier_version_is_read() {
+        let mut applied = Applied::default();
+        apply(&mut applied.definitions, &declare("kept"));
+        applied.last = Some(openraft::testing::log_id(2, 1, 40));
+        let meta = SnapshotMeta {
+            last_log_id: applied.last,
+            last_membership: applied.membership.clone(),
+            snapshot_id: "40-1".into(),
+        };
+        let earlier =
+            serde_json::to_vec(&serde_json::json!({"meta": meta, "applied": applied})).unwrap();
+        let (read_meta, read) = decode(&earlier).unwrap();
+        assert_eq!(read_meta, meta);
+        assert_eq!(read.last, applied.last);
+        assert_eq!(read.definitions, applied.definitions);
+        // And the current format reads back the same.
+        let (again_meta, again) = decode(&encode(&meta, &applied).unwrap()).unwrap();
+        assert_eq!((again_meta, again.definitions), (meta, applied.definitions));
+        assert!(decode(b"{\"queues\": []}").is_err());
     }
 }

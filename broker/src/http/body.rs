@@ -3,7 +3,7 @@
 //! RabbitMQ would answer 500 or silently ignore the field (wrong types, unknown fields).
 
 use super::error::{ApiError, ApiResult};
-use super::json::{json_to_table, table_error};
+use crate::store::field_json::{Unrepresentable, json_to_table, typed_table};
 use amq_protocol::types::FieldTable;
 use serde_json::{Map, Value};
 
@@ -149,6 +149,16 @@ impl Fields {
         }
     }
 
+    /// An object's `arguments`, with the types of `argument_types` where it has them (as
+    /// Warren's definitions snapshot writes them, for what plain JSON loses).
+    pub fn arguments(&self) -> ApiResult<FieldTable> {
+        match (self.map.get("arguments"), self.map.get("argument_types")) {
+            (Some(Value::Object(o)), Some(types)) => typed_table(o, Some(types))
+                .map_err(|e| ApiError::bad_request(format!("invalid value in 'arguments': {e}"))),
+            _ => self.table("arguments"),
+        }
+    }
+
     /// Tags: a comma-separated string (trimmed) or an array of strings.
     pub fn tags(&self, key: &str) -> ApiResult<Option<Vec<String>>> {
         match self.map.get(key) {
@@ -188,6 +198,13 @@ fn short(v: &Value) -> String {
     } else {
         text
     }
+}
+
+fn table_error(field: &str, e: Unrepresentable) -> ApiError {
+    ApiError::bad_request(format!(
+        "invalid value for '{}' in '{field}': {}",
+        e.key, e.why
+    ))
 }
 
 #[cfg(test)]

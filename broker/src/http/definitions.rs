@@ -10,8 +10,6 @@ use super::AppState;
 use super::auth::Caller;
 use super::body::{Fields, split_tags};
 use super::error::{ApiError, ApiResult, no_content, ok};
-use super::json::table_to_json;
-use super::overview::RABBITMQ_VERSION;
 use super::topology::exchange_name;
 use super::users::{SHA256, check_hash, user_object};
 use super::vhosts::admin_error;
@@ -20,6 +18,8 @@ use crate::broker::exchange::{ExchangeKind, ExchangeSpec};
 use crate::broker::policy::Policy;
 use crate::broker::queue::QueueSpec;
 use crate::broker::vhost::{DestinationKind, Vhost};
+use crate::store::document::{SNAPSHOT_GROUP_KEY, header};
+use crate::store::field_json::table_to_json;
 use amq_protocol::types::FieldTable;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Path, Request, State};
@@ -27,15 +27,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 use std::collections::{BTreeMap, BTreeSet};
-
-fn header() -> Map<String, Value> {
-    let mut m = Map::new();
-    m.insert("rabbit_version".into(), json!(RABBITMQ_VERSION));
-    m.insert("rabbitmq_version".into(), json!(RABBITMQ_VERSION));
-    m.insert("product_name".into(), json!("Warren"));
-    m.insert("product_version".into(), json!(env!("CARGO_PKG_VERSION")));
-    m
-}
 
 /// A vhost's exchanges, queues and bindings as definitions; `with_vhost` adds the `vhost`
 /// key to each (the whole-node export has it, a vhost's export does not).
@@ -299,6 +290,8 @@ fn plan(state: &AppState, body: &[u8], vhost: Option<&str>) -> ApiResult<Plan> {
             "queues",
             "exchanges",
             "bindings",
+            // The cluster's own state in Warren's definitions snapshot; not imported.
+            SNAPSHOT_GROUP_KEY,
         ],
     )?;
     let mut plan = Plan::default();
@@ -535,6 +528,7 @@ fn plan(state: &AppState, body: &[u8], vhost: Option<&str>) -> ApiResult<Plan> {
                 "auto_delete",
                 "internal",
                 "arguments",
+                "argument_types",
             ],
         )?;
         let what = "an exchange";
@@ -563,7 +557,7 @@ fn plan(state: &AppState, body: &[u8], vhost: Option<&str>) -> ApiResult<Plan> {
                 durable: f.boolean("durable")?.unwrap_or(false),
                 auto_delete: f.boolean("auto_delete")?.unwrap_or(false),
                 internal: f.boolean("internal")?.unwrap_or(false),
-                arguments: f.table("arguments")?,
+                arguments: f.arguments()?,
             },
         ));
     }
@@ -578,7 +572,11 @@ fn plan(state: &AppState, body: &[u8], vhost: Option<&str>) -> ApiResult<Plan> {
                 "durable",
                 "auto_delete",
                 "arguments",
+                "argument_types",
                 "type",
+                // A queue's home in Warren's definitions snapshot: an import declares its
+                // queues on the node it runs on.
+                "node",
             ],
         )?;
         f.require(&["name", "durable", "auto_delete", "arguments"])
@@ -589,7 +587,7 @@ fn plan(state: &AppState, body: &[u8], vhost: Option<&str>) -> ApiResult<Plan> {
             })?;
         let v = vhost_of(&f, what)?;
         let name = required_string(&f, what, "name")?;
-        let mut arguments = f.table("arguments")?;
+        let mut arguments = f.arguments()?;
         if let Some(t) = f.string("type")? {
             if !matches!(t.as_str(), "classic" | "quorum") {
                 return Err(ApiError::bad_request(format!(
@@ -666,6 +664,7 @@ fn plan(state: &AppState, body: &[u8], vhost: Option<&str>) -> ApiResult<Plan> {
                 "destination_type",
                 "routing_key",
                 "arguments",
+                "argument_types",
             ],
         )?;
         let v = vhost_of(&f, what)?;
@@ -702,7 +701,7 @@ fn plan(state: &AppState, body: &[u8], vhost: Option<&str>) -> ApiResult<Plan> {
             destination,
             kind,
             f.stringish("routing_key")?.unwrap_or_default(),
-            f.table("arguments")?,
+            f.arguments()?,
         ));
     }
     for (name, _, _, _) in &plan.vhosts {
@@ -1142,5 +1141,42 @@ mod one_import_at_a_time {
         let v = again.broker.vhost("/").unwrap();
         assert!(v.queue("a").is_some() && v.queue("b").is_some());
         assert_eq!(v.exchange("x").expect("exchange x").bindings().len(), 2);
+    }
+
+    /// The definitions snapshot of a cluster's metadata is a document an import takes: with
+    /// the types of its arguments.
+    #[tokio::test]
+    async fn a_definitions_snapshot_imports_with_its_argument_types() {
+        use amq_protocol::types::AMQPValue;
+        let data = tempfile::tempdir().unwrap();
+        let state = state(data.path());
+        let caller = Caller {
+            user: state.broker.users.get("guest").expect("the default user"),
+        };
+        let mut d = crate::store::definitions::Definitions::default();
+        let mut args = FieldTable::default();
+        args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(5));
+        let mut v = crate::store::definitions::VhostDefinitions::default();
+        v.queues.insert(
+            "typed".into(),
+            crate::store::definitions::QueueDefinition {
+                auto_delete: false,
+                arguments: args.clone(),
+                node: Some("warren@elsewhere".into()),
+            },
+        );
+        d.vhosts.insert("/".into(), v);
+        let mut doc = crate::store::document::to_document(&d);
+        doc.insert(
+            SNAPSHOT_GROUP_KEY.into(),
+            serde_json::json!({"last_applied": null}),
+        );
+        let body = serde_json::to_vec(&doc).unwrap();
+        let done = run_import(state.clone(), caller, Request::new(body.into()), None)
+            .await
+            .unwrap();
+        assert_eq!(done.status(), StatusCode::NO_CONTENT);
+        let q = state.broker.vhost("/").unwrap().queue("typed").unwrap();
+        assert_eq!(q.arguments(), &args);
     }
 }

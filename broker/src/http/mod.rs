@@ -8,7 +8,6 @@ mod definitions;
 mod error;
 mod gather;
 mod health;
-mod json;
 mod list;
 mod listings;
 mod messages;

@@ -11,8 +11,7 @@ use axum::extract::{Path, Query as QueryParams, State};
 use axum::response::Response;
 use serde_json::{Map, Value, json};
 
-/// The RabbitMQ release whose management API Warren answers as.
-pub const RABBITMQ_VERSION: &str = "3.10.8";
+pub use crate::store::document::RABBITMQ_VERSION;
 
 pub fn exchange_types() -> Value {
     json!([

@@ -5,7 +5,6 @@ use super::AppState;
 use super::auth::Caller;
 use super::body::Fields;
 use super::error::{ApiError, ApiResult, created_or_updated, no_content, ok};
-use super::json::table_to_json;
 use super::list::{Query, respond_with, stream};
 use super::sampler::{Key, LENGTHS, QUEUE_STATS, queue_reading};
 use crate::auth::Access;
@@ -15,6 +14,7 @@ use crate::broker::queue::QueueSpec;
 use crate::broker::queue_ref::QueueRef;
 use crate::broker::vhost::{DestinationKind, Vhost};
 use crate::error::{ACCESS_REFUSED, AmqpError, NOT_FOUND};
+use crate::store::field_json::table_to_json;
 use amq_protocol::types::FieldTable;
 use axum::body::Bytes;
 use axum::extract::{Path, Query as QueryParams, State};
@@ -890,7 +890,7 @@ pub async fn unbind(
     check(&state, &caller, &vhost, "exchange", &source, Access::Read)?;
     let routing_key = binding["routing_key"].as_str().unwrap_or_default();
     let arguments = match &binding["arguments"] {
-        Value::Object(o) => super::json::json_to_table(o).unwrap_or_default(),
+        Value::Object(o) => crate::store::field_json::json_to_table(o).unwrap_or_default(),
         _ => FieldTable::default(),
     };
     // The stored arguments are matched by value; find the binding's own table.

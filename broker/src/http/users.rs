@@ -14,7 +14,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::{Value, json};
 
-pub const SHA256: &str = "rabbit_password_hashing_sha256";
+pub use crate::store::document::SHA256;
 
 pub fn user_object(u: &User) -> Value {
     json!({

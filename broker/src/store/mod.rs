@@ -15,7 +15,9 @@
 pub mod command;
 pub mod definitions;
 pub mod delayed;
+pub mod document;
 pub mod durability;
+pub mod field_json;
 pub mod file;
 pub mod flusher;
 pub mod memory;
