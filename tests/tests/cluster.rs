@@ -898,7 +898,18 @@ fn management_lists_the_whole_cluster_from_every_node() {
             .await
             .unwrap();
         }
-        let (_c3, _ch3) = amqp(&nodes[2].uri()).await;
+        let (_c3, ch3) = amqp(&nodes[2].uri()).await;
+        // A queue only m3 holds (exclusive: never in the cluster's log).
+        ch3.queue_declare(
+            "only-m3".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
         let m2 = nodes[1].management_addr;
         until("listed on m2", Duration::from_secs(10), || async {
             api.status(m2, "queues/%2F/listed").await == 200
@@ -940,6 +951,19 @@ fn management_lists_the_whole_cluster_from_every_node() {
                 .call(reqwest::Method::GET, at, "queues/%2F/listed", None)
                 .await;
             assert_eq!(q["node"], "warren@m1", "{q}");
+            // The overview's totals are the cluster's: three connections (one per node),
+            // each queue once, the consumer on m2 of m1's queue, m1's three messages.
+            until("the cluster's totals", Duration::from_secs(15), || async {
+                let (_, o) = api.call(reqwest::Method::GET, at, "overview", None).await;
+                let totals = &o["object_totals"];
+                totals["connections"] == 3
+                    && totals["channels"] == 3
+                    && totals["queues"] == 2
+                    && totals["consumers"] == 1
+                    && o["queue_totals"]["messages"] == 3
+                    && o["queue_totals"]["messages_unacknowledged"] == 1
+            })
+            .await;
             // Every node's connections, each named with its node.
             let (_, conns) = api
                 .call(reqwest::Method::GET, at, "connections", None)

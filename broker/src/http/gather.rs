@@ -28,6 +28,8 @@ pub enum Kind {
     Consumers,
     /// The node itself, as `/api/nodes` shows it.
     Node,
+    /// What the node adds to the cluster's totals in `/api/overview`.
+    Totals,
 }
 
 /// A listing asked of a node.

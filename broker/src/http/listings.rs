@@ -50,5 +50,6 @@ pub fn own(state: &AppState, ask: &Ask) -> Vec<Value> {
         }
         Kind::Consumers => consumer_objects(state, vhost),
         Kind::Node => vec![super::overview::node_object(state)],
+        Kind::Totals => vec![super::overview::own_totals(state)],
     }
 }

@@ -6,6 +6,7 @@ use super::body::Fields;
 use super::error::{ApiError, ApiResult, no_content, ok};
 use super::list::{Query, columns};
 use super::sampler::{Key, LENGTHS, NODE_STATS, node_reading};
+use crate::broker::queue_ref::QueueRef;
 use axum::body::Bytes;
 use axum::extract::{Path, Query as QueryParams, State};
 use axum::response::Response;
@@ -42,53 +43,146 @@ fn listeners(state: &AppState) -> Value {
     )
 }
 
+/// The churn figures `/api/overview` shows.
+const CHURN: &[&str] = &[
+    "channel_closed",
+    "channel_created",
+    "connection_closed",
+    "connection_created",
+    "queue_created",
+    "queue_declared",
+    "queue_deleted",
+];
+
+/// What this node adds to the cluster's totals in `/api/overview`: what it alone holds (by
+/// vhost: its non-durable and exclusive queues and transient exchanges, the consumers and
+/// messages of the queues whose home it is; its client connections), and its rates.
+pub(super) fn own_totals(state: &AppState) -> Value {
+    let broker = &state.broker;
+    let reading = node_reading(broker);
+    let s = &state.sampler;
+    let mut vhosts = Map::new();
+    for v in broker.vhosts() {
+        let (mut queues, mut consumers) = (0u64, 0u64);
+        for q in v.queues() {
+            if let QueueRef::Local(_) = q {
+                consumers += u64::from(q.consumer_count());
+                if !q.durable() || q.owner().is_some() {
+                    queues += 1;
+                }
+            }
+        }
+        let exchanges = v.exchanges().iter().filter(|x| !x.spec.durable).count();
+        vhosts.insert(
+            v.name.to_string(),
+            json!({"queues": queues, "exchanges": exchanges, "consumers": consumers}),
+        );
+    }
+    let connections: Vec<Value> = broker
+        .connections
+        .list()
+        .iter()
+        .map(|c| json!({"user": c.user, "channels": c.channel_count()}))
+        .collect();
+    let (mut queue_totals, mut churn) = (Map::new(), Map::new());
+    s.put(&mut queue_totals, &Key::Node, &reading, LENGTHS);
+    s.put(&mut churn, &Key::Node, &reading, CHURN);
+    json!({
+        "vhosts": vhosts,
+        "connections": connections,
+        "queue_totals": queue_totals,
+        "message_stats": s.message_stats(&Key::Node, &reading, NODE_STATS),
+        "churn_rates": churn,
+    })
+}
+
+/// Adds `from`'s numbers to `into`'s, key by key (nested objects too: counts and their
+/// `_details` rates); what `into` lacks is copied.
+fn add_figures(into: &mut Map<String, Value>, from: &Map<String, Value>) {
+    for (k, v) in from {
+        match (into.get_mut(k), v) {
+            (Some(Value::Object(a)), Value::Object(b)) => add_figures(a, b),
+            (Some(Value::Number(a)), Value::Number(b)) => {
+                *a = match (a.as_u64(), b.as_u64()) {
+                    (Some(x), Some(y)) => x.saturating_add(y).into(),
+                    _ => serde_json::Number::from_f64(
+                        a.as_f64().unwrap_or(0.0) + b.as_f64().unwrap_or(0.0),
+                    )
+                    .unwrap_or_else(|| 0.into()),
+                };
+            }
+            (None, _) => {
+                into.insert(k.clone(), v.clone());
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The cluster's totals as `caller` may see them, from every node's [`own_totals`]: the
+/// objects of the vhosts it sees and the connections it may see, the figures of every node.
+fn cluster_totals(state: &AppState, caller: &Caller, parts: &[Value]) -> Value {
+    let sees = |v: &str| caller.sees_vhost(state, v);
+    // What every node holds alike: durable queues and exchanges, from the cluster's log.
+    let (mut queues, mut exchanges, mut consumers) = (0u64, 0u64, 0u64);
+    for v in state.broker.vhosts().iter().filter(|v| sees(&v.name)) {
+        let queues_here = v.queues();
+        queues += queues_here
+            .iter()
+            .filter(|q| q.durable() && q.owner().is_none())
+            .count() as u64;
+        exchanges += v.exchanges().iter().filter(|x| x.spec.durable).count() as u64;
+    }
+    let (mut connections, mut channels) = (0u64, 0u64);
+    let mut figures = Map::new();
+    for part in parts {
+        let count = |o: &Value, key: &str| o[key].as_u64().unwrap_or(0);
+        if let Some(vhosts) = part["vhosts"].as_object() {
+            for (_, o) in vhosts.iter().filter(|(name, _)| sees(name)) {
+                queues += count(o, "queues");
+                exchanges += count(o, "exchanges");
+                consumers += count(o, "consumers");
+            }
+        }
+        for c in part["connections"].as_array().into_iter().flatten() {
+            if caller.sees_connection(c["user"].as_str().unwrap_or_default()) {
+                connections += 1;
+                channels += count(c, "channels");
+            }
+        }
+        for key in ["queue_totals", "message_stats", "churn_rates"] {
+            let mine = figures
+                .entry(key)
+                .or_insert_with(|| Value::Object(Map::new()));
+            if let (Value::Object(into), Some(from)) = (mine, part[key].as_object()) {
+                add_figures(into, from);
+            }
+        }
+    }
+    figures.insert(
+        "object_totals".into(),
+        json!({
+            "channels": channels,
+            "connections": connections,
+            "consumers": consumers,
+            "exchanges": exchanges,
+            "queues": queues,
+        }),
+    );
+    Value::Object(figures)
+}
+
+/// `/api/overview`: the cluster's totals, whichever node answers (a node that does not
+/// answer in time is left out of them).
 pub async fn overview(
     State(state): State<AppState>,
     caller: Caller,
     QueryParams(query): QueryParams<Query>,
 ) -> ApiResult<Response> {
     let broker = &state.broker;
-    let reading = node_reading(broker);
-    let s = &state.sampler;
-    let mut queue_totals = Map::new();
-    let mut churn = Map::new();
-    s.put(&mut queue_totals, &Key::Node, &reading, LENGTHS);
-    s.put(
-        &mut churn,
-        &Key::Node,
-        &reading,
-        &[
-            "channel_closed",
-            "channel_created",
-            "connection_closed",
-            "connection_created",
-            "queue_created",
-            "queue_declared",
-            "queue_deleted",
-        ],
-    );
-    let visible: Vec<_> = broker
-        .vhosts()
-        .into_iter()
-        .filter(|v| caller.sees_vhost(&state, &v.name))
-        .collect();
-    let (mut queues, mut exchanges, mut consumers) = (0usize, 0usize, 0usize);
-    for v in &visible {
-        let qs = v.queues();
-        queues += qs.len();
-        consumers += qs
-            .iter()
-            .map(|q| q.consumer_count() as usize)
-            .sum::<usize>();
-        exchanges += v.exchanges().len();
-    }
-    let conns: Vec<_> = broker
-        .connections
-        .list()
-        .into_iter()
-        .filter(|c| caller.sees_connection(&c.user))
-        .collect();
-    let channels: usize = conns.iter().map(|c| c.channel_count()).sum();
+    let mut parts = vec![own_totals(&state)];
+    parts.extend(super::gather::from_peers(&state, super::gather::Kind::Totals, None).await);
+    let totals = cluster_totals(&state, &caller, &parts);
     let body = json!({
         "management_version": RABBITMQ_VERSION,
         "rates_mode": "basic",
@@ -116,16 +210,10 @@ pub async fn overview(
         "release_series_support_status": "supported",
         "disable_stats": false,
         "enable_queue_totals": false,
-        "message_stats": s.message_stats(&Key::Node, &reading, NODE_STATS),
-        "churn_rates": churn,
-        "queue_totals": queue_totals,
-        "object_totals": {
-            "channels": channels,
-            "connections": conns.len(),
-            "consumers": consumers,
-            "exchanges": exchanges,
-            "queues": queues,
-        },
+        "message_stats": totals["message_stats"],
+        "churn_rates": totals["churn_rates"],
+        "queue_totals": totals["queue_totals"],
+        "object_totals": totals["object_totals"],
         "statistics_db_event_queue": 0,
         "node": broker.config.node_name,
         "listeners": listeners(&state),
@@ -326,4 +414,23 @@ fn peer_object(node: &crate::cluster::NodeStatus) -> Value {
         "listeners": [],
         "cluster_links": [],
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn figures_of_nodes_add_up_counts_and_rates_alike() {
+        let mut total = json!({"publish": 3, "publish_details": {"rate": 1.5}})
+            .as_object()
+            .cloned()
+            .unwrap();
+        let other = json!({"publish": 4, "publish_details": {"rate": 0.25}, "ack": 2});
+        add_figures(&mut total, other.as_object().unwrap());
+        assert_eq!(
+            Value::Object(total),
+            json!({"publish": 7, "publish_details": {"rate": 1.75}, "ack": 2})
+        );
+    }
 }
