@@ -76,6 +76,15 @@ pub struct QueueOnNode {
     pub messages: u64,
 }
 
+/// The cluster as one broker sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClusterView {
+    /// Every member with whether it is up.
+    pub members: Vec<(String, bool)>,
+    /// The node that leads the cluster's metadata, if one does.
+    pub metadata_leader: Option<String>,
+}
+
 /// A client of one broker's management API.
 #[derive(Debug, Clone)]
 pub struct BrokerApi {
@@ -186,6 +195,36 @@ impl BrokerApi {
                 messages: q["messages"].as_u64().unwrap_or(0),
             })
             .collect())
+    }
+
+    /// The cluster's members and which are up (`/api/nodes`), and its metadata leader
+    /// (`/api/overview`).
+    pub async fn cluster(&self) -> Result<ClusterView, BrokerError> {
+        let what = "the nodes";
+        let (_, nodes) = self
+            .call(Method::GET, "/api/nodes?columns=name,running", None, what)
+            .await?;
+        let nodes = nodes.as_array().ok_or_else(|| BrokerError::Invalid {
+            what: what.to_owned(),
+            why: "not a list".to_owned(),
+        })?;
+        let (_, overview) = self
+            .call(
+                Method::GET,
+                "/api/overview?columns=cluster_metadata",
+                None,
+                "the overview",
+            )
+            .await?;
+        Ok(ClusterView {
+            members: nodes
+                .iter()
+                .filter_map(|n| Some((n["name"].as_str()?.to_owned(), n["running"] == true)))
+                .collect(),
+            metadata_leader: overview["cluster_metadata"]["leader"]
+                .as_str()
+                .map(str::to_owned),
+        })
     }
 
     /// The broker answers and the credentials work (`/api/overview`).

@@ -587,40 +587,138 @@ async fn an_instance_and_its_topology_run_in_a_simulated_cluster() {
         .patch_scale(
             "demo",
             &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"replicas": 2}})),
+            &Patch::Merge(json!({"spec": {"replicas": 3}})),
         )
         .await
         .unwrap();
-    eventually("two ready brokers", Duration::from_secs(60), || async {
+    eventually("three ready brokers", Duration::from_secs(90), || async {
         let i = instances.get("demo").await.ok()?;
-        (i.data["status"]["readyReplicas"] == 2 && is_true(&i, "Ready")).then_some(())
+        (i.data["status"]["readyReplicas"] == 3 && is_true(&i, "Ready")).then_some(())
     })
     .await;
-    assert_eq!(sim.processes().len(), 2);
-    // The two brokers are one cluster: the new one joined the metadata group, with the
-    // Instance's user (made through the first) and its topology.
-    let second = Management {
-        base: "http://demo-1.demo-nodes.shop.svc:15672".into(),
-        user: user.clone(),
-        pass: pass.clone(),
-        http: mgmt.http.clone(),
-    };
-    eventually(
-        "the second broker to join the cluster",
+    assert_eq!(sim.processes().len(), 3);
+    // The three brokers are one cluster: the new ones joined the metadata group, with the
+    // Instance's user (made through the first) and its topology, on every broker.
+    for pod in ["demo-0", "demo-1", "demo-2"] {
+        let broker = Management {
+            base: format!("http://{pod}.demo-nodes.shop.svc:15672"),
+            user: user.clone(),
+            pass: pass.clone(),
+            http: mgmt.http.clone(),
+        };
+        eventually(
+            &format!("{pod} to be in the cluster with the topology"),
+            Duration::from_secs(60),
+            || async {
+                if broker.status("/api/overview").await != 200 {
+                    return None;
+                }
+                let o = broker.json("/api/overview").await;
+                let voters = o["cluster_metadata"]["voters"].as_array()?.len();
+                (voters == 3
+                    && broker.status("/api/queues/orders/orders.created").await == 200
+                    && broker.status("/api/exchanges/orders/orders").await == 200)
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+    // The Instance's status shows the cluster: its members, all up, and the leader.
+    let shown = eventually(
+        "the cluster in the Instance's status",
         Duration::from_secs(60),
         || async {
-            if second.status("/api/overview").await != 200 {
-                return None;
-            }
-            let o = second.json("/api/overview").await;
-            let voters = o["cluster_metadata"]["voters"].as_array()?.len();
-            (voters == 2 && second.status("/api/queues/orders/orders.created").await == 200)
-                .then_some(())
+            let i = instances.get("demo").await.ok()?;
+            let c = i.data["status"]["cluster"].clone();
+            (c["up"] == "3/3" && c["metadataLeader"].is_string()).then_some(c)
         },
     )
     .await;
+    let members: Vec<&str> = shown["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["name"].as_str())
+        .collect();
+    assert_eq!(members.len(), 3, "{shown}");
+    assert!(
+        members.contains(&shown["metadataLeader"].as_str().unwrap_or_default()),
+        "{shown}"
+    );
+    // Clients that connect through the client Service, whichever broker answers each, all
+    // use the same queue: each publishes one message with a confirm, and every message is
+    // then consumed through the Service again.
+    let service = sim
+        .service_addr(NS, "demo", 5672)
+        .expect("the Service's AMQP port");
+    let through_service = format!("amqp://{user}:{pass}@{service}/orders");
+    const CLIENTS: usize = 12;
+    for i in 0..CLIENTS {
+        let conn = Connection::connect(&through_service, ConnectionProperties::default())
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        ch.confirm_select(Default::default()).await.unwrap();
+        ch.queue_declare(
+            "shared".into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                "shared".into(),
+                BasicPublishOptions::default(),
+                format!("from client {i}").as_bytes(),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack(), "client {i}: {confirm:?}");
+        conn.close(200, "done".into()).await.unwrap();
+    }
+    let mut received = std::collections::BTreeSet::new();
+    for _ in 0..CLIENTS * 3 {
+        if received.len() == CLIENTS {
+            break;
+        }
+        let conn = Connection::connect(&through_service, ConnectionProperties::default())
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        if let Some(m) = ch
+            .basic_get("shared".into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            received.insert(String::from_utf8_lossy(&m.delivery.data).into_owned());
+        }
+        conn.close(200, "done".into()).await.unwrap();
+    }
+    assert_eq!(
+        received,
+        (0..CLIENTS)
+            .map(|i| format!("from client {i}"))
+            .collect::<std::collections::BTreeSet<_>>(),
+        "every message, whichever broker each client reached"
+    );
+    let conn = Connection::connect(&through_service, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_delete("shared".into(), Default::default())
+        .await
+        .unwrap();
+    conn.close(200, "done".into()).await.unwrap();
     let scale = instances.get_scale("demo").await.unwrap();
-    assert_eq!(scale.spec.unwrap().replicas, Some(2));
+    assert_eq!(scale.spec.unwrap().replicas, Some(3));
     // A client of the broker that goes is told by its preStop drain, before SIGTERM.
     let leaving = sim
         .resolve("demo-1.demo-nodes.shop.svc", 5672)
@@ -684,8 +782,8 @@ async fn an_instance_and_its_topology_run_in_a_simulated_cluster() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         sts.get("demo").await.unwrap().spec.unwrap().replicas,
-        Some(2),
-        "no broker leaves while it is a queue's home"
+        Some(3),
+        "no broker leaves while one that would go is a queue's home"
     );
     // Deleted: the scale-down goes on by itself.
     pinned
@@ -707,6 +805,7 @@ async fn an_instance_and_its_topology_run_in_a_simulated_cluster() {
     let (code, text) = closed.expect("an AMQP close");
     assert_eq!(code, 320, "{text}");
     assert!(text.contains("maintenance mode"), "{text}");
+    gone(&pods, "demo-2").await;
     gone(&pods, "demo-1").await;
     eventually("one broker process", Duration::from_secs(30), || async {
         (sim.processes().len() == 1).then_some(())
@@ -719,6 +818,15 @@ async fn an_instance_and_its_topology_run_in_a_simulated_cluster() {
         pvcs.get("data-demo-1").await.is_ok(),
         "scaling down keeps the volume"
     );
+    eventually(
+        "the Instance's status to show a cluster of one",
+        Duration::from_secs(60),
+        || async {
+            let i = instances.get("demo").await.ok()?;
+            (i.data["status"]["cluster"]["up"] == "1/1").then_some(())
+        },
+    )
+    .await;
 
     // Deletion: `delete` removes the object from the broker, `retain` keeps it. Bindings
     // first, while their exchange and queue exist: deleting either would take the binding
@@ -822,6 +930,7 @@ async fn an_instance_and_its_topology_run_in_a_simulated_cluster() {
     gone(&pods, "demo-0").await;
     gone(&pvcs, "data-demo-0").await;
     gone(&pvcs, "data-demo-1").await;
+    gone(&pvcs, "data-demo-2").await;
     eventually(
         "every broker process to stop",
         Duration::from_secs(30),

@@ -333,9 +333,7 @@ pub async fn nodes(
     caller.require_monitor()?;
     // Each running node reports its own figures.
     let reported = super::gather::from_peers(&state, super::gather::Kind::Node, None).await;
-    let nodes = state
-        .cluster
-        .nodes()
+    let nodes = members(&state)
         .into_iter()
         .map(|n| {
             if n.name == state.broker.config.node_name {
@@ -353,6 +351,34 @@ pub async fn nodes(
     super::list::respond(nodes, &query)
 }
 
+/// The cluster's nodes as RabbitMQ lists them: the members of the cluster's metadata group
+/// (running or not) and the nodes linked with this one (a node joining); a node that left the
+/// group and is gone is not listed. Without a metadata group, every node ever linked.
+fn members(state: &AppState) -> Vec<crate::cluster::NodeStatus> {
+    let mut nodes = state.cluster.nodes();
+    let Some(group) = state.broker.metadata.as_ref().map(|m| m.status()) else {
+        return nodes;
+    };
+    let member = |name: &str| {
+        group
+            .voters
+            .iter()
+            .chain(&group.learners)
+            .any(|m| m == name)
+    };
+    nodes.retain(|n| n.running || member(&n.name));
+    for name in group.voters.iter().chain(&group.learners) {
+        if !nodes.iter().any(|n| &n.name == name) {
+            nodes.push(crate::cluster::NodeStatus {
+                name: name.clone(),
+                running: false,
+                address: None,
+            });
+        }
+    }
+    nodes
+}
+
 pub async fn node(
     State(state): State<AppState>,
     caller: Caller,
@@ -362,9 +388,7 @@ pub async fn node(
     if name == state.broker.config.node_name {
         return Ok(ok(node_object(&state)));
     }
-    let peer = state
-        .cluster
-        .nodes()
+    let peer = members(&state)
         .into_iter()
         .find(|n| n.name == name)
         .ok_or_else(ApiError::not_found)?;

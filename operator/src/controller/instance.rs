@@ -4,8 +4,9 @@
 //! readiness.
 
 use super::conditions::{self, READY, RECONCILED, SCALING, condition};
+use crate::broker_api::ClusterView;
 use crate::crd::Instance;
-use crate::crd::instance::{Endpoints, InstanceStatus};
+use crate::crd::instance::{ClusterMember, ClusterStatus, Endpoints, InstanceStatus};
 use crate::metrics::ErrorKind;
 use crate::resources::config_map::config_map;
 use crate::resources::pdb::pod_disruption_budget;
@@ -264,6 +265,11 @@ pub async fn reconcile(obj: Arc<Instance>, ctx: Arc<InstanceContext>) -> Result<
         }
     }
     status.endpoints = Some(endpoints(&obj));
+    if (desired > 0 || status.cluster.is_some())
+        && let Some(seen) = ask_cluster(&ctx, &obj).await
+    {
+        status.cluster = cluster_status(status.cluster.take(), seen);
+    }
     write_status(client, &obj, &status).await?;
     Ok(Action::requeue(if autoscaling.is_some() {
         ctx.autoscaler.interval
@@ -315,6 +321,49 @@ async fn scale_down_refusal(
             "scaling down from {current} to {desired} brokers waits: the brokers cannot be asked what the ones that would go hold ({e})"
         )),
     }
+}
+
+/// The cluster as the brokers report it, or why they could not be asked; `None` when there
+/// is no one to ask (no broker API, or no credentials yet).
+async fn ask_cluster(ctx: &InstanceContext, obj: &Instance) -> Option<Result<ClusterView, String>> {
+    let brokers = ctx.brokers.as_ref()?;
+    match brokers.broker_api(namespace_of(obj), name_of(obj)).await {
+        Ok(Some(api)) => Some(api.cluster().await.map_err(|e| e.to_string())),
+        Ok(None) => None,
+        Err(e) => Some(Err(format!(
+            "the Instance's credentials cannot be read ({e})"
+        ))),
+    }
+}
+
+/// The status's cluster from what the brokers said: a cluster that cannot be asked keeps
+/// the members last seen, none known to be up, with the reason.
+pub fn cluster_status(
+    previous: Option<ClusterStatus>,
+    seen: Result<ClusterView, String>,
+) -> Option<ClusterStatus> {
+    let (members, metadata_leader, unreachable) = match seen {
+        Ok(view) => (view.members, view.metadata_leader, None),
+        Err(why) => {
+            let previous = previous?;
+            let members = previous
+                .members
+                .into_iter()
+                .map(|m| (m.name, false))
+                .collect();
+            (members, None, Some(why))
+        }
+    };
+    let up = members.iter().filter(|(_, up)| *up).count();
+    Some(ClusterStatus {
+        up: format!("{up}/{}", members.len()),
+        members: members
+            .into_iter()
+            .map(|(name, up)| ClusterMember { name, up })
+            .collect(),
+        metadata_leader,
+        unreachable,
+    })
 }
 
 /// Why a scale-down from `current` to `desired` brokers must wait, given the cluster's queues:
@@ -522,6 +571,32 @@ mod tests {
         );
         // Only the brokers above the new count go.
         assert_eq!(refusal(&i, 3, 2, &[q("1", "orders", true, 5)]), None);
+    }
+
+    #[test]
+    fn the_status_shows_the_cluster_and_keeps_its_members_when_it_cannot_be_asked() {
+        let seen = ClusterView {
+            members: vec![
+                ("warren@demo-0".into(), true),
+                ("warren@demo-1".into(), false),
+                ("warren@demo-2".into(), true),
+            ],
+            metadata_leader: Some("warren@demo-2".into()),
+        };
+        let status = cluster_status(None, Ok(seen)).expect("a cluster");
+        assert_eq!(status.up, "2/3");
+        assert_eq!(status.metadata_leader.as_deref(), Some("warren@demo-2"));
+        assert!(!status.members[1].up && status.members[2].up);
+        assert_eq!(status.unreachable, None);
+        let lost = cluster_status(Some(status), Err("connection refused".into()))
+            .expect("the members last seen");
+        assert_eq!(lost.up, "0/3");
+        assert_eq!(lost.members.len(), 3);
+        assert!(lost.members.iter().all(|m| !m.up));
+        assert_eq!(lost.metadata_leader, None);
+        assert_eq!(lost.unreachable.as_deref(), Some("connection refused"));
+        // Never seen: nothing to show.
+        assert_eq!(cluster_status(None, Err("refused".into())), None);
     }
 
     #[test]

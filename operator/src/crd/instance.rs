@@ -31,6 +31,8 @@ use std::collections::BTreeMap;
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
     ),
+    printcolumn(name = "Up", type_ = "string", json_path = ".status.cluster.up"),
+    printcolumn(name = "Leader", type_ = "string", json_path = ".status.cluster.metadataLeader", priority = "1"),
     printcolumn(name = "AMQP", type_ = "string", json_path = ".status.endpoints.amqp", priority = "1"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("size(self.metadata.name) <= 52").message("an Instance name has at most 52 characters (its pods' names must fit 63)"),
@@ -219,6 +221,39 @@ pub struct InstanceStatus {
     /// The Secret with the connection details (username, password, host, ports, URIs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connection_secret: Option<String>,
+    /// The brokers' cluster as they report it: its members, which are up, and which leads
+    /// the cluster's metadata.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// The cluster the brokers of an Instance form.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterStatus {
+    /// Each broker of the cluster, by node name.
+    #[serde(default)]
+    pub members: Vec<ClusterMember>,
+    /// How many members are up, as `up/members` (e.g. `3/3`).
+    #[serde(default)]
+    pub up: String,
+    /// The node that leads the cluster's metadata; none while no majority has elected one
+    /// (or while no broker answers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata_leader: Option<String>,
+    /// Why the cluster could not be asked, when it could not (the members are then as last
+    /// seen, none of them known to be up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unreachable: Option<String>,
+}
+
+/// A broker of the cluster.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterMember {
+    pub name: String,
+    /// It runs and the broker asked reaches it.
+    pub up: bool,
 }
 
 /// Addresses of the client Service.
