@@ -151,13 +151,15 @@ settings! {
     /// or slow HTTP clients cannot use up the descriptors AMQP clients need.
     #[arg(long, env = "WARREN_HTTP_MAX_CONNECTIONS")]
     http_max_connections: usize = 256;
-    /// PEM certificate chain for the TLS listeners, the server's certificate first.
+    /// PEM certificate chain for the TLS listeners, the server's certificate first; with it
+    /// (and its key) the cluster links use TLS too, so every node of the cluster needs one.
     #[arg(long, env = "WARREN_TLS_CERT_FILE")]
     tls_cert_file: Option<PathBuf> = None;
     /// PEM private key of that certificate.
     #[arg(long, env = "WARREN_TLS_KEY_FILE")]
     tls_key_file: Option<PathBuf> = None;
-    /// PEM CA certificates that client certificates are verified against.
+    /// PEM CA certificates that client certificates, and the certificates of cluster peers,
+    /// are verified against.
     #[arg(long, env = "WARREN_TLS_CA_FILE")]
     tls_ca_file: Option<PathBuf> = None;
     /// Require a client certificate signed by `tls_ca_file` (RabbitMQ's `fail_if_no_peer_cert`).

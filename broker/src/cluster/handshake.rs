@@ -166,6 +166,19 @@ pub fn proof(secret: &[u8], role: Role, sender: &Hello, receiver: &Hello) -> [u8
         .into()
 }
 
+/// The key of a link's proofs: the secret itself on plain TCP; on TLS, the secret bound to
+/// the session's keying material (`binding`), so that a proof made for one session proves
+/// nothing on another.
+pub fn bound_key(secret: &[u8], binding: Option<&[u8]>) -> Vec<u8> {
+    let Some(binding) = binding else {
+        return secret.to_vec();
+    };
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
+    mac.update(b"warren cluster link bound to a TLS session");
+    mac.update(binding);
+    mac.finalize().into_bytes().to_vec()
+}
+
 /// Checks, in constant time, the proof `sender` sent `receiver` from its end `role`.
 pub fn verify(
     secret: &[u8],

@@ -6,12 +6,12 @@
 //! vanished peer is noticed even when nothing else flows.
 
 use super::handshake::{self, Hello, NONCE_LEN, PROOF_LEN, Refusal, Role};
+use super::tls::{Connection, ReadHalf, WriteHalf};
 use bytes::Bytes;
 use std::net::SocketAddr;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
 
 /// Time the whole handshake may take.
@@ -59,11 +59,18 @@ pub struct Frame {
 }
 
 /// A link whose handshake succeeded.
-#[derive(Debug)]
 pub struct Established {
     pub peer: Hello,
-    pub reader: OwnedReadHalf,
-    pub writer: OwnedWriteHalf,
+    pub reader: ReadHalf,
+    pub writer: WriteHalf,
+}
+
+impl std::fmt::Debug for Established {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Established")
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a link could not be set up.
@@ -81,16 +88,24 @@ pub enum LinkError {
 /// it checked out, the acceptor's. `own_nonce` says whether a nonce is one this process is
 /// using on a connection it accepted: a dialer that meets its own process instance with such
 /// a nonce has dialed itself; with any other it meets someone replaying its hello.
+///
+/// On a TLS connection the proofs are keyed with the session's keying material as well as
+/// the secret, so they hold for this session only.
 pub async fn handshake(
-    stream: TcpStream,
+    connection: Connection,
     ours: &Hello,
     secret: &[u8],
     role: Role,
     own_nonce: impl Fn(&[u8; NONCE_LEN]) -> bool,
 ) -> Result<Established, LinkError> {
+    let Connection {
+        mut reader,
+        mut writer,
+        binding,
+    } = connection;
+    let key = handshake::bound_key(secret, binding.as_ref().map(|b| b.as_slice()));
+    let secret = key.as_slice();
     tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
-        let _ = stream.set_nodelay(true);
-        let (mut reader, mut writer) = stream.into_split();
         writer.write_all(&ours.encode()).await?;
         let peer = read_hello(&mut reader).await?;
         match handshake::admit(ours, &peer) {
@@ -133,7 +148,7 @@ pub async fn handshake(
     .map_err(|_| LinkError::Timeout)?
 }
 
-async fn read_hello(reader: &mut OwnedReadHalf) -> Result<Hello, LinkError> {
+async fn read_hello(reader: &mut ReadHalf) -> Result<Hello, LinkError> {
     let mut fixed = [0u8; Hello::FIXED];
     reader.read_exact(&mut fixed).await?;
     let (instance, nonce) = Hello::decode_fixed(&fixed)?;
@@ -179,9 +194,9 @@ pub async fn run(
     mut incoming: impl FnMut(Kind, Bytes),
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> String {
-    let Established {
-        mut reader, writer, ..
-    } = link;
+    let Established { reader, writer, .. } = link;
+    // Frames are read through a buffer: under load, many small frames cost one read.
+    let mut reader = tokio::io::BufReader::with_capacity(BATCH_BYTES, reader);
     let (ended, mut writer_ended) = tokio::sync::oneshot::channel::<String>();
     let writing = tokio::spawn(write_loop(writer, outgoing, ended));
     let why = loop {
@@ -202,7 +217,7 @@ pub async fn run(
 }
 
 async fn write_loop(
-    mut writer: OwnedWriteHalf,
+    mut writer: WriteHalf,
     mut outgoing: mpsc::Receiver<Frame>,
     ended: tokio::sync::oneshot::Sender<String>,
 ) {
@@ -249,7 +264,7 @@ async fn write_loop(
 /// Frames written together up to about this many bytes.
 const BATCH_BYTES: usize = 256 * 1024;
 
-async fn read_frame(reader: &mut OwnedReadHalf) -> Result<(Kind, Bytes), String> {
+async fn read_frame(reader: &mut (impl AsyncRead + Unpin)) -> Result<(Kind, Bytes), String> {
     let mut len = [0u8; 4];
     reader
         .read_exact(&mut len)
@@ -280,6 +295,7 @@ pub async fn dial(addr: &str) -> std::io::Result<(TcpStream, SocketAddr)> {
     let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr()?;
     Ok((stream, peer))
 }

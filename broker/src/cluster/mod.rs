@@ -6,7 +6,8 @@
 //! is refused, with a log line saying why. One link per pair of nodes: when both dial at once,
 //! the link dialed by the node with the smaller name is kept. A peer address that turns out
 //! to be this node is remembered and not dialed again, so every node can be given the same
-//! list. A node alone is a cluster of one; it runs the same code with no peers.
+//! list. A node alone is a cluster of one; it runs the same code with no peers. Links use TLS
+//! when the node has a certificate (see [`tls`]).
 //!
 //! The Raft log that every Raft group of a node writes to is in [`log_store`].
 
@@ -18,6 +19,7 @@ pub mod metadata;
 pub mod raft_network;
 pub mod rpc;
 pub mod secret;
+pub mod tls;
 
 use crate::config::Config;
 use handshake::{NONCE_LEN, Role};
@@ -102,6 +104,8 @@ pub struct Cluster {
     handshakes: Arc<tokio::sync::Semaphore>,
     handlers: rpc::Handlers,
     hooks: Hooks,
+    /// TLS on the links, when the node has a certificate.
+    tls: Option<tls::LinkTls>,
 }
 
 /// The handlers of one-way messages and of links going down.
@@ -128,9 +132,16 @@ pub type CastHandler = Arc<dyn Fn(&str, u64, bytes::Bytes) + Send + Sync>;
 pub type LinkDown = Arc<dyn Fn(&str, u64) + Send + Sync>;
 
 impl Cluster {
-    /// The cluster as `config` describes it; fails when the secret cannot be read or made.
+    /// The cluster as `config` describes it; fails when the secret cannot be read or made, or
+    /// the node's certificate cannot be used for the links' TLS.
     pub fn new(config: &Config) -> std::io::Result<Arc<Self>> {
         let secret = secret::load(config)?;
+        let tls = tls::LinkTls::from_config(config).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("cluster TLS: {e}"),
+            )
+        })?;
         Ok(Arc::new(Self {
             node: config.node_name.clone(),
             name: config.cluster_name.clone().unwrap_or_default(),
@@ -144,6 +155,7 @@ impl Cluster {
             handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
             handlers: rpc::Handlers::default(),
             hooks: Hooks::default(),
+            tls,
         }))
     }
 
@@ -477,11 +489,36 @@ impl Cluster {
         stop: watch::Receiver<bool>,
         permit: Option<tokio::sync::OwnedSemaphorePermit>,
     ) -> bool {
+        let connection = match &self.tls {
+            None => tls::Connection::plain(stream),
+            Some(tls) => {
+                let session = match role {
+                    Role::Acceptor => {
+                        tokio::time::timeout(link::HANDSHAKE_TIMEOUT, tls.accept(stream)).await
+                    }
+                    Role::Dialer => {
+                        tokio::time::timeout(link::HANDSHAKE_TIMEOUT, tls.connect(stream, &address))
+                            .await
+                    }
+                };
+                match session {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(e)) => {
+                        tracing::warn!(peer = %address, error = %e, "cluster link: TLS handshake failed (with a certificate, this node's links use TLS: every node of the cluster needs one)");
+                        return false;
+                    }
+                    Err(_) => {
+                        tracing::debug!(peer = %address, "cluster link: TLS handshake timed out");
+                        return false;
+                    }
+                }
+            }
+        };
         let ours = link::hello(self.instance, &self.node, &self.name);
         if role == Role::Acceptor {
             self.accepting.lock().insert(ours.nonce);
         }
-        let result = link::handshake(stream, &ours, &self.secret, role, |n| {
+        let result = link::handshake(connection, &ours, &self.secret, role, |n| {
             self.accepting.lock().contains(n)
         })
         .await;
@@ -833,9 +870,15 @@ mod tests {
         // A peer that knows the secret, links up, sends heartbeats, and never reads.
         let stream = tokio::net::TcpStream::connect(a_addr).await.unwrap();
         let ours = link::hello(42, "z", "");
-        let linked = link::handshake(stream, &ours, b"s", Role::Dialer, |_| false)
-            .await
-            .unwrap();
+        let linked = link::handshake(
+            tls::Connection::plain(stream),
+            &ours,
+            b"s",
+            Role::Dialer,
+            |_| false,
+        )
+        .await
+        .unwrap();
         let (_unread, mut writer) = (linked.reader, linked.writer);
         let beating = tokio::spawn(async move {
             loop {
@@ -876,6 +919,152 @@ mod tests {
             assert_eq!(result, Err(rpc::RpcError::Unreachable("z".into())));
         }
         beating.abort();
+    }
+
+    /// A CA, a certificate it signed for a name no node is dialed by, and a CA that signed
+    /// nothing of it: PEM files in `dir`.
+    fn link_pki(dir: &std::path::Path) {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let ca = |name: &str| {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, name);
+            CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
+        };
+        let (trusted, rogue) = (ca("cluster CA"), ca("rogue CA"));
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["node.example".to_owned()])
+            .unwrap()
+            .signed_by(&key, &trusted)
+            .unwrap();
+        std::fs::write(dir.join("ca.pem"), trusted.pem()).unwrap();
+        std::fs::write(dir.join("rogue-ca.pem"), rogue.pem()).unwrap();
+        std::fs::write(dir.join("node.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.join("node.key"), key.serialize_pem()).unwrap();
+    }
+
+    /// Relays connections to `to`, keeping every byte that crosses, both ways.
+    async fn recording_relay(
+        to: std::net::SocketAddr,
+    ) -> (std::net::SocketAddr, Arc<Mutex<Vec<u8>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let kept = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = tokio::net::TcpStream::connect(to).await else {
+                    continue;
+                };
+                let (ri, wi) = inbound.into_split();
+                let (ro, wo) = outbound.into_split();
+                for (mut from, mut to) in [
+                    (
+                        Box::new(ri) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                        Box::new(wo) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+                    ),
+                    (Box::new(ro), Box::new(wi)),
+                ] {
+                    let kept = kept.clone();
+                    tokio::spawn(async move {
+                        let mut buf = [0u8; 4096];
+                        while let Ok(n) = from.read(&mut buf).await {
+                            if n == 0 || to.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                            kept.lock().extend_from_slice(&buf[..n]);
+                        }
+                    });
+                }
+            }
+        });
+        (addr, seen)
+    }
+
+    #[tokio::test]
+    async fn links_use_tls_with_a_certificate_and_refuse_nodes_without_one_or_of_another_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        link_pki(dir.path());
+        let tls = |c: Config, ca: &str| Config {
+            tls_cert_file: Some(dir.path().join("node.pem")),
+            tls_key_file: Some(dir.path().join("node.key")),
+            tls_ca_file: Some(dir.path().join(ca)),
+            ..c
+        };
+        let lb = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let b_addr = lb.local_addr().unwrap();
+        let b = Cluster::new(&tls(config(dir.path(), "tls-b", Vec::new()), "ca.pem")).unwrap();
+        let (_stop_b, rx_b) = watch::channel(false);
+        b.start(lb, rx_b);
+        b.handle(
+            1,
+            handler(|_, body| async move { Ok(bytes::Bytes::from(body.to_vec())) }),
+        );
+        // a reaches b through a relay that keeps what crosses: the certificate names neither
+        // address, and the CA it was signed by is checked.
+        let (relay, seen) = recording_relay(b_addr).await;
+        let la = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = Cluster::new(&tls(
+            config(dir.path(), "tls-a", vec![relay.to_string()]),
+            "ca.pem",
+        ))
+        .unwrap();
+        let (_stop_a, rx_a) = watch::channel(false);
+        a.start(la, rx_a);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while link_id(&a, "tls-b").is_none() {
+            assert!(Instant::now() < deadline, "no TLS link between a and b");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let said = a
+            .call("tls-b", 1, b"a private word", Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(said, bytes::Bytes::from_static(b"a private word"));
+        {
+            let seen = seen.lock();
+            assert!(seen.len() > 100, "the relay saw the link's bytes");
+            for plain in [&b"a private word"[..], b"tls-a", b"tls-b"] {
+                assert!(
+                    !seen.windows(plain.len()).any(|w| w == plain),
+                    "{} crossed in the clear",
+                    String::from_utf8_lossy(plain)
+                );
+            }
+        }
+        // A node without a certificate, and one that trusts another CA, get no link to b.
+        let plain = Cluster::new(&config(dir.path(), "plain", vec![b_addr.to_string()])).unwrap();
+        let other = Cluster::new(&tls(
+            config(dir.path(), "other-ca", vec![b_addr.to_string()]),
+            "rogue-ca.pem",
+        ))
+        .unwrap();
+        let mut stops = Vec::new();
+        for c in [&plain, &other] {
+            let (stop, rx) = watch::channel(false);
+            c.start(TcpListener::bind("127.0.0.1:0").await.unwrap(), rx);
+            stops.push(stop);
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(link_id(&plain, "tls-b"), None);
+        assert_eq!(link_id(&other, "tls-b"), None);
+        assert!(
+            b.nodes()
+                .iter()
+                .all(|n| !(n.running && (n.name == "plain" || n.name == "other-ca"))),
+            "{:?}",
+            b.nodes()
+        );
+        // A certificate that cannot be read stops the node from starting, saying why.
+        let broken = Config {
+            tls_key_file: Some(dir.path().join("missing.key")),
+            ..tls(config(dir.path(), "broken", Vec::new()), "ca.pem")
+        };
+        let e = Cluster::new(&broken).unwrap_err();
+        assert!(e.to_string().contains("missing.key"), "{e}");
     }
 
     #[tokio::test]
