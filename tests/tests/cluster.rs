@@ -862,6 +862,7 @@ fn pika_and_amqplib_use_a_queue_through_nodes_other_than_its_home() {
 /// node 2 lists node 1's queue.
 #[test]
 fn management_lists_the_whole_cluster_from_every_node() {
+    use futures::StreamExt;
     use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
     use lapin::types::FieldTable;
 
@@ -1012,6 +1013,109 @@ fn management_lists_the_whole_cluster_from_every_node() {
                     .collect::<Vec<_>>(),
                 "every node running with its own figures, from {at}"
             );
+        }
+        // Single active consumer across nodes: of two consumers of m1's queue, on m2 and on
+        // m3, the first gets everything until it cancels; then the other does.
+        let mut sac = FieldTable::default();
+        sac.insert(
+            "x-single-active-consumer".into(),
+            lapin::types::AMQPValue::Boolean(true),
+        );
+        ch1.queue_declare(
+            "one-at-a-time".into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            sac,
+        )
+        .await
+        .unwrap();
+        until(
+            "the queue on m2 and m3",
+            Duration::from_secs(10),
+            || async {
+                api.status(nodes[1].management_addr, "queues/%2F/one-at-a-time")
+                    .await
+                    == 200
+                    && api
+                        .status(nodes[2].management_addr, "queues/%2F/one-at-a-time")
+                        .await
+                        == 200
+            },
+        )
+        .await;
+        let (_c2b, first_ch) = amqp(&nodes[1].uri()).await;
+        let mut first = first_ch
+            .basic_consume(
+                "one-at-a-time".into(),
+                "first".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let (_c3b, second_ch) = amqp(&nodes[2].uri()).await;
+        let mut second = second_ch
+            .basic_consume(
+                "one-at-a-time".into(),
+                "second".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let publish = |body: String| {
+            let ch1 = ch1.clone();
+            async move {
+                ch1.basic_publish(
+                    "".into(),
+                    "one-at-a-time".into(),
+                    BasicPublishOptions::default(),
+                    body.as_bytes(),
+                    lapin::BasicProperties::default(),
+                )
+                .await
+                .unwrap();
+            }
+        };
+        for i in 0..5 {
+            publish(format!("a{i}")).await;
+        }
+        for i in 0..5 {
+            let d = tokio::time::timeout(Duration::from_secs(10), first.next())
+                .await
+                .expect("the active consumer gets it")
+                .unwrap()
+                .unwrap();
+            assert_eq!(d.data, format!("a{i}").as_bytes());
+        }
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), second.next())
+                .await
+                .is_err(),
+            "the waiting consumer got a message"
+        );
+        first_ch
+            .basic_cancel("first".into(), Default::default())
+            .await
+            .unwrap();
+        for i in 0..5 {
+            publish(format!("b{i}")).await;
+        }
+        for i in 0..5 {
+            let d = tokio::time::timeout(Duration::from_secs(10), second.next())
+                .await
+                .expect("the next consumer takes over")
+                .unwrap()
+                .unwrap();
+            assert_eq!(d.data, format!("b{i}").as_bytes());
         }
     });
     // rabbitmqadmin v2 against m2 lists m1's queue.

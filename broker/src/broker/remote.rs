@@ -64,6 +64,8 @@ mod service {
     pub const GET: Service = 31;
     pub const LENGTHS: Service = 32;
     pub const PURGE: Service = 33;
+    /// A consumer cancelled, answered once the home has taken it off its queue.
+    pub const CANCEL_NOW: Service = 34;
 }
 
 /// How forwarded deliveries are settled.
@@ -289,6 +291,7 @@ impl Forwarder {
         call(service::GET, Forwarder::serve_get);
         call(service::LENGTHS, Forwarder::serve_lengths);
         call(service::PURGE, Forwarder::serve_purge);
+        call(service::CANCEL_NOW, Forwarder::serve_cancel);
         let me = self.me.clone();
         self.cluster
             .on_link_down(Arc::new(move |node: &str, link: u64| {
@@ -690,7 +693,21 @@ impl Forwarder {
     }
 
     fn on_cancel(&self, node: &str, link: u64, mut body: In) {
-        let Some(id) = body.u64() else { return };
+        if let Some(id) = body.u64() {
+            self.cancel_served(node, link, id);
+        }
+    }
+
+    /// A consumer's `basic.cancel`: answered once it is off its queue, so that everything
+    /// the queue sent it is on the link before the answer.
+    fn serve_cancel(&self, node: &str, mut body: In) -> Result<Bytes, String> {
+        let id = body.u64().ok_or_else(|| "malformed cancel".to_owned())?;
+        let link = rpc::request_link().ok_or_else(|| "no link".to_owned())?;
+        self.cancel_served(node, link, id);
+        Ok(Bytes::new())
+    }
+
+    fn cancel_served(&self, node: &str, link: u64, id: u64) {
         let Some(served) = self.existing_served(node, link) else {
             return;
         };
@@ -1308,10 +1325,23 @@ impl RemoteHome for RemoteQueue {
         };
         let Some(rc) = rc else { return };
         let fwd = &self.forwarder;
+        // Cancelled at the home before the channel answers `cancel-ok` (as a queue of this
+        // node would be): the home sends the consumer nothing once it answers, and what it
+        // sent before is here by then (in order on the link). Then what no channel took goes
+        // back.
+        rc.active.store(false, Ordering::Release);
+        let answered = fwd
+            .call(
+                &self.node,
+                service::CANCEL_NOW,
+                Out::new().u64(rc.id).done(),
+            )
+            .is_ok();
         fwd.consumers.lock().remove(&rc.id);
         let left = rc.close();
-        // Cancelled at the home first, then what it delivered and no channel took goes back.
-        fwd.cancel_at_home(&self.node, rc.link, rc.id);
+        if !answered {
+            fwd.cancel_at_home(&self.node, rc.link, rc.id);
+        }
         fwd.settle_ids(&self.node, rc.link, How::Requeue, left);
     }
 
