@@ -947,8 +947,10 @@ impl Vhost {
     /// entry of the cluster's log, one sync) before any of them can be used. Returns each
     /// queue's name with what declaring it gave.
     pub fn import_queues(&self, specs: Vec<QueueSpec>) -> Vec<(String, AmqpResult<()>)> {
-        /// Queues made under one hold of the topology lock and committed together.
+        /// Queues made under one hold of the topology lock and committed together (in one
+        /// entry of the cluster's log).
         const GROUP: usize = 500;
+        const _: () = assert!(GROUP <= crate::store::definitions::BATCH_ENTRY);
         let mut out = Vec::with_capacity(specs.len());
         let mut specs = specs.into_iter().peekable();
         while specs.peek().is_some() {
@@ -1021,7 +1023,11 @@ impl Vhost {
         home: Option<&str>,
         pending: usize,
     ) -> AmqpResult<Prepared> {
-        MessageStats::bump(&self.churn.queue_declared);
+        // A declaration another node made, applied here from the cluster's log, is that
+        // node's churn.
+        if !DefinitionStore::applying_from_log() {
+            MessageStats::bump(&self.churn.queue_declared);
+        }
         let owner = spec.exclusive.then_some(connection);
         if let Some(q) = self.queue(&spec.name) {
             if q.owner() != owner {
@@ -1153,7 +1159,9 @@ impl Vhost {
             // Recovered from its store (a declaration applied from the cluster's log).
             q.expire_recovered();
         }
-        MessageStats::bump(&self.churn.queue_created);
+        if !DefinitionStore::applying_from_log() {
+            MessageStats::bump(&self.churn.queue_created);
+        }
     }
 
     /// `queue.delete`: returns the number of ready messages deleted. A missing queue is not
@@ -1218,7 +1226,9 @@ impl Vhost {
             let mut queues = self.queues.write();
             if queues.get(q.name()).is_some_and(|cur| cur == q) {
                 queues.remove(q.name());
-                MessageStats::bump(&self.churn.queue_deleted);
+                if !DefinitionStore::applying_from_log() {
+                    MessageStats::bump(&self.churn.queue_deleted);
+                }
                 self.churn.retired_queues.absorb(&q.message_counts());
             }
         }

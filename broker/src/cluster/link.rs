@@ -107,6 +107,7 @@ pub async fn handshake(
     let secret = key.as_slice();
     tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
         writer.write_all(&ours.encode()).await?;
+        writer.flush().await?;
         let peer = read_hello(&mut reader).await?;
         match handshake::admit(ours, &peer) {
             Err(Refusal::Itself) if role == Role::Dialer && !own_nonce(&peer.nonce) => {
@@ -127,6 +128,7 @@ pub async fn handshake(
                 writer
                     .write_all(&handshake::proof(secret, Role::Dialer, ours, &peer))
                     .await?;
+                writer.flush().await?;
                 reader.read_exact(&mut proof).await?;
                 handshake::verify(secret, Role::Acceptor, &peer, ours, &proof)?;
             }
@@ -136,6 +138,7 @@ pub async fn handshake(
                 writer
                     .write_all(&handshake::proof(secret, Role::Acceptor, ours, &peer))
                     .await?;
+                writer.flush().await?;
             }
         }
         Ok(Established {
@@ -251,14 +254,21 @@ async fn write_loop(
         if buf.is_empty() {
             continue;
         }
-        match tokio::time::timeout(SILENCE, writer.write_all(&buf)).await {
+        // Flushed as well as written: a TLS stream may hold the tail of a write back.
+        let written = async {
+            writer.write_all(&buf).await?;
+            writer.flush().await
+        };
+        match tokio::time::timeout(SILENCE, written).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => break format!("write failed: {e}"),
             Err(_) => break format!("a write stuck for {} s", SILENCE.as_secs()),
         }
     };
-    let _ = writer.shutdown().await;
+    // Told first: closing may itself get stuck behind what the peer does not read (a TLS
+    // close sends what the session still holds).
     let _ = ended.send(why);
+    let _ = tokio::time::timeout(HEARTBEAT, writer.shutdown()).await;
 }
 
 /// Frames written together up to about this many bytes.

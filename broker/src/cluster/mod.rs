@@ -382,6 +382,7 @@ impl Cluster {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, from)) => {
+                        let _ = stream.set_nodelay(true);
                         let Ok(permit) = self.handshakes.clone().try_acquire_owned() else {
                             tracing::debug!(peer = %from, "too many cluster handshakes, closed");
                             continue;
@@ -1058,6 +1059,50 @@ mod tests {
             "{:?}",
             b.nodes()
         );
+        // A machine in the middle with a certificate the nodes trust, ending one TLS session
+        // with the dialer and opening another to b, passing the bytes between: the proofs of
+        // one session are worthless on the other, so no link forms.
+        let mitm_tls =
+            tls::LinkTls::from_config(&tls(config(dir.path(), "mitm", Vec::new()), "ca.pem"))
+                .unwrap()
+                .unwrap();
+        let mitm = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mitm_addr = mitm.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = mitm.accept().await {
+                let mitm_tls = mitm_tls.clone();
+                tokio::spawn(async move {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(b_addr).await else {
+                        return;
+                    };
+                    let (Ok(inner), Ok(outer)) = (
+                        mitm_tls.accept(inbound).await,
+                        mitm_tls.connect(outbound, &b_addr.to_string()).await,
+                    ) else {
+                        return;
+                    };
+                    let (mut ir, mut iw) = (inner.reader, inner.writer);
+                    let (mut or, mut ow) = (outer.reader, outer.writer);
+                    tokio::join!(
+                        async {
+                            let _ = tokio::io::copy(&mut ir, &mut ow).await;
+                        },
+                        async {
+                            let _ = tokio::io::copy(&mut or, &mut iw).await;
+                        },
+                    );
+                });
+            }
+        });
+        let fooled = Cluster::new(&tls(
+            config(dir.path(), "fooled", vec![mitm_addr.to_string()]),
+            "ca.pem",
+        ))
+        .unwrap();
+        let (_stop_fooled, rx) = watch::channel(false);
+        fooled.start(TcpListener::bind("127.0.0.1:0").await.unwrap(), rx);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(link_id(&fooled, "tls-b"), None, "a link through the middle");
         // A certificate that cannot be read stops the node from starting, saying why.
         let broken = Config {
             tls_key_file: Some(dir.path().join("missing.key")),

@@ -3,10 +3,11 @@
 //!
 //! The acceptor presents the node's certificate; the dialer checks it against `tls_ca_file`
 //! when one is given (the chain only: nodes are dialed by whatever address the peers list
-//! holds, which a certificate need not name), and without one takes any. Either way, who a
-//! peer is stays proved by the cluster secret, and that proof is bound to the TLS session
-//! (its exported keying material goes into the key of the handshake's proofs): a machine in
-//! the middle, ending one TLS session on each side, cannot pass the proofs of one to the other.
+//! holds, which a certificate need not name), and without one takes any. The dialer presents
+//! none: who a peer is stays proved by the cluster secret, both ways, and that proof is bound
+//! to the TLS session (its exported keying material goes into the key of the handshake's
+//! proofs): a machine in the middle, ending one TLS session on each side, cannot pass the
+//! proofs of one to the other.
 
 use crate::config::Config;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};

@@ -15,7 +15,7 @@ use super::users::{SHA256, check_hash, user_object};
 use super::vhosts::admin_error;
 use crate::broker::admin::Password;
 use crate::broker::exchange::{ExchangeKind, ExchangeSpec};
-use crate::broker::policy::Policy;
+use crate::broker::policy::{Policy, PolicyKind};
 use crate::broker::queue::QueueSpec;
 use crate::broker::vhost::{DestinationKind, Vhost};
 use crate::store::document::{SNAPSHOT_GROUP_KEY, header};
@@ -237,6 +237,7 @@ struct Plan {
     queues: Vec<(String, QueueSpec)>,
     bindings: Vec<(String, String, String, DestinationKind, String, FieldTable)>,
     policies: Vec<(String, Policy)>,
+    operator_policies: Vec<(String, Policy)>,
     /// The `cluster_name` global parameter, if the document has one (whole imports only).
     cluster_name: Option<String>,
 }
@@ -473,6 +474,20 @@ fn plan(state: &AppState, body: &[u8], vhost: Option<&str>) -> ApiResult<Plan> {
     for p in items(&top, "parameters")? {
         let f = item(p, "a parameter", &["value", "vhost", "component", "name"])?;
         let component = required_string(&f, "a parameter", "component")?;
+        if component == "operator_policy" {
+            // An operator policy, as RabbitMQ exports them (and Warren's snapshot holds them).
+            let what = "an operator policy";
+            let v = vhost_of(&f, what)?;
+            let name = required_string(&f, what, "name")?;
+            let value = item(
+                f.raw("value").unwrap_or(&Value::Null),
+                what,
+                &["pattern", "apply-to", "definition", "priority"],
+            )?;
+            plan.operator_policies
+                .push((v, super::policies::parse_operator_policy(&name, &value)?));
+            continue;
+        }
         if component != "vhost-limits" {
             return Err(ApiError::bad_request(format!(
                 "runtime parameters of component '{component}' are not supported by Warren"
@@ -817,7 +832,7 @@ fn apply(state: &AppState, caller: &Caller, plan: Plan) -> ApiResult<()> {
         plan.vhosts.len(),
         plan.users.len(),
         plan.permissions.len(),
-        plan.policies.len(),
+        plan.policies.len() + plan.operator_policies.len(),
         plan.exchanges.len(),
         plan.queues.len(),
         plan.bindings.len(),
@@ -906,6 +921,22 @@ fn apply(state: &AppState, caller: &Caller, plan: Plan) -> ApiResult<()> {
         progress_log.one("policies");
     }
     applied.push(format!("{done} policies"));
+    done = 0;
+    for (vhost, policy) in plan.operator_policies {
+        if let Some(v) = b.vhost(&vhost) {
+            let what = format!("operator policy {} in vhost {vhost}", policy.name);
+            v.set_policy_of(PolicyKind::Operator, policy).map_err(|e| {
+                stopped(
+                    ApiError::internal(e.text),
+                    &what,
+                    &progress(&applied, done, "operator policies"),
+                )
+            })?;
+        }
+        done += 1;
+        progress_log.one("policies");
+    }
+    applied.push(format!("{done} operator policies"));
     // As RabbitMQ: an object that exists already with other attributes is left as it is.
     for (vhost, spec) in plan.exchanges {
         if let Some(v) = b.vhost(&vhost) {
@@ -1165,7 +1196,37 @@ mod one_import_at_a_time {
                 node: Some("warren@elsewhere".into()),
             },
         );
+        let mut definition = serde_json::Map::new();
+        definition.insert("max-length".into(), serde_json::json!(100));
+        v.operator_policies.insert(
+            "cap".into(),
+            crate::store::definitions::PolicyDefinition {
+                pattern: "^typed$".into(),
+                apply_to: "queues".into(),
+                priority: 1,
+                definition,
+            },
+        );
+        v.limits.insert("max-queues".into(), 50);
         d.vhosts.insert("/".into(), v);
+        let hash = {
+            use sha2::Digest;
+            let salt = [1u8, 2, 3, 4];
+            let digest = sha2::Sha256::new()
+                .chain_update(salt)
+                .chain_update(b"pw")
+                .finalize();
+            let mut bytes = salt.to_vec();
+            bytes.extend_from_slice(&digest);
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, bytes)
+        };
+        d.users.insert(
+            "app".into(),
+            crate::store::definitions::UserDefinition {
+                password_hash: hash,
+                tags: vec!["monitoring".into()],
+            },
+        );
         let mut doc = crate::store::document::to_document(&d);
         doc.insert(
             SNAPSHOT_GROUP_KEY.into(),
@@ -1176,7 +1237,11 @@ mod one_import_at_a_time {
             .await
             .unwrap();
         assert_eq!(done.status(), StatusCode::NO_CONTENT);
-        let q = state.broker.vhost("/").unwrap().queue("typed").unwrap();
+        let v = state.broker.vhost("/").unwrap();
+        let q = v.queue("typed").unwrap();
         assert_eq!(q.arguments(), &args);
+        assert_eq!(v.policies_of(PolicyKind::Operator).len(), 1);
+        assert_eq!(v.meta().limits.get("max-queues"), Some(&50));
+        assert!(state.broker.users.get("app").is_some());
     }
 }

@@ -94,6 +94,11 @@ pub fn parse_policy(name: &str, f: &Fields) -> ApiResult<Policy> {
     parse_policy_of(name, f, PolicyKind::Policy)
 }
 
+/// An operator policy's fields, as in a definitions document's `operator_policy` parameter.
+pub fn parse_operator_policy(name: &str, f: &Fields) -> ApiResult<Policy> {
+    parse_policy_of(name, f, PolicyKind::Operator)
+}
+
 fn parse_policy_of(name: &str, f: &Fields, kind: PolicyKind) -> ApiResult<Policy> {
     f.require(&["pattern", "definition"])?;
     let pattern = f

@@ -78,7 +78,7 @@ thread_local! {
 
 /// The commands of an import proposed in one entry: large enough that an import of tens of
 /// thousands of objects takes a few entries, small enough for a cluster link's frame.
-const BATCH_ENTRY: usize = 2000;
+pub const BATCH_ENTRY: usize = 2000;
 
 /// The durable definitions, mirrored in memory and on disk.
 #[derive(Debug)]
@@ -411,13 +411,20 @@ impl DefinitionStore {
     }
 
     /// Commits `commands` at once, as [`DefinitionStore::commit_now`] does each (a batch's
-    /// earlier commands with them): on a replicated store, in as few entries of the cluster's
-    /// log as fit.
+    /// earlier commands before them): on a replicated store, in one entry of the cluster's
+    /// log, so that they are committed all or none; at most [`BATCH_ENTRY`] of them.
     pub fn commit_all_now(&self, commands: Vec<Command>) -> Result<(), DefinitionsError> {
         match &self.log {
             Some(_) if FROM_LOG.get() => Ok(()),
             Some(_) if commands.is_empty() => Ok(()),
-            Some(log) => self.flush_replicated(log.as_ref(), commands),
+            Some(log) => {
+                // The batch's earlier commands first, on their own: `commands` then go in one
+                // entry of their own (callers keep them under [`BATCH_ENTRY`]), committed
+                // whole or not at all.
+                self.flush_replicated(log.as_ref(), Vec::new())?;
+                debug_assert!(commands.len() <= BATCH_ENTRY);
+                log.commit(commands)
+            }
             None => commands.into_iter().try_for_each(|c| self.commit_now(c)),
         }
     }

@@ -7,7 +7,7 @@
 //! that plain JSON loses (`argument_types`, only where there are such arguments: a `short`
 //! reads back as a `short`, not a `long`).
 
-use super::field_json::{table_to_json, typed_table, types_of};
+use super::field_json::{typed_table, typed_table_json};
 use super::model::{
     BindingDefinition, Definitions, ExchangeDefinition, PermissionDefinition, PolicyDefinition,
     QueueDefinition, UserDefinition, VhostDefinitions,
@@ -37,8 +37,9 @@ pub fn header() -> Map<String, Value> {
 
 /// `arguments`, with `argument_types` when plain JSON would lose some.
 fn with_arguments(mut o: Value, arguments: &FieldTable) -> Value {
-    o["arguments"] = table_to_json(arguments);
-    if let Some(types) = types_of(arguments) {
+    let (plain, types) = typed_table_json(arguments);
+    o["arguments"] = plain;
+    if let Some(types) = types {
         o["argument_types"] = types;
     }
     o

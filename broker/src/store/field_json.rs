@@ -137,7 +137,8 @@ fn type_of(v: &AMQPValue) -> Option<Value> {
         | AMQPValue::Double(_)
         | AMQPValue::Void => return None,
         AMQPValue::LongString(s) if std::str::from_utf8(s.as_bytes()).is_ok() => return None,
-        AMQPValue::LongString(_) => "bytes-longstr",
+        AMQPValue::LongString(_) => "longstr-base64",
+        AMQPValue::ByteArray(b) if std::str::from_utf8(b.as_slice()).is_err() => "bytes-base64",
         AMQPValue::ShortShortInt(_) => "byte",
         AMQPValue::ShortShortUInt(_) => "unsignedbyte",
         AMQPValue::ShortInt(_) => "short",
@@ -177,6 +178,39 @@ pub fn types_of(t: &FieldTable) -> Option<Value> {
     (!map.is_empty()).then_some(Value::Object(map))
 }
 
+fn base64(text: &str) -> Result<Vec<u8>, String> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map_err(|e| format!("not base64: {e}"))
+}
+
+/// A value as [`typed_table_json`] writes it: as [`value_to_json`] does, but bytes that are
+/// not UTF-8 in base64 (their type says so), so that nothing is lost.
+fn stored_value_json(v: &AMQPValue) -> Value {
+    use base64::Engine;
+    let b64 = |b: &[u8]| Value::String(base64::engine::general_purpose::STANDARD.encode(b));
+    match v {
+        AMQPValue::LongString(s) if std::str::from_utf8(s.as_bytes()).is_err() => b64(s.as_bytes()),
+        AMQPValue::ByteArray(b) if std::str::from_utf8(b.as_slice()).is_err() => b64(b.as_slice()),
+        AMQPValue::FieldArray(a) => {
+            Value::Array(a.as_slice().iter().map(stored_value_json).collect())
+        }
+        AMQPValue::FieldTable(t) => typed_table_json(t).0,
+        other => value_to_json(other),
+    }
+}
+
+/// A table as plain JSON that loses nothing, with the types it does not tell ([`types_of`]):
+/// what [`typed_table`] reads back as the same table.
+pub fn typed_table_json(t: &FieldTable) -> (Value, Option<Value>) {
+    let mut map = Map::new();
+    for (k, v) in t.inner() {
+        map.insert(k.as_str().to_owned(), stored_value_json(v));
+    }
+    (Value::Object(map), types_of(t))
+}
+
 /// An integer of a narrower type than JSON's.
 fn narrow<T: TryFrom<i64>>(v: &Value, name: &str) -> Result<T, String> {
     v.as_i64()
@@ -205,13 +239,20 @@ fn typed_value(v: &Value, ty: Option<&Value>, depth: usize) -> Result<AMQPValue,
             "float" => {
                 AMQPValue::Float(v.as_f64().ok_or_else(|| format!("{v} is not a number"))? as f32)
             }
+            "shortstr" if text()?.len() > 255 => {
+                return Err(format!("{v} is longer than a shortstr's 255 bytes"));
+            }
             "shortstr" => AMQPValue::ShortString(text()?.into()),
             "bytes" => AMQPValue::ByteArray(text()?.as_bytes().to_vec().into()),
-            "bytes-longstr" => AMQPValue::LongString(text()?.as_bytes().into()),
+            "bytes-base64" => AMQPValue::ByteArray(base64(text()?)?.into()),
+            "longstr-base64" => AMQPValue::LongString(base64(text()?)?.as_slice().into()),
             other => match other.strip_prefix("decimal:").map(str::parse::<u8>) {
                 Some(Ok(scale)) => {
                     let n = v.as_f64().ok_or_else(|| format!("{v} is not a number"))?;
                     let value = (n * 10f64.powi(i32::from(scale))).round();
+                    if !(0.0..=f64::from(u32::MAX)).contains(&value) {
+                        return Err(format!("{v} is not a decimal of scale {scale}"));
+                    }
                     AMQPValue::DecimalValue(amq_protocol::types::DecimalValue {
                         scale,
                         value: value as u32,
@@ -253,6 +294,9 @@ fn typed_at(
     }
     let mut t = FieldTable::default();
     for (k, v) in o {
+        if k.len() > 255 {
+            return Err(format!("{k}: key longer than 255 bytes"));
+        }
         let value =
             typed_value(v, types.and_then(|t| t.get(k)), depth).map_err(|e| format!("{k}: {e}"))?;
         t.insert(k.as_str().into(), value);
@@ -316,6 +360,8 @@ mod tests {
             ("ss", AMQPValue::ShortString("a".into())),
             ("ls", AMQPValue::LongString("b".into())),
             ("bin", AMQPValue::ByteArray(b"raw".to_vec().into())),
+            ("raw", AMQPValue::ByteArray(vec![0xff, 0x00, 0xfe].into())),
+            ("rawstr", AMQPValue::LongString(vec![0xc3, 0x28][..].into())),
             ("v", AMQPValue::Void),
             ("yes", AMQPValue::Boolean(true)),
             ("arr", AMQPValue::FieldArray(array)),
@@ -323,9 +369,15 @@ mod tests {
         ] {
             t.insert(k.into(), v);
         }
-        let plain = table_to_json(&t);
-        let types = types_of(&t);
+        let (plain, types) = typed_table_json(&t);
         let back = typed_table(plain.as_object().unwrap(), types.as_ref()).unwrap();
+        // Through text too, as a file holds it.
+        let text = serde_json::to_string(&(plain.clone(), types.clone())).unwrap();
+        let (plain2, types2): (Value, Option<Value>) = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            typed_table(plain2.as_object().unwrap(), types2.as_ref()).unwrap(),
+            t
+        );
         assert_eq!(back, t);
         // Only what the plain JSON loses is written.
         let types = types.unwrap();
@@ -341,5 +393,9 @@ mod tests {
         assert_eq!(types_of(&simple), None);
         let wrong = json!({"b": "byte"});
         assert!(typed_table(json!({"b": 300}).as_object().unwrap(), Some(&wrong)).is_err());
+        let long = "x".repeat(256);
+        let short = json!({"s": "shortstr"});
+        assert!(typed_table(json!({"s": long}).as_object().unwrap(), Some(&short)).is_err());
+        assert!(typed_table(json!({ long.clone(): 1 }).as_object().unwrap(), None).is_err());
     }
 }

@@ -265,9 +265,10 @@ pub async fn reconcile(obj: Arc<Instance>, ctx: Arc<InstanceContext>) -> Result<
         }
     }
     status.endpoints = Some(endpoints(&obj));
-    if (desired > 0 || status.cluster.is_some())
-        && let Some(seen) = ask_cluster(&ctx, &obj).await
-    {
+    if desired == 0 {
+        // No brokers, no cluster to show.
+        status.cluster = None;
+    } else if let Some(seen) = ask_cluster(&ctx, &obj).await {
         status.cluster = cluster_status(status.cluster.take(), seen);
     }
     write_status(client, &obj, &status).await?;
@@ -597,6 +598,20 @@ mod tests {
         assert_eq!(lost.unreachable.as_deref(), Some("connection refused"));
         // Never seen: nothing to show.
         assert_eq!(cluster_status(None, Err("refused".into())), None);
+        // A status patch (a JSON merge patch) clears what is gone: the reason once the
+        // cluster answers again, the leader once there is none.
+        let back = cluster_status(
+            Some(lost),
+            Ok(ClusterView {
+                members: vec![("warren@demo-0".into(), true)],
+                metadata_leader: None,
+            }),
+        )
+        .expect("a cluster");
+        let patch = serde_json::to_value(&back).unwrap();
+        assert_eq!(patch["unreachable"], serde_json::Value::Null);
+        assert!(patch.as_object().unwrap().contains_key("unreachable"));
+        assert!(patch.as_object().unwrap().contains_key("metadataLeader"));
     }
 
     #[test]

@@ -222,8 +222,9 @@ pub struct InstanceStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connection_secret: Option<String>,
     /// The brokers' cluster as they report it: its members, which are up, and which leads
-    /// the cluster's metadata.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// the cluster's metadata. Null when there are no brokers (written as null, so that a
+    /// status patch clears it).
+    #[serde(default)]
     pub cluster: Option<ClusterStatus>,
 }
 
@@ -237,13 +238,14 @@ pub struct ClusterStatus {
     /// How many members are up, as `up/members` (e.g. `3/3`).
     #[serde(default)]
     pub up: String,
-    /// The node that leads the cluster's metadata; none while no majority has elected one
-    /// (or while no broker answers).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The node that leads the cluster's metadata; null while no majority has elected one
+    /// (or while no broker answers). Written as null rather than left out, so that a status
+    /// patch clears a leader that is gone.
+    #[serde(default)]
     pub metadata_leader: Option<String>,
     /// Why the cluster could not be asked, when it could not (the members are then as last
-    /// seen, none of them known to be up).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// seen, none of them known to be up); null once it answers again.
+    #[serde(default)]
     pub unreachable: Option<String>,
 }
 
