@@ -18,7 +18,7 @@ use crate::broker::exchange::{ExchangeKind, ExchangeSpec};
 use crate::broker::policy::{Policy, PolicyKind};
 use crate::broker::queue::QueueSpec;
 use crate::broker::vhost::{DestinationKind, Vhost};
-use crate::store::document::{SNAPSHOT_GROUP_KEY, header};
+use crate::store::document::{SNAPSHOT_GROUP_KEY, header, vhost_object};
 use crate::store::field_json::table_to_json;
 use amq_protocol::types::FieldTable;
 use axum::body::Bytes;
@@ -115,17 +115,12 @@ pub async fn export(State(state): State<AppState>, caller: Caller) -> ApiResult<
                 .iter()
                 .map(|v| {
                     let meta = v.meta();
-                    let mut o = json!({
-                        "name": v.name.as_ref(),
-                        "description": meta.description,
-                        "tags": meta.tags,
-                        "metadata": {"description": meta.description, "tags": meta.tags},
-                    });
-                    if let Some(t) = &meta.default_queue_type {
-                        o["default_queue_type"] = json!(t);
-                        o["metadata"]["default_queue_type"] = json!(t);
-                    }
-                    o
+                    vhost_object(
+                        &v.name,
+                        &meta.description,
+                        &meta.tags,
+                        meta.default_queue_type.as_deref(),
+                    )
                 })
                 .collect(),
         ),
@@ -905,38 +900,32 @@ fn apply(state: &AppState, caller: &Caller, plan: Plan) -> ApiResult<()> {
         }
     }
     applied.push("the vhost limits".into());
-    done = 0;
-    for (vhost, policy) in plan.policies {
-        if let Some(v) = b.vhost(&vhost) {
-            let what = format!("policy {} in vhost {vhost}", policy.name);
-            v.set_policy(policy).map_err(|e| {
-                stopped(
-                    ApiError::internal(e.text),
-                    &what,
-                    &progress(&applied, done, "policies"),
-                )
-            })?;
+    for (kind, what, policies) in [
+        (PolicyKind::Policy, "policies", plan.policies),
+        (
+            PolicyKind::Operator,
+            "operator policies",
+            plan.operator_policies,
+        ),
+    ] {
+        done = 0;
+        for (vhost, policy) in policies {
+            if let Some(v) = b.vhost(&vhost) {
+                let one = &what[..what.len() - 3];
+                let at = format!("{one}y {} in vhost {vhost}", policy.name);
+                v.set_policy_of(kind, policy).map_err(|e| {
+                    stopped(
+                        ApiError::internal(e.text),
+                        &at,
+                        &progress(&applied, done, what),
+                    )
+                })?;
+            }
+            done += 1;
+            progress_log.one("policies");
         }
-        done += 1;
-        progress_log.one("policies");
+        applied.push(format!("{done} {what}"));
     }
-    applied.push(format!("{done} policies"));
-    done = 0;
-    for (vhost, policy) in plan.operator_policies {
-        if let Some(v) = b.vhost(&vhost) {
-            let what = format!("operator policy {} in vhost {vhost}", policy.name);
-            v.set_policy_of(PolicyKind::Operator, policy).map_err(|e| {
-                stopped(
-                    ApiError::internal(e.text),
-                    &what,
-                    &progress(&applied, done, "operator policies"),
-                )
-            })?;
-        }
-        done += 1;
-        progress_log.one("policies");
-    }
-    applied.push(format!("{done} operator policies"));
     // As RabbitMQ: an object that exists already with other attributes is left as it is.
     for (vhost, spec) in plan.exchanges {
         if let Some(v) = b.vhost(&vhost) {

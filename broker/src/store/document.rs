@@ -54,6 +54,27 @@ fn policy_value(p: &PolicyDefinition) -> Value {
     })
 }
 
+/// A vhost as a definitions document lists it (its metadata both on its own and, as RabbitMQ
+/// 3.10 writes it, under `metadata`).
+pub fn vhost_object(
+    name: &str,
+    description: &str,
+    tags: &[String],
+    default_queue_type: Option<&str>,
+) -> Value {
+    let mut o = json!({
+        "name": name,
+        "description": description,
+        "tags": tags,
+        "metadata": {"description": description, "tags": tags},
+    });
+    if let Some(t) = default_queue_type {
+        o["default_queue_type"] = json!(t);
+        o["metadata"]["default_queue_type"] = json!(t);
+    }
+    o
+}
+
 /// The definitions as a document.
 pub fn to_document(d: &Definitions) -> Map<String, Value> {
     let mut out = header();
@@ -68,17 +89,12 @@ pub fn to_document(d: &Definitions) -> Map<String, Value> {
     });
     out.insert("users".into(), users.collect());
     let vhosts = d.vhosts.iter().map(|(name, v)| {
-        let mut o = json!({
-            "name": name,
-            "description": v.description,
-            "tags": v.tags,
-            "metadata": {"description": v.description, "tags": v.tags},
-        });
-        if let Some(t) = &v.default_queue_type {
-            o["default_queue_type"] = json!(t);
-            o["metadata"]["default_queue_type"] = json!(t);
-        }
-        o
+        vhost_object(
+            name,
+            &v.description,
+            &v.tags,
+            v.default_queue_type.as_deref(),
+        )
     });
     out.insert("vhosts".into(), vhosts.collect());
     let permissions = d.permissions.iter().map(|p| {
