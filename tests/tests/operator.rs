@@ -652,6 +652,24 @@ async fn an_instance_and_its_topology_run_in_a_simulated_cluster() {
         .service_addr(NS, "demo", 5672)
         .expect("the Service's AMQP port");
     let through_service = format!("amqp://{user}:{pass}@{service}/orders");
+    // Each broker's count of connections opened, to tell which ones the clients reached.
+    let opened = || async {
+        let mut counts = Vec::new();
+        for pod in ["demo-0", "demo-1", "demo-2"] {
+            let addr = sim
+                .resolve(&format!("{pod}.demo-nodes.shop.svc"), 15692)
+                .expect("the broker's metrics port");
+            let page = reqwest::get(format!("http://{addr}/metrics"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            counts.push(metric(&page, "rabbitmq_connections_opened_total"));
+        }
+        counts
+    };
+    let opened_before = opened().await;
     const CLIENTS: usize = 12;
     for i in 0..CLIENTS {
         let conn = Connection::connect(&through_service, ConnectionProperties::default())
@@ -684,6 +702,16 @@ async fn an_instance_and_its_topology_run_in_a_simulated_cluster() {
         assert!(confirm.is_ack(), "client {i}: {confirm:?}");
         conn.close(200, "done".into()).await.unwrap();
     }
+    let reached = opened()
+        .await
+        .iter()
+        .zip(&opened_before)
+        .filter(|(after, before)| after > before)
+        .count();
+    assert!(
+        reached >= 2,
+        "the clients all reached one broker through the Service: {opened_before:?}"
+    );
     let mut received = std::collections::BTreeSet::new();
     for _ in 0..CLIENTS * 3 {
         if received.len() == CLIENTS {

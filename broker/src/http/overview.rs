@@ -78,12 +78,16 @@ pub(super) fn own_totals(state: &AppState) -> Value {
             json!({"queues": queues, "exchanges": exchanges, "consumers": consumers}),
         );
     }
-    let connections: Vec<Value> = broker
-        .connections
-        .list()
-        .iter()
-        .map(|c| json!({"user": c.user, "channels": c.channel_count()}))
-        .collect();
+    // Connections and their channels by user (what decides who may see them).
+    let mut connections = Map::new();
+    for c in broker.connections.list() {
+        let entry = connections
+            .entry(c.user.clone())
+            .or_insert_with(|| json!({"connections": 0, "channels": 0}));
+        entry["connections"] = json!(entry["connections"].as_u64().unwrap_or(0) + 1);
+        entry["channels"] =
+            json!(entry["channels"].as_u64().unwrap_or(0) + c.channel_count() as u64);
+    }
     let (mut queue_totals, mut churn) = (Map::new(), Map::new());
     s.put(&mut queue_totals, &Key::Node, &reading, LENGTHS);
     s.put(&mut churn, &Key::Node, &reading, CHURN);
@@ -144,9 +148,12 @@ fn cluster_totals(state: &AppState, caller: &Caller, parts: &[Value]) -> Value {
                 consumers += count(o, "consumers");
             }
         }
-        for c in part["connections"].as_array().into_iter().flatten() {
-            if caller.sees_connection(c["user"].as_str().unwrap_or_default()) {
-                connections += 1;
+        if let Some(by_user) = part["connections"].as_object() {
+            for (_, c) in by_user
+                .iter()
+                .filter(|(user, _)| caller.sees_connection(user))
+            {
+                connections += count(c, "connections");
                 channels += count(c, "channels");
             }
         }
