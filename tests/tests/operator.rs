@@ -659,7 +659,13 @@ async fn an_instance_and_its_topology_run_in_a_simulated_cluster() {
             let addr = sim
                 .resolve(&format!("{pod}.demo-nodes.shop.svc"), 15692)
                 .expect("the broker's metrics port");
-            let page = reqwest::get(format!("http://{addr}/metrics"))
+            let page = reqwest::Client::builder()
+                .no_proxy()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap()
+                .get(format!("http://{addr}/metrics"))
+                .send()
                 .await
                 .unwrap()
                 .text()

@@ -1068,9 +1068,14 @@ mod tests {
                 .unwrap();
         let mitm = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mitm_addr = mitm.local_addr().unwrap();
+        // Bytes it passed from the dialer's session to b's: the hello at least, so the test
+        // shows the proofs failing, not the relay.
+        let relayed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = relayed.clone();
         tokio::spawn(async move {
             while let Ok((inbound, _)) = mitm.accept().await {
                 let mitm_tls = mitm_tls.clone();
+                let counted = counted.clone();
                 tokio::spawn(async move {
                     let Ok(outbound) = tokio::net::TcpStream::connect(b_addr).await else {
                         return;
@@ -1085,10 +1090,19 @@ mod tests {
                     let (mut or, mut ow) = (outer.reader, outer.writer);
                     tokio::join!(
                         async {
-                            let _ = tokio::io::copy(&mut ir, &mut ow).await;
+                            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                            let mut buf = [0u8; 4096];
+                            while let Ok(n) = ir.read(&mut buf).await {
+                                if n == 0 || ow.write_all(&buf[..n]).await.is_err() {
+                                    break;
+                                }
+                                let _ = ow.flush().await;
+                                counted.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                            }
                         },
                         async {
                             let _ = tokio::io::copy(&mut or, &mut iw).await;
+                            let _ = tokio::io::AsyncWriteExt::flush(&mut iw).await;
                         },
                     );
                 });
@@ -1103,6 +1117,12 @@ mod tests {
         fooled.start(TcpListener::bind("127.0.0.1:0").await.unwrap(), rx);
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(link_id(&fooled, "tls-b"), None, "a link through the middle");
+        drop(_stop_fooled);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while relayed.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            assert!(Instant::now() < deadline, "the relay passed nothing on");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         // A certificate that cannot be read stops the node from starting, saying why.
         let broken = Config {
             tls_key_file: Some(dir.path().join("missing.key")),
