@@ -285,6 +285,22 @@ impl Cluster {
         link.outgoing.try_send(frame).ok().map(|()| link.id)
     }
 
+    /// Sends an answer on the link its request came on, waiting (a while) for room in the
+    /// link's queue rather than dropping it when the link is busy: a lost answer would leave
+    /// its caller to wait out its timeout.
+    async fn answer(&self, node: &str, link: u64, frame: Frame) {
+        let outgoing = {
+            let st = self.state.lock();
+            st.links
+                .get(node)
+                .filter(|l| l.id == link)
+                .map(|l| l.outgoing.clone())
+        };
+        if let Some(outgoing) = outgoing {
+            let _ = tokio::time::timeout(link::SILENCE, outgoing.send(frame)).await;
+        }
+    }
+
     /// Serves requests for `service` from other nodes with `handler` (replacing any before).
     pub fn handle(&self, service: rpc::Service, handler: rpc::Handler) {
         self.handlers.insert(service, handler);
@@ -353,8 +369,7 @@ impl Cluster {
                         kind: link::Kind::Response,
                         payload: rpc::encode_response(id, &result),
                     };
-                    // A lost answer leaves the caller to its timeout.
-                    me.send(&node, frame);
+                    me.answer(&node, link, frame).await;
                 });
             }
             link::Kind::Response => match rpc::decode_response(payload) {
