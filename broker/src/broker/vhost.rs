@@ -1151,9 +1151,7 @@ impl Vhost {
     /// Makes a prepared queue reachable: in the vhost's map, and linked to its timers and
     /// dead-letter routing when its messages are here.
     fn install_queue(&self, q: QueueRef) {
-        if matches!(q, QueueRef::Local(_)) {
-            self.link(&q);
-        }
+        self.link(&q);
         self.queues.write().insert(q.name().to_owned(), q.clone());
         if q.message_count() > 0 {
             // Recovered from its store (a declaration applied from the cluster's log).

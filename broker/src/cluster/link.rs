@@ -305,7 +305,6 @@ pub async fn dial(addr: &str) -> std::io::Result<(TcpStream, SocketAddr)> {
     let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
-    let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr()?;
     Ok((stream, peer))
 }

@@ -397,7 +397,6 @@ impl Cluster {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, from)) => {
-                        let _ = stream.set_nodelay(true);
                         let Ok(permit) = self.handshakes.clone().try_acquire_owned() else {
                             tracing::debug!(peer = %from, "too many cluster handshakes, closed");
                             continue;
@@ -505,6 +504,8 @@ impl Cluster {
         stop: watch::Receiver<bool>,
         permit: Option<tokio::sync::OwnedSemaphorePermit>,
     ) -> bool {
+        // Small frames (answers, acks, heartbeats) go out at once, dialed or accepted.
+        let _ = stream.set_nodelay(true);
         let connection = match &self.tls {
             None => tls::Connection::plain(stream),
             Some(tls) => {

@@ -900,10 +900,11 @@ fn apply(state: &AppState, caller: &Caller, plan: Plan) -> ApiResult<()> {
         }
     }
     applied.push("the vhost limits".into());
-    for (kind, what, policies) in [
-        (PolicyKind::Policy, "policies", plan.policies),
+    for (kind, one, what, policies) in [
+        (PolicyKind::Policy, "policy", "policies", plan.policies),
         (
             PolicyKind::Operator,
+            "operator policy",
             "operator policies",
             plan.operator_policies,
         ),
@@ -911,8 +912,7 @@ fn apply(state: &AppState, caller: &Caller, plan: Plan) -> ApiResult<()> {
         done = 0;
         for (vhost, policy) in policies {
             if let Some(v) = b.vhost(&vhost) {
-                let one = &what[..what.len() - 3];
-                let at = format!("{one}y {} in vhost {vhost}", policy.name);
+                let at = format!("{one} {} in vhost {vhost}", policy.name);
                 v.set_policy_of(kind, policy).map_err(|e| {
                     stopped(
                         ApiError::internal(e.text),

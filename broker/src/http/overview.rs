@@ -79,15 +79,16 @@ pub(super) fn own_totals(state: &AppState) -> Value {
         );
     }
     // Connections and their channels by user (what decides who may see them).
-    let mut connections = Map::new();
+    let mut by_user: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
     for c in broker.connections.list() {
-        let entry = connections
-            .entry(c.user.clone())
-            .or_insert_with(|| json!({"connections": 0, "channels": 0}));
-        entry["connections"] = json!(entry["connections"].as_u64().unwrap_or(0) + 1);
-        entry["channels"] =
-            json!(entry["channels"].as_u64().unwrap_or(0) + c.channel_count() as u64);
+        let (connections, channels) = by_user.entry(c.user.clone()).or_default();
+        *connections += 1;
+        *channels += c.channel_count() as u64;
     }
+    let connections: Map<String, Value> = by_user
+        .into_iter()
+        .map(|(user, (n, ch))| (user, json!({"connections": n, "channels": ch})))
+        .collect();
     let (mut queue_totals, mut churn) = (Map::new(), Map::new());
     s.put(&mut queue_totals, &Key::Node, &reading, LENGTHS);
     s.put(&mut churn, &Key::Node, &reading, CHURN);
